@@ -1,1 +1,21 @@
+//! The vmrun virtual machine monitor: builds a KVM virtual machine from a
+//! [`VmConfig`], boots a Linux kernel in it and runs it until the guest
+//! resets, crashes or the VMM is told to stop.
+//!
+//! The CLI (`vmrun boot`) is a thin front over [`run`].
 
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod host_compat;
+pub mod loader;
+pub mod memory;
+pub mod report;
+pub mod stats;
+mod vcpu;
+mod vm;
+
+pub use config::{ConsoleOutput, HostCompatMode, VmConfig};
+pub use error::Error;
+pub use report::BootReport;
+pub use vm::{run, ExitReason};
