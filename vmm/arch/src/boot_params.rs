@@ -172,9 +172,7 @@ mod tests {
 
     #[test]
     fn bzimage_header_is_kept() {
-        let mut hdr = setup_header::default();
-        hdr.version = 0x020f;
-        hdr.kernel_alignment = 0x20_0000;
+        let hdr = setup_header { version: 0x020f, kernel_alignment: 0x20_0000, ..Default::default() };
         let mut c = config(64 << 20);
         c.setup_header = Some(hdr);
         let p = build(&c).unwrap();

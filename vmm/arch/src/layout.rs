@@ -79,6 +79,12 @@ pub const VIRTIO_IRQ_START: u32 = 5;
 /// NR_CPUS both allow this many).
 pub const MAX_VCPUS: u8 = 32;
 
+// The boot stack sits between the zero page and the page tables, and the
+// trap page inside the MMIO window below the IOAPIC: checked at compile time.
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(UNBACKED_TRAP_PAGE >= MMIO_START && UNBACKED_TRAP_PAGE < IOAPIC_START);
+const _: () = assert!(VIRTIO_MMIO_START >= BOOT_MARKER_ADDR + BOOT_MARKER_SIZE);
+
 /// Guest RAM regions for a guest of `mem_size` bytes: everything below the
 /// MMIO window first, the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
@@ -124,7 +130,5 @@ mod tests {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
-        assert!(UNBACKED_TRAP_PAGE >= MMIO_START && UNBACKED_TRAP_PAGE < IOAPIC_START);
     }
 }

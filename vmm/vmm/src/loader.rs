@@ -160,10 +160,46 @@ mod tests {
         std::fs::remove_file(p).unwrap();
     }
 
+    /// A minimal bzImage: one setup sector after the boot sector, then the
+    /// "protected-mode kernel".
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 1024];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        img.extend_from_slice(payload);
+        img
+    }
+
+    #[test]
+    fn bzimage_is_loaded_at_code32_start_with_its_header() {
+        let p = temp_file("bzimage", &fake_bzimage(b"KERNEL CODE"));
+        let m = mem();
+        let k = load_kernel(&m, &p).unwrap();
+        assert_eq!(k.entry, 0x10_0000 + BZIMAGE_64BIT_ENTRY_OFFSET);
+        assert_eq!({ k.setup_header.expect("bzImage header").version }, 0x020f);
+        let mut got = [0u8; 11];
+        m.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(&got, b"KERNEL CODE");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn bzimage_without_loaded_high_is_refused() {
+        let mut img = fake_bzimage(b"x");
+        img[0x211] = 0;
+        let p = temp_file("old-bzimage", &img);
+        assert!(matches!(load_kernel(&mem(), &p), Err(Error::KernelLoad { .. })));
+        std::fs::remove_file(p).unwrap();
+    }
+
     #[test]
     fn initrd_too_large_for_memory() {
         let p = temp_file("big-initrd", &vec![0u8; 1 << 20]);
-        let k = LoadedKernel { entry: 0x100_0000, end: 0x3f0_0000, setup_header: None };
+        let k = LoadedKernel { entry: 0x100_0000, end: 0x3f8_0000, setup_header: None };
         let e = load_initrd(&mem(), 64, &k, &p).unwrap_err();
         assert!(matches!(e, Error::InitrdTooLarge { .. }), "{e}");
         std::fs::remove_file(p).unwrap();

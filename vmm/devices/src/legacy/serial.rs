@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn odd_sized_accesses_are_ignored() {
         let (mut c, sink, _) = console();
-        c.write(0, &[b'a', b'b']);
+        c.write(0, b"ab");
         let mut d = [0u8; 2];
         c.read(5, &mut d);
         assert_eq!(d, [0xff, 0xff]);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vmrun's build, demo and tests need (the guest
+# kernel's own build dependencies are installed by kernel-config/build.sh).
+# Needs root or sudo; does nothing when everything is there.
+set -euo pipefail
+
+pkgs=(busybox-static build-essential)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "scripts/deps.sh: installing ${missing[*]}" >&2
+    sudo=
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "scripts/deps.sh: cargo not found; install Rust 1.85 or newer (https://rustup.rs)" >&2
+    exit 1
+fi
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+    echo "scripts/deps.sh: /dev/kvm is missing or not accessible; vmrun needs KVM (add this user to the kvm group)" >&2
+    exit 1
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test: lints, unit tests, and the tests that boot real guests
+# with the guest kernel from kernel-config/build.sh (built once and cached).
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh
+VMRUN_TEST_KERNEL=$(kernel-config/build.sh | tail -n 1)
+export VMRUN_TEST_KERNEL
+echo "test: guest kernel $VMRUN_TEST_KERNEL" >&2
+
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace "$@"

@@ -1,0 +1,55 @@
+//! What the guest-booting tests and benchmarks share: the guest kernel and
+//! the demo initramfs.
+//!
+//! `VMRUN_TEST_KERNEL` names a vmlinux; without it, `kernel-config/build.sh`
+//! builds one (once; it is cached). `VMRUN_TEST_BUSYBOX` names a static
+//! busybox (default `/bin/busybox`, from Debian's busybox-static).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+/// The guest kernel, built (or found in the cache) once per process.
+pub fn kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| {
+        if let Some(k) = std::env::var_os("VMRUN_TEST_KERNEL") {
+            return PathBuf::from(k);
+        }
+        let out = Command::new(repo_root().join("kernel-config/build.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run kernel-config/build.sh");
+        assert!(out.status.success(), "kernel-config/build.sh failed");
+        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+        PathBuf::from(stdout.lines().last().expect("build.sh prints the vmlinux path").trim())
+    })
+}
+
+/// A scratch file path private to this process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmrun-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir.join(name)
+}
+
+/// The demo initramfs (busybox; the init greets, writes the boot marker and
+/// reboots), written once per process.
+pub fn demo_initramfs() -> &'static Path {
+    static INITRD: OnceLock<PathBuf> = OnceLock::new();
+    INITRD.get_or_init(|| {
+        let busybox = std::env::var_os("VMRUN_TEST_BUSYBOX").unwrap_or_else(|| "/bin/busybox".into());
+        let bin = std::fs::read(&busybox).expect("a static busybox (apt-get install busybox-static)");
+        let path = scratch("demo.cpio");
+        let f = std::fs::File::create(&path).expect("create initramfs");
+        vmrun_initramfs::demo::write(std::io::BufWriter::new(f), &bin).expect("write initramfs");
+        path
+    })
+}
