@@ -7,6 +7,7 @@
 pub mod boot_marker;
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 
