@@ -13,9 +13,10 @@ pub mod memory;
 pub mod report;
 pub mod stats;
 mod vcpu;
+mod virtio_devices;
 mod vm;
 
-pub use config::{ConsoleOutput, HostCompatMode, VmConfig};
+pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, VmConfig};
 pub use error::Error;
 pub use report::BootReport;
 pub use vm::{run, ExitReason};

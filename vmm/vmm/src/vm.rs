@@ -27,11 +27,15 @@ use crate::host_compat::HostCompat;
 use crate::report::{resident_kib, BootReport, Timeline};
 use crate::stats::{self, Stats};
 use crate::vcpu::{supported_cpuid, Vcpu, VcpuShared};
+use crate::virtio_devices::VirtioDevices;
 use crate::{loader, memory};
+use vmrun_devices::virtio::block::Block;
+use vmrun_devices::virtio::rng::Rng;
 use vmrun_arch::layout::{BOOT_MARKER_ADDR, BOOT_MARKER_SIZE, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
 use vmrun_arch::mptable;
 use vmrun_devices::boot_marker::BootMarker;
 use vmrun_devices::legacy::{self, Cmos, SerialConsole, I8042};
+use vmrun_devices::virtio::handler::VirtioEventHandler;
 use vmrun_devices::{Bus, EventFdTrigger};
 
 /// Largest guest vmrun accepts, in MiB.
@@ -112,12 +116,15 @@ fn console_output(console: &ConsoleOutput) -> Result<Box<dyn Write + Send>> {
     })
 }
 
-/// The full kernel command line: the user's, then what the VMM needs.
-pub fn full_cmdline(config: &VmConfig, compat: &HostCompat) -> String {
+/// The full kernel command line: the user's, then what the VMM needs (its
+/// devices, the compatibility layer's feature masks).
+pub fn full_cmdline(config: &VmConfig, compat: &HostCompat, devices: &str) -> String {
     let mut c = config.cmdline.trim().to_string();
-    if let Some(extra) = compat.cmdline() {
-        c.push(' ');
-        c.push_str(extra);
+    for extra in [compat.cmdline().unwrap_or(""), devices] {
+        if !extra.is_empty() {
+            c.push(' ');
+            c.push_str(extra);
+        }
     }
     c
 }
@@ -147,7 +154,19 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
         Some(p) => Some(loader::load_initrd(&mem, config.mem_mib, &kernel, p)?),
         None => None,
     };
-    let cmdline = full_cmdline(config, &compat);
+    // Virtio devices first: the command line announces them.
+    let mut mmio = Bus::new();
+    let mut virtio = VirtioDevices::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let block = Block::open(&disk.path, disk.read_only, &id).map_err(|e| Error::Config(e.to_string()))?;
+        virtio.attach(&vm, &mem, &mut mmio, Box::new(block))?;
+    }
+    if config.rng {
+        virtio.attach(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
+    }
+
+    let cmdline = full_cmdline(config, &compat, &virtio.cmdline());
     let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
     loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
     mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
@@ -212,7 +231,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
     pio.insert(i8042, legacy::I8042_PORT_BASE, legacy::I8042_PORT_LEN).map_err(bus_err)?;
     pio.insert(Arc::new(Mutex::new(Cmos::new())), legacy::CMOS_PORT_BASE, legacy::CMOS_PORT_LEN)
         .map_err(bus_err)?;
-    let mut mmio = Bus::new();
     mmio.insert(Arc::new(Mutex::new(marker)), BOOT_MARKER_ADDR, BOOT_MARKER_SIZE).map_err(bus_err)?;
 
     // Signals: SIGINT and SIGTERM are read from a signalfd by the event loop
@@ -257,7 +275,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
         serial: serial.clone(),
         outcome: None,
     }));
-    let loop_result = event_loop(controller.clone());
+    let loop_result = event_loop(controller.clone(), virtio.take_handlers());
 
     stop_vcpus(&shared.stop, threads);
     drop(signals);
@@ -421,10 +439,15 @@ impl MutEventSubscriber for Controller {
     }
 }
 
-fn event_loop(controller: Arc<Mutex<Controller>>) -> Result<()> {
-    let mut manager: EventManager<Arc<Mutex<Controller>>> =
-        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+/// Any subscriber of the VMM's event loop.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn event_loop(controller: Arc<Mutex<Controller>>, devices: Vec<VirtioEventHandler>) -> Result<()> {
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     manager.add_subscriber(controller.clone());
+    for d in devices {
+        manager.add_subscriber(Arc::new(Mutex::new(d)));
+    }
     loop {
         if controller.lock().unwrap_or_else(|e| e.into_inner()).outcome.is_some() {
             return Ok(());
@@ -465,7 +488,11 @@ mod tests {
         c.cmdline = " console=ttyS0 ".into();
         let on = HostCompat::detect(crate::config::HostCompatMode::On);
         let off = HostCompat::detect(crate::config::HostCompatMode::Off);
-        assert_eq!(full_cmdline(&c, &off), "console=ttyS0");
-        assert!(full_cmdline(&c, &on).starts_with("console=ttyS0 noxsave "));
+        assert_eq!(full_cmdline(&c, &off, ""), "console=ttyS0");
+        assert!(full_cmdline(&c, &on, "").starts_with("console=ttyS0 noxsave "));
+        assert_eq!(
+            full_cmdline(&c, &off, "virtio_mmio.device=4K@0xd0001000:5"),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0001000:5"
+        );
     }
 }

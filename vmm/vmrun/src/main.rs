@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vmrun_vmm::{ConsoleOutput, HostCompatMode, VmConfig};
+use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, VmConfig};
 
 /// vmrun: containers in KVM microVMs.
 #[derive(Parser, Debug)]
@@ -57,6 +57,13 @@ struct BootArgs {
     /// here when the VM ends.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Attach a raw disk image as virtio-blk: PATH[,ro][,id=NAME].
+    /// Repeatable; the guest sees them as vda, vdb, ... in order.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    disks: Vec<DiskConfig>,
+    /// Do not attach the virtio-rng entropy device.
+    #[arg(long)]
+    no_rng: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -81,6 +88,8 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
             CompatArg::Off => HostCompatMode::Off,
         },
         report: args.report,
+        disks: args.disks,
+        rng: !args.no_rng,
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
     let code = reason.exit_code();

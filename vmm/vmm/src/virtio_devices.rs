@@ -1,0 +1,66 @@
+//! Attaching virtio-mmio devices to a VM: an MMIO slot and an interrupt
+//! each, their queue notifications as ioeventfds, their interrupt as an
+//! irqfd, and the `virtio_mmio.device=` parameter that tells Linux where
+//! they are.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use vmrun_arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use vmrun_devices::virtio::handler::VirtioEventHandler;
+use vmrun_devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use vmrun_devices::virtio::VirtioDevice;
+use vmrun_devices::Bus;
+
+/// The virtio devices of one VM.
+#[derive(Debug, Default)]
+pub struct VirtioDevices {
+    count: u32,
+    handlers: Vec<VirtioEventHandler>,
+    cmdline: Vec<String>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl VirtioDevices {
+    /// No devices yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Gives `device` the next MMIO slot and interrupt.
+    pub fn attach(&mut self, vm: &VmFd, mem: &GuestMemoryMmap, mmio: &mut Bus, device: Box<dyn VirtioDevice>) -> Result<()> {
+        let irq = VIRTIO_IRQ_START + self.count;
+        if irq >= IOAPIC_PINS {
+            return Err(Error::Config(format!("too many virtio devices (at most {})", IOAPIC_PINS - VIRTIO_IRQ_START)));
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.count) * VIRTIO_MMIO_SIZE;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&irqfd, irq).map_err(Error::kvm("KVM_IRQFD"))?;
+        let transport = MmioTransport::new(device, mem.clone(), irqfd)?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), i as u32)
+                .map_err(Error::kvm("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE).map_err(|e| Error::Config(e.to_string()))?;
+        self.handlers.push(VirtioEventHandler::new(transport.clone()));
+        self.transports.push(transport);
+        self.cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The kernel command-line parameters announcing the devices.
+    pub fn cmdline(&self) -> String {
+        self.cmdline.join(" ")
+    }
+
+    /// The event-loop handlers, to add to the event manager.
+    pub fn take_handlers(&mut self) -> Vec<VirtioEventHandler> {
+        std::mem::take(&mut self.handlers)
+    }
+}
