@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use vmrun_devices::virtio::net::Mac;
+
 /// The kernel command line used when the user gives none: the serial
 /// console, reboot through the i8042 (which ends the VMM), and a reboot one
 /// second after a panic.
@@ -60,6 +62,46 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// A network interface: virtio-net on a TAP device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP device's name (it is created if it does not exist and the
+    /// VMM may create it; then it goes away with the VMM).
+    pub tap: String,
+    /// The guest's MAC address; default: a locally administered address
+    /// derived from the TAP name.
+    pub mac: Option<Mac>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(v.parse::<Mac>()?),
+                _ => return Err(format!("unknown network option {opt:?} (use tap=NAME[,mac=MAC])")),
+            }
+        }
+        Ok(NetConfig { tap: tap.ok_or("a network interface needs tap=NAME")?, mac })
+    }
+}
+
+impl NetConfig {
+    /// The MAC address to use: the configured one, or one derived from the
+    /// TAP name (locally administered, unicast).
+    pub fn mac(&self) -> Mac {
+        self.mac.unwrap_or_else(|| {
+            let h = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let b = h.to_le_bytes();
+            Mac([0x06, 0x00, b[0], b[1], b[2], b[3]])
+        })
+    }
+}
+
 /// A VM to boot.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -86,6 +128,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// Network interfaces (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -104,6 +148,7 @@ impl VmConfig {
             report: None,
             disks: Vec::new(),
             rng: true,
+            nets: Vec::new(),
         }
     }
 }
@@ -122,5 +167,20 @@ mod tests {
         assert!("a,bogus".parse::<DiskConfig>().is_err());
         assert!("a,id=".parse::<DiskConfig>().is_err());
         assert!("a,id=123456789012345678901".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn net_options() {
+        let n: NetConfig = "tap=vmtap0,mac=06:00:ac:10:00:02".parse().unwrap();
+        assert_eq!(n.tap, "vmtap0");
+        assert_eq!(n.mac().to_string(), "06:00:ac:10:00:02");
+        let n: NetConfig = "tap=vmtap1".parse().unwrap();
+        let m = n.mac();
+        assert_eq!(m.0[0], 0x06, "locally administered unicast");
+        assert_eq!(m, "tap=vmtap1".parse::<NetConfig>().unwrap().mac(), "stable");
+        assert_ne!(m, "tap=vmtap2".parse::<NetConfig>().unwrap().mac());
+        assert!("mac=06:00:ac:10:00:02".parse::<NetConfig>().is_err());
+        assert!("tap=x,mac=zz".parse::<NetConfig>().is_err());
+        assert!("tap=x,speed=10".parse::<NetConfig>().is_err());
     }
 }

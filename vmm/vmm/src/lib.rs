@@ -16,7 +16,7 @@ mod vcpu;
 mod virtio_devices;
 mod vm;
 
-pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, VmConfig};
+pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig};
 pub use error::Error;
 pub use report::BootReport;
 pub use vm::{run, ExitReason};

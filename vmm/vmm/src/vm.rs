@@ -30,6 +30,8 @@ use crate::vcpu::{supported_cpuid, Vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{loader, memory};
 use vmrun_devices::virtio::block::Block;
+use vmrun_devices::virtio::net::tap::Tap;
+use vmrun_devices::virtio::net::Net;
 use vmrun_devices::virtio::rng::Rng;
 use vmrun_arch::layout::{BOOT_MARKER_ADDR, BOOT_MARKER_SIZE, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
 use vmrun_arch::mptable;
@@ -161,6 +163,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let block = Block::open(&disk.path, disk.read_only, &id).map_err(|e| Error::Config(e.to_string()))?;
         virtio.attach(&vm, &mem, &mut mmio, Box::new(block))?;
+    }
+    for net in &config.nets {
+        let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+        virtio.attach(&vm, &mem, &mut mmio, Box::new(Net::new(tap, net.mac())))?;
     }
     if config.rng {
         virtio.attach(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, VmConfig};
+use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig};
 
 /// vmrun: containers in KVM microVMs.
 #[derive(Parser, Debug)]
@@ -61,6 +61,10 @@ struct BootArgs {
     /// Repeatable; the guest sees them as vda, vdb, ... in order.
     #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
     disks: Vec<DiskConfig>,
+    /// Attach a network interface (virtio-net) on a TAP device:
+    /// tap=NAME[,mac=MAC]. Repeatable (eth0, eth1, ...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<NetConfig>,
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
@@ -90,6 +94,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         report: args.report,
         disks: args.disks,
         rng: !args.no_rng,
+        nets: args.nets,
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
     let code = reason.exit_code();

@@ -16,6 +16,7 @@
 pub mod block;
 pub mod handler;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::os::fd::RawFd;

@@ -1,0 +1,94 @@
+/*
+ * probe: a static test program for vmrun guests (no busybox applet speaks
+ * AF_VSOCK).
+ *
+ *   probe connect PORT MESSAGE   connect to the host (CID 2) on PORT, send
+ *                                MESSAGE, shut down writing, print what
+ *                                comes back
+ *   probe listen PORT            accept one connection on PORT, echo it
+ *   probe bulk PORT BYTES        connect to the host on PORT and send BYTES
+ *                                bytes of a known pattern, then print the
+ *                                reply
+ *
+ * Built by the tests with `cc -static`.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <linux/vm_sockets.h>
+
+static int die(const char *what) {
+    perror(what);
+    return 1;
+}
+
+static int echo(int fd) {
+    char buf[65536];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0) return die("read");
+        if (n == 0) return 0;
+        for (ssize_t off = 0; off < n;) {
+            ssize_t w = write(fd, buf + off, n - off);
+            if (w < 0) return die("write");
+            off += w;
+        }
+    }
+}
+
+static int connect_host(unsigned port) {
+    int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = port};
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) return -1;
+    return fd;
+}
+
+static int print_reply(int fd) {
+    char buf[4096];
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof buf - 1 && (n = read(fd, buf + got, sizeof buf - 1 - got)) > 0) got += n;
+    buf[got] = 0;
+    printf("%s\n", buf);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 4 && !strcmp(argv[1], "connect")) {
+        int fd = connect_host(atoi(argv[2]));
+        if (fd < 0) return die("connect");
+        if (write(fd, argv[3], strlen(argv[3])) < 0) return die("write");
+        shutdown(fd, SHUT_WR);
+        return print_reply(fd);
+    }
+    if (argc >= 4 && !strcmp(argv[1], "bulk")) {
+        int fd = connect_host(atoi(argv[2]));
+        if (fd < 0) return die("connect");
+        long total = atol(argv[3]);
+        static char buf[65536];
+        for (size_t i = 0; i < sizeof buf; i++) buf[i] = (char)(i * 7 + 3);
+        for (long sent = 0; sent < total;) {
+            long chunk = total - sent < (long)sizeof buf ? total - sent : (long)sizeof buf;
+            ssize_t w = write(fd, buf, chunk);
+            if (w < 0) return die("write");
+            sent += w;
+        }
+        shutdown(fd, SHUT_WR);
+        return print_reply(fd);
+    }
+    if (argc >= 3 && !strcmp(argv[1], "listen")) {
+        int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+        struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = atoi(argv[2])};
+        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 1) < 0) return die("listen");
+        printf("probe: listening on vsock port %s\n", argv[2]);
+        fflush(stdout);
+        int fd = accept(s, NULL, NULL);
+        if (fd < 0) return die("accept");
+        return echo(fd);
+    }
+    fprintf(stderr, "usage: probe connect PORT MESSAGE | listen PORT | bulk PORT BYTES\n");
+    return 2;
+}
