@@ -8,6 +8,8 @@
 //!
 //! Inputs: see `support/mod.rs` (`VMRUN_TEST_KERNEL`, `VMRUN_TEST_BUSYBOX`).
 
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
 mod support;
 
 use std::process::{Command, Output, Stdio};

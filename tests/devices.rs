@@ -15,6 +15,8 @@
 //! Needs root (network namespaces, TAP), `ip`, `mkfs.ext4` and a C compiler
 //! for the static guest probe (`tests/guest/probe.c`).
 
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -156,7 +158,7 @@ fn check(log: &str, key: &str) -> String {
 
 #[test]
 fn guest_uses_disks_entropy_vsock_and_network() {
-    assert!(unsafe_geteuid_is_root(), "this test needs root (network namespaces and TAP devices)");
+    assert!(running_as_root(), "this test needs root (network namespaces and TAP devices)");
     let dir = scratch("devices");
     std::fs::create_dir_all(&dir).unwrap();
     let rootfs = build_rootfs(&dir);
@@ -263,7 +265,7 @@ fn guest_uses_disks_entropy_vsock_and_network() {
     assert_eq!(tcp_out.trim(), "tcp-from-guest");
 }
 
-fn unsafe_geteuid_is_root() -> bool {
+fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
