@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
@@ -184,15 +184,7 @@ impl Net {
         let mut notify = false;
         while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            self.tx_buf.clear();
-            let ok = chain.reader(&a.mem).is_ok_and(|mut r| {
-                let n = r.available_bytes();
-                (VNET_HDR_LEN..=MAX_FRAME).contains(&n) && {
-                    self.tx_buf.resize(n, 0);
-                    r.read_exact(&mut self.tx_buf).is_ok()
-                }
-            });
-            if ok && self.tap.write_frame(&self.tx_buf).is_ok() {
+            if read_tx_frame(chain, &a.mem, &mut self.tx_buf) && self.tap.write_frame(&self.tx_buf).is_ok() {
                 self.stats.tx_frames += 1;
             } else {
                 self.stats.dropped += 1;
@@ -203,6 +195,20 @@ impl Net {
             a.interrupt.trigger(INT_USED_RING);
         }
     }
+}
+
+/// Gathers the frame (virtio net header first) the guest queued in `chain`
+/// into `frame`. `false` if the chain is unreadable, shorter than the net
+/// header or longer than [`MAX_FRAME`].
+pub fn read_tx_frame(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, frame: &mut Vec<u8>) -> bool {
+    frame.clear();
+    chain.reader(mem).is_ok_and(|mut r| {
+        let n = r.available_bytes();
+        (VNET_HDR_LEN..=MAX_FRAME).contains(&n) && {
+            frame.resize(n, 0);
+            r.read_exact(frame).is_ok()
+        }
+    })
 }
 
 /// TAP offload flags for the offloads the guest accepted on receive.
@@ -300,6 +306,31 @@ mod tests {
         assert_eq!(tap_offloads(0), 0);
         assert_eq!(tap_offloads(F_GUEST_TSO4), 0, "TSO needs checksum offload");
         assert_eq!(tap_offloads(F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_UFO), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UFO);
+    }
+
+    #[test]
+    fn tx_frames_are_bounded() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        m.write_slice(&[0x11; 64], GuestAddress(0x10000)).unwrap();
+        let q = MockSplitQueue::new(&m, 16);
+        let d = |addr, len, flags| RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+        let mut frame = Vec::new();
+        // Header and payload in two buffers: gathered in order.
+        let chain = q.build_desc_chain(&[d(0x10000, 12, 1), d(0x10000 + 12, 52, 0)]).unwrap();
+        assert!(read_tx_frame(chain, &m, &mut frame));
+        assert_eq!(frame, vec![0x11; 64]);
+        // Shorter than a net header.
+        let chain = q.build_desc_chain(&[d(0x10000, 8, 0)]).unwrap();
+        assert!(!read_tx_frame(chain, &m, &mut frame));
+        // Larger than any frame.
+        let chain = q.build_desc_chain(&[d(0x10000, MAX_FRAME as u32 + 1, 0)]).unwrap();
+        assert!(!read_tx_frame(chain, &m, &mut frame));
+        // Writable-only buffers carry nothing to send.
+        let chain = q.build_desc_chain(&[d(0x10000, 64, 2)]).unwrap();
+        assert!(!read_tx_frame(chain, &m, &mut frame));
     }
 
     #[test]
