@@ -6,6 +6,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::BusDevice;
 
 const INDEX_MASK: u8 = 0x7f; // bit 7 of the index port masks NMIs
@@ -91,7 +93,30 @@ impl Default for Cmos {
     }
 }
 
+/// The CMOS's index register and RAM, for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    pub ram: Vec<u8>,
+}
+
 impl Cmos {
+    /// The state to put in a snapshot.
+    pub fn save(&self) -> CmosState {
+        CmosState { index: self.index, ram: self.ram.to_vec() }
+    }
+
+    /// A CMOS showing the host's time with `state`'s RAM (a RAM of the
+    /// wrong size is ignored).
+    pub fn restore(state: &CmosState) -> Self {
+        let mut c = Self::new();
+        c.index = state.index & INDEX_MASK;
+        if let Ok(ram) = <[u8; 128]>::try_from(state.ram.as_slice()) {
+            c.ram = ram;
+        }
+        c
+    }
+
     /// A CMOS clock showing the host's time.
     pub fn new() -> Self {
         Self::with_clock(unix_now)
@@ -181,6 +206,19 @@ mod tests {
         assert_eq!(read(&mut c, REG_CENTURY), 0x20);
         assert_eq!(read(&mut c, REG_STATUS_A) & 0x80, 0, "update never in progress");
         assert_eq!(read(&mut c, REG_STATUS_D), STATUS_D);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut c = Cmos::with_clock(|| 0);
+        c.write(0, &[0x40]);
+        c.write(1, &[0x77]);
+        let s = c.save();
+        let mut r = Cmos::restore(&s);
+        assert_eq!(r.save(), s);
+        assert_eq!(read(&mut r, 0x40), 0x77);
+        let short = CmosState { index: 0xff, ram: vec![1, 2, 3] };
+        assert_eq!(Cmos::restore(&short).save(), CmosState { index: 0x7f, ram: vec![0; 128] });
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::{BusDevice, EventFdTrigger};
@@ -26,10 +27,63 @@ impl std::fmt::Debug for SerialConsole {
     }
 }
 
+/// The UART's registers and receive FIFO, for a snapshot. Host input not
+/// yet in the FIFO is not kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     /// A console raising `interrupt` and writing the guest's output to `out`.
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self { serial: Serial::new(interrupt, out), pending: VecDeque::new() }
+    }
+
+    /// The state to put in a snapshot.
+    pub fn save(&self) -> SerialConsoleState {
+        let s = self.serial.state();
+        SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A console in the state `state` (from a snapshot, hence untrusted:
+    /// an oversized FIFO is refused).
+    pub fn restore(state: &SerialConsoleState, interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, interrupt, NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self { serial, pending: VecDeque::new() })
     }
 
     /// Queues host input for the guest. Returns how many bytes were accepted
@@ -162,6 +216,24 @@ mod tests {
         // the UART's 64-byte FIFO, nothing more.
         assert_eq!(total, MAX_PENDING_INPUT + 64);
         assert!(!c.wants_input());
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut c, _, _) = console();
+        c.write(1, &[0x02]);
+        c.write(7, &[0x5a]);
+        c.queue_input(b"abc");
+        let state = c.save();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r = SerialConsole::restore(&state, EventFdTrigger(evt), Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.save(), state);
+        let mut b = [0u8];
+        r.read(0, &mut b);
+        assert_eq!(b, [b'a']);
+        let bad = SerialConsoleState { in_buffer: vec![0; 65], ..state };
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialConsole::restore(&bad, EventFdTrigger(evt), Box::new(std::io::sink())).is_err());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,6 +58,81 @@ pub mod status {
     pub const FAILED: u32 = 128;
 }
 use status::*;
+
+/// A queue's driver-visible setup and ring positions, for a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's state (and its device's queues), for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a transport could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("snapshot holds a device of type {found} where type {expected} is attached")]
+    DeviceType { expected: u32, found: u32 },
+    #[error("snapshot holds {found} queues for a device with {expected}")]
+    QueueCount { expected: usize, found: usize },
+    #[error("invalid queue {0} in snapshot: {1}")]
+    Queue(usize, String),
+    #[error("device cannot resume: {0}")]
+    Activate(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
 
 /// A virtio device behind its MMIO register window.
 pub struct MmioTransport {
@@ -143,6 +219,76 @@ impl MmioTransport {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The state to put in a snapshot (take it while the vCPUs are paused).
+    pub fn save(&self) -> TransportState {
+        let queues = if self.device.is_active() {
+            self.device.queue_states().into_iter().map(QueueSnapshot::from).collect()
+        } else {
+            self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect()
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Rebuilds a transport around a fresh `device` from `state` (which
+    /// comes from a file, so it is checked like guest input), re-activating
+    /// the device if the driver had.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: EventFd,
+        state: &TransportState,
+    ) -> Result<Self, RestoreError> {
+        let mut t = Self::new(device, mem, irqfd)?;
+        let expected = t.device.device_type();
+        if state.device_type != expected {
+            return Err(RestoreError::DeviceType { expected, found: state.device_type });
+        }
+        let max_sizes = t.device.queue_max_sizes().to_vec();
+        if state.queues.len() != max_sizes.len() {
+            return Err(RestoreError::QueueCount { expected: max_sizes.len(), found: state.queues.len() });
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (q, max)) in state.queues.iter().zip(&max_sizes).enumerate() {
+            if q.max_size != *max {
+                return Err(RestoreError::Queue(i, format!("max size {} instead of {max}", q.max_size)));
+            }
+            queues.push(Queue::try_from(QueueState::from(*q)).map_err(|e| RestoreError::Queue(i, e.to_string()))?);
+        }
+        t.status = state.status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        t.interrupt.status.store(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        if state.status & DRIVER_OK != 0 {
+            if let Some(bad) = queues.iter().position(|q| !q.ready() || !q.is_valid(&t.mem)) {
+                return Err(RestoreError::Queue(bad, "not ready or outside guest memory".into()));
+            }
+            t.device
+                .activate(ActivateContext {
+                    mem: t.mem.clone(),
+                    queues,
+                    acked_features: t.driver_features,
+                    interrupt: &t.interrupt,
+                })
+                .map_err(|e| RestoreError::Activate(e.to_string()))?;
+        } else {
+            t.queues = queues;
+        }
+        Ok(t)
     }
 
     fn offered_features(&self) -> u64 {
@@ -531,6 +677,71 @@ pub(crate) mod tests {
         assert_eq!(rd(&mut t, REG_QUEUE_READY), 0, "queues are reset too");
         bring_up(&mut t, VIRTIO_F_VERSION_1);
         assert!(t.device().is_active());
+    }
+
+    #[test]
+    fn save_and_restore_an_active_device() {
+        let mut t = transport(Dummy::default());
+        bring_up(&mut t, VIRTIO_F_VERSION_1 | (1 << 3));
+        t.interrupt().trigger(1);
+        let state = t.save();
+        // The Dummy hands back no queue states while active: it keeps none.
+        assert_eq!(state.status & DRIVER_OK, DRIVER_OK);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let err = MmioTransport::restore(Box::new(Dummy::default()), mem(), irq, &state).unwrap_err();
+        assert!(matches!(err, RestoreError::QueueCount { expected: 2, found: 0 }), "{err}");
+    }
+
+    #[test]
+    fn save_and_restore_during_negotiation() {
+        let mut t = transport(Dummy::default());
+        wr(&mut t, REG_STATUS, ACKNOWLEDGE);
+        wr(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, REG_DRIVER_FEATURES, 1);
+        wr(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        wr(&mut t, REG_QUEUE_SEL, 1);
+        wr(&mut t, REG_QUEUE_NUM, 4);
+        let state = t.save();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r = MmioTransport::restore(Box::new(Dummy::default()), mem(), irq, &state).unwrap();
+        assert_eq!(r.save(), state);
+        assert_eq!(r.status(), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        // Negotiation goes on where it stopped.
+        for i in 0..2u32 {
+            let base = 0x10000 + u64::from(i) * 0x4000;
+            wr(&mut r, REG_QUEUE_SEL, i);
+            wr(&mut r, REG_QUEUE_DESC_LOW, base as u32);
+            wr(&mut r, REG_QUEUE_AVAIL_LOW, (base + 0x1000) as u32);
+            wr(&mut r, REG_QUEUE_USED_LOW, (base + 0x2000) as u32);
+            wr(&mut r, REG_QUEUE_READY, 1);
+        }
+        wr(&mut r, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert!(r.device().is_active());
+    }
+
+    #[test]
+    fn restore_rejects_mismatched_state() {
+        let t = transport(Dummy::default());
+        let mut state = t.save();
+        state.device_type = 2;
+        let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(matches!(
+            MmioTransport::restore(Box::new(Dummy::default()), mem(), irq(), &state),
+            Err(RestoreError::DeviceType { expected: 42, found: 2 })
+        ));
+        let mut state = t.save();
+        state.queues[0].max_size = 1024;
+        assert!(matches!(
+            MmioTransport::restore(Box::new(Dummy::default()), mem(), irq(), &state),
+            Err(RestoreError::Queue(0, _))
+        ));
+        let mut state = t.save();
+        state.status = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        assert!(matches!(
+            MmioTransport::restore(Box::new(Dummy::default()), mem(), irq(), &state),
+            Err(RestoreError::Queue(0, _))
+        ), "queues that were never set up cannot be resumed");
     }
 
     #[test]

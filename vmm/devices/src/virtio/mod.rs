@@ -131,6 +131,11 @@ pub trait VirtioDevice: Send {
     }
     /// A watched descriptor is ready.
     fn process_fd(&mut self, _fd: RawFd, _events: EventSet, _ops: &mut EventOps) {}
+    /// The queues of an active device, in order, for a snapshot (an
+    /// inactive device has none).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
     /// Called on the event loop after a reset: stop watching and close the
     /// descriptors the device added itself while active. (The descriptors
     /// of [`VirtioDevice::watched_fds`] are removed by the caller.)

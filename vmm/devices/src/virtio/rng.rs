@@ -94,6 +94,10 @@ impl VirtioDevice for Rng {
     fn is_active(&self) -> bool {
         self.active.is_some()
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| vec![a.queue.state()])
+    }
     fn process_queue(&mut self, _index: usize, _ops: &mut EventOps) {
         let Some(a) = self.active.as_mut() else { return };
         let mut notify = false;

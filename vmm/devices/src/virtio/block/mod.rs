@@ -142,6 +142,10 @@ impl VirtioDevice for Block {
         self.active.is_some()
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| vec![a.queue.state()])
+    }
+
     fn process_queue(&mut self, _index: usize, _ops: &mut EventOps) {
         self.process();
     }
@@ -273,6 +277,28 @@ mod tests {
         let mut disk = vec![0u8; 4096];
         // Whatever the outcome, it returns, and within the chain's bound.
         let _ = execute(chain, &m, &mut disk, &info(8, false), &mut Vec::new());
+    }
+
+    #[test]
+    fn an_active_disk_survives_save_and_restore() {
+        use crate::virtio::mmio::tests::{bring_up, mem as tmem};
+        use crate::virtio::mmio::MmioTransport;
+        use crate::virtio::VIRTIO_F_VERSION_1;
+        use vmm_sys_util::eventfd::EventFd;
+        let path = std::env::temp_dir().join(format!("vmrun-blk-snap-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let m = tmem();
+        let mut t = MmioTransport::new(Box::new(Block::open(&path, false, "a").unwrap()), m.clone(), irq()).unwrap();
+        bring_up(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+        assert!(t.device().is_active());
+        let state = t.save();
+        assert_eq!(state.queues.len(), 1);
+        assert_eq!(state.queues[0].desc_table, 0x10000);
+        let r = MmioTransport::restore(Box::new(Block::open(&path, false, "a").unwrap()), m, irq(), &state).unwrap();
+        assert!(r.device().is_active());
+        assert_eq!(r.save(), state);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -265,6 +265,10 @@ impl VirtioDevice for Net {
         self.active.is_some()
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| vec![a.rx.state(), a.tx.state()])
+    }
+
     fn process_queue(&mut self, index: usize, ops: &mut EventOps) {
         match index {
             RX => self.receive(ops),
