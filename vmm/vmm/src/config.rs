@@ -130,6 +130,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Network interfaces (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// Serve the control socket (pause, resume, snapshot, stop) here.
+    pub control: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -149,6 +151,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: true,
             nets: Vec::new(),
+            control: None,
         }
     }
 }

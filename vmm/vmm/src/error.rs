@@ -40,6 +40,8 @@ pub enum Error {
     VcpuThread(std::io::Error),
     #[error("cannot write the boot report {path}: {source}")]
     Report { path: PathBuf, source: std::io::Error },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -6,11 +6,13 @@
 
 pub mod config;
 pub mod console;
+pub mod controller;
 pub mod error;
 pub mod host_compat;
 pub mod loader;
 pub mod memory;
 pub mod report;
+pub mod snapshot;
 pub mod stats;
 mod vcpu;
 mod virtio_devices;
@@ -19,4 +21,4 @@ mod vm;
 pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig};
 pub use error::Error;
 pub use report::BootReport;
-pub use vm::{run, ExitReason};
+pub use vm::{restore, run, ExitReason, RestoreConfig, RunOptions};

@@ -1,9 +1,13 @@
 //! One vCPU: its boot-time register state and the thread that runs it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,9 +32,115 @@ const APIC_MODE_NMI: u32 = 0x4;
 /// `kvm_run.internal.suberror` for an instruction the emulator rejected.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
+/// The MSRs KVM can save and restore (fetched once per process).
+fn msr_index_list() -> std::result::Result<Vec<u32>, String> {
+    static LIST: std::sync::OnceLock<std::result::Result<Vec<u32>, String>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let kvm = Kvm::new().map_err(|e| e.to_string())?;
+        kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).map_err(|e| e.to_string())
+    })
+    .clone()
+}
+
 /// KVM's supported CPUID table, fetched once per VM.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Everything KVM keeps about a vCPU, for a snapshot, plus the VMM's own
+/// per-vCPU state (the guest's LSTAR behind the syscall trap).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    pub msrs: Vec<(u32, u64)>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub guest_lstar: u64,
+}
+
+/// Pausing the vCPU threads (for a snapshot) and letting them go on.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    pause: bool,
+    /// Ask each pausing vCPU to save its state.
+    save: bool,
+    paused: usize,
+    saved: Vec<std::result::Result<VcpuState, String>>,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to pause (saving its state if `save`). The caller
+    /// then kicks the threads and waits with [`VcpuControl::wait_paused`].
+    pub fn request_pause(&self, save: bool) {
+        let mut s = self.lock();
+        s.pause = true;
+        s.save = save;
+        s.saved.clear();
+    }
+
+    /// Whether a pause was asked for.
+    pub fn pause_requested(&self) -> bool {
+        self.lock().pause
+    }
+
+    /// Waits up to `timeout` until `count` vCPUs are paused; `kick` is
+    /// called every few milliseconds meanwhile (a kick can be lost if it
+    /// lands before a thread enters KVM_RUN).
+    pub fn wait_paused(&self, count: usize, timeout: std::time::Duration, kick: impl Fn()) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.lock();
+        while s.paused < count {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            drop(s);
+            kick();
+            s = self.lock();
+            let (g, _) = self
+                .changed
+                .wait_timeout(s, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+            s = g;
+        }
+        true
+    }
+
+    /// The states the paused vCPUs saved, in vCPU order.
+    pub fn take_saved(&self) -> Vec<std::result::Result<VcpuState, String>> {
+        let mut v = std::mem::take(&mut self.lock().saved);
+        v.sort_by_key(|r| r.as_ref().map(|s| s.id).unwrap_or(u8::MAX));
+        v
+    }
+
+    /// Lets the paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause = false;
+        s.save = false;
+        self.changed.notify_all();
+    }
+
+    /// Wakes every waiting vCPU (to see the stop flag).
+    pub fn wake_all(&self) {
+        self.changed.notify_all();
+    }
 }
 
 /// What the vCPU threads share.
@@ -46,6 +156,8 @@ pub struct VcpuShared {
     pub exit_reason: Arc<Mutex<Option<ExitReason>>>,
     /// ...before it signals this.
     pub exit_evt: Arc<EventFd>,
+    /// Pause and snapshot requests.
+    pub control: Arc<VcpuControl>,
 }
 
 /// A configured vCPU.
@@ -74,17 +186,17 @@ fn set_lapic_lint(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` of `count` and sets its boot state. vCPU 0 starts at
-    /// `entry` in 64-bit mode; the others wait for the guest to start them.
-    pub fn new(
-        vm: &kvm_ioctls::VmFd,
-        cpuid_template: &CpuId,
-        mem: &GuestMemoryMmap,
-        id: u8,
-        count: u8,
-        entry: u64,
-    ) -> Result<Self> {
+    /// Creates vCPU `id` (its state is set by [`Vcpu::configure`] or
+    /// [`Vcpu::restore_state`]).
+    pub fn create(vm: &kvm_ioctls::VmFd, id: u8) -> Result<Self> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        Ok(Self { id, fd, guest_lstar: 0 })
+    }
+
+    /// Sets the boot state of vCPU `id` of `count`. vCPU 0 starts at `entry`
+    /// in 64-bit mode; the others wait for the guest to start them.
+    pub fn configure(&self, cpuid_template: &CpuId, mem: &GuestMemoryMmap, count: u8, entry: u64) -> Result<()> {
+        let (id, fd) = (self.id, &self.fd);
 
         let mut cpuid = cpuid_template.clone();
         cpuid::adjust(cpuid.as_mut_slice(), id, count);
@@ -107,9 +219,9 @@ impl Vcpu {
         fd.set_lapic(&lapic).map_err(Error::kvm("KVM_SET_LAPIC"))?;
 
         if id == 0 {
-            Self::setup_boot_registers(&fd, mem, entry)?;
+            Self::setup_boot_registers(fd, mem, entry)?;
         }
-        Ok(Self { id, fd, guest_lstar: 0 })
+        Ok(())
     }
 
     fn setup_boot_registers(fd: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) -> Result<()> {
@@ -158,6 +270,10 @@ impl Vcpu {
             f();
         }
         while !shared.stop.load(Ordering::Acquire) {
+            if shared.control.pause_requested() {
+                self.park(&shared);
+                continue;
+            }
             let next = self.run_once(&shared);
             let outcome = match next {
                 Next::Continue => Ok(()),
@@ -170,6 +286,98 @@ impl Vcpu {
                 return;
             }
         }
+    }
+
+    /// Pauses this vCPU until resumed or stopped, saving its state first if
+    /// asked.
+    fn park(&mut self, shared: &VcpuShared) {
+        // Let KVM finish an instruction whose port or MMIO access the VMM
+        // just answered, so the saved state is consistent.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let control = &shared.control;
+        let mut s = control.lock();
+        if s.save {
+            drop(s);
+            let state = self.save_state();
+            s = control.lock();
+            s.saved.push(state);
+        }
+        s.paused += 1;
+        control.changed.notify_all();
+        while s.pause && !shared.stop.load(Ordering::Acquire) {
+            s = control.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.paused -= 1;
+    }
+
+    /// Everything KVM holds about this vCPU.
+    pub fn save_state(&self) -> std::result::Result<VcpuState, String> {
+        let id = self.id;
+        let e = move |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {id}: {what}: {err}");
+        let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("KVM_GET_CPUID2"))?;
+        Ok(VcpuState {
+            id: self.id,
+            cpuid: cpuid.as_slice().to_vec(),
+            msrs: self.save_msrs()?,
+            regs: self.fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
+            debugregs: self.fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
+            events: self.fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+            guest_lstar: self.guest_lstar,
+        })
+    }
+
+    /// Reads every MSR KVM lists, skipping the ones it refuses to read.
+    fn save_msrs(&self) -> std::result::Result<Vec<(u32, u64)>, String> {
+        let index = msr_index_list().map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?;
+        let mut out = Vec::with_capacity(index.len());
+        let mut rest: &[u32] = &index;
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> =
+                rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(|e| format!("vCPU {}: KVM_GET_MSRS: {e}", self.id))?;
+            out.extend(msrs.as_slice()[..n].iter().map(|m| (m.index, m.data)));
+            // KVM stops at the first MSR it cannot read: skip that one.
+            rest = rest.get(n + 1..).unwrap_or(&[]);
+        }
+        Ok(out)
+    }
+
+    /// Puts a saved state back, in the order KVM needs it.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| Error::Config(format!("snapshot CPUID: {e:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        self.fd.set_sregs(&state.sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+        let entries: Vec<kvm_msr_entry> =
+            state.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let mut rest: &[kvm_msr_entry] = &entries;
+        while !rest.is_empty() {
+            let msrs = Msrs::from_entries(rest).map_err(|e| Error::Config(format!("snapshot MSRs: {e:?}")))?;
+            let n = self.fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
+            if n < rest.len() {
+                log::debug!("vCPU {}: MSR {:#x} not restored", self.id, rest[n].index);
+            }
+            rest = rest.get(n + 1..).unwrap_or(&[]);
+        }
+        self.fd.set_regs(&state.regs).map_err(Error::kvm("KVM_SET_REGS"))?;
+        // SAFETY: KVM reads a `kvm_xsave` (4 KiB) here; it would read more
+        // only if the VMM had enabled dynamic XSTATE features (AMX) with
+        // arch_prctl, which vmrun never does.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(Error::kvm("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(Error::kvm("KVM_SET_XCRS"))?;
+        self.fd.set_debug_regs(&state.debugregs).map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_lapic(&state.lapic).map_err(Error::kvm("KVM_SET_LAPIC"))?;
+        self.fd.set_mp_state(state.mp_state).map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+        self.fd.set_vcpu_events(&state.events).map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))?;
+        self.guest_lstar = state.guest_lstar;
+        Ok(())
     }
 
     fn end(&self, shared: &VcpuShared, reason: ExitReason) {

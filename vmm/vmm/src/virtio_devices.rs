@@ -12,9 +12,24 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::error::{Error, Result};
 use vmrun_arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use vmrun_devices::virtio::handler::VirtioEventHandler;
-use vmrun_devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use vmrun_devices::virtio::VirtioDevice;
+use crate::snapshot::DeviceKind;
+use vmrun_devices::virtio::mmio::{MmioTransport, TransportState, REG_QUEUE_NOTIFY};
+use vmrun_devices::virtio::{VirtioDevice, INT_CONFIG};
 use vmrun_devices::Bus;
+
+/// A device slot, for snapshots.
+#[derive(Debug, Clone)]
+pub struct DeviceHandle {
+    pub kind: DeviceKind,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl DeviceHandle {
+    /// The transport's state (take it while the vCPUs are paused).
+    pub fn save(&self) -> TransportState {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).save()
+    }
+}
 
 /// The virtio devices of one VM.
 #[derive(Debug, Default)]
@@ -22,7 +37,7 @@ pub struct VirtioDevices {
     count: u32,
     handlers: Vec<VirtioEventHandler>,
     cmdline: Vec<String>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    slots: Vec<DeviceHandle>,
 }
 
 impl VirtioDevices {
@@ -31,8 +46,17 @@ impl VirtioDevices {
         Self::default()
     }
 
-    /// Gives `device` the next MMIO slot and interrupt.
-    pub fn attach(&mut self, vm: &VmFd, mem: &GuestMemoryMmap, mmio: &mut Bus, device: Box<dyn VirtioDevice>) -> Result<()> {
+    /// Gives `device` the next MMIO slot and interrupt; with `restore`, the
+    /// transport (and the device's queues) resume from a snapshot.
+    pub fn attach(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+        kind: DeviceKind,
+        device: Box<dyn VirtioDevice>,
+        restore: Option<&TransportState>,
+    ) -> Result<()> {
         let irq = VIRTIO_IRQ_START + self.count;
         if irq >= IOAPIC_PINS {
             return Err(Error::Config(format!("too many virtio devices (at most {})", IOAPIC_PINS - VIRTIO_IRQ_START)));
@@ -40,7 +64,11 @@ impl VirtioDevices {
         let base = VIRTIO_MMIO_START + u64::from(self.count) * VIRTIO_MMIO_SIZE;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irqfd, irq).map_err(Error::kvm("KVM_IRQFD"))?;
-        let transport = MmioTransport::new(device, mem.clone(), irqfd)?;
+        let transport = match restore {
+            None => MmioTransport::new(device, mem.clone(), irqfd)?,
+            Some(state) => MmioTransport::restore(device, mem.clone(), irqfd, state)
+                .map_err(|e| Error::Snapshot(format!("device slot {}: {e}", self.count)))?,
+        };
         for (i, evt) in transport.queue_evts().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), i as u32)
                 .map_err(Error::kvm("KVM_IOEVENTFD"))?;
@@ -48,7 +76,7 @@ impl VirtioDevices {
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE).map_err(|e| Error::Config(e.to_string()))?;
         self.handlers.push(VirtioEventHandler::new(transport.clone()));
-        self.transports.push(transport);
+        self.slots.push(DeviceHandle { kind, transport });
         self.cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         self.count += 1;
         Ok(())
@@ -57,6 +85,24 @@ impl VirtioDevices {
     /// The kernel command-line parameters announcing the devices.
     pub fn cmdline(&self) -> String {
         self.cmdline.join(" ")
+    }
+
+    /// The device slots, for snapshots.
+    pub fn snapshot_handles(&self) -> Vec<DeviceHandle> {
+        self.slots.clone()
+    }
+
+    /// Raises a configuration-change interrupt on every active disk, so the
+    /// guest reads its capacity again (after a restore onto other images).
+    pub fn notify_block_config_changed(&self) {
+        for slot in &self.slots {
+            if matches!(slot.kind, DeviceKind::Block { .. }) {
+                let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+                if t.device().is_active() {
+                    t.interrupt().trigger(INT_CONFIG);
+                }
+            }
+        }
     }
 
     /// The event-loop handlers, to add to the event manager.

@@ -6,38 +6,42 @@
 //! or a device reports the end, or a signal asks for it.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vmm_sys_util::epoll::EventSet;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::{ConsoleOutput, VmConfig};
 use crate::console::ConsoleSink;
+use crate::controller::{event_loop, ControlSocket, Controller, SnapshotSource};
 use crate::error::{Error, Result};
 use crate::host_compat::HostCompat;
 use crate::report::{resident_kib, BootReport, Timeline};
+use crate::snapshot::{self, DeviceKind};
 use crate::stats::{self, Stats};
-use crate::vcpu::{supported_cpuid, Vcpu, VcpuShared};
+use crate::vcpu::{supported_cpuid, Vcpu, VcpuControl, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{loader, memory};
+use vmrun_arch::layout::{BOOT_MARKER_ADDR, BOOT_MARKER_SIZE, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
+use vmrun_arch::mptable;
+use vmrun_devices::boot_marker::BootMarker;
+use vmrun_devices::legacy::cmos::CmosState;
+use vmrun_devices::legacy::serial::SerialConsoleState;
+use vmrun_devices::legacy::{self, Cmos, SerialConsole, I8042};
 use vmrun_devices::virtio::block::Block;
 use vmrun_devices::virtio::net::tap::Tap;
 use vmrun_devices::virtio::net::Net;
 use vmrun_devices::virtio::rng::Rng;
-use vmrun_arch::layout::{BOOT_MARKER_ADDR, BOOT_MARKER_SIZE, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
-use vmrun_arch::mptable;
-use vmrun_devices::boot_marker::BootMarker;
-use vmrun_devices::legacy::{self, Cmos, SerialConsole, I8042};
-use vmrun_devices::virtio::handler::VirtioEventHandler;
+use vmrun_devices::virtio::VirtioDevice;
 use vmrun_devices::{Bus, EventFdTrigger};
 
 /// Largest guest vmrun accepts, in MiB.
@@ -57,6 +61,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The guest did something the VMM cannot run.
     Crash(String),
+    /// Another process asked the VMM to stop (control socket).
+    Stopped,
 }
 
 impl ExitReason {
@@ -64,7 +70,7 @@ impl ExitReason {
     /// 3 when it crashed, 128 + N when signal N stopped it.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::SystemEvent(_) => 0,
+            ExitReason::GuestReset | ExitReason::SystemEvent(_) | ExitReason::Stopped => 0,
             ExitReason::TripleFault | ExitReason::Crash(_) => 3,
             ExitReason::Signal(n) => 128 + n,
         }
@@ -79,6 +85,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::TripleFault => write!(f, "the guest crashed (triple fault)"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
             ExitReason::Crash(m) => write!(f, "the guest crashed: {m}"),
+            ExitReason::Stopped => write!(f, "stopped through the control socket"),
         }
     }
 }
@@ -136,89 +143,92 @@ fn counters(stats: &[Stats]) -> (Option<u64>, Option<u64>) {
     (stats::sum(stats, "insn_emulation"), stats::sum(stats, "exits"))
 }
 
-/// Boots the VM described by `config` and runs it until it ends. `start` is
-/// when the VMM started (the zero of the boot report's times).
-pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
-    validate(config)?;
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = create_vm(&kvm)?;
-    let compat = HostCompat::detect(config.host_compat);
-    compat.setup_vm(&vm)?;
-    if compat.enabled() {
-        log::info!("host compatibility layer on (guest kernel mode is emulated on this host)");
+/// How a built VM runs: what only matters once it runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Forward standard input to the serial console.
+    pub console_input: bool,
+    /// Write the boot report here at the end.
+    pub report: Option<PathBuf>,
+    /// Serve the control socket (pause, resume, snapshot, stop) here.
+    pub control: Option<PathBuf>,
+}
+
+/// A VM ready to run: built by a cold boot or from a snapshot.
+struct Machine {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    compat: HostCompat,
+    mem_mib: u32,
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    legacy: LegacyDevices,
+    virtio: VirtioDevices,
+    probe: BootProbe,
+}
+
+fn stats_of(stats: &OnceLock<Vec<Stats>>) -> (Option<u64>, Option<u64>) {
+    stats.get().map_or((None, None), |s| counters(s))
+}
+
+/// Where the boot milestones are recorded: the timeline, and the vCPUs'
+/// KVM counters (known once the vCPUs exist).
+#[derive(Clone)]
+struct BootProbe {
+    timeline: Timeline,
+    stats: Arc<OnceLock<Vec<Stats>>>,
+}
+
+impl BootProbe {
+    fn now(&self) -> crate::report::Milestone {
+        let (insns, exits) = stats_of(&self.stats);
+        self.timeline.now(insns, exits)
     }
+}
 
-    let mem = memory::allocate(config.mem_mib)?;
-    memory::register(&vm, &mem)?;
+/// The legacy devices' handles the VMM keeps.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialConsole>>,
+    cmos: Arc<Mutex<Cmos>>,
+    reset_evt: EventFd,
+}
 
-    let kernel = loader::load_kernel(&mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(p) => Some(loader::load_initrd(&mem, config.mem_mib, &kernel, p)?),
-        None => None,
-    };
-    // Virtio devices first: the command line announces them.
-    let mut mmio = Bus::new();
-    let mut virtio = VirtioDevices::new();
-    for (i, disk) in config.disks.iter().enumerate() {
-        let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let block = Block::open(&disk.path, disk.read_only, &id).map_err(|e| Error::Config(e.to_string()))?;
-        virtio.attach(&vm, &mem, &mut mmio, Box::new(block))?;
-    }
-    for net in &config.nets {
-        let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
-        virtio.attach(&vm, &mem, &mut mmio, Box::new(Net::new(tap, net.mac())))?;
-    }
-    if config.rng {
-        virtio.attach(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
-    }
-
-    let cmdline = full_cmdline(config, &compat, &virtio.cmdline());
-    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
-    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
-    mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
-
-    let cpuid = supported_cpuid(&kvm)?;
-    let vcpus = (0..config.vcpus)
-        .map(|id| Vcpu::new(&vm, &cpuid, &mem, id, config.vcpus, kernel.entry))
-        .collect::<Result<Vec<_>>>()?;
-    let vcpu_stats: Arc<Vec<Stats>> = Arc::new(
-        vcpus
-            .iter()
-            .filter_map(|v| Stats::open(v.fd()).map_err(|e| log::debug!("no KVM statistics: {e}")).ok())
-            .collect(),
-    );
-
-    let timeline = Timeline::new(start);
-    timeline.update(|r| {
-        r.host_compat = compat.enabled();
-        r.mem_mib = config.mem_mib;
-        r.vcpus = config.vcpus;
-    });
-    let guest_ranges = memory::host_ranges(&mem);
-
-    // Devices.
+/// The legacy devices on the port bus and the boot marker on the MMIO bus.
+fn legacy_devices(
+    vm: &VmFd,
+    console: &ConsoleOutput,
+    restored: Option<(&SerialConsoleState, &CmosState)>,
+    probe: &BootProbe,
+    guest_ranges: Vec<(u64, u64)>,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<LegacyDevices> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(Error::kvm("KVM_IRQFD"))?;
     let run_init_hook = {
-        let (timeline, stats) = (timeline.clone(), vcpu_stats.clone());
+        let probe = probe.clone();
         Box::new(move || {
-            let (insns, exits) = counters(&stats);
-            let m = timeline.now(insns, exits);
-            timeline.update(|r| r.run_init = Some(m));
+            let m = probe.now();
+            probe.timeline.update(|r| r.run_init = Some(m));
         })
     };
-    let sink = ConsoleSink::new(console_output(&config.console)?, run_init_hook);
-    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), Box::new(sink))));
+    let sink = Box::new(ConsoleSink::new(console_output(console)?, run_init_hook));
+    let serial = match restored {
+        Some((state, _)) => SerialConsole::restore(state, EventFdTrigger(serial_irq), sink).map_err(Error::Io)?,
+        None => SerialConsole::new(EventFdTrigger(serial_irq), sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let cmos = Arc::new(Mutex::new(restored.map_or_else(Cmos::new, |(_, c)| Cmos::restore(c))));
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::try_clone(&reset_evt)?)));
     let marker = {
-        let (timeline, stats, ranges) = (timeline.clone(), vcpu_stats.clone(), guest_ranges.clone());
+        let probe = probe.clone();
         BootMarker::new(Box::new(move |value| {
-            let (insns, exits) = counters(&stats);
-            let m = timeline.now(insns, exits);
+            let m = probe.now();
             log::info!("boot marker {value} at {:.1} ms", m.wall_ms);
-            let rss = resident_kib(&ranges);
-            timeline.update(|r| {
+            let rss = resident_kib(&guest_ranges);
+            probe.timeline.update(|r| {
                 if r.boot_marker.is_none() {
                     r.boot_marker = Some(m);
                     r.boot_marker_value = Some(value);
@@ -230,99 +240,322 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
             });
         }))
     };
-
     let bus_err = |e: vmrun_devices::bus::Error| Error::Config(e.to_string());
-    let mut pio = Bus::new();
     pio.insert(serial.clone(), legacy::SERIAL_PORT_BASE, legacy::SERIAL_PORT_LEN).map_err(bus_err)?;
     pio.insert(i8042, legacy::I8042_PORT_BASE, legacy::I8042_PORT_LEN).map_err(bus_err)?;
-    pio.insert(Arc::new(Mutex::new(Cmos::new())), legacy::CMOS_PORT_BASE, legacy::CMOS_PORT_LEN)
-        .map_err(bus_err)?;
+    pio.insert(cmos.clone(), legacy::CMOS_PORT_BASE, legacy::CMOS_PORT_LEN).map_err(bus_err)?;
     mmio.insert(Arc::new(Mutex::new(marker)), BOOT_MARKER_ADDR, BOOT_MARKER_SIZE).map_err(bus_err)?;
+    Ok(LegacyDevices { serial, cmos, reset_evt })
+}
 
-    // Signals: SIGINT and SIGTERM are read from a signalfd by the event loop
-    // (blocked here, hence in every vCPU thread); SIGRTMIN kicks a vCPU
-    // thread out of KVM_RUN.
-    let signals = SignalGuard::new()?;
-    register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| Error::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+fn open_kvm(mode: crate::config::HostCompatMode) -> Result<(Kvm, VmFd, HostCompat)> {
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    let vm = create_vm(&kvm)?;
+    let compat = HostCompat::detect(mode);
+    compat.setup_vm(&vm)?;
+    if compat.enabled() {
+        log::info!("host compatibility layer on (guest kernel mode is emulated on this host)");
+    }
+    Ok((kvm, vm, compat))
+}
 
-    let shared = VcpuShared {
-        mem: mem.clone(),
-        pio,
-        mmio,
-        compat,
-        stop: Arc::new(AtomicBool::new(false)),
-        exit_reason: Arc::new(Mutex::new(None)),
-        exit_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+/// Boots the VM described by `config` and runs it until it ends. `start` is
+/// when the VMM started (the zero of the boot report's times).
+pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
+    validate(config)?;
+    let (kvm, vm, compat) = open_kvm(config.host_compat)?;
+    let mem = memory::allocate(config.mem_mib)?;
+    memory::register(&vm, &mem)?;
+
+    let kernel = loader::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(p) => Some(loader::load_initrd(&mem, config.mem_mib, &kernel, p)?),
+        None => None,
     };
-    let mut threads = Vec::new();
-    for vcpu in vcpus {
-        let s = shared.clone();
-        let hook: Option<Box<dyn FnOnce() + Send>> = (vcpu.id == 0).then(|| {
-            let (timeline, stats) = (timeline.clone(), vcpu_stats.clone());
-            Box::new(move || {
-                let (insns, exits) = counters(&stats);
-                let m = timeline.now(insns, exits);
-                timeline.update(|r| r.first_instruction = Some(m));
-            }) as Box<dyn FnOnce() + Send>
-        });
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.id))
-            .spawn(move || vcpu.run(s, hook))
-            .map_err(Error::VcpuThread)?;
-        threads.push(t);
+    // Virtio devices first: the command line announces them.
+    let mut mmio = Bus::new();
+    let mut virtio = VirtioDevices::new();
+    for (kind, device) in cold_devices(config)? {
+        virtio.attach(&vm, &mem, &mut mmio, kind, device, None)?;
     }
+    let cmdline = full_cmdline(config, &compat, &virtio.cmdline());
+    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
+    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
+    mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
 
-    let controller = Arc::new(Mutex::new(Controller {
-        vcpu_exit: shared.exit_evt.clone(),
-        vcpu_exit_reason: shared.exit_reason.clone(),
-        reset_evt,
-        signal_fd: signals.fd()?,
-        stdin: config.console_input,
-        serial: serial.clone(),
-        outcome: None,
-    }));
-    let loop_result = event_loop(controller.clone(), virtio.take_handlers());
+    let cpuid = supported_cpuid(&kvm)?;
+    let vcpus = (0..config.vcpus)
+        .map(|id| {
+            let v = Vcpu::create(&vm, id)?;
+            v.configure(&cpuid, &mem, config.vcpus, kernel.entry)?;
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>>>()?;
 
-    stop_vcpus(&shared.stop, threads);
-    drop(signals);
-    if let Ok(mut s) = serial.lock() {
-        s.flush();
-    }
-    let reason = match loop_result {
-        Ok(()) => controller.lock().unwrap_or_else(|e| e.into_inner()).outcome.take(),
-        Err(e) => return Err(e),
-    }
-    .unwrap_or_else(|| ExitReason::Crash("the event loop ended without a reason".into()));
-
-    let (insns, exits) = counters(&vcpu_stats);
-    let end = timeline.now(insns, exits);
-    let rss = resident_kib(&guest_ranges);
+    let timeline = Timeline::new(start);
     timeline.update(|r| {
-        r.end = Some(end);
-        r.exit = reason.to_string();
-        if r.vmm_overhead_rss_kib.is_none() {
-            if let Some((total, guest)) = rss {
-                r.vmm_overhead_rss_kib = Some(total.saturating_sub(guest));
-                r.guest_rss_kib = Some(guest);
-            }
-        }
+        r.host_compat = compat.enabled();
+        r.mem_mib = config.mem_mib;
+        r.vcpus = config.vcpus;
     });
-    let report = timeline.report();
-    if let Some(path) = &config.report {
-        let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other);
-        json.and_then(|j| std::fs::write(path, j + "\n"))
-            .map_err(|source| Error::Report { path: path.clone(), source })?;
+    let probe = BootProbe { timeline, stats: Arc::new(OnceLock::new()) };
+    let mut pio = Bus::new();
+    let legacy = legacy_devices(&vm, &config.console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
+    let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
+    machine.run(&RunOptions {
+        console_input: config.console_input,
+        report: config.report.clone(),
+        control: config.control.clone(),
+    })
+}
+
+/// The virtio devices of a cold boot, in slot order.
+fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevice>)>> {
+    let mut devices: Vec<(DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let block = Block::open(&disk.path, disk.read_only, &id).map_err(|e| Error::Config(e.to_string()))?;
+        devices.push((DeviceKind::Block { read_only: disk.read_only, id }, Box::new(block)));
     }
-    drop(vm);
-    Ok((reason, report))
+    for net in &config.nets {
+        let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+        let mac = net.mac();
+        devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(Net::new(tap, mac))));
+    }
+    if config.rng {
+        devices.push((DeviceKind::Rng, Box::new(Rng::new())));
+    }
+    Ok(devices)
+}
+
+/// What a restore needs besides the snapshot: the backing of each device
+/// slot, and where the console goes.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub snapshot: PathBuf,
+    /// One disk image per block slot of the snapshot, in order (read-only
+    /// or not as the snapshot says).
+    pub disks: Vec<PathBuf>,
+    /// One TAP device per network slot, in order.
+    pub taps: Vec<String>,
+    /// Where the console goes.
+    pub console: ConsoleOutput,
+    pub host_compat: crate::config::HostCompatMode,
+    pub run: RunOptions,
+}
+
+/// Restores the VM saved in `config.snapshot` and runs it until it ends.
+pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
+    let state = snapshot::load_state(&config.snapshot).map_err(|e| Error::Snapshot(e.to_string()))?;
+    let (_kvm, vm, compat) = open_kvm(config.host_compat)?;
+    if compat.enabled() != state.host_compat {
+        return Err(Error::Snapshot(format!(
+            "the snapshot was taken with the host compatibility layer {}, and it is {} here",
+            if state.host_compat { "on" } else { "off" },
+            if compat.enabled() { "on" } else { "off" }
+        )));
+    }
+    let mem = snapshot::map_memory(&config.snapshot.join(snapshot::MEMORY_FILE), state.mem_mib)
+        .map_err(|e| Error::Snapshot(e.to_string()))?;
+    memory::register(&vm, &mem)?;
+
+    let mut mmio = Bus::new();
+    let mut virtio = VirtioDevices::new();
+    let (mut disks, mut taps) = (config.disks.iter(), config.taps.iter());
+    for (slot, dev) in state.devices.iter().enumerate() {
+        let device: Box<dyn VirtioDevice> = match &dev.kind {
+            DeviceKind::Block { read_only, id } => {
+                let path = disks.next().ok_or_else(|| {
+                    Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
+                })?;
+                Box::new(Block::open(path, *read_only, id).map_err(|e| Error::Config(e.to_string()))?)
+            }
+            DeviceKind::Net { mac } => {
+                let tap = taps.next().ok_or_else(|| {
+                    Error::Snapshot(format!("the snapshot has a network interface in slot {slot}: give a TAP device"))
+                })?;
+                let mac = mac.parse().map_err(|e: String| Error::Snapshot(e))?;
+                Box::new(Net::new(Tap::open(tap).map_err(|e| Error::Config(e.to_string()))?, mac))
+            }
+            DeviceKind::Rng => Box::new(Rng::new()),
+            DeviceKind::Vsock { .. } => {
+                return Err(Error::Snapshot(format!("device slot {slot}: vsock is not supported yet")));
+            }
+        };
+        virtio.attach(&vm, &mem, &mut mmio, dev.kind.clone(), device, Some(&dev.transport))?;
+    }
+    if disks.next().is_some() || taps.next().is_some() {
+        return Err(Error::Snapshot("more disks or TAP devices given than the snapshot has slots for".into()));
+    }
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (i, vs) in state.vcpus.iter().enumerate() {
+        if usize::from(vs.id) != i {
+            return Err(Error::Snapshot(format!("vCPU {i} of the snapshot is numbered {}", vs.id)));
+        }
+        let mut v = Vcpu::create(&vm, vs.id)?;
+        v.restore_state(vs)?;
+        vcpus.push(v);
+    }
+    for chip in &state.irqchips {
+        vm.set_irqchip(chip).map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
+    }
+    vm.set_pit2(&state.pit).map_err(Error::kvm("KVM_SET_PIT2"))?;
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(Error::kvm("KVM_SET_CLOCK"))?;
+
+    let timeline = Timeline::new(start);
+    timeline.update(|r| {
+        r.host_compat = compat.enabled();
+        r.mem_mib = state.mem_mib;
+        r.vcpus = state.vcpus.len() as u8;
+    });
+    let probe = BootProbe { timeline, stats: Arc::new(OnceLock::new()) };
+    let mut pio = Bus::new();
+    let legacy = legacy_devices(
+        &vm,
+        &config.console,
+        Some((&state.serial, &state.cmos)),
+        &probe,
+        memory::host_ranges(&mem),
+        &mut pio,
+        &mut mmio,
+    )?;
+    // Disks may have other sizes than when the snapshot was taken: tell
+    // the guest to read their capacity again.
+    virtio.notify_block_config_changed();
+    let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
+    machine.run(&config.run)
+}
+
+impl Machine {
+    /// Runs the vCPUs and the event loop until the VM ends, then tears
+    /// everything down and writes the report.
+    fn run(mut self, opts: &RunOptions) -> Result<(ExitReason, BootReport)> {
+        let vcpu_stats: Vec<Stats> = self
+            .vcpus
+            .iter()
+            .filter_map(|v| Stats::open(v.fd()).map_err(|e| log::debug!("no KVM statistics: {e}")).ok())
+            .collect();
+        let _ = self.probe.stats.set(vcpu_stats);
+        let guest_ranges = memory::host_ranges(&self.mem);
+        let control_listener = match &opts.control {
+            Some(path) => Some(ControlSocket::bind(path)?),
+            None => None,
+        };
+
+        // Signals: SIGINT and SIGTERM are read from a signalfd by the event
+        // loop (blocked here, hence in every vCPU thread); SIGRTMIN kicks a
+        // vCPU thread out of KVM_RUN.
+        let signals = SignalGuard::new()?;
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| Error::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+
+        let shared = VcpuShared {
+            mem: self.mem.clone(),
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            compat: self.compat,
+            stop: Arc::new(AtomicBool::new(false)),
+            exit_reason: Arc::new(Mutex::new(None)),
+            exit_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            control: Arc::new(VcpuControl::default()),
+        };
+        let vcpu_count = self.vcpus.len();
+        let mut threads = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let s = shared.clone();
+            let hook: Option<Box<dyn FnOnce() + Send>> = (vcpu.id == 0).then(|| {
+                let probe = self.probe.clone();
+                Box::new(move || {
+                    let m = probe.now();
+                    probe.timeline.update(|r| r.first_instruction = Some(m));
+                }) as Box<dyn FnOnce() + Send>
+            });
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id))
+                .spawn(move || vcpu.run(s, hook))
+                .map_err(Error::VcpuThread)?;
+            threads.push(t);
+        }
+        let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+
+        let source = SnapshotSource {
+            vm: &self.vm,
+            mem: &self.mem,
+            compat: self.compat,
+            mem_mib: self.mem_mib,
+            serial: self.legacy.serial.clone(),
+            cmos: self.legacy.cmos.clone(),
+            devices: self.virtio.snapshot_handles(),
+            control: shared.control.clone(),
+            vcpu_count,
+            kick: Box::new(move || kick_threads(&pthreads)),
+        };
+        let controller = Arc::new(Mutex::new(Controller::new(
+            shared.exit_evt.clone(),
+            shared.exit_reason.clone(),
+            self.legacy.reset_evt.try_clone()?,
+            signals.fd()?,
+            opts.console_input,
+            self.legacy.serial.clone(),
+            control_listener,
+        )));
+        let loop_result = event_loop(controller.clone(), self.virtio.take_handlers(), &source);
+
+        shared.control.wake_all();
+        stop_vcpus(&shared.stop, &shared.control, threads);
+        drop(source);
+        drop(signals);
+        if let Ok(mut s) = self.legacy.serial.lock() {
+            s.flush();
+        }
+        let reason = match loop_result {
+            Ok(()) => controller.lock().unwrap_or_else(|e| e.into_inner()).outcome(),
+            Err(e) => return Err(e),
+        }
+        .unwrap_or_else(|| ExitReason::Crash("the event loop ended without a reason".into()));
+
+        let end = self.probe.now();
+        let rss = resident_kib(&guest_ranges);
+        self.probe.timeline.update(|r| {
+            r.end = Some(end);
+            r.exit = reason.to_string();
+            if r.vmm_overhead_rss_kib.is_none() {
+                if let Some((total, guest)) = rss {
+                    r.vmm_overhead_rss_kib = Some(total.saturating_sub(guest));
+                    r.guest_rss_kib = Some(guest);
+                }
+            }
+        });
+        let report = self.probe.timeline.report();
+        if let Some(path) = &opts.report {
+            let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other);
+            json.and_then(|j| std::fs::write(path, j + "\n"))
+                .map_err(|source| Error::Report { path: path.clone(), source })?;
+        }
+        Ok((reason, report))
+    }
+}
+
+fn kick_threads(pthreads: &[libc::pthread_t]) {
+    for &t in pthreads {
+        // SAFETY: the threads are joinable and not yet joined (they are
+        // joined only after the event loop, which owns this closure, ends),
+        // so their pthread_t is valid.
+        unsafe { libc::pthread_kill(t, SIGRTMIN()) };
+    }
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Stops every vCPU thread: sets the flag and kicks each thread out of
 /// KVM_RUN until it has returned.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(stop: &AtomicBool, control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
+    control.wake_all();
     for t in threads {
         while !t.is_finished() {
             // A kick that lands before the thread enters KVM_RUN is lost,
@@ -361,14 +594,14 @@ impl SignalGuard {
         }
     }
 
-    fn fd(&self) -> Result<File> {
+    fn fd(&self) -> Result<std::fs::File> {
         // SAFETY: `set` is an initialised signal set; signalfd returns a new fd or -1.
         let fd = unsafe { libc::signalfd(-1, &self.set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
         if fd < 0 {
             return Err(Error::Io(std::io::Error::last_os_error()));
         }
         // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
     }
 }
 
@@ -376,89 +609,6 @@ impl Drop for SignalGuard {
     fn drop(&mut self) {
         // SAFETY: restores the mask saved in `new`.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
-    }
-}
-
-/// The event loop's one subscriber: the end of the VM (a vCPU, the i8042,
-/// a signal) and console input.
-struct Controller {
-    vcpu_exit: Arc<EventFd>,
-    vcpu_exit_reason: Arc<Mutex<Option<ExitReason>>>,
-    reset_evt: EventFd,
-    signal_fd: File,
-    stdin: bool,
-    serial: Arc<Mutex<SerialConsole>>,
-    outcome: Option<ExitReason>,
-}
-
-const STDIN_FD: i32 = libc::STDIN_FILENO;
-
-impl MutEventSubscriber for Controller {
-    fn init(&mut self, ops: &mut EventOps) {
-        for (fd, what) in [
-            (self.vcpu_exit.as_raw_fd(), "vCPU exit"),
-            (self.reset_evt.as_raw_fd(), "reset"),
-            (self.signal_fd.as_raw_fd(), "signals"),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("event loop: cannot watch {what}: {e:?}");
-                self.outcome.get_or_insert(ExitReason::Crash(format!("event loop setup: {e:?}")));
-            }
-        }
-        // Standard input may be a file or /dev/null, which epoll refuses:
-        // then the guest simply gets no input.
-        if self.stdin && ops.add(Events::new_raw(STDIN_FD, EventSet::IN)).is_err() {
-            log::debug!("standard input cannot be watched; the console gets no input");
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.vcpu_exit.as_raw_fd() {
-            let _ = self.vcpu_exit.read();
-            let reason = self.vcpu_exit_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            self.outcome.get_or_insert(reason.unwrap_or(ExitReason::Crash("a vCPU stopped".into())));
-        } else if fd == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            self.outcome.get_or_insert(ExitReason::GuestReset);
-        } else if fd == self.signal_fd.as_raw_fd() {
-            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-            if self.signal_fd.read(&mut info).is_ok() {
-                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                self.outcome.get_or_insert(ExitReason::Signal(signo as i32));
-            }
-        } else if fd == STDIN_FD {
-            let mut buf = [0u8; 1024];
-            // SAFETY: reads into a local buffer of the given length.
-            let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 || events.event_set().contains(EventSet::HANG_UP) && n == 0 {
-                let _ = ops.remove(Events::new_raw(STDIN_FD, EventSet::IN));
-                return;
-            }
-            let n = n as usize;
-            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            let taken = serial.queue_input(&buf[..n]);
-            if taken < n {
-                log::warn!("console input: the guest is not reading; {} bytes dropped", n - taken);
-            }
-        }
-    }
-}
-
-/// Any subscriber of the VMM's event loop.
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-fn event_loop(controller: Arc<Mutex<Controller>>, devices: Vec<VirtioEventHandler>) -> Result<()> {
-    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    manager.add_subscriber(controller.clone());
-    for d in devices {
-        manager.add_subscriber(Arc::new(Mutex::new(d)));
-    }
-    loop {
-        if controller.lock().unwrap_or_else(|e| e.into_inner()).outcome.is_some() {
-            return Ok(());
-        }
-        manager.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     }
 }
 

@@ -4,11 +4,12 @@ mod logger;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig};
+use vmrun_vmm::controller::Request;
+use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, VmConfig};
 
 /// vmrun: containers in KVM microVMs.
 #[derive(Parser, Debug)]
@@ -27,6 +28,70 @@ enum Command {
     /// could not be built, 3 when the guest crashed, 128+N when signal N
     /// stopped it.
     Boot(BootArgs),
+    /// Restore a VM from a snapshot and run it in the foreground.
+    ///
+    /// The snapshot fixes the guest; the files and devices behind its
+    /// device slots are chosen here. Exit status as for `boot`.
+    Restore(RestoreArgs),
+    /// Snapshots of running VMs.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Pause, resume or stop a running VM through its control socket.
+    Vm {
+        /// The VM's control socket (`boot --control`).
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(value_enum)]
+        action: VmAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Pause a running VM and save it into a directory.
+    Create {
+        /// The VM's control socket (`boot --control`).
+        #[arg(long)]
+        control: PathBuf,
+        /// Where the snapshot goes (created if needed).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Let the VM run on afterwards (default: it stays paused).
+        #[arg(long)]
+        resume: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum VmAction {
+    Pause,
+    Resume,
+    Stop,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Disk image for the snapshot's next disk slot (repeatable, in order).
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
+    /// TAP device for the snapshot's next network slot (repeatable).
+    #[arg(long = "tap", value_name = "NAME")]
+    taps: Vec<String>,
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Serve a control socket here.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Write a JSON report here when the VM ends.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
+    #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
+    host_compat: CompatArg,
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +133,19 @@ struct BootArgs {
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
+    /// Serve a control socket here (pause, resume, snapshot, stop).
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+impl From<CompatArg> for HostCompatMode {
+    fn from(c: CompatArg) -> Self {
+        match c {
+            CompatArg::Auto => HostCompatMode::Auto,
+            CompatArg::On => HostCompatMode::On,
+            CompatArg::Off => HostCompatMode::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -86,24 +164,52 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         vcpus: args.cpus,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
         console_input: true,
-        host_compat: match args.host_compat {
-            CompatArg::Auto => HostCompatMode::Auto,
-            CompatArg::On => HostCompatMode::On,
-            CompatArg::Off => HostCompatMode::Off,
-        },
+        host_compat: args.host_compat.into(),
         report: args.report,
         disks: args.disks,
         rng: !args.no_rng,
         nets: args.nets,
+        control: args.control,
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
+    Ok(finish(reason))
+}
+
+/// Logs how the VM ended and returns the exit status for it.
+fn finish(reason: vmrun_vmm::ExitReason) -> i32 {
     let code = reason.exit_code();
     if code == 0 {
         log::info!("{reason}");
     } else {
         log::error!("{reason}");
     }
-    Ok(code)
+    code
+}
+
+fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
+    let config = RestoreConfig {
+        snapshot: args.snapshot,
+        disks: args.disks,
+        taps: args.taps,
+        console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
+        host_compat: args.host_compat.into(),
+        run: RunOptions { console_input: true, report: args.report, control: args.control },
+    };
+    let (reason, _report) = vmrun_vmm::restore(&config, start).context("cannot restore the VM")?;
+    Ok(finish(reason))
+}
+
+fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
+    let answer = vmrun_vmm::controller::request(path, &req, Duration::from_secs(120))
+        .with_context(|| format!("cannot reach the VM's control socket {}", path.display()))?;
+    if answer.ok {
+        if let Some(ms) = answer.ms {
+            log::info!("done in {ms:.1} ms");
+        }
+        Ok(0)
+    } else {
+        anyhow::bail!("{}", answer.error.unwrap_or_else(|| "the VM refused the request".into()))
+    }
 }
 
 fn main() -> ExitCode {
@@ -112,6 +218,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Boot(args) => boot(args, start),
+        Command::Restore(args) => restore(args, start),
+        Command::Snapshot(SnapshotCommand::Create { control: c, dir, resume }) => {
+            control(&c, Request::Snapshot { dir, resume })
+        }
+        Command::Vm { control: c, action } => control(
+            &c,
+            match action {
+                VmAction::Pause => Request::Pause,
+                VmAction::Resume => Request::Resume,
+                VmAction::Stop => Request::Stop,
+            },
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

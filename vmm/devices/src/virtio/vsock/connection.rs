@@ -364,6 +364,11 @@ impl Connection {
         set
     }
 
+    /// Owes the guest the control packet `bit` (a [`pending`] bit).
+    pub fn owe(&mut self, bit: u8) {
+        self.pending |= bit;
+    }
+
     /// Marks the connection for reset: the stream is to be closed (by the
     /// muxer) and only an RST is owed.
     pub fn set_reset(&mut self) {

@@ -1,0 +1,359 @@
+//! virtio-vsock with Firecracker's hybrid vsock: guest stream sockets
+//! reach the host through one Unix socket.
+//!
+//! - A host process connects to the device's socket and sends
+//!   `CONNECT <port>\n`; the guest is asked to accept on `port`, and on
+//!   its RESPONSE the host reads `OK <host_port>\n`, then the bytes flow.
+//! - A guest connection to CID 2 port P becomes a connection to the Unix
+//!   socket `<socket>_<P>`.
+//!
+//! `packet.rs` parses and writes the wire header, `connection.rs` holds one
+//! stream's state and credit, `muxer.rs` the host sockets and the dispatch,
+//! `socket.rs` the raw socket calls; this file is the virtio device: its
+//! three queues (rx 0, tx 1, event 2) and its config space (the guest CID).
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+pub mod socket;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::EventOps;
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::{complete, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_VSOCK};
+use muxer::{FdWatch, Muxer};
+use packet::{HEADER_SIZE, MAX_PAYLOAD};
+
+/// Queue size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Queue indices.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+pub const EVENT: usize = 2;
+/// `virtio_vsock_event.id`: the transport was reset (after a restore).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Errors creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest CID {0} is reserved or too large (use 3 to 4294967294)")]
+    Cid(u64),
+    #[error("vsock socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot remove the stale vsock socket {path}: {source}")]
+    RemoveStale { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    /// (device, inode) of the socket file we bound, to remove only ours.
+    uds_id: Option<(u64, u64)>,
+    muxer: Muxer,
+    active: Option<Active>,
+    transport_reset_owed: bool,
+    /// The tx queue waits for owed RSTs to reach the guest.
+    tx_stalled: bool,
+    payload: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("uds_path", &self.uds_path)
+            .field("active", &self.active.is_some())
+            .field("connections", &self.muxer.connection_count())
+            .finish()
+    }
+}
+
+impl Vsock {
+    /// A device for the guest `guest_cid`, listening on `uds_path` (a
+    /// stale socket file there is replaced; any other file is an error).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(Error::Cid(guest_cid));
+        }
+        match std::fs::symlink_metadata(uds_path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(uds_path)
+                .map_err(|source| Error::RemoveStale { path: uds_path.into(), source })?,
+            Ok(_) => return Err(Error::NotASocket(uds_path.into())),
+            Err(_) => {}
+        }
+        let listen_err = |source| Error::Listen { path: uds_path.into(), source };
+        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let uds_id = std::fs::metadata(uds_path).ok().map(|m| (m.dev(), m.ino()));
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.into(),
+            uds_id,
+            muxer: Muxer::new(guest_cid, uds_path, listener),
+            active: None,
+            transport_reset_owed: false,
+            tx_stalled: false,
+            payload: Vec::with_capacity(MAX_PAYLOAD as usize),
+            scratch: vec![0; MAX_PAYLOAD as usize],
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Resets every connection and tells the guest its transport was reset
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), as after a snapshot restore:
+    /// the guest drops its connected sockets and the host streams are
+    /// closed. The event waits for an event-queue buffer if there is none.
+    pub fn transport_reset(&mut self) {
+        self.muxer.release_all();
+        self.transport_reset_owed = true;
+        if self.deliver_events() {
+            self.signal();
+        }
+    }
+
+    fn signal(&self) {
+        if let Some(a) = &self.active {
+            a.interrupt.trigger(INT_USED_RING);
+        }
+    }
+
+    /// Puts owed events in the event queue; whether the guest must be told.
+    fn deliver_events(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else { return false };
+        let q = &mut a.queues[EVENT];
+        let mut notify = false;
+        while self.transport_reset_owed {
+            let Some(chain) = q.pop_descriptor_chain(&a.mem) else { break };
+            let head = chain.head_index();
+            let mut w: Writer<'_> = match chain.writer(&a.mem) {
+                Ok(w) => w,
+                Err(_) => {
+                    notify |= complete(q, &a.mem, head, 0);
+                    continue;
+                }
+            };
+            let ok = w.available_bytes() >= 4 && w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok();
+            notify |= complete(q, &a.mem, head, if ok { 4 } else { 0 });
+            self.transport_reset_owed = !ok;
+        }
+        notify
+    }
+
+    /// Takes the guest's packets from the tx queue.
+    fn process_tx(&mut self, w: &mut dyn FdWatch) -> bool {
+        let Some(a) = self.active.as_mut() else { return false };
+        let q = &mut a.queues[TX];
+        let mut notify = false;
+        self.tx_stalled = false;
+        'queue: loop {
+            if q.disable_notification(&a.mem).is_err() {
+                break;
+            }
+            while !self.muxer.strays_full() {
+                let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
+                    match q.enable_notification(&a.mem) {
+                        Ok(true) => continue 'queue,
+                        _ => break 'queue,
+                    }
+                };
+                let head = chain.head_index();
+                match packet::read_packet(chain, &a.mem, &mut self.payload) {
+                    Ok(h) => self.muxer.handle_guest_packet(&h, &self.payload, w),
+                    Err(packet::TxError::Truncated { header, .. }) => self.muxer.handle_truncated(&header, w),
+                    Err(e) => log::debug!("vsock: tx packet dropped: {e}"),
+                }
+                notify |= complete(q, &a.mem, head, 0);
+            }
+            // Owed RSTs fill up: wait for the guest to take some.
+            self.tx_stalled = true;
+            let _ = q.enable_notification(&a.mem);
+            break;
+        }
+        notify
+    }
+
+    /// Fills the guest's rx buffers with owed packets: (whether the guest
+    /// must be told, packets delivered).
+    fn process_rx(&mut self, w: &mut dyn FdWatch) -> (bool, usize) {
+        let Self { active, muxer, scratch, .. } = self;
+        let Some(a) = active.as_mut() else { return (false, 0) };
+        let q = &mut a.queues[RX];
+        let mut notify = false;
+        let mut delivered = 0;
+        while muxer.rx_pending() {
+            let Some(chain) = q.pop_descriptor_chain(&a.mem) else { break };
+            let head = chain.head_index();
+            let mut writer: Writer<'_> = match chain.writer(&a.mem) {
+                Ok(wr) if wr.available_bytes() >= HEADER_SIZE => wr,
+                _ => {
+                    log::debug!("vsock: rx buffer {head} unusable; returned empty");
+                    notify |= complete(q, &a.mem, head, 0);
+                    continue;
+                }
+            };
+            let room = (writer.available_bytes() - HEADER_SIZE).min(scratch.len());
+            let Some((h, n)) = muxer.next_rx(&mut scratch[..room], w) else {
+                q.go_to_previous_position();
+                break;
+            };
+            let len = packet::write_packet(&mut writer, &h, &scratch[..n]).unwrap_or_else(|e| {
+                log::warn!("vsock: cannot write an rx packet: {e}");
+                muxer.rx_lost(&h, w);
+                0
+            });
+            notify |= complete(q, &a.mem, head, len);
+            delivered += 1;
+        }
+        (notify, delivered)
+    }
+
+    /// Does all that can be done now (taking the tx queue's packets if
+    /// `tx`); signals the guest if needed.
+    fn run(&mut self, mut tx: bool, w: &mut dyn FdWatch) {
+        let mut notify = self.deliver_events();
+        loop {
+            if tx {
+                notify |= self.process_tx(w);
+            }
+            self.muxer.sync(w);
+            // Sending can owe more (a credit request after the last
+            // credit was used): go on while packets go out.
+            loop {
+                let (n, delivered) = self.process_rx(w);
+                notify |= n;
+                self.muxer.sync(w);
+                if delivered == 0 || !self.muxer.rx_pending() {
+                    break;
+                }
+            }
+            // Owed RSTs went out: the waiting tx packets can come in.
+            tx = self.tx_stalled && !self.muxer.strays_full();
+            if !tx {
+                break;
+            }
+        }
+        if notify {
+            self.signal();
+        }
+    }
+
+    fn handle_queue(&mut self, index: usize, w: &mut dyn FdWatch) {
+        self.muxer.close_released(w);
+        if self.active.is_some() {
+            self.run(index == TX || self.tx_stalled, w);
+        }
+    }
+
+    fn handle_fd(&mut self, fd: RawFd, events: EventSet, w: &mut dyn FdWatch) {
+        self.muxer.close_released(w);
+        if self.active.is_none() {
+            return;
+        }
+        if fd == self.muxer.listener_fd() {
+            self.muxer.accept(w);
+        } else {
+            self.muxer.handle_fd(fd, events, w);
+        }
+        self.run(false, w);
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        // Remove the socket file if it is still the one we bound.
+        let still_ours = std::fs::symlink_metadata(&self.uds_path)
+            .ok()
+            .is_some_and(|m| Some((m.dev(), m.ino())) == self.uds_id);
+        if still_ours {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext<'_>) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 3 {
+            return Err(ActivateError::BadQueue(ctx.queues.len()));
+        }
+        self.active = Some(Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt.clone() });
+        self.muxer.activated();
+        self.tx_stalled = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.transport_reset_owed = false;
+        self.tx_stalled = false;
+        // Closed by `release_fds`, on the event loop.
+        self.muxer.release_all();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn process_queue(&mut self, index: usize, ops: &mut EventOps) {
+        self.handle_queue(index, ops);
+    }
+
+    fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
+        vec![(self.muxer.listener_fd(), EventSet::IN)]
+    }
+
+    fn process_fd(&mut self, fd: RawFd, events: EventSet, ops: &mut EventOps) {
+        self.handle_fd(fd, events, ops);
+    }
+
+    fn release_fds(&mut self, ops: &mut EventOps) {
+        self.muxer.release_all();
+        self.muxer.close_released(ops);
+    }
+}

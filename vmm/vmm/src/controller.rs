@@ -1,0 +1,372 @@
+//! The VMM's event loop: the end of the VM (a vCPU, the i8042 reset, a
+//! signal), console input, the virtio devices' events, and the control
+//! socket through which another process pauses, resumes, snapshots or stops
+//! the VM.
+//!
+//! Control protocol: one JSON request per connection, one JSON answer.
+//! `{"op":"ping"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}`; the
+//! answer is `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use crate::host_compat::HostCompat;
+use crate::snapshot::{self, DeviceSnapshot, VmState};
+use crate::vcpu::VcpuControl;
+use crate::virtio_devices::DeviceHandle;
+use crate::vm::ExitReason;
+use vmrun_devices::legacy::{Cmos, SerialConsole};
+use vmrun_devices::virtio::handler::VirtioEventHandler;
+
+/// Longest a control request may be.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long the vCPUs get to pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    Pause,
+    Resume,
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default)]
+        resume: bool,
+    },
+    Stop,
+}
+
+/// A control answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// Milliseconds the operation took.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ms: Option<f64>,
+}
+
+/// Sends one request to the control socket at `path` and waits for the
+/// answer (the client side, for `vmrun snapshot` and tests).
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> std::io::Result<Response> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s.take(MAX_REQUEST)).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|e| std::io::Error::other(format!("bad answer {answer:?}: {e}")))
+}
+
+/// The listening control socket; the file is removed when it is dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Listens at `path` (replacing a stale socket file).
+    pub fn bind(path: &Path) -> Result<Self> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::Config(format!("cannot listen on control socket {}: {e}", path.display())))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener, path: path.to_path_buf() })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Everything needed to take a snapshot of the running VM.
+pub struct SnapshotSource<'a> {
+    pub vm: &'a VmFd,
+    pub mem: &'a GuestMemoryMmap,
+    pub compat: HostCompat,
+    pub mem_mib: u32,
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    pub devices: Vec<DeviceHandle>,
+    pub control: Arc<VcpuControl>,
+    pub vcpu_count: usize,
+    /// Kicks every vCPU thread out of KVM_RUN.
+    pub kick: Box<dyn Fn() + 'a>,
+}
+
+impl std::fmt::Debug for SnapshotSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSource").field("vcpus", &self.vcpu_count).finish()
+    }
+}
+
+impl SnapshotSource<'_> {
+    fn pause(&self, save: bool) -> std::result::Result<(), String> {
+        self.control.request_pause(save);
+        if self.control.wait_paused(self.vcpu_count, PAUSE_TIMEOUT, &self.kick) {
+            Ok(())
+        } else {
+            self.control.resume();
+            Err(format!("the vCPUs did not pause within {PAUSE_TIMEOUT:?}"))
+        }
+    }
+
+    /// Pauses the vCPUs, saves the VM into `dir`, and resumes if asked.
+    pub fn snapshot(&self, dir: &Path, resume: bool) -> std::result::Result<(), String> {
+        self.pause(true)?;
+        let result = self.save(dir);
+        if resume || result.is_err() {
+            self.control.resume();
+        }
+        result
+    }
+
+    fn save(&self, dir: &Path) -> std::result::Result<(), String> {
+        let vcpus = self.control.take_saved().into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
+        if vcpus.len() != self.vcpu_count {
+            return Err(format!("{} of {} vCPUs saved their state", vcpus.len(), self.vcpu_count));
+        }
+        let mut irqchips = Vec::new();
+        for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+            self.vm.get_irqchip(&mut chip).map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
+            irqchips.push(chip);
+        }
+        let pit = self.vm.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
+        let clock = self.vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let cmos = self.cmos.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| DeviceSnapshot { kind: d.kind.clone(), transport: d.save() })
+            .collect();
+        let (format, version, vmrun_version) = VmState::header();
+        let state = VmState {
+            format,
+            version,
+            vmrun_version,
+            host_compat: self.compat.enabled(),
+            mem_mib: self.mem_mib,
+            vcpus,
+            irqchips,
+            pit,
+            clock,
+            serial,
+            cmos,
+            devices,
+        };
+        snapshot::save(dir, &state, self.mem).map_err(|e| e.to_string())
+    }
+}
+
+/// The event loop's own subscriber: the end of the VM, console input and
+/// the control socket.
+pub struct Controller {
+    vcpu_exit: Arc<EventFd>,
+    vcpu_exit_reason: Arc<Mutex<Option<ExitReason>>>,
+    reset_evt: EventFd,
+    signal_fd: File,
+    stdin: bool,
+    serial: Arc<Mutex<SerialConsole>>,
+    control: Option<ControlSocket>,
+    outcome: Option<ExitReason>,
+    /// Control requests accepted but not yet answered (they need the
+    /// snapshot source, which the event loop holds).
+    pending: Vec<UnixStream>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("outcome", &self.outcome).finish()
+    }
+}
+
+const STDIN_FD: i32 = libc::STDIN_FILENO;
+
+impl Controller {
+    /// A controller for one VM.
+    pub fn new(
+        vcpu_exit: Arc<EventFd>,
+        vcpu_exit_reason: Arc<Mutex<Option<ExitReason>>>,
+        reset_evt: EventFd,
+        signal_fd: File,
+        stdin: bool,
+        serial: Arc<Mutex<SerialConsole>>,
+        control: Option<ControlSocket>,
+    ) -> Self {
+        Self { vcpu_exit, vcpu_exit_reason, reset_evt, signal_fd, stdin, serial, control, outcome: None, pending: Vec::new() }
+    }
+
+    /// How the VM ended, once it has.
+    pub fn outcome(&mut self) -> Option<ExitReason> {
+        self.outcome.take()
+    }
+
+    fn answer(&mut self, source: &SnapshotSource<'_>) {
+        for stream in std::mem::take(&mut self.pending) {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+            let start = Instant::now();
+            let result = match read.map_err(|e| e.to_string()).and_then(|_| {
+                serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request {line:?}: {e}"))
+            }) {
+                Err(e) => Err(e),
+                Ok(Request::Ping) => Ok(()),
+                Ok(Request::Pause) => source.pause(false),
+                Ok(Request::Resume) => {
+                    source.control.resume();
+                    Ok(())
+                }
+                Ok(Request::Snapshot { dir, resume }) => source.snapshot(&dir, resume),
+                Ok(Request::Stop) => {
+                    self.outcome.get_or_insert(ExitReason::Stopped);
+                    Ok(())
+                }
+            };
+            let ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+            let response = match result {
+                Ok(()) => Response { ok: true, error: None, ms },
+                Err(e) => {
+                    log::warn!("control request failed: {e}");
+                    Response { ok: false, error: Some(e), ms }
+                }
+            };
+            if let Ok(mut bytes) = serde_json::to_vec(&response) {
+                bytes.push(b'\n');
+                let _ = (&stream).write_all(&bytes);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![
+            (self.vcpu_exit.as_raw_fd(), "vCPU exit"),
+            (self.reset_evt.as_raw_fd(), "reset"),
+            (self.signal_fd.as_raw_fd(), "signals"),
+        ];
+        if let Some(c) = &self.control {
+            fds.push((c.listener.as_raw_fd(), "control socket"));
+        }
+        for (fd, what) in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("event loop: cannot watch {what}: {e:?}");
+                self.outcome.get_or_insert(ExitReason::Crash(format!("event loop setup: {e:?}")));
+            }
+        }
+        // Standard input may be a file or /dev/null, which epoll refuses:
+        // then the guest simply gets no input.
+        if self.stdin && ops.add(Events::new_raw(STDIN_FD, EventSet::IN)).is_err() {
+            log::debug!("standard input cannot be watched; the console gets no input");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.vcpu_exit.as_raw_fd() {
+            let _ = self.vcpu_exit.read();
+            let reason = self.vcpu_exit_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.outcome.get_or_insert(reason.unwrap_or(ExitReason::Crash("a vCPU stopped".into())));
+        } else if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.outcome.get_or_insert(ExitReason::GuestReset);
+        } else if fd == self.signal_fd.as_raw_fd() {
+            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+            if self.signal_fd.read(&mut info).is_ok() {
+                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                self.outcome.get_or_insert(ExitReason::Signal(signo as i32));
+            }
+        } else if self.control.as_ref().is_some_and(|c| c.listener.as_raw_fd() == fd) {
+            if let Some(c) = &self.control {
+                while let Ok((stream, _)) = c.listener.accept() {
+                    self.pending.push(stream);
+                }
+            }
+        } else if fd == STDIN_FD {
+            let mut buf = [0u8; 1024];
+            // SAFETY: reads into a local buffer of the given length.
+            let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                let _ = ops.remove(Events::new_raw(STDIN_FD, EventSet::IN));
+                return;
+            }
+            let n = n as usize;
+            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = serial.queue_input(&buf[..n]);
+            if taken < n {
+                log::warn!("console input: the guest is not reading; {} bytes dropped", n - taken);
+            }
+        }
+    }
+}
+
+/// Any subscriber of the VMM's event loop.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Runs the event loop until the controller has an outcome.
+pub fn event_loop(
+    controller: Arc<Mutex<Controller>>,
+    devices: Vec<VirtioEventHandler>,
+    source: &SnapshotSource<'_>,
+) -> Result<()> {
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    manager.add_subscriber(controller.clone());
+    for d in devices {
+        manager.add_subscriber(Arc::new(Mutex::new(d)));
+    }
+    loop {
+        {
+            let mut c = controller.lock().unwrap_or_else(|e| e.into_inner());
+            if !c.pending.is_empty() {
+                c.answer(source);
+            }
+            if c.outcome.is_some() {
+                return Ok(());
+            }
+        }
+        manager.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        let r: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/tmp/s"}"#).unwrap();
+        assert_eq!(r, Request::Snapshot { dir: "/tmp/s".into(), resume: false });
+        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"stop"}"#).unwrap(), Request::Stop);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Response { ok: true, ..Default::default() }).unwrap(), r#"{"ok":true}"#);
+    }
+}
