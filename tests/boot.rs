@@ -15,7 +15,7 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{demo_initramfs, kernel, scratch};
+use support::{demo_initramfs, kernel, scratch, Reaped};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
@@ -76,21 +76,25 @@ fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
 
 #[test]
 fn sigterm_stops_the_guest_and_the_vmm() {
-    let mut child = Command::new(VMRUN)
-        .args(["boot", "--kernel", kernel().to_str().unwrap(), "--console", "/dev/null"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vmrun");
+    let mut child = Reaped(
+        Command::new(VMRUN)
+            .args(["boot", "--kernel", kernel().to_str().unwrap(), "--console", "/dev/null"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vmrun"),
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().expect("wait").is_none(), "the VMM ended before it was signalled");
     // SAFETY: sends SIGTERM to the child we started.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let t = Instant::now();
-    let out = child.wait_with_output().expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr).expect("read stderr");
+    let status = child.wait().expect("wait");
     assert!(t.elapsed() < Duration::from_secs(10), "teardown took {:?}", t.elapsed());
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "stderr: {}", stderr_of(&out));
-    assert!(stderr_of(&out).contains("stopped by signal 15"));
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "stderr: {stderr}");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kernel, scratch};
+use support::{kernel, scratch, Reaped};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 const HOST_IP: &str = "172.30.77.1";
@@ -190,9 +190,9 @@ fn guest_uses_disks_entropy_vsock_and_network() {
     });
 
     let ns = NetNs::new();
-    let mut tcp = ns.exec().args(["busybox", "nc", "-l", "-p", "7777"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut tcp = Reaped(ns.exec().args(["busybox", "nc", "-l", "-p", "7777"]).stdout(Stdio::piped()).spawn().unwrap());
 
-    let mut vmm = ns
+    let mut vmm = Reaped(ns
         .exec()
         .arg(VMRUN)
         .arg("boot")
@@ -213,12 +213,12 @@ fn guest_uses_disks_entropy_vsock_and_network() {
         .arg(&console)
         .stdin(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
 
     let boot = Duration::from_secs(600);
-    wait_for(&console, "CHECK net-up", &mut vmm, boot);
-    run(ns.exec().args(["ping", "-c", "1", "-W", "20", GUEST_IP]));
-    wait_for(&console, "listening on vsock port 5000", &mut vmm, boot);
+    wait_for(&console, "CHECK net-up", &mut vmm.0, boot);
+    run(ns.exec().args(["busybox", "ping", "-c", "1", "-W", "20", GUEST_IP]));
+    wait_for(&console, "listening on vsock port 5000", &mut vmm.0, boot);
     let mut s = UnixStream::connect(&uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     s.write_all(b"CONNECT 5000\n").unwrap();

@@ -29,6 +29,12 @@ busybox reboot -f
 
 /// Writes the demo initramfs with `busybox` (a static binary) to `out`.
 pub fn write<W: Write>(out: W, busybox: &[u8]) -> Result<W, Error> {
+    write_with_init(out, busybox, &init_script())
+}
+
+/// Writes an initramfs with `busybox` and `init` (a shell script run by
+/// busybox) to `out`.
+pub fn write_with_init<W: Write>(out: W, busybox: &[u8], init: &str) -> Result<W, Error> {
     let mut a = Archive::new(out);
     for d in ["bin", "dev", "proc", "sys", "tmp"] {
         a.dir(d, 0o755)?;
@@ -36,7 +42,7 @@ pub fn write<W: Write>(out: W, busybox: &[u8]) -> Result<W, Error> {
     a.char_device("dev/console", 0o600, 5, 1)?;
     a.file("bin/busybox", 0o755, busybox)?;
     a.symlink("bin/sh", "busybox")?;
-    a.file("init", 0o755, init_script().as_bytes())?;
+    a.file("init", 0o755, init.as_bytes())?;
     a.finish()
 }
 

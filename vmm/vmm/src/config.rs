@@ -102,6 +102,37 @@ impl NetConfig {
     }
 }
 
+/// A vsock device bridged to Unix sockets, Firecracker style.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// The Unix socket host programs connect to (`CONNECT <port>`); guest
+    /// connections to port P arrive at `<uds>_<P>`.
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    /// `cid=N,uds=PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("cid", v)) => cid = Some(v.parse::<u64>().map_err(|_| format!("invalid vsock cid {v:?}"))?),
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("unknown vsock option {opt:?} (use cid=N,uds=PATH)")),
+            }
+        }
+        let cid = cid.ok_or("vsock needs cid=N")?;
+        if cid < 3 || cid >= u64::from(u32::MAX) {
+            return Err(format!("vsock cid {cid} is reserved; use 3 or more"));
+        }
+        Ok(VsockConfig { cid, uds: uds.ok_or("vsock needs uds=PATH")? })
+    }
+}
+
 /// A VM to boot.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -132,6 +163,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Serve the control socket (pause, resume, snapshot, stop) here.
     pub control: Option<PathBuf>,
+    /// A vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -152,6 +185,7 @@ impl VmConfig {
             rng: true,
             nets: Vec::new(),
             control: None,
+            vsock: None,
         }
     }
 }
@@ -170,6 +204,16 @@ mod tests {
         assert!("a,bogus".parse::<DiskConfig>().is_err());
         assert!("a,id=".parse::<DiskConfig>().is_err());
         assert!("a,id=123456789012345678901".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn vsock_options() {
+        let v: VsockConfig = "cid=3,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(v, VsockConfig { cid: 3, uds: "/run/v.sock".into() });
+        assert!("cid=2,uds=/x".parse::<VsockConfig>().is_err(), "CID 2 is the host");
+        assert!("cid=3".parse::<VsockConfig>().is_err());
+        assert!("uds=/x".parse::<VsockConfig>().is_err());
+        assert!("cid=x,uds=/x".parse::<VsockConfig>().is_err());
     }
 
     #[test]

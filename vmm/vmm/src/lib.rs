@@ -18,7 +18,7 @@ mod vcpu;
 mod virtio_devices;
 mod vm;
 
-pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig};
+pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig, VsockConfig};
 pub use error::Error;
 pub use report::BootReport;
 pub use vm::{restore, run, ExitReason, RestoreConfig, RunOptions};

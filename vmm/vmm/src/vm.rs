@@ -41,6 +41,7 @@ use vmrun_devices::virtio::block::Block;
 use vmrun_devices::virtio::net::tap::Tap;
 use vmrun_devices::virtio::net::Net;
 use vmrun_devices::virtio::rng::Rng;
+use vmrun_devices::virtio::vsock::Vsock;
 use vmrun_devices::virtio::VirtioDevice;
 use vmrun_devices::{Bus, EventFdTrigger};
 
@@ -322,6 +323,10 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
         let mac = net.mac();
         devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(Net::new(tap, mac))));
     }
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.cid, &v.uds).map_err(|e| Error::Config(e.to_string()))?;
+        devices.push((DeviceKind::Vsock { cid: v.cid }, Box::new(vsock)));
+    }
     if config.rng {
         devices.push((DeviceKind::Rng, Box::new(Rng::new())));
     }
@@ -339,6 +344,8 @@ pub struct RestoreConfig {
     pub disks: Vec<PathBuf>,
     /// One TAP device per network slot, in order.
     pub taps: Vec<String>,
+    /// The Unix socket for the snapshot's vsock device, if it has one.
+    pub vsock_uds: Option<PathBuf>,
     /// Where the console goes.
     pub console: ConsoleOutput,
     pub host_compat: crate::config::HostCompatMode,
@@ -379,8 +386,11 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
                 Box::new(Net::new(Tap::open(tap).map_err(|e| Error::Config(e.to_string()))?, mac))
             }
             DeviceKind::Rng => Box::new(Rng::new()),
-            DeviceKind::Vsock { .. } => {
-                return Err(Error::Snapshot(format!("device slot {slot}: vsock is not supported yet")));
+            DeviceKind::Vsock { cid } => {
+                let uds = config.vsock_uds.as_ref().ok_or_else(|| {
+                    Error::Snapshot(format!("the snapshot has a vsock device in slot {slot}: give its Unix socket"))
+                })?;
+                Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(e.to_string()))?)
             }
         };
         virtio.attach(&vm, &mem, &mut mmio, dev.kind.clone(), device, Some(&dev.transport))?;

@@ -1,5 +1,6 @@
 //! `vmrun`: the command line front of the vmrun VMM.
 
+mod images_cmd;
 mod logger;
 
 use std::path::PathBuf;
@@ -9,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmrun_vmm::controller::Request;
-use vmrun_vmm::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, VmConfig};
+use vmrun_vmm::{
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, VmConfig, VsockConfig,
+};
 
 /// vmrun: containers in KVM microVMs.
 #[derive(Parser, Debug)]
@@ -33,6 +36,25 @@ enum Command {
     /// The snapshot fixes the guest; the files and devices behind its
     /// device slots are chosen here. Exit status as for `boot`.
     Restore(RestoreArgs),
+    /// Pull an image from a registry into the local store.
+    Pull {
+        /// Image reference, e.g. `busybox`, `localhost:5000/busybox:latest`.
+        reference: String,
+    },
+    /// Load images from a `docker save` or OCI archive.
+    Load {
+        /// The archive (tar, optionally gzip-compressed).
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+    },
+    /// List the images in the local store.
+    Images,
+    /// Remove images from the local store.
+    Rmi {
+        /// Image references or IDs.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Snapshots of running VMs.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -80,6 +102,9 @@ struct RestoreArgs {
     /// TAP device for the snapshot's next network slot (repeatable).
     #[arg(long = "tap", value_name = "NAME")]
     taps: Vec<String>,
+    /// Unix socket for the snapshot's vsock device.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -130,6 +155,10 @@ struct BootArgs {
     /// tap=NAME[,mac=MAC]. Repeatable (eth0, eth1, ...).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<NetConfig>,
+    /// Attach a vsock device bridged to Unix sockets: cid=N,uds=PATH
+    /// (Firecracker's hybrid vsock).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<VsockConfig>,
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
@@ -170,6 +199,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         rng: !args.no_rng,
         nets: args.nets,
         control: args.control,
+        vsock: args.vsock,
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
     Ok(finish(reason))
@@ -191,6 +221,7 @@ fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         snapshot: args.snapshot,
         disks: args.disks,
         taps: args.taps,
+        vsock_uds: args.vsock_uds,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
         host_compat: args.host_compat.into(),
         run: RunOptions { console_input: true, report: args.report, control: args.control },
@@ -219,6 +250,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Boot(args) => boot(args, start),
         Command::Restore(args) => restore(args, start),
+        Command::Pull { reference } => images_cmd::default_store_dir().and_then(|d| images_cmd::pull(&d, &reference)).map(|()| 0),
+        Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
+        Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),
+        Command::Rmi { names } => images_cmd::default_store_dir().and_then(|d| images_cmd::rmi(&d, &names)).map(|()| 0),
         Command::Snapshot(SnapshotCommand::Create { control: c, dir, resume }) => {
             control(&c, Request::Snapshot { dir, resume })
         }

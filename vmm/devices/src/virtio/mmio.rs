@@ -285,6 +285,7 @@ impl MmioTransport {
                     interrupt: &t.interrupt,
                 })
                 .map_err(|e| RestoreError::Activate(e.to_string()))?;
+            t.device.after_restore();
         } else {
             t.queues = queues;
         }

@@ -137,6 +137,9 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         Vec::new()
     }
+    /// Called once after the device was restored from a snapshot and
+    /// re-activated (vsock tells the guest its connections are gone).
+    fn after_restore(&mut self) {}
     /// Called on the event loop after a reset: stop watching and close the
     /// descriptors the device added itself while active. (The descriptors
     /// of [`VirtioDevice::watched_fds`] are removed by the caller.)

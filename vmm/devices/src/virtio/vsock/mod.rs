@@ -332,6 +332,12 @@ impl VirtioDevice for Vsock {
         self.muxer.release_all();
     }
 
+    fn after_restore(&mut self) {
+        // The host streams of the snapshot's VM are gone: the guest must
+        // drop its connections and listen afresh.
+        self.transport_reset();
+    }
+
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         self.active.as_ref().map_or_else(Vec::new, |a| a.queues.iter().map(|q| q.state()).collect())
     }

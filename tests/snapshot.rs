@@ -1,0 +1,175 @@
+//! Snapshots: a guest is booted once, snapshotted while its init waits for
+//! a disk to say "go", and restored twice at the same time onto two
+//! different disks (of different sizes): each copy must see its own disk
+//! and end cleanly. Broken snapshots must be refused with a clear error.
+
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{kernel, scratch, Reaped};
+
+const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
+
+const INIT: &str = r#"#!/bin/busybox sh
+export PATH=/bin
+busybox mount -t proc proc /proc
+busybox mount -t sysfs sys /sys
+busybox mount -t devtmpfs dev /dev
+echo "ready-for-snapshot"
+while true; do
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(busybox head -c 2 /dev/vda)" = "go" ] && break
+  busybox sleep 1
+done
+echo "CHECK disk=$(busybox head -c 8 /dev/vda) sectors=$(busybox cat /sys/block/vda/size)"
+busybox reboot -f
+"#;
+
+fn initramfs(dir: &Path) -> PathBuf {
+    let busybox = std::env::var_os("VMRUN_TEST_BUSYBOX").unwrap_or_else(|| "/bin/busybox".into());
+    let bin = std::fs::read(&busybox).expect("a static busybox");
+    let path = dir.join("wait.cpio");
+    let f = std::fs::File::create(&path).unwrap();
+    vmrun_initramfs::demo::write_with_init(std::io::BufWriter::new(f), &bin, INIT).unwrap();
+    path
+}
+
+fn disk(dir: &Path, name: &str, head: &[u8], size: usize) -> PathBuf {
+    let mut bytes = head.to_vec();
+    bytes.resize(size, 0);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn wait_for(console: &Path, needle: &str, vmm: &mut Child, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(console).unwrap_or_default();
+        if log.contains(needle) {
+            return;
+        }
+        if let Ok(Some(status)) = vmm.try_wait() {
+            panic!("the VMM ended ({status}) before {needle:?}; console:\n{log}");
+        }
+        if start.elapsed() > timeout {
+            let _ = vmm.kill();
+            panic!("no {needle:?} after {timeout:?}; console:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn vmrun(args: &[&str]) -> Output {
+    Command::new(VMRUN).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn assert_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn snapshot_restores_twice_at_once_onto_other_disks() {
+    let dir = scratch("snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = initramfs(&dir);
+    let wait = disk(&dir, "wait.raw", b"wait", 4096);
+    let control = dir.join("control.sock");
+    let console = dir.join("template.log");
+    let snap = dir.join("snap");
+
+    let mut template = Reaped(Command::new(VMRUN)
+        .args(["boot", "--kernel"])
+        .arg(kernel())
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--disk")
+        .arg(&wait)
+        .arg("--control")
+        .arg(&control)
+        .arg("--console")
+        .arg(&console)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_for(&console, "ready-for-snapshot", &mut template.0, Duration::from_secs(600));
+    let o = vmrun(&["snapshot", "create", "--control", control.to_str().unwrap(), "--dir", snap.to_str().unwrap()]);
+    assert!(o.status.success(), "snapshot: {}", String::from_utf8_lossy(&o.stderr));
+    let o = vmrun(&["vm", "--control", control.to_str().unwrap(), "stop"]);
+    assert!(o.status.success(), "stop: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(template.wait().unwrap().success());
+    assert!(!control.exists(), "the control socket should be gone with the VMM");
+
+    // Two restores at once, each onto its own disk.
+    let runs: Vec<(Reaped, PathBuf)> = [("a", 4096usize), ("b", 8192)]
+        .iter()
+        .map(|(name, size)| {
+            let d = disk(&dir, &format!("{name}.raw"), format!("go-{name}{name}{name}{name}{name}").as_bytes(), *size);
+            let log = dir.join(format!("restore-{name}.log"));
+            let child = Reaped(
+                Command::new(VMRUN)
+                    .args(["restore", "--snapshot"])
+                    .arg(&snap)
+                    .arg("--disk")
+                    .arg(&d)
+                    .arg("--console")
+                    .arg(&log)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            (child, log)
+        })
+        .collect();
+    for ((mut child, log), (name, sectors)) in runs.into_iter().zip([("a", 8), ("b", 16)]) {
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(300), "restore {name} did not finish");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let out = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "restore {name}: {status}\n{out}");
+        let expect = format!("CHECK disk=go-{name}{name}{name}{name}{name} sectors={sectors}");
+        assert!(out.contains(&expect), "restore {name} should print {expect:?}:\n{out}");
+    }
+
+    // Broken snapshots.
+    let broken = |name: &str, edit: &dyn Fn(&Path)| {
+        let b = dir.join(name);
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::copy(snap.join("vmstate.json"), b.join("vmstate.json")).unwrap();
+        let st = Command::new("cp").args(["--sparse=always"]).arg(snap.join("memory")).arg(b.join("memory")).status();
+        assert!(st.unwrap().success());
+        edit(&b);
+        vmrun(&["restore", "--snapshot", b.to_str().unwrap(), "--disk", wait.to_str().unwrap(), "--console", "/dev/null"])
+    };
+    let o = broken("truncated", &|b| {
+        std::fs::OpenOptions::new().write(true).open(b.join("memory")).unwrap().set_len(1 << 20).unwrap();
+    });
+    assert_error(&o, "truncated?");
+    let o = broken("version", &|b| {
+        let s = std::fs::read_to_string(b.join("vmstate.json")).unwrap();
+        std::fs::write(b.join("vmstate.json"), s.replacen("\"version\":1,", "\"version\":99,", 1)).unwrap();
+    });
+    assert_error(&o, "format version 99");
+    let o = broken("corrupt", &|b| {
+        let s = std::fs::read(b.join("vmstate.json")).unwrap();
+        std::fs::write(b.join("vmstate.json"), &s[..s.len() / 2]).unwrap();
+    });
+    assert_error(&o, "is corrupt");
+    let o = vmrun(&["restore", "--snapshot", dir.to_str().unwrap()]);
+    assert_error(&o, "is not a vmrun snapshot");
+    let o = vmrun(&["restore", "--snapshot", snap.to_str().unwrap(), "--console", "/dev/null"]);
+    assert_error(&o, "give a disk image for it");
+}

@@ -1,0 +1,116 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+use crate::reference::ReferenceError;
+
+/// Everything that can go wrong in the image store, a pull or a load. Each
+/// message is one line that says what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A reference could not be parsed.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// A file of the store (or an archive) could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// The store has no image by that name or ID.
+    #[error("no image {0:?} in the store (pull or load it first)")]
+    NotFound(String),
+    /// An image ID prefix matches several images.
+    #[error("image ID {0:?} matches several images; give more digits")]
+    Ambiguous(String),
+    /// A blob the store needs is not there.
+    #[error("blob {digest} of {what} is missing from the store; pull or load the image again")]
+    MissingBlob {
+        /// The blob.
+        digest: Digest,
+        /// What it is (`manifest`, `config`, `layer 2`).
+        what: String,
+    },
+    /// A blob in the store no longer matches its digest or size.
+    #[error("blob {digest} ({what}) is corrupt in the store: {reason}; pull or load the image again")]
+    CorruptBlob {
+        /// The blob.
+        digest: Digest,
+        /// What it is.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store holds something it cannot parse (a damaged `index.json`,
+    /// a manifest or config that is not one).
+    #[error("image store {}: {reason}", path.display())]
+    BadStore {
+        /// The store's directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The registry could not be reached at all.
+    #[error("cannot reach registry {registry}: {reason}")]
+    Unreachable {
+        /// `host[:port]`.
+        registry: String,
+        /// What failed (DNS, connection refused, TLS, time-out).
+        reason: String,
+    },
+    /// The registry has no such image.
+    #[error("image {reference} not found in registry {registry}")]
+    ManifestUnknown {
+        /// `host[:port]`.
+        registry: String,
+        /// The reference asked for.
+        reference: String,
+    },
+    /// The registry wants credentials this pull does not have.
+    #[error("registry {registry} denied access to {repository}: {reason}")]
+    Denied {
+        /// `host[:port]`.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The registry answered something a registry must not: a wrong
+    /// digest or size, an oversized document, an HTTP error, bad JSON.
+    #[error("registry {registry}: {reason}")]
+    Registry {
+        /// `host[:port]`.
+        registry: String,
+        /// What it did wrong.
+        reason: String,
+    },
+    /// An archive given to `load` is not a `docker save` or OCI archive, or
+    /// is damaged.
+    #[error("{}: {reason}", path.display())]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The image is well formed but not something vmrun runs (another
+    /// platform, a layer type it cannot unpack).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+

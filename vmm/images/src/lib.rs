@@ -1,0 +1,41 @@
+//! The vmrun image store: OCI images kept by digest in an OCI image layout,
+//! pulled from distribution registries or loaded from `docker save` and
+//! OCI archives.
+//!
+//! ```no_run
+//! use vmrun_images::{NoProgress, PullOptions, Reference, Store};
+//!
+//! let store = Store::open("/var/lib/vmrun/images")?;
+//! let reference: Reference = "localhost:5000/busybox:latest".parse()?;
+//! store.pull(&reference, &PullOptions::default(), &mut NoProgress)?;
+//! let image = store.resolve("localhost:5000/busybox")?;
+//! for layer in &image.layers {
+//!     println!("{} {} {}", layer.digest, layer.media_type, layer.path.display());
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Every blob is checked against its digest and size before it enters the
+//! store; manifests and configs again each time an image is resolved
+//! (layers by size there, by digest in [`Store::verify`] and in the guest).
+//! Concurrent processes coordinate through `flock` locks in the store, and
+//! a crash at any moment leaves the store usable (see [`store`]). The
+//! library never prints; pulls and loads report through [`Progress`].
+
+mod digest;
+mod error;
+mod image;
+mod load;
+mod progress;
+mod pull;
+mod reference;
+pub mod spec;
+pub mod store;
+
+pub use digest::{Digest, DigestError};
+pub use error::{Error, Result};
+pub use image::{Image, ImageConfig, ImageSummary, Layer};
+pub use progress::{NoProgress, Progress};
+pub use pull::{Credentials, PullOptions};
+pub use reference::{Reference, ReferenceError, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use store::{default_home, default_store_dir, GcReport, Removed, Store};

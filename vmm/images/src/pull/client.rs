@@ -1,0 +1,330 @@
+//! A small client for the OCI distribution API: GET manifests and blobs,
+//! with anonymous or basic-credential bearer tokens.
+
+use std::io::Read;
+use std::time::Duration;
+
+use ureq::http::{Response, StatusCode};
+use ureq::Body;
+
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+
+/// A token response is refused beyond this size.
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+/// How much of an error body is read for its message.
+const MAX_ERROR_BODY: u64 = 64 << 10;
+
+/// A user name and password (or token) for a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub username: String,
+    /// The password or access token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// One repository on one registry.
+pub(crate) struct Client {
+    agent: ureq::Agent,
+    base: String,
+    pub(crate) registry: String,
+    repository: String,
+    credentials: Option<Credentials>,
+    authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).field("repository", &self.repository).finish()
+    }
+}
+
+impl Client {
+    pub(crate) fn new(
+        reference: &Reference,
+        plain_http: bool,
+        credentials: Option<Credentials>,
+        timeout: Duration,
+    ) -> Self {
+        let host = match reference.registry() {
+            crate::reference::DEFAULT_REGISTRY => "registry-1.docker.io",
+            other => other,
+        };
+        let scheme = if plain_http { "http" } else { "https" };
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(5)
+            .timeout_connect(Some(Duration::from_secs(15).min(timeout)))
+            .timeout_recv_response(Some(timeout))
+            .timeout_per_read(Some(timeout))
+            .user_agent(concat!("vmrun/", env!("CARGO_PKG_VERSION")));
+        if reference.is_loopback_registry() {
+            config = config.proxy(None);
+        }
+        Self {
+            agent: ureq::Agent::new_with_config(config.build()),
+            base: format!("{scheme}://{host}"),
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            credentials,
+            authorization: None,
+        }
+    }
+
+    /// GET `/v2/<repository>/<path>`, authenticating once if asked to.
+    /// Returns the response whatever its status, except 401 after
+    /// authenticating, which is [`Error::Denied`].
+    pub(crate) fn get(&mut self, path: &str, accept: Option<&str>) -> Result<Response<Body>> {
+        let url = format!("{}/v2/{}/{}", self.base, self.repository, path);
+        let resp = self.send(&url, accept)?;
+        if resp.status() != StatusCode::UNAUTHORIZED || self.authorization.is_some() {
+            return self.check_denied(resp);
+        }
+        let challenge = resp
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| self.denied("HTTP 401 without a WWW-Authenticate challenge".into()))?;
+        self.authenticate(&challenge)?;
+        let resp = self.send(&url, accept)?;
+        self.check_denied(resp)
+    }
+
+    fn check_denied(&self, mut resp: Response<Body>) -> Result<Response<Body>> {
+        if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+            let detail = error_detail(&mut resp);
+            let reason = format!("HTTP {}{detail}", resp.status().as_u16());
+            return Err(self.denied(if self.credentials.is_none() {
+                format!("{reason} (no credentials were given)")
+            } else {
+                reason
+            }));
+        }
+        Ok(resp)
+    }
+
+    fn denied(&self, reason: String) -> Error {
+        Error::Denied { registry: self.registry.clone(), repository: self.repository.clone(), reason }
+    }
+
+    fn send(&self, url: &str, accept: Option<&str>) -> Result<Response<Body>> {
+        let mut req = self.agent.get(url);
+        if let Some(a) = accept {
+            req = req.header("Accept", a);
+        }
+        if let Some(auth) = &self.authorization {
+            req = req.header("Authorization", auth);
+        }
+        req.call().map_err(|e| self.transport_error(e))
+    }
+
+    pub(crate) fn transport_error(&self, e: ureq::Error) -> Error {
+        use ureq::Error as E;
+        let reason = e.to_string();
+        match e {
+            E::Io(_)
+            | E::Timeout(_)
+            | E::HostNotFound
+            | E::ConnectionFailed
+            | E::Tls(_)
+            | E::Rustls(_)
+            | E::Protocol(_)
+            | E::ConnectProxyFailed(_) => Error::Unreachable { registry: self.registry.clone(), reason },
+            _ => Error::Registry { registry: self.registry.clone(), reason },
+        }
+    }
+
+    /// Answers a `WWW-Authenticate` challenge: `Basic` with the credentials,
+    /// or `Bearer` by fetching a token from the realm.
+    fn authenticate(&mut self, challenge: &str) -> Result<()> {
+        let (scheme, params) = parse_challenge(challenge);
+        if scheme.eq_ignore_ascii_case("basic") {
+            let c = self.credentials.as_ref().ok_or_else(|| self.denied("the registry asks for a user name and password".into()))?;
+            self.authorization = Some(basic(c));
+            return Ok(());
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(self.denied(format!("unsupported authentication scheme {scheme:?}")));
+        }
+        let param = |k: &str| params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
+        let realm = param("realm").ok_or_else(|| self.denied("bearer challenge without a realm".into()))?;
+        if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+            return Err(self.denied(format!("token realm {realm:?} is not an http(s) URL")));
+        }
+        let mut url = realm.to_owned();
+        let mut sep = if url.contains('?') { '&' } else { '?' };
+        if let Some(service) = param("service") {
+            url.push_str(&format!("{sep}service={}", urlencode(service)));
+            sep = '&';
+        }
+        let scope = param("scope").map_or_else(|| format!("repository:{}:pull", self.repository), str::to_owned);
+        url.push_str(&format!("{sep}scope={}", urlencode(&scope)));
+        let mut req = self.agent.get(&url);
+        if let Some(c) = &self.credentials {
+            req = req.header("Authorization", basic(c));
+        }
+        let mut resp = req.call().map_err(|e| self.transport_error(e))?;
+        if !resp.status().is_success() {
+            let detail = error_detail(&mut resp);
+            return Err(self.denied(format!("token service answered HTTP {}{detail}", resp.status().as_u16())));
+        }
+        let mut bytes = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(MAX_TOKEN_RESPONSE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.denied(format!("reading the token: {e}")))?;
+        if bytes.len() as u64 > MAX_TOKEN_RESPONSE {
+            return Err(self.denied("token response larger than 1 MiB".into()));
+        }
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let t: Token =
+            serde_json::from_slice(&bytes).map_err(|e| self.denied(format!("token response is not JSON: {e}")))?;
+        let token = t
+            .token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| self.denied("token response without a token".into()))?;
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(self.denied("token has characters a header cannot carry".into()));
+        }
+        self.authorization = Some(format!("Bearer {token}"));
+        Ok(())
+    }
+}
+
+/// The registry's error message from a JSON error body, as `: CODE: message`
+/// (or nothing).
+pub(crate) fn error_detail(resp: &mut Response<Body>) -> String {
+    let mut bytes = Vec::new();
+    if resp.body_mut().as_reader().take(MAX_ERROR_BODY).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<OneError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OneError {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Errors>(&bytes) {
+        Ok(e) => match e.errors.first() {
+            Some(first) => {
+                let text: String = format!("{}: {}", first.code, first.message).chars().take(200).collect();
+                format!(" ({})", text.replace(|c: char| c.is_control(), " "))
+            }
+            None => String::new(),
+        },
+        Err(_) => String::new(),
+    }
+}
+
+/// `scheme k1="v1",k2=v2` → (`scheme`, [(k1, v1), (k2, v2)]).
+fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
+    let s = s.trim();
+    let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+    let mut params = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek().copied().filter(|c| *c != ',') {
+                value.push(c);
+                chars.next();
+            }
+        }
+        params.push((key.trim().to_owned(), value));
+    }
+    (scheme.to_owned(), params)
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn basic(c: &Credentials) -> String {
+    format!("Basic {}", base64(format!("{}:{}", c.username, c.password).as_bytes()))
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_challenges() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        );
+        assert_eq!(s, "Bearer");
+        assert_eq!(p[0], ("realm".into(), "https://auth.docker.io/token".into()));
+        assert_eq!(p[2], ("scope".into(), "repository:library/busybox:pull".into()));
+        let (s, p) = parse_challenge(r#"Basic realm=x, charset="UTF-8""#);
+        assert_eq!((s.as_str(), p.len()), ("Basic", 2));
+        assert_eq!(p[0].1, "x");
+    }
+
+    #[test]
+    fn encodes() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+}

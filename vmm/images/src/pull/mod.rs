@@ -1,0 +1,238 @@
+//! Pulling an image from an OCI distribution registry into the store.
+//!
+//! The manifest (after the linux/amd64 entry of an index), the config and
+//! each missing layer are fetched and checked against the digest and size
+//! that name them before anything enters the store (see
+//! [`crate::store::staging`]). Manifests and configs are read to at most
+//! [`MAX_DOCUMENT_SIZE`] bytes, a blob to at most its declared size, so a
+//! registry that sends too much, too little or the wrong bytes gets an
+//! error and the store stays as it was.
+
+mod client;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::time::Duration;
+
+use ureq::http::StatusCode;
+
+pub use client::Credentials;
+use client::{error_detail, Client};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::progress::{Progress, ProgressReader};
+use crate::reference::Reference;
+use crate::spec::{self, ConfigFile, Descriptor, Manifest, Parsed, MAX_DOCUMENT_SIZE};
+use crate::store::staging::{StageError, Staging};
+use crate::store::{IndexEntry, Store};
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Registries (`host[:port]`) spoken to over plain HTTP. Loopback
+    /// registries (`localhost`, `127.0.0.0/8`, `[::1]`) always are.
+    pub insecure_registries: Vec<String>,
+    /// Credentials for the registry, if it needs them.
+    pub credentials: Option<Credentials>,
+    /// How long to wait for a connection, for a response, and for each
+    /// next piece of a body.
+    pub timeout: Duration,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self { insecure_registries: Vec::new(), credentials: None, timeout: Duration::from_secs(60) }
+    }
+}
+
+/// A manifest document as the registry sent it.
+struct Fetched {
+    digest: Digest,
+    bytes: Vec<u8>,
+    content_type: Option<String>,
+}
+
+impl Store {
+    /// Pulls `reference` from its registry and names it so in the store.
+    /// Layers already in the store (with the right content) are not
+    /// downloaded again.
+    pub fn pull(&self, reference: &Reference, options: &PullOptions, progress: &mut dyn Progress) -> Result<Image> {
+        progress.message(&format!("resolving {reference}"));
+        let plain_http = reference.is_loopback_registry()
+            || options.insecure_registries.iter().any(|r| r == reference.registry());
+        let mut client = Client::new(reference, plain_http, options.credentials.clone(), options.timeout);
+        let mut staging = Staging::new(self)?;
+
+        let top = fetch_manifest(&mut client, reference, &reference.manifest_reference(), reference.digest(), None)?;
+        let bad = |reason: String| Error::Registry { registry: reference.registry().into(), reason };
+        let (manifest_doc, manifest) = match spec::parse_manifest(&top.bytes, top.content_type.as_deref())
+            .map_err(|e| bad(format!("manifest of {reference}: {e}")))?
+        {
+            Parsed::Manifest(m) => (top, m),
+            Parsed::Index(entries) => {
+                let d = spec::select_platform(&entries).map_err(|e| Error::Unsupported(format!("{reference}: {e}")))?;
+                let doc = fetch_manifest(&mut client, reference, &d.digest.to_string(), Some(&d.digest), Some(d.size))?;
+                let header = doc.content_type.clone().unwrap_or_else(|| d.media_type.clone());
+                match spec::parse_manifest(&doc.bytes, Some(&header))
+                    .map_err(|e| bad(format!("manifest {}: {e}", d.digest)))?
+                {
+                    Parsed::Manifest(m) => (doc, m),
+                    Parsed::Index(_) => return Err(bad(format!("manifest {} is an index inside an index", d.digest))),
+                }
+            }
+        };
+
+        // The config: small, checked, and for this platform.
+        let cfg = &manifest.config;
+        if cfg.size > MAX_DOCUMENT_SIZE {
+            return Err(bad(format!("config {} is {} bytes, more than the {MAX_DOCUMENT_SIZE} allowed", cfg.digest, cfg.size)));
+        }
+        let total: u64 = manifest.layers.iter().map(|l| l.size).sum::<u64>() + cfg.size;
+        progress.total(total);
+        fetch_blob(&mut client, &mut staging, cfg, "config", progress)?;
+        let config_bytes = staging.read(&cfg.digest, MAX_DOCUMENT_SIZE).map_err(|e| bad(e.to_string()))?;
+        let config: ConfigFile = serde_json::from_slice(&config_bytes)
+            .map_err(|e| bad(format!("config {} is not an image config: {e}", cfg.digest)))?;
+        spec::check_config_platform(&config).map_err(|e| Error::Unsupported(format!("{reference}: {e}")))?;
+
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            fetch_blob(&mut client, &mut staging, layer, &format!("layer {}", i + 1), progress)?;
+        }
+
+        progress.message("committing");
+        let stored = staging.write_bytes(&manifest_doc.bytes)?;
+        debug_assert_eq!(stored, manifest_doc.digest);
+        let needed = needed_blobs(&manifest_doc.digest, &manifest);
+        let entry = IndexEntry {
+            reference: Some(reference.clone()),
+            descriptor: Descriptor {
+                media_type: manifest.media_type.clone(),
+                digest: manifest_doc.digest.clone(),
+                size: manifest_doc.bytes.len() as u64,
+                platform: None,
+                annotations: BTreeMap::new(),
+            },
+        };
+        staging.commit(&needed, vec![entry])?;
+        self.image(&manifest_doc.digest, Some(reference.clone()))
+    }
+}
+
+/// The manifest and every blob it names.
+pub(crate) fn needed_blobs(manifest_digest: &Digest, m: &Manifest) -> BTreeSet<Digest> {
+    let mut s: BTreeSet<Digest> = m.layers.iter().map(|l| l.digest.clone()).collect();
+    s.insert(m.config.digest.clone());
+    s.insert(manifest_digest.clone());
+    s
+}
+
+fn fetch_manifest(
+    client: &mut Client,
+    reference: &Reference,
+    what: &str,
+    expected: Option<&Digest>,
+    expected_size: Option<u64>,
+) -> Result<Fetched> {
+    let registry = client.registry.clone();
+    let bad = |reason: String| Error::Registry { registry: registry.clone(), reason };
+    let mut resp = client.get(&format!("manifests/{what}"), Some(spec::MANIFEST_ACCEPT))?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            let r = match expected {
+                Some(d) if reference.digest() != Some(d) => reference.with_digest(d.clone()).to_string(),
+                _ => reference.to_string(),
+            };
+            return Err(Error::ManifestUnknown { registry: registry.clone(), reference: r });
+        }
+        s => {
+            let detail = error_detail(&mut resp);
+            return Err(bad(format!("GET manifest {what}: HTTP {}{detail}", s.as_u16())));
+        }
+    }
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_type = header("content-type").map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+    let header_digest = header("docker-content-digest");
+    if let Some(len) = resp.body().content_length() {
+        if len > MAX_DOCUMENT_SIZE {
+            return Err(bad(format!("manifest {what} is {len} bytes, more than the {MAX_DOCUMENT_SIZE} allowed")));
+        }
+    }
+    let mut bytes = Vec::new();
+    resp.body_mut()
+        .as_reader()
+        .take(MAX_DOCUMENT_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("reading manifest {what}: {e}")))?;
+    if bytes.len() as u64 > MAX_DOCUMENT_SIZE {
+        return Err(bad(format!("manifest {what} is larger than the {MAX_DOCUMENT_SIZE} bytes allowed")));
+    }
+    let digest = Digest::of(&bytes);
+    if let Some(want) = expected {
+        if &digest != want {
+            return Err(bad(format!("manifest {want} was asked for, but the content sent hashes to {digest}")));
+        }
+    }
+    if let Some(size) = expected_size {
+        if bytes.len() as u64 != size {
+            return Err(bad(format!("manifest {what} is {} bytes, the index says {size}", bytes.len())));
+        }
+    }
+    if let Some(h) = header_digest {
+        match h.parse::<Digest>() {
+            Ok(d) if d == digest => {}
+            // A header in another algorithm cannot be checked here; the
+            // content is checked against what we asked for anyway.
+            Err(_) if !h.starts_with("sha256:") => {}
+            _ => {
+                return Err(bad(format!(
+                    "manifest {what}: the Docker-Content-Digest header says {h}, but the content hashes to {digest}"
+                )))
+            }
+        }
+    }
+    Ok(Fetched { digest, bytes, content_type })
+}
+
+fn fetch_blob(
+    client: &mut Client,
+    staging: &mut Staging<'_>,
+    d: &Descriptor,
+    what: &str,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    if staging.have(&d.digest, d.size) {
+        progress.blob_exists(&d.digest, d.size);
+        return Ok(());
+    }
+    let registry = client.registry.clone();
+    let bad = |reason: String| Error::Registry { registry: registry.clone(), reason };
+    let mut resp = client.get(&format!("blobs/{}", d.digest), None)?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Err(bad(format!("{what} {} is missing from the registry", d.digest))),
+        s => {
+            let detail = error_detail(&mut resp);
+            return Err(bad(format!("GET {what} {}: HTTP {}{detail}", d.digest, s.as_u16())));
+        }
+    }
+    if let Some(len) = resp.body().content_length() {
+        if len != d.size {
+            return Err(bad(format!(
+                "{what} {} is {len} bytes by the registry's Content-Length, the manifest says {}",
+                d.digest, d.size
+            )));
+        }
+    }
+    progress.blob_started(&d.digest, d.size);
+    let body = resp.body_mut().as_reader();
+    let mut reader = ProgressReader { inner: body, progress: &mut *progress };
+    staging.write(&mut reader, Some((&d.digest, d.size)), d.size).map_err(|e| match e {
+        StageError::Store(e) => e,
+        other => bad(other.describe(&format!("{what} {}", d.digest))),
+    })?;
+    progress.blob_done(&d.digest);
+    Ok(())
+}
