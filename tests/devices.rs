@@ -21,11 +21,11 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kernel, scratch, Reaped};
+use support::{kernel, run_ok, scratch, Reaped};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 const HOST_IP: &str = "172.30.77.1";
@@ -34,21 +34,15 @@ const TAP: &str = "vmtap0";
 const GUEST_CID: &str = "3";
 const BULK_BYTES: usize = 4 << 20;
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
 /// A network namespace with a TAP device for the guest, removed on drop.
 struct NetNs(String);
 
 impl NetNs {
     fn new() -> Self {
         let name = format!("vmrun-test-{}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs(name);
-        let ip = |args: &[&str]| run(Command::new("ip").args(["-n", &ns.0]).args(args));
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(["-n", &ns.0]).args(args));
         ip(&["link", "set", "lo", "up"]);
         ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
         ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
@@ -70,7 +64,7 @@ impl Drop for NetNs {
 }
 
 fn sha256(path: &Path) -> String {
-    let out = run(Command::new("sha256sum").arg(path));
+    let out = run_ok(Command::new("sha256sum").arg(path));
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
 }
 
@@ -108,26 +102,6 @@ busybox reboot -f
     )
 }
 
-/// The root file system: busybox, the probe and the init, as ext4.
-fn build_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = std::env::var_os("VMRUN_TEST_BUSYBOX").unwrap_or_else(|| "/bin/busybox".into());
-    std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
-    let probe_src = support::repo_root().join("tests/guest/probe.c");
-    run(Command::new("cc").args(["-static", "-O2", "-o"]).arg(bin.join("probe")).arg(probe_src));
-    let init = root.join("init");
-    std::fs::write(&init, init_script()).unwrap();
-    run(Command::new("chmod").arg("755").arg(&init));
-    let image = dir.join("rootfs.ext4");
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M"));
-    image
-}
-
 /// Waits until the console shows `needle`, or fails with the console.
 fn wait_for(console: &Path, needle: &str, vmm: &mut Child, timeout: Duration) {
     let start = Instant::now();
@@ -161,7 +135,7 @@ fn guest_uses_disks_entropy_vsock_and_network() {
     assert!(running_as_root(), "this test needs root (network namespaces and TAP devices)");
     let dir = scratch("devices");
     std::fs::create_dir_all(&dir).unwrap();
-    let rootfs = build_rootfs(&dir);
+    let rootfs = support::guest_rootfs(&dir, &init_script());
     let data = dir.join("data.raw");
     std::fs::write(&data, pattern(1 << 20, 7)).unwrap();
     let data_sha = sha256(&data);
@@ -217,7 +191,7 @@ fn guest_uses_disks_entropy_vsock_and_network() {
 
     let boot = Duration::from_secs(600);
     wait_for(&console, "CHECK net-up", &mut vmm.0, boot);
-    run(ns.exec().args(["busybox", "ping", "-c", "1", "-W", "20", GUEST_IP]));
+    run_ok(ns.exec().args(["busybox", "ping", "-c", "1", "-W", "20", GUEST_IP]));
     wait_for(&console, "listening on vsock port 5000", &mut vmm.0, boot);
     let mut s = UnixStream::connect(&uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();

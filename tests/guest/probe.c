@@ -6,6 +6,8 @@
  *                                MESSAGE, shut down writing, print what
  *                                comes back
  *   probe listen PORT            accept one connection on PORT, echo it
+ *   probe pingpong PORT COUNT    connect to the host on PORT and do COUNT
+ *                                one-byte round trips
  *   probe bulk PORT BYTES        connect to the host on PORT and send BYTES
  *                                bytes of a known pattern, then print the
  *                                reply
@@ -79,6 +81,19 @@ int main(int argc, char **argv) {
         shutdown(fd, SHUT_WR);
         return print_reply(fd);
     }
+    if (argc >= 4 && !strcmp(argv[1], "pingpong")) {
+        int fd = connect_host(atoi(argv[2]));
+        if (fd < 0) return die("connect");
+        long count = atol(argv[3]);
+        char b = 'p';
+        for (long i = 0; i < count; i++) {
+            if (write(fd, &b, 1) != 1) return die("write");
+            if (read(fd, &b, 1) != 1) return die("read");
+        }
+        close(fd);
+        printf("pingpong: %ld round trips\n", count);
+        return 0;
+    }
     if (argc >= 3 && !strcmp(argv[1], "listen")) {
         int s = socket(AF_VSOCK, SOCK_STREAM, 0);
         struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = atoi(argv[2])};
@@ -89,6 +104,6 @@ int main(int argc, char **argv) {
         if (fd < 0) return die("accept");
         return echo(fd);
     }
-    fprintf(stderr, "usage: probe connect PORT MESSAGE | listen PORT | bulk PORT BYTES\n");
+    fprintf(stderr, "usage: probe connect PORT MESSAGE | listen PORT | bulk PORT BYTES | pingpong PORT COUNT\n");
     return 2;
 }

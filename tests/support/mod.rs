@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// The repository's root directory.
@@ -78,4 +78,33 @@ impl std::ops::DerefMut for Reaped {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.0
     }
+}
+
+/// Runs `cmd`, failing the test with its standard error if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// An ext4 root file system in `dir`: busybox, the static guest probe
+/// (`tests/guest/probe.c`, compiled with `cc -static`) and `init` as
+/// `/init`. Boot it with `root=/dev/vda rw init=/init`.
+pub fn guest_rootfs(dir: &Path, init: &str) -> PathBuf {
+    let root = dir.join("rootfs");
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs dir");
+    for d in ["proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
+    }
+    let busybox = std::env::var_os("VMRUN_TEST_BUSYBOX").unwrap_or_else(|| "/bin/busybox".into());
+    std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
+    let probe_src = repo_root().join("tests/guest/probe.c");
+    run_ok(Command::new("cc").args(["-static", "-O2", "-o"]).arg(bin.join("probe")).arg(probe_src));
+    let init_path = root.join("init");
+    std::fs::write(&init_path, init).expect("write init");
+    run_ok(Command::new("chmod").arg("755").arg(&init_path));
+    let image = dir.join("rootfs.ext4");
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M"));
+    image
 }
