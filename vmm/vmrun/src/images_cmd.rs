@@ -123,7 +123,6 @@ pub fn rmi(store_dir: &Path, names: &[String]) -> Result<()> {
 
 /// Resolves an image for `vmrun run`: by reference or image ID, with every
 /// layer's digest checked.
-#[allow(dead_code)] // for `vmrun run`, wired next
 pub fn resolve_verified(store_dir: &Path, name: &str) -> Result<Image> {
     let store = open(store_dir)?;
     let image = store.resolve(name)?;

@@ -2,6 +2,7 @@
 
 mod images_cmd;
 mod logger;
+mod run_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,8 @@ enum Command {
     /// The snapshot fixes the guest; the files and devices behind its
     /// device slots are chosen here. Exit status as for `boot`.
     Restore(RestoreArgs),
+    /// Run a command in a new container, in its own microVM.
+    Run(run_cmd::RunArgs),
     /// Pull an image from a registry into the local store.
     Pull {
         /// Image reference, e.g. `busybox`, `localhost:5000/busybox:latest`.
@@ -243,6 +246,18 @@ fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
     }
 }
 
+/// `vmrun run` exits with the container's code, or 125 when vmrun itself
+/// failed (as docker does).
+fn run_exit(result: anyhow::Result<i32>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("vmrun: error: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     logger::init();
@@ -250,6 +265,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Boot(args) => boot(args, start),
         Command::Restore(args) => restore(args, start),
+        Command::Run(args) => return run_exit(run_cmd::run(args)),
         Command::Pull { reference } => images_cmd::default_store_dir().and_then(|d| images_cmd::pull(&d, &reference)).map(|()| 0),
         Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
         Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),

@@ -1,0 +1,430 @@
+//! Containers: creating their root (a tmpfs holding the unpacked image),
+//! building the plan of their processes, removing them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use vmrun_agent_protocol::{AgentError, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec};
+
+use crate::process::{self, ChildStdio, Enter, Op, Plan};
+use crate::sys::{self, cstring};
+use crate::unpack;
+use crate::user::{self, Identity};
+
+/// `PATH` when the image sets none (docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Largest `/etc/passwd` or `/etc/group` read.
+const MAX_ID_FILE: usize = 1 << 20;
+
+/// A created container.
+#[derive(Debug)]
+pub struct Container {
+    /// Its id.
+    pub id: String,
+    /// `{root}/{id}`.
+    pub dir: PathBuf,
+    /// `{dir}/rootfs`, a mount point.
+    pub rootfs: PathBuf,
+    /// Its configuration.
+    pub config: ImageConfig,
+    /// The image's `/etc/passwd` and `/etc/group` (empty if absent).
+    pub passwd: String,
+    /// See `passwd`.
+    pub group: String,
+    /// The first process, once started.
+    pub init_pid: Option<i32>,
+    /// Its pidfd (to enter the container's namespaces).
+    pub init_pidfd: Option<OwnedFd>,
+    /// Whether the first process has exited.
+    pub stopped: bool,
+}
+
+fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
+    AgentError::new(kind, m)
+}
+
+fn internal(what: &str, e: io::Error) -> AgentError {
+    err(ErrorKind::Internal, format!("{what}: {e}"))
+}
+
+/// Reads a small file of the image, resolving it as the container would
+/// (`RESOLVE_IN_ROOT`): symlinks in the image stay in the image.
+fn read_in_root(root: &Path, rel: &CStr) -> String {
+    let Ok(croot) = cstring(root.as_os_str().as_encoded_bytes()) else { return String::new() };
+    let Ok(rootfd) = sys::open(&croot, libc::O_PATH | libc::O_DIRECTORY, 0) else { return String::new() };
+    let Ok(fd) = sys::openat2(rootfd.as_fd(), rel, libc::O_RDONLY, 0, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS) else {
+        return String::new();
+    };
+    let mut buf = vec![0u8; MAX_ID_FILE];
+    let mut len = 0;
+    while len < buf.len() {
+        match sys::read(fd.as_fd(), &mut buf[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+use std::ffi::CStr;
+
+fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
+    let target = cstring(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs path", e))?;
+    let r = match spec {
+        RootfsSpec::Tmpfs { size_mib } => {
+            let data = match size_mib {
+                Some(s) => format!("mode=0755,size={s}m"),
+                None => "mode=0755".to_string(),
+            };
+            let data = cstring(data).map_err(|e| internal("tmpfs options", e))?;
+            sys::mount(Some(c"tmpfs"), &target, Some(c"tmpfs"), 0, Some(&data))
+        }
+        RootfsSpec::Mount { source, fstype, options } => {
+            let bad = |e| err(ErrorKind::BadRequest, format!("rootfs mount: {e}"));
+            let s = cstring(source.as_str()).map_err(bad)?;
+            let t = cstring(fstype.as_str()).map_err(bad)?;
+            let o = cstring(options.as_str()).map_err(bad)?;
+            sys::mount(Some(&s), &target, Some(&t), 0, if options.is_empty() { None } else { Some(&o) })
+        }
+    };
+    r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))
+}
+
+/// Creates a container: its directory, its root file system, the unpacked
+/// image. Runs on a worker thread (unpacking takes a while).
+pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentError> {
+    let dir = root.join(&req.id);
+    std::fs::create_dir_all(root).map_err(|e| internal(&format!("creating {}", root.display()), e))?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(err(ErrorKind::AlreadyExists, format!("container {} already exists", req.id)))
+        }
+        Err(e) => return Err(internal(&format!("creating {}", dir.display()), e)),
+    }
+    let rootfs = dir.join("rootfs");
+    let result = (|| {
+        std::fs::create_dir(&rootfs).map_err(|e| internal("creating the root directory", e))?;
+        mount_rootfs(&rootfs, &req.rootfs)?;
+        let stats = unpack::unpack_from_disk(Path::new(&req.layers.disk), &req.layers.layers, &rootfs, req.limits)
+            .map_err(|e| err(ErrorKind::Image, e.to_string()))?;
+        crate::log::debug(format_args!(
+            "container {}: {} layers, {} entries, {} bytes",
+            req.id, stats.layers, stats.entries, stats.bytes
+        ));
+        let passwd = read_in_root(&rootfs, c"etc/passwd");
+        let group = read_in_root(&rootfs, c"etc/group");
+        // Refuse a user that cannot be resolved now rather than at start.
+        user::resolve(&req.config.user, &passwd, &group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        Ok(Container {
+            id: req.id.clone(),
+            dir: dir.clone(),
+            rootfs: rootfs.clone(),
+            config: req.config.clone(),
+            passwd,
+            group,
+            init_pid: None,
+            init_pidfd: None,
+            stopped: false,
+        })
+    })();
+    if result.is_err() {
+        remove_files(&dir, &rootfs);
+    }
+    result
+}
+
+/// Removes a container's root and directory (its processes are gone or
+/// being killed: the root is detached, not waited for).
+pub fn remove_files(dir: &Path, rootfs: &Path) {
+    if let Ok(c) = cstring(rootfs.as_os_str().as_encoded_bytes()) {
+        // A tmpfs: detaching it frees everything at once.
+        let _ = sys::umount2(&c, libc::MNT_DETACH);
+    }
+    if std::fs::remove_dir(rootfs).is_err() {
+        let _ = unpack::remove_tree(rootfs);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+    let n = name.to_ascii_lowercase();
+    let n = n.strip_prefix("rlimit_").unwrap_or(&n);
+    Some(match n {
+        "as" => libc::RLIMIT_AS,
+        "core" => libc::RLIMIT_CORE,
+        "cpu" => libc::RLIMIT_CPU,
+        "data" => libc::RLIMIT_DATA,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "locks" => libc::RLIMIT_LOCKS,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        "msgqueue" => libc::RLIMIT_MSGQUEUE,
+        "nice" => libc::RLIMIT_NICE,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "nproc" => libc::RLIMIT_NPROC,
+        "rss" => libc::RLIMIT_RSS,
+        "rtprio" => libc::RLIMIT_RTPRIO,
+        "rttime" => libc::RLIMIT_RTTIME,
+        "sigpending" => libc::RLIMIT_SIGPENDING,
+        "stack" => libc::RLIMIT_STACK,
+        _ => return None,
+    } as libc::c_int)
+}
+
+fn rlimits(list: &[Rlimit]) -> Result<Vec<(libc::c_int, libc::rlimit)>, AgentError> {
+    list.iter()
+        .map(|r| {
+            let res = rlimit_resource(&r.resource).ok_or_else(|| err(ErrorKind::BadRequest, format!("unknown rlimit {:?}", r.resource)))?;
+            if r.soft > r.hard {
+                return Err(err(ErrorKind::BadRequest, format!("rlimit {}: soft limit above hard limit", r.resource)));
+            }
+            Ok((res, libc::rlimit { rlim_cur: r.soft, rlim_max: r.hard }))
+        })
+        .collect()
+}
+
+fn c(s: &str) -> Result<CString, AgentError> {
+    cstring(s).map_err(|_| err(ErrorKind::BadRequest, format!("{s:?} holds a NUL byte")))
+}
+
+fn abs(p: &str) -> Result<String, AgentError> {
+    if !p.starts_with('/') {
+        return Err(err(ErrorKind::BadRequest, format!("{p:?} is not an absolute path")));
+    }
+    Ok(p.to_string())
+}
+
+/// The file system setup of a new container, after `pivot_root`.
+fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<Op>, AgentError> {
+    let nosuid_dev_exec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mount = |src: &CStr, target: &str, fstype: &CStr, flags, data: Option<&CStr>| -> Result<Op, AgentError> {
+        Ok(Op::Mount {
+            source: Some(src.to_owned()),
+            target: c(target)?,
+            fstype: Some(fstype.to_owned()),
+            flags,
+            data: data.map(CStr::to_owned),
+            mkdirs: process::mkdirs_for(target).map_err(|e| internal("path", e))?,
+        })
+    };
+    let mut ops = vec![
+        mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
+        mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?,
+        mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
+    ];
+    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+        ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
+    }
+    ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
+    ops.push(mount(c"devpts", "/dev/pts", c"devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"))?);
+    ops.push(Op::Symlink { target: c"pts/ptmx".to_owned(), path: c"/dev/ptmx".to_owned() });
+    ops.push(Op::Mkdir { path: c"/dev/shm".to_owned(), mode: 0o1777 });
+    ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+        ops.push(Op::Symlink { target: c(target)?, path: c(&format!("/dev/{name}"))? });
+    }
+    for (m, src) in mounts.iter().zip(bind_sources) {
+        let dest = abs(&m.destination)?;
+        let mut flags: libc::c_ulong = 0;
+        let mut data = Vec::new();
+        let mut readonly = false;
+        for o in &m.options {
+            match o.as_str() {
+                "ro" => readonly = true,
+                "rw" => {}
+                "nosuid" => flags |= libc::MS_NOSUID,
+                "nodev" => flags |= libc::MS_NODEV,
+                "noexec" => flags |= libc::MS_NOEXEC,
+                "rbind" => flags |= libc::MS_BIND | libc::MS_REC,
+                "bind" => flags |= libc::MS_BIND,
+                other => data.push(other.to_string()),
+            }
+        }
+        let mkdirs = process::mkdirs_for(&dest).map_err(|e| internal("path", e))?;
+        if let Some(fd) = src {
+            // The source was opened in the agent's view (before the child
+            // entered the container root); mount it through /proc.
+            ops.push(Op::Mount {
+                source: Some(c(&format!("/proc/self/fd/{}", fd.as_raw_fd()))?),
+                target: c(&dest)?,
+                fstype: None,
+                flags: flags | libc::MS_BIND,
+                data: None,
+                mkdirs,
+            });
+            if readonly || flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) != 0 {
+                let keep = flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
+                ops.push(Op::Remount {
+                    target: c(&dest)?,
+                    flags: libc::MS_REMOUNT | libc::MS_BIND | keep | if readonly { libc::MS_RDONLY } else { 0 },
+                });
+            }
+        } else {
+            ops.push(Op::Mount {
+                source: Some(c(if m.source.is_empty() { &m.fstype } else { &m.source })?),
+                target: c(&dest)?,
+                fstype: Some(c(&m.fstype)?),
+                flags: flags | if readonly { libc::MS_RDONLY } else { 0 },
+                data: if data.is_empty() { None } else { Some(c(&data.join(","))?) },
+                mkdirs,
+            });
+        }
+    }
+    Ok(ops)
+}
+
+/// Opens the sources of bind mounts (in the agent's view) for the child.
+pub fn open_bind_sources(mounts: &[Mount]) -> Result<Vec<Option<OwnedFd>>, AgentError> {
+    mounts
+        .iter()
+        .map(|m| {
+            let bind = m.fstype == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
+            if !bind {
+                return Ok(None);
+            }
+            let p = c(&m.source)?;
+            sys::open(&p, libc::O_PATH, 0)
+                .map(Some)
+                .map_err(|e| err(ErrorKind::BadRequest, format!("bind mount source {}: {e}", m.source)))
+        })
+        .collect()
+}
+
+fn env_name(e: &str) -> &str {
+    e.split_once('=').map_or(e, |(n, _)| n)
+}
+
+/// Merges environments: later entries replace earlier ones of the same name.
+pub fn merge_env(base: &[String], extra: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(base.len() + extra.len());
+    for e in base.iter().chain(extra) {
+        if let Some(i) = out.iter().position(|o| env_name(o) == env_name(e)) {
+            out[i] = e.clone();
+        } else {
+            out.push(e.clone());
+        }
+    }
+    out
+}
+
+/// What to run: the program, its environment, where, as whom.
+#[derive(Debug)]
+pub struct ProcessSpec {
+    /// argv.
+    pub args: Vec<String>,
+    /// Environment (without the defaults added here).
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// Identity.
+    pub id: Identity,
+    /// Whether it gets a terminal.
+    pub tty: bool,
+}
+
+impl Container {
+    /// The host name.
+    pub fn hostname(&self) -> String {
+        if self.config.hostname.is_empty() {
+            self.id.chars().take(63).collect()
+        } else {
+            self.config.hostname.clone()
+        }
+    }
+
+    /// The container's own process.
+    pub fn init_spec(&self, tty: bool) -> Result<ProcessSpec, AgentError> {
+        let args: Vec<String> = self.config.entrypoint.iter().chain(&self.config.cmd).cloned().collect();
+        if args.is_empty() {
+            return Err(err(ErrorKind::BadRequest, "no command: the image has no entrypoint or cmd, and none was given"));
+        }
+        let id = user::resolve(&self.config.user, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        let cwd = if self.config.working_dir.is_empty() { "/".to_string() } else { abs(&self.config.working_dir)? };
+        Ok(ProcessSpec { args, env: self.config.env.clone(), cwd, id, tty })
+    }
+
+    /// Another process in this container.
+    pub fn exec_spec(&self, p: &vmrun_agent_protocol::ExecProcess, tty: bool) -> Result<ProcessSpec, AgentError> {
+        if p.args.is_empty() {
+            return Err(err(ErrorKind::BadRequest, "exec: no command"));
+        }
+        let user_spec = p.user.as_deref().unwrap_or(&self.config.user);
+        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        let cwd = match &p.working_dir {
+            Some(w) => abs(w)?,
+            None if self.config.working_dir.is_empty() => "/".into(),
+            None => abs(&self.config.working_dir)?,
+        };
+        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty })
+    }
+
+    /// The plan for a process of this container.
+    pub fn plan(&self, spec: &ProcessSpec, stdio: ChildStdio, enter_existing: Option<(i32, i32)>, bind_sources: &[Option<OwnedFd>]) -> Result<Plan, AgentError> {
+        let mut env = spec.env.clone();
+        let has = |env: &[String], n: &str| env.iter().any(|e| env_name(e) == n);
+        if !has(&env, "PATH") {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        if !has(&env, "HOSTNAME") {
+            env.push(format!("HOSTNAME={}", self.hostname()));
+        }
+        if !has(&env, "HOME") {
+            env.push(format!("HOME={}", spec.id.home));
+        }
+        if spec.tty && !has(&env, "TERM") {
+            env.push("TERM=xterm".into());
+        }
+        let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+        let candidates = process::candidates(&spec.args[0], path).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let enter = match enter_existing {
+            Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
+            None => Enter::New {
+                rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
+                ops: setup_ops(&self.config.mounts, bind_sources)?,
+                hostname: c(&self.hostname())?,
+            },
+        };
+        Ok(Plan {
+            enter,
+            stdio,
+            candidates,
+            argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+            envp: env.iter().map(|e| c(e)).collect::<Result<_, _>>()?,
+            cwd: c(&spec.cwd)?,
+            cwd_mkdirs: process::mkdirs_for(&spec.cwd).map_err(|e| internal("path", e))?,
+            uid: spec.id.uid,
+            gid: spec.id.gid,
+            groups: spec.id.groups.clone(),
+            rlimits: rlimits(&self.config.rlimits)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_merging_replaces_by_name() {
+        let base = vec!["PATH=/bin".to_string(), "A=1".to_string()];
+        let out = merge_env(&base, &["A=2".to_string(), "B=3".to_string()]);
+        assert_eq!(out, vec!["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn rlimit_names() {
+        assert_eq!(rlimit_resource("nofile"), Some(libc::RLIMIT_NOFILE as libc::c_int));
+        assert_eq!(rlimit_resource("RLIMIT_NPROC"), Some(libc::RLIMIT_NPROC as libc::c_int));
+        assert_eq!(rlimit_resource("bogus"), None);
+        assert!(rlimits(&[Rlimit { resource: "nofile".into(), soft: 10, hard: 5 }]).is_err());
+    }
+
+    #[test]
+    fn setup_refuses_relative_mount_targets() {
+        let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
+        assert!(setup_ops(&[m], &[None]).is_err());
+    }
+}

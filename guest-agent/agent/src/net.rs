@@ -1,0 +1,89 @@
+//! Bringing up network interfaces with ioctls (a handful of system calls,
+//! no netlink round trips to parse).
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::settings::NetConfig;
+use crate::sys::cvt;
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is a plain C struct; all-zero is valid.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    r
+}
+
+fn sockaddr_in(a: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads
+    // it back as sockaddr_in because of the family.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request used here takes a pointer to the struct passed.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), req, arg as *mut T) }).map(drop)
+}
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: a descriptor the kernel just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Brings `lo` up (the kernel gives it 127.0.0.1/8): two system calls.
+pub fn loopback_up() -> io::Result<()> {
+    let s = socket()?;
+    let mut r = ifreq("lo");
+    r.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+    ioctl(&s, libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// Configures `iface` and its default route.
+pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
+    let s = socket()?;
+    let mut r = ifreq(iface);
+    r.ifr_ifru.ifru_addr = sockaddr_in(c.addr);
+    ioctl(&s, libc::SIOCSIFADDR, &mut r)?;
+    let mask = if c.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(c.prefix)) };
+    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
+    ioctl(&s, libc::SIOCSIFNETMASK, &mut r)?;
+    ioctl(&s, libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
+    let flags = unsafe { r.ifr_ifru.ifru_flags };
+    r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ioctl(&s, libc::SIOCSIFFLAGS, &mut r)?;
+    if let Some(gw) = c.gateway {
+        // SAFETY: rtentry is a plain C struct; all-zero is valid.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        ioctl(&s, libc::SIOCADDRT, &mut rt)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_in_network_order() {
+        let sa = sockaddr_in(Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        // sa_data: port (2 bytes), then the address.
+        assert_eq!(&sa.sa_data[2..6], &[10, 0, 0, 2]);
+    }
+}

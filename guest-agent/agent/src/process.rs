@@ -1,0 +1,488 @@
+//! Starting processes: a container's first process in new namespaces, or
+//! another one inside a running container.
+//!
+//! Everything the child needs is prepared before `clone` ([`Plan`]): the
+//! agent has other threads, so between `clone` and `execve` the child only
+//! makes raw system calls (no allocation, no locks, no glibc wrapper that
+//! keeps process-wide state such as `setresuid`). A setup step that fails
+//! writes a 12-byte record (step, errno, exit code) to a close-on-exec pipe
+//! and exits; a successful `execve` closes the pipe. The parent learns which
+//! from the pipe without blocking ([`Started`]).
+//!
+//! A container's first process:
+//! `clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
+//! CLONE_PIDFD)`, then in the child: standard streams, `pivot_root` into the
+//! unpacked root (in a guest whose root is the initramfs, where
+//! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
+//! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
+//! the configured mounts, host name, umask 022, rlimits, working directory,
+//! groups, uid/gid, `no_new_privs`, `execve` along `PATH`.
+//!
+//! An exec'd process: the agent thread enters the container's PID
+//! namespace for its children (`setns(pidfd, CLONE_NEWPID)`), clones, and
+//! returns to its own; the child enters the mount, UTS and IPC namespaces
+//! (`setns(pidfd, ...)`, which also puts it at the container's root) and
+//! goes on as above from the rlimits.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::sys::{self, cstring};
+
+/// Exit code when the program cannot be run (docker's 126).
+pub const EXIT_CANNOT_RUN: i32 = 126;
+/// Exit code when the program is not found (docker's 127).
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// One step of setting up a container's file system, run in the child.
+#[derive(Debug)]
+pub enum Op {
+    /// `mount(2)`; when the target is missing, `mkdirs` are created first.
+    Mount {
+        /// Source.
+        source: Option<CString>,
+        /// Target.
+        target: CString,
+        /// File system type.
+        fstype: Option<CString>,
+        /// Flags.
+        flags: libc::c_ulong,
+        /// Data.
+        data: Option<CString>,
+        /// Directories to create (top down) if the target is missing.
+        mkdirs: Vec<CString>,
+    },
+    /// Remounts a bind mount read-only (or with other flags).
+    Remount {
+        /// Target.
+        target: CString,
+        /// Flags (`MS_REMOUNT | MS_BIND | ...`).
+        flags: libc::c_ulong,
+    },
+    /// `mknod(2)` (mode includes the file type).
+    Mknod {
+        /// Path.
+        path: CString,
+        /// Mode.
+        mode: u32,
+        /// Device.
+        dev: u64,
+    },
+    /// `mkdir(2)` (an existing directory is fine).
+    Mkdir {
+        /// Path.
+        path: CString,
+        /// Mode.
+        mode: u32,
+    },
+    /// `symlink(2)`.
+    Symlink {
+        /// Link target.
+        target: CString,
+        /// Link path.
+        path: CString,
+    },
+}
+
+impl Op {
+    /// For error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Mount { target, fstype, .. } => {
+                format!("mount {} on {}", fstype.as_deref().unwrap_or(c"bind").to_string_lossy(), target.to_string_lossy())
+            }
+            Op::Remount { target, .. } => format!("remount {}", target.to_string_lossy()),
+            Op::Mknod { path, .. } => format!("mknod {}", path.to_string_lossy()),
+            Op::Mkdir { path, .. } => format!("mkdir {}", path.to_string_lossy()),
+            Op::Symlink { path, .. } => format!("symlink {}", path.to_string_lossy()),
+        }
+    }
+}
+
+/// Standard streams of the child, as descriptors in the agent.
+#[derive(Debug)]
+pub struct ChildStdio {
+    /// Descriptors to become 0, 1, 2.
+    pub fds: [OwnedFd; 3],
+    /// Whether they are a terminal (the child makes it its controlling
+    /// terminal).
+    pub tty: bool,
+}
+
+/// How the child enters its container.
+#[derive(Debug)]
+pub enum Enter {
+    /// A new container: new namespaces, `pivot_root` into `rootfs`, then
+    /// `ops`, then the host name.
+    New {
+        /// The unpacked root (a mount point).
+        rootfs: CString,
+        /// File system setup after `pivot_root`.
+        ops: Vec<Op>,
+        /// Host name.
+        hostname: CString,
+    },
+    /// An existing container, through a pidfd of its first process.
+    Existing {
+        /// pidfd of the container's first process.
+        pidfd: RawFd,
+        /// The agent's own pidfd, to return to its PID namespace.
+        own_pidfd: RawFd,
+    },
+}
+
+/// Everything the child needs, prepared before `clone`.
+#[derive(Debug)]
+pub struct Plan {
+    /// How to enter the container.
+    pub enter: Enter,
+    /// Standard streams.
+    pub stdio: ChildStdio,
+    /// Paths to try `execve` on, in order (the `PATH` search).
+    pub candidates: Vec<CString>,
+    /// argv.
+    pub argv: Vec<CString>,
+    /// envp.
+    pub envp: Vec<CString>,
+    /// Working directory, and the directories to create if it is missing.
+    pub cwd: CString,
+    /// Directories to create, top down, when `cwd` is missing.
+    pub cwd_mkdirs: Vec<CString>,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<libc::gid_t>,
+    /// Resource limits.
+    pub rlimits: Vec<(libc::c_int, libc::rlimit)>,
+}
+
+/// A process just cloned; [`Started::result`] tells whether it reached
+/// `execve`.
+#[derive(Debug)]
+pub struct Started {
+    /// Its pid.
+    pub pid: i32,
+    /// Its pidfd.
+    pub pidfd: OwnedFd,
+    /// Read end of the error pipe.
+    pub errors: OwnedFd,
+}
+
+/// Why the child did not reach the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    /// The exit code it exited with (126 or 127).
+    pub exit_code: i32,
+    /// What failed.
+    pub message: String,
+}
+
+const STEP_STDIO: u32 = 1;
+const STEP_ROOT: u32 = 2;
+const STEP_NAMESPACES: u32 = 3;
+const STEP_HOSTNAME: u32 = 4;
+const STEP_RLIMIT: u32 = 5;
+const STEP_CWD: u32 = 6;
+const STEP_USER: u32 = 7;
+const STEP_EXEC: u32 = 8;
+const STEP_OPS: u32 = 100;
+
+/// The `PATH` search: where `execve` is tried for `arg0`.
+pub fn candidates(arg0: &str, path: &str) -> io::Result<Vec<CString>> {
+    if arg0.contains('/') {
+        return Ok(vec![cstring(arg0)?]);
+    }
+    let mut v = Vec::new();
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        v.push(cstring(format!("{}/{arg0}", dir.trim_end_matches('/')))?);
+    }
+    Ok(v)
+}
+
+/// Top-down list of the directories of an absolute path (`/a/b` gives
+/// `/a`, `/a/b`).
+pub fn mkdirs_for(path: &str) -> io::Result<Vec<CString>> {
+    let mut v = Vec::new();
+    let mut cur = String::new();
+    for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        cur.push('/');
+        cur.push_str(c);
+        v.push(cstring(cur.as_str())?);
+    }
+    Ok(v)
+}
+
+/// Clones the child of `plan` and returns at once in the parent.
+pub fn spawn(plan: &Plan) -> io::Result<Started> {
+    let (err_r, err_w) = sys::pipe(0)?;
+    // Pointer arrays for execve, built before clone.
+    let argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let mut pidfd: libc::c_int = -1;
+    let flags = match plan.enter {
+        Enter::New { .. } => libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+        Enter::Existing { pidfd, .. } => {
+            // SAFETY: setns on a pidfd we hold; it changes only which PID
+            // namespace this thread's next child is created in.
+            sys::cvt(unsafe { libc::setns(pidfd, libc::CLONE_NEWPID) })?;
+            0
+        }
+    };
+    // SAFETY: clone without CLONE_VM and without a new stack behaves like
+    // fork: the child gets a copy of this address space and runs
+    // `child(plan)`, which only makes raw system calls on data prepared
+    // above and never returns. `pidfd` receives the child's pidfd.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            &mut pidfd as *mut libc::c_int,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        child(plan, err_w.as_raw_fd(), &argv, &envp);
+    }
+    let clone_err = sys::errno();
+    if let Enter::Existing { own_pidfd, .. } = plan.enter {
+        // SAFETY: back to this process's own PID namespace for children.
+        if unsafe { libc::setns(own_pidfd, libc::CLONE_NEWPID) } != 0 {
+            crate::log::error(format_args!("cannot return to the agent's PID namespace: {}", sys::errno()));
+        }
+    }
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    drop(err_w);
+    // SAFETY: CLONE_PIDFD stored a new descriptor that we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Started { pid: pid as i32, pidfd, errors: err_r })
+}
+
+/// Reads the child's verdict from the error pipe (once it is readable):
+/// `Ok(())` when it ran the program.
+pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> Result<(), StartFailure> {
+    let mut rec = [0u8; 12];
+    let n = sys::read(errors, &mut rec).unwrap_or(0);
+    if n < 12 {
+        return Ok(());
+    }
+    let step = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
+    let errno = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
+    let exit_code = i32::from_ne_bytes([rec[8], rec[9], rec[10], rec[11]]);
+    let err = io::Error::from_raw_os_error(errno);
+    let what = match step {
+        STEP_EXEC if exit_code == EXIT_NOT_FOUND => {
+            return Err(StartFailure { exit_code, message: format!("exec: {arg0:?}: executable file not found in $PATH") })
+        }
+        STEP_EXEC => return Err(StartFailure { exit_code, message: format!("exec: {arg0:?}: {err}") }),
+        STEP_STDIO => "standard streams".to_string(),
+        STEP_ROOT => "entering the container root".to_string(),
+        STEP_NAMESPACES => "entering the container's namespaces".to_string(),
+        STEP_HOSTNAME => "setting the host name".to_string(),
+        STEP_RLIMIT => "setting resource limits".to_string(),
+        STEP_CWD => "changing to the working directory".to_string(),
+        STEP_USER => "changing user".to_string(),
+        s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
+        _ => "setup".to_string(),
+    };
+    Err(StartFailure { exit_code, message: format!("cannot start the process: {what}: {err}") })
+}
+
+// ---- The child. Only raw system calls from here on. ----
+
+fn fail(errfd: RawFd, step: u32, errno: i32, code: i32) -> ! {
+    let mut rec = [0u8; 12];
+    rec[0..4].copy_from_slice(&step.to_ne_bytes());
+    rec[4..8].copy_from_slice(&errno.to_ne_bytes());
+    rec[8..12].copy_from_slice(&code.to_ne_bytes());
+    // SAFETY: writing a stack buffer to the error pipe, then exiting
+    // without running any destructor or atexit handler.
+    unsafe {
+        libc::write(errfd, rec.as_ptr().cast(), rec.len());
+        libc::_exit(code)
+    }
+}
+
+fn last_errno() -> i32 {
+    // SAFETY: reads this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn check(r: libc::c_long, errfd: RawFd, step: u32) {
+    if r < 0 {
+        fail(errfd, step, last_errno(), EXIT_CANNOT_RUN);
+    }
+}
+
+fn mkdirs(dirs: &[CString]) {
+    for d in dirs {
+        // SAFETY: NUL-terminated path; EEXIST is expected for existing parts.
+        unsafe { libc::mkdir(d.as_ptr(), 0o755) };
+    }
+}
+
+fn run_op(op: &Op) -> libc::c_int {
+    let p = |s: &Option<CString>| s.as_deref().map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: in every arm, each pointer is a NUL-terminated string
+    // prepared before clone, or null where the call allows it.
+    unsafe {
+        match op {
+            Op::Mount { source, target, fstype, flags, data, mkdirs: dirs } => {
+                let m = || libc::mount(p(source), target.as_ptr(), p(fstype), *flags, p(data).cast());
+                let mut r = m();
+                if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
+                    mkdirs(dirs);
+                    r = m();
+                }
+                r
+            }
+            Op::Remount { target, flags } => libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()),
+            Op::Mknod { path, mode, dev } => {
+                let r = libc::mknod(path.as_ptr(), *mode, *dev);
+                if r < 0 && last_errno() == libc::EEXIST {
+                    0
+                } else {
+                    r
+                }
+            }
+            Op::Mkdir { path, mode } => {
+                let r = libc::mkdir(path.as_ptr(), *mode);
+                if r < 0 && last_errno() == libc::EEXIST {
+                    0
+                } else {
+                    r
+                }
+            }
+            Op::Symlink { target, path } => {
+                let r = libc::symlink(target.as_ptr(), path.as_ptr());
+                if r < 0 && last_errno() == libc::EEXIST {
+                    0
+                } else {
+                    r
+                }
+            }
+        }
+    }
+}
+
+fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
+    // SAFETY: the whole child makes raw system calls on descriptors and
+    // strings prepared by the parent before clone; this single-threaded
+    // child never returns (it execs or exits).
+    unsafe {
+        // Signals as a fresh process expects them.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::setsid();
+
+        for (i, fd) in plan.stdio.fds.iter().enumerate() {
+            check(libc::dup2(fd.as_raw_fd(), i as libc::c_int) as libc::c_long, errfd, STEP_STDIO);
+        }
+        if plan.stdio.tty {
+            check(libc::ioctl(0, libc::TIOCSCTTY, 0) as libc::c_long, errfd, STEP_STDIO);
+        }
+
+        match &plan.enter {
+            Enter::New { rootfs, ops, hostname } => {
+                check(libc::chdir(rootfs.as_ptr()) as libc::c_long, errfd, STEP_ROOT);
+                let dot = c".".as_ptr();
+                if libc::syscall(libc::SYS_pivot_root, dot, dot) == 0 {
+                    check(libc::umount2(dot, libc::MNT_DETACH) as libc::c_long, errfd, STEP_ROOT);
+                } else if last_errno() == libc::EINVAL {
+                    // The agent's root is the initramfs (rootfs), which
+                    // pivot_root cannot move: move the container's root
+                    // over it instead.
+                    check(libc::mount(dot, c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) as libc::c_long, errfd, STEP_ROOT);
+                    check(libc::chroot(dot) as libc::c_long, errfd, STEP_ROOT);
+                } else {
+                    fail(errfd, STEP_ROOT, last_errno(), EXIT_CANNOT_RUN);
+                }
+                check(libc::chdir(c"/".as_ptr()) as libc::c_long, errfd, STEP_ROOT);
+                for (i, op) in ops.iter().enumerate() {
+                    if run_op(op) < 0 {
+                        fail(errfd, STEP_OPS + i as u32, last_errno(), EXIT_CANNOT_RUN);
+                    }
+                }
+                let h = hostname.as_bytes();
+                check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
+            }
+            Enter::Existing { pidfd, .. } => {
+                check(
+                    libc::setns(*pidfd, libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as libc::c_long,
+                    errfd,
+                    STEP_NAMESPACES,
+                );
+            }
+        }
+
+        libc::umask(0o022);
+        for (res, lim) in &plan.rlimits {
+            check(libc::syscall(libc::SYS_prlimit64, 0, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()), errfd, STEP_RLIMIT);
+        }
+        if libc::chdir(plan.cwd.as_ptr()) < 0 {
+            if last_errno() != libc::ENOENT {
+                fail(errfd, STEP_CWD, last_errno(), EXIT_CANNOT_RUN);
+            }
+            mkdirs(&plan.cwd_mkdirs);
+            check(libc::chdir(plan.cwd.as_ptr()) as libc::c_long, errfd, STEP_CWD);
+        }
+        // Raw system calls: glibc's wrappers would try to change the
+        // credentials of the agent's other threads, which this child does
+        // not have.
+        check(libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()), errfd, STEP_USER);
+        check(libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid), errfd, STEP_USER);
+        check(libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid), errfd, STEP_USER);
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_USER);
+
+        // The PATH search, as execvp does it: go on past missing files,
+        // remember a permission error.
+        let mut denied = 0;
+        let mut last = libc::ENOENT;
+        for c in &plan.candidates {
+            libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            let e = last_errno();
+            match e {
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                libc::EACCES => denied = libc::EACCES,
+                _ => {
+                    last = e;
+                    break;
+                }
+            }
+            last = e;
+        }
+        if denied != 0 && matches!(last, libc::ENOENT | libc::ENOTDIR) {
+            last = denied;
+        }
+        let code = if matches!(last, libc::ENOENT | libc::ENOTDIR) { EXIT_NOT_FOUND } else { EXIT_CANNOT_RUN };
+        fail(errfd, STEP_EXEC, last, code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_search_candidates() {
+        let c = candidates("sh", "/usr/bin:/bin:").unwrap();
+        assert_eq!(c, vec![c"/usr/bin/sh".to_owned(), c"/bin/sh".to_owned(), c"./sh".to_owned()]);
+        assert_eq!(candidates("./run", "/bin").unwrap(), vec![c"./run".to_owned()]);
+        assert!(candidates("a\0b", "/bin").is_err());
+    }
+
+    #[test]
+    fn directories_of_a_path() {
+        assert_eq!(mkdirs_for("/a/./b/").unwrap(), vec![c"/a".to_owned(), c"/a/b".to_owned()]);
+        assert!(mkdirs_for("/").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,954 @@
+//! The agent's event loop: one thread, one `epoll`, everything else a
+//! descriptor in it.
+//!
+//! - the listening socket (vsock in a guest, Unix on a host) and the host's
+//!   connections, framed by `vmrun_agent_protocol::frame`;
+//! - a `signalfd` for `SIGCHLD`: the loop reaps every child (it is PID 1, or
+//!   a child subreaper on a host) and answers `Wait`s;
+//! - processes' stdout/stderr pipes (or terminal masters), read only while
+//!   the host has granted credit, and stdin pipes, written without
+//!   blocking from a per-stream queue bounded by the window;
+//! - each new process's error pipe, which says whether it reached `execve`
+//!   (so a start never blocks the loop);
+//! - an `eventfd` through which worker threads (one per `CreateContainer`,
+//!   which unpacks for a while) hand back their results.
+//!
+//! A slow or silent host stalls only the processes whose output it does
+//! not read; nothing is buffered beyond one window per stream.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use vmrun_agent_protocol::frame::{self, Decoder, Kind};
+use vmrun_agent_protocol::{
+    check_hello, AgentError, CreateContainer, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
+};
+
+use crate::container::{self, Container};
+use crate::process::{self, ChildStdio};
+use crate::settings::{Listen, Settings};
+use crate::sys;
+
+/// The agent's name and version in its hello.
+pub const SOFTWARE: &str = concat!("vmrun-agent ", env!("CARGO_PKG_VERSION"));
+const MAX_CONNS: usize = 16;
+const MAX_STREAMS_PER_CONN: usize = 4096;
+const READ_BUF: usize = 1 << 20;
+
+const T_LISTEN: u64 = 1;
+const T_SIGNAL: u64 = 2;
+const T_WAKE: u64 = 3;
+const T_CONN: u64 = 4;
+const T_OUT: u64 = 5;
+const T_IN: u64 = 6;
+const T_START: u64 = 7;
+
+fn token(kind: u64, id: u64) -> u64 {
+    (kind << 56) | (id & ((1 << 56) - 1))
+}
+
+fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
+    AgentError::new(kind, m)
+}
+
+/// A process's stdout, stderr or terminal output, flowing to the host.
+#[derive(Debug)]
+struct OutStream {
+    fd: OwnedFd,
+    conn: Option<u64>,
+    stream: u32,
+    credit: u64,
+    watching: bool,
+}
+
+/// A process's stdin (or terminal input), flowing from the host.
+#[derive(Debug)]
+struct InStream {
+    fd: OwnedFd,
+    conn: u64,
+    stream: u32,
+    queue: VecDeque<u8>,
+    eof: bool,
+    watching: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    decoder: Decoder,
+    hello_done: bool,
+    /// Stream id -> key of the OutStream / InStream.
+    outs: HashMap<u32, u64>,
+    ins: HashMap<u32, u64>,
+    dead: bool,
+}
+
+/// A process the agent started.
+#[derive(Debug)]
+struct Proc {
+    container: String,
+    exec_id: Option<String>,
+    exit: Option<i32>,
+    waiters: Vec<(u64, u32)>,
+    tty: Option<OwnedFd>,
+    /// Until the start is answered: the connection and request.
+    start: Option<(u64, u32)>,
+    arg0: String,
+    ops: Vec<String>,
+}
+
+/// Results handed back by worker threads.
+#[derive(Debug)]
+struct Completion {
+    conn: u64,
+    req: u32,
+    id: String,
+    result: Result<Container, AgentError>,
+}
+
+/// The agent's state and its event loop.
+#[derive(Debug)]
+pub struct Server {
+    settings: Settings,
+    epfd: OwnedFd,
+    listener: OwnedFd,
+    sigfd: OwnedFd,
+    wake: OwnedFd,
+    done: Arc<Mutex<Vec<Completion>>>,
+    conns: HashMap<u64, Conn>,
+    containers: HashMap<String, Container>,
+    creating: HashSet<String>,
+    procs: HashMap<i32, Proc>,
+    outs: HashMap<u64, OutStream>,
+    ins: HashMap<u64, InStream>,
+    starts: HashMap<u64, (i32, OwnedFd)>,
+    next_id: u64,
+    buf: Vec<u8>,
+    devnull: Option<OwnedFd>,
+    own_pidfd: Option<OwnedFd>,
+    devpts_ready: bool,
+    shutdown: bool,
+}
+
+fn owned(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: a descriptor a system call just returned to us.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Opens the listening socket.
+pub fn listen(l: &Listen) -> io::Result<OwnedFd> {
+    match l {
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let s = std::os::unix::net::UnixListener::bind(path)?;
+            Ok(OwnedFd::from(s))
+        }
+        Listen::Vsock(port) => {
+            // SAFETY: plain system call; the result is checked.
+            let fd = sys::cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+            let fd = owned(fd);
+            // SAFETY: sockaddr_vm is a plain C struct; all-zero is valid.
+            let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+            addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+            addr.svm_port = *port;
+            addr.svm_cid = libc::VMADDR_CID_ANY;
+            // SAFETY: addr is a valid sockaddr_vm of the size passed.
+            sys::cvt(unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+                )
+            })?;
+            // SAFETY: listen on our socket.
+            sys::cvt(unsafe { libc::listen(fd.as_raw_fd(), 8) })?;
+            Ok(fd)
+        }
+    }
+}
+
+/// Blocks SIGCHLD (before any thread starts, so every thread inherits the
+/// mask) and returns a signalfd for it.
+pub fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: building a signal set and blocking it; plain system calls.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        sys::cvt(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()))?;
+        let fd = sys::cvt(libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK))?;
+        Ok(owned(fd))
+    }
+}
+
+impl Server {
+    /// A server on an already listening socket.
+    pub fn new(settings: Settings, listener: OwnedFd, sigfd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: plain system calls; results checked.
+        let epfd = owned(sys::cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?);
+        // SAFETY: as above.
+        let wake = owned(sys::cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?);
+        let s = Self {
+            settings,
+            epfd,
+            listener,
+            sigfd,
+            wake,
+            done: Arc::new(Mutex::new(Vec::new())),
+            conns: HashMap::new(),
+            containers: HashMap::new(),
+            creating: HashSet::new(),
+            procs: HashMap::new(),
+            outs: HashMap::new(),
+            ins: HashMap::new(),
+            starts: HashMap::new(),
+            next_id: 1,
+            buf: vec![0u8; READ_BUF],
+            devnull: None,
+            own_pidfd: None,
+            devpts_ready: false,
+            shutdown: false,
+        };
+        s.watch(s.listener.as_raw_fd(), token(T_LISTEN, 0), libc::EPOLLIN as u32)?;
+        s.watch(s.sigfd.as_raw_fd(), token(T_SIGNAL, 0), libc::EPOLLIN as u32)?;
+        s.watch(s.wake.as_raw_fd(), token(T_WAKE, 0), libc::EPOLLIN as u32)?;
+        Ok(s)
+    }
+
+    fn watch(&self, fd: RawFd, tok: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: tok };
+        // SAFETY: epoll_ctl on our epoll descriptor with a valid event.
+        sys::cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        // SAFETY: as above; a descriptor not watched just fails.
+        unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Runs until a `Shutdown` request. Returns then (the caller ends the
+    /// guest or the process).
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        while !self.shutdown {
+            // SAFETY: events has room for its length of entries.
+            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            if n < 0 {
+                let e = sys::errno();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in &events[..n as usize] {
+                let (tok, bits) = (ev.u64, ev.events);
+                let id = tok & ((1 << 56) - 1);
+                match tok >> 56 {
+                    T_LISTEN => self.accept(),
+                    T_SIGNAL => self.reap(),
+                    T_WAKE => self.completions(),
+                    T_CONN => self.conn_readable(id),
+                    T_OUT => self.out_readable(id),
+                    T_IN => self.in_writable(id, bits),
+                    T_START => self.start_verdict(id),
+                    _ => {}
+                }
+            }
+            self.close_dead_conns();
+        }
+        Ok(())
+    }
+
+    // ---- Connections ----
+
+    fn accept(&mut self) {
+        // SAFETY: accept4 on our listening socket; the result is checked.
+        let fd = unsafe { libc::accept4(self.listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if fd < 0 {
+            crate::log::error(format_args!("accept: {}", sys::errno()));
+            return;
+        }
+        let fd = owned(fd);
+        if self.conns.len() >= MAX_CONNS {
+            crate::log::error(format_args!("too many connections; refusing one"));
+            return;
+        }
+        let id = self.new_id();
+        if let Err(e) = self.watch(fd.as_raw_fd(), token(T_CONN, id), libc::EPOLLIN as u32) {
+            crate::log::error(format_args!("epoll: {e}"));
+            return;
+        }
+        crate::log::debug(format_args!("connection {id}"));
+        self.conns.insert(id, Conn { fd, decoder: Decoder::new(), hello_done: false, outs: HashMap::new(), ins: HashMap::new(), dead: false });
+    }
+
+    fn send(&mut self, conn: u64, kind: Kind, id: u32, payload: &[u8]) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.dead {
+            return;
+        }
+        let bytes = frame::encode(kind, id, payload);
+        if let Err(e) = sys::write_all(c.fd.as_fd(), &bytes) {
+            crate::log::debug(format_args!("connection {conn}: write: {e}"));
+            c.dead = true;
+        }
+    }
+
+    fn respond(&mut self, conn: u64, req: u32, r: Response) {
+        match serde_json::to_vec(&r) {
+            Ok(p) if p.len() <= frame::MAX_PAYLOAD => self.send(conn, Kind::Response, req, &p),
+            _ => {
+                let fallback: Response = Err(err(ErrorKind::Internal, "response too large"));
+                if let Ok(p) = serde_json::to_vec(&fallback) {
+                    self.send(conn, Kind::Response, req, &p);
+                }
+            }
+        }
+    }
+
+    fn conn_readable(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        let n = match sys::read(c.fd.as_fd(), &mut self.buf) {
+            Ok(0) => {
+                c.dead = true;
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                crate::log::debug(format_args!("connection {id}: read: {e}"));
+                c.dead = true;
+                return;
+            }
+        };
+        c.decoder.feed(&self.buf[..n]);
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else { return };
+            if c.dead {
+                return;
+            }
+            match c.decoder.next_frame() {
+                Ok(Some(f)) => self.frame(id, f),
+                Ok(None) => return,
+                Err(e) => {
+                    crate::log::error(format_args!("connection {id}: {e}"));
+                    c.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, conn: u64, what: &str) {
+        crate::log::error(format_args!("connection {conn}: protocol violation: {what}"));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.dead = true;
+        }
+    }
+
+    fn frame(&mut self, conn: u64, f: frame::Frame) {
+        let hello_done = self.conns.get(&conn).is_some_and(|c| c.hello_done);
+        if !hello_done {
+            if f.kind != Kind::Hello {
+                return self.violation(conn, "first frame is not a hello");
+            }
+            let ours = Hello::ours(SOFTWARE);
+            let payload = serde_json::to_vec(&ours).unwrap_or_default();
+            self.send(conn, Kind::Hello, 0, &payload);
+            let theirs: Hello = match serde_json::from_slice(&f.payload) {
+                Ok(h) => h,
+                Err(_) => return self.violation(conn, "malformed hello"),
+            };
+            match check_hello(&ours, &theirs) {
+                Ok(()) => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.hello_done = true;
+                    }
+                }
+                Err(e) => {
+                    crate::log::error(format_args!("connection {conn}: refused: {e}"));
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.dead = true;
+                    }
+                }
+            }
+            return;
+        }
+        match f.kind {
+            Kind::Request => match serde_json::from_slice::<Request>(&f.payload) {
+                Ok(r) => self.request(conn, f.id, r),
+                Err(e) => self.respond(conn, f.id, Err(err(ErrorKind::BadRequest, format!("malformed request: {e}")))),
+            },
+            Kind::Data => self.stdin_data(conn, f.id, &f.payload),
+            Kind::Eof => self.stdin_eof(conn, f.id),
+            Kind::Credit => {
+                let Ok(b) = <[u8; 4]>::try_from(f.payload.as_slice()) else {
+                    return self.violation(conn, "malformed credit");
+                };
+                self.credit(conn, f.id, u32::from_le_bytes(b));
+            }
+            Kind::Hello | Kind::Response => self.violation(conn, "unexpected frame kind"),
+        }
+    }
+
+    fn close_dead_conns(&mut self) {
+        let dead: Vec<u64> = self.conns.iter().filter(|(_, c)| c.dead).map(|(id, _)| *id).collect();
+        for id in dead {
+            let Some(c) = self.conns.remove(&id) else { continue };
+            self.unwatch(c.fd.as_raw_fd());
+            crate::log::debug(format_args!("connection {id} closed"));
+            // Output keeps being drained (and dropped) so processes do not
+            // block; input is closed (the process sees end of file).
+            for key in c.outs.values() {
+                if let Some(o) = self.outs.get_mut(key) {
+                    o.conn = None;
+                    o.credit = u64::MAX;
+                    if !o.watching {
+                        o.watching = true;
+                        let (fd, tok) = (o.fd.as_raw_fd(), token(T_OUT, *key));
+                        let _ = self.watch(fd, tok, libc::EPOLLIN as u32);
+                    }
+                }
+            }
+            for key in c.ins.values() {
+                if let Some(i) = self.ins.remove(key) {
+                    if i.watching {
+                        self.unwatch(i.fd.as_raw_fd());
+                    }
+                }
+            }
+            for p in self.procs.values_mut() {
+                p.waiters.retain(|(c, _)| *c != id);
+                if p.start.is_some_and(|(c, _)| c == id) {
+                    p.start = None;
+                }
+            }
+        }
+    }
+
+    // ---- Streams ----
+
+    fn out_readable(&mut self, key: u64) {
+        let Some(o) = self.outs.get_mut(&key) else { return };
+        let want = (o.credit.min(READ_BUF as u64) as usize).min(frame::MAX_PAYLOAD);
+        let r = sys::read(o.fd.as_fd(), &mut self.buf[..want.max(1)]);
+        let (conn, stream) = (o.conn, o.stream);
+        match r {
+            Ok(n) if n > 0 => {
+                o.credit = o.credit.saturating_sub(n as u64);
+                let stall = o.credit == 0;
+                if stall {
+                    o.watching = false;
+                    let fd = o.fd.as_raw_fd();
+                    self.unwatch(fd);
+                }
+                if let Some(c) = conn {
+                    let data = self.buf[..n].to_vec();
+                    self.send(c, Kind::Data, stream, &data);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            // End of file, or EIO from a terminal whose last user is gone.
+            _ => {
+                if let Some(o) = self.outs.remove(&key) {
+                    self.unwatch(o.fd.as_raw_fd());
+                }
+                if let Some(c) = conn {
+                    self.send(c, Kind::Eof, stream, &[]);
+                    if let Some(cc) = self.conns.get_mut(&c) {
+                        cc.outs.remove(&stream);
+                    }
+                }
+            }
+        }
+    }
+
+    fn credit(&mut self, conn: u64, stream: u32, n: u32) {
+        let Some(key) = self.conns.get(&conn).and_then(|c| c.outs.get(&stream)).copied() else { return };
+        let Some(o) = self.outs.get_mut(&key) else { return };
+        o.credit = o.credit.saturating_add(u64::from(n)).min(2 * u64::from(STREAM_WINDOW));
+        if !o.watching && o.credit > 0 {
+            o.watching = true;
+            let fd = o.fd.as_raw_fd();
+            let _ = self.watch(fd, token(T_OUT, key), libc::EPOLLIN as u32);
+        }
+    }
+
+    fn stdin_data(&mut self, conn: u64, stream: u32, data: &[u8]) {
+        let Some(key) = self.conns.get(&conn).and_then(|c| c.ins.get(&stream)).copied() else {
+            // The process closed its input already: drop, as a pipe would.
+            return;
+        };
+        let Some(i) = self.ins.get_mut(&key) else { return };
+        if i.eof || i.queue.len() + data.len() > STREAM_WINDOW as usize {
+            return self.violation(conn, "stdin data beyond the window or after end of file");
+        }
+        i.queue.extend(data);
+        self.flush_stdin(key);
+    }
+
+    fn stdin_eof(&mut self, conn: u64, stream: u32) {
+        let Some(key) = self.conns.get(&conn).and_then(|c| c.ins.get(&stream)).copied() else { return };
+        if let Some(i) = self.ins.get_mut(&key) {
+            i.eof = true;
+        }
+        self.flush_stdin(key);
+    }
+
+    /// Writes what the stream has queued, as far as the pipe takes it
+    /// without blocking, and gives the host credit for it.
+    fn flush_stdin(&mut self, key: u64) {
+        let Some(i) = self.ins.get_mut(&key) else { return };
+        let mut written = 0usize;
+        let mut closed = false;
+        while !i.queue.is_empty() {
+            let (a, _) = i.queue.as_slices();
+            match sys::write(i.fd.as_fd(), a) {
+                Ok(n) => {
+                    i.queue.drain(..n);
+                    written += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let (conn, stream, fd) = (i.conn, i.stream, i.fd.as_raw_fd());
+        let finished = closed || (i.queue.is_empty() && i.eof);
+        let need_watch = !finished && !i.queue.is_empty();
+        if need_watch != i.watching {
+            i.watching = need_watch;
+            if need_watch {
+                let _ = self.watch(fd, token(T_IN, key), libc::EPOLLOUT as u32);
+            } else {
+                self.unwatch(fd);
+            }
+        }
+        if finished {
+            if let Some(i) = self.ins.remove(&key) {
+                if i.watching {
+                    self.unwatch(i.fd.as_raw_fd());
+                }
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.ins.remove(&stream);
+            }
+        }
+        if written > 0 && !closed {
+            self.send(conn, Kind::Credit, stream, &(written as u32).to_le_bytes());
+        }
+    }
+
+    fn in_writable(&mut self, key: u64, _bits: u32) {
+        self.flush_stdin(key);
+    }
+
+    // ---- Requests ----
+
+    fn request(&mut self, conn: u64, req: u32, r: Request) {
+        crate::log::debug(format_args!("request {req}: {}", request_name(&r)));
+        let result = match r {
+            Request::Ping => Ok(Some(Reply::Pong { software: SOFTWARE.into() })),
+            Request::CreateContainer(c) => self.create(conn, req, c).map(|()| None),
+            Request::StartContainer { container, stdio } => self.start(conn, req, &container, None, stdio).map(|()| None),
+            Request::Exec(e) => self.exec(conn, req, e).map(|()| None),
+            Request::Signal { container, exec_id, signal } => self.signal(&container, exec_id.as_deref(), signal).map(|()| Some(Reply::Done)),
+            Request::Wait { container, exec_id } => self.wait(conn, req, &container, exec_id.as_deref()),
+            Request::ResizeTty { container, exec_id, rows, cols } => {
+                self.resize(&container, exec_id.as_deref(), rows, cols).map(|()| Some(Reply::Done))
+            }
+            Request::RemoveContainer { container, force } => self.remove(&container, force).map(|()| Some(Reply::Done)),
+            Request::Shutdown => {
+                self.shutdown = true;
+                self.kill_all();
+                Ok(Some(Reply::Done))
+            }
+        };
+        match result {
+            Ok(Some(reply)) => self.respond(conn, req, Ok(reply)),
+            Ok(None) => {}
+            Err(e) => self.respond(conn, req, Err(e)),
+        }
+    }
+
+    fn create(&mut self, conn: u64, req: u32, c: CreateContainer) -> Result<(), AgentError> {
+        if !vmrun_agent_protocol::valid_id(&c.id) {
+            return Err(err(ErrorKind::BadRequest, format!("invalid container id {:?}", c.id)));
+        }
+        if self.containers.contains_key(&c.id) || self.creating.contains(&c.id) {
+            return Err(err(ErrorKind::AlreadyExists, format!("container {} already exists", c.id)));
+        }
+        self.creating.insert(c.id.clone());
+        let root = self.settings.root.clone();
+        let done = Arc::clone(&self.done);
+        let wake = sys::dup(self.wake.as_fd()).map_err(|e| err(ErrorKind::Internal, format!("dup: {e}")))?;
+        let id = c.id.clone();
+        let spawned = std::thread::Builder::new().name(format!("create-{id}")).spawn(move || {
+            let result = container::create(&root, &c);
+            if let Ok(mut v) = done.lock() {
+                v.push(Completion { conn, req, id: c.id.clone(), result });
+            }
+            let _ = sys::write(wake.as_fd(), &1u64.to_ne_bytes());
+        });
+        if let Err(e) = spawned {
+            self.creating.remove(&id);
+            return Err(err(ErrorKind::Internal, format!("cannot start a worker thread: {e}")));
+        }
+        Ok(())
+    }
+
+    fn completions(&mut self) {
+        let mut b = [0u8; 8];
+        let _ = sys::read(self.wake.as_fd(), &mut b);
+        let list: Vec<Completion> = match self.done.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => return,
+        };
+        for c in list {
+            self.creating.remove(&c.id);
+            let r = match c.result {
+                Ok(ct) => {
+                    crate::log::debug(format_args!("container {} created", c.id));
+                    self.containers.insert(c.id.clone(), ct);
+                    Ok(Reply::Done)
+                }
+                Err(e) => Err(e),
+            };
+            self.respond(c.conn, c.req, r);
+        }
+    }
+
+    fn devnull(&mut self) -> Result<OwnedFd, AgentError> {
+        if self.devnull.is_none() {
+            let fd = sys::open(c"/dev/null", libc::O_RDWR, 0).map_err(|e| err(ErrorKind::Internal, format!("/dev/null: {e}")))?;
+            self.devnull = Some(fd);
+        }
+        match &self.devnull {
+            Some(fd) => sys::dup(fd.as_fd()).map_err(|e| err(ErrorKind::Internal, format!("dup: {e}"))),
+            None => Err(err(ErrorKind::Internal, "/dev/null")),
+        }
+    }
+
+    fn ptmx(&mut self) -> &'static std::ffi::CStr {
+        if self.settings.guest && !self.devpts_ready {
+            // Lazily: only a terminal needs devpts in the guest.
+            let _ = sys::mkdirat(
+                // SAFETY: AT_FDCWD is a valid "descriptor" for *at calls.
+                unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+                c"/dev/pts",
+                0o755,
+            );
+            if let Err(e) = sys::mount(Some(c"devpts"), c"/dev/pts", Some(c"devpts"), libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"ptmxmode=0666,mode=0620")) {
+                crate::log::error(format_args!("mounting /dev/pts: {e}"));
+            }
+            self.devpts_ready = true;
+        }
+        c"/dev/ptmx"
+    }
+
+    /// Builds the child's stdio and registers the agent's ends.
+    #[allow(clippy::type_complexity)]
+    fn stdio(&mut self, conn: u64, stdio: &Stdio) -> Result<(ChildStdio, Vec<(u32, OwnedFd, bool)>, Option<OwnedFd>), AgentError> {
+        let ioerr = |e: io::Error| err(ErrorKind::Internal, format!("stdio: {e}"));
+        let c = self.conns.get(&conn).ok_or_else(|| err(ErrorKind::Internal, "connection gone"))?;
+        let used = |s: u32| c.outs.contains_key(&s) || c.ins.contains_key(&s);
+        if c.outs.len() + c.ins.len() + 3 > MAX_STREAMS_PER_CONN {
+            return Err(err(ErrorKind::BadRequest, "too many streams on this connection"));
+        }
+        match stdio {
+            Stdio::Null => Ok((ChildStdio { fds: [self.devnull()?, self.devnull()?, self.devnull()?], tty: false }, vec![], None)),
+            Stdio::Pipes { stdin, stdout, stderr } => {
+                let ids: Vec<u32> = [stdin, stdout, stderr].iter().filter_map(|s| **s).collect();
+                let uniq: HashSet<u32> = ids.iter().copied().collect();
+                if uniq.len() != ids.len() || ids.iter().any(|s| used(*s)) {
+                    return Err(err(ErrorKind::BadRequest, "stream ids must be unique on the connection"));
+                }
+                let mut ours = Vec::new();
+                let fd0 = match stdin {
+                    Some(s) => {
+                        let (r, w) = sys::pipe(0).map_err(ioerr)?;
+                        sys::set_fl(w.as_fd(), libc::O_NONBLOCK).map_err(ioerr)?;
+                        ours.push((*s, w, true));
+                        r
+                    }
+                    None => self.devnull()?,
+                };
+                let mut out = |s: &Option<u32>, ours: &mut Vec<(u32, OwnedFd, bool)>| -> Result<OwnedFd, AgentError> {
+                    match s {
+                        Some(s) => {
+                            let (r, w) = sys::pipe(0).map_err(ioerr)?;
+                            ours.push((*s, r, false));
+                            Ok(w)
+                        }
+                        None => self.devnull(),
+                    }
+                };
+                let fd1 = out(stdout, &mut ours)?;
+                let fd2 = out(stderr, &mut ours)?;
+                Ok((ChildStdio { fds: [fd0, fd1, fd2], tty: false }, ours, None))
+            }
+            Stdio::Tty { stream, rows, cols } => {
+                if used(*stream) {
+                    return Err(err(ErrorKind::BadRequest, "stream ids must be unique on the connection"));
+                }
+                let ptmx = self.ptmx();
+                let (master, slave) = sys::open_pty(ptmx).map_err(|e| err(ErrorKind::Internal, format!("cannot open a terminal: {e}")))?;
+                let _ = sys::set_winsize(master.as_fd(), *rows, *cols);
+                let input = sys::dup(master.as_fd()).map_err(ioerr)?;
+                sys::set_fl(input.as_fd(), libc::O_NONBLOCK).map_err(ioerr)?;
+                let resize = sys::dup(master.as_fd()).map_err(ioerr)?;
+                let s1 = sys::dup(slave.as_fd()).map_err(ioerr)?;
+                let s2 = sys::dup(slave.as_fd()).map_err(ioerr)?;
+                Ok((ChildStdio { fds: [slave, s1, s2], tty: true }, vec![(*stream, input, true), (*stream, master, false)], Some(resize)))
+            }
+        }
+    }
+
+    fn register_streams(&mut self, conn: u64, ours: Vec<(u32, OwnedFd, bool)>) {
+        for (stream, fd, is_input) in ours {
+            let key = self.new_id();
+            if is_input {
+                self.ins.insert(key, InStream { fd, conn, stream, queue: VecDeque::new(), eof: false, watching: false });
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.ins.insert(stream, key);
+                }
+            } else {
+                let raw = fd.as_raw_fd();
+                self.outs.insert(key, OutStream { fd, conn: Some(conn), stream, credit: u64::from(STREAM_WINDOW), watching: true });
+                let _ = self.watch(raw, token(T_OUT, key), libc::EPOLLIN as u32);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.outs.insert(stream, key);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, conn: u64, req: u32, id: &str, exec: Option<Exec>, stdio: Stdio) -> Result<(), AgentError> {
+        let tty = matches!(stdio, Stdio::Tty { .. });
+        let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+        let (spec, enter, exec_id, binds) = match &exec {
+            None => {
+                if ct.init_pid.is_some() {
+                    return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
+                }
+                let binds = container::open_bind_sources(&ct.config.mounts)?;
+                (ct.init_spec(tty)?, None, None, binds)
+            }
+            Some(e) => {
+                if !vmrun_agent_protocol::valid_id(&e.exec_id) {
+                    return Err(err(ErrorKind::BadRequest, format!("invalid exec id {:?}", e.exec_id)));
+                }
+                let (Some(pidfd), false) = (&ct.init_pidfd, ct.stopped) else {
+                    return Err(err(ErrorKind::InvalidState, format!("container {id} is not running")));
+                };
+                if self.procs.values().any(|p| p.container == id && p.exec_id.as_deref() == Some(&e.exec_id)) {
+                    return Err(err(ErrorKind::AlreadyExists, format!("exec {} already exists in {id}", e.exec_id)));
+                }
+                if self.own_pidfd.is_none() {
+                    // SAFETY: pidfd_open of our own pid; the result is checked.
+                    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+                    if fd < 0 {
+                        return Err(err(ErrorKind::Internal, format!("pidfd_open: {}", sys::errno())));
+                    }
+                    self.own_pidfd = Some(owned(fd as libc::c_int));
+                }
+                let own = self.own_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
+            }
+        };
+        let (child_stdio, ours, resize) = self.stdio(conn, &stdio)?;
+        let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+        let plan = ct.plan(&spec, child_stdio, enter, &binds)?;
+        let ops = match &plan.enter {
+            process::Enter::New { ops, .. } => ops.iter().map(|o| o.describe()).collect(),
+            process::Enter::Existing { .. } => Vec::new(),
+        };
+        let started = process::spawn(&plan).map_err(|e| err(ErrorKind::Internal, format!("clone: {e}")))?;
+        drop(plan);
+        drop(binds);
+        let pid = started.pid;
+        crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
+        if exec.is_none() {
+            if let Some(ct) = self.containers.get_mut(id) {
+                ct.init_pid = Some(pid);
+                ct.init_pidfd = Some(started.pidfd);
+            }
+        }
+        self.procs.insert(
+            pid,
+            Proc { container: id.to_string(), exec_id, exit: None, waiters: Vec::new(), tty: resize, start: Some((conn, req)), arg0: spec.args[0].clone(), ops },
+        );
+        self.register_streams(conn, ours);
+        let key = self.new_id();
+        let raw = started.errors.as_raw_fd();
+        self.starts.insert(key, (pid, started.errors));
+        if let Err(e) = self.watch(raw, token(T_START, key), libc::EPOLLIN as u32) {
+            return Err(err(ErrorKind::Internal, format!("epoll: {e}")));
+        }
+        Ok(())
+    }
+
+    fn start_verdict(&mut self, key: u64) {
+        let Some((pid, fd)) = self.starts.remove(&key) else { return };
+        self.unwatch(fd.as_raw_fd());
+        let Some(p) = self.procs.get_mut(&pid) else { return };
+        let verdict = process::read_verdict(fd.as_fd(), &p.ops, &p.arg0);
+        p.ops = Vec::new();
+        let Some((conn, req)) = p.start.take() else { return };
+        let r = match verdict {
+            Ok(()) => Ok(Reply::Started { pid: pid as u32 }),
+            Err(f) => Err(AgentError { kind: ErrorKind::CannotRun, message: f.message, exit_code: Some(f.exit_code) }),
+        };
+        self.respond(conn, req, r);
+    }
+
+    fn exec(&mut self, conn: u64, req: u32, e: Exec) -> Result<(), AgentError> {
+        let (container, stdio) = (e.container.clone(), e.stdio.clone());
+        self.start(conn, req, &container, Some(e), stdio)
+    }
+
+    fn find_proc(&self, container: &str, exec_id: Option<&str>) -> Result<i32, AgentError> {
+        if exec_id.is_none() {
+            let ct = self.containers.get(container).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {container}")))?;
+            return ct.init_pid.ok_or_else(|| err(ErrorKind::InvalidState, format!("container {container} was not started")));
+        }
+        self.procs
+            .iter()
+            .find(|(_, p)| p.container == container && p.exec_id.as_deref() == exec_id)
+            .map(|(pid, _)| *pid)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("no process {} in container {container}", exec_id.unwrap_or(""))))
+    }
+
+    fn signal(&mut self, container: &str, exec_id: Option<&str>, sig: i32) -> Result<(), AgentError> {
+        if !(1..=64).contains(&sig) {
+            return Err(err(ErrorKind::BadRequest, format!("invalid signal {sig}")));
+        }
+        let pid = self.find_proc(container, exec_id)?;
+        // Only this loop reaps: a process not yet reaped still owns its pid.
+        if self.procs.get(&pid).is_some_and(|p| p.exit.is_none()) {
+            sys::kill(pid, sig).map_err(|e| err(ErrorKind::Internal, format!("kill: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, conn: u64, req: u32, container: &str, exec_id: Option<&str>) -> Result<Option<Reply>, AgentError> {
+        let pid = self.find_proc(container, exec_id)?;
+        let p = self.procs.get_mut(&pid).ok_or_else(|| err(ErrorKind::NotFound, "process gone"))?;
+        match p.exit {
+            Some(code) => Ok(Some(Reply::Exited { exit_code: code })),
+            None => {
+                p.waiters.push((conn, req));
+                Ok(None)
+            }
+        }
+    }
+
+    fn resize(&mut self, container: &str, exec_id: Option<&str>, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let pid = self.find_proc(container, exec_id)?;
+        let p = self.procs.get(&pid).ok_or_else(|| err(ErrorKind::NotFound, "process gone"))?;
+        let fd = p.tty.as_ref().ok_or_else(|| err(ErrorKind::InvalidState, "the process has no terminal"))?;
+        sys::set_winsize(fd.as_fd(), rows, cols).map_err(|e| err(ErrorKind::Internal, format!("resize: {e}")))
+    }
+
+    fn remove(&mut self, id: &str, force: bool) -> Result<(), AgentError> {
+        if self.creating.contains(id) {
+            return Err(err(ErrorKind::InvalidState, format!("container {id} is being created")));
+        }
+        let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+        let running = ct.init_pid.is_some() && !ct.stopped;
+        if running && !force {
+            return Err(err(ErrorKind::InvalidState, format!("container {id} is running (remove with force to kill it)")));
+        }
+        if running {
+            if let Some(pid) = ct.init_pid {
+                // Killing the namespace's init kills everything in it.
+                let _ = sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(ct) = self.containers.remove(id) {
+            container::remove_files(&ct.dir, &ct.rootfs);
+        }
+        // Records of processes already reaped go; the others stay until
+        // reaped, so their waiters are answered.
+        self.procs.retain(|_, p| p.container != id || p.exit.is_none());
+        Ok(())
+    }
+
+    /// Removes every container's files (on a host, when the agent ends).
+    pub fn cleanup(&mut self) {
+        for (_, ct) in self.containers.drain() {
+            container::remove_files(&ct.dir, &ct.rootfs);
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for (pid, p) in &self.procs {
+            if p.exit.is_none() {
+                let _ = sys::kill(*pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    // ---- Children ----
+
+    fn reap(&mut self) {
+        // Drain the signalfd (one SIGCHLD may stand for many children).
+        let mut info = [0u8; 128 * 4];
+        while let Ok(n) = sys::read(self.sigfd.as_fd(), &mut info) {
+            if n < info.len() {
+                break;
+            }
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let code = sys::exit_code(status);
+            let Some(p) = self.procs.get_mut(&pid) else { continue };
+            p.exit = Some(code);
+            p.tty = None;
+            let waiters = std::mem::take(&mut p.waiters);
+            let (container, is_init) = (p.container.clone(), p.exec_id.is_none());
+            crate::log::debug(format_args!("pid {pid} ({container}) exited: {code}"));
+            if is_init {
+                if let Some(ct) = self.containers.get_mut(&container) {
+                    ct.stopped = true;
+                    ct.init_pidfd = None;
+                }
+            }
+            if !self.containers.contains_key(&container) {
+                self.procs.remove(&pid);
+            }
+            for (conn, req) in waiters {
+                self.respond(conn, req, Ok(Reply::Exited { exit_code: code }));
+            }
+        }
+    }
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Ping => "ping",
+        Request::CreateContainer(_) => "create",
+        Request::StartContainer { .. } => "start",
+        Request::Exec(_) => "exec",
+        Request::Signal { .. } => "signal",
+        Request::Wait { .. } => "wait",
+        Request::ResizeTty { .. } => "resize",
+        Request::RemoveContainer { .. } => "remove",
+        Request::Shutdown => "shutdown",
+    }
+}

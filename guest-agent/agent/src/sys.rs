@@ -1,0 +1,401 @@
+//! Thin, safe wrappers over the system calls the agent makes.
+//!
+//! Every system call is expensive in the guest (tens of milliseconds where
+//! guest kernel mode is emulated), so callers make each one count; these
+//! wrappers add none of their own. Paths are `&CStr` so that the caller
+//! builds them once (and the forked child never allocates).
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// The current thread's errno as an `io::Error`.
+pub fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+/// Turns a `-1` return into the errno.
+pub fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_long(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r == -1 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A `CString` from bytes that may not hold a NUL.
+pub fn cstring(bytes: impl Into<Vec<u8>>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path or argument holds a NUL byte"))
+}
+
+/// Wraps a descriptor a system call just returned.
+fn owned(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: callers pass a descriptor the kernel just returned to us and
+    // that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `openat2(2)`: opens `path` relative to `dir` with `resolve` flags
+/// (`RESOLVE_BENEATH` keeps every step of the lookup, symlinks included,
+/// inside `dir`).
+pub fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32, resolve: u64) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is a plain C struct; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { u64::from(mode) } else { 0 };
+    how.resolve = resolve;
+    loop {
+        // SAFETY: path is NUL-terminated and `how` lives across the call;
+        // the size passed is the struct's.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        match cvt_long(r) {
+            Ok(fd) => return Ok(owned(fd as libc::c_int)),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `openat(2)` (always close-on-exec).
+pub fn openat(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: path is NUL-terminated; the result is checked.
+    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), path.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    Ok(owned(fd))
+}
+
+/// `open(2)` (always close-on-exec).
+pub fn open(path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: path is NUL-terminated; the result is checked.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    Ok(owned(fd))
+}
+
+/// `mkdirat(2)`.
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+/// `unlinkat(2)`.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+/// `symlinkat(2)`: creates `name` in `dir` pointing at `target`.
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+/// `linkat(2)` without following a symlink at `old`.
+pub fn linkat(old_dir: BorrowedFd<'_>, old: &CStr, new_dir: BorrowedFd<'_>, new: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated.
+    cvt(unsafe { libc::linkat(old_dir.as_raw_fd(), old.as_ptr(), new_dir.as_raw_fd(), new.as_ptr(), 0) }).map(drop)
+}
+
+/// `mknodat(2)`.
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, dev: u64) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, dev) }).map(drop)
+}
+
+/// `fchownat(2)` on `name` itself (never a symlink's target).
+pub fn lchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+/// `fchown(2)`.
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor we hold.
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+/// `fchmod(2)`.
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor we hold.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+/// `fchmodat(2)` (follows a final symlink: use on directories only).
+pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+fn times(sec: i64) -> [libc::timespec; 2] {
+    let t = libc::timespec { tv_sec: sec, tv_nsec: 0 };
+    [t, t]
+}
+
+/// Sets access and modification time of an open file.
+pub fn futimens(fd: BorrowedFd<'_>, sec: i64) -> io::Result<()> {
+    let t = times(sec);
+    // SAFETY: `t` is an array of two timespecs, as futimens wants.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
+}
+
+/// Sets access and modification time of `name` itself (not a symlink's
+/// target).
+pub fn lutimensat(dir: BorrowedFd<'_>, name: &CStr, sec: i64) -> io::Result<()> {
+    let t = times(sec);
+    // SAFETY: name is NUL-terminated, `t` holds two timespecs.
+    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+/// `fstatat(2)` without following a final symlink.
+pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: all-zero is a valid `stat`; the kernel fills it in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: name is NUL-terminated and `st` is writable.
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+/// `fsetxattr(2)`.
+pub fn fsetxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated; value is a valid slice.
+    cvt(unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) }).map(drop)
+}
+
+/// Writes all of `buf`.
+pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid slice.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = errno();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// One `write(2)`; returns how much was written.
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is a valid slice.
+    let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(errno())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `read(2)`.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is a valid, writable slice.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(errno())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(source: Option<&CStr>, target: &CStr, fstype: Option<&CStr>, flags: libc::c_ulong, data: Option<&CStr>) -> io::Result<()> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is NUL-terminated or null, as mount(2) allows.
+    cvt(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
+}
+
+/// `umount2(2)`.
+pub fn umount2(target: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: target is NUL-terminated.
+    cvt(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+}
+
+/// `pipe2(2)` with close-on-exec (and `extra` flags): (read end, write end).
+pub fn pipe(extra: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds has room for the two descriptors.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | extra) })?;
+    Ok((owned(fds[0]), owned(fds[1])))
+}
+
+/// Adds flags to a descriptor's status flags (`O_NONBLOCK`).
+pub fn set_fl(fd: BorrowedFd<'_>, flags: i32) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold.
+    let cur = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, cur | flags) }).map(drop)
+}
+
+/// `kill(2)`.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain system call.
+    cvt(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// `dup(2)` with close-on-exec.
+pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on a descriptor we hold; the result is checked.
+    let n = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    Ok(owned(n))
+}
+
+/// Sets a terminal's window size.
+pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) }).map(drop)
+}
+
+/// Opens a new pseudo-terminal from the `ptmx` at `ptmx`: (master, slave).
+/// The slave is opened through the master (`TIOCGPTPEER`), never by path.
+pub fn open_pty(ptmx: &CStr) -> io::Result<(OwnedFd, OwnedFd)> {
+    let master = open(ptmx, libc::O_RDWR | libc::O_NOCTTY, 0)?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int.
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock as *const libc::c_int) })?;
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd.
+    let slave = cvt(unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?;
+    Ok((master, owned(slave)))
+}
+
+/// A `struct dirent64` walk over a directory descriptor, names only.
+pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length; getdents64 writes at most
+        // that many bytes of dirent64 records.
+        let n = cvt_long(unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) })?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let dtype = buf[off + 18];
+            let name = &buf[off + 19..off + reclen];
+            let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            let name = &name[..len];
+            if name != b"." && name != b".." {
+                out.push((cstring(name)?, dtype));
+            }
+            if reclen == 0 {
+                break;
+            }
+            off += reclen;
+        }
+    }
+}
+
+/// A read-only mapping of a whole file or block device.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; sharing or
+// sending a pointer to immutable memory between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `path` (a file or a block device) read-only, in four system
+    /// calls: open, lseek to learn its size, mmap, close.
+    pub fn open(path: &CStr) -> io::Result<Self> {
+        let fd = open(path, libc::O_RDONLY, 0)?;
+        // SAFETY: lseek on a descriptor we hold.
+        let size = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+        if size < 0 {
+            return Err(errno());
+        }
+        let len = usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        if len == 0 {
+            return Ok(Self { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a fresh read-only private mapping of `len` bytes of a file
+        // we opened; the kernel picks the address.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        Ok(Self { ptr, len })
+    }
+
+    /// The mapped bytes. (A device that shrinks while mapped would fault;
+    /// the host gives a read-only disk that does not change.)
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr..ptr+len is mapped readable for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly what Mapping::open mapped.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// Decodes a wait status the way docker reports exit codes: the exit
+/// status, or 128 + the signal that killed the process.
+pub fn exit_code(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        255
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_docker() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(9), 137);
+        assert_eq!(exit_code(15 | 0x80), 143); // core dumped
+    }
+
+    #[test]
+    fn maps_a_file() {
+        let p = std::env::temp_dir().join(format!("vmrun-agent-map-{}", std::process::id()));
+        std::fs::write(&p, b"layer bytes").unwrap();
+        let m = Mapping::open(&cstring(p.as_os_str().as_encoded_bytes()).unwrap()).unwrap();
+        assert_eq!(m.bytes(), b"layer bytes");
+        std::fs::remove_file(&p).unwrap();
+        assert!(Mapping::open(&cstring(p.as_os_str().as_encoded_bytes()).unwrap()).is_err());
+    }
+}

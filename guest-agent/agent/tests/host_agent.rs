@@ -1,0 +1,331 @@
+//! The agent as a host process behind a Unix socket, driven through the
+//! client library: the protocol, running processes, signals, exec, exit
+//! codes, terminals, flow control, removal and shutdown.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmrun_agent_client::{Client, CreateContainer, Error, ErrorKind, ExecProcess, ImageConfig, LayerSource, StdioMode};
+use vmrun_agent_protocol::frame::{self, Kind};
+use vmrun_agent_protocol::{Hello, UnpackLimits};
+
+const LIMIT: usize = 16 << 20;
+
+fn create(client: &Client, agent: &Agent, id: &str, config: ImageConfig) {
+    let (disk, layers) = test_image(agent.dir.path());
+    let spec = CreateContainer {
+        id: id.into(),
+        layers: LayerSource { disk: disk.display().to_string(), layers },
+        rootfs: Default::default(),
+        config,
+        limits: UnpackLimits::default(),
+    };
+    client.create_container(&spec).unwrap();
+}
+
+fn cmd(args: &[&str]) -> ImageConfig {
+    ImageConfig { cmd: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+fn exec_args(args: &[&str]) -> ExecProcess {
+    ExecProcess { args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+#[test]
+fn ping_and_a_process_with_stdio_and_exit_code() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    assert!(c.ping().unwrap().starts_with("vmrun-agent "));
+    create(&c, &agent, "c1", cmd(&["sh", "-c", "echo out; echo err >&2; read line; echo \"got $line\"; cat /marker; exit 3"]));
+    let mut p = c.start("c1", StdioMode::Piped { stdin: true }).unwrap();
+    assert!(p.pid > 0);
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    stdin.close().unwrap();
+    let out = p.output(LIMIT).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\ngot hello\nfrom the image\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.exit_code, 3);
+    // Waiting again after the end answers at once.
+    assert_eq!(c.wait("c1", None, Some(Duration::from_secs(5))).unwrap(), 3);
+    c.remove_container("c1", false).unwrap();
+}
+
+#[test]
+fn environment_user_directory_hostname_and_namespaces() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let script = "echo \"foo=$FOO home=$HOME host=$HOSTNAME\"; pwd; id -u; id -g; id -G; hostname; echo pid=$$; \
+                  test -c /dev/null && test -c /dev/urandom && test -d /dev/pts && test -r /proc/self/status && echo devices-ok; \
+                  echo > /dev/null && echo null-ok; umask";
+    let config = ImageConfig {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["FOO=bar".into()],
+        working_dir: "/work/dir".into(),
+        user: "alice".into(),
+        hostname: "box".into(),
+        ..Default::default()
+    };
+    create(&c, &agent, "c2", config);
+    let out = c.start("c2", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, 0, "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["foo=bar home=/home/alice host=box", "/work/dir", "1000", "1000", "1000 10", "box", "pid=1", "devices-ok", "null-ok", "0022"],
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn signals_give_128_plus_the_signal() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "sig", cmd(&["sleep", "1000"]));
+    let p = c.start("sig", StdioMode::Null).unwrap();
+    // An exec'd process is not its namespace's init: SIGTERM kills it.
+    let e = c.exec("sig", "e1", &exec_args(&["sleep", "1000"]), StdioMode::Null).unwrap();
+    e.signal(15).unwrap();
+    assert_eq!(e.wait().unwrap(), 128 + 15);
+    p.signal(9).unwrap();
+    assert_eq!(p.wait().unwrap(), 128 + 9);
+    // Exec into a stopped container is refused.
+    let err = c.exec("sig", "e2", &exec_args(&["true"]), StdioMode::Null).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::InvalidState), "{err}");
+}
+
+#[test]
+fn exec_runs_inside_the_container() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let config = ImageConfig { cmd: vec!["sleep".into(), "1000".into()], hostname: "inside".into(), env: vec!["A=1".into()], ..Default::default() };
+    create(&c, &agent, "ex", config);
+    let init = c.start("ex", StdioMode::Null).unwrap();
+    let spec = ExecProcess {
+        args: vec!["sh".into(), "-c".into(), "hostname; cat /marker; echo A=$A B=$B; pwd; ls /srv; exit 5".into()],
+        env: vec!["B=2".into()],
+        working_dir: Some("/srv".into()),
+        ..Default::default()
+    };
+    let out = c.exec("ex", "e1", &spec, StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "inside\nfrom the image\nA=1 B=2\n/srv\nzstd-layer\n");
+    assert_eq!(out.exit_code, 5);
+    // It sees the container's processes (its PID namespace) and is not
+    // PID 1 there.
+    let out = c.exec("ex", "e2", &exec_args(&["sh", "-c", "echo $$; cat /proc/1/cmdline | tr '\\0' ' '"]), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let pid: u32 = lines.next().unwrap().parse().unwrap();
+    assert!(pid > 1 && pid < 100, "{text}");
+    assert_eq!(lines.next(), Some("sleep 1000 "));
+    // Duplicate exec ids are refused.
+    let err = c.exec("ex", "e1", &exec_args(&["true"]), StdioMode::Null).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::AlreadyExists), "{err}");
+    init.signal(9).unwrap();
+    assert_eq!(init.wait().unwrap(), 137);
+}
+
+#[test]
+fn not_found_is_127_and_not_executable_is_126() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "nf", cmd(&["no-such-command"]));
+    let err = c.start("nf", StdioMode::Piped { stdin: false }).unwrap_err();
+    assert_eq!(err.exit_code(), Some(127), "{err}");
+    assert!(err.to_string().contains("not found"), "{err}");
+    assert_eq!(c.wait("nf", None, Some(Duration::from_secs(10))).unwrap(), 127);
+
+    create(&c, &agent, "run", cmd(&["sleep", "1000"]));
+    let init = c.start("run", StdioMode::Null).unwrap();
+    for (id, args, code) in [("a", "/bin/notexec", 126), ("b", "/nonexistent/prog", 127), ("c", "/srv", 126)] {
+        let err = c.exec("run", id, &exec_args(&[args]), StdioMode::Null).unwrap_err();
+        assert_eq!(err.exit_code(), Some(code), "{args}: {err}");
+        assert_eq!(c.wait("run", Some(id), Some(Duration::from_secs(10))).unwrap(), code);
+    }
+    init.signal(9).unwrap();
+    init.wait().unwrap();
+}
+
+#[test]
+fn a_terminal_with_resize() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "tty", cmd(&["sh", "-c", "stty size; read x; stty size; echo got:$x"]));
+    let mut p = c.start("tty", StdioMode::Tty { rows: 24, cols: 80 }).unwrap();
+    let mut out = p.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("24 80") {
+        assert!(Instant::now() < deadline, "no size: {:?}", String::from_utf8_lossy(&seen));
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "terminal closed early: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    p.resize(50, 132).unwrap();
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(b"typed\n").unwrap();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("50 132") && text.contains("got:typed"), "{text:?}");
+    assert_eq!(p.wait().unwrap(), 0);
+}
+
+#[test]
+fn an_unread_stream_does_not_block_other_requests() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    // Five windows of output.
+    create(&c, &agent, "flood", cmd(&["sh", "-c", "yes 0123456789abcdef | head -c 5242880; echo done >&2"]));
+    let mut p = c.start("flood", StdioMode::Piped { stdin: false }).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The process is stalled on its pipe, the connection is not.
+    for _ in 0..5 {
+        c.ping().unwrap();
+    }
+    let mut stdout = p.stdout.take().unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 100_000];
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, 5 << 20);
+    let out = p.output(LIMIT).unwrap();
+    assert_eq!(out.stderr, b"done\n");
+    assert_eq!(out.exit_code, 0);
+}
+
+#[test]
+fn remove_and_shutdown() {
+    if !require_root() {
+        return;
+    }
+    let mut agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "rm", cmd(&["sleep", "1000"]));
+    let err = c.create_container(&CreateContainer {
+        id: "rm".into(),
+        layers: LayerSource { disk: "/nonexistent".into(), layers: vec![] },
+        rootfs: Default::default(),
+        config: ImageConfig::default(),
+        limits: UnpackLimits::default(),
+    });
+    assert!(matches!(err, Err(Error::Agent(ref a)) if a.kind == ErrorKind::AlreadyExists), "{err:?}");
+    let p = c.start("rm", StdioMode::Null).unwrap();
+    let err = c.remove_container("rm", false).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::InvalidState), "{err}");
+    // A wait that was asked before the removal is answered.
+    let waiter = {
+        let c = c.clone();
+        std::thread::spawn(move || c.wait("rm", None, Some(Duration::from_secs(20))))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    c.remove_container("rm", true).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), 137);
+    drop(p);
+    assert!(!agent.root.join("rm").exists(), "the container's directory is gone");
+    let err = c.start("rm", StdioMode::Null).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::NotFound), "{err}");
+    c.shutdown().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit after shutdown");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_malicious_image_is_refused_over_the_protocol() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let victim = agent.dir.path().join("victim");
+    std::fs::write(&victim, b"safe").unwrap();
+    let mut l = Layer::new();
+    l.symlink("esc", &agent.dir.path().display().to_string());
+    l.file("esc/victim", 0o644, b"pwned");
+    let (disk, layers) = disk_file(agent.dir.path(), "evil.disk", &[(gzip(&l.finish()), GZIP)]);
+    let err = c
+        .create_container(&CreateContainer {
+            id: "evil".into(),
+            layers: LayerSource { disk: disk.display().to_string(), layers },
+            rootfs: Default::default(),
+            config: cmd(&["true"]),
+            limits: UnpackLimits::default(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::Image), "{err}");
+    assert!(err.to_string().contains("outside the container root"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"safe");
+    assert!(!agent.root.join("evil").exists(), "a failed create leaves nothing behind");
+    // The id is free again.
+    create(&c, &agent, "evil", cmd(&["true"]));
+}
+
+#[test]
+fn the_agent_refuses_another_protocol_version() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let s = UnixStream::connect(&agent.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let h = Hello { version: 999, ..Hello::ours("test-host") };
+    (&s).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
+    let mut r = BufReader::new(&s);
+    let reply = frame::read_frame(&mut r).unwrap().unwrap();
+    assert_eq!(reply.kind, Kind::Hello);
+    let theirs: Hello = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(theirs.version, vmrun_agent_protocol::VERSION);
+    // Then it hangs up.
+    assert!(frame::read_frame(&mut r).unwrap().is_none());
+    // A request before the hello is refused the same way.
+    let s = UnixStream::connect(&agent.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(&frame::encode(Kind::Request, 1, b"{\"op\":\"ping\"}")).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!((&s).read(&mut b).unwrap(), 0);
+    // And the agent still serves others.
+    agent.client().ping().unwrap();
+}

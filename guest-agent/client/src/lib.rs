@@ -1,0 +1,874 @@
+//! The host's client of the vmrun guest agent.
+//!
+//! Plain Rust types over the protocol of `vmrun_agent_protocol`: requests
+//! become methods, process streams become `Read`/`Write` values. One
+//! reader thread per connection sorts incoming frames: responses to their
+//! callers, stream data to per-stream buffers.
+//!
+//! The client never trusts the agent: frames are bounded by the frame
+//! limit, stream data by the window (data beyond it, or for a stream that
+//! was never opened or already ended, is a protocol violation that closes
+//! the connection), exit codes must be 0-255, and every request but `wait`
+//! has a timeout.
+//!
+//! Transports: a Unix socket ([`Client::connect_unix`]), Firecracker-style
+//! hybrid vsock ([`Client::connect_hybrid_vsock`]: `CONNECT <port>\n` on the
+//! VMM's socket, `OK <n>\n` back), or any reader/writer pair
+//! ([`Client::handshake`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmrun_agent_protocol::frame::{self, Kind, MAX_PAYLOAD};
+use vmrun_agent_protocol::{check_hello, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW};
+
+pub use vmrun_agent_protocol::{
+    AgentError, CreateContainer, Digest, ErrorKind, ExecProcess, HandshakeError, ImageConfig, LayerSource, Mount, Rlimit,
+    RootfsSpec, UnpackLimits,
+};
+
+/// The client's software string in its hello.
+pub const SOFTWARE: &str = concat!("vmrun ", env!("CARGO_PKG_VERSION"));
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The transport failed.
+    #[error("agent connection: {0}")]
+    Io(#[from] io::Error),
+    /// The agent refused us or we refused it.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The agent broke the protocol; the connection is closed.
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("timed out after {0:?} waiting for the agent ({1})")]
+    Timeout(Duration, &'static str),
+    /// The connection is closed.
+    #[error("agent connection closed: {0}")]
+    Closed(String),
+    /// The agent answered with an error.
+    #[error("agent: {0}")]
+    Agent(AgentError),
+}
+
+impl Error {
+    /// For a process that could not be started: the exit code it got
+    /// (126: cannot run, 127: not found).
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Error::Agent(e) if e.kind == ErrorKind::CannotRun => e.exit_code,
+            _ => None,
+        }
+    }
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// For the handshake (and the hybrid vsock `CONNECT`).
+    pub handshake_timeout: Duration,
+    /// For requests other than create and wait.
+    pub request_timeout: Duration,
+    /// For `create_container` (unpacking in a slow guest takes minutes).
+    pub create_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+            create_timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// How a process's standard streams are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// `/dev/null`.
+    Null,
+    /// stdout and stderr piped back; stdin too if asked.
+    Piped {
+        /// Give the process a stdin stream.
+        stdin: bool,
+    },
+    /// One terminal of that size: [`Process::stdin`] writes to it,
+    /// [`Process::stdout`] reads it.
+    Tty {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    /// Agent to host.
+    output: bool,
+    buf: VecDeque<u8>,
+    eof: bool,
+    consumed: u64,
+    discard: bool,
+    /// Host to agent.
+    input: bool,
+    credit: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pending: HashMap<u32, SyncSender<Response>>,
+    next_req: u32,
+    next_stream: u32,
+    streams: HashMap<u32, StreamState>,
+    closed: Option<String>,
+}
+
+struct Shared {
+    writer: Mutex<Box<dyn Write + Send>>,
+    state: Mutex<State>,
+    cond: Condvar,
+    close: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, kind: Kind, id: u32, payload: &[u8]) -> io::Result<()> {
+        let bytes = frame::encode(kind, id, payload);
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&bytes)?;
+        w.flush()
+    }
+
+    fn fail(&self, why: String) {
+        let mut st = self.lock();
+        if st.closed.is_none() {
+            st.closed = Some(why);
+        }
+        st.pending.clear();
+        drop(st);
+        self.cond.notify_all();
+        (self.close)();
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed(self.lock().closed.clone().unwrap_or_else(|| "closed".into()))
+    }
+}
+
+/// A connection to an agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    opts: Options,
+}
+
+fn reader_loop<R: Read>(mut r: BufReader<R>, shared: Arc<Shared>) {
+    let why = loop {
+        let f = match frame::read_frame(&mut r) {
+            Ok(Some(f)) => f,
+            Ok(None) => break "the agent closed the connection".to_string(),
+            Err(e) => break e.to_string(),
+        };
+        if let Err(v) = dispatch(&shared, f) {
+            break format!("protocol violation: {v}");
+        }
+    };
+    shared.fail(why);
+}
+
+fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), String> {
+    let mut st = shared.lock();
+    match f.kind {
+        Kind::Response => {
+            let r: Response = serde_json::from_slice(&f.payload).map_err(|e| format!("malformed response: {e}"))?;
+            if let Some(tx) = st.pending.remove(&f.id) {
+                let _ = tx.send(r);
+            } else if f.id >= st.next_req {
+                return Err(format!("response to request {} that was never sent", f.id));
+            }
+        }
+        Kind::Data => {
+            let s = st.streams.get_mut(&f.id).ok_or_else(|| format!("data for unknown stream {}", f.id))?;
+            if !s.output || s.eof {
+                return Err(format!("data on stream {} that is not open for output", f.id));
+            }
+            if f.payload.is_empty() || s.buf.len() as u64 + s.consumed + f.payload.len() as u64 > u64::from(STREAM_WINDOW) {
+                return Err(format!("stream {}: data beyond the window", f.id));
+            }
+            if s.discard {
+                let n = f.payload.len() as u32;
+                drop(st);
+                let _ = shared.send(Kind::Credit, f.id, &n.to_le_bytes());
+                return Ok(());
+            }
+            s.buf.extend(&f.payload);
+            shared.cond.notify_all();
+        }
+        Kind::Eof => {
+            let s = st.streams.get_mut(&f.id).ok_or_else(|| format!("end of unknown stream {}", f.id))?;
+            if !s.output || s.eof {
+                return Err(format!("end of stream {} that is not open for output", f.id));
+            }
+            s.eof = true;
+            if s.discard && !s.input {
+                st.streams.remove(&f.id);
+            }
+            shared.cond.notify_all();
+        }
+        Kind::Credit => {
+            let n = <[u8; 4]>::try_from(f.payload.as_slice()).map_err(|_| "malformed credit".to_string())?;
+            if let Some(s) = st.streams.get_mut(&f.id).filter(|s| s.input) {
+                s.credit += u64::from(u32::from_le_bytes(n));
+                if s.credit > u64::from(STREAM_WINDOW) {
+                    return Err(format!("stream {}: credit beyond the window", f.id));
+                }
+                shared.cond.notify_all();
+            }
+        }
+        Kind::Hello | Kind::Request => return Err(format!("unexpected frame kind {:?}", f.kind)),
+    }
+    Ok(())
+}
+
+/// Connects to the agent through Firecracker-style hybrid vsock: the VMM's
+/// Unix socket, `CONNECT <port>\n`, `OK <n>\n`.
+pub fn hybrid_vsock_connect(uds: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: nothing past the line belongs to us.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        if s.read(&mut b)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VMM closed the vsock socket during CONNECT"));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&line);
+    let ok = text.strip_prefix("OK ").is_some_and(|n| n.trim().parse::<u32>().is_ok());
+    if !ok {
+        return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("vsock CONNECT {port} refused: {text:?}")));
+    }
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    Ok(s)
+}
+
+impl Client {
+    /// Connects to an agent listening on a Unix socket (`--listen-unix`).
+    pub fn connect_unix(path: impl AsRef<Path>, opts: Options) -> Result<Self, Error> {
+        let s = UnixStream::connect(path)?;
+        Self::from_unix(s, opts)
+    }
+
+    /// Connects to an agent in a guest through the VMM's hybrid vsock
+    /// socket.
+    pub fn connect_hybrid_vsock(uds: impl AsRef<Path>, port: u32, opts: Options) -> Result<Self, Error> {
+        let s = hybrid_vsock_connect(uds.as_ref(), port, opts.handshake_timeout)?;
+        Self::from_unix(s, opts)
+    }
+
+    fn from_unix(s: UnixStream, opts: Options) -> Result<Self, Error> {
+        let r = s.try_clone()?;
+        let closer = s.try_clone()?;
+        Self::handshake(r, s, move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        }, opts)
+    }
+
+    /// Handshakes over any stream, split in a reader and a writer. `close`
+    /// must make a blocked read of `reader` return (e.g. shut the socket
+    /// down); it is called when the connection fails or the client is
+    /// closed.
+    pub fn handshake<R, W, C>(reader: R, writer: W, close: C, opts: Options) -> Result<Self, Error>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+        C: Fn() + Send + Sync + 'static,
+    {
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(Box::new(writer)),
+            state: Mutex::new(State { next_req: 1, next_stream: 1, ..Default::default() }),
+            cond: Condvar::new(),
+            close: Box::new(close),
+        });
+        let ours = Hello::ours(SOFTWARE);
+        let payload = serde_json::to_vec(&ours).map_err(|e| Error::Protocol(e.to_string()))?;
+        shared.send(Kind::Hello, 0, &payload)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sh = Arc::clone(&shared);
+        std::thread::Builder::new().name("vmrun-agent-client".into()).spawn(move || {
+            let mut r = BufReader::with_capacity(256 * 1024, reader);
+            let first = frame::read_frame(&mut r);
+            let ok = matches!(first, Ok(Some(ref f)) if f.kind == Kind::Hello);
+            let _ = tx.send(first);
+            if ok {
+                reader_loop(r, sh);
+            }
+        })?;
+        let first = match rx.recv_timeout(opts.handshake_timeout) {
+            Ok(f) => f,
+            Err(_) => {
+                (shared.close)();
+                return Err(Error::Timeout(opts.handshake_timeout, "hello"));
+            }
+        };
+        let f = match first {
+            Ok(Some(f)) if f.kind == Kind::Hello => f,
+            Ok(Some(f)) => {
+                (shared.close)();
+                return Err(Error::Protocol(format!("expected a hello, got {:?}", f.kind)));
+            }
+            Ok(None) => return Err(Error::Closed("the agent closed the connection during the handshake".into())),
+            Err(e) => {
+                (shared.close)();
+                return Err(Error::Protocol(e.to_string()));
+            }
+        };
+        let theirs: Hello = match serde_json::from_slice(&f.payload) {
+            Ok(h) => h,
+            Err(e) => {
+                shared.fail(format!("malformed hello: {e}"));
+                return Err(Error::Protocol(format!("malformed hello: {e}")));
+            }
+        };
+        if let Err(e) = check_hello(&ours, &theirs) {
+            shared.fail(e.to_string());
+            return Err(e.into());
+        }
+        Ok(Self { shared, opts })
+    }
+
+    /// Closes the connection (processes go on; their output is dropped).
+    pub fn close(&self) {
+        self.shared.fail("closed by the host".into());
+    }
+
+    fn call(&self, req: &Request, timeout: Option<Duration>, what: &'static str) -> Result<Reply, Error> {
+        let payload = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::Protocol(format!("{what} request too large ({} bytes)", payload.len())));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let id = {
+            let mut st = self.shared.lock();
+            if let Some(c) = &st.closed {
+                return Err(Error::Closed(c.clone()));
+            }
+            let id = st.next_req;
+            st.next_req = st.next_req.wrapping_add(1).max(1);
+            st.pending.insert(id, tx);
+            id
+        };
+        if let Err(e) = self.shared.send(Kind::Request, id, &payload) {
+            self.shared.lock().pending.remove(&id);
+            return Err(e.into());
+        }
+        let r = match timeout {
+            Some(t) => match rx.recv_timeout(t) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.shared.lock().pending.remove(&id);
+                    return Err(Error::Timeout(t, what));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.shared.closed_error()),
+            },
+            None => rx.recv().map_err(|_| self.shared.closed_error())?,
+        };
+        r.map_err(Error::Agent)
+    }
+
+    fn unexpected(&self, what: &str, r: Reply) -> Error {
+        let e = Error::Protocol(format!("unexpected answer to {what}: {r:?}"));
+        self.shared.fail(e.to_string());
+        e
+    }
+
+    /// Pings the agent; returns its software string.
+    pub fn ping(&self) -> Result<String, Error> {
+        match self.call(&Request::Ping, Some(self.opts.request_timeout), "ping")? {
+            Reply::Pong { software } => Ok(software.chars().take(128).collect()),
+            r => Err(self.unexpected("ping", r)),
+        }
+    }
+
+    /// Creates a container: unpacks its image into its root.
+    pub fn create_container(&self, spec: &CreateContainer) -> Result<(), Error> {
+        match self.call(&Request::CreateContainer(spec.clone()), Some(self.opts.create_timeout), "create")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("create", r)),
+        }
+    }
+
+    fn open_streams(&self, mode: StdioMode) -> (Stdio, Vec<(u32, bool, bool)>) {
+        let mut st = self.shared.lock();
+        let mut alloc = |output: bool, input: bool| {
+            let id = st.next_stream;
+            st.next_stream += 1;
+            st.streams.insert(id, StreamState { output, input, credit: if input { u64::from(STREAM_WINDOW) } else { 0 }, ..Default::default() });
+            (id, output, input)
+        };
+        match mode {
+            StdioMode::Null => (Stdio::Null, vec![]),
+            StdioMode::Piped { stdin } => {
+                let i = stdin.then(|| alloc(false, true));
+                let o = alloc(true, false);
+                let e = alloc(true, false);
+                let stdio = Stdio::Pipes { stdin: i.map(|s| s.0), stdout: Some(o.0), stderr: Some(e.0) };
+                (stdio, i.into_iter().chain([o, e]).collect())
+            }
+            StdioMode::Tty { rows, cols } => {
+                let t = alloc(true, true);
+                (Stdio::Tty { stream: t.0, rows, cols }, vec![t])
+            }
+        }
+    }
+
+    fn process(&self, container: &str, exec_id: Option<&str>, req: Request, streams: Vec<(u32, bool, bool)>, mode: StdioMode) -> Result<Process, Error> {
+        let r = self.call(&req, Some(self.opts.request_timeout), "start");
+        let pid = match r {
+            Ok(Reply::Started { pid }) => pid,
+            Ok(other) => return Err(self.unexpected("start", other)),
+            Err(e) => {
+                // The agent may still end the output streams: let them
+                // drain, and forget the input ones.
+                let mut st = self.shared.lock();
+                for (id, _, _) in &streams {
+                    if let Some(s) = st.streams.get_mut(id) {
+                        s.discard = true;
+                        s.input = false;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut p = Process { client: self.clone(), container: container.into(), exec_id: exec_id.map(Into::into), pid, stdin: None, stdout: None, stderr: None };
+        let mk_out = |id| OutputStream { shared: Arc::clone(&self.shared), id };
+        let mk_in = |id| InputStream { shared: Arc::clone(&self.shared), id, closed: false };
+        match mode {
+            StdioMode::Null => {}
+            StdioMode::Piped { stdin } => {
+                let mut it = streams.iter().map(|s| s.0);
+                if stdin {
+                    p.stdin = it.next().map(mk_in);
+                }
+                p.stdout = it.next().map(mk_out);
+                p.stderr = it.next().map(mk_out);
+            }
+            StdioMode::Tty { .. } => {
+                p.stdin = streams.first().map(|s| mk_in(s.0));
+                p.stdout = streams.first().map(|s| mk_out(s.0));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Starts a created container's process.
+    pub fn start(&self, container: &str, mode: StdioMode) -> Result<Process, Error> {
+        let (stdio, streams) = self.open_streams(mode);
+        let req = Request::StartContainer { container: container.into(), stdio };
+        self.process(container, None, req, streams, mode)
+    }
+
+    /// Runs another process in a running container.
+    pub fn exec(&self, container: &str, exec_id: &str, process: &ExecProcess, mode: StdioMode) -> Result<Process, Error> {
+        let (stdio, streams) = self.open_streams(mode);
+        let req = Request::Exec(Exec { container: container.into(), exec_id: exec_id.into(), process: process.clone(), stdio });
+        self.process(container, Some(exec_id), req, streams, mode)
+    }
+
+    /// Sends a signal to a container's process (`exec_id: None`) or an
+    /// exec'd one.
+    pub fn signal(&self, container: &str, exec_id: Option<&str>, signal: i32) -> Result<(), Error> {
+        let req = Request::Signal { container: container.into(), exec_id: exec_id.map(Into::into), signal };
+        match self.call(&req, Some(self.opts.request_timeout), "signal")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("signal", r)),
+        }
+    }
+
+    /// Waits for a process to end and returns its exit code (128 + signal
+    /// when killed). `None` waits as long as it takes.
+    pub fn wait(&self, container: &str, exec_id: Option<&str>, timeout: Option<Duration>) -> Result<i32, Error> {
+        let req = Request::Wait { container: container.into(), exec_id: exec_id.map(Into::into) };
+        match self.call(&req, timeout, "wait")? {
+            Reply::Exited { exit_code } if (0..=255).contains(&exit_code) => Ok(exit_code),
+            r => Err(self.unexpected("wait", r)),
+        }
+    }
+
+    /// Sets the terminal size of a process.
+    pub fn resize(&self, container: &str, exec_id: Option<&str>, rows: u16, cols: u16) -> Result<(), Error> {
+        let req = Request::ResizeTty { container: container.into(), exec_id: exec_id.map(Into::into), rows, cols };
+        match self.call(&req, Some(self.opts.request_timeout), "resize")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("resize", r)),
+        }
+    }
+
+    /// Removes a container (`force` kills it first if it runs).
+    pub fn remove_container(&self, container: &str, force: bool) -> Result<(), Error> {
+        let req = Request::RemoveContainer { container: container.into(), force };
+        match self.call(&req, Some(self.opts.request_timeout), "remove")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("remove", r)),
+        }
+    }
+
+    /// Ends the guest (on a host: the agent).
+    pub fn shutdown(&self) -> Result<(), Error> {
+        match self.call(&Request::Shutdown, Some(self.opts.request_timeout), "shutdown")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("shutdown", r)),
+        }
+    }
+}
+
+/// A process started in a container.
+#[derive(Debug)]
+pub struct Process {
+    client: Client,
+    container: String,
+    exec_id: Option<String>,
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// Its stdin (or the terminal's input).
+    pub stdin: Option<InputStream>,
+    /// Its stdout (or the terminal's output).
+    pub stdout: Option<OutputStream>,
+    /// Its stderr.
+    pub stderr: Option<OutputStream>,
+}
+
+/// What [`Process::output`] collects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// The exit code.
+    pub exit_code: i32,
+    /// Standard output (or the terminal's output).
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+}
+
+fn read_bounded(mut r: impl Read, limit: usize) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(v);
+        }
+        let keep = n.min(limit - v.len().min(limit));
+        v.extend_from_slice(&buf[..keep]);
+    }
+}
+
+impl Process {
+    /// Waits for the process to end; returns its exit code.
+    pub fn wait(&self) -> Result<i32, Error> {
+        self.client.wait(&self.container, self.exec_id.as_deref(), None)
+    }
+
+    /// Sends it a signal.
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.client.signal(&self.container, self.exec_id.as_deref(), signal)
+    }
+
+    /// Resizes its terminal.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), Error> {
+        self.client.resize(&self.container, self.exec_id.as_deref(), rows, cols)
+    }
+
+    /// Closes stdin, collects stdout and stderr to their ends (at most
+    /// `limit` bytes of each are kept, the rest read and dropped), and
+    /// waits for the exit code.
+    pub fn output(mut self, limit: usize) -> Result<Output, Error> {
+        drop(self.stdin.take());
+        let err_thread = self.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e, limit)));
+        let stdout = match self.stdout.take() {
+            Some(o) => read_bounded(o, limit)?,
+            None => Vec::new(),
+        };
+        let stderr = match err_thread {
+            Some(t) => t.join().map_err(|_| Error::Closed("stderr reader panicked".into()))??,
+            None => Vec::new(),
+        };
+        let exit_code = self.wait()?;
+        Ok(Output { exit_code, stdout, stderr })
+    }
+}
+
+/// Output of a process (`Read`): blocks until data, or returns 0 at the
+/// end of the stream. Dropping it drains and drops the rest.
+#[derive(Debug)]
+pub struct OutputStream {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl Read for OutputStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut st = self.shared.lock();
+        loop {
+            let closed = st.closed.clone();
+            let Some(s) = st.streams.get_mut(&self.id) else { return Ok(0) };
+            if !s.buf.is_empty() {
+                let n = buf.len().min(s.buf.len());
+                for (d, b) in buf.iter_mut().zip(s.buf.drain(..n)) {
+                    *d = b;
+                }
+                s.consumed += n as u64;
+                // Credit in half-windows: fewer frames (and fewer system calls
+                // in the guest); the agent still has half a window to go on.
+                let grant = if s.consumed >= u64::from(STREAM_WINDOW / 2) {
+                    std::mem::take(&mut s.consumed)
+                } else {
+                    0
+                };
+                drop(st);
+                if grant > 0 {
+                    let _ = self.shared.send(Kind::Credit, self.id, &(grant as u32).to_le_bytes());
+                }
+                return Ok(n);
+            }
+            if s.eof {
+                return Ok(0);
+            }
+            if let Some(c) = closed {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, c));
+            }
+            st = self.shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else { return };
+        let grant = s.consumed + s.buf.len() as u64;
+        s.buf.clear();
+        s.consumed = 0;
+        s.discard = true;
+        s.output = s.output && !s.eof;
+        if s.eof && !s.input {
+            st.streams.remove(&self.id);
+        }
+        drop(st);
+        if grant > 0 {
+            let _ = self.shared.send(Kind::Credit, self.id, &(grant as u32).to_le_bytes());
+        }
+    }
+}
+
+/// Input of a process (`Write`): blocks while the agent has no room.
+/// [`InputStream::close`] (or dropping it) ends the process's stdin.
+#[derive(Debug)]
+pub struct InputStream {
+    shared: Arc<Shared>,
+    id: u32,
+    closed: bool,
+}
+
+impl InputStream {
+    /// Ends the process's stdin.
+    pub fn close(mut self) -> io::Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let mut st = self.shared.lock();
+        if let Some(s) = st.streams.get_mut(&self.id) {
+            s.input = false;
+            if !s.output || (s.eof && s.discard) {
+                st.streams.remove(&self.id);
+            }
+        }
+        drop(st);
+        self.shared.send(Kind::Eof, self.id, &[])
+    }
+}
+
+impl Write for InputStream {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let mut st = self.shared.lock();
+        let n = loop {
+            if let Some(c) = &st.closed {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, c.clone()));
+            }
+            let Some(s) = st.streams.get_mut(&self.id) else { return Err(io::ErrorKind::BrokenPipe.into()) };
+            if s.credit > 0 {
+                let n = (data.len() as u64).min(s.credit).min(MAX_PAYLOAD as u64) as usize;
+                s.credit -= n as u64;
+                break n;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            st = self.shared.cond.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        drop(st);
+        self.shared.send(Kind::Data, self.id, &data[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for InputStream {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake agent on the other end of a socket pair: answers the hello
+    /// with `version`, then runs `script` with the raw socket.
+    fn fake_agent(version: u32, script: impl FnOnce(UnixStream) + Send + 'static) -> Result<Client, Error> {
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let hello = frame::read_frame(&mut r).unwrap().unwrap();
+            assert_eq!(hello.kind, Kind::Hello);
+            let h = Hello { version, ..Hello::ours("fake-agent") };
+            (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
+            script(b);
+        });
+        let opts = Options { handshake_timeout: Duration::from_secs(5), request_timeout: Duration::from_millis(300), ..Options::default() };
+        Client::from_unix(a, opts)
+    }
+
+    #[test]
+    fn version_mismatch_is_refused_with_both_versions() {
+        let e = fake_agent(vmrun_agent_protocol::VERSION + 1, |_| {}).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Handshake(HandshakeError::VersionMismatch { .. })), "{msg}");
+        assert!(msg.contains("fake-agent"), "{msg}");
+    }
+
+    #[test]
+    fn requests_time_out() {
+        let c = fake_agent(vmrun_agent_protocol::VERSION, |s| {
+            std::thread::sleep(Duration::from_secs(2));
+            drop(s);
+        })
+        .unwrap();
+        assert!(matches!(c.ping(), Err(Error::Timeout(..))));
+    }
+
+    #[test]
+    fn data_beyond_the_window_closes_the_connection() {
+        let c = fake_agent(vmrun_agent_protocol::VERSION, |s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let req = frame::read_frame(&mut r).unwrap().unwrap();
+            let resp: Response = Ok(Reply::Started { pid: 7 });
+            (&s).write_all(&frame::encode(Kind::Response, req.id, &serde_json::to_vec(&resp).unwrap())).unwrap();
+            // Stream 1 is stdout: send more than a window without credit.
+            let chunk = vec![b'x'; MAX_PAYLOAD];
+            for _ in 0..=(STREAM_WINDOW as usize / MAX_PAYLOAD) {
+                if (&s).write_all(&frame::encode(Kind::Data, 1, &chunk)).is_err() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        })
+        .unwrap();
+        let p = c.start("c", StdioMode::Piped { stdin: false }).unwrap();
+        assert_eq!(p.pid, 7);
+        let mut out = p.stdout.unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut all = Vec::new();
+        let e = out.read_to_end(&mut all).unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
+        assert!(matches!(c.ping(), Err(Error::Closed(m)) if m.contains("window")));
+    }
+
+    #[test]
+    fn data_for_an_unknown_stream_is_a_violation() {
+        let c = fake_agent(vmrun_agent_protocol::VERSION, |s| {
+            (&s).write_all(&frame::encode(Kind::Data, 99, b"boo")).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(matches!(c.ping(), Err(Error::Closed(m)) if m.contains("unknown stream")));
+    }
+
+    #[test]
+    fn out_of_range_exit_codes_are_refused() {
+        let c = fake_agent(vmrun_agent_protocol::VERSION, |s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let req = frame::read_frame(&mut r).unwrap().unwrap();
+            let resp: Response = Ok(Reply::Exited { exit_code: -5 });
+            (&s).write_all(&frame::encode(Kind::Response, req.id, &serde_json::to_vec(&resp).unwrap())).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        })
+        .unwrap();
+        assert!(matches!(c.wait("c", None, Some(Duration::from_secs(5))), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn hybrid_vsock_handshake() {
+        let dir = std::env::temp_dir().join(format!("vmrun-client-vsock-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            for answer in ["OK 1073741824\nrest", "NOPE\n"] {
+                let (mut s, _) = l.accept().unwrap();
+                let mut line = [0u8; 13];
+                s.read_exact(&mut line).unwrap();
+                assert_eq!(&line, b"CONNECT 1024\n");
+                s.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let mut s = hybrid_vsock_connect(&path, 1024, Duration::from_secs(5)).unwrap();
+        let mut rest = [0u8; 4];
+        s.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"rest");
+        let e = hybrid_vsock_connect(&path, 1024, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

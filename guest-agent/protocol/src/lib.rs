@@ -1,0 +1,114 @@
+//! The protocol between vmrun on the host and its agent in the guest.
+//!
+//! # Transport
+//!
+//! One byte stream, host to agent: a Unix socket (the agent running on the
+//! host, in tests), or a vsock connection (in a guest; through
+//! Firecracker-style hybrid vsock the host first writes `CONNECT <port>\n`
+//! on the VMM's Unix socket and reads `OK <port>\n`). Nothing here needs
+//! more than `Read + Write`.
+//!
+//! # Frames
+//!
+//! Everything travels in [`frame`]s: a 9-byte header (`len: u32 LE`,
+//! `kind: u8`, `id: u32 LE`) and at most [`frame::MAX_PAYLOAD`] (1 MiB) of
+//! payload. Control payloads are JSON ([`Hello`], [`Request`],
+//! [`Response`]); stream data is raw bytes.
+//!
+//! # Handshake
+//!
+//! The host sends a `Hello` frame with [`MAGIC`] and its [`VERSION`]; the
+//! agent answers with its own `Hello`. Each side checks the other's with
+//! [`check_hello`]: a different version is refused with an error that names
+//! both versions, and the agent closes the connection.
+//!
+//! # Multiplexing
+//!
+//! After the handshake the connection carries, interleaved:
+//! - requests (host to agent) with a host-chosen id, and responses with the
+//!   same id, in any order: a `Wait` is answered when the process ends,
+//!   while other requests are answered meanwhile;
+//! - process streams: `Data` frames with a stream id the host chose when it
+//!   started the process ([`Stdio`]), ended by an `Eof` frame. Stdout and
+//!   stderr flow agent to host, stdin host to agent; a terminal uses one
+//!   stream id both ways.
+//!
+//! # Flow control
+//!
+//! Each stream has a window of [`STREAM_WINDOW`] bytes each way: a sender
+//! may have at most that many bytes sent and not yet acknowledged; the
+//! receiver acknowledges with `Credit` frames as its consumer takes the
+//! bytes. So a process whose output the host does not read stalls on its
+//! own pipe without holding up the connection, and neither side ever
+//! buffers more than a window per stream. A side that receives more than
+//! the window allows treats it as a protocol violation.
+
+pub mod frame;
+mod message;
+
+pub use message::*;
+pub use vmrun_layerdisk::Digest;
+
+/// The magic string in every [`Hello`].
+pub const MAGIC: &str = "vmrun-agent";
+/// The protocol version; bumped on any incompatible change.
+pub const VERSION: u32 = 1;
+/// Bytes a stream's sender may have in flight before it gets credit back.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+
+/// A refused handshake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer is not a vmrun agent or host.
+    #[error("the peer is not a vmrun agent or host (bad hello)")]
+    NotVmrun,
+    /// The peer speaks another protocol version.
+    #[error(
+        "protocol version mismatch: this side ({ours_software}) speaks version {ours}, the peer ({theirs_software}) \
+         speaks version {theirs}; use an agent initramfs built with the same vmrun"
+    )]
+    VersionMismatch {
+        /// Our version.
+        ours: u32,
+        /// Our software.
+        ours_software: String,
+        /// The peer's version.
+        theirs: u32,
+        /// The peer's software.
+        theirs_software: String,
+    },
+}
+
+/// Checks the peer's hello against ours.
+pub fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), HandshakeError> {
+    if theirs.magic != MAGIC {
+        return Err(HandshakeError::NotVmrun);
+    }
+    if theirs.version != ours.version {
+        return Err(HandshakeError::VersionMismatch {
+            ours: ours.version,
+            ours_software: ours.software.clone(),
+            theirs: theirs.version,
+            theirs_software: theirs.software.chars().take(64).collect(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_accepts_same_version_and_explains_a_mismatch() {
+        let host = Hello::ours("vmrun 0.1.0");
+        let agent = Hello::ours("vmrun-agent 0.1.0");
+        assert_eq!(check_hello(&host, &agent), Ok(()));
+        let newer = Hello { version: VERSION + 1, ..agent.clone() };
+        let e = check_hello(&host, &newer).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("version {VERSION}")) && msg.contains(&format!("version {}", VERSION + 1)), "{msg}");
+        let stranger = Hello { magic: "http".into(), ..agent };
+        assert_eq!(check_hello(&host, &stranger), Err(HandshakeError::NotVmrun));
+    }
+}

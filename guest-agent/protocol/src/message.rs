@@ -1,0 +1,414 @@
+//! The messages: JSON payloads of `Hello`, `Request` and `Response` frames.
+
+use serde::{Deserialize, Serialize};
+use vmrun_layerdisk::Digest;
+
+/// The first frame each side sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::MAGIC`].
+    pub magic: String,
+    /// The protocol version the sender speaks.
+    pub version: u32,
+    /// The sender's software and version, for messages (`vmrun 0.1.0`).
+    pub software: String,
+}
+
+impl Hello {
+    /// This side's hello.
+    pub fn ours(software: &str) -> Self {
+        Self { magic: crate::MAGIC.into(), version: crate::VERSION, software: software.into() }
+    }
+}
+
+/// A request from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent there? Answered with [`Reply::Pong`].
+    Ping,
+    /// Unpacks an image into a new container's root and prepares it.
+    /// Answered with [`Reply::Done`] once the root is ready.
+    CreateContainer(CreateContainer),
+    /// Starts the container's process. Answered with [`Reply::Started`]
+    /// once it runs the image's program, or with an error of kind
+    /// [`ErrorKind::CannotRun`] (exit code 126 or 127).
+    StartContainer {
+        /// The container.
+        container: String,
+        /// Where its standard streams go.
+        stdio: Stdio,
+    },
+    /// Runs another process in a running container, like `docker exec`.
+    /// Answered like `StartContainer`.
+    Exec(Exec),
+    /// Sends a signal to the container's process (`exec_id: None`) or to an
+    /// exec'd one. Answered with [`Reply::Done`].
+    Signal {
+        /// The container.
+        container: String,
+        /// The exec'd process, or `None` for the container's own.
+        exec_id: Option<String>,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Waits for a process to end. Answered with [`Reply::Exited`] when it
+    /// has; other requests go on meanwhile.
+    Wait {
+        /// The container.
+        container: String,
+        /// The exec'd process, or `None` for the container's own.
+        exec_id: Option<String>,
+    },
+    /// Sets the window size of a process's terminal.
+    ResizeTty {
+        /// The container.
+        container: String,
+        /// The exec'd process, or `None` for the container's own.
+        exec_id: Option<String>,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Removes a container and its root. Refused while its process runs,
+    /// unless `force`, which kills it first.
+    RemoveContainer {
+        /// The container.
+        container: String,
+        /// Kill its processes first.
+        force: bool,
+    },
+    /// Kills every process and ends the guest (on the host: the agent).
+    /// Answered with [`Reply::Done`] just before.
+    Shutdown,
+}
+
+/// A new container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    /// Its id: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
+    pub id: String,
+    /// Where its layers are.
+    pub layers: LayerSource,
+    /// What its root file system lives on.
+    #[serde(default)]
+    pub rootfs: RootfsSpec,
+    /// The image's configuration (and the user's overrides).
+    pub config: ImageConfig,
+    /// Bounds on what unpacking may write.
+    #[serde(default)]
+    pub limits: UnpackLimits,
+}
+
+/// The image layers of a container: blobs on a layer disk
+/// (see `vmrun_layerdisk`), applied in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSource {
+    /// The disk, as a path in the guest (`/dev/vdb`; on the host, a file).
+    pub disk: String,
+    /// The layers, lowest first.
+    pub layers: Vec<Digest>,
+}
+
+/// What a container's root lives on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootfsSpec {
+    /// A fresh tmpfs (the default), its size in MiB or, without one, the
+    /// kernel's default of half the memory. Removing the container frees it
+    /// at once.
+    Tmpfs {
+        /// Size limit in MiB.
+        size_mib: Option<u64>,
+    },
+    /// A file system the host provides, e.g. a scratch disk:
+    /// `mount -t fstype -o options source`.
+    Mount {
+        /// The device.
+        source: String,
+        /// Its file system type.
+        fstype: String,
+        /// Mount data (`""` for none).
+        #[serde(default)]
+        options: String,
+    },
+}
+
+impl Default for RootfsSpec {
+    fn default() -> Self {
+        Self::Tmpfs { size_mib: None }
+    }
+}
+
+/// Bounds on unpacking, checked before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnpackLimits {
+    /// Most bytes of file content, all layers together; the decompressed
+    /// tar streams are bounded a little above this.
+    pub max_bytes: u64,
+    /// Most tar entries, all layers together.
+    pub max_entries: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self { max_bytes: 16 << 30, max_entries: 1_000_000 }
+    }
+}
+
+/// The parts of an OCI image configuration the agent uses, after the
+/// user's overrides (`docker run --entrypoint`, `-e`, `-w`, `-u`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ImageConfig {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`, appended to the entrypoint.
+    pub cmd: Vec<String>,
+    /// `Env`, `NAME=value`.
+    pub env: Vec<String>,
+    /// `WorkingDir`; created if missing; `/` when empty.
+    pub working_dir: String,
+    /// `User`: `""`, `name`, `uid`, `name:group` or `uid:gid`.
+    pub user: String,
+    /// The container's host name (empty: the container id).
+    pub hostname: String,
+    /// Mounts made in the container's root.
+    pub mounts: Vec<Mount>,
+    /// Resource limits of the container's processes.
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A mount inside the container, like an OCI runtime spec mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Where, inside the container (absolute).
+    pub destination: String,
+    /// File system type (`tmpfs`, `bind`, ...).
+    pub fstype: String,
+    /// Source: a guest path for `bind`, anything for others.
+    #[serde(default)]
+    pub source: String,
+    /// Options: flags (`ro`, `nosuid`, `nodev`, `noexec`, `rbind`) and
+    /// file system data (`size=64m`).
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `nofile`, `nproc`, `core`, ... (or `RLIMIT_NOFILE`, ...).
+    pub resource: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Another process in a running container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    /// The container.
+    pub container: String,
+    /// The new process's id within the container (same rules as container
+    /// ids).
+    pub exec_id: String,
+    /// What to run.
+    pub process: ExecProcess,
+    /// Where its standard streams go.
+    pub stdio: Stdio,
+}
+
+/// What an exec'd process runs; unset fields come from the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ExecProcess {
+    /// The program and its arguments.
+    pub args: Vec<String>,
+    /// Variables added to the container's environment.
+    pub env: Vec<String>,
+    /// The working directory (default: the container's).
+    pub working_dir: Option<String>,
+    /// The user (default: the container's).
+    pub user: Option<String>,
+}
+
+/// Where a process's standard streams go. Stream ids are chosen by the
+/// host, unique on the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdio {
+    /// All three on `/dev/null`.
+    Null,
+    /// Separate pipes; a missing one is `/dev/null`.
+    Pipes {
+        /// Host-to-process stream.
+        stdin: Option<u32>,
+        /// Process-to-host stream.
+        stdout: Option<u32>,
+        /// Process-to-host stream.
+        stderr: Option<u32>,
+    },
+    /// One terminal: the stream carries input to it and its output back.
+    Tty {
+        /// The stream, both ways.
+        stream: u32,
+        /// Initial rows.
+        rows: u16,
+        /// Initial columns.
+        cols: u16,
+    },
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done.
+    Done,
+    /// Answer to a ping.
+    Pong {
+        /// The agent's software and version.
+        software: String,
+    },
+    /// The process runs.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// The process ended.
+    Exited {
+        /// Its exit code as docker reports it: the status it exited with,
+        /// or 128 + the signal that killed it.
+        exit_code: i32,
+    },
+}
+
+/// What kind of failure an error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something impossible.
+    BadRequest,
+    /// No such container or process.
+    NotFound,
+    /// A container or process with that id exists.
+    AlreadyExists,
+    /// Not in this state (e.g. removing a running container).
+    InvalidState,
+    /// The image cannot be unpacked: bad disk, digest mismatch, malicious or
+    /// corrupt layer, limits exceeded.
+    Image,
+    /// The process could not be started; `exit_code` says why (126: could
+    /// not be run, 127: not found).
+    CannotRun,
+    /// The agent failed.
+    Internal,
+}
+
+/// A failed answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// A message for a person.
+    pub message: String,
+    /// For [`ErrorKind::CannotRun`]: the exit code the process got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+impl AgentError {
+    /// An error without an exit code.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), exit_code: None }
+    }
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// The payload of a `Response` frame.
+pub type Response = Result<Reply, AgentError>;
+
+/// Whether `id` is a valid container or exec id: 1 to 64 of
+/// `[A-Za-z0-9_.-]`, not starting with `.` or `-` (it names a directory).
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && !id.starts_with(['.', '-'])
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_json() {
+        let reqs = vec![
+            Request::Ping,
+            Request::CreateContainer(CreateContainer {
+                id: "c1".into(),
+                layers: LayerSource { disk: "/dev/vdb".into(), layers: vec![Digest::of(b"x")] },
+                rootfs: RootfsSpec::Tmpfs { size_mib: Some(64) },
+                config: ImageConfig { cmd: vec!["sh".into()], env: vec!["A=b".into()], ..Default::default() },
+                limits: UnpackLimits::default(),
+            }),
+            Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 } },
+            Request::Exec(Exec {
+                container: "c1".into(),
+                exec_id: "e1".into(),
+                process: ExecProcess { args: vec!["ls".into()], ..Default::default() },
+                stdio: Stdio::Pipes { stdin: None, stdout: Some(2), stderr: Some(3) },
+            }),
+            Request::Signal { container: "c1".into(), exec_id: None, signal: 9 },
+            Request::Wait { container: "c1".into(), exec_id: Some("e1".into()) },
+            Request::RemoveContainer { container: "c1".into(), force: true },
+            Request::Shutdown,
+        ];
+        for r in reqs {
+            let j = serde_json::to_vec(&r).unwrap();
+            assert_eq!(serde_json::from_slice::<Request>(&j).unwrap(), r);
+        }
+        let resp: Response = Err(AgentError { kind: ErrorKind::CannotRun, message: "x: not found".into(), exit_code: Some(127) });
+        let j = serde_json::to_string(&resp).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&j).unwrap(), resp);
+        let ok: Response = Ok(Reply::Exited { exit_code: 137 });
+        assert_eq!(serde_json::from_slice::<Response>(&serde_json::to_vec(&ok).unwrap()).unwrap(), ok);
+    }
+
+    #[test]
+    fn minimal_create_uses_defaults() {
+        let j = format!(
+            r#"{{"op":"create_container","id":"a","layers":{{"disk":"/d","layers":["{}"]}},"config":{{"cmd":["true"]}}}}"#,
+            Digest::of(b"")
+        );
+        let Request::CreateContainer(c) = serde_json::from_str::<Request>(&j).unwrap() else { panic!() };
+        assert_eq!(c.rootfs, RootfsSpec::Tmpfs { size_mib: None });
+        assert_eq!(c.limits, UnpackLimits::default());
+        assert!(c.config.entrypoint.is_empty());
+    }
+
+    #[test]
+    fn bad_digests_are_refused_when_parsing() {
+        let j = r#"{"op":"create_container","id":"a","layers":{"disk":"/d","layers":["sha256:00"]},"config":{}}"#;
+        assert!(serde_json::from_str::<Request>(j).is_err());
+    }
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "c1", "my_container.2", "A-b", &"x".repeat(64)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}

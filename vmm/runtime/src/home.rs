@@ -1,0 +1,72 @@
+//! The data directory (`$VMRUN_HOME`, default `/var/lib/vmrun` for root,
+//! else `~/.local/share/vmrun`):
+//!
+//! ```text
+//! images/            the image store (OCI image layout)
+//! boot/vmlinux       the guest kernel (kernel-config/build.sh)
+//! boot/agent.cpio    the agent initramfs (rootfs/build.sh)
+//! layer-disks/       one read-only layer disk per image, built once
+//! templates/<key>/   snapshots of booted guests for warm starts
+//! containers/<id>/   a container's VM: console, sockets, state
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// The data directory and its parts.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// The data directory from `$VMRUN_HOME` or the default.
+    pub fn from_env() -> std::io::Result<Self> {
+        if let Some(h) = std::env::var_os("VMRUN_HOME") {
+            return Ok(Self { root: PathBuf::from(h) });
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return Ok(Self { root: PathBuf::from("/var/lib/vmrun") });
+        }
+        let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share"))
+        });
+        base.map(|b| Self { root: b.join("vmrun") })
+            .ok_or_else(|| std::io::Error::other("set VMRUN_HOME (no HOME to put the data directory in)"))
+    }
+
+    /// A data directory at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The image store.
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Where the guest kernel and agent initramfs are installed.
+    pub fn boot(&self) -> PathBuf {
+        self.root.join("boot")
+    }
+
+    /// Built layer disks.
+    pub fn layer_disks(&self) -> PathBuf {
+        self.root.join("layer-disks")
+    }
+
+    /// Warm-start templates (snapshots of booted guests).
+    pub fn templates(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// Per-container directories.
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+}

@@ -1,0 +1,36 @@
+//! Containers in microVMs: everything between a resolved image and a
+//! running container process, shared by `vmrun run` and the OCI runtime.
+//!
+//! - [`home`]: the data directory and what lives in it;
+//! - [`artifacts`]: the guest kernel and the agent initramfs;
+//! - [`layer_disk`]: an image's layer blobs on a read-only disk for the guest;
+//! - [`vm`]: the VMM process (a child `vmrun boot`), reaching its agent,
+//!   stopping it.
+
+pub mod artifacts;
+pub mod home;
+pub mod layer_disk;
+pub mod template;
+pub mod vm;
+
+/// Errors of the runtime. Each says what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Artifacts(String),
+    #[error("cannot build the layer disk {path}: {reason}")]
+    LayerDisk { path: std::path::PathBuf, reason: String },
+    #[error("cannot start the VMM: {0}")]
+    Spawn(std::io::Error),
+    #[error("the VM ended before its agent answered ({status}); its console is in {console}")]
+    VmEnded { status: String, console: std::path::PathBuf },
+    #[error("the guest agent did not answer within {secs} s; its console is in {console}")]
+    AgentTimeout { secs: u64, console: std::path::PathBuf },
+    #[error("guest agent: {0}")]
+    Agent(#[from] vmrun_agent_client::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result of runtime operations.
+pub type Result<T> = std::result::Result<T, Error>;

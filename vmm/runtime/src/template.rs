@@ -1,0 +1,138 @@
+//! Warm start: a snapshot of a booted guest whose agent waits for work.
+//!
+//! The first VM for a given kernel, agent initramfs, memory size and vCPU
+//! count boots, waits for its agent, and is snapshotted into
+//! `templates/<key>/`; later VMs restore from it in milliseconds instead of
+//! booting, with the image's layer disk in the template's disk slot. The
+//! key hashes the inputs (the files' contents included), so a template
+//! that no longer matches them is never used: a new one is built.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vmrun_agent_client::Options;
+
+use crate::vm::{VmProcess, VmSpec};
+use crate::{Error, Result};
+
+/// What a template depends on.
+#[derive(Debug, Clone)]
+pub struct TemplateKey {
+    pub hash: String,
+}
+
+/// FNV-1a over bytes, continuing from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = h;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h);
+        }
+        h = fnv(h, &buf[..n]);
+    }
+}
+
+impl TemplateKey {
+    /// The key of a VM made as `spec` describes (the layer disk aside).
+    pub fn of(spec: &VmSpec) -> std::io::Result<Self> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        h = hash_file(h, &spec.artifacts.kernel)?;
+        h = hash_file(h, &spec.artifacts.agent_initrd)?;
+        h = fnv(h, format!("{} {} {} {}", spec.mem_mib, spec.cpus, spec.cmdline(), env!("CARGO_PKG_VERSION")).as_bytes());
+        Ok(Self { hash: format!("{h:016x}") })
+    }
+}
+
+/// Holds an exclusive lock on a file while alive.
+struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    fn take(path: &Path) -> std::io::Result<Self> {
+        let f = File::create(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { _file: f })
+    }
+}
+
+/// The template for `spec` under `dir`, built if missing (a boot: minutes
+/// on hosts that emulate guest kernel mode). Returns its directory.
+pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<PathBuf> {
+    let key = TemplateKey::of(spec)?;
+    let path = dir.join(&key.hash);
+    if path.join("vmstate.json").is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir)?;
+    let _lock = Lock::take(&dir.join(format!("{}.lock", key.hash)))?;
+    if path.join("vmstate.json").is_file() {
+        return Ok(path); // another vmrun built it meanwhile
+    }
+    progress("booting a template VM for warm starts (once per kernel, agent and VM size)");
+    let work = dir.join(format!("{}.build-{}", key.hash, std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = build(&work, spec);
+    match result {
+        Ok(()) => {
+            std::fs::rename(work.join("snapshot"), &path)?;
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(path)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn build(work: &Path, spec: &VmSpec) -> Result<()> {
+    // The disk slot gets a placeholder; each run puts its image there.
+    let placeholder = work.join("placeholder.disk");
+    File::create(&placeholder)?.set_len(4096)?;
+    let template_spec = VmSpec { layer_disk: placeholder, dir: work.join("vm"), ..spec.clone() };
+    let mut vm: VmProcess = template_spec.boot()?;
+    let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+    client.ping()?;
+    client.close();
+    let snap = work.join("snapshot");
+    let status = Command::new(&spec.vmm_exe)
+        .args(["snapshot", "create", "--control"])
+        .arg(&vm.control)
+        .arg("--dir")
+        .arg(&snap)
+        .stdin(Stdio::null())
+        .output()?;
+    if !status.status.success() {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "snapshot of the template VM failed: {}",
+            String::from_utf8_lossy(&status.stderr).trim()
+        ))));
+    }
+    let _ = Command::new(&spec.vmm_exe).args(["vm", "--control"]).arg(&vm.control).arg("stop").output();
+    vm.wait(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Starts a VM for `spec` from the template at `template`.
+pub fn restore(template: &Path, spec: &VmSpec) -> Result<VmProcess> {
+    VmProcess::restore(template, spec)
+}

@@ -1,0 +1,184 @@
+//! A container's VM: a child `vmrun boot` process with the agent initramfs,
+//! the image's layer disk and a vsock device, and the conversation with the
+//! agent in it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmrun_agent_client::{Client, Options};
+
+use crate::artifacts::Artifacts;
+use crate::{Error, Result};
+
+/// The vsock port the agent listens on (`vmrun.port=`).
+pub const AGENT_PORT: u32 = 1024;
+/// The guest's vsock context id (each VM has its own vsock device, so one
+/// number serves all).
+pub const GUEST_CID: u64 = 3;
+
+/// What the VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub artifacts: Artifacts,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    pub cpus: u8,
+    /// The layer disk: the guest's `/dev/vda`, read-only.
+    pub layer_disk: PathBuf,
+    /// The VM's directory: console log and sockets go there.
+    pub dir: PathBuf,
+    /// The `vmrun` executable that runs the VMM.
+    pub vmm_exe: PathBuf,
+}
+
+/// A running VMM process; killed if dropped while it runs.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Child,
+    pub vsock: PathBuf,
+    pub control: PathBuf,
+    pub console: PathBuf,
+}
+
+impl VmSpec {
+    /// The guest's kernel command line.
+    pub fn cmdline(&self) -> String {
+        format!("console=ttyS0 reboot=k panic=1 quiet vmrun.port={AGENT_PORT}")
+    }
+
+    /// Starts the VMM.
+    pub fn boot(&self) -> Result<VmProcess> {
+        std::fs::create_dir_all(&self.dir)?;
+        let vsock = self.dir.join("vsock.sock");
+        let control = self.dir.join("control.sock");
+        let console = self.dir.join("console.log");
+        let log = std::fs::File::create(self.dir.join("vmm.log"))?;
+        let child = Command::new(&self.vmm_exe)
+            .arg("boot")
+            .arg("--kernel")
+            .arg(&self.artifacts.kernel)
+            .arg("--initrd")
+            .arg(&self.artifacts.agent_initrd)
+            .arg("--cmdline")
+            .arg(self.cmdline())
+            .arg("--memory")
+            .arg(self.mem_mib.to_string())
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--disk")
+            .arg(format!("{},ro,id=layers", self.layer_disk.display()))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},uds={}", vsock.display()))
+            .arg("--control")
+            .arg(&control)
+            .arg("--console")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(Error::Spawn)?;
+        Ok(VmProcess { child, vsock, control, console })
+    }
+}
+
+impl VmProcess {
+    /// Starts a VM for `spec` from a template snapshot (see
+    /// [`crate::template`]): the layer disk goes into the template's disk
+    /// slot.
+    pub fn restore(template: &Path, spec: &VmSpec) -> Result<Self> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let vsock = spec.dir.join("vsock.sock");
+        let control = spec.dir.join("control.sock");
+        let console = spec.dir.join("console.log");
+        let log = std::fs::File::create(spec.dir.join("vmm.log"))?;
+        let child = Command::new(&spec.vmm_exe)
+            .arg("restore")
+            .arg("--snapshot")
+            .arg(template)
+            .arg("--disk")
+            .arg(&spec.layer_disk)
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--control")
+            .arg(&control)
+            .arg("--console")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(Error::Spawn)?;
+        Ok(VmProcess { child, vsock, control, console })
+    }
+
+    /// Waits until the agent answers (the guest boots meanwhile), up to
+    /// `timeout`.
+    pub fn connect_agent(&mut self, timeout: Duration, opts: Options) -> Result<Client> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(Error::VmEnded { status: status.to_string(), console: self.console.clone() });
+            }
+            if self.vsock.exists() {
+                // A short handshake timeout: while the guest boots, the
+                // connection waits for a driver that is not there yet.
+                let quick = Options { handshake_timeout: Duration::from_secs(5), ..opts };
+                match Client::connect_hybrid_vsock(&self.vsock, AGENT_PORT, quick) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => log::debug!("agent not there yet: {e}"),
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::AgentTimeout { secs: timeout.as_secs(), console: self.console.clone() });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the VMM to end, up to `timeout`; kills it after that.
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                return Ok(self.child.wait()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The console log so far (for error messages).
+    pub fn console_tail(&self, max: usize) -> String {
+        let s = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let start = s.len().saturating_sub(max);
+        s.get(start..).unwrap_or_default().to_string()
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Removes a VM directory (sockets, console) once the VM is gone.
+pub fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}
