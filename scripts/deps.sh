@@ -4,7 +4,10 @@
 # Needs root or sudo; does nothing when everything is there.
 set -euo pipefail
 
-pkgs=(busybox-static build-essential)
+# busybox-static: test and demo images; e2fsprogs: ext4 test disks;
+# docker-registry: the loopback registry of the pull tests; iproute2: the
+# network namespaces of the virtio-net test.
+pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -310,6 +310,9 @@ pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
     }
 }
 
+/// `BLKFLSBUF` = `_IO(0x12, 97)`: flush and drop a block device's cache.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
 /// A read-only mapping of a whole file or block device.
 #[derive(Debug)]
 pub struct Mapping {
@@ -326,8 +329,14 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `path` (a file or a block device) read-only, in four system
     /// calls: open, lseek to learn its size, mmap, close.
+    /// For a block device, its cached pages are dropped first (BLKFLSBUF):
+    /// after a snapshot restore the device holds another disk than the one
+    /// the cache saw.
     pub fn open(path: &CStr) -> io::Result<Self> {
         let fd = open(path, libc::O_RDONLY, 0)?;
+        // SAFETY: BLKFLSBUF takes no argument; on a regular file it fails
+        // with ENOTTY, which is fine.
+        unsafe { libc::ioctl(fd.as_raw_fd(), BLKFLSBUF as _, 0) };
         // SAFETY: lseek on a descriptor we hold.
         let size = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
         if size < 0 {

@@ -4,7 +4,7 @@
 //! and checks its stdout, stderr and exit code, and shuts the guest down.
 //!
 //! Runs where `VMRUN_TEST_KERNEL` names the guest kernel (scripts/test.sh
-//! sets it; so does CI). `VMRUN_AGENT_INITRAMFS` may name a prebuilt
+//! sets it; so does CI). `VMRUN_AGENT_INITRD` may name a prebuilt
 //! initramfs; otherwise rootfs/build.sh builds one (in its own target
 //! directory). It takes minutes on hosts that emulate guest kernel mode.
 
@@ -41,7 +41,7 @@ fn vmrun_binary() -> PathBuf {
 }
 
 fn agent_initramfs() -> PathBuf {
-    if let Some(p) = std::env::var_os("VMRUN_AGENT_INITRAMFS") {
+    if let Some(p) = std::env::var_os("VMRUN_AGENT_INITRD") {
         return p.into();
     }
     let out = Command::new(repo_root().join("rootfs/build.sh")).stderr(Stdio::inherit()).output().unwrap();

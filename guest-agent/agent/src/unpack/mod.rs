@@ -160,8 +160,27 @@ impl Read for ZstdFrames<'_> {
 pub fn unpack_from_disk(disk: &Path, layers: &[Digest], root: &Path, limits: UnpackLimits) -> Result<Stats, UnpackError> {
     let cpath = sys::cstring(disk.as_os_str().as_encoded_bytes())
         .map_err(|err| UnpackError::Disk { path: disk.display().to_string(), err })?;
-    let map = sys::Mapping::open(&cpath).map_err(|err| UnpackError::Disk { path: disk.display().to_string(), err })?;
+    let open = || sys::Mapping::open(&cpath).map_err(|err| UnpackError::Disk { path: disk.display().to_string(), err });
+    let mut map = open()?;
+    // A VM restored from a snapshot gets its layer disk in place of the
+    // template's placeholder: until the guest kernel has handled the
+    // capacity change the host announced, the device looks smaller than
+    // the disk's header says. Wait for it (a few seconds at most).
+    let mut tries = 0;
+    while map.bytes().len() < declared_size(map.bytes()) && tries < 200 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        map = open()?;
+        tries += 1;
+    }
     unpack(map.bytes(), layers, root, limits)
+}
+
+/// The disk size a layer disk's header declares (0 if it has no header).
+fn declared_size(disk: &[u8]) -> usize {
+    disk.get(24..32)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .filter(|_| disk.starts_with(&vmrun_layerdisk::MAGIC))
+        .map_or(0, |b| usize::try_from(u64::from_le_bytes(b)).unwrap_or(usize::MAX))
 }
 
 /// Unpacks `layers` from a layer disk held in memory into `root`.
