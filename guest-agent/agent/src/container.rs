@@ -336,14 +336,32 @@ impl Container {
     }
 
     /// The container's own process.
-    pub fn init_spec(&self, tty: bool) -> Result<ProcessSpec, AgentError> {
-        let args: Vec<String> = self.config.entrypoint.iter().chain(&self.config.cmd).cloned().collect();
+    /// The container's own process, with `overrides` (arguments when not
+    /// empty, extra environment, working directory, user) applied to what
+    /// it was created with.
+    pub fn init_spec(&self, tty: bool, overrides: Option<&vmrun_agent_protocol::ExecProcess>) -> Result<ProcessSpec, AgentError> {
+        let mut args: Vec<String> = self.config.entrypoint.iter().chain(&self.config.cmd).cloned().collect();
+        let mut env = self.config.env.clone();
+        let mut user_spec = self.config.user.as_str();
+        let mut working_dir = self.config.working_dir.as_str();
+        if let Some(o) = overrides {
+            if !o.args.is_empty() {
+                args = o.args.clone();
+            }
+            env = merge_env(&env, &o.env);
+            if let Some(u) = &o.user {
+                user_spec = u;
+            }
+            if let Some(w) = &o.working_dir {
+                working_dir = w;
+            }
+        }
         if args.is_empty() {
             return Err(err(ErrorKind::BadRequest, "no command: the image has no entrypoint or cmd, and none was given"));
         }
-        let id = user::resolve(&self.config.user, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
-        let cwd = if self.config.working_dir.is_empty() { "/".to_string() } else { abs(&self.config.working_dir)? };
-        Ok(ProcessSpec { args, env: self.config.env.clone(), cwd, id, tty })
+        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        let cwd = if working_dir.is_empty() { "/".to_string() } else { abs(working_dir)? };
+        Ok(ProcessSpec { args, env, cwd, id, tty })
     }
 
     /// Another process in this container.

@@ -560,7 +560,9 @@ impl Server {
         let result = match r {
             Request::Ping => Ok(Some(Reply::Pong { software: SOFTWARE.into() })),
             Request::CreateContainer(c) => self.create(conn, req, c).map(|()| None),
-            Request::StartContainer { container, stdio } => self.start(conn, req, &container, None, stdio).map(|()| None),
+            Request::StartContainer { container, stdio, process } => {
+                self.start(conn, req, &container, Start::Init(process), stdio).map(|()| None)
+            }
             Request::Exec(e) => self.exec(conn, req, e).map(|()| None),
             Request::Signal { container, exec_id, signal } => self.signal(&container, exec_id.as_deref(), signal).map(|()| Some(Reply::Done)),
             Request::Wait { container, exec_id } => self.wait(conn, req, &container, exec_id.as_deref()),
@@ -733,18 +735,18 @@ impl Server {
         }
     }
 
-    fn start(&mut self, conn: u64, req: u32, id: &str, exec: Option<Exec>, stdio: Stdio) -> Result<(), AgentError> {
+    fn start(&mut self, conn: u64, req: u32, id: &str, what: Start, stdio: Stdio) -> Result<(), AgentError> {
         let tty = matches!(stdio, Stdio::Tty { .. });
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
-        let (spec, enter, exec_id, binds) = match &exec {
-            None => {
+        let (spec, enter, exec_id, binds) = match &what {
+            Start::Init(overrides) => {
                 if ct.init_pid.is_some() {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
                 }
                 let binds = container::open_bind_sources(&ct.config.mounts)?;
-                (ct.init_spec(tty)?, None, None, binds)
+                (ct.init_spec(tty, overrides.as_ref())?, None, None, binds)
             }
-            Some(e) => {
+            Start::Exec(e) => {
                 if !vmrun_agent_protocol::valid_id(&e.exec_id) {
                     return Err(err(ErrorKind::BadRequest, format!("invalid exec id {:?}", e.exec_id)));
                 }
@@ -778,7 +780,7 @@ impl Server {
         drop(binds);
         let pid = started.pid;
         crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
-        if exec.is_none() {
+        if matches!(what, Start::Init(_)) {
             if let Some(ct) = self.containers.get_mut(id) {
                 ct.init_pid = Some(pid);
                 ct.init_pidfd = Some(started.pidfd);
@@ -814,7 +816,7 @@ impl Server {
 
     fn exec(&mut self, conn: u64, req: u32, e: Exec) -> Result<(), AgentError> {
         let (container, stdio) = (e.container.clone(), e.stdio.clone());
-        self.start(conn, req, &container, Some(e), stdio)
+        self.start(conn, req, &container, Start::Exec(e), stdio)
     }
 
     fn find_proc(&self, container: &str, exec_id: Option<&str>) -> Result<i32, AgentError> {
@@ -952,3 +954,10 @@ fn request_name(r: &Request) -> &'static str {
         Request::Shutdown => "shutdown",
     }
 }
+/// What `start` starts: a container's own process (with the overrides of
+/// a prepared container) or another process in it.
+enum Start {
+    Init(Option<vmrun_agent_protocol::ExecProcess>),
+    Exec(Exec),
+}
+

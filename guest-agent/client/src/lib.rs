@@ -488,8 +488,15 @@ impl Client {
 
     /// Starts a created container's process.
     pub fn start(&self, container: &str, mode: StdioMode) -> Result<Process, Error> {
+        self.start_with(container, mode, None)
+    }
+
+    /// Starts a created container's process with `overrides` of what it was
+    /// created with (arguments when not empty, extra environment, working
+    /// directory, user): for containers prepared ahead of the run.
+    pub fn start_with(&self, container: &str, mode: StdioMode, overrides: Option<&ExecProcess>) -> Result<Process, Error> {
         let (stdio, streams) = self.open_streams(mode);
-        let req = Request::StartContainer { container: container.into(), stdio };
+        let req = Request::StartContainer { container: container.into(), stdio, process: overrides.cloned() };
         self.process(container, None, req, streams, mode)
     }
 

@@ -38,6 +38,12 @@ pub enum Request {
         container: String,
         /// Where its standard streams go.
         stdio: Stdio,
+        /// Overrides of what the container was created with, for a
+        /// container prepared ahead of the run (a snapshot of a guest that
+        /// unpacked the image): arguments (when not empty), extra
+        /// environment, working directory, user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        process: Option<ExecProcess>,
     },
     /// Runs another process in a running container, like `docker exec`.
     /// Answered like `StartContainer`.
@@ -361,7 +367,7 @@ mod tests {
                 config: ImageConfig { cmd: vec!["sh".into()], env: vec!["A=b".into()], ..Default::default() },
                 limits: UnpackLimits::default(),
             }),
-            Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 } },
+            Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 }, process: None },
             Request::Exec(Exec {
                 container: "c1".into(),
                 exec_id: "e1".into(),

@@ -132,6 +132,58 @@ fn build(work: &Path, spec: &VmSpec) -> Result<()> {
     Ok(())
 }
 
+/// The id of the container in a prepared template.
+pub const PREPARED_ID: &str = "prepared";
+
+/// Where the prepared template of an image lives: a snapshot of the base
+/// template's guest after its agent unpacked the image (container
+/// [`PREPARED_ID`], created with the image's own configuration), so that
+/// later runs of the image start its process at once.
+pub fn prepared_dir(base: &Path, manifest_digest: &str) -> PathBuf {
+    let hex: String = manifest_digest.trim_start_matches("sha256:").chars().take(16).collect();
+    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    base.with_file_name(format!("{name}-image-{hex}"))
+}
+
+/// Whether a template is complete.
+pub fn is_ready(dir: &Path) -> bool {
+    dir.join("vmstate.json").is_file()
+}
+
+/// Snapshots the running VM behind `control` into `dir` (and lets it run
+/// on), unless another vmrun is doing it or has done it. Best effort: a
+/// failure only means later runs unpack again.
+pub fn save_prepared(vmm_exe: &Path, control: &Path, dir: &Path) {
+    let lock_path = dir.with_extension("lock");
+    let Ok(lock) = File::create(&lock_path) else { return };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 || is_ready(dir) {
+        return;
+    }
+    let tmp = dir.with_extension(format!("build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let out = Command::new(vmm_exe)
+        .args(["snapshot", "create", "--resume", "--control"])
+        .arg(control)
+        .arg("--dir")
+        .arg(&tmp)
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            if let Err(e) = std::fs::rename(&tmp, dir) {
+                log::warn!("cannot keep the prepared template {}: {e}", dir.display());
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
+        Ok(o) => {
+            log::warn!("no prepared template: {}", String::from_utf8_lossy(&o.stderr).trim());
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => log::warn!("no prepared template: {e}"),
+    }
+}
+
 /// Starts a VM for `spec` from the template at `template`.
 pub fn restore(template: &Path, spec: &VmSpec) -> Result<VmProcess> {
     VmProcess::restore(template, spec)

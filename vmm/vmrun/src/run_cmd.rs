@@ -17,9 +17,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use vmrun_agent_client::{Options, StdioMode};
-use vmrun_agent_protocol::{CreateContainer, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
+use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::home::Home;
+use vmrun_runtime::template::PREPARED_ID;
 use vmrun_runtime::vm::VmSpec;
 
 use crate::images_cmd;
@@ -145,8 +146,56 @@ fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
     }
 }
 
+/// Times the phases of one run; printed with `VMRUN_LOG=debug`.
+struct Phases(std::time::Instant);
+
+impl Phases {
+    fn mark(&mut self, phase: &str) {
+        log::debug!("phase {phase}: {:.1} ms", self.0.elapsed().as_secs_f64() * 1000.0);
+        self.0 = std::time::Instant::now();
+    }
+}
+
+/// The user's changes to the image's process, as start-time overrides:
+/// arguments (entrypoint and command, when either was given), extra
+/// environment, working directory, user.
+fn process_overrides(args: &RunArgs, image: &ImageConfig) -> Result<ExecProcess> {
+    let mut entrypoint = image.entrypoint.clone();
+    let mut cmd = image.cmd.clone();
+    if let Some(e) = &args.entrypoint {
+        entrypoint = if e.is_empty() { Vec::new() } else { vec![e.clone()] };
+        cmd.clear();
+    }
+    if !args.command.is_empty() {
+        cmd = args.command.clone();
+    }
+    let changed = args.entrypoint.is_some() || !args.command.is_empty();
+    Ok(ExecProcess {
+        args: if changed { entrypoint.into_iter().chain(cmd).collect() } else { Vec::new() },
+        env: env_entries(args)?,
+        working_dir: args.workdir.clone(),
+        user: args.user.clone(),
+    })
+}
+
+/// The configuration a container is created with when it is not prepared.
+fn apply_overrides(config: &mut ImageConfig, o: &ExecProcess) {
+    if !o.args.is_empty() {
+        config.entrypoint.clear();
+        config.cmd = o.args.clone();
+    }
+    config.env.extend(o.env.iter().cloned());
+    if let Some(w) = &o.working_dir {
+        config.working_dir = w.clone();
+    }
+    if let Some(u) = &o.user {
+        config.user = u.clone();
+    }
+}
+
 /// Runs the container; returns the exit code for `vmrun run`.
 pub fn run(args: RunArgs) -> Result<i32> {
+    let mut phases = Phases(std::time::Instant::now());
     if let Some(n) = &args.name {
         if !valid_name(n) {
             bail!("invalid container name {n:?}: 1 to 64 of [A-Za-z0-9_.-], not starting with . or -");
@@ -155,8 +204,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let mem_mib = parse_memory(&args.memory)?;
     let home = Home::from_env()?;
     let image = image(&home, &args.image)?;
+    phases.mark("store lookup");
     let artifacts = Artifacts::find(&home, args.kernel.as_deref(), args.initrd.as_deref())?;
     let (layer_disk, digests) = vmrun_runtime::layer_disk::for_image(&home.layer_disks(), &image)?;
+    phases.mark("layer disk");
 
     let id = container_id(args.name.as_deref());
     let dir = home.containers().join(&id);
@@ -171,7 +222,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         dir: dir.clone(),
         vmm_exe: std::env::current_exe().context("cannot find the vmrun executable")?,
     };
-    let result = run_in_vm(&args, &spec, &id, &image, digests);
+    let result = run_in_vm(&args, &spec, &id, &image, digests, &mut phases);
     vmrun_runtime::vm::remove_dir(&dir);
     result
 }
@@ -182,16 +233,8 @@ fn run_in_vm(
     id: &str,
     image: &vmrun_images::Image,
     digests: Vec<vmrun_layerdisk::Digest>,
+    phases: &mut Phases,
 ) -> Result<i32> {
-    let mut vm = if args.cold {
-        spec.boot()?
-    } else {
-        let home = Home::from_env()?;
-        let template = vmrun_runtime::template::ensure(&home.templates(), spec, &|m| eprintln!("vmrun: {m}"))?;
-        vmrun_runtime::template::restore(&template, spec)?
-    };
-    let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
-
     let c = &image.config;
     let mut config = ImageConfig {
         entrypoint: c.entrypoint.clone(),
@@ -199,33 +242,65 @@ fn run_in_vm(
         env: c.env.clone(),
         working_dir: c.working_dir.clone().unwrap_or_default(),
         user: c.user.clone().unwrap_or_default(),
-        hostname: args.name.clone().unwrap_or_else(|| id.chars().take(12).collect()),
+        hostname: args.name.clone().unwrap_or_else(|| "vmrun".into()),
         ..Default::default()
     };
-    if let Some(e) = &args.entrypoint {
-        config.entrypoint = if e.is_empty() { Vec::new() } else { vec![e.clone()] };
-        config.cmd.clear();
-    }
-    if !args.command.is_empty() {
-        config.cmd = args.command.clone();
-    }
+    let image_defaults = config.clone();
+    let overrides = process_overrides(args, &config)?;
+    apply_overrides(&mut config, &overrides);
     if config.entrypoint.is_empty() && config.cmd.is_empty() {
         bail!("no command given and the image has none");
     }
-    config.env.extend(env_entries(args)?);
-    if let Some(w) = &args.workdir {
-        config.working_dir = w.clone();
-    }
-    if let Some(u) = &args.user {
-        config.user = u.clone();
-    }
-    client.create_container(&CreateContainer {
+    let create = |id: &str, config: ImageConfig| CreateContainer {
         id: id.to_string(),
-        layers: LayerSource { disk: "/dev/vda".into(), layers: digests },
+        layers: LayerSource { disk: "/dev/vda".into(), layers: digests.clone() },
         rootfs: RootfsSpec::default(),
         config,
         limits: UnpackLimits::default(),
-    })?;
+    };
+
+    // Cold: boot. Warm: restore the image's prepared template if there is
+    // one (the image already unpacked), else the base template, and
+    // prepare the image for next time. A --name (host name) is baked in at
+    // creation, so named containers are never prepared.
+    let home = Home::from_env()?;
+    let (mut vm, client, in_vm_id, prepared) = if args.cold {
+        let mut vm = spec.boot()?;
+        phases.mark("VM start");
+        let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+        phases.mark("guest to agent ready");
+        client.create_container(&create(id, config))?;
+        phases.mark("unpack");
+        (vm, client, id.to_string(), false)
+    } else {
+        let base = vmrun_runtime::template::ensure(&home.templates(), spec, &|m| eprintln!("vmrun: {m}"))?;
+        let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
+        let preparable = args.name.is_none();
+        if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
+            let mut vm = vmrun_runtime::template::restore(&prepared_dir, spec)?;
+            phases.mark("VM start");
+            let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+            phases.mark("guest to agent ready (image unpacked in the template)");
+            (vm, client, PREPARED_ID.to_string(), true)
+        } else {
+            let mut vm = vmrun_runtime::template::restore(&base, spec)?;
+            phases.mark("VM start");
+            let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+            phases.mark("guest to agent ready");
+            if preparable {
+                client.create_container(&create(PREPARED_ID, image_defaults))?;
+                phases.mark("unpack");
+                vmrun_runtime::template::save_prepared(&spec.vmm_exe, &vm.control, &prepared_dir);
+                phases.mark("prepared template saved");
+                (vm, client, PREPARED_ID.to_string(), true)
+            } else {
+                client.create_container(&create(id, config))?;
+                phases.mark("unpack");
+                (vm, client, id.to_string(), false)
+            }
+        }
+    };
+    let id = in_vm_id.as_str();
 
     let tty = args.tty && stdio_is_tty(libc::STDIN_FILENO);
     let mode = if tty {
@@ -234,7 +309,8 @@ fn run_in_vm(
     } else {
         StdioMode::Piped { stdin: args.interactive }
     };
-    let mut process = match client.start(id, mode) {
+    let started = if prepared { client.start_with(id, mode, Some(&overrides)) } else { client.start(id, mode) };
+    let mut process = match started {
         Ok(p) => p,
         Err(e) => {
             if let Some(code) = e.exit_code() {
@@ -278,11 +354,13 @@ fn run_in_vm(
         let _ = p.join();
     }
     drop(signals);
+    phases.mark("process run");
     let _ = client.shutdown();
     let status = vm.wait(Duration::from_secs(30))?;
     if !status.success() {
         log::warn!("the VMM ended with {status}");
     }
+    phases.mark("teardown");
     Ok(code)
 }
 
