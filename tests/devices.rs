@@ -22,10 +22,10 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kernel, run_ok, scratch, Reaped};
+use support::{kernel, run_ok, scratch, wait_for, Reaped};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 const HOST_IP: &str = "172.30.77.1";
@@ -102,24 +102,6 @@ busybox reboot -f
     )
 }
 
-/// Waits until the console shows `needle`, or fails with the console.
-fn wait_for(console: &Path, needle: &str, vmm: &mut Child, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(console).unwrap_or_default();
-        if log.contains(needle) {
-            return;
-        }
-        if let Ok(Some(status)) = vmm.try_wait() {
-            panic!("the VMM ended ({status}) before {needle:?}; console:\n{log}");
-        }
-        if start.elapsed() > timeout {
-            let _ = vmm.kill();
-            panic!("no {needle:?} after {timeout:?}; console:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 fn check(log: &str, key: &str) -> String {
     let prefix = format!("CHECK {key}=");

@@ -8,10 +8,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kernel, scratch, Reaped};
+use support::{kernel, scratch, wait_for, Reaped};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
@@ -47,23 +47,6 @@ fn disk(dir: &Path, name: &str, head: &[u8], size: usize) -> PathBuf {
     path
 }
 
-fn wait_for(console: &Path, needle: &str, vmm: &mut Child, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(console).unwrap_or_default();
-        if log.contains(needle) {
-            return;
-        }
-        if let Ok(Some(status)) = vmm.try_wait() {
-            panic!("the VMM ended ({status}) before {needle:?}; console:\n{log}");
-        }
-        if start.elapsed() > timeout {
-            let _ = vmm.kill();
-            panic!("no {needle:?} after {timeout:?}; console:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 fn vmrun(args: &[&str]) -> Output {
     Command::new(VMRUN).args(args).stdin(Stdio::null()).output().unwrap()

@@ -108,3 +108,23 @@ pub fn guest_rootfs(dir: &Path, init: &str) -> PathBuf {
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M"));
     image
 }
+
+/// Waits until the file `console` shows `needle`; fails the test, showing
+/// the console, if `vmm` ends first or `timeout` passes (and kills it).
+pub fn wait_for(console: &Path, needle: &str, vmm: &mut std::process::Child, timeout: std::time::Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(console).unwrap_or_default();
+        if log.contains(needle) {
+            return;
+        }
+        if let Ok(Some(status)) = vmm.try_wait() {
+            panic!("the VMM ended ({status}) before {needle:?}; console:\n{log}");
+        }
+        if start.elapsed() > timeout {
+            let _ = vmm.kill();
+            panic!("no {needle:?} after {timeout:?}; console:\n{log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}

@@ -32,6 +32,13 @@ pub struct VmSpec {
     pub vmm_exe: PathBuf,
 }
 
+/// Where a VM's sockets and console are.
+struct VmPaths {
+    vsock: PathBuf,
+    control: PathBuf,
+    console: PathBuf,
+}
+
 /// A running VMM process; killed if dropped while it runs.
 #[derive(Debug)]
 pub struct VmProcess {
@@ -49,37 +56,23 @@ impl VmSpec {
 
     /// Starts the VMM.
     pub fn boot(&self) -> Result<VmProcess> {
-        std::fs::create_dir_all(&self.dir)?;
-        let vsock = self.dir.join("vsock.sock");
-        let control = self.dir.join("control.sock");
-        let console = self.dir.join("console.log");
-        let log = std::fs::File::create(self.dir.join("vmm.log"))?;
-        let child = Command::new(&self.vmm_exe)
-            .arg("boot")
-            .arg("--kernel")
-            .arg(&self.artifacts.kernel)
-            .arg("--initrd")
-            .arg(&self.artifacts.agent_initrd)
-            .arg("--cmdline")
-            .arg(self.cmdline())
-            .arg("--memory")
-            .arg(self.mem_mib.to_string())
-            .arg("--cpus")
-            .arg(self.cpus.to_string())
-            .arg("--disk")
-            .arg(format!("{},ro,id=layers", self.layer_disk.display()))
-            .arg("--vsock")
-            .arg(format!("cid={GUEST_CID},uds={}", vsock.display()))
-            .arg("--control")
-            .arg(&control)
-            .arg("--console")
-            .arg(&console)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, vsock, control, console })
+        VmProcess::spawn(self, |cmd, paths| {
+            cmd.arg("boot")
+                .arg("--kernel")
+                .arg(&self.artifacts.kernel)
+                .arg("--initrd")
+                .arg(&self.artifacts.agent_initrd)
+                .arg("--cmdline")
+                .arg(self.cmdline())
+                .arg("--memory")
+                .arg(self.mem_mib.to_string())
+                .arg("--cpus")
+                .arg(self.cpus.to_string())
+                .arg("--disk")
+                .arg(format!("{},ro,id=layers", self.layer_disk.display()))
+                .arg("--vsock")
+                .arg(format!("cid={GUEST_CID},uds={}", paths.vsock.display()));
+        })
     }
 }
 
@@ -88,29 +81,40 @@ impl VmProcess {
     /// [`crate::template`]): the layer disk goes into the template's disk
     /// slot.
     pub fn restore(template: &Path, spec: &VmSpec) -> Result<Self> {
+        Self::spawn(spec, |cmd, paths| {
+            cmd.arg("restore")
+                .arg("--snapshot")
+                .arg(template)
+                .arg("--disk")
+                .arg(&spec.layer_disk)
+                .arg("--vsock-uds")
+                .arg(&paths.vsock);
+        })
+    }
+
+    /// Runs `vmrun` with the arguments `args` adds, plus the VM's control
+    /// socket and console in its directory; its log goes to `vmm.log`.
+    fn spawn(spec: &VmSpec, args: impl FnOnce(&mut Command, &VmPaths)) -> Result<Self> {
         std::fs::create_dir_all(&spec.dir)?;
-        let vsock = spec.dir.join("vsock.sock");
-        let control = spec.dir.join("control.sock");
-        let console = spec.dir.join("console.log");
+        let paths = VmPaths {
+            vsock: spec.dir.join("vsock.sock"),
+            control: spec.dir.join("control.sock"),
+            console: spec.dir.join("console.log"),
+        };
         let log = std::fs::File::create(spec.dir.join("vmm.log"))?;
-        let child = Command::new(&spec.vmm_exe)
-            .arg("restore")
-            .arg("--snapshot")
-            .arg(template)
-            .arg("--disk")
-            .arg(&spec.layer_disk)
-            .arg("--vsock-uds")
-            .arg(&vsock)
+        let mut cmd = Command::new(&spec.vmm_exe);
+        args(&mut cmd, &paths);
+        let child = cmd
             .arg("--control")
-            .arg(&control)
+            .arg(&paths.control)
             .arg("--console")
-            .arg(&console)
+            .arg(&paths.console)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, vsock, control, console })
+        Ok(VmProcess { child, vsock: paths.vsock, control: paths.control, console: paths.console })
     }
 
     /// Waits until the agent answers (the guest boots meanwhile), up to
