@@ -23,6 +23,12 @@ fn open(store_dir: &Path) -> Result<Store> {
 /// (comma-separated `host:port`) are spoken to over plain HTTP, as loopback
 /// ones always are.
 pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
+    pull_reporting(store_dir, reference, &mut std::io::stdout())
+}
+
+/// `pull`, with its one-line summary written to `out` (`vmrun run` keeps
+/// standard output for the container).
+pub fn pull_reporting(store_dir: &Path, reference: &str, out: &mut dyn std::io::Write) -> Result<()> {
     let reference: Reference = reference.parse()?;
     let store = open(store_dir)?;
     let options = PullOptions {
@@ -39,7 +45,7 @@ pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
     let result = store.pull(&reference, &options, &mut bar);
     bar.finish();
     let image = result?;
-    println!("{}: pulled {} ({})", familiar(&reference), image.manifest_digest, human_size(image.size()));
+    writeln!(out, "{}: pulled {} ({})", familiar(&reference), image.manifest_digest, human_size(image.size()))?;
     Ok(())
 }
 

@@ -140,7 +140,7 @@ fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
                 return Err(first);
             }
             eprintln!("Unable to find image '{name}' locally");
-            images_cmd::pull(&dir, name).with_context(|| format!("{first:#}"))?;
+            images_cmd::pull_reporting(&dir, name, &mut std::io::stderr()).with_context(|| format!("{first:#}"))?;
             images_cmd::resolve_verified(&dir, name)
         }
     }
