@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 triple=x86_64-unknown-linux-gnu
-target_dir=${VMRUN_AGENT_TARGET_DIR:-target/agent}
+target_dir=$(realpath -m "${VMRUN_AGENT_TARGET_DIR:-target/agent}")
 agent=$target_dir/$triple/agent/vmrun-agent
 out=$target_dir/agent-initramfs.cpio
 
