@@ -19,19 +19,11 @@ pub struct Home {
 }
 
 impl Home {
-    /// The data directory from `$VMRUN_HOME` or the default.
+    /// The data directory from `$VMRUN_HOME` or the default (the same
+    /// rule as the image store's).
     pub fn from_env() -> std::io::Result<Self> {
-        if let Some(h) = std::env::var_os("VMRUN_HOME") {
-            return Ok(Self { root: PathBuf::from(h) });
-        }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            return Ok(Self { root: PathBuf::from("/var/lib/vmrun") });
-        }
-        let base = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share"))
-        });
-        base.map(|b| Self { root: b.join("vmrun") })
+        vmrun_images::default_home()
+            .map(|root| Self { root })
             .ok_or_else(|| std::io::Error::other("set VMRUN_HOME (no HOME to put the data directory in)"))
     }
 
