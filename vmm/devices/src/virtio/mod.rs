@@ -146,6 +146,43 @@ pub trait VirtioDevice: Send {
     fn release_fds(&mut self, _ops: &mut EventOps) {}
 }
 
+/// Serves every request the driver queued: each chain goes to `handle`,
+/// which returns the bytes it wrote into it (the used length). With
+/// notifications suppressed while draining, the ring is checked again after
+/// they are re-enabled, so no request is left behind; the interrupt is
+/// raised once at the end if the driver wants it.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    use virtio_queue::QueueT;
+    let mut notify = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::warn!("virtio: broken queue: {e}");
+            return;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used = handle(chain);
+            notify |= complete(queue, mem, head, used);
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                log::warn!("virtio: broken queue: {e}");
+                break;
+            }
+        }
+    }
+    if notify {
+        interrupt.trigger(INT_USED_RING);
+    }
+}
+
 /// Common helper: puts `chain` back as used with `len` bytes written and
 /// tells the driver if it wants to know. Errors here mean the guest's queue
 /// memory is broken; they are logged and the request is dropped.

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use event_manager::EventOps;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{complete, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_RNG};
+use super::{drain_queue, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_RNG};
 
 /// Queue size.
 pub const QUEUE_SIZE: u16 = 64;
@@ -100,15 +100,8 @@ impl VirtioDevice for Rng {
     }
     fn process_queue(&mut self, _index: usize, _ops: &mut EventOps) {
         let Some(a) = self.active.as_mut() else { return };
-        let mut notify = false;
-        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            let len = fill_request(chain, &a.mem);
-            notify |= complete(&mut a.queue, &a.mem, head, len);
-        }
-        if notify {
-            a.interrupt.trigger(INT_USED_RING);
-        }
+        let mem = &a.mem;
+        drain_queue(&mut a.queue, mem, &a.interrupt, |chain| fill_request(chain, mem));
     }
 }
 

@@ -10,7 +10,7 @@ use event_manager::EventOps;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{complete, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX};
+use super::{drain_queue, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX};
 use request::{DiskInfo, ID_LEN, SECTOR_SIZE};
 
 /// Feature: the disk is read-only.
@@ -80,30 +80,10 @@ impl Block {
 
     fn process(&mut self) {
         let Some(a) = self.active.as_mut() else { return };
-        let mut notify = false;
-        loop {
-            if let Err(e) = a.queue.disable_notification(&a.mem) {
-                log::warn!("virtio-blk: broken queue: {e}");
-                return;
-            }
-            while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                let used = request::execute(chain, &a.mem, &mut self.file, &self.info, &mut self.buf)
-                    .map_or(0, |o| o.used_len);
-                notify |= complete(&mut a.queue, &a.mem, head, used);
-            }
-            match a.queue.enable_notification(&a.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk: broken queue: {e}");
-                    break;
-                }
-            }
-        }
-        if notify {
-            a.interrupt.trigger(INT_USED_RING);
-        }
+        let (file, info, buf) = (&mut self.file, &self.info, &mut self.buf);
+        drain_queue(&mut a.queue, &a.mem, &a.interrupt, |chain| {
+            request::execute(chain, &a.mem, file, info, buf).map_or(0, |o| o.used_len)
+        });
     }
 }
 
