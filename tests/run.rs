@@ -130,6 +130,11 @@ fn run_containers_from_a_registry_and_an_archive() {
     let o = v.run(&["run", &reference, "no-such-command"]);
     assert_code(&o, 127);
 
+    // The cold path (a boot, no template) behaves the same.
+    let o = v.run(&["run", "--cold", "-e", "WHERE=cold", &reference, "sh", "-c", "echo $WHERE; exit 5"]);
+    assert_code(&o, 5);
+    assert_eq!(text(&o.stdout), "cold\n");
+
     // The same image from an archive, by its short name.
     let o = v.run(&["load", "-i", images.join("busybox-docker.tar").to_str().unwrap()]);
     assert_code(&o, 0);
