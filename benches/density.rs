@@ -19,11 +19,6 @@ use std::time::{Duration, Instant};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
-fn last_line(cmd: &str) -> PathBuf {
-    let out = support::run_ok(&mut Command::new(support::repo_root().join(cmd)));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-}
-
 /// (Rss, Pss) of process `pid` in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -76,8 +71,8 @@ fn main() {
     let n: usize = std::env::var("DENSITY_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let home = support::scratch("density-home");
     let kernel = support::kernel().to_path_buf();
-    let initrd = std::env::var_os("VMRUN_AGENT_INITRD").map(PathBuf::from).unwrap_or_else(|| last_line("rootfs/build.sh"));
-    let images = last_line("tests/images/make-busybox-image.sh");
+    let initrd = support::agent_initrd();
+    let images = support::busybox_image();
     let vmrun = |args: &[&str]| {
         let o = Command::new(VMRUN)
             .args(args)

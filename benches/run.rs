@@ -11,23 +11,17 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
-fn last_line(cmd: &str) -> PathBuf {
-    let out = support::run_ok(&mut Command::new(support::repo_root().join(cmd)));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-}
-
 fn main() {
     let warm_runs: usize = std::env::var("RUN_BENCH_WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let home = support::scratch("run-bench-home");
     let kernel = support::kernel().to_path_buf();
-    let initrd = std::env::var_os("VMRUN_AGENT_INITRD").map(PathBuf::from).unwrap_or_else(|| last_line("rootfs/build.sh"));
-    let images = last_line("tests/images/make-busybox-image.sh");
+    let initrd = support::agent_initrd();
+    let images = support::busybox_image();
     let vmrun = |args: &[&str]| {
         let t = Instant::now();
         let o = Command::new(VMRUN)

@@ -27,19 +27,6 @@ pub fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn agent_initrd() -> PathBuf {
-    if let Some(p) = std::env::var_os("VMRUN_AGENT_INITRD") {
-        return p.into();
-    }
-    let out = support::run_ok(&mut Command::new(support::repo_root().join("rootfs/build.sh")));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-}
-
-fn busybox_image() -> PathBuf {
-    let out = support::run_ok(&mut Command::new(support::repo_root().join("tests/images/make-busybox-image.sh")));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-}
-
 struct Vmrun {
     home: PathBuf,
     kernel: PathBuf,
@@ -88,8 +75,8 @@ fn assert_error(o: &Output, code: i32, needle: &str) {
 
 #[test]
 fn run_containers_from_a_registry_and_an_archive() {
-    let v = Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: agent_initrd() };
-    let images = busybox_image();
+    let v = Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: support::agent_initrd() };
+    let images = support::busybox_image();
 
     // Pull from a real registry on loopback.
     let reg = registry::Registry::start();

@@ -23,14 +23,31 @@ pub fn kernel() -> &'static Path {
         if let Some(k) = std::env::var_os("VMRUN_TEST_KERNEL") {
             return PathBuf::from(k);
         }
-        let out = Command::new(repo_root().join("kernel-config/build.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run kernel-config/build.sh");
-        assert!(out.status.success(), "kernel-config/build.sh failed");
-        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-        PathBuf::from(stdout.lines().last().expect("build.sh prints the vmlinux path").trim())
+        script_path("kernel-config/build.sh")
     })
+}
+
+/// Runs `script` (relative to the repository) and returns the path it
+/// prints as its last line of standard output, as the build scripts do.
+pub fn script_path(script: &str) -> PathBuf {
+    let out = Command::new(repo_root().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+    PathBuf::from(stdout.lines().last().unwrap_or_else(|| panic!("{script} printed no path")).trim())
+}
+
+/// The agent initramfs: `VMRUN_AGENT_INITRD`, else built by
+/// `rootfs/build.sh`.
+pub fn agent_initrd() -> PathBuf {
+    std::env::var_os("VMRUN_AGENT_INITRD").map(PathBuf::from).unwrap_or_else(|| script_path("rootfs/build.sh"))
+}
+
+/// The busybox test image's directory (OCI layout and archives).
+pub fn busybox_image() -> PathBuf {
+    script_path("tests/images/make-busybox-image.sh")
 }
 
 /// A scratch file path private to this process.
