@@ -245,16 +245,10 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
         }
         let mkdirs = process::mkdirs_for(&dest).map_err(|e| internal("path", e))?;
         if let Some(fd) = src {
-            // The source was opened in the agent's view (before the child
-            // entered the container root); mount it through /proc.
-            ops.push(Op::Mount {
-                source: Some(c(&format!("/proc/self/fd/{}", fd.as_raw_fd()))?),
-                target: c(&dest)?,
-                fstype: None,
-                flags: flags | libc::MS_BIND,
-                data: None,
-                mkdirs,
-            });
+            // The source was mounted or opened in the agent's view and
+            // cloned as a detached tree (before the child had a namespace
+            // of its own): attach it.
+            ops.push(Op::Attach { tree: fd.as_raw_fd(), target: c(&dest)?, mkdirs });
             if readonly || flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) != 0 {
                 let keep = flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
                 ops.push(Op::Remount {
@@ -276,21 +270,55 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
     Ok(ops)
 }
 
-/// Opens the sources of bind mounts (in the agent's view) for the child.
+/// Detached copies of the sources of bind mounts and volumes (made in the
+/// agent's view) for the child to attach.
 pub fn open_bind_sources(mounts: &[Mount]) -> Result<Vec<Option<OwnedFd>>, AgentError> {
     mounts
         .iter()
         .map(|m| {
             let bind = m.fstype == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
+            if is_volume_disk(m) {
+                return mount_volume_disk(m).map(Some);
+            }
             if !bind {
                 return Ok(None);
             }
-            let p = c(&m.source)?;
-            sys::open(&p, libc::O_PATH, 0)
+            let recursive = m.fstype == "rbind" || m.options.iter().any(|o| o == "rbind");
+            sys::clone_tree(&c(&m.source)?, recursive)
                 .map(Some)
                 .map_err(|e| err(ErrorKind::BadRequest, format!("bind mount source {}: {e}", m.source)))
         })
         .collect()
+}
+
+/// Whether a mount is of a disk the host attached (`/dev/vdX` with a disk
+/// file system), made by the agent and bound into the container.
+fn is_volume_disk(m: &Mount) -> bool {
+    let dev = m.source.strip_prefix("/dev/vd").unwrap_or_default();
+    !dev.is_empty() && dev.chars().all(|c| c.is_ascii_lowercase()) && matches!(m.fstype.as_str(), "ext4" | "ext3" | "ext2")
+}
+
+/// Mounts a volume disk in the agent's own view and opens it for the
+/// child to bind. A VM restored from a snapshot gets its disks in place of
+/// the template's empty placeholders: the device's cached pages are
+/// dropped and its new size awaited (the host announced the change).
+fn mount_volume_disk(m: &Mount) -> Result<OwnedFd, AgentError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let bad = |what: &str, e: std::io::Error| err(ErrorKind::BadRequest, format!("volume {} on {}: {what}: {e}", m.source, m.destination));
+    let dev = c(&m.source)?;
+    for _ in 0..200 {
+        let map = sys::Mapping::open(&dev).map_err(|e| bad("open", e))?;
+        if !map.bytes().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let dir = format!("/run/vmrun-volumes/{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    std::fs::create_dir_all(&dir).map_err(|e| bad("staging directory", e))?;
+    let readonly = m.options.iter().any(|o| o == "ro");
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | if readonly { libc::MS_RDONLY } else { 0 };
+    sys::mount(Some(&dev), &c(&dir)?, Some(&c(&m.fstype)?), flags, None).map_err(|e| bad("mount", e))?;
+    sys::clone_tree(&c(&dir)?, false).map_err(|e| bad("open_tree", e))
 }
 
 fn env_name(e: &str) -> &str {

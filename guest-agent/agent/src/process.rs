@@ -53,6 +53,18 @@ pub enum Op {
         /// Directories to create (top down) if the target is missing.
         mkdirs: Vec<CString>,
     },
+    /// Attaches a detached mount tree (from `open_tree(OPEN_TREE_CLONE)`
+    /// in the agent) at `target` with `move_mount(2)`: how a mount made in
+    /// the agent's view reaches the container's mount namespace (a plain
+    /// bind of a path from another namespace is refused).
+    Attach {
+        /// The tree's descriptor (open in the child).
+        tree: libc::c_int,
+        /// Target.
+        target: CString,
+        /// Directories to create (top down) if the target is missing.
+        mkdirs: Vec<CString>,
+    },
     /// Remounts a bind mount read-only (or with other flags).
     Remount {
         /// Target.
@@ -92,6 +104,7 @@ impl Op {
             Op::Mount { target, fstype, .. } => {
                 format!("mount {} on {}", fstype.as_deref().unwrap_or(c"bind").to_string_lossy(), target.to_string_lossy())
             }
+            Op::Attach { target, .. } => format!("bind on {}", target.to_string_lossy()),
             Op::Remount { target, .. } => format!("remount {}", target.to_string_lossy()),
             Op::Mknod { path, .. } => format!("mknod {}", path.to_string_lossy()),
             Op::Mkdir { path, .. } => format!("mkdir {}", path.to_string_lossy()),
@@ -336,6 +349,16 @@ fn run_op(op: &Op) -> libc::c_int {
         match op {
             Op::Mount { source, target, fstype, flags, data, mkdirs: dirs } => {
                 let m = || libc::mount(p(source), target.as_ptr(), p(fstype), *flags, p(data).cast());
+                let mut r = m();
+                if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
+                    mkdirs(dirs);
+                    r = m();
+                }
+                r
+            }
+            Op::Attach { tree, target, mkdirs: dirs } => {
+                const MOVE_MOUNT_F_EMPTY_PATH: libc::c_long = 4;
+                let m = || libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) as libc::c_int;
                 let mut r = m();
                 if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
                     mkdirs(dirs);

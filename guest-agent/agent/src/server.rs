@@ -570,6 +570,7 @@ impl Server {
                 self.resize(&container, exec_id.as_deref(), rows, cols).map(|()| Some(Reply::Done))
             }
             Request::RemoveContainer { container, force } => self.remove(&container, force).map(|()| Some(Reply::Done)),
+            Request::ConfigureNetwork(n) => self.configure_network(&n).map(|()| Some(Reply::Done)),
             Request::Shutdown => {
                 self.shutdown = true;
                 self.kill_all();
@@ -581,6 +582,17 @@ impl Server {
             Ok(None) => {}
             Err(e) => self.respond(conn, req, Err(e)),
         }
+    }
+
+    fn configure_network(&mut self, n: &vmrun_agent_protocol::NetworkConfig) -> Result<(), AgentError> {
+        if !self.settings.guest {
+            return Err(err(ErrorKind::BadRequest, "this agent is not a guest's init: it leaves the network alone"));
+        }
+        if n.interface.is_empty() || n.interface.len() >= libc::IFNAMSIZ || n.interface.contains('/') {
+            return Err(err(ErrorKind::BadRequest, format!("invalid interface name {:?}", n.interface)));
+        }
+        let c = crate::settings::parse_net(&n.address, n.gateway.as_deref()).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        crate::net::configure(&n.interface, &c).map_err(|e| err(ErrorKind::Internal, format!("configuring {}: {e}", n.interface)))
     }
 
     fn create(&mut self, conn: u64, req: u32, c: CreateContainer) -> Result<(), AgentError> {
@@ -743,12 +755,24 @@ impl Server {
                 if ct.init_pid.is_some() {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
                 }
+                let extra = overrides.as_ref().map(|o| o.mounts.clone()).unwrap_or_default();
+                if !extra.is_empty() {
+                    let mut mounts = ct.config.mounts.clone();
+                    mounts.extend(extra);
+                    if let Some(ct) = self.containers.get_mut(id) {
+                        ct.config.mounts = mounts;
+                    }
+                }
+                let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
                 let binds = container::open_bind_sources(&ct.config.mounts)?;
                 (ct.init_spec(tty, overrides.as_ref())?, None, None, binds)
             }
             Start::Exec(e) => {
                 if !vmrun_agent_protocol::valid_id(&e.exec_id) {
                     return Err(err(ErrorKind::BadRequest, format!("invalid exec id {:?}", e.exec_id)));
+                }
+                if !e.process.mounts.is_empty() {
+                    return Err(err(ErrorKind::BadRequest, "an exec cannot add mounts"));
                 }
                 let (Some(pidfd), false) = (&ct.init_pidfd, ct.stopped) else {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} is not running")));
@@ -951,6 +975,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Wait { .. } => "wait",
         Request::ResizeTty { .. } => "resize",
         Request::RemoveContainer { .. } => "remove",
+        Request::ConfigureNetwork(_) => "configure-network",
         Request::Shutdown => "shutdown",
     }
 }

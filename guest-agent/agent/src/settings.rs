@@ -64,7 +64,7 @@ pub struct Settings {
 #[error("{0}")]
 pub struct SettingsError(pub String);
 
-fn parse_net(ip: &str, gw: Option<&str>) -> Result<NetConfig, SettingsError> {
+pub fn parse_net(ip: &str, gw: Option<&str>) -> Result<NetConfig, SettingsError> {
     let bad = || SettingsError(format!("vmrun.ip={ip}: expected A.B.C.D/PREFIX"));
     let (a, p) = ip.split_once('/').ok_or_else(bad)?;
     let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;

@@ -224,6 +224,22 @@ pub fn mount(source: Option<&CStr>, target: &CStr, fstype: Option<&CStr>, flags:
     cvt(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
 }
 
+/// `open_tree(2)` with `OPEN_TREE_CLONE`: a detached copy of the mount at
+/// `path` (with the mounts below it when `recursive`), which `move_mount`
+/// can attach in another mount namespace.
+pub fn clone_tree(path: &CStr, recursive: bool) -> io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: path is NUL-terminated; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a descriptor the kernel just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// `umount2(2)`.
 pub fn umount2(target: &CStr, flags: i32) -> io::Result<()> {
     // SAFETY: target is NUL-terminated.

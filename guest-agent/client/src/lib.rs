@@ -545,6 +545,14 @@ impl Client {
         }
     }
 
+    /// Gives the guest's interface its address and default route.
+    pub fn configure_network(&self, config: &vmrun_agent_protocol::NetworkConfig) -> Result<(), Error> {
+        match self.call(&Request::ConfigureNetwork(config.clone()), Some(self.opts.request_timeout), "configure-network")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("configure-network", r)),
+        }
+    }
+
     /// Ends the guest (on a host: the agent).
     pub fn shutdown(&self) -> Result<(), Error> {
         match self.call(&Request::Shutdown, Some(self.opts.request_timeout), "shutdown")? {

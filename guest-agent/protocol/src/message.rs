@@ -85,9 +85,26 @@ pub enum Request {
         /// Kill its processes first.
         force: bool,
     },
+    /// Gives the guest's network interface its address and default route
+    /// (a VM restored from a snapshot learns its address this way).
+    /// Answered with [`Reply::Done`]; refused by an agent that is not a
+    /// guest's init.
+    ConfigureNetwork(NetworkConfig),
     /// Kills every process and ends the guest (on the host: the agent).
     /// Answered with [`Reply::Done`] just before.
     Shutdown,
+}
+
+/// An interface's IPv4 configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// The interface, e.g. `eth0`.
+    pub interface: String,
+    /// `A.B.C.D/PREFIX`.
+    pub address: String,
+    /// The default gateway, if any.
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 /// A new container.
@@ -239,6 +256,12 @@ pub struct ExecProcess {
     pub working_dir: Option<String>,
     /// The user (default: the container's).
     pub user: Option<String>,
+    /// Mounts added to the container's own (for the container's first
+    /// process only; refused for an exec). A mount of a block device
+    /// (`source` under `/dev/`, a disk file system type such as `ext4`) is
+    /// made by the agent and bound into the container.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
 }
 
 /// Where a process's standard streams go. Stream ids are chosen by the

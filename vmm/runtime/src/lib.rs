@@ -8,10 +8,14 @@
 //!   stopping it.
 
 pub mod artifacts;
+pub mod container;
 pub mod home;
 pub mod layer_disk;
+pub mod lock;
+pub mod net;
 pub mod template;
 pub mod vm;
+pub mod volume;
 
 /// Errors of the runtime. Each says what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,10 @@ pub enum Error {
     AgentTimeout { secs: u64, console: std::path::PathBuf },
     #[error("guest agent: {0}")]
     Agent(#[from] vmrun_agent_client::Error),
+    #[error("{0}")]
+    Volume(String),
+    #[error("{0}")]
+    Network(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use vmrun_agent_client::Options;
 
+use crate::lock::Lock;
 use crate::vm::{VmProcess, VmSpec};
 use crate::{Error, Result};
 
-/// What a template depends on.
+/// What a template depends on: kernel, agent, memory, vCPUs, command
+/// line, and its device slots (a template with a network slot is another
+/// template). Volume disks and the TAP device are chosen at restore.
 #[derive(Debug, Clone)]
 pub struct TemplateKey {
     pub hash: String,
@@ -52,24 +55,9 @@ impl TemplateKey {
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         h = hash_file(h, &spec.artifacts.kernel)?;
         h = hash_file(h, &spec.artifacts.agent_initrd)?;
-        h = fnv(h, format!("{} {} {} {}", spec.mem_mib, spec.cpus, spec.cmdline(), env!("CARGO_PKG_VERSION")).as_bytes());
+        let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
+        h = fnv(h, format!("{} {} {} {} {slots}", spec.mem_mib, spec.cpus, spec.cmdline(), env!("CARGO_PKG_VERSION")).as_bytes());
         Ok(Self { hash: format!("{h:016x}") })
-    }
-}
-
-/// Holds an exclusive lock on a file while alive.
-struct Lock {
-    _file: File,
-}
-
-impl Lock {
-    fn take(path: &Path) -> std::io::Result<Self> {
-        let f = File::create(path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { _file: f })
     }
 }
 
@@ -108,7 +96,9 @@ fn build(work: &Path, spec: &VmSpec) -> Result<()> {
     // The disk slot gets a placeholder; each run puts its image there.
     let placeholder = work.join("placeholder.disk");
     File::create(&placeholder)?.set_len(4096)?;
-    let template_spec = VmSpec { layer_disk: placeholder, dir: work.join("vm"), ..spec.clone() };
+    // Volume slots stay empty; a network slot is built on the TAP device of
+    // the container that needs the template first.
+    let template_spec = VmSpec { layer_disk: placeholder, volumes: Vec::new(), dir: work.join("vm"), ..spec.clone() };
     let mut vm: VmProcess = template_spec.boot()?;
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;

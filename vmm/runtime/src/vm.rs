@@ -26,6 +26,11 @@ pub struct VmSpec {
     pub cpus: u8,
     /// The layer disk: the guest's `/dev/vda`, read-only.
     pub layer_disk: PathBuf,
+    /// Disk images for the volume slots (`/dev/vdb`...), at most
+    /// [`crate::volume::SLOTS`]; the other slots are empty.
+    pub volumes: Vec<PathBuf>,
+    /// The host's TAP device: the VM gets a network interface on it.
+    pub tap: Option<String>,
     /// The VM's directory: console log and sockets go there.
     pub dir: PathBuf,
     /// The `vmrun` executable that runs the VMM.
@@ -48,7 +53,16 @@ pub struct VmProcess {
     pub console: PathBuf,
 }
 
+/// What an empty volume slot holds: a disk of no sectors, so a guest can
+/// neither read nor write anything through it.
+pub const EMPTY_DISK: &str = "/dev/null";
+
 impl VmSpec {
+    /// The disks of the volume slots, the empty ones included.
+    pub fn volume_slots(&self) -> Vec<PathBuf> {
+        (0..crate::volume::SLOTS).map(|i| self.volumes.get(i).cloned().unwrap_or_else(|| PathBuf::from(EMPTY_DISK))).collect()
+    }
+
     /// The guest's kernel command line.
     pub fn cmdline(&self) -> String {
         format!("console=ttyS0 reboot=k panic=1 quiet vmrun.port={AGENT_PORT}")
@@ -69,8 +83,14 @@ impl VmSpec {
                 .arg("--cpus")
                 .arg(self.cpus.to_string())
                 .arg("--disk")
-                .arg(format!("{},ro,id=layers", self.layer_disk.display()))
-                .arg("--vsock")
+                .arg(format!("{},ro,id=layers", self.layer_disk.display()));
+            for (i, v) in self.volume_slots().iter().enumerate() {
+                cmd.arg("--disk").arg(format!("{},id=vol{i}", v.display()));
+            }
+            if let Some(tap) = &self.tap {
+                cmd.arg("--net").arg(format!("tap={tap}"));
+            }
+            cmd.arg("--vsock")
                 .arg(format!("cid={GUEST_CID},uds={}", paths.vsock.display()));
         })
     }
@@ -86,9 +106,14 @@ impl VmProcess {
                 .arg("--snapshot")
                 .arg(template)
                 .arg("--disk")
-                .arg(&spec.layer_disk)
-                .arg("--vsock-uds")
-                .arg(&paths.vsock);
+                .arg(&spec.layer_disk);
+            for v in spec.volume_slots() {
+                cmd.arg("--disk").arg(v);
+            }
+            if let Some(tap) = &spec.tap {
+                cmd.arg("--tap").arg(tap);
+            }
+            cmd.arg("--vsock-uds").arg(&paths.vsock);
         })
     }
 
@@ -104,6 +129,15 @@ impl VmProcess {
         let log = std::fs::File::create(spec.dir.join("vmm.log"))?;
         let mut cmd = Command::new(&spec.vmm_exe);
         args(&mut cmd, &paths);
+        // SAFETY: prctl is async-signal-safe. The VMM dies with the process
+        // that started it (a `vmrun run` or supervisor killed with SIGKILL
+        // leaves no VM behind).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
         let child = cmd
             .arg("--control")
             .arg(&paths.control)

@@ -1,5 +1,7 @@
 //! `vmrun`: the command line front of the vmrun VMM.
 
+mod attach;
+mod containers_cmd;
 mod images_cmd;
 mod logger;
 mod run_cmd;
@@ -59,6 +61,53 @@ enum Command {
         names: Vec<String>,
     },
     /// Snapshots of running VMs.
+    /// List containers.
+    Ps {
+        /// Show exited ones too.
+        #[arg(short, long)]
+        all: bool,
+        /// Only the ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Print a detached container's output.
+    Logs {
+        /// Keep printing as it comes, until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Run a command in a running container.
+    Exec(containers_cmd::ExecArgs),
+    /// Stop containers: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Send a signal to containers' processes.
+    Kill {
+        /// The signal (name or number).
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        /// Kill running ones first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Owns a detached container's VM (started by `vmrun run -d`).
+    #[command(hide = true)]
+    Supervise {
+        dir: PathBuf,
+    },
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Pause, resume or stop a running VM through its control socket.
@@ -266,6 +315,13 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot(args, start),
         Command::Restore(args) => restore(args, start),
         Command::Run(args) => return run_exit(run_cmd::run(args)),
+        Command::Ps { all, quiet } => containers_cmd::ps(all, quiet),
+        Command::Logs { follow, container } => containers_cmd::logs(&container, follow),
+        Command::Exec(args) => return run_exit(containers_cmd::exec(args)),
+        Command::Stop { time, containers } => containers_cmd::stop(&containers, time),
+        Command::Kill { signal, containers } => containers_cmd::kill(&containers, &signal),
+        Command::Rm { force, containers } => containers_cmd::rm(&containers, force),
+        Command::Supervise { dir } => return run_exit(run_cmd::supervise(&dir)),
         Command::Pull { reference } => images_cmd::default_store_dir().and_then(|d| images_cmd::pull(&d, &reference)).map(|()| 0),
         Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
         Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),

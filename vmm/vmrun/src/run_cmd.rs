@@ -1,38 +1,53 @@
-//! `vmrun run IMAGE [COMMAND...]`: a container in a fresh microVM, in the
-//! foreground, like `docker run`.
+//! `vmrun run IMAGE [COMMAND...]`: a container in a fresh microVM, like
+//! `docker run`.
 //!
 //! The image is resolved in the store (pulled if it is not there), its
-//! layers are put on a read-only disk, a VMM (`vmrun boot`) boots the guest
-//! kernel with the agent as init, and the agent unpacks the layers and runs
-//! the process. Its output is printed as it comes, standard input is passed
-//! on with `-i`, SIGINT/SIGTERM/SIGHUP/SIGQUIT are forwarded to it, and
-//! `vmrun run` exits with its exit code (125 when vmrun itself failed, 126
-//! and 127 when the command cannot be run or found, 128+N when signal N
-//! killed it).
+//! layers are put on a read-only disk, and a VMM is started: restored from
+//! a warm template (see `vmrun_runtime::template`), or booted with
+//! `--cold`. The agent in the guest unpacks the layers and runs the
+//! process. In the foreground, its output is printed as it comes, standard
+//! input is passed on with `-i`, SIGINT/SIGTERM/SIGHUP/SIGQUIT are
+//! forwarded to it, and `vmrun run` exits with its exit code (125 when
+//! vmrun itself failed, 126 and 127 when the command cannot be run or
+//! found, 128+N when signal N killed it).
+//!
+//! With `-d`, a supervisor (`vmrun supervise DIR`, a new session of its
+//! own) owns the VM instead and writes the container's output to its log;
+//! `vmrun run -d` waits until the process runs and prints the container's
+//! id. `vmrun ps`, `logs`, `exec`, `stop`, `kill` and `rm` find it in its
+//! directory (see `vmrun_runtime::container`).
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use vmrun_agent_client::{Options, StdioMode};
+use serde::{Deserialize, Serialize};
+use vmrun_agent_client::{Client, Options};
 use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
+use vmrun_runtime::container::{self, LogWriter, ProcessRef, State, Status};
 use vmrun_runtime::home::Home;
+use vmrun_runtime::net::{Forwarder, Link, PortMap};
 use vmrun_runtime::template::PREPARED_ID;
-use vmrun_runtime::vm::VmSpec;
+use vmrun_runtime::vm::{VmProcess, VmSpec};
+use vmrun_runtime::volume::Volume;
 
+use crate::attach::{self, Sink};
 use crate::images_cmd;
 
 /// `vmrun run`'s flags, as docker spells them.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
 #[command(trailing_var_arg = true)]
 pub struct RunArgs {
-    /// Remove the container when it exits (always the case today: the
-    /// microVM and its files go away with the process).
+    /// Remove the container when it exits (a container run in the
+    /// foreground always is).
     #[arg(long)]
     pub rm: bool,
+    /// Run in the background and print the container's id.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
     /// Keep standard input open and pass it to the container.
     #[arg(short, long)]
     pub interactive: bool,
@@ -57,6 +72,19 @@ pub struct RunArgs {
     /// A name for the container (also its host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// A copy of a host directory in the container, on a disk of its own:
+    /// HOST_DIR:CONTAINER_DIR[:ro]. Writes stay in the container's copy.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volumes: Vec<String>,
+    /// `none` (the default: only the host's vsock link to the agent), or
+    /// `tap`: an interface on a TAP device of its own, with an address
+    /// in 10.213.0.0/16 (needs root or CAP_NET_ADMIN).
+    #[arg(long, default_value = "none", value_parser = ["none", "tap"])]
+    pub network: String,
+    /// Publish a container port on the host: HOST:CONTAINER[/tcp] (needs
+    /// --network tap).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
+    pub publish: Vec<String>,
     /// Memory of the microVM (e.g. 512m, 1g).
     #[arg(short = 'm', long, default_value = "512m")]
     pub memory: String,
@@ -76,6 +104,30 @@ pub struct RunArgs {
     pub image: String,
     /// The command and its arguments (default: the image's).
     pub command: Vec<String>,
+}
+
+/// The options of a run, checked before anything starts.
+struct Checked {
+    mem_mib: u32,
+    volumes: Vec<Volume>,
+    ports: Vec<PortMap>,
+}
+
+fn check(args: &RunArgs) -> Result<Checked> {
+    if let Some(n) = &args.name {
+        if !valid_name(n) {
+            bail!("invalid container name {n:?}: 1 to 64 of [A-Za-z0-9_.-], not starting with . or -");
+        }
+    }
+    let volumes = args.volumes.iter().map(|v| v.parse::<Volume>()).collect::<Result<Vec<_>, _>>()?;
+    if volumes.len() > vmrun_runtime::volume::SLOTS {
+        bail!("at most {} volumes per container", vmrun_runtime::volume::SLOTS);
+    }
+    let ports = args.publish.iter().map(|p| p.parse::<PortMap>()).collect::<Result<Vec<_>, _>>()?;
+    if !ports.is_empty() && args.network != "tap" {
+        bail!("publishing ports needs a network: add --network tap");
+    }
+    Ok(Checked { mem_mib: parse_memory(&args.memory)?, volumes, ports })
 }
 
 /// Parses `512m`, `1g`, `256` (MiB) into MiB.
@@ -105,22 +157,12 @@ fn env_entries(args: &RunArgs) -> Result<Vec<String>> {
 }
 
 /// `KEY` alone takes the value from this process's environment.
-fn expand_env(e: &str) -> String {
+pub fn expand_env(e: &str) -> String {
     if e.contains('=') {
         e.to_string()
     } else {
         format!("{e}={}", std::env::var(e).unwrap_or_default())
     }
-}
-
-fn container_id(name: Option<&str>) -> String {
-    if let Some(n) = name {
-        return n.to_string();
-    }
-    let mut b = [0u8; 6];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn valid_name(n: &str) -> bool {
@@ -158,8 +200,8 @@ impl Phases {
 
 /// The user's changes to the image's process, as start-time overrides:
 /// arguments (entrypoint and command, when either was given), extra
-/// environment, working directory, user.
-fn process_overrides(args: &RunArgs, image: &ImageConfig) -> Result<ExecProcess> {
+/// environment, working directory, user, volume mounts.
+fn process_overrides(args: &RunArgs, image: &ImageConfig, volumes: &[Volume]) -> Result<ExecProcess> {
     let mut entrypoint = image.entrypoint.clone();
     let mut cmd = image.cmd.clone();
     if let Some(e) = &args.entrypoint {
@@ -175,6 +217,7 @@ fn process_overrides(args: &RunArgs, image: &ImageConfig) -> Result<ExecProcess>
         env: env_entries(args)?,
         working_dir: args.workdir.clone(),
         user: args.user.clone(),
+        mounts: volumes.iter().enumerate().map(|(slot, v)| v.mount(slot)).collect(),
     })
 }
 
@@ -191,50 +234,284 @@ fn apply_overrides(config: &mut ImageConfig, o: &ExecProcess) {
     if let Some(u) = &o.user {
         config.user = u.clone();
     }
+    config.mounts.extend(o.mounts.iter().cloned());
 }
 
-/// Runs the container; returns the exit code for `vmrun run`.
+/// `vmrun run`: returns its exit code.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let mut phases = Phases(std::time::Instant::now());
-    if let Some(n) = &args.name {
-        if !valid_name(n) {
-            bail!("invalid container name {n:?}: 1 to 64 of [A-Za-z0-9_.-], not starting with . or -");
-        }
-    }
-    let mem_mib = parse_memory(&args.memory)?;
+    let signals = attach::block_forwarded_signals();
+    check(&args)?;
     let home = Home::from_env()?;
     let image = image(&home, &args.image)?;
-    phases.mark("store lookup");
-    let artifacts = Artifacts::find(&home, args.kernel.as_deref(), args.initrd.as_deref())?;
-    let (layer_disk, digests) = vmrun_runtime::layer_disk::for_image(&home.layer_disks(), &image)?;
-    phases.mark("layer disk");
-
-    let id = container_id(args.name.as_deref());
-    let dir = home.containers().join(&id);
-    if dir.exists() {
-        bail!("a container named {id:?} exists already ({})", dir.display());
+    std::fs::create_dir_all(home.containers())?;
+    let (dir, state) = new_container(&home, &args, &image)?;
+    if args.detach {
+        return detach(&home, &args, &dir);
     }
-    let spec = VmSpec {
-        artifacts,
-        mem_mib,
-        cpus: args.cpus,
-        layer_disk,
-        dir: dir.clone(),
-        vmm_exe: std::env::current_exe().context("cannot find the vmrun executable")?,
-    };
-    let result = run_in_vm(&args, &spec, &id, &image, digests, &mut phases);
-    vmrun_runtime::vm::remove_dir(&dir);
+    let result = run_container(&home, &args, &dir, state, &Sink::Terminal, Some(signals));
+    remove_container_dir(&dir);
     result
 }
 
-fn run_in_vm(
+/// Makes the container's directory and first state, under a lock so that
+/// two containers cannot take one name.
+fn new_container(home: &Home, args: &RunArgs, image: &vmrun_images::Image) -> Result<(PathBuf, State)> {
+    let _lock = vmrun_runtime::lock::Lock::take(&home.containers().join(".lock"))?;
+    let id = container::new_id();
+    let name = args.name.clone().unwrap_or_else(|| id.clone());
+    if let Ok((_, other)) = container::find(home, &name) {
+        if other.name == name {
+            bail!("the container name {name:?} is in use by container {}: remove it (vmrun rm) or pick another name", other.id);
+        }
+    }
+    let config = &image.config;
+    let command = if args.command.is_empty() {
+        args.entrypoint.iter().cloned().chain(config.entrypoint.iter().cloned()).chain(config.cmd.iter().cloned()).collect::<Vec<_>>()
+    } else {
+        args.entrypoint.iter().cloned().chain(args.command.iter().cloned()).collect()
+    };
+    let state = State {
+        id: id.clone(),
+        name,
+        image: args.image.clone(),
+        command: command.join(" "),
+        created: container::now(),
+        status: Status::Created,
+        owner: if args.detach { None } else { ProcessRef::current() },
+        vmm: None,
+        guest_id: String::new(),
+        tty: args.tty,
+        exit_code: None,
+        finished: None,
+        error: None,
+        auto_remove: args.rm || !args.detach,
+        tap: None,
+        ip: None,
+        ports: args.publish.clone(),
+    };
+    let dir = home.containers().join(&id);
+    std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    state.save(&dir)?;
+    Ok((dir, state))
+}
+
+/// The file a detached container's options are handed over in.
+const RUN_FILE: &str = "run.json";
+/// The supervisor's own messages.
+const SUPERVISOR_LOG: &str = "supervisor.log";
+
+/// `vmrun run -d`: starts the supervisor and waits until the container's
+/// process runs (its messages, e.g. a template being built, are shown
+/// meanwhile), then prints the id.
+fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
+    let fail = |e: anyhow::Error| {
+        remove_container_dir(dir);
+        e
+    };
+    std::fs::write(dir.join(RUN_FILE), serde_json::to_vec(args)?).map_err(|e| fail(e.into()))?;
+    let log = std::fs::File::create(dir.join(SUPERVISOR_LOG)).map_err(|e| fail(e.into()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("cannot find the vmrun executable")?);
+    cmd.arg("supervise").arg(dir).env("VMRUN_HOME", home.root());
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+    // SAFETY: setsid is async-signal-safe; the supervisor leaves this
+    // terminal's session so that closing it does not end the container.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().context("cannot start the supervisor").map_err(fail)?;
+    let mut shown = 0usize;
+    loop {
+        let messages = std::fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
+        if let Some(new) = messages.get(shown..) {
+            eprint!("{new}");
+            shown = messages.len();
+        }
+        let state = State::load(dir).ok();
+        match state.as_ref().map(|s| s.status) {
+            Some(Status::Running) => {
+                println!("{}", state.map(|s| s.id).unwrap_or_default());
+                return Ok(0);
+            }
+            Some(Status::Exited) => {
+                let s = state.unwrap_or_else(|| unreachable_state(dir));
+                if let Some(e) = &s.error {
+                    eprintln!("vmrun: error: {e}");
+                }
+                remove_container_dir(dir);
+                return Ok(s.exit_code.filter(|c| *c == 126 || *c == 127).unwrap_or(125));
+            }
+            _ => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // It may have written its state just before it ended.
+            if State::load(dir).map(|s| s.status != Status::Created).unwrap_or(false) {
+                continue;
+            }
+            remove_container_dir(dir);
+            bail!("the supervisor ended ({status}) before the container started");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn unreachable_state(dir: &Path) -> State {
+    State::load(dir).unwrap_or_else(|_| State {
+        id: String::new(),
+        name: String::new(),
+        image: String::new(),
+        command: String::new(),
+        created: 0,
+        status: Status::Exited,
+        owner: None,
+        vmm: None,
+        guest_id: String::new(),
+        tty: false,
+        exit_code: None,
+        finished: None,
+        error: Some("the container's state is gone".into()),
+        auto_remove: true,
+        tap: None,
+        ip: None,
+        ports: Vec::new(),
+    })
+}
+
+/// `vmrun supervise DIR`: owns a detached container's VM until its process
+/// ends, writing its output to the container's log.
+pub fn supervise(dir: &Path) -> Result<i32> {
+    let signals = attach::block_forwarded_signals();
+    let args: RunArgs = serde_json::from_slice(&std::fs::read(dir.join(RUN_FILE))?).context("reading the run options")?;
+    let mut state = State::load(dir)?;
+    state.owner = ProcessRef::current();
+    state.save(dir)?;
+    let home = Home::from_env()?;
+    // The terminal's size is not known here; a fixed one serves `-t`.
+    let log = LogWriter::open(&dir.join(container::LOG_FILE), LOG_LIMIT)?;
+    let sink = Sink::Log(Arc::new(Mutex::new(log)));
+    let result = run_container(&home, &args, dir, state, &sink, Some(signals));
+    if let Err(e) = &result {
+        eprintln!("vmrun: error: {e:#}");
+    }
+    let state = State::load(dir).ok();
+    if state.as_ref().is_some_and(|s| s.auto_remove) {
+        remove_container_dir(dir);
+    }
+    result
+}
+
+/// The most bytes a detached container's log keeps.
+const LOG_LIMIT: u64 = 64 << 20;
+
+/// Removes a container's directory (its VM is gone).
+pub fn remove_container_dir(dir: &Path) {
+    vmrun_runtime::vm::remove_dir(dir);
+}
+
+/// Records the end of the container in its state.
+fn finish(dir: &Path, state: &mut State, result: &Result<i32>) {
+    state.status = Status::Exited;
+    state.finished = Some(container::now());
+    match result {
+        Ok(code) => state.exit_code = Some(*code),
+        Err(e) => {
+            state.error = Some(format!("{e:#}"));
+            state.exit_code = e.downcast_ref::<StartFailed>().map(|f| f.0).or(Some(125));
+        }
+    }
+    if let Err(e) = state.save(dir) {
+        log::warn!("cannot record the end of container {}: {e}", state.id);
+    }
+}
+
+/// The process could not be started (exit code 126 or 127).
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+struct StartFailed(i32, String);
+
+/// Resources of a container that are given back when it ends.
+struct Network {
+    link: Link,
+    _forwarder: Option<Forwarder>,
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.link.delete();
+    }
+}
+
+/// Gives the container a network link: a free subnet (chosen under a lock
+/// and recorded in its state before the lock is let go) and its TAP
+/// device.
+fn set_up_network(home: &Home, dir: &Path, state: &mut State) -> Result<Link> {
+    let _lock = vmrun_runtime::lock::Lock::take(&home.root().join("network.lock"))?;
+    let used: Vec<u32> = container::list(home)?
+        .iter()
+        .filter(|(_, s)| s.effective_status() != Status::Exited || s.id == state.id)
+        .filter_map(|(_, s)| s.ip.as_deref().and_then(Link::index_of))
+        .collect();
+    let link = Link::new(&state.id, vmrun_runtime::net::free_index(&used)?);
+    link.create()?;
+    state.tap = Some(link.tap.clone());
+    state.ip = Some(link.guest.to_string());
+    if let Err(e) = state.save(dir) {
+        link.delete();
+        return Err(e.into());
+    }
+    Ok(link)
+}
+
+/// Runs the container in `dir` (state `state`) to its end; returns its
+/// exit code. The state is kept up to date.
+fn run_container(home: &Home, args: &RunArgs, dir: &Path, mut state: State, sink: &Sink, signals: Option<libc::sigset_t>) -> Result<i32> {
+    let result = run_container_inner(home, args, dir, &mut state, sink, signals);
+    finish(dir, &mut state, &result);
+    result
+}
+
+fn run_container_inner(
+    home: &Home,
     args: &RunArgs,
-    spec: &VmSpec,
-    id: &str,
-    image: &vmrun_images::Image,
-    digests: Vec<vmrun_layerdisk::Digest>,
-    phases: &mut Phases,
+    dir: &Path,
+    state: &mut State,
+    sink: &Sink,
+    signals: Option<libc::sigset_t>,
 ) -> Result<i32> {
+    let mut phases = Phases(std::time::Instant::now());
+    let checked = check(args)?;
+    let image = image(home, &args.image)?;
+    phases.mark("store lookup");
+    let artifacts = Artifacts::find(home, args.kernel.as_deref(), args.initrd.as_deref())?;
+    let (layer_disk, digests) = vmrun_runtime::layer_disk::for_image(&home.layer_disks(), &image)?;
+    phases.mark("layer disk");
+    let mut volume_disks = Vec::new();
+    for (i, v) in checked.volumes.iter().enumerate() {
+        let path = dir.join(format!("volume-{i}.disk"));
+        v.make_image(&path)?;
+        volume_disks.push(path);
+    }
+    if !volume_disks.is_empty() {
+        phases.mark("volume disks");
+    }
+    let mut network = None;
+    if args.network == "tap" {
+        let link = set_up_network(home, dir, state)?;
+        network = Some(Network { link, _forwarder: None });
+    }
+    let spec = VmSpec {
+        artifacts,
+        mem_mib: checked.mem_mib,
+        cpus: args.cpus,
+        layer_disk,
+        volumes: volume_disks,
+        tap: network.as_ref().map(|n| n.link.tap.clone()),
+        dir: dir.to_path_buf(),
+        vmm_exe: std::env::current_exe().context("cannot find the vmrun executable")?,
+    };
+
     let c = &image.config;
     let mut config = ImageConfig {
         entrypoint: c.entrypoint.clone(),
@@ -246,7 +523,7 @@ fn run_in_vm(
         ..Default::default()
     };
     let image_defaults = config.clone();
-    let overrides = process_overrides(args, &config)?;
+    let overrides = process_overrides(args, &config, &checked.volumes)?;
     apply_overrides(&mut config, &overrides);
     if config.entrypoint.is_empty() && config.cmd.is_empty() {
         bail!("no command given and the image has none");
@@ -263,27 +540,26 @@ fn run_in_vm(
     // one (the image already unpacked), else the base template, and
     // prepare the image for next time. A --name (host name) is baked in at
     // creation, so named containers are never prepared.
-    let home = Home::from_env()?;
-    let (mut vm, client, in_vm_id, prepared) = if args.cold {
+    let (mut vm, client, guest_id, prepared) = if args.cold {
         let mut vm = spec.boot()?;
         phases.mark("VM start");
         let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
         phases.mark("guest to agent ready");
-        client.create_container(&create(id, config))?;
+        client.create_container(&create(&state.id, config))?;
         phases.mark("unpack");
-        (vm, client, id.to_string(), false)
+        (vm, client, state.id.clone(), false)
     } else {
-        let base = vmrun_runtime::template::ensure(&home.templates(), spec, &|m| eprintln!("vmrun: {m}"))?;
+        let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"))?;
         let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
-            let mut vm = vmrun_runtime::template::restore(&prepared_dir, spec)?;
+            let mut vm = vmrun_runtime::template::restore(&prepared_dir, &spec)?;
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
             phases.mark("guest to agent ready (image unpacked in the template)");
             (vm, client, PREPARED_ID.to_string(), true)
         } else {
-            let mut vm = vmrun_runtime::template::restore(&base, spec)?;
+            let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
             phases.mark("guest to agent ready");
@@ -294,163 +570,77 @@ fn run_in_vm(
                 phases.mark("prepared template saved");
                 (vm, client, PREPARED_ID.to_string(), true)
             } else {
-                client.create_container(&create(id, config))?;
+                client.create_container(&create(&state.id, config))?;
                 phases.mark("unpack");
-                (vm, client, id.to_string(), false)
+                (vm, client, state.id.clone(), false)
             }
         }
     };
-    let id = in_vm_id.as_str();
+    if let Some(n) = &mut network {
+        client.configure_network(&n.link.guest_config())?;
+        if !checked.ports.is_empty() {
+            n._forwarder = Some(Forwarder::start(n.link.guest, &checked.ports)?);
+        }
+        phases.mark("network");
+    }
 
-    let tty = args.tty && stdio_is_tty(libc::STDIN_FILENO);
-    let mode = if tty {
-        let (rows, cols) = window_size().unwrap_or((24, 80));
-        StdioMode::Tty { rows, cols }
-    } else {
-        StdioMode::Piped { stdin: args.interactive }
-    };
-    let started = if prepared { client.start_with(id, mode, Some(&overrides)) } else { client.start(id, mode) };
+    let terminal = matches!(sink, Sink::Terminal);
+    let tty = args.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
+    let mode = if terminal { attach::stdio_mode(tty, args.interactive) } else { stdio_detached(tty) };
+    let started = if prepared { client.start_with(&guest_id, mode, Some(&overrides)) } else { client.start(&guest_id, mode) };
     let mut process = match started {
         Ok(p) => p,
         Err(e) => {
+            let _ = client.shutdown();
+            let _ = vm.wait(Duration::from_secs(30));
             if let Some(code) = e.exit_code() {
-                eprintln!("vmrun: {e}");
-                let _ = client.shutdown();
-                let _ = vm.wait(Duration::from_secs(30));
-                return Ok(code);
+                if terminal {
+                    eprintln!("vmrun: {e}");
+                    return Ok(code);
+                }
+                return Err(StartFailed(code, e.to_string()).into());
             }
             return Err(e.into());
         }
     };
-    let _raw = if tty { RawTerminal::enter() } else { None };
-
-    let mut pumps = Vec::new();
-    if let Some(mut out) = process.stdout.take() {
-        pumps.push(std::thread::spawn(move || copy_out(&mut out, &mut std::io::stdout())));
+    state.status = Status::Running;
+    state.vmm = ProcessRef::of(vm.pid());
+    state.guest_id = guest_id.clone();
+    state.save(dir)?;
+    if let Some(set) = signals {
+        attach::forward_signals(set, client.clone(), guest_id.clone(), None, tty);
     }
-    if let Some(mut err) = process.stderr.take() {
-        pumps.push(std::thread::spawn(move || copy_out(&mut err, &mut std::io::stderr())));
-    }
-    if let Some(mut input) = process.stdin.take() {
-        if args.interactive || tty {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 * 1024];
-                let mut stdin = std::io::stdin();
-                while let Ok(n) = stdin.read(&mut buf) {
-                    if n == 0 || input.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    let _ = input.flush();
-                }
-                let _ = input.close();
-            });
-        } else {
-            let _ = input.close();
-        }
-    }
-    let signals = forward_signals(client.clone(), id.to_string(), tty);
-    let code = process.wait()?;
-    for p in pumps {
-        let _ = p.join();
-    }
-    drop(signals);
+    let code = attach::pump(&mut process, sink, terminal && (args.interactive || tty), tty && terminal);
     phases.mark("process run");
-    let _ = client.shutdown();
-    let status = vm.wait(Duration::from_secs(30))?;
-    if !status.success() {
-        log::warn!("the VMM ended with {status}");
-    }
+    let code = match code {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = vm.wait(Duration::from_secs(5));
+            return Err(anyhow!("lost the container's VM ({e}); its console is in {}", vm.console.display()));
+        }
+    };
+    stop_vm(&client, &mut vm);
     phases.mark("teardown");
     Ok(code)
 }
 
-fn copy_out(from: &mut impl Read, to: &mut impl Write) {
-    let mut buf = [0u8; 32 * 1024];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-        let _ = to.flush();
+/// A detached process's terminal, when asked for: 24x80, no input.
+fn stdio_detached(tty: bool) -> vmrun_agent_client::StdioMode {
+    if tty {
+        vmrun_agent_client::StdioMode::Tty { rows: 24, cols: 80 }
+    } else {
+        vmrun_agent_client::StdioMode::Piped { stdin: false }
     }
 }
 
-fn stdio_is_tty(fd: i32) -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(fd) == 1 }
-}
-
-fn window_size() -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills the winsize it is given.
-    let ws = unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0).then_some(ws)
-    }?;
-    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
-/// The local terminal in raw mode while the container has it; restored on
-/// drop.
-struct RawTerminal(libc::termios);
-
-impl RawTerminal {
-    fn enter() -> Option<Self> {
-        // SAFETY: tcgetattr/tcsetattr read and write the termios given;
-        // cfmakeraw edits a copy.
-        unsafe {
-            let mut old: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(libc::STDIN_FILENO, &mut old) != 0 {
-                return None;
-            }
-            let mut raw = old;
-            libc::cfmakeraw(&mut raw);
-            (libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) == 0).then_some(Self(old))
-        }
+/// Ends the guest and waits for its VMM.
+fn stop_vm(client: &Client, vm: &mut VmProcess) {
+    let _ = client.shutdown();
+    match vm.wait(Duration::from_secs(30)) {
+        Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
+        Ok(_) => {}
+        Err(e) => log::warn!("waiting for the VMM: {e}"),
     }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        // SAFETY: restores the attributes saved in `enter`.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
-    }
-}
-
-/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the container's process
-/// (and SIGWINCH as a terminal resize), from a thread that waits for them;
-/// they are blocked everywhere else.
-fn forward_signals(client: vmrun_agent_client::Client, id: String, tty: bool) -> std::thread::JoinHandle<()> {
-    // SAFETY: builds a signal set and blocks it for this thread (threads
-    // started later inherit the mask).
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGWINCH] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            return;
-        }
-        let result = if sig == libc::SIGWINCH {
-            if !tty {
-                continue;
-            }
-            match window_size() {
-                Some((rows, cols)) => client.resize(&id, None, rows, cols),
-                None => continue,
-            }
-        } else {
-            client.signal(&id, None, sig)
-        };
-        if result.is_err() {
-            return;
-        }
-    })
 }
 
 #[cfg(test)]
@@ -475,7 +665,5 @@ mod tests {
         std::env::set_var("VMRUN_TEST_ENV_X", "from-host");
         assert_eq!(expand_env("VMRUN_TEST_ENV_X"), "VMRUN_TEST_ENV_X=from-host");
         assert_eq!(expand_env("A=b=c"), "A=b=c");
-        assert_eq!(container_id(Some("n")), "n");
-        assert_eq!(container_id(None).len(), 12);
     }
 }

@@ -1,0 +1,253 @@
+//! `--network tap` and `-p HOST:GUEST`: a container's own link to the host.
+//!
+//! Each container with a network gets a TAP device `vmrun-<id>` on the
+//! host and a point-to-point /30 out of `10.213.0.0/16`: the host end is
+//! `.1`, the guest's `eth0` is `.2` with the host as its gateway. The agent
+//! is told the address after the VM starts (a VM restored from a template
+//! has no address of its own). Published ports are forwarded by a TCP
+//! proxy on the host that listens on `0.0.0.0:HOST` and connects to the
+//! guest's address; no firewall rules are added. Outbound traffic beyond
+//! the host needs forwarding and NAT set up by the host's administrator.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Subnets handed out: `10.213.0.0/16` in /30s.
+const SUBNETS: u32 = 1 << 14;
+
+/// A container's link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// The host's TAP device.
+    pub tap: String,
+    pub host: Ipv4Addr,
+    pub guest: Ipv4Addr,
+}
+
+impl Link {
+    /// The link with subnet number `index` for container `id`.
+    pub fn new(id: &str, index: u32) -> Self {
+        let base = u32::from(Ipv4Addr::new(10, 213, 0, 0)) + (index % SUBNETS) * 4;
+        let short: String = id.chars().take(9).collect();
+        Self { tap: format!("vmrun-{short}"), host: Ipv4Addr::from(base + 1), guest: Ipv4Addr::from(base + 2) }
+    }
+
+    /// The subnet number of a guest address of ours.
+    pub fn index_of(guest: &str) -> Option<u32> {
+        let a: Ipv4Addr = guest.split('/').next()?.parse().ok()?;
+        let off = u32::from(a).checked_sub(u32::from(Ipv4Addr::new(10, 213, 0, 0)))?;
+        (off < SUBNETS * 4).then_some(off / 4)
+    }
+
+    /// What the agent is told.
+    pub fn guest_config(&self) -> vmrun_agent_protocol::NetworkConfig {
+        vmrun_agent_protocol::NetworkConfig {
+            interface: "eth0".into(),
+            address: format!("{}/30", self.guest),
+            gateway: Some(self.host.to_string()),
+        }
+    }
+
+    /// Creates the TAP device with the host's address, up.
+    pub fn create(&self) -> Result<()> {
+        ip(&["tuntap", "add", "dev", &self.tap, "mode", "tap"])?;
+        let up = ip(&["addr", "add", &format!("{}/30", self.host), "dev", &self.tap])
+            .and_then(|()| ip(&["link", "set", "dev", &self.tap, "up"]));
+        if up.is_err() {
+            self.delete();
+        }
+        up
+    }
+
+    /// Removes the TAP device (nothing if it is gone already).
+    pub fn delete(&self) {
+        delete_tap(&self.tap);
+    }
+}
+
+/// Removes a TAP device by name, if it exists.
+pub fn delete_tap(name: &str) {
+    if Path::new("/sys/class/net").join(name).exists() {
+        if let Err(e) = ip(&["link", "del", "dev", name]) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().map_err(|e| Error::Network(format!("cannot run ip (install iproute2): {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Network(format!(
+        "ip {}: {} (--network tap needs root or CAP_NET_ADMIN)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// The first subnet number not in `used`.
+pub fn free_index(used: &[u32]) -> Result<u32> {
+    (0..SUBNETS).find(|i| !used.contains(i)).ok_or_else(|| Error::Network("no free container subnet left in 10.213.0.0/16".into()))
+}
+
+/// One `-p` option: `HOST:GUEST` or `HOST:GUEST/tcp` (TCP only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMap {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl std::str::FromStr for PortMap {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Network(format!("invalid port mapping {s:?}: {why} (use -p HOST:GUEST)"));
+        let body = match s.split_once('/') {
+            Some((b, "tcp")) => b,
+            Some(_) => return Err(bad("only tcp is supported")),
+            None => s,
+        };
+        let (h, g) = body.split_once(':').ok_or_else(|| bad("expected HOST:GUEST"))?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("ports are 1 to 65535"));
+        Ok(Self { host: port(h)?, guest: port(g)? })
+    }
+}
+
+impl std::fmt::Display for PortMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
+}
+
+/// Published ports: a listening socket per mapping and a thread that
+/// proxies each connection to the guest. Stops accepting when dropped.
+#[derive(Debug)]
+pub struct Forwarder {
+    stop: Arc<AtomicBool>,
+}
+
+impl Forwarder {
+    /// Binds every host port (so that a port in use fails the start) and
+    /// starts proxying to `guest`.
+    pub fn start(guest: Ipv4Addr, maps: &[PortMap]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut listeners = Vec::new();
+        for m in maps {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, m.host))
+                .map_err(|e| Error::Network(format!("cannot publish port {}: {e}", m.host)))?;
+            l.set_nonblocking(true)?;
+            listeners.push((l, *m));
+        }
+        for (l, m) in listeners {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || accept_loop(&l, guest, m.guest, &stop));
+        }
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn accept_loop(l: &TcpListener, guest: Ipv4Addr, port: u16, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((client, _)) => {
+                let _ = client.set_nonblocking(false);
+                std::thread::spawn(move || proxy(client, guest, port));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                log::warn!("port {port}: accept: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn proxy(client: TcpStream, guest: Ipv4Addr, port: u16) {
+    let Ok(server) = TcpStream::connect_timeout(&(guest, port).into(), Duration::from_secs(30)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
+    let up = std::thread::spawn(move || pipe(client, server));
+    pipe(s2, c2);
+    let _ = up.join();
+}
+
+/// Copies `from` to `to` until the end, then half-closes `to`.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 32 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn links_are_disjoint_slash_30s() {
+        let a = Link::new("0123456789ab", 0);
+        assert_eq!((a.tap.as_str(), a.host, a.guest), ("vmrun-012345678", Ipv4Addr::new(10, 213, 0, 1), Ipv4Addr::new(10, 213, 0, 2)));
+        assert!(a.tap.len() < 16, "interface names are at most 15 bytes");
+        let b = Link::new("x", 65);
+        assert_eq!(b.guest, Ipv4Addr::new(10, 213, 1, 6));
+        assert_eq!(Link::index_of(&b.guest.to_string()), Some(65));
+        assert_eq!(Link::index_of("10.213.1.6/30"), Some(65));
+        assert_eq!(Link::index_of("192.168.0.1"), None);
+        assert_eq!(free_index(&[0, 1, 3]).unwrap(), 2);
+        assert_eq!(a.guest_config().address, "10.213.0.2/30");
+    }
+
+    #[test]
+    fn port_maps() {
+        assert_eq!("8080:80".parse::<PortMap>().unwrap(), PortMap { host: 8080, guest: 80 });
+        assert_eq!("1:2/tcp".parse::<PortMap>().unwrap().to_string(), "1:2");
+        for bad in ["80", "0:80", "80:70000", "80:80/udp", "a:b", ""] {
+            assert!(bad.parse::<PortMap>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_forwarder_proxies_both_ways() {
+        // A "guest" on loopback that upper-cases what it reads.
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let gport = server.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&buf.to_ascii_uppercase()).unwrap();
+        });
+        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let hport = probe.local_addr().unwrap().port();
+        drop(probe);
+        let _f = Forwarder::start(Ipv4Addr::LOCALHOST, &[PortMap { host: hport, guest: gport }]).unwrap();
+        let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, hport)).unwrap();
+        c.write_all(b"hello").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "HELLO");
+        // A port in use is an error at start.
+        assert!(Forwarder::start(Ipv4Addr::LOCALHOST, &[PortMap { host: hport, guest: gport }]).is_err());
+    }
+}

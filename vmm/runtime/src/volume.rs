@@ -1,0 +1,163 @@
+//! `-v HOST_DIR:GUEST_DIR[:ro]`: a host directory given to a container as
+//! a disk.
+//!
+//! vmrun copies the directory into a fresh ext4 image (`mkfs.ext4 -d`, from
+//! e2fsprogs) in the container's directory and attaches it to one of the
+//! VM's volume disk slots; the agent mounts it and binds it at `GUEST_DIR`.
+//! This keeps the host's file system out of the guest's reach: the guest
+//! sees a copy, and no file server runs on the host on its behalf. The
+//! price is that it is a copy: writes inside the container go to the image
+//! and are not seen in the host directory (`:ro` mounts it read-only in
+//! the guest). The image is removed with the container.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Error, Result};
+
+/// How many volume disks a VM can have (disk slots `/dev/vdb`...).
+pub const SLOTS: usize = 4;
+
+/// One `-v` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+fn invalid(s: &str, why: &str) -> Error {
+    Error::Volume(format!("invalid volume {s:?}: {why} (use -v /host/dir:/guest/dir[:ro])"))
+}
+
+impl std::str::FromStr for Volume {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host, guest, mode) = match parts.as_slice() {
+            [h, g] => (*h, *g, "rw"),
+            [h, g, m] => (*h, *g, *m),
+            _ => return Err(invalid(s, "expected HOST_DIR:GUEST_DIR[:ro|rw]")),
+        };
+        if !host.starts_with('/') {
+            return Err(invalid(s, "the host directory must be an absolute path (named volumes are not supported)"));
+        }
+        if !guest.starts_with('/') || guest == "/" || guest.split('/').any(|c| c == "..") {
+            return Err(invalid(s, "the container path must be absolute, not / and without .."));
+        }
+        let read_only = match mode {
+            "ro" => true,
+            "rw" => false,
+            _ => return Err(invalid(s, "the mode must be ro or rw")),
+        };
+        Ok(Self { host: PathBuf::from(host), guest: guest.to_string(), read_only })
+    }
+}
+
+/// Bytes the files under `dir` take, rounded up to 4 KiB blocks, and
+/// their count.
+fn usage(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let (mut bytes, mut count) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            count += 1;
+            bytes += m.len().div_ceil(4096) * 4096;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok((bytes, count))
+}
+
+impl Volume {
+    /// Makes the disk image of the directory at `out` (sparse: only what
+    /// the files take is written). Room is left to write: a quarter more
+    /// than the files, and at least 64 MiB.
+    pub fn make_image(&self, out: &Path) -> Result<()> {
+        let meta = std::fs::metadata(&self.host)
+            .map_err(|e| Error::Volume(format!("volume {}: {e}", self.host.display())))?;
+        if !meta.is_dir() {
+            return Err(Error::Volume(format!("volume {}: not a directory", self.host.display())));
+        }
+        let (bytes, count) = usage(&self.host).map_err(|e| Error::Volume(format!("volume {}: {e}", self.host.display())))?;
+        let size = (bytes + bytes / 4 + count * 4096).max(64 << 20).div_ceil(1 << 20) << 20;
+        std::fs::File::create(out)?.set_len(size)?;
+        let result = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "vmrun-volume", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+            .arg(&self.host)
+            .arg(out)
+            .output();
+        match result {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(Error::Volume(format!(
+                "cannot make a disk of {}: mkfs.ext4: {}",
+                self.host.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))),
+            Err(e) => Err(Error::Volume(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}"))),
+        }
+    }
+
+    /// The mount the agent makes for it, from the disk in volume slot
+    /// `slot`.
+    pub fn mount(&self, slot: usize) -> vmrun_agent_protocol::Mount {
+        let letter = char::from(b'b' + slot as u8);
+        vmrun_agent_protocol::Mount {
+            destination: self.guest.clone(),
+            fstype: "ext4".into(),
+            source: format!("/dev/vd{letter}"),
+            options: vec![if self.read_only { "ro" } else { "rw" }.into()],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_docker_volume_syntax() {
+        let v: Volume = "/srv/data:/data:ro".parse().unwrap();
+        assert_eq!(v, Volume { host: "/srv/data".into(), guest: "/data".into(), read_only: true });
+        assert!(!"/a:/b".parse::<Volume>().unwrap().read_only);
+        assert!(!"/a:/b:rw".parse::<Volume>().unwrap().read_only);
+        for bad in ["data:/data", "/a", "/a:b", "/a:/", "/a:/b:rx", "/a:/b/../etc", "/a:/b:ro:x", ""] {
+            assert!(bad.parse::<Volume>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn slots_are_the_disks_after_the_layer_disk() {
+        let v: Volume = "/a:/b:ro".parse().unwrap();
+        let m = v.mount(0);
+        assert_eq!((m.source.as_str(), m.fstype.as_str(), m.options.as_slice()), ("/dev/vdb", "ext4", &["ro".to_string()][..]));
+        assert_eq!(v.mount(3).source, "/dev/vde");
+    }
+
+    #[test]
+    fn an_image_is_made_of_a_directory() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("skipped: no mkfs.ext4 (scripts/deps.sh installs e2fsprogs)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/file"), b"hello").unwrap();
+        let v = Volume { host: src, guest: "/x".into(), read_only: false };
+        let img = d.path().join("v.img");
+        v.make_image(&img).unwrap();
+        assert!(std::fs::metadata(&img).unwrap().len() >= 64 << 20);
+        // debugfs (e2fsprogs) reads it back.
+        let out = Command::new("debugfs").args(["-R", "cat /sub/file"]).arg(&img).output().unwrap();
+        assert_eq!(out.stdout, b"hello");
+        let missing = Volume { host: d.path().join("nope"), guest: "/x".into(), read_only: false };
+        assert!(missing.make_image(&img).unwrap_err().to_string().contains("nope"));
+    }
+}

@@ -1,0 +1,189 @@
+//! A running process's standard streams and signals, for `vmrun run` and
+//! `vmrun exec`: output to this terminal (or to the container's log when
+//! detached), input from it, signals and window size changes forwarded.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use vmrun_agent_client::{Client, Process, StdioMode};
+use vmrun_runtime::container::{LogWriter, Stream};
+
+/// Where a process's output goes.
+#[derive(Clone)]
+pub enum Sink {
+    /// This process's stdout and stderr.
+    Terminal,
+    /// The container's log (detached containers).
+    Log(Arc<Mutex<LogWriter>>),
+}
+
+/// The stdio mode for a process: a terminal of this one's size when asked
+/// and stdin is one, else pipes.
+pub fn stdio_mode(tty: bool, interactive: bool) -> StdioMode {
+    if tty {
+        let (rows, cols) = window_size().unwrap_or((24, 80));
+        StdioMode::Tty { rows, cols }
+    } else {
+        StdioMode::Piped { stdin: interactive }
+    }
+}
+
+/// Blocks the signals that are forwarded to the container in this thread
+/// and those it starts later; call before starting threads. Returns the set
+/// for [`forward_signals`].
+pub fn block_forwarded_signals() -> libc::sigset_t {
+    // SAFETY: builds a signal set and blocks it for this thread (threads
+    // started later inherit the mask).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGWINCH] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Pumps the process's streams until its output ends, then waits for its
+/// exit code. `stdin` passes this process's stdin on; otherwise the
+/// process's input is closed. With `tty` the local terminal is in raw mode
+/// meanwhile.
+pub fn pump(process: &mut Process, sink: &Sink, stdin: bool, tty: bool) -> Result<i32, vmrun_agent_client::Error> {
+    let _raw = if tty { RawTerminal::enter() } else { None };
+    let has_terminal = tty_open(process);
+    let mut pumps = Vec::new();
+    for (stream, out) in [(Stream::Stdout, process.stdout.take()), (Stream::Stderr, process.stderr.take())] {
+        let Some(mut out) = out else { continue };
+        let sink = sink.clone();
+        pumps.push(std::thread::spawn(move || copy_out(&mut out, &sink, stream)));
+    }
+    // A terminal with no one typing stays open (closing its input would
+    // end a shell reading it).
+    let _held_input = if !stdin && has_terminal { process.stdin.take() } else { None };
+    if let Some(mut input) = process.stdin.take() {
+        if stdin {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                let mut local = std::io::stdin();
+                while let Ok(n) = local.read(&mut buf) {
+                    if n == 0 || input.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = input.flush();
+                }
+                let _ = input.close();
+            });
+        } else {
+            let _ = input.close();
+        }
+    }
+    let code = process.wait();
+    for p in pumps {
+        let _ = p.join();
+    }
+    code
+}
+
+/// Whether the process has a terminal: one stream for output, none for
+/// errors.
+fn tty_open(process: &Process) -> bool {
+    process.stderr.is_none() && process.stdin.is_some()
+}
+
+fn copy_out(from: &mut impl Read, sink: &Sink, stream: Stream) {
+    let mut buf = [0u8; 32 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let ok = match sink {
+            Sink::Terminal => {
+                let r = match stream {
+                    Stream::Stdout => write_flush(&mut std::io::stdout(), &buf[..n]),
+                    Stream::Stderr => write_flush(&mut std::io::stderr(), &buf[..n]),
+                };
+                r.is_ok()
+            }
+            Sink::Log(log) => log.lock().map(|mut l| l.write(stream, &buf[..n]).is_ok()).unwrap_or(false),
+        };
+        if !ok {
+            break;
+        }
+    }
+}
+
+fn write_flush(to: &mut impl Write, data: &[u8]) -> std::io::Result<()> {
+    to.write_all(data)?;
+    to.flush()
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_tty(fd: i32) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn window_size() -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills the winsize it is given.
+    let ws = unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0).then_some(ws)
+    }?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// The local terminal in raw mode while the container has it; restored on
+/// drop.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr read and write the termios given;
+        // cfmakeraw edits a copy.
+        unsafe {
+            let mut old: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut old) != 0 {
+                return None;
+            }
+            let mut raw = old;
+            libc::cfmakeraw(&mut raw);
+            (libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) == 0).then_some(Self(old))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved in `enter`.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}
+
+/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to a process of the
+/// container (its own with `exec_id: None`), and SIGWINCH as a terminal
+/// resize, from a thread that waits for the signals in `set` (blocked by
+/// [`block_forwarded_signals`]).
+pub fn forward_signals(set: libc::sigset_t, client: Client, id: String, exec_id: Option<String>, tty: bool) {
+    std::thread::spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        let result = if sig == libc::SIGWINCH {
+            if !tty {
+                continue;
+            }
+            match window_size() {
+                Some((rows, cols)) => client.resize(&id, exec_id.as_deref(), rows, cols),
+                None => continue,
+            }
+        } else {
+            client.signal(&id, exec_id.as_deref(), sig)
+        };
+        if result.is_err() {
+            return;
+        }
+    });
+}
