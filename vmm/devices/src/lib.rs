@@ -2,11 +2,13 @@
 //! and MMIO accesses to them.
 //!
 //! Legacy devices live in `legacy/` (serial console, i8042 reset, CMOS
-//! clock); `boot_marker` is vmrun's own boot-time probe.
+//! clock); `boot_marker` is vmrun's own boot-time probe; `rate_limiter`
+//! bounds what a guest may take of a device's bandwidth and operations.
 
 pub mod boot_marker;
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -157,17 +157,38 @@ pub fn drain_queue(
     interrupt: &Interrupt,
     mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) {
-    use virtio_queue::QueueT;
+    drain_queue_until(queue, mem, interrupt, |chain| Some(handle(chain)));
+}
+
+/// [`drain_queue`] for a device that may have to stop (a rate limiter
+/// refused): when `handle` returns `None` the chain is put back, untouched
+/// in the ring, and draining stops with notifications left suppressed (the
+/// device comes back by itself, e.g. on its limiter's timer). Returns
+/// whether it stopped early.
+pub fn drain_queue_until(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+) -> bool {
+    use virtio_queue::{QueueOwnedT, QueueT};
     let mut notify = false;
-    loop {
+    let mut stopped = false;
+    'drain: loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("virtio: broken queue: {e}");
-            return;
+            return false;
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let used = handle(chain);
-            notify |= complete(queue, mem, head, used);
+            match handle(chain) {
+                Some(used) => notify |= complete(queue, mem, head, used),
+                None => {
+                    queue.go_to_previous_position();
+                    stopped = true;
+                    break 'drain;
+                }
+            }
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
@@ -181,6 +202,7 @@ pub fn drain_queue(
     if notify {
         interrupt.trigger(INT_USED_RING);
     }
+    stopped
 }
 
 /// Common helper: puts `chain` back as used with `len` bytes written and

@@ -127,6 +127,102 @@ fn do_write(disk: &mut dyn Disk, data: &mut Reader<'_>, offset: u64, len: usize,
     true
 }
 
+/// A request taken apart: its header (if it had one to read), its data
+/// buffers and its status byte. Parsing reads the descriptors once; what
+/// [`Request::data_len`] reports is what [`Request::execute`] moves, so a
+/// guest cannot change a request between its accounting and its I/O.
+pub struct Request<'a> {
+    header: Option<RequestHeader>,
+    reader: Reader<'a>,
+    data: Writer<'a>,
+    status: Writer<'a>,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("header", &self.header)
+            .field("readable", &self.reader.available_bytes())
+            .field("writable", &self.data.available_bytes())
+            .finish()
+    }
+}
+
+impl<'a> Request<'a> {
+    /// Parses `chain`. `None` when the chain cannot carry a status at all
+    /// (no writable byte, or buffers outside guest memory): the caller
+    /// returns it with a used length of zero.
+    pub fn parse(chain: DescriptorChain<&'a GuestMemoryMmap>, mem: &'a GuestMemoryMmap) -> Option<Self> {
+        let mut reader = chain.clone().reader(mem).ok()?;
+        let mut writer = chain.writer(mem).ok()?;
+        let writable = writer.available_bytes();
+        if writable == 0 {
+            return None;
+        }
+        let status = writer.split_at(writable - 1).ok()?;
+        let header = reader.read_obj::<RequestHeader>().ok();
+        Some(Self { header, reader, data: writer, status })
+    }
+
+    /// The bytes the request moves between the disk and guest memory (zero
+    /// for anything but reads and writes), for rate limiting.
+    pub fn data_len(&self) -> u64 {
+        match self.header.map(|h| h.request_type) {
+            Some(T_IN) => self.data.available_bytes() as u64,
+            Some(T_OUT) => self.reader.available_bytes() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Does the I/O and writes the status. `None` when the status byte
+    /// cannot be written.
+    pub fn execute(self, disk: &mut dyn Disk, info: &DiskInfo, buf: &mut Vec<u8>) -> Option<Outcome> {
+        let Self { header, mut reader, mut data, status: mut status_writer } = self;
+        let status = match header {
+            None => S_IOERR,
+            Some(h) => match h.request_type {
+                T_IN => {
+                    let len = data.available_bytes();
+                    match in_bounds(info, h.sector, len as u64) {
+                        Some(offset) if do_read(disk, &mut data, offset, len, buf) => S_OK,
+                        _ => S_IOERR,
+                    }
+                }
+                T_OUT => {
+                    let len = reader.available_bytes();
+                    if info.read_only {
+                        S_IOERR
+                    } else {
+                        match in_bounds(info, h.sector, len as u64) {
+                            Some(offset) if do_write(disk, &mut reader, offset, len, buf) => S_OK,
+                            _ => S_IOERR,
+                        }
+                    }
+                }
+                T_FLUSH => {
+                    if disk.flush().is_ok() {
+                        S_OK
+                    } else {
+                        S_IOERR
+                    }
+                }
+                T_GET_ID => {
+                    let n = data.available_bytes().min(ID_LEN);
+                    if data.write_all(&info.id[..n]).is_ok() {
+                        S_OK
+                    } else {
+                        S_IOERR
+                    }
+                }
+                _ => S_UNSUPP,
+            },
+        };
+        status_writer.write_all(&[status]).ok()?;
+        let used_len = (data.bytes_written() + status_writer.bytes_written()) as u32;
+        Some(Outcome { status, used_len })
+    }
+}
+
 /// Executes the request in `chain`. `None` when the chain cannot carry a
 /// status at all (no writable byte, or buffers outside guest memory): the
 /// caller returns it with a used length of zero.
@@ -137,55 +233,5 @@ pub fn execute(
     info: &DiskInfo,
     buf: &mut Vec<u8>,
 ) -> Option<Outcome> {
-    let mut reader = chain.clone().reader(mem).ok()?;
-    let mut writer = chain.writer(mem).ok()?;
-    let writable = writer.available_bytes();
-    if writable == 0 {
-        return None;
-    }
-    let mut status_writer = writer.split_at(writable - 1).ok()?;
-    let mut data = writer;
-
-    let status = match reader.read_obj::<RequestHeader>() {
-        Err(_) => S_IOERR,
-        Ok(h) => match h.request_type {
-            T_IN => {
-                let len = data.available_bytes();
-                match in_bounds(info, h.sector, len as u64) {
-                    Some(offset) if do_read(disk, &mut data, offset, len, buf) => S_OK,
-                    _ => S_IOERR,
-                }
-            }
-            T_OUT => {
-                let len = reader.available_bytes();
-                if info.read_only {
-                    S_IOERR
-                } else {
-                    match in_bounds(info, h.sector, len as u64) {
-                        Some(offset) if do_write(disk, &mut reader, offset, len, buf) => S_OK,
-                        _ => S_IOERR,
-                    }
-                }
-            }
-            T_FLUSH => {
-                if disk.flush().is_ok() {
-                    S_OK
-                } else {
-                    S_IOERR
-                }
-            }
-            T_GET_ID => {
-                let n = data.available_bytes().min(ID_LEN);
-                if data.write_all(&info.id[..n]).is_ok() {
-                    S_OK
-                } else {
-                    S_IOERR
-                }
-            }
-            _ => S_UNSUPP,
-        },
-    };
-    status_writer.write_all(&[status]).ok()?;
-    let used_len = (data.bytes_written() + status_writer.bytes_written()) as u32;
-    Some(Outcome { status, used_len })
+    Request::parse(chain, mem)?.execute(disk, info, buf)
 }

@@ -1,6 +1,12 @@
 //! virtio-net on a TAP device: one receive and one transmit queue, the MAC
 //! address in config space, and checksum/TSO/UFO offloads passed through
 //! (the virtio net header travels with each frame to and from the TAP).
+//!
+//! Each direction may have its own rate limiter (see
+//! [`crate::rate_limiter`]): a frame costs one operation and its bytes
+//! without the virtio net header. A frame the limiter refuses waits (a
+//! transmit chain stays in the ring; a received frame stays in the device
+//! and the TAP is not read meanwhile) until the limiter's timer fires.
 
 pub mod tap;
 
@@ -8,12 +14,14 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use event_manager::EventOps;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::vsock::muxer::FdWatch;
 use super::{complete, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET};
+use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, VNET_HDR_LEN};
 
 /// Feature bits (virtio 1.2, 5.1.3).
@@ -85,6 +93,10 @@ pub struct NetStats {
 }
 
 /// A virtio network device.
+///
+/// The rate limiters are not part of the device's snapshot state (the
+/// queues are): a restored device starts with full buckets, and with
+/// whatever limiters its restorer gives it.
 pub struct Net {
     tap: Tap,
     mac: Mac,
@@ -97,6 +109,10 @@ pub struct Net {
     /// delivered).
     tap_watched: bool,
     stats: NetStats,
+    /// Frames from the TAP into the guest.
+    rx_limiter: RateLimiter,
+    /// Frames from the guest to the TAP.
+    tx_limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Net {
@@ -117,7 +133,22 @@ impl Net {
             tx_buf: Vec::with_capacity(MAX_FRAME),
             tap_watched: false,
             stats: NetStats::default(),
+            rx_limiter: RateLimiter::unlimited(),
+            tx_limiter: RateLimiter::unlimited(),
         }
+    }
+
+    /// The device with `rx` limiting what the guest receives and `tx` what
+    /// it sends.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
+    }
+
+    /// The rate limiters: (receive, transmit).
+    pub fn rate_limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.rx_limiter, &self.tx_limiter)
     }
 
     /// Counters so far.
@@ -125,23 +156,25 @@ impl Net {
         self.stats
     }
 
-    fn watch_tap(&mut self, ops: &mut EventOps, want: bool) {
+    fn watch_tap(&mut self, w: &mut dyn FdWatch, want: bool) {
         if want == self.tap_watched {
             return;
         }
-        let ev = Events::new_raw(self.tap.as_raw_fd(), EventSet::IN);
-        let r = if want { ops.add(ev) } else { ops.remove(ev) };
+        let fd = self.tap.as_raw_fd();
+        let r = if want { w.add(fd, EventSet::IN) } else { w.remove(fd, EventSet::IN) };
         match r {
             Ok(()) => self.tap_watched = want,
             Err(e) => log::warn!("virtio-net: cannot change TAP watch: {e:?}"),
         }
     }
 
-    /// Moves frames from the TAP into receive buffers until one side runs dry.
-    fn receive(&mut self, ops: &mut EventOps) {
+    /// Moves frames from the TAP into receive buffers until one side runs
+    /// dry or the receive limiter refuses; the TAP is watched only while
+    /// frames can go on.
+    fn receive(&mut self, w: &mut dyn FdWatch) {
         let Some(a) = self.active.as_mut() else { return };
         let mut notify = false;
-        let mut out_of_buffers = false;
+        let mut stalled = false;
         loop {
             let len = match self.pending_rx.take() {
                 Some(len) => len,
@@ -156,9 +189,17 @@ impl Net {
             };
             let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
                 self.pending_rx = Some(len);
-                out_of_buffers = true;
+                stalled = true;
                 break;
             };
+            // Charged when it can be delivered, so a waiting frame is
+            // charged once.
+            if !self.rx_limiter.consume(len.saturating_sub(VNET_HDR_LEN) as u64, 1) {
+                a.rx.go_to_previous_position();
+                self.pending_rx = Some(len);
+                stalled = true;
+                break;
+            }
             let head = chain.head_index();
             let delivered = chain
                 .writer(&a.mem)
@@ -175,16 +216,34 @@ impl Net {
         if notify {
             a.interrupt.trigger(INT_USED_RING);
         }
-        self.watch_tap(ops, !out_of_buffers);
+        self.watch_tap(w, !stalled);
     }
 
-    /// Sends every frame the guest queued.
+    /// Sends every frame the guest queued, until the transmit limiter
+    /// refuses one (it stays in the ring).
     fn transmit(&mut self) {
         let Some(a) = self.active.as_mut() else { return };
+        if self.tx_limiter.is_blocked() {
+            return;
+        }
         let mut notify = false;
         while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            if read_tx_frame(chain, &a.mem, &mut self.tx_buf) && self.tap.write_frame(&self.tx_buf).is_ok() {
+            let frame = match chain.reader(&a.mem) {
+                Ok(r) => {
+                    // Frames that are dropped move no bytes.
+                    let n = r.available_bytes();
+                    let bytes = if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) { n - VNET_HDR_LEN } else { 0 };
+                    if !self.tx_limiter.consume(bytes as u64, 1) {
+                        a.tx.go_to_previous_position();
+                        break;
+                    }
+                    Some(r)
+                }
+                Err(_) => None,
+            };
+            let sent = frame.is_some_and(|r| read_frame_from(r, &mut self.tx_buf));
+            if sent && self.tap.write_frame(&self.tx_buf).is_ok() {
                 self.stats.tx_frames += 1;
             } else {
                 self.stats.dropped += 1;
@@ -195,6 +254,20 @@ impl Net {
             a.interrupt.trigger(INT_USED_RING);
         }
     }
+
+    /// One of the device's own descriptors is ready: the TAP, or a
+    /// limiter's timer.
+    fn handle_fd(&mut self, fd: RawFd, w: &mut dyn FdWatch) {
+        if fd == self.tap.as_raw_fd() {
+            self.receive(w);
+        } else if Some(fd) == self.rx_limiter.timer_fd() {
+            self.rx_limiter.on_timer();
+            self.receive(w);
+        } else if Some(fd) == self.tx_limiter.timer_fd() {
+            self.tx_limiter.on_timer();
+            self.transmit();
+        }
+    }
 }
 
 /// Gathers the frame (virtio net header first) the guest queued in `chain`
@@ -202,13 +275,17 @@ impl Net {
 /// header or longer than [`MAX_FRAME`].
 pub fn read_tx_frame(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, frame: &mut Vec<u8>) -> bool {
     frame.clear();
-    chain.reader(mem).is_ok_and(|mut r| {
-        let n = r.available_bytes();
-        (VNET_HDR_LEN..=MAX_FRAME).contains(&n) && {
-            frame.resize(n, 0);
-            r.read_exact(frame).is_ok()
-        }
-    })
+    chain.reader(mem).is_ok_and(|r| read_frame_from(r, frame))
+}
+
+/// [`read_tx_frame`] from a chain's reader.
+fn read_frame_from(mut r: Reader<'_>, frame: &mut Vec<u8>) -> bool {
+    frame.clear();
+    let n = r.available_bytes();
+    (VNET_HDR_LEN..=MAX_FRAME).contains(&n) && {
+        frame.resize(n, 0);
+        r.read_exact(frame).is_ok()
+    }
 }
 
 /// TAP offload flags for the offloads the guest accepted on receive.
@@ -278,13 +355,15 @@ impl VirtioDevice for Net {
     }
 
     fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
-        Vec::new()
+        [self.rx_limiter.timer_fd(), self.tx_limiter.timer_fd()]
+            .into_iter()
+            .flatten()
+            .map(|fd| (fd, EventSet::IN))
+            .collect()
     }
 
     fn process_fd(&mut self, fd: RawFd, _events: EventSet, ops: &mut EventOps) {
-        if fd == self.tap.as_raw_fd() {
-            self.receive(ops);
-        }
+        self.handle_fd(fd, ops);
     }
 
     fn release_fds(&mut self, ops: &mut EventOps) {
@@ -335,6 +414,174 @@ mod tests {
         // Writable-only buffers carry nothing to send.
         let chain = q.build_desc_chain(&[d(0x10000, 64, 2)]).unwrap();
         assert!(!read_tx_frame(chain, &m, &mut frame));
+    }
+
+    /// The event loop, as far as the device uses it: what is watched.
+    #[derive(Default)]
+    struct Watched(std::collections::HashSet<RawFd>);
+
+    impl FdWatch for Watched {
+        fn add(&mut self, fd: RawFd, _: EventSet) -> std::io::Result<()> {
+            assert!(self.0.insert(fd), "fd {fd} added twice");
+            Ok(())
+        }
+        fn modify(&mut self, _: RawFd, _: EventSet) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn remove(&mut self, fd: RawFd, _: EventSet) -> std::io::Result<()> {
+            assert!(self.0.remove(&fd), "fd {fd} removed but not watched");
+            Ok(())
+        }
+    }
+
+    mod limits {
+        use super::super::*;
+        use super::Watched;
+        use crate::rate_limiter::{BucketConfig, RateLimitConfig};
+        use std::os::unix::net::UnixDatagram;
+        use std::time::{Duration, Instant};
+        use vm_memory::{Bytes, GuestAddress};
+        use vmm_sys_util::eventfd::EventFd;
+
+        const RXQ: u64 = 0x10000;
+        const TXQ: u64 = 0x20000;
+        const FRAME: usize = 1000 + VNET_HDR_LEN;
+
+        fn limiter(bytes: Option<(u64, u64)>, ops: Option<(u64, u64)>) -> RateLimiter {
+            let b = |(size, ms): (u64, u64)| BucketConfig { size, one_time_burst: 0, refill_time: Duration::from_millis(ms) };
+            RateLimiter::new(&RateLimitConfig { bandwidth: bytes.map(b), ops: ops.map(b) }).unwrap()
+        }
+
+        struct H {
+            mem: GuestMemoryMmap,
+            net: Net,
+            host: UnixDatagram,
+            w: Watched,
+        }
+
+        impl H {
+            fn new(rx: RateLimiter, tx: RateLimiter) -> Self {
+                let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+                let (tap, host) = Tap::test_pair().unwrap();
+                let mut net = Net::new(tap, Mac([6, 0, 0, 0, 0, 1])).with_rate_limiters(rx, tx);
+                let queue = |base: u64| {
+                    let mut q = Queue::new(64).unwrap();
+                    q.set_size(64);
+                    q.set_desc_table_address(Some(base as u32), Some(0));
+                    q.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+                    q.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+                    q.set_ready(true);
+                    q
+                };
+                let (rx, tx) = (queue(RXQ), queue(TXQ));
+                let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+                // Not through `activate`: offloads cannot be set on the stand-in.
+                net.active = Some(Active { mem: mem.clone(), rx, tx, interrupt });
+                Self { mem, net, host, w: Watched::default() }
+            }
+
+            /// The used ring's index of the queue at `base` (its rings at
+            /// +0x1000 and +0x2000).
+            fn used(&self, base: u64) -> u16 {
+                self.mem.read_obj(GuestAddress(base + 0x2002)).unwrap()
+            }
+
+            /// `n` receive buffers of `FRAME` bytes, or `n` frames to send,
+            /// one descriptor each (descriptor `i`, avail slot `i`).
+            fn offer(&self, base: u64, n: u16, writable: bool) {
+                for i in 0..n {
+                    let at = 0x10_0000 + base * 16 + u64::from(i) * 0x1000;
+                    let fill = if writable { 0xee } else { i as u8 };
+                    self.mem.write_slice(&[fill; FRAME], GuestAddress(at)).unwrap();
+                    let d = base + 16 * u64::from(i);
+                    self.mem.write_obj(at, GuestAddress(d)).unwrap();
+                    self.mem.write_obj(FRAME as u32, GuestAddress(d + 8)).unwrap();
+                    self.mem.write_obj(if writable { 2u16 } else { 0 }, GuestAddress(d + 12)).unwrap();
+                    self.mem.write_obj(i, GuestAddress(base + 0x1004 + 2 * u64::from(i))).unwrap();
+                }
+                self.mem.write_obj(n, GuestAddress(base + 0x1002)).unwrap();
+            }
+
+            fn host_frames(&self) -> usize {
+                let mut b = vec![0u8; MAX_FRAME];
+                let mut n = 0;
+                self.host.set_nonblocking(true).unwrap();
+                while let Ok(len) = self.host.recv(&mut b) {
+                    assert_eq!(len, FRAME);
+                    n += 1;
+                }
+                n
+            }
+        }
+
+        fn wait_readable(fd: RawFd) {
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            assert_eq!(unsafe { libc::poll(&mut p, 1, 2000) }, 1, "the limiter's timer never fired");
+        }
+
+        #[test]
+        fn unlimited_net_watches_no_timer() {
+            let h = H::new(RateLimiter::unlimited(), RateLimiter::unlimited());
+            assert!(h.net.watched_fds().is_empty());
+            let (rx, tx) = h.net.rate_limiters();
+            assert!(rx.is_unlimited() && tx.is_unlimited());
+        }
+
+        #[test]
+        fn transmit_is_limited_and_resumes_on_the_timer() {
+            // 3 frames per 60 ms.
+            let mut h = H::new(RateLimiter::unlimited(), limiter(None, Some((3, 60))));
+            let timer = h.net.tx_limiter.timer_fd().unwrap();
+            assert_eq!(h.net.watched_fds(), vec![(timer, EventSet::IN)]);
+            h.offer(TXQ, 8, false);
+            h.net.transmit();
+            assert_eq!(h.used(TXQ), 3);
+            assert_eq!(h.host_frames(), 3);
+            // A guest kick while throttled changes nothing.
+            h.net.transmit();
+            assert_eq!(h.used(TXQ), 3);
+            let start = Instant::now();
+            while h.used(TXQ) < 8 {
+                assert!(start.elapsed() < Duration::from_secs(5));
+                wait_readable(timer);
+                h.net.handle_fd(timer, &mut h.w);
+            }
+            assert_eq!(h.host_frames(), 5);
+            assert_eq!(h.net.stats().tx_frames, 8);
+            // 5 more at 50 per second.
+            assert!(start.elapsed() >= Duration::from_millis(80), "{:?}", start.elapsed());
+        }
+
+        #[test]
+        fn receive_is_limited_keeps_the_frame_and_stops_watching_the_tap() {
+            // Two frames' payload per 50 ms.
+            let mut h = H::new(limiter(Some((2000, 50)), None), RateLimiter::unlimited());
+            let timer = h.net.rx_limiter.timer_fd().unwrap();
+            let tap = h.net.tap.as_raw_fd();
+            h.offer(RXQ, 6, true);
+            for i in 0..6u8 {
+                h.host.send(&[i; FRAME]).unwrap();
+            }
+            h.net.receive(&mut h.w);
+            assert_eq!(h.used(RXQ), 2);
+            assert!(h.net.pending_rx.is_some(), "the third frame waits in the device");
+            assert!(!h.w.0.contains(&tap), "the TAP is not watched while throttled");
+            let start = Instant::now();
+            while h.used(RXQ) < 6 {
+                assert!(start.elapsed() < Duration::from_secs(5));
+                wait_readable(timer);
+                h.net.handle_fd(timer, &mut h.w);
+            }
+            assert!(h.w.0.contains(&tap), "watched again once frames flow");
+            assert_eq!(h.net.stats(), NetStats { rx_frames: 6, tx_frames: 0, dropped: 0 });
+            // In order, each charged once: 4 frames at 40 per second.
+            assert!(start.elapsed() >= Duration::from_millis(75), "{:?}", start.elapsed());
+            for i in 0..6u64 {
+                let at = 0x10_0000 + RXQ * 16 + i * 0x1000;
+                assert_eq!(h.mem.read_obj::<u8>(GuestAddress(at)).unwrap(), i as u8);
+            }
+        }
     }
 
     #[test]

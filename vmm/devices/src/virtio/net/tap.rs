@@ -103,6 +103,19 @@ impl Tap {
     }
 }
 
+#[cfg(test)]
+impl Tap {
+    /// A stand-in for tests: one end of a Unix datagram pair, which keeps
+    /// frame boundaries as a TAP does (offloads cannot be set on it). The
+    /// other end is the "host network".
+    pub(crate) fn test_pair() -> std::io::Result<(Self, std::os::unix::net::UnixDatagram)> {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
+        a.set_nonblocking(true)?;
+        let file = File::from(std::os::fd::OwnedFd::from(a));
+        Ok((Self { file, name: "test".into() }, b))
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -7,13 +7,17 @@
 //! have at most `peer.buf_alloc - (tx_cnt - peer.fwd_cnt)` bytes in flight.
 //! Here "consumed" means written to the host stream, so the bytes buffered
 //! for a slow host are bounded by the [`BUF_ALLOC`] we advertise; a guest
-//! that sends past it is misbehaving and gets an RST.
+//! that sends past it is misbehaving and gets an RST. Every connection of a
+//! device also counts its buffered bytes in a [`BufferedTotal`] shared with
+//! the others, which the device bounds (see `Muxer::tx_blocked`).
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -26,6 +30,27 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Bytes forwarded to the host since the guest last heard our `fwd_cnt`
 /// after which a CREDIT_UPDATE is sent unasked.
 pub const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 2;
+
+/// The bytes buffered for the host by all connections of one device:
+/// each connection adds what it buffers and takes away what it writes out,
+/// drops on reset, or still holds when it goes away.
+#[derive(Clone, Debug, Default)]
+pub struct BufferedTotal(Arc<AtomicUsize>);
+
+impl BufferedTotal {
+    /// Bytes buffered now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 
 /// A connection's name: (host-side port, guest-side port).
 pub type Key = (u32, u32);
@@ -88,6 +113,8 @@ pub struct Connection {
 
     // Guest to host.
     tx_buf: VecDeque<u8>,
+    /// The device's count of buffered bytes, which `tx_buf` is part of.
+    total: BufferedTotal,
     /// Leading bytes of `tx_buf` that are the `OK` line, not guest data.
     tx_prefix: usize,
     fwd_cnt: u32,
@@ -107,7 +134,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32, pending: u8) -> Self {
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32, pending: u8, total: &BufferedTotal) -> Self {
         Self {
             stream: Some(stream),
             state,
@@ -117,6 +144,7 @@ impl Connection {
             registered: EventSet::empty(),
             in_rxq: false,
             tx_buf: VecDeque::new(),
+            total: total.clone(),
             tx_prefix: 0,
             fwd_cnt: 0,
             last_fwd_cnt_sent: 0,
@@ -131,14 +159,17 @@ impl Connection {
         }
     }
 
-    /// A host-initiated connection: a REQUEST to the guest is owed.
-    pub fn host_initiated(stream: UnixStream, local_port: u32, peer_port: u32) -> Self {
-        Self::new(stream, State::Requesting, local_port, peer_port, pending::REQUEST)
+    /// A host-initiated connection: a REQUEST to the guest is owed. Its
+    /// buffered bytes count in `total`.
+    pub fn host_initiated(stream: UnixStream, local_port: u32, peer_port: u32, total: &BufferedTotal) -> Self {
+        Self::new(stream, State::Requesting, local_port, peer_port, pending::REQUEST, total)
     }
 
-    /// A guest-initiated connection, connected on the host: a RESPONSE is owed.
-    pub fn guest_initiated(stream: UnixStream, request: &Header) -> Self {
-        let mut c = Self::new(stream, State::Established, request.dst_port, request.src_port, pending::RESPONSE);
+    /// A guest-initiated connection, connected on the host: a RESPONSE is
+    /// owed. Its buffered bytes count in `total`.
+    pub fn guest_initiated(stream: UnixStream, request: &Header, total: &BufferedTotal) -> Self {
+        let mut c =
+            Self::new(stream, State::Established, request.dst_port, request.src_port, pending::RESPONSE, total);
         c.update_peer_credit(request);
         c
     }
@@ -188,9 +219,15 @@ impl Connection {
         let line = format!("OK {}\n", self.local_port);
         let sent = self.send_direct(line.as_bytes())?;
         let rest = &line.as_bytes()[sent..];
-        self.tx_buf.extend(rest);
+        self.buffer(rest);
         self.tx_prefix += rest.len();
         Ok(())
+    }
+
+    /// Keeps `data` for the host, counted in the device's total.
+    fn buffer(&mut self, data: &[u8]) {
+        self.tx_buf.extend(data);
+        self.total.add(data.len());
     }
 
     fn send_direct(&mut self, data: &[u8]) -> Result<usize, ConnError> {
@@ -218,7 +255,7 @@ impl Connection {
         if total > BUF_ALLOC as usize {
             return Err(ConnError::Overflow(total));
         }
-        self.tx_buf.extend(rest);
+        self.buffer(rest);
         Ok(())
     }
 
@@ -245,6 +282,7 @@ impl Connection {
                 break;
             }
             self.tx_buf.drain(..n);
+            self.total.sub(n);
             let prefix = n.min(self.tx_prefix);
             self.tx_prefix -= prefix;
             self.forwarded(n - prefix);
@@ -375,6 +413,10 @@ impl Connection {
         self.state = State::Closing;
         self.pending = pending::RST;
         self.want_rx = false;
+        // The stream is being closed: what it did not take is lost.
+        self.total.sub(self.tx_buf.len());
+        self.tx_buf.clear();
+        self.tx_prefix = 0;
     }
 
     /// The next control packet owed, highest priority first.
@@ -412,6 +454,12 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.total.sub(self.tx_buf.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,7 +469,7 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         let req = Header { src_port: 1000, dst_port: 52, buf_alloc: 4096, op: packet::OP_REQUEST, ..Default::default() };
-        (Connection::guest_initiated(a, &req), b)
+        (Connection::guest_initiated(a, &req, &BufferedTotal::default()), b)
     }
 
     #[test]
@@ -470,10 +518,45 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_total_follows_every_buffer() {
+        let total = BufferedTotal::default();
+        let conn = |total: &BufferedTotal| {
+            let (a, b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let req = Header { src_port: 1000, dst_port: 52, buf_alloc: 4096, ..Default::default() };
+            (Connection::guest_initiated(a, &req, total), b)
+        };
+        let (mut c1, mut h1) = conn(&total);
+        let (mut c2, _h2) = conn(&total);
+        let chunk = vec![1u8; 32 * 1024];
+        for c in [&mut c1, &mut c2] {
+            while c.buffered() < 64 * 1024 {
+                c.guest_data(&chunk).unwrap();
+            }
+        }
+        assert_eq!(total.get(), c1.buffered() + c2.buffered());
+        // The host takes some: the total goes down by as much.
+        h1.set_nonblocking(true).unwrap();
+        let mut sink = vec![0u8; 1 << 20];
+        while h1.read(&mut sink).is_ok() {}
+        c1.flush().unwrap();
+        assert_eq!(total.get(), c1.buffered() + c2.buffered());
+        // A reset drops the buffer; a connection that goes away takes its bytes along.
+        c2.set_reset();
+        assert_eq!(c2.buffered(), 0);
+        assert_eq!(total.get(), c1.buffered());
+        while c1.buffered() == 0 {
+            c1.guest_data(&chunk).unwrap();
+        }
+        drop(c1);
+        assert_eq!(total.get(), 0);
+    }
+
+    #[test]
     fn ok_line_is_not_guest_data() {
         let (a, mut h) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        let mut c = Connection::host_initiated(a, 1 << 30, 52);
+        let mut c = Connection::host_initiated(a, 1 << 30, 52, &BufferedTotal::default());
         assert_eq!(c.take_pending(), Some(packet::OP_REQUEST));
         assert_eq!(c.interest(), EventSet::empty(), "nothing to watch before the guest answers");
         c.accept_response().unwrap();

@@ -11,6 +11,13 @@
 //! stream's state and credit, `muxer.rs` the host sockets and the dispatch,
 //! `socket.rs` the raw socket calls; this file is the virtio device: its
 //! three queues (rx 0, tx 1, event 2) and its config space (the guest CID).
+//!
+//! What a guest can make the host hold is bounded per device: at most
+//! [`muxer::MAX_CONNECTIONS`] connections (host handshakes included), at
+//! most `connection::BUF_ALLOC` guest bytes buffered per connection for a
+//! slow host peer, and at most [`muxer::MAX_BUFFERED_BYTES`] (or
+//! [`Vsock::set_buffer_limit`]) across connections, past which the device
+//! stops taking the tx queue until host peers read.
 
 pub mod connection;
 pub mod muxer;
@@ -73,7 +80,8 @@ pub struct Vsock {
     muxer: Muxer,
     active: Option<Active>,
     transport_reset_owed: bool,
-    /// The tx queue waits for owed RSTs to reach the guest.
+    /// The tx queue waits for owed RSTs to reach the guest, or for host
+    /// peers to take buffered bytes ([`Muxer::tx_blocked`]).
     tx_stalled: bool,
     payload: Vec<u8>,
     scratch: Vec<u8>,
@@ -123,6 +131,18 @@ impl Vsock {
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// Bounds the guest bytes buffered for slow host peers across all
+    /// connections (default [`muxer::MAX_BUFFERED_BYTES`]); at the bound
+    /// the device stops taking the guest's tx queue until they read.
+    pub fn set_buffer_limit(&mut self, bytes: usize) {
+        self.muxer.set_max_buffered(bytes);
+    }
+
+    /// Guest bytes buffered for host peers now, across connections.
+    pub fn buffered_bytes(&self) -> usize {
+        self.muxer.buffered_bytes()
     }
 
     /// Resets every connection and tells the guest its transport was reset
@@ -175,7 +195,7 @@ impl Vsock {
             if q.disable_notification(&a.mem).is_err() {
                 break;
             }
-            while !self.muxer.strays_full() {
+            while !self.muxer.tx_blocked() {
                 let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
                     match q.enable_notification(&a.mem) {
                         Ok(true) => continue 'queue,
@@ -190,7 +210,8 @@ impl Vsock {
                 }
                 notify |= complete(q, &a.mem, head, 0);
             }
-            // Owed RSTs fill up: wait for the guest to take some.
+            // Owed RSTs fill up, or too much waits for host peers: wait
+            // for the guest to take RSTs or for the peers to read.
             self.tx_stalled = true;
             let _ = q.enable_notification(&a.mem);
             break;
@@ -252,8 +273,9 @@ impl Vsock {
                     break;
                 }
             }
-            // Owed RSTs went out: the waiting tx packets can come in.
-            tx = self.tx_stalled && !self.muxer.strays_full();
+            // Owed RSTs went out, or host peers read: the waiting tx
+            // packets can come in.
+            tx = self.tx_stalled && !self.muxer.tx_blocked();
             if !tx {
                 break;
             }

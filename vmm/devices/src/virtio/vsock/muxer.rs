@@ -17,12 +17,17 @@ use std::path::{Path, PathBuf};
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 
-use super::connection::{pending, ConnError, Connection, HostRead, Key, State};
+use super::connection::{pending, BufferedTotal, ConnError, Connection, HostRead, Key, State};
 use super::packet::{self, Header, HOST_CID, TYPE_STREAM};
 use super::socket;
 
 /// Most connections (and host connections still in their handshake) per device.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Default bound on the guest bytes buffered for slow host peers, across
+/// all connections of a device (each connection is also bounded by the
+/// credit it advertises, `connection::BUF_ALLOC`). At the bound the device
+/// stops taking the guest's tx queue until host peers read.
+pub const MAX_BUFFERED_BYTES: usize = 16 << 20;
 /// Most RSTs owed for packets that belong to no connection; the tx queue
 /// waits while this many are owed.
 pub const MAX_STRAY_RSTS: usize = 256;
@@ -95,6 +100,9 @@ pub struct Muxer {
     listener: UnixListener,
     listener_paused: bool,
     max_connections: usize,
+    /// Guest bytes buffered by all connections.
+    buffered: BufferedTotal,
+    max_buffered: usize,
     conns: HashMap<Key, Connection>,
     by_fd: HashMap<RawFd, Key>,
     handshakes: HashMap<RawFd, Handshake>,
@@ -120,6 +128,8 @@ impl Muxer {
             listener,
             listener_paused: false,
             max_connections: MAX_CONNECTIONS,
+            buffered: BufferedTotal::default(),
+            max_buffered: MAX_BUFFERED_BYTES,
             conns: HashMap::new(),
             by_fd: HashMap::new(),
             handshakes: HashMap::new(),
@@ -134,6 +144,17 @@ impl Muxer {
     #[cfg(test)]
     pub fn set_max_connections(&mut self, n: usize) {
         self.max_connections = n;
+    }
+
+    /// Bounds the guest bytes buffered across connections (default
+    /// [`MAX_BUFFERED_BYTES`]).
+    pub fn set_max_buffered(&mut self, bytes: usize) {
+        self.max_buffered = bytes;
+    }
+
+    /// Guest bytes buffered for host peers, across connections.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered.get()
     }
 
     pub fn listener_fd(&self) -> RawFd {
@@ -158,6 +179,18 @@ impl Muxer {
     /// Whether the tx queue must wait for owed RSTs to drain.
     pub fn strays_full(&self) -> bool {
         self.strays.len() >= MAX_STRAY_RSTS
+    }
+
+    /// Whether the tx queue must wait: for owed RSTs to reach the guest,
+    /// or for host peers to read what is buffered for them (back-pressure:
+    /// the guest's packets stay in its queue, nothing is dropped). The
+    /// buffered bytes may pass the bound by one packet's payload.
+    ///
+    /// While it waits, no guest packet is taken, for any connection: host
+    /// peers that do not read hold up the guest's other streams until they
+    /// read or close.
+    pub fn tx_blocked(&self) -> bool {
+        self.strays_full() || self.buffered.get() >= self.max_buffered
     }
 
     /// Forgets every connection (device or transport reset). The streams
@@ -294,7 +327,7 @@ impl Muxer {
         };
         let Some(h) = self.handshakes.remove(&fd) else { return };
         let local_port = self.allocate_local_port(port);
-        let mut conn = Connection::host_initiated(h.stream, local_port, port);
+        let mut conn = Connection::host_initiated(h.stream, local_port, port, &self.buffered);
         conn.registered = EventSet::IN; // as the handshake left it
         let key = conn.key();
         self.by_fd.insert(fd, key);
@@ -439,7 +472,7 @@ impl Muxer {
         let path = self.port_path(h.dst_port);
         match socket::connect_nonblocking(&path) {
             Ok(stream) => {
-                let conn = Connection::guest_initiated(stream, h);
+                let conn = Connection::guest_initiated(stream, h, &self.buffered);
                 let key = conn.key();
                 if let Some(fd) = conn.fd() {
                     self.by_fd.insert(fd, key);

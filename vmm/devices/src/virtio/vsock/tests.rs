@@ -918,6 +918,70 @@ fn owed_rsts_are_bounded_and_hold_back_tx() {
 }
 
 #[test]
+fn buffered_guest_bytes_are_bounded_per_device_with_back_pressure() {
+    const LIMIT: usize = 128 * 1024;
+    let mut h = H::new();
+    assert_eq!(h.dev.buffered_bytes(), 0);
+    h.dev.set_buffer_limit(LIMIT);
+    let l = h.host_listen(5000);
+    let mut slow = h.establish_from_guest(&l, 1, 5000);
+    let mut other = h.establish_from_guest(&l, 2, 5000);
+    // The guest sends to a host peer that does not read, within its
+    // credit, until the device holds the bound.
+    let chunk = vec![0x42u8; 16 * 1024];
+    let mut sent = 0usize;
+    while h.dev.buffered_bytes() < LIMIT {
+        h.send(&gh(OP_RW, 1, 5000), &chunk);
+        sent += chunk.len();
+        assert!(sent < 64 << 20, "the host socket never filled");
+    }
+    let taken = h.g.tx.used(&h.g.mem).len();
+    assert!(h.dev.buffered_bytes() < LIMIT + chunk.len(), "past the bound by at most one packet");
+    // Now nothing more is taken from the tx queue, for any connection:
+    // the packets wait in the ring, none is dropped or reset.
+    h.send(&gh(OP_RW, 1, 5000), &chunk);
+    h.send(&gh(OP_RW, 2, 5000), b"hello");
+    h.send(&gh(OP_RW, 2, 5000), b" world");
+    assert_eq!(h.g.tx.used(&h.g.mem).len(), 0, "tx waits");
+    assert!(h.dev.buffered_bytes() < LIMIT + chunk.len());
+    h.give_rx(8);
+    assert!(!ops(&h.take_rx()).contains(&OP_RST));
+    h.pump();
+    h.assert_quiet();
+    // The slow peer reads: buffered bytes go out, the tx queue resumes and
+    // the waiting packets arrive in order.
+    slow.set_nonblocking(true).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let expect = sent + chunk.len();
+    for _ in 0..10_000 {
+        match slow.read(&mut buf) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        h.pump();
+        if got == expect {
+            break;
+        }
+    }
+    assert_eq!(got, expect, "every byte reached the slow peer");
+    assert_eq!(read_n(&mut other, 11), b"hello world");
+    assert!(taken > 0);
+    assert_eq!(h.g.tx.used(&h.g.mem).len(), 3, "the waiting packets were taken");
+    assert_eq!(h.dev.buffered_bytes(), 0);
+    // A peer that goes away with bytes buffered gives them back too.
+    while h.dev.buffered_bytes() == 0 {
+        h.send(&gh(OP_RW, 2, 5000), &chunk);
+    }
+    drop(other);
+    h.pump();
+    assert_eq!(h.dev.buffered_bytes(), 0);
+    h.give_rx(4);
+    assert!(ops(&h.take_rx()).contains(&OP_RST));
+}
+
+#[test]
 fn connection_limit() {
     let mut h = H::new();
     h.dev.muxer.set_max_connections(3);
