@@ -1,5 +1,7 @@
 //! The sink behind the serial console: the user's output, plus a watcher
-//! that notices kernel messages the boot report records.
+//! that notices kernel messages the boot report records; and
+//! [`BoundedWriter`], which keeps a console log file from growing without
+//! bound.
 
 use std::io::{self, Write};
 
@@ -71,6 +73,67 @@ impl Write for ConsoleSink {
     }
 }
 
+/// The line written once where a bounded console log stops.
+pub const TRUNCATION_LINE: &[u8] = b"[vmrun: console output truncated]\n";
+
+/// Passes at most `limit` bytes to `out`; then writes [`TRUNCATION_LINE`]
+/// once (on a line of its own) and drops everything after. The file ends
+/// at most `limit` + 35 bytes long. It always reports the whole write as
+/// done, so the guest's console never stalls on it.
+#[derive(Debug)]
+pub struct BoundedWriter<W> {
+    out: W,
+    limit: u64,
+    written: u64,
+    /// The last byte passed was a newline (or none was).
+    at_line_start: bool,
+    truncated: bool,
+}
+
+impl<W: Write> BoundedWriter<W> {
+    /// A writer to `out` that stops after `limit` bytes.
+    pub fn new(out: W, limit: u64) -> Self {
+        Self { out, limit, written: 0, at_line_start: true, truncated: false }
+    }
+
+    /// Whether output was dropped.
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    fn truncate(&mut self) -> io::Result<()> {
+        self.truncated = true;
+        if !self.at_line_start {
+            self.out.write_all(b"\n")?;
+        }
+        self.out.write_all(TRUNCATION_LINE)?;
+        self.out.flush()
+    }
+}
+
+impl<W: Write> Write for BoundedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.truncated || buf.is_empty() {
+            return Ok(buf.len());
+        }
+        let room = usize::try_from(self.limit - self.written).unwrap_or(usize::MAX);
+        let n = buf.len().min(room);
+        if n > 0 {
+            self.out.write_all(&buf[..n])?;
+            self.written += n as u64;
+            self.at_line_start = buf[n - 1] == b'\n';
+        }
+        if n < buf.len() {
+            self.truncate()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +166,55 @@ mod tests {
         }
         assert_eq!(&*out.0.lock().unwrap(), text);
         assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn bounded_writer_stops_at_the_limit_with_one_line() {
+        let out = Buf::default();
+        let mut w = BoundedWriter::new(out.clone(), 10);
+        w.write_all(b"0123456\n").unwrap();
+        assert!(!w.truncated());
+        // Straddles the bound: the part that fits goes out, the rest is
+        // dropped after the line.
+        w.write_all(b"89abcdef").unwrap();
+        assert!(w.truncated());
+        for _ in 0..1000 {
+            w.write_all(b"more output\n").unwrap();
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"0123456\n89\n[vmrun: console output truncated]\n");
+    }
+
+    #[test]
+    fn bounded_writer_at_a_line_end_and_byte_by_byte() {
+        let out = Buf::default();
+        let mut w = BoundedWriter::new(out.clone(), 6);
+        for b in b"hello\nworld\n" {
+            w.write_all(&[*b]).unwrap();
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hello\n[vmrun: console output truncated]\n");
+        // Exactly at the bound is not truncated.
+        let out = Buf::default();
+        let mut w = BoundedWriter::new(out.clone(), 6);
+        w.write_all(b"hello\n").unwrap();
+        assert!(!w.truncated());
+        assert_eq!(&*out.0.lock().unwrap(), b"hello\n");
+    }
+
+    #[test]
+    fn a_console_file_is_bounded() {
+        let path = std::env::temp_dir().join(format!("vmrun-console-limit-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let mut sink = ConsoleSink::new(Box::new(BoundedWriter::new(file, 4096)), Box::new(|| {}));
+        let line = [b'x'; 99];
+        for _ in 0..1000 {
+            sink.write_all(&line).unwrap();
+            sink.write_all(b"\n").unwrap();
+        }
+        let got = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got.len(), 4096 + 1 + TRUNCATION_LINE.len());
+        assert!(got.ends_with(TRUNCATION_LINE));
+        assert_eq!(got.windows(TRUNCATION_LINE.len()).filter(|w| *w == TRUNCATION_LINE).count(), 1);
     }
 
     #[test]

@@ -332,17 +332,22 @@ impl MutEventSubscriber for Controller {
 /// Any subscriber of the VMM's event loop.
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Runs the event loop until the controller has an outcome.
+/// Runs the event loop until the controller has an outcome. `ready` runs
+/// once the loop is set up (its epoll instance made, every subscriber
+/// registered), right before its first turn: the VMM installs its seccomp
+/// filter there and lets the vCPUs go.
 pub fn event_loop(
     controller: Arc<Mutex<Controller>>,
     devices: Vec<VirtioEventHandler>,
     source: &SnapshotSource<'_>,
+    ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     manager.add_subscriber(controller.clone());
     for d in devices {
         manager.add_subscriber(Arc::new(Mutex::new(d)));
     }
+    ready()?;
     loop {
         {
             let mut c = controller.lock().unwrap_or_else(|e| e.into_inner());

@@ -42,6 +42,8 @@ pub enum Error {
     Report { path: PathBuf, source: std::io::Error },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -12,13 +12,14 @@ pub mod host_compat;
 pub mod loader;
 pub mod memory;
 pub mod report;
+pub mod seccomp;
 pub mod snapshot;
 pub mod stats;
 mod vcpu;
 mod virtio_devices;
 mod vm;
 
-pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, VmConfig, VsockConfig};
+pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, SeccompMode, VmConfig, VsockConfig};
 pub use error::Error;
 pub use report::BootReport;
 pub use vm::{restore, run, ExitReason, RestoreConfig, RunOptions};

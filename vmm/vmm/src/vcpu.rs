@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 use crate::host_compat::{assist, syscall_trap, HostCompat};
+use crate::seccomp;
 use crate::vm::ExitReason;
 use vmrun_arch::gdt::{self, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use vmrun_arch::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, ZERO_PAGE_START};
@@ -32,7 +33,10 @@ const APIC_MODE_NMI: u32 = 0x4;
 /// `kvm_run.internal.suberror` for an instruction the emulator rejected.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
-/// The MSRs KVM can save and restore (fetched once per process).
+/// The MSRs KVM can save and restore (fetched once per process). The VMM
+/// fetches it during setup ([`prefetch_msr_index_list`]): a vCPU thread
+/// saving its state for a snapshot could not open `/dev/kvm` under its
+/// seccomp filter.
 fn msr_index_list() -> std::result::Result<Vec<u32>, String> {
     static LIST: std::sync::OnceLock<std::result::Result<Vec<u32>, String>> = std::sync::OnceLock::new();
     LIST.get_or_init(|| {
@@ -40,6 +44,14 @@ fn msr_index_list() -> std::result::Result<Vec<u32>, String> {
         kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).map_err(|e| e.to_string())
     })
     .clone()
+}
+
+/// Fetches the MSR index list now, while the VMM may still open
+/// `/dev/kvm`. A failure is only logged: a snapshot reports it again.
+pub fn prefetch_msr_index_list() {
+    if let Err(e) = msr_index_list() {
+        log::debug!("KVM_GET_MSR_INDEX_LIST: {e} (snapshots will fail)");
+    }
 }
 
 /// KVM's supported CPUID table, fetched once per VM.
@@ -143,6 +155,64 @@ impl VcpuControl {
     }
 }
 
+/// Holds the vCPU threads back until every seccomp filter is in place:
+/// each vCPU thread installs its own filter and reports it, the VMM
+/// thread waits for all the reports, installs its own filter and opens
+/// the gate. So no guest instruction runs before the VMM is confined.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// vCPU threads that reported (with or without a filter).
+    reported: usize,
+    /// Why vCPU threads could not install their filter.
+    errors: Vec<seccomp::Error>,
+    open: bool,
+}
+
+impl StartGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A vCPU thread is ready to run (or could not install its filter).
+    fn report(&self, result: std::result::Result<(), seccomp::Error>) {
+        let mut s = self.lock();
+        s.reported += 1;
+        if let Err(e) = result {
+            s.errors.push(e);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `count` vCPU threads reported; an error one of them
+    /// met, if one did.
+    pub fn wait_reported(&self, count: usize) -> std::result::Result<(), seccomp::Error> {
+        let mut s = self.lock();
+        while s.reported < count {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.errors.pop().map_or(Ok(()), Err)
+    }
+
+    /// Lets the vCPU threads run (or, with the stop flag set, return).
+    pub fn open(&self) {
+        self.lock().open = true;
+        self.changed.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut s = self.lock();
+        while !s.open {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// What the vCPU threads share.
 #[derive(Clone)]
 pub struct VcpuShared {
@@ -158,6 +228,10 @@ pub struct VcpuShared {
     pub exit_evt: Arc<EventFd>,
     /// Pause and snapshot requests.
     pub control: Arc<VcpuControl>,
+    /// The seccomp filter each vCPU thread installs first (`None`: off).
+    pub seccomp: Option<Arc<seccomp::Filter>>,
+    /// Where the threads wait until every filter is in place.
+    pub start: Arc<StartGate>,
 }
 
 /// A configured vCPU.
@@ -264,8 +338,19 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Runs the vCPU until the VM ends or `shared.stop` is set.
+    /// Runs the vCPU until the VM ends or `shared.stop` is set. The
+    /// thread's seccomp filter goes on first, before its first `KVM_RUN`;
+    /// then it waits at the start gate.
     pub fn run(mut self, shared: VcpuShared, on_first_run: Option<Box<dyn FnOnce() + Send>>) {
+        let filtered = match &shared.seccomp {
+            Some(filter) => filter.install(),
+            None => Ok(()),
+        };
+        shared.start.report(filtered);
+        shared.start.wait_open();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(f) = on_first_run {
             f();
         }
@@ -550,5 +635,43 @@ impl Vcpu {
             return Err(format!("cannot read the instruction at RIP {rip:#x}"));
         }
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_gate_waits_for_every_vcpu_and_holds_them_until_opened() {
+        let gate = Arc::new(StartGate::default());
+        let through = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (gate, through) = (gate.clone(), through.clone());
+                std::thread::spawn(move || {
+                    gate.report(Ok(()));
+                    gate.wait_open();
+                    through.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        gate.wait_reported(3).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(through.load(Ordering::SeqCst), 0, "nobody passes a closed gate");
+        gate.open();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(through.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn the_start_gate_passes_on_a_filter_error() {
+        let gate = StartGate::default();
+        gate.report(Ok(()));
+        gate.report(Err(seccomp::Error::Duplicate { thread: "vCPU", syscall: "read" }));
+        let e = gate.wait_reported(2).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 }

@@ -3,7 +3,9 @@
 //! The order follows a real boot: KVM and the VM, guest memory, the kernel,
 //! initramfs, command line, zero page and MP table, the devices, the vCPUs;
 //! then one thread per vCPU and the event loop on this thread, until a vCPU
-//! or a device reports the end, or a signal asks for it.
+//! or a device reports the end, or a signal asks for it. Each of these
+//! threads is confined by its seccomp filter before the guest runs its
+//! first instruction (see [`crate::seccomp`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -20,15 +22,16 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::config::{ConsoleOutput, VmConfig};
-use crate::console::ConsoleSink;
+use crate::config::{ConsoleOutput, SeccompMode, VmConfig};
+use crate::console::{BoundedWriter, ConsoleSink};
 use crate::controller::{event_loop, ControlSocket, Controller, SnapshotSource};
 use crate::error::{Error, Result};
 use crate::host_compat::HostCompat;
-use crate::report::{resident_kib, BootReport, Timeline};
+use crate::report::{resident_kib, BootReport, Smaps, Timeline};
+use crate::seccomp;
 use crate::snapshot::{self, DeviceKind};
 use crate::stats::{self, Stats};
-use crate::vcpu::{supported_cpuid, Vcpu, VcpuControl, VcpuShared};
+use crate::vcpu::{prefetch_msr_index_list, supported_cpuid, StartGate, Vcpu, VcpuControl, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{loader, memory};
 use vmrun_arch::layout::{BOOT_MARKER_ADDR, BOOT_MARKER_SIZE, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
@@ -37,6 +40,7 @@ use vmrun_devices::boot_marker::BootMarker;
 use vmrun_devices::legacy::cmos::CmosState;
 use vmrun_devices::legacy::serial::SerialConsoleState;
 use vmrun_devices::legacy::{self, Cmos, SerialConsole, I8042};
+use vmrun_devices::rate_limiter::RateLimiter;
 use vmrun_devices::virtio::block::Block;
 use vmrun_devices::virtio::net::tap::Tap;
 use vmrun_devices::virtio::net::Net;
@@ -118,10 +122,18 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     Ok(vm)
 }
 
-fn console_output(console: &ConsoleOutput) -> Result<Box<dyn Write + Send>> {
+/// Where the console's bytes go; a file is bounded by `limit` (`None`:
+/// unbounded).
+fn console_output(console: &ConsoleOutput, limit: Option<u64>) -> Result<Box<dyn Write + Send>> {
     Ok(match console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
-        ConsoleOutput::File(p) => Box::new(File::create(p).map_err(Error::Console)?),
+        ConsoleOutput::File(p) => {
+            let file = File::create(p).map_err(Error::Console)?;
+            match limit {
+                Some(limit) => Box::new(BoundedWriter::new(file, limit)),
+                None => Box::new(file),
+            }
+        }
         ConsoleOutput::Null => Box::new(std::io::sink()),
     })
 }
@@ -153,6 +165,9 @@ pub struct RunOptions {
     pub report: Option<PathBuf>,
     /// Serve the control socket (pause, resume, snapshot, stop) here.
     pub control: Option<PathBuf>,
+    /// Seccomp filters on the VMM's threads (see [`crate::seccomp`]; the
+    /// VMM thread's filter stays on the calling thread after the VM ends).
+    pub seccomp: SeccompMode,
 }
 
 /// A VM ready to run: built by a cold boot or from a snapshot.
@@ -198,7 +213,7 @@ struct LegacyDevices {
 /// The legacy devices on the port bus and the boot marker on the MMIO bus.
 fn legacy_devices(
     vm: &VmFd,
-    console: &ConsoleOutput,
+    console: Box<dyn Write + Send>,
     restored: Option<(&SerialConsoleState, &CmosState)>,
     probe: &BootProbe,
     guest_ranges: Vec<(u64, u64)>,
@@ -214,7 +229,7 @@ fn legacy_devices(
             probe.timeline.update(|r| r.run_init = Some(m));
         })
     };
-    let sink = Box::new(ConsoleSink::new(console_output(console)?, run_init_hook));
+    let sink = Box::new(ConsoleSink::new(console, run_init_hook));
     let serial = match restored {
         Some((state, _)) => SerialConsole::restore(state, EventFdTrigger(serial_irq), sink).map_err(Error::Io)?,
         None => SerialConsole::new(EventFdTrigger(serial_irq), sink),
@@ -225,10 +240,13 @@ fn legacy_devices(
     let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::try_clone(&reset_evt)?)));
     let marker = {
         let probe = probe.clone();
+        // Opened here: the marker is written on a vCPU thread, whose seccomp
+        // filter lets it read but not open files.
+        let smaps = Smaps::open();
         BootMarker::new(Box::new(move |value| {
             let m = probe.now();
             log::info!("boot marker {value} at {:.1} ms", m.wall_ms);
-            let rss = resident_kib(&guest_ranges);
+            let rss = smaps.as_ref().and_then(|s| s.resident_kib(&guest_ranges));
             probe.timeline.update(|r| {
                 if r.boot_marker.is_none() {
                     r.boot_marker = Some(m);
@@ -301,12 +319,14 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
     });
     let probe = BootProbe { timeline, stats: Arc::new(OnceLock::new()) };
     let mut pio = Bus::new();
-    let legacy = legacy_devices(&vm, &config.console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
+    let console = console_output(&config.console, config.console_limit)?;
+    let legacy = legacy_devices(&vm, console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
     let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
         console_input: config.console_input,
         report: config.report.clone(),
         control: config.control.clone(),
+        seccomp: config.seccomp,
     })
 }
 
@@ -315,13 +335,21 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     let mut devices: Vec<(DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let block = Block::open(&disk.path, disk.read_only, &id).map_err(|e| Error::Config(e.to_string()))?;
+        let limiter = RateLimiter::new(&disk.limit.to_device())
+            .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+        let block = Block::open(&disk.path, disk.read_only, &id)
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_rate_limiter(limiter);
         devices.push((DeviceKind::Block { read_only: disk.read_only, id }, Box::new(block)));
     }
     for net in &config.nets {
         let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
         let mac = net.mac();
-        devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(Net::new(tap, mac))));
+        let limiter = |limit: &crate::config::RateLimit| {
+            RateLimiter::new(&limit.to_device()).map_err(|e| Error::Config(format!("network {}: {e}", net.tap)))
+        };
+        let dev = Net::new(tap, mac).with_rate_limiters(limiter(&net.rx_limit)?, limiter(&net.tx_limit)?);
+        devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(dev)));
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds).map_err(|e| Error::Config(e.to_string()))?;
@@ -335,6 +363,9 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
 
 /// What a restore needs besides the snapshot: the backing of each device
 /// slot, and where the console goes.
+///
+/// Rate limits are not part of a snapshot, and a restore sets none: the
+/// restored disks and network interfaces are unlimited.
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     /// The snapshot directory.
@@ -348,6 +379,9 @@ pub struct RestoreConfig {
     pub vsock_uds: Option<PathBuf>,
     /// Where the console goes.
     pub console: ConsoleOutput,
+    /// The most bytes a console file gets (`None`: no bound); see
+    /// [`VmConfig::console_limit`].
+    pub console_limit: Option<u64>,
     pub host_compat: crate::config::HostCompatMode,
     pub run: RunOptions,
 }
@@ -426,7 +460,7 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
     let mut pio = Bus::new();
     let legacy = legacy_devices(
         &vm,
-        &config.console,
+        console_output(&config.console, config.console_limit)?,
         Some((&state.serial, &state.cmos)),
         &probe,
         memory::host_ranges(&mem),
@@ -444,6 +478,9 @@ impl Machine {
     /// Runs the vCPUs and the event loop until the VM ends, then tears
     /// everything down and writes the report.
     fn run(mut self, opts: &RunOptions) -> Result<(ExitReason, BootReport)> {
+        // Compiled before any thread needs one.
+        let filters = seccomp::Filters::new(opts.seccomp)?;
+        prefetch_msr_index_list();
         let vcpu_stats: Vec<Stats> = self
             .vcpus
             .iter()
@@ -462,6 +499,9 @@ impl Machine {
         let signals = SignalGuard::new()?;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        // Everything that can fail is done before the vCPU threads start.
+        let signal_fd = signals.fd()?;
+        let reset_evt = self.legacy.reset_evt.try_clone()?;
 
         let shared = VcpuShared {
             mem: self.mem.clone(),
@@ -472,6 +512,8 @@ impl Machine {
             exit_reason: Arc::new(Mutex::new(None)),
             exit_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             control: Arc::new(VcpuControl::default()),
+            seccomp: filters.vcpu.clone(),
+            start: Arc::new(StartGate::default()),
         };
         let vcpu_count = self.vcpus.len();
         let mut threads = Vec::new();
@@ -484,11 +526,19 @@ impl Machine {
                     probe.timeline.update(|r| r.first_instruction = Some(m));
                 }) as Box<dyn FnOnce() + Send>
             });
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(s, hook))
-                .map_err(Error::VcpuThread)?;
-            threads.push(t);
+            let spawned = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id)).spawn(move || vcpu.run(s, hook));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_vcpus(&shared, threads);
+                    return Err(Error::VcpuThread(e));
+                }
+            }
+        }
+        // Each vCPU thread installs its filter, then waits at the gate.
+        if let Err(e) = shared.start.wait_reported(vcpu_count) {
+            stop_vcpus(&shared, threads);
+            return Err(e.into());
         }
         let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
 
@@ -507,16 +557,25 @@ impl Machine {
         let controller = Arc::new(Mutex::new(Controller::new(
             shared.exit_evt.clone(),
             shared.exit_reason.clone(),
-            self.legacy.reset_evt.try_clone()?,
-            signals.fd()?,
+            reset_evt,
+            signal_fd,
             opts.console_input,
             self.legacy.serial.clone(),
             control_listener,
         )));
-        let loop_result = event_loop(controller.clone(), self.virtio.take_handlers(), &source);
+        // The VMM thread's filter goes on once the event loop is set up;
+        // then the vCPUs may run the guest.
+        let start = shared.start.clone();
+        let loop_result = event_loop(controller.clone(), self.virtio.take_handlers(), &source, || {
+            if let Some(filter) = &filters.vmm {
+                filter.install()?;
+            }
+            start.open();
+            Ok(())
+        });
 
         shared.control.wake_all();
-        stop_vcpus(&shared.stop, &shared.control, threads);
+        stop_vcpus(&shared, threads);
         drop(source);
         drop(signals);
         if let Ok(mut s) = self.legacy.serial.lock() {
@@ -561,11 +620,13 @@ fn kick_threads(pthreads: &[libc::pthread_t]) {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Stops every vCPU thread: sets the flag and kicks each thread out of
-/// KVM_RUN until it has returned.
-fn stop_vcpus(stop: &AtomicBool, control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    control.wake_all();
+/// Stops every vCPU thread: sets the flag, opens the start gate (for
+/// threads that never ran) and kicks each thread out of KVM_RUN until it
+/// has returned.
+fn stop_vcpus(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    shared.start.open();
+    shared.control.wake_all();
     for t in threads {
         while !t.is_finished() {
             // A kick that lands before the thread enters KVM_RUN is lost,
