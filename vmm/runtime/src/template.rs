@@ -80,8 +80,9 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<Path
     std::fs::create_dir_all(&work)?;
     let result = build(&work, spec);
     match result {
-        Ok(()) => {
-            std::fs::rename(work.join("snapshot"), &path)?;
+        Ok(snapshot) => {
+            own_by_root(&snapshot)?;
+            std::fs::rename(&snapshot, &path)?;
             let _ = std::fs::remove_dir_all(&work);
             Ok(path)
         }
@@ -92,7 +93,21 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<Path
     }
 }
 
-fn build(work: &Path, spec: &VmSpec) -> Result<()> {
+/// Gives a snapshot a (jailed) VMM wrote to root, so that no later VMM
+/// running as the same uid could change a template others restore.
+fn own_by_root(dir: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            own_by_root(&e?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Boots the template VM and snapshots it; returns the snapshot's
+/// directory (in the VM's own directory: a jailed VMM writes nowhere else).
+fn build(work: &Path, spec: &VmSpec) -> Result<PathBuf> {
     // The disk slot gets a placeholder; each run puts its image there.
     let placeholder = work.join("placeholder.disk");
     File::create(&placeholder)?.set_len(4096)?;
@@ -103,7 +118,7 @@ fn build(work: &Path, spec: &VmSpec) -> Result<()> {
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;
     client.close();
-    let snap = work.join("snapshot");
+    let snap = vm.vm_dir.join("snapshot");
     let status = Command::new(&spec.vmm_exe)
         .args(["snapshot", "create", "--control"])
         .arg(&vm.control)
@@ -119,7 +134,7 @@ fn build(work: &Path, spec: &VmSpec) -> Result<()> {
     }
     let _ = Command::new(&spec.vmm_exe).args(["vm", "--control"]).arg(&vm.control).arg("stop").output();
     vm.wait(Duration::from_secs(30))?;
-    Ok(())
+    Ok(snap)
 }
 
 /// The id of the container in a prepared template.
@@ -140,28 +155,29 @@ pub fn is_ready(dir: &Path) -> bool {
     dir.join("vmstate.json").is_file()
 }
 
-/// Snapshots the running VM behind `control` into `dir` (and lets it run
-/// on), unless another vmrun is doing it or has done it. Best effort: a
-/// failure only means later runs unpack again.
-pub fn save_prepared(vmm_exe: &Path, control: &Path, dir: &Path) {
+/// Snapshots the running VM into `dir` (and lets it run on), unless
+/// another vmrun is doing it or has done it. The VMM writes the snapshot
+/// in its own directory; it is then given to root and moved into place.
+/// Best effort: a failure only means later runs unpack again.
+pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
     let lock_path = dir.with_extension("lock");
     let Ok(lock) = File::create(&lock_path) else { return };
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 || is_ready(dir) {
         return;
     }
-    let tmp = dir.with_extension(format!("build-{}", std::process::id()));
+    let tmp = vm.vm_dir.join("prepared-snapshot");
     let _ = std::fs::remove_dir_all(&tmp);
     let out = Command::new(vmm_exe)
         .args(["snapshot", "create", "--resume", "--control"])
-        .arg(control)
+        .arg(&vm.control)
         .arg("--dir")
         .arg(&tmp)
         .stdin(Stdio::null())
         .output();
     match out {
         Ok(o) if o.status.success() => {
-            if let Err(e) = std::fs::rename(&tmp, dir) {
+            if let Err(e) = own_by_root(&tmp).and_then(|()| std::fs::rename(&tmp, dir)) {
                 log::warn!("cannot keep the prepared template {}: {e}", dir.display());
                 let _ = std::fs::remove_dir_all(&tmp);
             }

@@ -31,7 +31,7 @@ pub struct VmSpec {
     pub volumes: Vec<PathBuf>,
     /// The host's TAP device: the VM gets a network interface on it.
     pub tap: Option<String>,
-    /// The VM's directory: console log and sockets go there.
+    /// The VM's directory: its log, and [`VmSpec::vm_dir`].
     pub dir: PathBuf,
     /// The `vmrun` executable that runs the VMM.
     pub vmm_exe: PathBuf,
@@ -51,13 +51,30 @@ pub struct VmProcess {
     pub vsock: PathBuf,
     pub control: PathBuf,
     pub console: PathBuf,
+    /// What the VMM may write; snapshots it takes go there first.
+    pub vm_dir: PathBuf,
 }
 
 /// What an empty volume slot holds: a disk of no sectors, so a guest can
 /// neither read nor write anything through it.
 pub const EMPTY_DISK: &str = "/dev/null";
 
+/// Whether VMMs are jailed (`vmrun-jail`): as root, unless `VMRUN_JAIL=off`
+/// (for debugging).
+pub fn jail_wanted() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::env::var("VMRUN_JAIL").map_or(true, |v| v != "off")
+}
+
 impl VmSpec {
+    /// The directory the VMM may write (sockets, console, the snapshots it
+    /// takes, volume disks): all that a jailed VMM sees writable. The
+    /// container's state stays out of its reach, one level up.
+    pub fn vm_dir(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
+
     /// The disks of the volume slots, the empty ones included.
     pub fn volume_slots(&self) -> Vec<PathBuf> {
         (0..crate::volume::SLOTS).map(|i| self.volumes.get(i).cloned().unwrap_or_else(|| PathBuf::from(EMPTY_DISK))).collect()
@@ -120,11 +137,12 @@ impl VmProcess {
     /// Runs `vmrun` with the arguments `args` adds, plus the VM's control
     /// socket and console in its directory; its log goes to `vmm.log`.
     fn spawn(spec: &VmSpec, args: impl FnOnce(&mut Command, &VmPaths)) -> Result<Self> {
-        std::fs::create_dir_all(&spec.dir)?;
+        let vm_dir = spec.vm_dir();
+        std::fs::create_dir_all(&vm_dir)?;
         let paths = VmPaths {
-            vsock: spec.dir.join("vsock.sock"),
-            control: spec.dir.join("control.sock"),
-            console: spec.dir.join("console.log"),
+            vsock: vm_dir.join("vsock.sock"),
+            control: vm_dir.join("control.sock"),
+            console: vm_dir.join("console.log"),
         };
         let log = std::fs::File::create(spec.dir.join("vmm.log"))?;
         let mut cmd = Command::new(&spec.vmm_exe);
@@ -138,6 +156,9 @@ impl VmProcess {
                 Ok(())
             })
         };
+        if jail_wanted() {
+            cmd.args(["--jail", "on"]);
+        }
         let child = cmd
             .arg("--control")
             .arg(&paths.control)
@@ -148,7 +169,7 @@ impl VmProcess {
             .stderr(log)
             .spawn()
             .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, vsock: paths.vsock, control: paths.control, console: paths.console })
+        Ok(VmProcess { child, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir })
     }
 
     /// Waits until the agent answers (the guest boots meanwhile), up to
@@ -185,11 +206,14 @@ impl VmProcess {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait()? {
+                vmrun_jail::clean_up(self.child.id());
                 return Ok(s);
             }
             if start.elapsed() > timeout {
                 let _ = self.child.kill();
-                return Ok(self.child.wait()?);
+                let s = self.child.wait()?;
+                vmrun_jail::clean_up(self.child.id());
+                return Ok(s);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -209,6 +233,7 @@ impl Drop for VmProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        vmrun_jail::clean_up(self.child.id());
     }
 }
 

@@ -155,7 +155,7 @@ fn connect(key: &str) -> Result<(State, Client)> {
     if state.effective_status() != Status::Running {
         bail!("container {} is not running", state.name);
     }
-    let client = Client::connect_hybrid_vsock(dir.join("vsock.sock"), AGENT_PORT, Options::default())
+    let client = Client::connect_hybrid_vsock(dir.join("vm").join("vsock.sock"), AGENT_PORT, Options::default())
         .with_context(|| format!("cannot reach the agent of container {}", state.name))?;
     Ok((state, client))
 }
@@ -291,6 +291,9 @@ fn kill_processes(state: &State) {
     let start = Instant::now();
     while [state.vmm, state.owner].into_iter().flatten().any(|p| p.alive()) && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(vmm) = state.vmm {
+        vmrun_jail::clean_up(vmm.pid);
     }
 }
 

@@ -3,6 +3,7 @@
 mod attach;
 mod containers_cmd;
 mod images_cmd;
+mod jail_cmd;
 mod logger;
 mod run_cmd;
 
@@ -14,7 +15,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmrun_vmm::controller::Request;
 use vmrun_vmm::{
-    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, VmConfig, VsockConfig,
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, SeccompMode, VmConfig,
+    VsockConfig,
 };
 
 /// vmrun: containers in KVM microVMs.
@@ -149,6 +151,7 @@ struct RestoreArgs {
     #[arg(long)]
     snapshot: PathBuf,
     /// Disk image for the snapshot's next disk slot (repeatable, in order).
+    /// Restored disks and network interfaces are not rate limited.
     #[arg(long = "disk", value_name = "PATH")]
     disks: Vec<PathBuf>,
     /// TAP device for the snapshot's next network slot (repeatable).
@@ -160,6 +163,11 @@ struct RestoreArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
+    /// later output is dropped after one "[vmrun: console output
+    /// truncated]" line. 0: no bound.
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = vmrun_vmm::config::parse_size)]
+    console_limit: u64,
     /// Serve a control socket here.
     #[arg(long)]
     control: Option<PathBuf>,
@@ -169,6 +177,16 @@ struct RestoreArgs {
     /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
     #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
     host_compat: CompatArg,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call
+    /// kills the VMM with SIGSYS), off (for debugging), or log (forbidden
+    /// calls go through and the kernel logs them: see dmesg).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
+    seccomp: SeccompArg,
+    /// Confine the VMM before it starts the guest: new namespaces, a
+    /// private root holding only its files, an unprivileged uid of its own,
+    /// a cgroup (needs root; `vmrun run` turns it on as root).
+    #[arg(long, value_enum, default_value_t = jail_cmd::JailArg::Off)]
+    jail: jail_cmd::JailArg,
 }
 
 #[derive(Args, Debug)]
@@ -192,20 +210,44 @@ struct BootArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
+    /// later output is dropped after one "[vmrun: console output
+    /// truncated]" line. 0: no bound.
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = vmrun_vmm::config::parse_size)]
+    console_limit: u64,
     /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
     #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
     host_compat: CompatArg,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call
+    /// kills the VMM with SIGSYS), off (for debugging), or log (forbidden
+    /// calls go through and the kernel logs them: see dmesg).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
+    seccomp: SeccompArg,
+    /// Confine the VMM before it starts the guest: new namespaces, a
+    /// private root holding only its files, an unprivileged uid of its own,
+    /// a cgroup (needs root; `vmrun run` turns it on as root).
+    #[arg(long, value_enum, default_value_t = jail_cmd::JailArg::Off)]
+    jail: jail_cmd::JailArg,
     /// Write a JSON boot report (timings, emulated instructions, memory)
     /// here when the VM ends.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Attach a raw disk image as virtio-blk: PATH[,ro][,id=NAME].
-    /// Repeatable; the guest sees them as vda, vdb, ... in order.
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    /// Attach a raw disk image as virtio-blk:
+    /// PATH[,ro][,id=NAME][,bw=BYTES][,iops=N]. bw limits the bytes read
+    /// plus written per second (k, m, g: KiB, MiB, GiB; e.g. bw=10m), iops
+    /// the requests per second; each lets one second's worth through at
+    /// once after an idle second. Repeatable; the guest sees them as vda,
+    /// vdb, ... in order.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=BYTES][,iops=N]")]
     disks: Vec<DiskConfig>,
     /// Attach a network interface (virtio-net) on a TAP device:
-    /// tap=NAME[,mac=MAC]. Repeatable (eth0, eth1, ...).
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// tap=NAME[,mac=MAC][,bw=BYTES][,rx_bw=BYTES][,tx_bw=BYTES][,iops=N].
+    /// bw limits each direction to BYTES per second (receive and transmit
+    /// separately, not their sum; k, m, g: KiB, MiB, GiB); rx_bw (to the
+    /// guest) and tx_bw (from the guest) set one direction and override
+    /// bw; iops limits frames per second in each direction. Repeatable
+    /// (eth0, eth1, ...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=BYTES][,rx_bw=BYTES][,tx_bw=BYTES][,iops=N]")]
     nets: Vec<NetConfig>,
     /// Attach a vsock device bridged to Unix sockets: cid=N,uds=PATH
     /// (Firecracker's hybrid vsock).
@@ -230,6 +272,23 @@ impl From<CompatArg> for HostCompatMode {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum SeccompArg {
+    On,
+    Off,
+    Log,
+}
+
+impl From<SeccompArg> for SeccompMode {
+    fn from(s: SeccompArg) -> Self {
+        match s {
+            SeccompArg::On => SeccompMode::On,
+            SeccompArg::Off => SeccompMode::Off,
+            SeccompArg::Log => SeccompMode::Log,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum CompatArg {
     Auto,
     On,
@@ -237,6 +296,19 @@ enum CompatArg {
 }
 
 fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
+    let host_compat = resolve_host_compat(args.host_compat.into());
+    let needs = jail_cmd::Needs {
+        read_only: [Some(args.kernel.clone()), args.initrd.clone()].into_iter().flatten().collect(),
+        disks: args.disks.iter().map(|d| d.path.clone()).collect(),
+        outputs: [args.console.clone(), args.report.clone(), args.control.clone(), args.vsock.as_ref().map(|v| v.uds.clone())]
+            .into_iter()
+            .flatten()
+            .collect(),
+        taps: args.nets.iter().map(|n| n.tap.clone()).collect(),
+        memory_mib: u64::from(args.memory),
+        cpus: u32::from(args.cpus),
+    };
+    jail_cmd::enter(args.jail, &needs)?;
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -244,14 +316,16 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         mem_mib: args.memory,
         vcpus: args.cpus,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
+        console_limit: (args.console_limit > 0).then_some(args.console_limit),
         console_input: true,
-        host_compat: args.host_compat.into(),
+        host_compat,
         report: args.report,
         disks: args.disks,
         rng: !args.no_rng,
         nets: args.nets,
         control: args.control,
         vsock: args.vsock,
+        seccomp: args.seccomp.into(),
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
     Ok(finish(reason))
@@ -268,15 +342,44 @@ fn finish(reason: vmrun_vmm::ExitReason) -> i32 {
     code
 }
 
+/// `auto` decided here, while the host's /sys is still in sight (the
+/// jail hides it).
+fn resolve_host_compat(mode: HostCompatMode) -> HostCompatMode {
+    match mode {
+        HostCompatMode::Auto if std::path::Path::new(vmrun_vmm::host_compat::PVM_MODULE_PATH).exists() => HostCompatMode::On,
+        HostCompatMode::Auto => HostCompatMode::Off,
+        m => m,
+    }
+}
+
 fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
+    let host_compat = resolve_host_compat(args.host_compat.into());
+    if args.jail == jail_cmd::JailArg::On {
+        let state = vmrun_vmm::snapshot::load_state(&args.snapshot).context("cannot restore the VM")?;
+        let needs = jail_cmd::Needs {
+            read_only: vec![args.snapshot.clone()],
+            disks: args.disks.clone(),
+            outputs: [args.console.clone(), args.report.clone(), args.control.clone(), args.vsock_uds.clone()].into_iter().flatten().collect(),
+            taps: args.taps.clone(),
+            memory_mib: u64::from(state.mem_mib),
+            cpus: state.vcpus.len() as u32,
+        };
+        jail_cmd::enter(args.jail, &needs)?;
+    }
     let config = RestoreConfig {
         snapshot: args.snapshot,
         disks: args.disks,
         taps: args.taps,
         vsock_uds: args.vsock_uds,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
-        host_compat: args.host_compat.into(),
-        run: RunOptions { console_input: true, report: args.report, control: args.control },
+        console_limit: (args.console_limit > 0).then_some(args.console_limit),
+        host_compat,
+        run: RunOptions {
+            console_input: true,
+            report: args.report,
+            control: args.control,
+            seccomp: args.seccomp.into(),
+        },
     };
     let (reason, _report) = vmrun_vmm::restore(&config, start).context("cannot restore the VM")?;
     Ok(finish(reason))

@@ -402,6 +402,12 @@ pub fn supervise(dir: &Path) -> Result<i32> {
     result
 }
 
+/// How long the agent may take: unpacking a large image where guest kernel
+/// mode is emulated takes many minutes (the user can always interrupt).
+fn agent_options() -> Options {
+    Options { create_timeout: Duration::from_secs(4 * 3600), ..Options::default() }
+}
+
 /// The most bytes a detached container's log keeps.
 const LOG_LIMIT: u64 = 64 << 20;
 
@@ -489,7 +495,10 @@ fn run_container_inner(
     phases.mark("layer disk");
     let mut volume_disks = Vec::new();
     for (i, v) in checked.volumes.iter().enumerate() {
-        let path = dir.join(format!("volume-{i}.disk"));
+        // In the VM's own directory: the VMM writes it.
+        let vm_dir = dir.join("vm");
+        std::fs::create_dir_all(&vm_dir)?;
+        let path = vm_dir.join(format!("volume-{i}.disk"));
         v.make_image(&path)?;
         volume_disks.push(path);
     }
@@ -543,7 +552,7 @@ fn run_container_inner(
     let (mut vm, client, guest_id, prepared) = if args.cold {
         let mut vm = spec.boot()?;
         phases.mark("VM start");
-        let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+        let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
         phases.mark("guest to agent ready");
         client.create_container(&create(&state.id, config))?;
         phases.mark("unpack");
@@ -555,18 +564,18 @@ fn run_container_inner(
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             let mut vm = vmrun_runtime::template::restore(&prepared_dir, &spec)?;
             phases.mark("VM start");
-            let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+            let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready (image unpacked in the template)");
             (vm, client, PREPARED_ID.to_string(), true)
         } else {
             let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
             phases.mark("VM start");
-            let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
+            let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready");
             if preparable {
                 client.create_container(&create(PREPARED_ID, image_defaults))?;
                 phases.mark("unpack");
-                vmrun_runtime::template::save_prepared(&spec.vmm_exe, &vm.control, &prepared_dir);
+                vmrun_runtime::template::save_prepared(&spec.vmm_exe, &vm, &prepared_dir);
                 phases.mark("prepared template saved");
                 (vm, client, PREPARED_ID.to_string(), true)
             } else {
