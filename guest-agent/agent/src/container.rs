@@ -85,12 +85,36 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
         RootfsSpec::Mount { source, fstype, options } => {
             let bad = |e| err(ErrorKind::BadRequest, format!("rootfs mount: {e}"));
             let s = cstring(source.as_str()).map_err(bad)?;
+            if is_host_disk(source) {
+                wait_for_disk(&s).map_err(|e| err(ErrorKind::BadRequest, format!("rootfs disk {source}: {e}")))?;
+            }
             let t = cstring(fstype.as_str()).map_err(bad)?;
             let o = cstring(options.as_str()).map_err(bad)?;
             sys::mount(Some(&s), &target, Some(&t), 0, if options.is_empty() { None } else { Some(&o) })
         }
     };
     r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))
+}
+
+/// Whether `source` names a disk the host attached (`/dev/vdX`).
+fn is_host_disk(source: &str) -> bool {
+    let dev = source.strip_prefix("/dev/vd").unwrap_or_default();
+    !dev.is_empty() && dev.chars().all(|c| c.is_ascii_lowercase())
+}
+
+/// Waits (up to 10 s) until the disk `dev` has a size. A VM restored from
+/// a snapshot gets its disks in place of the template's empty
+/// placeholders, and the guest kernel learns their new capacity a little
+/// after the agent may already be asked to mount one (the container root
+/// of the OCI runtime, on a volume disk slot).
+fn wait_for_disk(dev: &CStr) -> io::Result<()> {
+    for _ in 0..200 {
+        if !sys::Mapping::open(dev)?.bytes().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(io::Error::other("the disk stayed empty"))
 }
 
 /// Creates a container: its directory, its root file system, the unpacked
@@ -466,6 +490,12 @@ mod tests {
         assert_eq!(rlimit_resource("RLIMIT_NPROC"), Some(libc::RLIMIT_NPROC as libc::c_int));
         assert_eq!(rlimit_resource("bogus"), None);
         assert!(rlimits(&[Rlimit { resource: "nofile".into(), soft: 10, hard: 5 }]).is_err());
+    }
+
+    #[test]
+    fn host_disks_are_vd_devices() {
+        assert!(is_host_disk("/dev/vdb") && is_host_disk("/dev/vdaa"));
+        assert!(!is_host_disk("/dev/vd") && !is_host_disk("/dev/sda") && !is_host_disk("/dev/vdb1") && !is_host_disk("tmpfs"));
     }
 
     #[test]

@@ -70,9 +70,46 @@ pub fn for_image(dir: &Path, image: &Image) -> Result<(PathBuf, Vec<Digest>)> {
     Ok((path, digests))
 }
 
+/// A layer disk that holds no layers, under `dir` (written once): for VMs
+/// whose container root comes from elsewhere (the OCI runtime attaches a
+/// bundle's root file system as a disk of its own), so that the agent
+/// finds a valid, empty index in the layer disk slot.
+pub fn empty(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("empty.disk");
+    if path.is_file() {
+        return Ok(path);
+    }
+    let err = |reason: String| Error::LayerDisk { path: path.clone(), reason };
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".empty.{}.tmp", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        vmrun_layerdisk::write::<_, std::io::Empty>(&mut f, &mut []).map_err(|e| std::io::Error::other(e.to_string()))?;
+        f.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e.to_string()));
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn an_empty_disk_has_a_valid_index_and_no_layers() {
+        let dir = std::env::temp_dir().join(format!("vmrun-empty-disk-{}", std::process::id()));
+        let path = empty(&dir).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let disk = vmrun_layerdisk::LayerDisk::new(&bytes).unwrap();
+        assert!(disk.index().entries.is_empty());
+        assert_eq!(empty(&dir).unwrap(), path, "written once");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn digests_parse() {

@@ -79,28 +79,7 @@ impl Volume {
     /// the files take is written). Room is left to write: a quarter more
     /// than the files, and at least 64 MiB.
     pub fn make_image(&self, out: &Path) -> Result<()> {
-        let meta = std::fs::metadata(&self.host)
-            .map_err(|e| Error::Volume(format!("volume {}: {e}", self.host.display())))?;
-        if !meta.is_dir() {
-            return Err(Error::Volume(format!("volume {}: not a directory", self.host.display())));
-        }
-        let (bytes, count) = usage(&self.host).map_err(|e| Error::Volume(format!("volume {}: {e}", self.host.display())))?;
-        let size = (bytes + bytes / 4 + count * 4096).max(64 << 20).div_ceil(1 << 20) << 20;
-        std::fs::File::create(out)?.set_len(size)?;
-        let result = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "vmrun-volume", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
-            .arg(&self.host)
-            .arg(out)
-            .output();
-        match result {
-            Ok(o) if o.status.success() => Ok(()),
-            Ok(o) => Err(Error::Volume(format!(
-                "cannot make a disk of {}: mkfs.ext4: {}",
-                self.host.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))),
-            Err(e) => Err(Error::Volume(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}"))),
-        }
+        make_dir_image(&self.host, out, "volume", "vmrun-volume", 64 << 20)
     }
 
     /// The mount the agent makes for it, from the disk in volume slot
@@ -113,6 +92,36 @@ impl Volume {
             source: format!("/dev/vd{letter}"),
             options: vec![if self.read_only { "ro" } else { "rw" }.into()],
         }
+    }
+}
+
+/// Makes an ext4 image at `out` holding a copy of the directory `dir`
+/// (`mkfs.ext4 -d`; sparse: only what the files take is written), labelled
+/// `label`. Room is left to write: a quarter more than the files, and at
+/// least `min_bytes`. `what` names the directory in errors (`volume`,
+/// `rootfs`). Volumes use it, and so does the OCI runtime for a bundle's
+/// root file system.
+pub fn make_dir_image(dir: &Path, out: &Path, what: &str, label: &str, min_bytes: u64) -> Result<()> {
+    let meta = std::fs::metadata(dir).map_err(|e| Error::Volume(format!("{what} {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(Error::Volume(format!("{what} {}: not a directory", dir.display())));
+    }
+    let (bytes, count) = usage(dir).map_err(|e| Error::Volume(format!("{what} {}: {e}", dir.display())))?;
+    let size = (bytes + bytes / 4 + count * 4096).max(min_bytes).div_ceil(1 << 20) << 20;
+    std::fs::File::create(out)?.set_len(size)?;
+    let result = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", label, "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+        .arg(dir)
+        .arg(out)
+        .output();
+    match result {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(Error::Volume(format!(
+            "cannot make a disk of {}: mkfs.ext4: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))),
+        Err(e) => Err(Error::Volume(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}"))),
     }
 }
 

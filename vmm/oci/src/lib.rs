@@ -1,0 +1,29 @@
+//! `vmrun-oci`: an OCI runtime with runc's command line that runs each
+//! container in a vmrun microVM, and `containerd-shim-vmrun-v2`, which lets
+//! containerd drive it through containerd's own runc shim.
+//!
+//! - [`cli`]: the command line (`create`, `start`, `state`, `kill`,
+//!   `delete`, `exec`, `ps`, `features`, `spec`) and runc's global flags;
+//! - [`bundle`]: a bundle's `config.json`, checked and turned into what the
+//!   VM and the guest agent need ([`bundle::Plan`]);
+//! - [`state`]: a container's state directory under `--root`;
+//! - [`supervisor`]: the process that owns a container's VM (its pid is
+//!   the container's pid) and the one that owns an exec'd process;
+//! - [`console`]: pseudo-terminals and `--console-socket`;
+//! - [`shim`]: the containerd shim wrapper.
+//!
+//! `docs/oci.md` explains the design.
+
+pub mod bundle;
+pub mod cli;
+pub mod console;
+pub mod error;
+pub mod logger;
+pub mod ops;
+pub mod shim;
+pub mod signals;
+pub mod state;
+pub mod supervisor;
+pub mod time;
+
+pub use error::{Error, Result};

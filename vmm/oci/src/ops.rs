@@ -1,0 +1,639 @@
+//! The commands: `create`, `start`, `state`, `kill`, `delete`, `exec`,
+//! `ps`, `features`, `spec`, with runc's behaviour where a caller can see
+//! it (messages containerd's shim recognises, pid files without a newline,
+//! a supervisor that is not reaped so that the caller's subreaper gets its
+//! exit status).
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmrun_agent_client::{Client, ErrorKind, Options};
+use vmrun_runtime::container::ProcessRef;
+use vmrun_runtime::home::Home;
+use vmrun_runtime::vm::AGENT_PORT;
+
+use crate::bundle::{self, ProcessPlan};
+use crate::error::{io, Error, Result};
+use crate::logger;
+use crate::signals;
+use crate::state::{self, ExecRecord, ExecStatus, Root, State, Status};
+use crate::supervisor::{self, ExecPlan, SupervisorPlan};
+
+/// The global flags, as the supervisors get them again.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// `--root`.
+    pub root: Root,
+    /// `--log`.
+    pub log: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: logger::Format,
+    /// `--debug`.
+    pub debug: bool,
+}
+
+impl Ctx {
+    /// `vmrun-oci` itself with the global flags, its log going to `log`.
+    fn self_command(&self, log: &Path) -> Result<Command> {
+        let exe = std::env::current_exe().map_err(io("finding the vmrun-oci executable"))?;
+        let mut c = Command::new(exe);
+        c.arg("--root").arg(self.root.path()).arg("--log").arg(log).arg("--log-format").arg(match self.log_format {
+            logger::Format::Json => "json",
+            logger::Format::Text => "text",
+        });
+        if self.debug {
+            c.arg("--debug");
+        }
+        Ok(c)
+    }
+}
+
+/// The `vmrun` executable that runs VMMs: `$VMRUN_BIN`, else `vmrun`
+/// beside this executable, else on `PATH`.
+pub fn vmm_exe() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMRUN_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { Err(Error::Usage(format!("VMRUN_BIN={} is not a file", p.display()))) };
+    }
+    if let Some(p) = std::env::current_exe().ok().map(|e| e.with_file_name("vmrun")).filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    find_in_path("vmrun").ok_or_else(|| {
+        Error::Usage("cannot find the vmrun executable: install it beside vmrun-oci, put it on PATH, or set VMRUN_BIN".into())
+    })
+}
+
+/// `name` in a directory of `$PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The container's id in the guest: the characters the agent accepts, at
+/// most 64.
+fn guest_id(id: &str) -> String {
+    let s: String = id.chars().filter(|c| c.is_ascii_alphanumeric() || "_.-".contains(*c)).take(64).collect();
+    let s = s.trim_start_matches(['.', '-']).to_string();
+    if s.is_empty() {
+        "container".into()
+    } else {
+        s
+    }
+}
+
+/// Starts `cmd` in a new session (not reaped: when this process exits, the
+/// caller's subreaper inherits it and gets its exit status).
+fn spawn_session(mut cmd: Command, quiet: bool) -> Result<Child> {
+    if quiet {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    // SAFETY: setsid is async-signal-safe; the supervisor leaves the
+    // caller's session and process group.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        })
+    };
+    cmd.spawn().map_err(io("starting the supervisor"))
+}
+
+/// Whether the child `pid` has exited, without reaping it.
+fn exited(pid: u32) -> bool {
+    // SAFETY: waitid with WNOWAIT only inspects the child; the zeroed
+    // siginfo is filled in when a child has changed state.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        r != 0 || info.si_pid() != 0
+    }
+}
+
+/// Reaps a failed supervisor (killing it if it lingers).
+fn reap(child: &mut Child) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Where to look for why a supervisor failed: the caller's log is named;
+/// the state directory's own log (removed with it) is quoted.
+fn log_tail(log: &Path, dir: &Path) -> String {
+    if !log.starts_with(dir) {
+        return format!("; see {}", log.display());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", lines.into_iter().rev().collect::<Vec<_>>().join(" / "))
+    }
+}
+
+/// Writes a pid file as runc does: the number alone, atomically.
+fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let path = std::path::absolute(path).map_err(io(format!("pid file {}", path.display())))?;
+    state::write_atomic(&path, pid.to_string().as_bytes()).map_err(io(format!("writing the pid file {}", path.display())))
+}
+
+/// Removes a container's directories.
+fn remove_dirs(dir: &Path, st: Option<&State>) {
+    if let Some(s) = st {
+        if s.vm_dir != dir {
+            vmrun_runtime::vm::remove_dir(&s.vm_dir);
+        }
+    }
+    vmrun_runtime::vm::remove_dir(dir);
+}
+
+/// `create`'s flags.
+#[derive(Debug, Clone, Default)]
+pub struct CreateArgs {
+    /// The container's id.
+    pub id: String,
+    /// The bundle (default: the current directory).
+    pub bundle: Option<PathBuf>,
+    /// Where to write the container's pid.
+    pub pid_file: Option<PathBuf>,
+    /// Where to send the terminal's master.
+    pub console_socket: Option<PathBuf>,
+}
+
+/// `create`: checks the bundle, starts the supervisor and waits until the
+/// container is created (its VM runs, the guest has mounted its root).
+pub fn create(ctx: &Ctx, args: &CreateArgs) -> Result<i32> {
+    let dir = ctx.root.dir(&args.id)?;
+    let bundle = std::path::absolute(args.bundle.as_deref().unwrap_or(Path::new("."))).map_err(io("the bundle path"))?;
+    let plan = bundle::load(&bundle)?;
+    match (plan.process.terminal, &args.console_socket) {
+        (true, None) => {
+            return Err(Error::Usage("process.terminal is set but no --console-socket was given (the container runs detached)".into()))
+        }
+        (false, Some(_)) => return Err(Error::Usage("--console-socket was given but process.terminal is not set".into())),
+        _ => {}
+    }
+    // What every VM needs, checked before anything is made.
+    let home = Home::from_env().map_err(io("the data directory"))?;
+    vmrun_runtime::artifacts::Artifacts::find(&home, None, None)?;
+    let vmm_exe = vmm_exe()?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(ctx.root.path())
+        .map_err(io(format!("creating {}", ctx.root.path().display())))?;
+    match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Exists(args.id.clone())),
+        Err(e) => return Err(io(format!("creating {}", dir.display()))(e)),
+    }
+    let result = create_in(ctx, args, &dir, &bundle, plan, vmm_exe);
+    if result.is_err() {
+        remove_dirs(&dir, State::load(&dir).ok().as_ref());
+    }
+    result
+}
+
+fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bundle::Plan, vmm_exe: PathBuf) -> Result<i32> {
+    let fifo = dir.join(state::FIFO);
+    let cfifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|_| Error::Usage("a NUL in the --root path".into()))?;
+    // SAFETY: mkfifo of a NUL-terminated path.
+    if unsafe { libc::mkfifo(cfifo.as_ptr(), 0o622) } != 0 {
+        return Err(io("creating exec.fifo")(std::io::Error::last_os_error()));
+    }
+    let terminal = plan.process.terminal;
+    let st = State {
+        oci_version: plan.oci_version.clone(),
+        id: args.id.clone(),
+        status: Status::Creating,
+        bundle: bundle.to_path_buf(),
+        rootfs: plan.rootfs.clone(),
+        created: crate::time::now(true),
+        annotations: plan.annotations.clone(),
+        creator: ProcessRef::current(),
+        supervisor: None,
+        vmm: None,
+        vm_dir: state::vm_dir_for(dir),
+        vsock: None,
+        guest_id: guest_id(&args.id),
+        tty: terminal,
+        exit_code: None,
+        error: None,
+    };
+    let console_socket = args.console_socket.as_deref().map(std::path::absolute).transpose().map_err(io("the console socket path"))?;
+    let sp = SupervisorPlan { plan, console_socket, vmm_exe };
+    state::write_atomic(&dir.join(state::PLAN_FILE), &serde_json::to_vec_pretty(&sp).map_err(|e| Error::Bundle(e.to_string()))?)
+        .map_err(io("writing plan.json"))?;
+    st.save(dir).map_err(io("writing the state"))?;
+
+    let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
+    let mut cmd = ctx.self_command(&log)?;
+    cmd.arg("supervise").arg(&args.id);
+    // With a terminal the process's streams are the pty: the supervisor
+    // keeps none of the caller's (a caller reading create's output to its
+    // end would wait for the container otherwise).
+    let mut child = spawn_session(cmd, terminal)?;
+    let pid = child.id();
+    loop {
+        let now = State::load(dir).ok();
+        match now.as_ref().map(|s| s.status) {
+            Some(Status::Created | Status::Running) => break,
+            Some(Status::Stopped) => {
+                reap(&mut child);
+                let why = now.and_then(|s| s.error).unwrap_or_else(|| "the container stopped while being created".into());
+                return Err(Error::State(why));
+            }
+            _ => {}
+        }
+        if exited(pid) {
+            // It may have written its state just before it ended.
+            if State::load(dir).is_ok_and(|s| s.status != Status::Creating) {
+                continue;
+            }
+            reap(&mut child);
+            return Err(Error::State(format!("the supervisor ended before the container was created{}", log_tail(&log, dir))));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(p) = &args.pid_file {
+        if let Err(e) = write_pid_file(p, pid) {
+            let _ = child.kill();
+            reap(&mut child);
+            return Err(e);
+        }
+    }
+    log::debug!("container {} created, supervisor {pid}", args.id);
+    Ok(0)
+}
+
+/// `start`: lets the created container's process run.
+pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
+    let (dir, st) = ctx.root.find(id)?;
+    match st.effective_status() {
+        Status::Created => {}
+        Status::Creating => return Err(Error::State(format!("container {id} is still being created"))),
+        Status::Running => return Err(Error::State("cannot start an already running container".into())),
+        Status::Stopped => return Err(Error::State("cannot start a container that has stopped".into())),
+    }
+    let fifo_path = dir.join(state::FIFO);
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo_path)
+        .map_err(io("opening exec.fifo"))?;
+    let mut byte = [0u8; 1];
+    loop {
+        let mut pfd = libc::pollfd { fd: fifo.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one pollfd we own.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        match fifo.read(&mut byte) {
+            Ok(1) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io("reading exec.fifo")(e)),
+        }
+        if !st.supervisor.is_some_and(|s| s.alive()) {
+            return Err(Error::State(format!("container {id}: its supervisor is gone")));
+        }
+    }
+    let _ = std::fs::remove_file(&fifo_path);
+    // Report a process that cannot be started, as runc does.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = State::load(&dir).map_err(io("reading the state"))?;
+        match now.effective_status() {
+            Status::Running => return Ok(0),
+            Status::Stopped => {
+                return match now.error {
+                    Some(e) => Err(Error::State(e)),
+                    None => Ok(0),
+                }
+            }
+            _ if Instant::now() > deadline => return Err(Error::State(format!("container {id} did not start in time"))),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `state`: runc's JSON.
+pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
+    let (_, st) = ctx.root.find(id)?;
+    let text = serde_json::to_string_pretty(&st.oci_json()).map_err(|e| Error::State(e.to_string()))?;
+    println!("{text}");
+    Ok(0)
+}
+
+fn connect(st: &State) -> Result<Client> {
+    Ok(Client::connect_hybrid_vsock(st.vsock(), AGENT_PORT, Options::default())?)
+}
+
+fn not_running(e: vmrun_agent_client::Error) -> Error {
+    match &e {
+        vmrun_agent_client::Error::Agent(a) if matches!(a.kind, ErrorKind::NotFound | ErrorKind::InvalidState) => {
+            Error::State("container not running".into())
+        }
+        _ => e.into(),
+    }
+}
+
+fn signal_process(p: ProcessRef, sig: i32) -> Result<()> {
+    if !p.alive() {
+        return Err(Error::State("container not running".into()));
+    }
+    // SAFETY: kill of a process identified by pid and start time.
+    if unsafe { libc::kill(p.pid as i32, sig) } != 0 {
+        return Err(io("kill")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `kill`: a signal to the container's process (through the agent), or,
+/// before it started, to the supervisor (which ends it, as the signal
+/// would end runc's waiting init).
+pub fn kill(ctx: &Ctx, id: &str, signal: Option<&str>, all: bool) -> Result<i32> {
+    let (dir, st) = ctx.root.find(id)?;
+    let sig = signals::parse(signal.unwrap_or("SIGTERM"))?;
+    match st.effective_status() {
+        Status::Creating | Status::Created => {
+            signal_process(st.supervisor.ok_or_else(|| Error::State("container not running".into()))?, sig)?;
+        }
+        Status::Running => {
+            let client = connect(&st)?;
+            let r = client.signal(&st.guest_id, None, sig).map_err(not_running);
+            if all {
+                for e in Root::execs(&dir).iter().filter(|e| e.alive()) {
+                    let _ = client.signal(&st.guest_id, Some(&e.exec_id), sig);
+                }
+            }
+            client.close();
+            r?;
+        }
+        Status::Stopped if all => {}
+        Status::Stopped => return Err(Error::State("container not running".into())),
+    }
+    Ok(0)
+}
+
+/// Stops a container's processes on the host and waits until they are
+/// gone: exec supervisors are killed; the VMM is killed, then the
+/// supervisor is asked to end (SIGTERM), which lets it clean up after its
+/// VM, and killed if it has not ended within 10 s.
+fn kill_processes(dir: &Path, st: &State) {
+    let kill = |p: ProcessRef, sig: i32| {
+        if p.alive() {
+            // SAFETY: kill of a process identified by pid and start time.
+            unsafe { libc::kill(p.pid as i32, sig) };
+        }
+    };
+    let wait_gone = |procs: &[ProcessRef], secs: u64| {
+        let start = Instant::now();
+        while procs.iter().any(|p| p.alive()) && start.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let execs: Vec<ProcessRef> = Root::execs(dir).iter().filter_map(|e| e.supervisor).collect();
+    for p in execs.iter().copied().chain(st.vmm) {
+        kill(p, libc::SIGKILL);
+    }
+    if let Some(s) = st.supervisor {
+        kill(s, libc::SIGTERM);
+        wait_gone(&[s], 10);
+        kill(s, libc::SIGKILL);
+    }
+    let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.supervisor).collect();
+    wait_gone(&all, 10);
+}
+
+/// `delete`: removes a stopped (or created) container; `--force` kills a
+/// running one first.
+pub fn delete(ctx: &Ctx, id: &str, force: bool) -> Result<i32> {
+    let (dir, st) = match ctx.root.find(id) {
+        Ok(found) => found,
+        Err(Error::NotFound(_)) if force => {
+            // A create that died early may have left a directory without
+            // a state.
+            vmrun_runtime::vm::remove_dir(&ctx.root.dir(id)?);
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
+    let status = st.effective_status();
+    if matches!(status, Status::Running | Status::Creating) && !force {
+        return Err(Error::State(format!("cannot delete container {id} that is not stopped: {}", status.as_str())));
+    }
+    kill_processes(&dir, &st);
+    remove_dirs(&dir, Some(&st));
+    if dir.exists() {
+        return Err(Error::State(format!("cannot remove {}", dir.display())));
+    }
+    Ok(0)
+}
+
+/// `exec`'s flags.
+#[derive(Debug, Clone, Default)]
+pub struct ExecArgs {
+    /// The container.
+    pub id: String,
+    /// A process.json (runc's `--process`).
+    pub process: Option<PathBuf>,
+    /// Run in the background; `--pid-file` gets the exec supervisor's pid.
+    pub detach: bool,
+    /// Where to write the pid.
+    pub pid_file: Option<PathBuf>,
+    /// Where to send the terminal's master.
+    pub console_socket: Option<PathBuf>,
+    /// Give the process a terminal.
+    pub tty: bool,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// Extra environment.
+    pub env: Vec<String>,
+    /// `uid[:gid]`.
+    pub user: Option<String>,
+    /// The command, without `--process`.
+    pub command: Vec<String>,
+}
+
+/// The exec'd process: from `--process`, else the container's own process
+/// with the command and the flags' changes.
+fn exec_process(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
+    if let Some(path) = &args.process {
+        let text = std::fs::read(path).map_err(|e| Error::Usage(format!("cannot read the process file {}: {e}", path.display())))?;
+        let p: oci_spec::runtime::Process =
+            serde_json::from_slice(&text).map_err(|e| Error::Usage(format!("invalid process file {}: {e}", path.display())))?;
+        let mut plan = bundle::process_plan(&p)?;
+        plan.terminal |= args.tty;
+        return Ok(plan);
+    }
+    if args.command.is_empty() {
+        return Err(Error::Usage("exec needs a command or --process".into()));
+    }
+    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
+        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
+    let mut plan = sp.plan.process;
+    plan.args = args.command.clone();
+    plan.env.extend(args.env.iter().cloned());
+    if let Some(c) = &args.cwd {
+        plan.cwd = c.clone();
+    }
+    if let Some(u) = &args.user {
+        plan.user = if u.contains(':') { u.clone() } else { format!("{u}:{u}") };
+    }
+    plan.terminal = args.tty;
+    Ok(plan)
+}
+
+/// `exec`: another process in a running container, in the foreground
+/// (returns its exit code) or with `--detach` (an exec supervisor whose pid
+/// goes to `--pid-file` and whose exit status is the process's).
+pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
+    let (dir, st) = ctx.root.find(&args.id)?;
+    if st.effective_status() != Status::Running {
+        return Err(Error::State(format!("cannot exec in container {}: it is not running", args.id)));
+    }
+    let process = exec_process(&dir, args)?;
+    if process.terminal && args.detach && args.console_socket.is_none() {
+        return Err(Error::Usage("a terminal for a detached process needs a --console-socket".into()));
+    }
+    if !process.terminal && args.console_socket.is_some() {
+        return Err(Error::Usage("--console-socket was given but the process has no terminal".into()));
+    }
+    let exec_id = format!("exec-{}", vmrun_runtime::container::new_id());
+    std::fs::create_dir_all(dir.join(state::EXECS)).map_err(io("creating the execs directory"))?;
+    let console_socket = args.console_socket.as_deref().map(std::path::absolute).transpose().map_err(io("the console socket path"))?;
+    let terminal = process.terminal;
+    let plan = ExecPlan { process, console_socket };
+    state::write_atomic(&supervisor::exec_plan_path(&dir, &exec_id), &serde_json::to_vec(&plan).map_err(|e| Error::Usage(e.to_string()))?)
+        .map_err(io("writing the exec plan"))?;
+    let rec = ExecRecord { exec_id: exec_id.clone(), supervisor: None, status: ExecStatus::Starting, exit_code: None, error: None };
+    supervisor::save_exec(&dir, &rec).map_err(io("writing the exec record"))?;
+    if !args.detach {
+        return Ok(supervisor::exec_supervise(&ctx.root, &args.id, &exec_id));
+    }
+    let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
+    let mut cmd = ctx.self_command(&log)?;
+    cmd.arg("exec-supervise").arg(&args.id).arg(&exec_id);
+    let mut child = spawn_session(cmd, terminal)?;
+    let pid = child.id();
+    loop {
+        let rec = supervisor::load_exec(&dir, &exec_id);
+        match rec.as_ref().map(|r| r.status) {
+            Some(ExecStatus::Running | ExecStatus::Exited) => break,
+            Some(ExecStatus::Failed) => {
+                reap(&mut child);
+                return Err(Error::State(rec.and_then(|r| r.error).unwrap_or_else(|| "exec failed".into())));
+            }
+            _ => {}
+        }
+        if exited(pid) && supervisor::load_exec(&dir, &exec_id).is_none_or(|r| r.status == ExecStatus::Starting) {
+            reap(&mut child);
+            return Err(Error::State(format!("the exec supervisor ended before the process started{}", log_tail(&log, &dir))));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    Ok(0)
+}
+
+/// `ps`: the container's host processes (its supervisor and the exec
+/// supervisors), as a JSON array of pids or a table.
+pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
+    let (dir, st) = ctx.root.find(id)?;
+    let mut pids = Vec::new();
+    if st.effective_status() != Status::Stopped {
+        pids.extend(st.supervisor.map(|s| s.pid));
+    }
+    pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
+    match format {
+        "json" => println!("{}", serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?),
+        "table" => {
+            println!("PID     CMD");
+            for pid in pids {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd: Vec<String> = cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                println!("{pid:<7} {}", cmd.join(" "));
+            }
+        }
+        other => return Err(Error::Usage(format!("invalid format {other:?} (table or json)"))),
+    }
+    Ok(0)
+}
+
+/// What `features` prints: runc's features document.
+pub fn features_json() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.1.0",
+        "hooks": [],
+        "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "newinstance"],
+        "linux": {
+            "namespaces": ["mount", "pid", "uts", "ipc"],
+            "capabilities": [],
+            "cgroup": { "v1": false, "v2": false, "systemd": false, "systemdUser": false, "rdma": false },
+            "seccomp": { "enabled": false },
+            "apparmor": { "enabled": false },
+            "selinux": { "enabled": false },
+            "intelRdt": { "enabled": false },
+            "mountExtensions": { "idmap": { "enabled": false } }
+        },
+        "annotations": {
+            "io.vmrun.oci.version": env!("CARGO_PKG_VERSION"),
+            "io.vmrun.isolation": "microvm"
+        }
+    })
+}
+
+/// `features`.
+pub fn features() -> Result<i32> {
+    println!("{}", serde_json::to_string_pretty(&features_json()).map_err(|e| Error::State(e.to_string()))?);
+    Ok(0)
+}
+
+/// `spec`: writes a default `config.json` into the bundle.
+pub fn spec(bundle: Option<&Path>) -> Result<i32> {
+    let path = bundle.unwrap_or(Path::new(".")).join("config.json");
+    if path.exists() {
+        return Err(Error::Usage(format!("{} exists: remove it first", path.display())));
+    }
+    let text = serde_json::to_string_pretty(&bundle::default_spec()).map_err(|e| Error::Usage(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(io(format!("writing {}", path.display())))?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ids_are_valid_agent_ids() {
+        assert_eq!(guest_id("abc"), "abc");
+        assert_eq!(guest_id("a+b"), "ab");
+        assert_eq!(guest_id(&"f".repeat(100)).len(), 64);
+        assert_eq!(guest_id("+++"), "container");
+        assert_eq!(guest_id("-.x"), "x");
+        for id in ["abc", "a+b", "-.x", "+++"] {
+            assert!(vmrun_agent_protocol::valid_id(&guest_id(id)));
+        }
+    }
+
+    #[test]
+    fn features_name_the_supported_versions() {
+        let f = features_json();
+        assert_eq!(f["ociVersionMin"], "1.0.0");
+        assert_eq!(f["ociVersionMax"], "1.1.0");
+        assert!(f["hooks"].as_array().is_some_and(|h| h.is_empty()));
+    }
+}

@@ -1,0 +1,468 @@
+//! The supervisors: the process that owns a container's VM, and the one
+//! that owns an exec'd process.
+//!
+//! `create` starts `vmrun-oci supervise ID` in a session of its own, with
+//! the standard streams it was given (the caller's pipes or FIFOs; with a
+//! terminal, none). The supervisor makes the disks, restores the warm-start
+//! template (`vmrun_runtime::template`), has the agent create the
+//! container on the root copy, records `created`, and blocks opening
+//! `exec.fifo` for writing until `start` opens it for reading, as runc's
+//! init does. Then it starts the process, pumps its streams to its own
+//! standard streams (or between the host pty and the guest's terminal),
+//! forwards the signals it receives (SIGWINCH as a resize), and exits with
+//! the process's exit code (128+N for signal N): its pid is the
+//! container's pid, the one containerd's shim reaps to learn how the
+//! container ended. The VMM is its child and dies with it
+//! (`PR_SET_PDEATHSIG`).
+//!
+//! `exec` starts `vmrun-oci exec-supervise ID EXEC_ID` the same way (or
+//! runs the same code in the foreground without `--detach`).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmrun_agent_client::{Client, Options, Process, StdioMode};
+use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
+use vmrun_runtime::artifacts::Artifacts;
+use vmrun_runtime::container::ProcessRef;
+use vmrun_runtime::home::Home;
+use vmrun_runtime::vm::{VmSpec, AGENT_PORT};
+use vmrun_runtime::volume::Volume;
+
+use crate::bundle::{Plan, ProcessPlan};
+use crate::console;
+use crate::error::{io, Error, Result};
+use crate::signals;
+use crate::state::{self, ExecRecord, ExecStatus, Root, State, Status};
+
+/// Exit status of a supervisor that failed before its process ran.
+pub const FAILED: i32 = 1;
+
+/// What `create` hands the supervisor in `plan.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorPlan {
+    /// The container.
+    pub plan: Plan,
+    /// Where to send the terminal's master (with `process.terminal`).
+    pub console_socket: Option<PathBuf>,
+    /// The `vmrun` executable that runs the VMM.
+    pub vmm_exe: PathBuf,
+}
+
+/// What `exec` hands an exec supervisor in `execs/<exec id>.plan.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecPlan {
+    /// The process.
+    pub process: ProcessPlan,
+    /// Where to send the terminal's master.
+    pub console_socket: Option<PathBuf>,
+}
+
+/// The process signals go to, once it runs.
+#[derive(Clone)]
+struct Target {
+    client: Client,
+    guest_id: String,
+    exec_id: Option<String>,
+    tty: Option<RawFd>,
+}
+
+type Shared = Arc<Mutex<Option<Target>>>;
+
+/// Set while the supervisor waits for `start`: a signal then stops it the
+/// orderly way (the VM is stopped and cleaned up), through [`STOP`].
+static WAITING: AtomicBool = AtomicBool::new(false);
+/// The signal that ended the wait for `start`.
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+/// Forwards the signals in `set` (blocked by [`signals::block_forwarded`])
+/// to the process once it runs. Before that, a signal ends the supervisor
+/// as its default action would (`kill` of a created container): while it
+/// waits for `start`, through [`STOP`]; while it prepares the VM, at once
+/// (the VMM dies with it).
+fn forward_signals(set: libc::sigset_t, shared: Shared) {
+    std::thread::spawn(move || loop {
+        let Some(sig) = signals::wait(&set) else { return };
+        let target = shared.lock().ok().and_then(|t| t.clone());
+        match target {
+            None if sig == libc::SIGWINCH => {}
+            None if WAITING.load(Ordering::SeqCst) => STOP.store(sig, Ordering::SeqCst),
+            None => {
+                log::info!("signal {sig} before the process started: ending");
+                std::process::exit(128 + sig);
+            }
+            Some(t) if sig == libc::SIGWINCH => {
+                if let Some((rows, cols)) = t.tty.and_then(console::window_size) {
+                    let _ = t.client.resize(&t.guest_id, t.exec_id.as_deref(), rows, cols);
+                }
+            }
+            Some(t) => {
+                if let Err(e) = t.client.signal(&t.guest_id, t.exec_id.as_deref(), sig) {
+                    log::debug!("forwarding signal {sig}: {e}");
+                }
+            }
+        }
+    });
+}
+
+/// Whether the descriptor `fd` is `/dev/null`.
+fn is_dev_null(fd: RawFd) -> bool {
+    // SAFETY: fstat fills the stat it is given.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some(st)
+    };
+    st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3))
+}
+
+/// A terminal for the process: a host pty whose master goes to `socket`
+/// and whose slave (raw, and this process's controlling terminal when it
+/// leads a session) is returned.
+fn terminal(socket: &Path) -> Result<File> {
+    let pty = console::open_pty().map_err(io("opening a pseudo-terminal"))?;
+    console::make_raw(pty.slave.as_raw_fd()).map_err(io("setting the terminal to raw mode"))?;
+    if let Err(e) = console::set_controlling(pty.slave.as_raw_fd()) {
+        log::debug!("the terminal is not our controlling terminal (no resize signals): {e}");
+    }
+    console::send_fd(socket, pty.master.as_raw_fd(), &pty.name)
+        .map_err(io(format!("sending the terminal to the console socket {}", socket.display())))?;
+    Ok(File::from(pty.slave))
+}
+
+fn copy_out(from: &mut impl Read, to: &mut impl Write) {
+    let mut buf = [0u8; 32 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+            break;
+        }
+    }
+}
+
+/// Pumps the process's streams: with `tty`, between it and the terminal;
+/// otherwise to this process's stdout and stderr, and from its stdin (when
+/// the process has a stdin stream). Returns the exit code.
+fn pump(process: &mut Process, tty: Option<File>) -> std::result::Result<i32, vmrun_agent_client::Error> {
+    let mut outputs = Vec::new();
+    let input = process.stdin.take();
+    match tty {
+        Some(term) => {
+            if let (Some(mut out), Ok(mut w)) = (process.stdout.take(), term.try_clone()) {
+                outputs.push(std::thread::spawn(move || copy_out(&mut out, &mut w)));
+            }
+            if let Some(mut input) = input {
+                let mut r = term;
+                std::thread::spawn(move || {
+                    copy_out(&mut r, &mut input);
+                    let _ = input.close();
+                });
+            }
+        }
+        None => {
+            if let Some(mut out) = process.stdout.take() {
+                outputs.push(std::thread::spawn(move || copy_out(&mut out, &mut std::io::stdout())));
+            }
+            if let Some(mut err) = process.stderr.take() {
+                outputs.push(std::thread::spawn(move || copy_out(&mut err, &mut std::io::stderr())));
+            }
+            if let Some(mut input) = input {
+                std::thread::spawn(move || {
+                    copy_out(&mut std::io::stdin(), &mut input);
+                    let _ = input.close();
+                });
+            }
+        }
+    }
+    let code = process.wait();
+    for t in outputs {
+        let _ = t.join();
+    }
+    code
+}
+
+/// The stdio mode for a process: its terminal's size, or pipes (stdin
+/// only when this process's stdin is not `/dev/null`).
+fn stdio_mode(tty: Option<&File>, terminal: bool) -> StdioMode {
+    match tty {
+        Some(t) => {
+            let (rows, cols) = console::window_size(t.as_raw_fd()).unwrap_or((24, 80));
+            StdioMode::Tty { rows, cols }
+        }
+        None if terminal => StdioMode::Tty { rows: 24, cols: 80 },
+        None => StdioMode::Piped { stdin: !is_dev_null(libc::STDIN_FILENO) },
+    }
+}
+
+/// The exit code a failed start gives: the agent's (126: cannot run, 127:
+/// not found), else [`FAILED`].
+fn failure_code(e: &Error) -> i32 {
+    match e {
+        Error::Agent(a) => a.exit_code().unwrap_or(FAILED),
+        _ => FAILED,
+    }
+}
+
+/// `vmrun-oci supervise ID`: owns the container's VM until its process
+/// ends; returns the exit status.
+pub fn supervise(root: &Root, id: &str) -> i32 {
+    let set = signals::block_forwarded();
+    let shared: Shared = Arc::new(Mutex::new(None));
+    forward_signals(set, Arc::clone(&shared));
+    let dir = match root.dir(id) {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("{e}");
+            return FAILED;
+        }
+    };
+    let mut state = match State::load(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("container {id}: cannot read its state: {e}");
+            return FAILED;
+        }
+    };
+    state.supervisor = ProcessRef::current();
+    if let Err(e) = state.save(&dir) {
+        log::error!("container {id}: cannot write its state: {e}");
+        return FAILED;
+    }
+    let result = run_container(&dir, &mut state, &shared);
+    if let Ok(mut t) = shared.lock() {
+        *t = None;
+    }
+    let code = match &result {
+        Ok(code) => *code,
+        Err(e) => {
+            log::error!("container {id}: {e}");
+            failure_code(e)
+        }
+    };
+    state.status = Status::Stopped;
+    state.exit_code = Some(code);
+    state.error = result.err().map(|e| e.to_string());
+    if let Err(e) = state.save(&dir) {
+        log::warn!("container {id}: cannot record its end: {e}");
+    }
+    code
+}
+
+fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> {
+    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
+        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
+    let plan = &sp.plan;
+    let tty = match (&sp.console_socket, plan.process.terminal) {
+        (Some(socket), true) => Some(terminal(socket)?),
+        _ => None,
+    };
+
+    let home = Home::from_env().map_err(io("the data directory"))?;
+    let artifacts = Artifacts::find(&home, None, None)?;
+    let layer_disk = vmrun_runtime::layer_disk::empty(&home.layer_disks())?;
+    // The disks the guest writes go where the VMM may write.
+    let disk_dir = state.vm_dir.join("vm");
+    std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
+    let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
+    vmrun_runtime::volume::make_dir_image(&plan.rootfs, &rootfs_disk, "rootfs", "vmrun-rootfs", crate::bundle::MIN_ROOTFS_BYTES)?;
+    let mut disks = vec![rootfs_disk];
+    let mut mounts = plan.mounts.clone();
+    for (i, v) in plan.volumes.iter().enumerate() {
+        let path = disk_dir.join(format!("volume-{i}.disk"));
+        let volume = Volume { host: v.host.clone(), guest: v.guest.clone(), read_only: v.read_only };
+        volume.make_image(&path)?;
+        mounts.push(volume.mount(i + 1));
+        disks.push(path);
+    }
+    log::debug!("disks made");
+    let spec = VmSpec {
+        artifacts,
+        mem_mib: plan.mem_mib,
+        cpus: plan.cpus,
+        layer_disk,
+        volumes: disks,
+        tap: None,
+        dir: state.vm_dir.clone(),
+        vmm_exe: sp.vmm_exe.clone(),
+    };
+    let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| log::info!("{m}"))?;
+    let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
+    let client = vm.connect_agent(Duration::from_secs(120), Options::default())?;
+    log::debug!("VM {} restored, agent connected", vm.pid());
+    let config = ImageConfig {
+        entrypoint: Vec::new(),
+        cmd: plan.process.args.clone(),
+        env: plan.process.env.clone(),
+        working_dir: plan.process.cwd.clone(),
+        user: plan.process.user.clone(),
+        hostname: plan.hostname.clone(),
+        mounts,
+        rlimits: plan.process.rlimits.clone(),
+    };
+    client.create_container(&CreateContainer {
+        id: state.guest_id.clone(),
+        layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
+        rootfs: RootfsSpec::Mount {
+            source: "/dev/vdb".into(),
+            fstype: "ext4".into(),
+            // noinit_itable: no kernel thread zeroing the copy's inode
+            // tables in the background (guest kernel time, for a disk
+            // thrown away with the container).
+            options: if plan.readonly { "ro,noinit_itable".into() } else { "noinit_itable".into() },
+        },
+        config,
+        limits: UnpackLimits::default(),
+    })?;
+    state.status = Status::Created;
+    state.vmm = ProcessRef::of(vm.pid());
+    state.vsock = Some(vm.vsock.clone());
+    state.save(dir).map_err(io("writing the state"))?;
+    log::debug!("container {} created; waiting for start", state.id);
+
+    if let Some(sig) = wait_for_start(dir)? {
+        log::info!("signal {sig} before start: stopping");
+        return Ok(128 + sig);
+    }
+
+    log::debug!("starting the process");
+    let mut process = client.start(&state.guest_id, stdio_mode(tty.as_ref(), false))?;
+    log::debug!("process started (guest pid {})", process.pid);
+    if let Ok(mut t) = shared.lock() {
+        *t = Some(Target { client: client.clone(), guest_id: state.guest_id.clone(), exec_id: None, tty: tty.as_ref().map(AsRawFd::as_raw_fd) });
+    }
+    state.status = Status::Running;
+    state.save(dir).map_err(io("writing the state"))?;
+    let code = match pump(&mut process, tty) {
+        Ok(c) => c,
+        Err(e) => {
+            // Its VMM was killed (`delete --force`) or died: the container
+            // ends as if killed.
+            log::error!("lost the container's VM ({e}); its console is in {}", vm.console.display());
+            128 + libc::SIGKILL
+        }
+    };
+    log::debug!("process exited with {code}");
+    client.close();
+    // The guest has nothing to save (the root is a throw-away copy): the
+    // VM is killed, not shut down.
+    drop(vm);
+    log::debug!("VM stopped");
+    Ok(code)
+}
+
+/// Waits until `start` opens `exec.fifo` for reading, and tells it with a
+/// byte (as runc's init does); or until a signal asks to stop: returns it.
+fn wait_for_start(dir: &Path) -> Result<Option<i32>> {
+    WAITING.store(true, Ordering::SeqCst);
+    let path = dir.join(state::FIFO);
+    let result = loop {
+        let sig = STOP.load(Ordering::SeqCst);
+        if sig != 0 {
+            break Ok(Some(sig));
+        }
+        // Without a reader, a non-blocking open for writing fails (ENXIO).
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path) {
+            Ok(mut fifo) => break fifo.write_all(b"0").map(|()| None).map_err(io("writing exec.fifo")),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => break Err(io("opening exec.fifo")(e)),
+        }
+    };
+    WAITING.store(false, Ordering::SeqCst);
+    result
+}
+
+fn exec_record_path(dir: &Path, exec_id: &str) -> PathBuf {
+    dir.join(state::EXECS).join(format!("{exec_id}.json"))
+}
+
+/// The plan file of an exec'd process.
+pub fn exec_plan_path(dir: &Path, exec_id: &str) -> PathBuf {
+    dir.join(state::EXECS).join(format!("{exec_id}.plan.json"))
+}
+
+/// Writes an exec record.
+pub fn save_exec(dir: &Path, rec: &ExecRecord) -> std::io::Result<()> {
+    state::write_atomic(&exec_record_path(dir, &rec.exec_id), &serde_json::to_vec(rec).map_err(std::io::Error::other)?)
+}
+
+/// Reads an exec record.
+pub fn load_exec(dir: &Path, exec_id: &str) -> Option<ExecRecord> {
+    serde_json::from_slice(&std::fs::read(exec_record_path(dir, exec_id)).ok()?).ok()
+}
+
+/// `vmrun-oci exec-supervise ID EXEC_ID` (and `exec` in the foreground):
+/// runs the exec'd process to its end; returns its exit code.
+pub fn exec_supervise(root: &Root, id: &str, exec_id: &str) -> i32 {
+    let set = signals::block_forwarded();
+    let shared: Shared = Arc::new(Mutex::new(None));
+    forward_signals(set, Arc::clone(&shared));
+    let dir = match root.find(id) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            log::error!("{e}");
+            return FAILED;
+        }
+    };
+    let mut rec = ExecRecord { exec_id: exec_id.into(), supervisor: ProcessRef::current(), status: ExecStatus::Starting, exit_code: None, error: None };
+    let _ = save_exec(&dir, &rec);
+    let result = run_exec(root, id, &dir, &mut rec, &shared);
+    if let Ok(mut t) = shared.lock() {
+        *t = None;
+    }
+    let code = match &result {
+        Ok(c) => *c,
+        Err(e) => {
+            log::error!("exec in container {id}: {e}");
+            failure_code(e)
+        }
+    };
+    if rec.status != ExecStatus::Failed {
+        rec.status = ExecStatus::Exited;
+    }
+    rec.exit_code = Some(code);
+    if let Err(e) = &result {
+        rec.error = Some(e.to_string());
+    }
+    let _ = save_exec(&dir, &rec);
+    code
+}
+
+fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, shared: &Shared) -> Result<i32> {
+    let fail = |rec: &mut ExecRecord, e: Error| {
+        rec.status = ExecStatus::Failed;
+        e
+    };
+    let ep: ExecPlan = serde_json::from_slice(&std::fs::read(exec_plan_path(dir, &rec.exec_id)).map_err(io("reading the exec plan"))?)
+        .map_err(|e| Error::Bundle(format!("exec plan: {e}")))?;
+    let (_, st) = root.find(id)?;
+    if st.effective_status() != Status::Running {
+        return Err(fail(rec, Error::State(format!("cannot exec in container {id}: it is not running"))));
+    }
+    let tty = match (&ep.console_socket, ep.process.terminal) {
+        (Some(socket), true) => Some(terminal(socket).map_err(|e| fail(rec, e))?),
+        _ => None,
+    };
+    let client = Client::connect_hybrid_vsock(st.vsock(), AGENT_PORT, Options::default()).map_err(|e| fail(rec, e.into()))?;
+    let p = ExecProcess {
+        args: ep.process.args.clone(),
+        env: ep.process.env.clone(),
+        working_dir: Some(ep.process.cwd.clone()),
+        user: Some(ep.process.user.clone()),
+        mounts: Vec::new(),
+    };
+    let mut process =
+        client.exec(&st.guest_id, &rec.exec_id, &p, stdio_mode(tty.as_ref(), ep.process.terminal)).map_err(|e| fail(rec, e.into()))?;
+    if let Ok(mut t) = shared.lock() {
+        *t = Some(Target { client: client.clone(), guest_id: st.guest_id.clone(), exec_id: Some(rec.exec_id.clone()), tty: tty.as_ref().map(AsRawFd::as_raw_fd) });
+    }
+    rec.status = ExecStatus::Running;
+    let _ = save_exec(dir, rec);
+    let code = pump(&mut process, tty)?;
+    client.close();
+    Ok(code)
+}
