@@ -39,3 +39,22 @@ pub use progress::{NoProgress, Progress};
 pub use pull::{Credentials, PullOptions};
 pub use reference::{Reference, ReferenceError, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
+
+/// Entry points for the fuzz targets (`fuzz/`): the parsers of what a
+/// registry or an archive sends. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses a manifest or index, with and without a claimed media type.
+    pub fn manifest(bytes: &[u8]) {
+        let _ = crate::spec::parse_manifest(bytes, None);
+        let _ = crate::spec::parse_manifest(bytes, Some("application/vnd.oci.image.index.v1+json"));
+        let _ = crate::spec::parse_manifest(bytes, Some("application/vnd.docker.distribution.manifest.v2+json"));
+    }
+
+    /// Parses an image configuration and checks its platform.
+    pub fn config(bytes: &[u8]) {
+        if let Ok(c) = serde_json::from_slice::<crate::spec::ConfigFile>(bytes) {
+            let _ = crate::spec::check_config_platform(&c);
+        }
+    }
+}

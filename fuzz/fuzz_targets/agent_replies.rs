@@ -1,0 +1,28 @@
+//! The host's side of the agent protocol: everything a hostile guest agent
+//! can send (hello, responses, stream data, credits, ends of streams) to
+//! the client `vmrun run` uses.
+#![no_main]
+
+use std::io::Read;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use vmrun_agent_client::{Client, Options, StdioMode};
+
+fuzz_target!(|data: &[u8]| {
+    let opts = Options {
+        handshake_timeout: Duration::from_millis(50),
+        request_timeout: Duration::from_millis(20),
+        create_timeout: Duration::from_millis(20),
+    };
+    let Ok(client) = Client::handshake(std::io::Cursor::new(data.to_vec()), std::io::sink(), || {}, opts) else { return };
+    if let Ok(mut p) = client.start("c", StdioMode::Piped { stdin: true }) {
+        if let Some(mut out) = p.stdout.take() {
+            let mut buf = [0u8; 4096];
+            while matches!(out.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        let _ = p.wait();
+    }
+    let _ = client.ping();
+    client.close();
+});
