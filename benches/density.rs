@@ -104,6 +104,8 @@ fn main() {
             .arg(&template)
             .arg("--disk")
             .arg(&placeholder)
+            // The template's empty volume slots.
+            .args(["--disk", "/dev/null", "--disk", "/dev/null", "--disk", "/dev/null", "--disk", "/dev/null"])
             .arg("--vsock-uds")
             .arg(d.join("vsock.sock"))
             .arg("--console")

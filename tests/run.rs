@@ -2,10 +2,12 @@
 //! loopback and from an archive, containers in microVMs with their output,
 //! exit codes, standard input, environment, working directory and user.
 //!
-//! The first run builds the warm-start template (one boot); the others
-//! restore it. Needs the guest kernel (`VMRUN_TEST_KERNEL`, see
-//! `support/mod.rs`), the agent initramfs (`VMRUN_AGENT_INITRD`, else
-//! `rootfs/build.sh` builds it) and Debian's docker-registry.
+//! The tests share one data directory: the first run builds the warm-start
+//! template (one boot, under a lock), the others restore it. Needs the
+//! guest kernel (`VMRUN_TEST_KERNEL`, see `support/mod.rs`), the agent
+//! initramfs (`VMRUN_AGENT_INITRD`, else `rootfs/build.sh` builds it),
+//! Debian's docker-registry, and root for `--network tap` and the Debian
+//! image (debootstrap).
 
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
@@ -15,9 +17,11 @@ mod support;
 #[allow(dead_code)] // shared with the image store's tests, which use all of it
 mod registry;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
@@ -55,6 +59,12 @@ impl Vmrun {
     }
 }
 
+/// The data directory the tests share.
+fn shared() -> &'static Vmrun {
+    static V: OnceLock<Vmrun> = OnceLock::new();
+    V.get_or_init(|| Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: support::agent_initrd() })
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -75,7 +85,7 @@ fn assert_error(o: &Output, code: i32, needle: &str) {
 
 #[test]
 fn run_containers_from_a_registry_and_an_archive() {
-    let v = Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: support::agent_initrd() };
+    let v = shared();
     let images = support::busybox_image();
 
     // Pull from a real registry on loopback.
@@ -138,8 +148,202 @@ fn run_containers_from_a_registry_and_an_archive() {
     std::fs::write(&garbage, b"this is not a tar archive").unwrap();
     assert_error(&v.run(&["load", "-i", garbage.to_str().unwrap()]), 1, "garbage.tar");
 
-    // Nothing is left of the containers.
-    let left: Vec<_> = std::fs::read_dir(v.home.join("containers")).map(|d| d.flatten().collect()).unwrap_or_default();
-    assert!(left.is_empty(), "container directories left behind: {left:?}");
+    // Nothing is left of these containers (other tests' may run).
+    let left: Vec<_> = std::fs::read_dir(v.home.join("containers"))
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default();
+    let ours: Vec<_> = left
+        .iter()
+        .filter(|d| std::fs::read_to_string(d.join("state.json")).map_or(true, |s| s.contains(&reference)))
+        .collect();
+    assert!(ours.is_empty(), "container directories left behind: {ours:?}");
     assert!(Path::new(&v.home.join("templates")).is_dir());
+}
+
+/// The container's state file, as JSON.
+fn state(v: &Vmrun, id: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(v.home.join("containers").join(id).join("state.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Polls `f` until it returns true, up to `timeout`.
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn detached_containers_logs_exec_stop_and_volumes() {
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+
+    // run -d prints the id and returns while the container runs.
+    let o = v.run(&["run", "-d", "--name", "det", "busybox", "sh", "-c", "echo started; echo oops >&2; while true; do sleep 1; done"]);
+    assert_code(&o, 0);
+    let id = text(&o.stdout).trim().to_string();
+    assert!(id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()), "id: {id:?}");
+    let ps = text(&v.run(&["ps"]).stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("Up") && l.ends_with("det")), "{ps}");
+
+    // Its VMM is jailed (as root) and filtered: its own uid, no
+    // capabilities, its own mount namespace whose root holds none of the
+    // host's /etc, seccomp on.
+    if is_root() {
+        let outer = state(v, &id)["vmm"]["pid"].as_i64().unwrap();
+        let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap();
+        let jailed: i64 = children.split_whitespace().next().expect("the jailed VMM").parse().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string();
+        assert!(field("Uid:").parse::<u32>().unwrap() >= 10_000_000, "{status}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        assert_eq!(field("Seccomp:"), "2", "{status}");
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(ns(&jailed.to_string()), ns("self"));
+        assert!(!Path::new(&format!("/proc/{jailed}/root/etc/passwd")).exists(), "the jail shows the host's /etc");
+        assert!(Path::new(&format!("/proc/{jailed}/root/dev/kvm")).exists());
+    }
+
+    // Its output is in its log, each stream to its own.
+    eventually("the log shows the output", Duration::from_secs(120), || {
+        let o = v.run(&["logs", "det"]);
+        text(&o.stdout) == "started\n" && text(&o.stderr) == "oops\n"
+    });
+
+    // exec runs beside it, with its own exit code; by id prefix too.
+    let o = v.run(&["exec", "det", "sh", "-c", "echo $((6*7)) $(hostname); exit 4"]);
+    assert_code(&o, 4);
+    assert_eq!(text(&o.stdout), "42 det\n");
+    let o = v.run(&["exec", &id[..6], "cat", "/proc/1/cmdline"]);
+    assert_code(&o, 0);
+    assert!(text(&o.stdout).starts_with("sh\0-c\0echo started"), "{:?}", text(&o.stdout));
+    assert_error(&v.run(&["exec", "no-such-container", "true"]), 125, "no such container");
+
+    // A name is taken while its container exists.
+    assert_error(&v.run(&["run", "-d", "--name", "det", "busybox", "true"]), 125, "in use");
+
+    // stop: SIGTERM (which a shell as PID 1 ignores), then SIGKILL.
+    let o = v.run(&["stop", "-t", "2", "det"]);
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout), "det\n");
+    let s = state(v, &id);
+    assert_eq!((s["status"].as_str(), s["exit_code"].as_i64()), (Some("exited"), Some(137)), "{s}");
+    assert!(!text(&v.run(&["ps"]).stdout).contains(&id));
+    assert!(text(&v.run(&["ps", "-a"]).stdout).contains("Exited (137)"));
+    assert_error(&v.run(&["exec", "det", "true"]), 125, "not running");
+    // Logs outlive the process; rm removes everything.
+    assert_eq!(text(&v.run(&["logs", "det"]).stdout), "started\n");
+    assert_code(&v.run(&["rm", "det"]), 0);
+    assert!(!v.home.join("containers").join(&id).exists());
+    assert_error(&v.run(&["logs", "det"]), 1, "no such container");
+
+    // --rm with -d: gone once it exits.
+    let o = v.run(&["run", "-d", "--rm", "busybox", "sh", "-c", "exit 2"]);
+    assert_code(&o, 0);
+    let quick = text(&o.stdout).trim().to_string();
+    eventually("an exited --rm container is removed", Duration::from_secs(120), || !v.home.join("containers").join(&quick).exists());
+
+    // Volumes: a copy of a host directory, read-only or writable.
+    let data = support::scratch("volume-data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::write(data.join("sub/in.txt"), "from the host\n").unwrap();
+    let ro = format!("{}:/data:ro", data.display());
+    let o = v.run(&["run", "--rm", "-v", &ro, "busybox", "sh", "-c", "cat /data/sub/in.txt; echo x > /data/new"]);
+    assert_code(&o, 1);
+    assert_eq!(text(&o.stdout), "from the host\n");
+    assert!(text(&o.stderr).contains("Read-only file system"), "{}", text(&o.stderr));
+    let rw = format!("{}:/data", data.display());
+    let o = v.run(&["run", "--rm", "-v", &rw, "busybox", "sh", "-c", "echo written > /data/new && cat /data/new /data/sub/in.txt"]);
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout), "written\nfrom the host\n");
+    assert!(!data.join("new").exists(), "the host directory is never written");
+    assert_error(&v.run(&["run", "--rm", "-v", "relative:/data", "busybox", "true"]), 125, "absolute");
+    assert_error(&v.run(&["run", "--rm", "-p", "8080:80", "busybox", "true"]), 125, "--network tap");
+}
+
+/// An HTTP GET to 127.0.0.1:`port`, its response as text.
+fn http_get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn network_tap_publishes_ports_and_a_killed_vmm_is_cleaned_up() {
+    if !is_root() {
+        eprintln!("skipped: --network tap needs root");
+        return;
+    }
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    let port = closed_port();
+    let publish = format!("{port}:8080");
+    let script = "mkdir -p /www && echo served-from-the-guest > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let o = v.run(&["run", "-d", "--network", "tap", "-p", &publish, "busybox", "sh", "-c", script]);
+    assert_code(&o, 0);
+    let id = text(&o.stdout).trim().to_string();
+    let s = state(v, &id);
+    let tap = s["tap"].as_str().unwrap().to_string();
+    assert!(Path::new("/sys/class/net").join(&tap).exists(), "TAP device {tap}");
+
+    eventually("the published port answers", Duration::from_secs(180), || {
+        http_get(port).is_some_and(|r| r.contains("served-from-the-guest"))
+    });
+    let o = v.run(&["exec", &id, "ip", "-4", "addr", "show", "eth0"]);
+    assert!(text(&o.stdout).contains(s["ip"].as_str().unwrap()), "{}", text(&o.stdout));
+
+    // kill -9 of the VMM: the container shows as exited, rm cleans up.
+    let vmm = s["vmm"]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill of the VMM the state names.
+    unsafe { libc::kill(vmm, libc::SIGKILL) };
+    eventually("the container shows as exited", Duration::from_secs(60), || {
+        let ps = text(&v.run(&["ps", "-a"]).stdout);
+        ps.lines().any(|l| l.starts_with(&id) && l.contains("Exited"))
+    });
+    assert_code(&v.run(&["rm", &id]), 0);
+    assert!(!Path::new("/sys/class/net").join(&tap).exists(), "TAP device {tap} left behind");
+    assert!(!v.home.join("containers").join(&id).exists());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still published");
+    let cmdline = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap_or_default();
+    assert!(!cmdline.contains(&id), "the VMM still runs: {cmdline}");
+}
+
+#[test]
+fn two_images_restored_at_once_from_one_template() {
+    if !is_root() {
+        eprintln!("skipped: the Debian image needs root (debootstrap)");
+        return;
+    }
+    let v = shared();
+    let debian = support::debian_image();
+    assert_code(&v.run(&["load", "-i", debian.join("debian-oci.tar").to_str().unwrap()]), 0);
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    // The template first (a boot), so that both runs below restore it.
+    assert_code(&v.run(&["run", "--rm", "busybox", "true"]), 0);
+
+    // A real distribution's userland and busybox, side by side.
+    let deb = v
+        .cmd(&["run", "--rm", "debian:bookworm", "bash", "-c", "echo bash ${BASH_VERSINFO[0]}; perl -e 'print 6*7, qq(\\n)'; cat /etc/debian_version; exit 6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bb = v.cmd(&["run", "--rm", "busybox", "sh", "-c", "busybox | head -1; exit 9"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (deb, bb) = (deb.wait_with_output().unwrap(), bb.wait_with_output().unwrap());
+    assert_code(&deb, 6);
+    let out = text(&deb.stdout);
+    assert!(out.starts_with("bash 5\n42\n12."), "{out}");
+    assert_code(&bb, 9);
+    assert!(text(&bb.stdout).starts_with("BusyBox v1."), "{}", text(&bb.stdout));
 }

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod sandboxes;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -48,6 +50,12 @@ pub fn agent_initrd() -> PathBuf {
 /// The busybox test image's directory (OCI layout and archives).
 pub fn busybox_image() -> PathBuf {
     script_path("tests/images/make-busybox-image.sh")
+}
+
+/// The Debian test image's directory (`debootstrap --variant=minbase`,
+/// built once by `tests/images/make-debian-image.sh` and cached).
+pub fn debian_image() -> PathBuf {
+    script_path("tests/images/make-debian-image.sh")
 }
 
 /// A scratch file path private to this process.

@@ -1,0 +1,64 @@
+//! The leak test at scale: `STRESS_IN_A_ROW` sandboxes (default 100) started
+//! and removed one after another, then `STRESS_AT_ONCE` (default 20) at
+//! once with TAP networks; prints the time of each part, the VMM's resident
+//! memory over the sequence (it must stay flat), and what is left behind
+//! (it must be nothing).
+//!
+//! `cargo bench -p vmrun --bench stress` (root: TAP devices).
+
+#![allow(clippy::unwrap_used)] // a benchmark: any failure aborts it
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Instant;
+
+use support::sandboxes::{Leftovers, Sandboxes};
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (in_a_row, at_once) = (env("STRESS_IN_A_ROW", 100), env("STRESS_AT_ONCE", 20));
+    let s = Sandboxes::new(env!("CARGO_BIN_EXE_vmrun"), "stress-home");
+    eprintln!("warming up (templates)...");
+    s.warm_up();
+    let before = Leftovers::now(&s.home);
+
+    let t = Instant::now();
+    let mut rss = Vec::new();
+    for i in 0..in_a_row {
+        let id = s.detached(&["busybox", "sh", "-c", "echo up; sleep 100000"], false);
+        let o = s.ok(&["exec", &id, "echo", "alive"]);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "alive\n");
+        rss.push(rss_kib(s.vmm_pid(&id)));
+        s.ok(&["rm", "-f", &id]);
+        if (i + 1) % 10 == 0 {
+            eprintln!("{} in a row...", i + 1);
+        }
+    }
+    let row_secs = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    s.at_once(at_once, true);
+    let once_secs = t.elapsed().as_secs_f64();
+    let after = Leftovers::now(&s.home);
+
+    println!("stress: sandboxes started, used (exec) and removed\n");
+    println!("{in_a_row} in a row:           {row_secs:>8.1} s ({:.2} s each)", row_secs / in_a_row.max(1) as f64);
+    println!("{at_once} at once (TAP):      {once_secs:>8.1} s");
+    let n = rss.len().clamp(1, 5);
+    let avg = |v: &[u64]| v.iter().sum::<u64>() / v.len().max(1) as u64;
+    println!("VMM RSS, first {n} runs: {:>8} KiB on average", avg(&rss[..n.min(rss.len())]));
+    println!("VMM RSS, last {n} runs:  {:>8} KiB on average", avg(&rss[rss.len().saturating_sub(n)..]));
+    let same = before == after;
+    println!("leftovers: {}", if same { "none".to_string() } else { format!("{:?} -> {:?}", before, after) });
+    assert!(same, "sandboxes left something behind");
+}
