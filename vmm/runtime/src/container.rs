@@ -128,6 +128,29 @@ pub fn now() -> u64 {
 }
 
 impl State {
+    /// A container just created: no owner, VM, exit or network yet.
+    pub fn new(id: &str, name: &str, image: &str, command: &str) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            image: image.into(),
+            command: command.into(),
+            created: now(),
+            status: Status::Created,
+            owner: None,
+            vmm: None,
+            guest_id: String::new(),
+            tty: false,
+            exit_code: None,
+            finished: None,
+            error: None,
+            auto_remove: false,
+            tap: None,
+            ip: None,
+            ports: Vec::new(),
+        }
+    }
+
     /// Reads `dir/state.json`.
     pub fn load(dir: &Path) -> std::io::Result<Self> {
         let text = std::fs::read(dir.join(STATE_FILE))?;
@@ -362,25 +385,7 @@ mod tests {
     use super::*;
 
     fn state(id: &str, name: &str, created: u64) -> State {
-        State {
-            id: id.into(),
-            name: name.into(),
-            image: "busybox".into(),
-            command: "sh".into(),
-            created,
-            status: Status::Running,
-            owner: ProcessRef::current(),
-            vmm: None,
-            guest_id: "c".into(),
-            tty: false,
-            exit_code: None,
-            finished: None,
-            error: None,
-            auto_remove: false,
-            tap: None,
-            ip: None,
-            ports: Vec::new(),
-        }
+        State { created, status: Status::Running, owner: ProcessRef::current(), ..State::new(id, name, "busybox", "sh") }
     }
 
     #[test]

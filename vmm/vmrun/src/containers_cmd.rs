@@ -59,31 +59,9 @@ pub fn ps(all: bool, quiet: bool) -> Result<i32> {
 }
 
 fn ago(now: u64, then: u64) -> String {
-    let s = State { created: then, ..placeholder() };
+    let s = State { created: then, status: Status::Running, owner: ProcessRef::current(), ..State::new("", "", "", "") };
     // `describe` of a running container says "Up <duration>".
     s.describe(now).trim_start_matches("Up ").to_string()
-}
-
-fn placeholder() -> State {
-    State {
-        id: String::new(),
-        name: String::new(),
-        image: String::new(),
-        command: String::new(),
-        created: 0,
-        status: Status::Running,
-        owner: ProcessRef::current(),
-        vmm: None,
-        guest_id: String::new(),
-        tty: false,
-        exit_code: None,
-        finished: None,
-        error: None,
-        auto_remove: false,
-        tap: None,
-        ip: None,
-        ports: Vec::new(),
-    }
 }
 
 /// `vmrun logs [-f] CONTAINER`.

@@ -271,23 +271,11 @@ fn new_container(home: &Home, args: &RunArgs, image: &vmrun_images::Image) -> Re
         args.entrypoint.iter().cloned().chain(args.command.iter().cloned()).collect()
     };
     let state = State {
-        id: id.clone(),
-        name,
-        image: args.image.clone(),
-        command: command.join(" "),
-        created: container::now(),
-        status: Status::Created,
         owner: if args.detach { None } else { ProcessRef::current() },
-        vmm: None,
-        guest_id: String::new(),
         tty: args.tty,
-        exit_code: None,
-        finished: None,
-        error: None,
         auto_remove: args.rm || !args.detach,
-        tap: None,
-        ip: None,
         ports: args.publish.clone(),
+        ..State::new(&id, &name, &args.image, &command.join(" "))
     };
     let dir = home.containers().join(&id);
     std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
@@ -359,23 +347,9 @@ fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
 
 fn unreachable_state(dir: &Path) -> State {
     State::load(dir).unwrap_or_else(|_| State {
-        id: String::new(),
-        name: String::new(),
-        image: String::new(),
-        command: String::new(),
-        created: 0,
         status: Status::Exited,
-        owner: None,
-        vmm: None,
-        guest_id: String::new(),
-        tty: false,
-        exit_code: None,
-        finished: None,
         error: Some("the container's state is gone".into()),
-        auto_remove: true,
-        tap: None,
-        ip: None,
-        ports: Vec::new(),
+        ..State::new("", "", "", "")
     })
 }
 
