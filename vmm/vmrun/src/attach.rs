@@ -3,6 +3,8 @@
 //! detached), input from it, signals and window size changes forwarded.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmrun_agent_client::{Client, Process, StdioMode};
@@ -186,4 +188,104 @@ pub fn forward_signals(set: libc::sigset_t, client: Client, id: String, exec_id:
             return;
         }
     });
+}
+
+/// Signals of a whole run, from its start. Before the container's process
+/// runs, SIGINT, SIGTERM, SIGHUP or SIGQUIT end the run: the VMM (if there
+/// is one yet) is killed, so that whatever waits on it returns, and the run
+/// reports [`Signals::caught`]; with no VMM yet, the container's directory
+/// is removed and vmrun exits at once. Once the process runs, they are
+/// forwarded to it (and SIGWINCH becomes a resize).
+#[derive(Clone)]
+pub struct Signals(Arc<SignalState>);
+
+struct SignalState {
+    caught: AtomicI32,
+    vmm: AtomicU32,
+    dir: Mutex<Option<PathBuf>>,
+    target: Mutex<Option<(Client, String, bool)>>,
+}
+
+impl Signals {
+    /// Blocks the signals (call before any other thread starts) and starts
+    /// the thread that takes them. `dir` is removed if a signal comes
+    /// before any VMM.
+    pub fn start(dir: Option<PathBuf>) -> Self {
+        let set = block_forwarded_signals();
+        let s = Self(Arc::new(SignalState {
+            caught: AtomicI32::new(0),
+            vmm: AtomicU32::new(0),
+            dir: Mutex::new(dir),
+            target: Mutex::new(None),
+        }));
+        let me = s.clone();
+        std::thread::spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            me.take(sig);
+        });
+        s
+    }
+
+    fn take(&self, sig: i32) {
+        let target = self.0.target.lock().ok().and_then(|t| t.clone());
+        if let Some((client, id, tty)) = target {
+            let _ = if sig == libc::SIGWINCH {
+                match (tty, window_size()) {
+                    (true, Some((rows, cols))) => client.resize(&id, None, rows, cols),
+                    _ => Ok(()),
+                }
+            } else {
+                client.signal(&id, None, sig)
+            };
+            return;
+        }
+        if sig == libc::SIGWINCH {
+            return;
+        }
+        self.0.caught.store(sig, Ordering::SeqCst);
+        match self.0.vmm.load(Ordering::SeqCst) {
+            0 => {
+                if let Some(dir) = self.0.dir.lock().ok().and_then(|d| d.clone()) {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                std::process::exit(128 + sig);
+            }
+            // SAFETY: kill of our own child, the VMM.
+            pid => unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            },
+        }
+    }
+
+    /// The container's directory, removed by a signal before any VMM.
+    pub fn set_dir(&self, dir: &std::path::Path) {
+        if let Ok(mut d) = self.0.dir.lock() {
+            *d = Some(dir.to_path_buf());
+        }
+    }
+
+    /// The VMM now running: a signal from here on kills it.
+    pub fn set_vmm(&self, pid: u32) {
+        self.0.vmm.store(pid, Ordering::SeqCst);
+        if self.caught().is_some() {
+            // SAFETY: kill of our own child, the VMM.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    /// Signals go to the container's process `id` from now on.
+    pub fn forward_to(&self, client: Client, id: String, tty: bool) {
+        if let Ok(mut t) = self.0.target.lock() {
+            *t = Some((client, id, tty));
+        }
+    }
+
+    /// The signal that ended the run before its process ran, if any.
+    pub fn caught(&self) -> Option<i32> {
+        Some(self.0.caught.load(Ordering::SeqCst)).filter(|s| *s != 0)
+    }
 }

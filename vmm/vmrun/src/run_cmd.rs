@@ -34,7 +34,7 @@ use vmrun_runtime::template::PREPARED_ID;
 use vmrun_runtime::vm::{VmProcess, VmSpec};
 use vmrun_runtime::volume::Volume;
 
-use crate::attach::{self, Sink};
+use crate::attach::{self, Signals, Sink};
 use crate::images_cmd;
 
 /// `vmrun run`'s flags, as docker spells them.
@@ -239,7 +239,7 @@ fn apply_overrides(config: &mut ImageConfig, o: &ExecProcess) {
 
 /// `vmrun run`: returns its exit code.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let signals = attach::block_forwarded_signals();
+    let signals = Signals::start(None);
     check(&args)?;
     let home = Home::from_env()?;
     let image = image(&home, &args.image)?;
@@ -248,9 +248,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.detach {
         return detach(&home, &args, &dir);
     }
-    let result = run_container(&home, &args, &dir, state, &Sink::Terminal, Some(signals));
+    signals.set_dir(&dir);
+    let result = run_container(&home, &args, &dir, state, &Sink::Terminal, &signals);
     remove_container_dir(&dir);
-    result
+    interrupted(result, &signals)
+}
+
+/// A run ended by a signal before its process ran exits 128+N, quietly.
+fn interrupted(result: Result<i32>, signals: &Signals) -> Result<i32> {
+    match (result, signals.caught()) {
+        (Err(_), Some(sig)) => Ok(128 + sig),
+        (r, _) => r,
+    }
 }
 
 /// Makes the container's directory and first state, under a lock so that
@@ -356,7 +365,7 @@ fn unreachable_state(dir: &Path) -> State {
 /// `vmrun supervise DIR`: owns a detached container's VM until its process
 /// ends, writing its output to the container's log.
 pub fn supervise(dir: &Path) -> Result<i32> {
-    let signals = attach::block_forwarded_signals();
+    let signals = Signals::start(Some(dir.to_path_buf()));
     let args: RunArgs = serde_json::from_slice(&std::fs::read(dir.join(RUN_FILE))?).context("reading the run options")?;
     let mut state = State::load(dir)?;
     state.owner = ProcessRef::current();
@@ -365,7 +374,7 @@ pub fn supervise(dir: &Path) -> Result<i32> {
     // The terminal's size is not known here; a fixed one serves `-t`.
     let log = LogWriter::open(&dir.join(container::LOG_FILE), LOG_LIMIT)?;
     let sink = Sink::Log(Arc::new(Mutex::new(log)));
-    let result = run_container(&home, &args, dir, state, &sink, Some(signals));
+    let result = interrupted(run_container(&home, &args, dir, state, &sink, &signals), &signals);
     if let Err(e) = &result {
         eprintln!("vmrun: error: {e:#}");
     }
@@ -446,8 +455,8 @@ fn set_up_network(home: &Home, dir: &Path, state: &mut State) -> Result<Link> {
 
 /// Runs the container in `dir` (state `state`) to its end; returns its
 /// exit code. The state is kept up to date.
-fn run_container(home: &Home, args: &RunArgs, dir: &Path, mut state: State, sink: &Sink, signals: Option<libc::sigset_t>) -> Result<i32> {
-    let result = run_container_inner(home, args, dir, &mut state, sink, signals);
+fn run_container(home: &Home, args: &RunArgs, dir: &Path, mut state: State, sink: &Sink, signals: &Signals) -> Result<i32> {
+    let result = interrupted(run_container_inner(home, args, dir, &mut state, sink, signals), signals);
     finish(dir, &mut state, &result);
     result
 }
@@ -458,7 +467,7 @@ fn run_container_inner(
     dir: &Path,
     state: &mut State,
     sink: &Sink,
-    signals: Option<libc::sigset_t>,
+    signals: &Signals,
 ) -> Result<i32> {
     let mut phases = Phases(std::time::Instant::now());
     let checked = check(args)?;
@@ -525,6 +534,7 @@ fn run_container_inner(
     // creation, so named containers are never prepared.
     let (mut vm, client, guest_id, prepared) = if args.cold {
         let mut vm = spec.boot()?;
+        signals.set_vmm(vm.pid());
         phases.mark("VM start");
         let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
         phases.mark("guest to agent ready");
@@ -537,12 +547,14 @@ fn run_container_inner(
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             let mut vm = vmrun_runtime::template::restore(&prepared_dir, &spec)?;
+            signals.set_vmm(vm.pid());
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready (image unpacked in the template)");
             (vm, client, PREPARED_ID.to_string(), true)
         } else {
             let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
+            signals.set_vmm(vm.pid());
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready");
@@ -590,9 +602,7 @@ fn run_container_inner(
     state.vmm = ProcessRef::of(vm.pid());
     state.guest_id = guest_id.clone();
     state.save(dir)?;
-    if let Some(set) = signals {
-        attach::forward_signals(set, client.clone(), guest_id.clone(), None, tty);
-    }
+    signals.forward_to(client.clone(), guest_id.clone(), tty);
     let code = attach::pump(&mut process, sink, terminal && (args.interactive || tty), tty && terminal);
     phases.mark("process run");
     let code = match code {
