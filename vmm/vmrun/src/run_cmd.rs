@@ -386,9 +386,10 @@ pub fn supervise(dir: &Path) -> Result<i32> {
 }
 
 /// How long the agent may take: unpacking a large image where guest kernel
-/// mode is emulated takes many minutes (the user can always interrupt).
-fn agent_options() -> Options {
-    Options { create_timeout: Duration::from_secs(4 * 3600), ..Options::default() }
+/// mode is emulated takes many minutes, and starting a process minutes when
+/// many such guests share the CPUs (the user can always interrupt).
+pub fn agent_options() -> Options {
+    Options { create_timeout: Duration::from_secs(4 * 3600), request_timeout: Duration::from_secs(900), ..Options::default() }
 }
 
 /// The most bytes a detached container's log keeps.
