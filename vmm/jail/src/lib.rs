@@ -26,6 +26,8 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use vmrun_devices::virtio::net::tap::Tap;
+
 /// Where jail roots are made (an empty directory each, a tmpfs mounted on
 /// it in the VMM's own mount namespace only).
 pub const JAIL_BASE: &str = "/run/vmrun-jail";
@@ -258,31 +260,8 @@ fn bind(root: &Path, path: &Path, writable: bool) -> Result<(), Error> {
 /// Makes the persistent TAP device `name` usable by `id` without
 /// privileges.
 fn give_tap(name: &str, id: u32) -> Result<(), Error> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-    const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
-    const IFF_TAP: libc::c_short = 0x0002;
-    const IFF_NO_PI: libc::c_short = 0x1000;
-    const IFF_VNET_HDR: libc::c_short = 0x4000;
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(Error::Sys { what: format!("TAP device name {name:?}"), source: std::io::ErrorKind::InvalidInput.into() });
-    }
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(sys("open /dev/net/tun"))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
-    // SAFETY: ifreq is a plain C struct; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    // SAFETY: TUNSETIFF reads and writes the ifreq; TUNSETOWNER/GROUP take
-    // an integer argument.
-    unsafe {
-        check(libc::ioctl(fd, TUNSETIFF as _, &mut req), format!("attach TAP {name}"))?;
-        check(libc::ioctl(fd, TUNSETOWNER as _, libc::c_ulong::from(id)), format!("TUNSETOWNER {name}"))?;
-        check(libc::ioctl(fd, TUNSETGROUP as _, libc::c_ulong::from(id)), format!("TUNSETGROUP {name}"))?;
-    }
-    Ok(())
+    let tap = Tap::open(name).map_err(|e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) })?;
+    tap.set_owner(id, id).map_err(|e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) })
 }
 
 /// Gives `dir` and what is in it (not following symbolic links) to `id`.

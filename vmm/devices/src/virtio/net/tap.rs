@@ -13,6 +13,8 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
 /// Offload flags for `TUNSETOFFLOAD`.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -75,6 +77,18 @@ impl Tap {
             return Err(Error::Ioctl { what: "TUNSETVNETHDRSZ", source: std::io::Error::last_os_error() });
         }
         Ok(Self { file, name: name.to_string() })
+    }
+
+    /// Lets `uid` and `gid` attach to this (persistent) TAP device without
+    /// privileges, e.g. a jailed VMM.
+    pub fn set_owner(&self, uid: u32, gid: u32) -> Result<(), Error> {
+        for (what, req, id) in [("TUNSETOWNER", TUNSETOWNER, uid), ("TUNSETGROUP", TUNSETGROUP, gid)] {
+            // SAFETY: TUNSETOWNER and TUNSETGROUP take an integer argument.
+            if unsafe { libc::ioctl(self.file.as_raw_fd(), req as _, libc::c_ulong::from(id)) } < 0 {
+                return Err(Error::Ioctl { what, source: std::io::Error::last_os_error() });
+            }
+        }
+        Ok(())
     }
 
     /// Tells the host kernel which offloads the guest accepts in frames it
