@@ -119,7 +119,7 @@ impl Jail {
         let pid = std::process::id();
         let id = uid_for(pid);
         for d in &self.writable {
-            chown_tree(d, id)?;
+            chown_tree(d, id).map_err(sys(format!("chown {}", d.display())))?;
         }
         let cgroup = match self.limits {
             Some(l) => Some(Cgroup::create(&format!("vmrun-{pid}"), l)?),
@@ -264,13 +264,13 @@ fn give_tap(name: &str, id: u32) -> Result<(), Error> {
     tap.set_owner(id, id).map_err(|e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) })
 }
 
-/// Gives `dir` and what is in it (not following symbolic links) to `id`.
-fn chown_tree(dir: &Path, id: u32) -> Result<(), Error> {
-    std::os::unix::fs::lchown(dir, Some(id), Some(id)).map_err(sys(format!("chown {}", dir.display())))?;
-    if std::fs::symlink_metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
-        for e in std::fs::read_dir(dir).map_err(sys(format!("read {}", dir.display())))? {
-            let e = e.map_err(sys(format!("read {}", dir.display())))?;
-            chown_tree(&e.path(), id)?;
+/// Gives `dir` and what is in it (not following symbolic links) to `id`
+/// (uid and gid).
+pub fn chown_tree(dir: &Path, id: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(id), Some(id))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            chown_tree(&e?.path(), id)?;
         }
     }
     Ok(())

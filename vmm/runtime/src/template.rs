@@ -96,13 +96,7 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<Path
 /// Gives a snapshot a (jailed) VMM wrote to root, so that no later VMM
 /// running as the same uid could change a template others restore.
 fn own_by_root(dir: &Path) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
-    if std::fs::symlink_metadata(dir)?.is_dir() {
-        for e in std::fs::read_dir(dir)? {
-            own_by_root(&e?.path())?;
-        }
-    }
-    Ok(())
+    vmrun_jail::chown_tree(dir, 0)
 }
 
 /// Boots the template VM and snapshots it; returns the snapshot's
