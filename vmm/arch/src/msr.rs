@@ -7,6 +7,8 @@ pub const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// The LAPIC timer's deadline in TSC-deadline mode.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_STAR: u32 = 0xc000_0081;

@@ -18,7 +18,7 @@ use crate::seccomp;
 use crate::vm::ExitReason;
 use vmrun_arch::gdt::{self, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use vmrun_arch::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, ZERO_PAGE_START};
-use vmrun_arch::msr::{self, EFER_LMA, EFER_LME, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
+use vmrun_arch::msr::{self, EFER_LMA, EFER_LME, MSR_IA32_TSC_DEADLINE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
 use vmrun_arch::{cpuid, paging};
 use vmrun_devices::Bus;
 
@@ -234,6 +234,15 @@ pub struct VcpuShared {
     pub start: Arc<StartGate>,
 }
 
+/// A snapshot's MSRs as KVM_SET_MSRS entries, the TSC deadline last (after
+/// the TSC it is measured against).
+fn msrs_in_restore_order(msrs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
+    let mut entries: Vec<kvm_msr_entry> =
+        msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    entries.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
+    entries
+}
+
 /// A configured vCPU.
 pub struct Vcpu {
     pub id: u8,
@@ -440,8 +449,13 @@ impl Vcpu {
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| Error::Config(format!("snapshot CPUID: {e:?}")))?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         self.fd.set_sregs(&state.sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
-        let entries: Vec<kvm_msr_entry> =
-            state.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        // The LAPIC before the MSRs, and the TSC before the timer's
+        // deadline: KVM drops a TSC deadline written while the LAPIC timer
+        // is not in TSC-deadline mode, and reads it against the guest's TSC.
+        // A tickless guest whose deadline was lost would sleep until some
+        // other interrupt came.
+        self.fd.set_lapic(&state.lapic).map_err(Error::kvm("KVM_SET_LAPIC"))?;
+        let entries = msrs_in_restore_order(&state.msrs);
         let mut rest: &[kvm_msr_entry] = &entries;
         while !rest.is_empty() {
             let msrs = Msrs::from_entries(rest).map_err(|e| Error::Config(format!("snapshot MSRs: {e:?}")))?;
@@ -458,7 +472,6 @@ impl Vcpu {
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(Error::kvm("KVM_SET_XSAVE"))?;
         self.fd.set_xcrs(&state.xcrs).map_err(Error::kvm("KVM_SET_XCRS"))?;
         self.fd.set_debug_regs(&state.debugregs).map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
-        self.fd.set_lapic(&state.lapic).map_err(Error::kvm("KVM_SET_LAPIC"))?;
         self.fd.set_mp_state(state.mp_state).map_err(Error::kvm("KVM_SET_MP_STATE"))?;
         self.fd.set_vcpu_events(&state.events).map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))?;
         self.guest_lstar = state.guest_lstar;
@@ -641,6 +654,15 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tsc_deadline_is_restored_after_the_tsc() {
+        use vmrun_arch::msr::MSR_IA32_TSC;
+        let saved = [(MSR_IA32_TSC_DEADLINE, 7), (0x1a0, 1), (MSR_IA32_TSC, 5), (MSR_LSTAR, 9)];
+        let order: Vec<u32> = msrs_in_restore_order(&saved).iter().map(|e| e.index).collect();
+        assert_eq!(order, [0x1a0, MSR_IA32_TSC, MSR_LSTAR, MSR_IA32_TSC_DEADLINE]);
+        assert_eq!(msrs_in_restore_order(&saved).last().map(|e| e.data), Some(7));
+    }
 
     #[test]
     fn the_start_gate_waits_for_every_vcpu_and_holds_them_until_opened() {
