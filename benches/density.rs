@@ -1,8 +1,9 @@
-//! Memory density: N idle VMs whose agent waits for work, restored from the
+//! Density: N idle VMs whose agent waits for work, restored from the
 //! warm-start template, against N cold-booted ones. Prints each group's
 //! resident memory (RSS) and proportional share (PSS: pages shared between
 //! VMs, such as the template's memory file mapped copy-on-write, are split
-//! between them).
+//! between them), and the host CPU the idle VMs take (an idle guest should
+//! take none: where its kernel is emulated, every timer tick is costly).
 //!
 //! `cargo bench -p vmrun --bench density`; `DENSITY_VMS` (default 10).
 //! The cold group boots N guests at once: minutes where guest kernel mode
@@ -31,6 +32,16 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
+/// CPU time of process `pid` (all its threads) in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
 /// Waits until the agent behind `uds` answers a vsock CONNECT.
 fn wait_agent(uds: &Path, timeout: Duration) {
     let start = Instant::now();
@@ -43,7 +54,17 @@ fn wait_agent(uds: &Path, timeout: Duration) {
     panic!("no agent behind {} after {timeout:?}", uds.display());
 }
 
-fn group(name: &str, n: usize, dir: &Path, spawn: &dyn Fn(&Path) -> Command) -> (u64, u64, f64) {
+/// What a group of idle VMs took: RSS and PSS in KiB (all VMs), seconds
+/// until every agent answered, and host CPU per VM while idle (percent of
+/// one CPU).
+struct Group {
+    rss: u64,
+    pss: u64,
+    ready: f64,
+    idle_cpu: f64,
+}
+
+fn group(name: &str, n: usize, dir: &Path, spawn: &dyn Fn(&Path) -> Command) -> Group {
     let t = Instant::now();
     let vms: Vec<(support::Reaped, PathBuf)> = (0..n)
         .map(|i| {
@@ -64,7 +85,14 @@ fn group(name: &str, n: usize, dir: &Path, spawn: &dyn Fn(&Path) -> Command) -> 
         rss += r;
         pss += p;
     }
-    (rss, pss, ready)
+    let idle = Duration::from_secs(10);
+    let before: u64 = vms.iter().map(|(vm, _)| cpu_ticks(vm.id())).sum();
+    std::thread::sleep(idle);
+    let after: u64 = vms.iter().map(|(vm, _)| cpu_ticks(vm.id())).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_cpu = (after - before) as f64 / hz / idle.as_secs_f64() / n.max(1) as f64 * 100.0;
+    Group { rss, pss, ready, idle_cpu }
 }
 
 fn main() {
@@ -112,13 +140,7 @@ fn main() {
             .arg(d.join("console.log"));
         c
     });
-    println!(
-        "restored: {:>8} KiB RSS, {:>8} KiB PSS in all ({:>6} KiB PSS per VM), agents ready after {:.1} s",
-        restored.0,
-        restored.1,
-        restored.1 / n as u64,
-        restored.2
-    );
+    report("restored", &restored, n);
     let cold = group("cold", n, &dir, &|d| {
         let mut c = Command::new(VMRUN);
         c.args(["boot", "--memory", "512", "--cmdline", "console=ttyS0 reboot=k panic=1 quiet vmrun.port=1024"])
@@ -134,11 +156,17 @@ fn main() {
             .arg(d.join("console.log"));
         c
     });
+    report("cold", &cold, n);
+}
+
+fn report(name: &str, g: &Group, n: usize) {
     println!(
-        "cold:     {:>8} KiB RSS, {:>8} KiB PSS in all ({:>6} KiB PSS per VM), agents ready after {:.1} s",
-        cold.0,
-        cold.1,
-        cold.1 / n as u64,
-        cold.2
+        "{:<9} {:>8} KiB RSS, {:>8} KiB PSS in all ({:>6} KiB PSS per VM), agents ready after {:.1} s, idle: {:.1}% of a host CPU per VM",
+        format!("{name}:"),
+        g.rss,
+        g.pss,
+        g.pss / n.max(1) as u64,
+        g.ready,
+        g.idle_cpu
     );
 }

@@ -49,6 +49,11 @@ fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
     }
 }
 
+/// How the VMM boots a template's guest, beyond its spec: bumped when that
+/// changes, so that templates booted the older way are not restored
+/// (2: the guest's TSC frequency on the command line of emulating hosts).
+const BOOT_REVISION: u32 = 2;
+
 impl TemplateKey {
     /// The key of a VM made as `spec` describes (the layer disk aside).
     pub fn of(spec: &VmSpec) -> std::io::Result<Self> {
@@ -56,7 +61,8 @@ impl TemplateKey {
         h = hash_file(h, &spec.artifacts.kernel)?;
         h = hash_file(h, &spec.artifacts.agent_initrd)?;
         let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
-        h = fnv(h, format!("{} {} {} {} {slots}", spec.mem_mib, spec.cpus, spec.cmdline(), env!("CARGO_PKG_VERSION")).as_bytes());
+        let version = format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION"));
+        h = fnv(h, format!("{} {} {} {version} {slots}", spec.mem_mib, spec.cpus, spec.cmdline()).as_bytes());
         Ok(Self { hash: format!("{h:016x}") })
     }
 }

@@ -276,6 +276,11 @@ impl Vcpu {
         Ok(Self { id, fd, guest_lstar: 0 })
     }
 
+    /// The guest's TSC frequency in kHz, if KVM tells it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok().filter(|k| *k > 0)
+    }
+
     /// Sets the boot state of vCPU `id` of `count`. vCPU 0 starts at `entry`
     /// in 64-bit mode; the others wait for the guest to start them.
     pub fn configure(&self, cpuid_template: &CpuId, mem: &GuestMemoryMmap, count: u8, entry: u64) -> Result<()> {

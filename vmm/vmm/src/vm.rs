@@ -140,9 +140,9 @@ fn console_output(console: &ConsoleOutput, limit: Option<u64>) -> Result<Box<dyn
 
 /// The full kernel command line: the user's, then what the VMM needs (its
 /// devices, the compatibility layer's feature masks).
-pub fn full_cmdline(config: &VmConfig, compat: &HostCompat, devices: &str) -> String {
+pub fn full_cmdline(config: &VmConfig, compat: &HostCompat, tsc_khz: Option<u32>, devices: &str) -> String {
     let mut c = config.cmdline.trim().to_string();
-    for extra in [compat.cmdline().unwrap_or(""), devices] {
+    for extra in [&compat.cmdline(tsc_khz).unwrap_or_default(), devices] {
         if !extra.is_empty() {
             c.push(' ');
             c.push_str(extra);
@@ -297,11 +297,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
     for (kind, device) in cold_devices(config)? {
         virtio.attach(&vm, &mem, &mut mmio, kind, device, None)?;
     }
-    let cmdline = full_cmdline(config, &compat, &virtio.cmdline());
-    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
-    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
-    mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
-
     let cpuid = supported_cpuid(&kvm)?;
     let vcpus = (0..config.vcpus)
         .map(|id| {
@@ -310,6 +305,12 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
             Ok(v)
         })
         .collect::<Result<Vec<_>>>()?;
+
+    let tsc_khz = vcpus.first().and_then(Vcpu::tsc_khz);
+    let cmdline = full_cmdline(config, &compat, tsc_khz, &virtio.cmdline());
+    let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
+    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
+    mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
 
     let timeline = Timeline::new(start);
     timeline.update(|r| {
@@ -715,10 +716,12 @@ mod tests {
         c.cmdline = " console=ttyS0 ".into();
         let on = HostCompat::detect(crate::config::HostCompatMode::On);
         let off = HostCompat::detect(crate::config::HostCompatMode::Off);
-        assert_eq!(full_cmdline(&c, &off, ""), "console=ttyS0");
-        assert!(full_cmdline(&c, &on, "").starts_with("console=ttyS0 noxsave "));
+        assert_eq!(full_cmdline(&c, &off, Some(2_000_000), ""), "console=ttyS0");
+        assert!(full_cmdline(&c, &on, None, "").starts_with("console=ttyS0 noxsave "));
+        assert!(!full_cmdline(&c, &on, None, "").contains("tsc"));
+        assert!(full_cmdline(&c, &on, Some(2_000_000), "").ends_with(" tsc_early_khz=2000000 tsc=reliable"));
         assert_eq!(
-            full_cmdline(&c, &off, "virtio_mmio.device=4K@0xd0001000:5"),
+            full_cmdline(&c, &off, None, "virtio_mmio.device=4K@0xd0001000:5"),
             "console=ttyS0 virtio_mmio.device=4K@0xd0001000:5"
         );
     }

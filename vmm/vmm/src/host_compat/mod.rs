@@ -68,9 +68,22 @@ impl HostCompat {
         self.enabled
     }
 
-    /// What to append to the kernel command line.
-    pub fn cmdline(&self) -> Option<&'static str> {
-        self.enabled.then_some(CMDLINE)
+    /// What to append to the kernel command line. `tsc_khz` is the guest's
+    /// TSC frequency (KVM's): with `nopv` there is no kvm-clock, and this
+    /// host offers no PIT or HPET to calibrate the TSC against, so without
+    /// it the guest falls back to the jiffies clocksource, on which it cannot
+    /// stop its tick when idle; an idle guest then takes 100 timer
+    /// interrupts a second, each one emulated (about an eighth of a host
+    /// CPU per idle VM). Given the frequency, it keeps the TSC and idles
+    /// tickless. `tsc=reliable`: no other clock is there to watch it with.
+    pub fn cmdline(&self, tsc_khz: Option<u32>) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        Some(match tsc_khz {
+            Some(khz) if khz > 0 => format!("{CMDLINE} tsc_early_khz={khz} tsc=reliable"),
+            _ => CMDLINE.to_string(),
+        })
     }
 
     /// VM-wide setup: route the guest's accesses to `LSTAR` to the VMM.
@@ -115,8 +128,11 @@ mod tests {
 
     #[test]
     fn cmdline_only_when_enabled() {
-        assert_eq!(HostCompat::decide(HostCompatMode::Off, true).cmdline(), None);
-        let c = HostCompat::decide(HostCompatMode::On, false).cmdline().unwrap();
+        assert_eq!(HostCompat::decide(HostCompatMode::Off, true).cmdline(Some(2_000_000)), None);
+        let c = HostCompat::decide(HostCompatMode::On, false).cmdline(None).unwrap();
         assert!(c.contains("noxsave") && c.contains("clearcpuid=141,"));
+        assert!(!c.contains("tsc"));
+        let c = HostCompat::decide(HostCompatMode::On, false).cmdline(Some(2_000_000)).unwrap();
+        assert!(c.ends_with(" tsc_early_khz=2000000 tsc=reliable"), "{c}");
     }
 }
