@@ -2,7 +2,8 @@
 //! and removed one after another, then `STRESS_AT_ONCE` (default 20) at
 //! once with TAP networks; prints the time of each part, the VMM's resident
 //! memory over the sequence (it must stay flat), and what is left behind
-//! (it must be nothing).
+//! (it must be nothing: processes, TAP devices, mounts, cgroups, sockets,
+//! files in the data directory, open file descriptors).
 //!
 //! `cargo bench -p vmrun --bench stress` (root: TAP devices).
 
@@ -50,20 +51,20 @@ fn main() {
         }
     }
     let row_secs = t.elapsed().as_secs_f64();
+    // Printed at once: the part at once may still fail.
+    println!("stress: sandboxes started, used (exec) and removed\n");
+    println!("{in_a_row} in a row:           {row_secs:>8.1} s ({:.2} s each)", row_secs / in_a_row.max(1) as f64);
+    let n = rss.len().clamp(1, 5);
+    let avg = |v: &[u64]| v.iter().sum::<u64>() / v.len().max(1) as u64;
+    println!("VMM RSS, first {n} runs: {:>8} KiB on average", avg(&rss[..n.min(rss.len())]));
+    println!("VMM RSS, last {n} runs:  {:>8} KiB on average", avg(&rss[rss.len().saturating_sub(n)..]));
 
     let t = Instant::now();
     s.at_once(at_once, true);
     let once_secs = t.elapsed().as_secs_f64();
     let after = Leftovers::now(&s.home);
-
-    println!("stress: sandboxes started, used (exec) and removed\n");
-    println!("{in_a_row} in a row:           {row_secs:>8.1} s ({:.2} s each)", row_secs / in_a_row.max(1) as f64);
     println!("{at_once} at once (TAP):      {once_secs:>8.1} s");
-    let n = rss.len().clamp(1, 5);
-    let avg = |v: &[u64]| v.iter().sum::<u64>() / v.len().max(1) as u64;
-    println!("VMM RSS, first {n} runs: {:>8} KiB on average", avg(&rss[..n.min(rss.len())]));
-    println!("VMM RSS, last {n} runs:  {:>8} KiB on average", avg(&rss[rss.len().saturating_sub(n)..]));
     let same = before == after;
-    println!("leftovers: {}", if same { "none".to_string() } else { format!("{:?} -> {:?}", before, after) });
+    println!("leftovers: {}", if same { "none".to_string() } else { format!("\n{}", before.changes(&after)) });
     assert!(same, "sandboxes left something behind");
 }

@@ -1,7 +1,8 @@
 //! Nothing leaks: sandboxes started and removed one after another and
-//! several at once, with networks, and a VMM killed with SIGKILL, leave no
-//! process, TAP device, mount, file in the data directory or socket behind;
-//! a full disk during a load leaves the image store as it was.
+//! several at once, with networks, a VMM killed with SIGKILL, and a run
+//! interrupted while its template VM boots, leave no process, TAP device,
+//! mount, cgroup, file in the data directory, socket or open descriptor
+//! behind; a full disk during a load leaves the image store as it was.
 //!
 //! A small scale for CI; `cargo bench -p vmrun --bench stress` runs the
 //! same checks at 100 in a row and 20 at once. Needs root (TAP devices,
@@ -13,6 +14,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::sandboxes::{Leftovers, Sandboxes};
@@ -22,13 +24,23 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// One test at a time: the leak checks count the host's mounts, cgroups
+/// and this process's descriptors, which the other test changes.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn sandboxes_leave_nothing_behind() {
     if !is_root() {
         eprintln!("skipped: needs root for TAP devices");
         return;
     }
+    let _one = one_at_a_time();
     let s = Sandboxes::new(env!("CARGO_BIN_EXE_vmrun"), "leaks-home");
+    s.load_busybox();
+    a_signal_during_a_template_build_leaves_nothing(&s);
     // The templates (a boot each) are made first: they are meant to stay.
     s.warm_up();
     let before = Leftovers::now(&s.home);
@@ -51,7 +63,32 @@ fn sandboxes_leave_nothing_behind() {
     s.ok(&["run", "--rm", "busybox", "true"]);
 
     let after = Leftovers::now(&s.home);
-    assert_eq!(before, after, "leftovers after the runs");
+    assert!(before == after, "leftovers after the runs:\n{}", before.changes(&after));
+}
+
+/// SIGINT to a `vmrun run` while its template VM boots: the run exits 130,
+/// and the build leaves no work directory, VMM, jail cgroup or container.
+fn a_signal_during_a_template_build_leaves_nothing(s: &Sandboxes) {
+    let before = Leftovers::now(&s.home);
+    let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
+    let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while !Leftovers::now(&s.home).processes.contains_key("vmrun boot") {
+        assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
+        assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Time for the jail to be in place (its cgroup made) before the signal.
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = Leftovers::now(&s.home);
+    let builds: Vec<_> = after.files.iter().filter(|f| f.contains(".build-")).collect();
+    assert!(builds.is_empty(), "the template build's work directory is left: {builds:?}");
+    let kept = |l: &Leftovers| (l.processes.clone(), l.taps.clone(), l.mounts, l.containers.clone(), l.sockets, l.cgroups.clone());
+    assert!(kept(&before) == kept(&after), "an interrupted template build left:\n{}", before.changes(&after));
 }
 
 #[test]
@@ -60,6 +97,7 @@ fn a_full_disk_during_a_load_leaves_the_store_consistent() {
         eprintln!("skipped: needs root to mount a small tmpfs");
         return;
     }
+    let _one = one_at_a_time();
     let dir = support::scratch("full-disk");
     std::fs::create_dir_all(&dir).unwrap();
     let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&dir).status().unwrap();

@@ -30,6 +30,10 @@ pub struct Leftovers {
     pub containers: Vec<String>,
     /// Sockets under the data directory.
     pub sockets: usize,
+    /// Every other path under the data directory, relative to it.
+    pub files: Vec<String>,
+    /// File descriptors open in this process (the one driving `vmrun`).
+    pub fds: usize,
     /// Cgroups named `vmrun*` under /sys/fs/cgroup (any hierarchy).
     pub cgroups: Vec<String>,
 }
@@ -76,7 +80,16 @@ impl Leftovers {
         containers.sort();
         let mut all = Vec::new();
         walk(home, &mut all);
-        let sockets = all.iter().filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())).count();
+        let is_socket = |p: &PathBuf| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+        let sockets = all.iter().filter(|p| is_socket(p)).count();
+        let mut files: Vec<String> = all
+            .iter()
+            .filter(|p| !is_socket(p))
+            .filter_map(|p| p.strip_prefix(home).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        files.sort();
+        let fds = std::fs::read_dir("/proc/self/fd").into_iter().flatten().count();
         let mut cgroups = Vec::new();
         for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
             for d in [h.path(), h.path().join("vmrun")] {
@@ -89,7 +102,29 @@ impl Leftovers {
             }
         }
         cgroups.sort();
-        Self { processes, taps, mounts, containers, sockets, cgroups }
+        Self { processes, taps, mounts, containers, sockets, files, fds, cgroups }
+    }
+
+    /// What `later` has that `self` had not (or lacks), a line per kind;
+    /// empty when they are the same.
+    pub fn changes(&self, later: &Self) -> String {
+        let mut out = String::new();
+        let mut kind = |name: &str, before: String, after: String| {
+            if before != after {
+                out.push_str(&format!("{name}: {before} -> {after}\n"));
+            }
+        };
+        kind("processes", format!("{:?}", self.processes), format!("{:?}", later.processes));
+        kind("taps", format!("{:?}", self.taps), format!("{:?}", later.taps));
+        kind("mounts", self.mounts.to_string(), later.mounts.to_string());
+        kind("containers", format!("{:?}", self.containers), format!("{:?}", later.containers));
+        kind("sockets", self.sockets.to_string(), later.sockets.to_string());
+        let added: Vec<_> = later.files.iter().filter(|f| !self.files.contains(f)).collect();
+        let removed: Vec<_> = self.files.iter().filter(|f| !later.files.contains(f)).collect();
+        kind("files", format!("removed {removed:?}"), format!("added {added:?}"));
+        kind("fds", self.fds.to_string(), later.fds.to_string());
+        kind("cgroups", format!("{:?}", self.cgroups), format!("{:?}", later.cgroups));
+        out
     }
 }
 
@@ -117,11 +152,16 @@ impl Sandboxes {
         o
     }
 
+    /// Loads the busybox image.
+    pub fn load_busybox(&self) {
+        let archive = super::busybox_image().join("busybox-oci.tar");
+        self.ok(&["load", "-i", &archive.to_string_lossy()]);
+    }
+
     /// Loads the busybox image and makes the templates (a boot each, the
     /// network one too): they stay, and are not leftovers.
     pub fn warm_up(&self) {
-        let archive = super::busybox_image().join("busybox-oci.tar");
-        self.ok(&["load", "-i", &archive.to_string_lossy()]);
+        self.load_busybox();
         self.ok(&["run", "--rm", "busybox", "true"]);
         self.ok(&["run", "--rm", "--network", "tap", "busybox", "true"]);
     }

@@ -23,7 +23,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,14 +79,29 @@ type Shared = Arc<Mutex<Option<Target>>>;
 /// Set while the supervisor waits for `start`: a signal then stops it the
 /// orderly way (the VM is stopped and cleaned up), through [`STOP`].
 static WAITING: AtomicBool = AtomicBool::new(false);
-/// The signal that ended the wait for `start`.
+/// The signal that ended the wait for `start`, or the preparation of the
+/// VM.
 static STOP: AtomicI32 = AtomicI32::new(0);
+/// The VMM (a template's while one is built) while the VM is prepared: a
+/// signal then kills it, and the preparation fails and cleans up after
+/// itself (its jail's cgroup, a template's work directory).
+static PREPARING_VMM: AtomicU32 = AtomicU32::new(0);
+
+/// The VMM being prepared now (`None`: none).
+fn preparing_vmm(pid: Option<u32>) {
+    let pid = pid.unwrap_or(0);
+    PREPARING_VMM.store(pid, Ordering::SeqCst);
+    if pid != 0 && STOP.load(Ordering::SeqCst) != 0 {
+        // SAFETY: kill of our own child, the VMM.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
 
 /// Forwards the signals in `set` (blocked by [`signals::block_forwarded`])
 /// to the process once it runs. Before that, a signal ends the supervisor
 /// as its default action would (`kill` of a created container): while it
-/// waits for `start`, through [`STOP`]; while it prepares the VM, at once
-/// (the VMM dies with it).
+/// waits for `start`, through [`STOP`]; while it prepares the VM, by
+/// killing the VMM ([`PREPARING_VMM`]), or at once when there is none.
 fn forward_signals(set: libc::sigset_t, shared: Shared) {
     std::thread::spawn(move || loop {
         let Some(sig) = signals::wait(&set) else { return };
@@ -96,7 +111,14 @@ fn forward_signals(set: libc::sigset_t, shared: Shared) {
             None if WAITING.load(Ordering::SeqCst) => STOP.store(sig, Ordering::SeqCst),
             None => {
                 log::info!("signal {sig} before the process started: ending");
-                std::process::exit(128 + sig);
+                STOP.store(sig, Ordering::SeqCst);
+                match PREPARING_VMM.load(Ordering::SeqCst) {
+                    0 => std::process::exit(128 + sig),
+                    // SAFETY: kill of our own child, the VMM.
+                    pid => unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    },
+                }
             }
             Some(t) if sig == libc::SIGWINCH => {
                 if let Some((rows, cols)) = t.tty.and_then(console::window_size) {
@@ -237,8 +259,10 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
     if let Ok(mut t) = shared.lock() {
         *t = None;
     }
+    let stopped = STOP.load(Ordering::SeqCst);
     let code = match &result {
         Ok(code) => *code,
+        Err(_) if stopped != 0 => 128 + stopped,
         Err(e) => {
             log::error!("container {id}: {e}");
             failure_code(e)
@@ -290,8 +314,9 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
         dir: state.vm_dir.clone(),
         vmm_exe: sp.vmm_exe.clone(),
     };
-    let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| log::info!("{m}"))?;
+    let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| log::info!("{m}"), &preparing_vmm)?;
     let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
+    preparing_vmm(Some(vm.pid()));
     let client = vm.connect_agent(Duration::from_secs(120), Options::default())?;
     log::debug!("VM {} restored, agent connected", vm.pid());
     let config = ImageConfig {
@@ -335,6 +360,8 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
     if let Ok(mut t) = shared.lock() {
         *t = Some(Target { client: client.clone(), guest_id: state.guest_id.clone(), exec_id: None, tty: tty.as_ref().map(AsRawFd::as_raw_fd) });
     }
+    // Signals go to the process now; the VMM is no longer killed for them.
+    preparing_vmm(None);
     state.status = Status::Running;
     state.save(dir).map_err(io("writing the state"))?;
     let code = match pump(&mut process, tty) {

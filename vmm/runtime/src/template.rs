@@ -69,7 +69,10 @@ impl TemplateKey {
 
 /// The template for `spec` under `dir`, built if missing (a boot: minutes
 /// on hosts that emulate guest kernel mode). Returns its directory.
-pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<PathBuf> {
+/// `vmm` is told the template VMM's pid while one runs (`None` once it has
+/// ended): a caller that kills it (on a signal) makes the build fail and
+/// clean up after itself.
+pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(Option<u32>)) -> Result<PathBuf> {
     let key = TemplateKey::of(spec)?;
     let path = dir.join(&key.hash);
     if path.join("vmstate.json").is_file() {
@@ -84,7 +87,7 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str)) -> Result<Path
     let work = dir.join(format!("{}.build-{}", key.hash, std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = build(&work, spec);
+    let result = build(&work, spec, vmm);
     match result {
         Ok(snapshot) => {
             own_by_root(&snapshot)?;
@@ -107,7 +110,7 @@ fn own_by_root(dir: &Path) -> std::io::Result<()> {
 
 /// Boots the template VM and snapshots it; returns the snapshot's
 /// directory (in the VM's own directory: a jailed VMM writes nowhere else).
-fn build(work: &Path, spec: &VmSpec) -> Result<PathBuf> {
+fn build(work: &Path, spec: &VmSpec, vmm: &dyn Fn(Option<u32>)) -> Result<PathBuf> {
     // The disk slot gets a placeholder; each run puts its image there.
     let placeholder = work.join("placeholder.disk");
     File::create(&placeholder)?.set_len(4096)?;
@@ -115,6 +118,17 @@ fn build(work: &Path, spec: &VmSpec) -> Result<PathBuf> {
     // the container that needs the template first.
     let template_spec = VmSpec { layer_disk: placeholder, volumes: Vec::new(), dir: work.join("vm"), ..spec.clone() };
     let mut vm: VmProcess = template_spec.boot()?;
+    vmm(Some(vm.pid()));
+    let result = snapshot_booted(&mut vm, spec);
+    // It has ended (or is killed on drop): its pid is no longer ours to
+    // signal.
+    vmm(None);
+    drop(vm);
+    result
+}
+
+/// Waits for the template VM's agent, then snapshots the VM and stops it.
+fn snapshot_booted(vm: &mut VmProcess, spec: &VmSpec) -> Result<PathBuf> {
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;
     client.close();

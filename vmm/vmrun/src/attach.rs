@@ -268,10 +268,12 @@ impl Signals {
         }
     }
 
-    /// The VMM now running: a signal from here on kills it.
-    pub fn set_vmm(&self, pid: u32) {
+    /// The VMM now running (`None`: none runs): a signal from here on
+    /// kills it.
+    pub fn set_vmm(&self, pid: impl Into<Option<u32>>) {
+        let pid = pid.into().unwrap_or(0);
         self.0.vmm.store(pid, Ordering::SeqCst);
-        if self.caught().is_some() {
+        if pid != 0 && self.caught().is_some() {
             // SAFETY: kill of our own child, the VMM.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }

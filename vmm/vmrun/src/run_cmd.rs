@@ -543,7 +543,8 @@ fn run_container_inner(
         phases.mark("unpack");
         (vm, client, state.id.clone(), false)
     } else {
-        let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"))?;
+        let base =
+            vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), &|pid| signals.set_vmm(pid))?;
         let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
