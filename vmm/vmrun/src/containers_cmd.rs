@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use vmrun_agent_client::{Client, Options};
+use vmrun_agent_client::Client;
 use vmrun_agent_protocol::ExecProcess;
 use vmrun_runtime::container::{self, LogReader, ProcessRef, State, Status, Stream};
 use vmrun_runtime::home::Home;
@@ -133,7 +133,9 @@ fn connect(key: &str) -> Result<(State, Client)> {
     if state.effective_status() != Status::Running {
         bail!("container {} is not running", state.name);
     }
-    let client = Client::connect_hybrid_vsock(dir.join("vm").join("vsock.sock"), AGENT_PORT, Options::default())
+    // The same patience as `vmrun run`: a process starts slowly where many
+    // guests with emulated kernels share the CPUs.
+    let client = Client::connect_hybrid_vsock(dir.join("vm").join("vsock.sock"), AGENT_PORT, crate::run_cmd::agent_options())
         .with_context(|| format!("cannot reach the agent of container {}", state.name))?;
     Ok((state, client))
 }
