@@ -227,6 +227,15 @@ fn detached_containers_logs_exec_stop_and_volumes() {
     assert!(text(&o.stdout).starts_with("sh\0-c\0echo started"), "{:?}", text(&o.stdout));
     assert_error(&v.run(&["exec", "no-such-container", "true"]), 125, "no such container");
 
+    // SIGINT to `vmrun exec` or to `vmrun run` reaches the process in the
+    // guest: its trap answers, and its exit code comes back.
+    let trap = "trap 'echo trapped; exit 7' INT; echo ready; while true; do sleep 1; done";
+    for args in [&["exec", "det", "sh", "-c", trap][..], &["run", "--rm", "busybox", "sh", "-c", trap]] {
+        let o = interrupted_when_ready(v, args);
+        assert_code(&o, 7);
+        assert_eq!(text(&o.stdout), "ready\ntrapped\n", "{args:?}");
+    }
+
     // A name is taken while its container exists.
     assert_error(&v.run(&["run", "-d", "--name", "det", "busybox", "true"]), 125, "in use");
 
@@ -267,6 +276,23 @@ fn detached_containers_logs_exec_stop_and_volumes() {
     assert!(!data.join("new").exists(), "the host directory is never written");
     assert_error(&v.run(&["run", "--rm", "-v", "relative:/data", "busybox", "true"]), 125, "absolute");
     assert_error(&v.run(&["run", "--rm", "-p", "8080:80", "busybox", "true"]), 125, "--network tap");
+}
+
+/// Runs `vmrun args`, sends it SIGINT once its process printed "ready",
+/// and returns what it gave.
+fn interrupted_when_ready(v: &Vmrun, args: &[&str]) -> Output {
+    let mut child = v.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    stdout.read_exact(&mut ready).unwrap();
+    assert_eq!(&ready, b"ready\n", "{args:?}");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let mut o = child.wait_with_output().unwrap();
+    o.stdout = [&ready[..], &rest].concat();
+    o
 }
 
 /// An HTTP GET to 127.0.0.1:`port`, its response as text.

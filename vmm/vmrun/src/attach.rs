@@ -32,8 +32,8 @@ pub fn stdio_mode(tty: bool, interactive: bool) -> StdioMode {
 
 /// Blocks the signals that are forwarded to the container in this thread
 /// and those it starts later; call before starting threads. Returns the set
-/// for [`forward_signals`].
-pub fn block_forwarded_signals() -> libc::sigset_t {
+/// for `sigwait`.
+fn block_forwarded_signals() -> libc::sigset_t {
     // SAFETY: builds a signal set and blocks it for this thread (threads
     // started later inherit the mask).
     unsafe {
@@ -162,48 +162,32 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to a process of the
-/// container (its own with `exec_id: None`), and SIGWINCH as a terminal
-/// resize, from a thread that waits for the signals in `set` (blocked by
-/// [`block_forwarded_signals`]).
-pub fn forward_signals(set: libc::sigset_t, client: Client, id: String, exec_id: Option<String>, tty: bool) {
-    std::thread::spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            return;
-        }
-        let result = if sig == libc::SIGWINCH {
-            if !tty {
-                continue;
-            }
-            match window_size() {
-                Some((rows, cols)) => client.resize(&id, exec_id.as_deref(), rows, cols),
-                None => continue,
-            }
-        } else {
-            client.signal(&id, exec_id.as_deref(), sig)
-        };
-        if result.is_err() {
-            return;
-        }
-    });
-}
-
-/// Signals of a whole run, from its start. Before the container's process
-/// runs, SIGINT, SIGTERM, SIGHUP or SIGQUIT end the run: the VMM (if there
-/// is one yet) is killed, so that whatever waits on it returns, and the run
-/// reports [`Signals::caught`]; with no VMM yet, the container's directory
-/// is removed and vmrun exits at once. Once the process runs, they are
-/// forwarded to it (and SIGWINCH becomes a resize).
+/// Signals of a whole run (or exec), from its start. Before the container's
+/// process runs, SIGINT, SIGTERM, SIGHUP or SIGQUIT end the run: the VMM
+/// (if there is one yet) is killed, so that whatever waits on it returns,
+/// and the run reports [`Signals::caught`]; with no VMM yet, the
+/// container's directory (if any) is removed and vmrun exits at once. Once
+/// the process runs, they are forwarded to it (and SIGWINCH becomes a
+/// resize).
 #[derive(Clone)]
 pub struct Signals(Arc<SignalState>);
+
+/// The process signals are forwarded to.
+#[derive(Clone)]
+struct Target {
+    client: Client,
+    /// The container.
+    id: String,
+    /// The exec'd process, or `None` for the container's own.
+    exec_id: Option<String>,
+    tty: bool,
+}
 
 struct SignalState {
     caught: AtomicI32,
     vmm: AtomicU32,
     dir: Mutex<Option<PathBuf>>,
-    target: Mutex<Option<(Client, String, bool)>>,
+    target: Mutex<Option<Target>>,
 }
 
 impl Signals {
@@ -232,14 +216,14 @@ impl Signals {
 
     fn take(&self, sig: i32) {
         let target = self.0.target.lock().ok().and_then(|t| t.clone());
-        if let Some((client, id, tty)) = target {
+        if let Some(t) = target {
             let _ = if sig == libc::SIGWINCH {
-                match (tty, window_size()) {
-                    (true, Some((rows, cols))) => client.resize(&id, None, rows, cols),
+                match (t.tty, window_size()) {
+                    (true, Some((rows, cols))) => t.client.resize(&t.id, t.exec_id.as_deref(), rows, cols),
                     _ => Ok(()),
                 }
             } else {
-                client.signal(&id, None, sig)
+                t.client.signal(&t.id, t.exec_id.as_deref(), sig)
             };
             return;
         }
@@ -279,10 +263,11 @@ impl Signals {
         }
     }
 
-    /// Signals go to the container's process `id` from now on.
-    pub fn forward_to(&self, client: Client, id: String, tty: bool) {
+    /// Signals go to the process of container `id` from now on: the
+    /// exec'd process `exec_id`, or the container's own.
+    pub fn forward_to(&self, client: Client, id: String, exec_id: Option<String>, tty: bool) {
         if let Ok(mut t) = self.0.target.lock() {
-            *t = Some((client, id, tty));
+            *t = Some(Target { client, id, exec_id, tty });
         }
     }
 

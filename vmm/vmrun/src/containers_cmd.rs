@@ -12,7 +12,8 @@ use vmrun_runtime::container::{self, LogReader, ProcessRef, State, Status, Strea
 use vmrun_runtime::home::Home;
 use vmrun_runtime::vm::AGENT_PORT;
 
-use crate::attach::{self, Sink};
+use crate::attach::{self, Signals, Sink};
+use crate::run_cmd::ProcessFlags;
 
 /// `vmrun ps`.
 pub fn ps(all: bool, quiet: bool) -> Result<i32> {
@@ -104,21 +105,8 @@ pub fn logs(key: &str, follow: bool) -> Result<i32> {
 #[derive(Args, Debug)]
 #[command(trailing_var_arg = true)]
 pub struct ExecArgs {
-    /// Keep standard input open and pass it to the process.
-    #[arg(short, long)]
-    pub interactive: bool,
-    /// Give the process a terminal.
-    #[arg(short, long)]
-    pub tty: bool,
-    /// Set an environment variable.
-    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    /// Working directory.
-    #[arg(short = 'w', long = "workdir")]
-    pub workdir: Option<String>,
-    /// User (name or uid, optionally :group or :gid).
-    #[arg(short = 'u', long)]
-    pub user: Option<String>,
+    #[command(flatten)]
+    pub process: ProcessFlags,
     /// The container.
     pub container: String,
     /// The command and its arguments.
@@ -142,18 +130,18 @@ fn connect(key: &str) -> Result<(State, Client)> {
 
 /// `vmrun exec`: returns the process's exit code.
 pub fn exec(args: ExecArgs) -> Result<i32> {
-    let signals = attach::block_forwarded_signals();
+    let signals = Signals::start(None);
     let (state, client) = connect(&args.container)?;
     let exec_id = format!("exec-{}", container::new_id());
     let process = ExecProcess {
         args: args.command.clone(),
-        env: args.env.iter().map(|e| crate::run_cmd::expand_env(e)).collect(),
-        working_dir: args.workdir.clone(),
-        user: args.user.clone(),
+        env: args.process.env.iter().map(|e| crate::run_cmd::expand_env(e)).collect(),
+        working_dir: args.process.workdir.clone(),
+        user: args.process.user.clone(),
         mounts: Vec::new(),
     };
-    let tty = args.tty && attach::is_tty(libc::STDIN_FILENO);
-    let mut p = match client.exec(&state.guest_id, &exec_id, &process, attach::stdio_mode(tty, args.interactive)) {
+    let tty = args.process.tty && attach::is_tty(libc::STDIN_FILENO);
+    let mut p = match client.exec(&state.guest_id, &exec_id, &process, attach::stdio_mode(tty, args.process.interactive)) {
         Ok(p) => p,
         Err(e) => {
             if let Some(code) = e.exit_code() {
@@ -163,8 +151,8 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
             return Err(e.into());
         }
     };
-    attach::forward_signals(signals, client.clone(), state.guest_id.clone(), Some(exec_id), tty);
-    let code = attach::pump(&mut p, &Sink::Terminal, args.interactive || tty, tty)?;
+    signals.forward_to(client.clone(), state.guest_id.clone(), Some(exec_id), tty);
+    let code = attach::pump(&mut p, &Sink::Terminal, args.process.interactive || tty, tty)?;
     client.close();
     Ok(code)
 }

@@ -48,24 +48,12 @@ pub struct RunArgs {
     /// Run in the background and print the container's id.
     #[arg(short = 'd', long)]
     pub detach: bool,
-    /// Keep standard input open and pass it to the container.
-    #[arg(short, long)]
-    pub interactive: bool,
-    /// Give the container a terminal.
-    #[arg(short, long)]
-    pub tty: bool,
-    /// Set an environment variable (KEY=VALUE, or KEY to take it from here).
-    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub process: ProcessFlags,
     /// Read environment variables from a file (KEY=VALUE lines).
     #[arg(long = "env-file", value_name = "FILE")]
     pub env_file: Vec<PathBuf>,
-    /// Working directory inside the container.
-    #[arg(short = 'w', long = "workdir")]
-    pub workdir: Option<String>,
-    /// User (name or uid, optionally :group or :gid).
-    #[arg(short = 'u', long)]
-    pub user: Option<String>,
     /// Override the image's entrypoint.
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -104,6 +92,27 @@ pub struct RunArgs {
     pub image: String,
     /// The command and its arguments (default: the image's).
     pub command: Vec<String>,
+}
+
+/// The process flags `vmrun run` and `vmrun exec` share, as docker spells
+/// them.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessFlags {
+    /// Keep standard input open and pass it to the process.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (KEY=VALUE, or KEY to take it from here).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    /// User (name or uid, optionally :group or :gid).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
 }
 
 /// The options of a run, checked before anything starts.
@@ -152,7 +161,7 @@ fn env_entries(args: &RunArgs) -> Result<Vec<String>> {
             out.push(expand_env(line));
         }
     }
-    out.extend(args.env.iter().map(|e| expand_env(e)));
+    out.extend(args.process.env.iter().map(|e| expand_env(e)));
     Ok(out)
 }
 
@@ -215,8 +224,8 @@ fn process_overrides(args: &RunArgs, image: &ImageConfig, volumes: &[Volume]) ->
     Ok(ExecProcess {
         args: if changed { entrypoint.into_iter().chain(cmd).collect() } else { Vec::new() },
         env: env_entries(args)?,
-        working_dir: args.workdir.clone(),
-        user: args.user.clone(),
+        working_dir: args.process.workdir.clone(),
+        user: args.process.user.clone(),
         mounts: volumes.iter().enumerate().map(|(slot, v)| v.mount(slot)).collect(),
     })
 }
@@ -281,7 +290,7 @@ fn new_container(home: &Home, args: &RunArgs, image: &vmrun_images::Image) -> Re
     };
     let state = State {
         owner: if args.detach { None } else { ProcessRef::current() },
-        tty: args.tty,
+        tty: args.process.tty,
         auto_remove: args.rm || !args.detach,
         ports: args.publish.clone(),
         ..State::new(&id, &name, &args.image, &command.join(" "))
@@ -582,8 +591,8 @@ fn run_container_inner(
     }
 
     let terminal = matches!(sink, Sink::Terminal);
-    let tty = args.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
-    let mode = if terminal { attach::stdio_mode(tty, args.interactive) } else { stdio_detached(tty) };
+    let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
+    let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
     let started = if prepared { client.start_with(&guest_id, mode, Some(&overrides)) } else { client.start(&guest_id, mode) };
     let mut process = match started {
         Ok(p) => p,
@@ -604,8 +613,8 @@ fn run_container_inner(
     state.vmm = ProcessRef::of(vm.pid());
     state.guest_id = guest_id.clone();
     state.save(dir)?;
-    signals.forward_to(client.clone(), guest_id.clone(), tty);
-    let code = attach::pump(&mut process, sink, terminal && (args.interactive || tty), tty && terminal);
+    signals.forward_to(client.clone(), guest_id.clone(), None, tty);
+    let code = attach::pump(&mut process, sink, terminal && (args.process.interactive || tty), tty && terminal);
     phases.mark("process run");
     let code = match code {
         Ok(c) => c,
