@@ -80,14 +80,11 @@ impl Leftovers {
         containers.sort();
         let mut all = Vec::new();
         walk(home, &mut all);
-        let is_socket = |p: &PathBuf| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
-        let sockets = all.iter().filter(|p| is_socket(p)).count();
-        let mut files: Vec<String> = all
-            .iter()
-            .filter(|p| !is_socket(p))
-            .filter_map(|p| p.strip_prefix(home).ok())
-            .map(|p| p.display().to_string())
-            .collect();
+        let (sockets, others): (Vec<PathBuf>, Vec<PathBuf>) =
+            all.into_iter().partition(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()));
+        let sockets = sockets.len();
+        let mut files: Vec<String> =
+            others.iter().filter_map(|p| p.strip_prefix(home).ok()).map(|p| p.display().to_string()).collect();
         files.sort();
         let fds = std::fs::read_dir("/proc/self/fd").into_iter().flatten().count();
         let mut cgroups = Vec::new();

@@ -260,8 +260,8 @@ fn bind(root: &Path, path: &Path, writable: bool) -> Result<(), Error> {
 /// Makes the persistent TAP device `name` usable by `id` without
 /// privileges.
 fn give_tap(name: &str, id: u32) -> Result<(), Error> {
-    let tap = Tap::open(name).map_err(|e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) })?;
-    tap.set_owner(id, id).map_err(|e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) })
+    let failed = |e| Error::Sys { what: format!("TAP device {name}"), source: std::io::Error::other(e) };
+    Tap::open(name).and_then(|tap| tap.set_owner(id, id)).map_err(failed)
 }
 
 /// Gives `dir` and what is in it (not following symbolic links) to `id`
