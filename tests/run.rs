@@ -210,6 +210,7 @@ fn detached_containers_logs_exec_stop_and_volumes() {
         assert_ne!(ns(&jailed.to_string()), ns("self"));
         assert!(!Path::new(&format!("/proc/{jailed}/root/etc/passwd")).exists(), "the jail shows the host's /etc");
         assert!(Path::new(&format!("/proc/{jailed}/root/dev/kvm")).exists());
+        no_file_of_the_caller_and_the_callers_cgroup(v);
     }
 
     // Its output is in its log, each stream to its own.
@@ -278,6 +279,77 @@ fn detached_containers_logs_exec_stop_and_volumes() {
     assert_error(&v.run(&["run", "--rm", "-p", "8080:80", "busybox", "true"]), 125, "--network tap");
 }
 
+/// The VMM's parent in the jail (the state's `vmm`) and the jailed VMM.
+fn vmm_pids(v: &Vmrun, id: &str) -> (i64, i64) {
+    let outer = state(v, id)["vmm"]["pid"].as_i64().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap();
+    (outer, children.split_whitespace().next().expect("the jailed VMM").parse().unwrap())
+}
+
+/// `vmrun run -d` started with a file open on descriptor 9 and in a cgroup
+/// of its own (as a CI job or a systemd unit would be): neither the
+/// supervisor nor the VMM holds the file, and the VMM's cgroup lies under
+/// the caller's, so the caller's limits hold it.
+fn no_file_of_the_caller_and_the_callers_cgroup(v: &Vmrun) {
+    use std::os::unix::process::CommandExt;
+    let secret = support::scratch("secret.txt");
+    std::fs::write(&secret, "not for the VMM").unwrap();
+    let v1_memory = Path::new("/sys/fs/cgroup/memory");
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own_memory = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+    let caller = match (&own_memory, v1_memory.is_dir()) {
+        (Some(p), true) => Some(format!("{}/vmrun-test-{}", p.trim_end_matches('/'), std::process::id())),
+        _ => None, // cgroup v2: a caller's cgroup that holds processes cannot delegate controllers
+    };
+    let procs = caller.as_ref().map(|c| {
+        let dir = v1_memory.join(c.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::ffi::CString::new(dir.join("cgroup.procs").to_str().unwrap()).unwrap()
+    });
+    let secret_c = std::ffi::CString::new(secret.to_str().unwrap()).unwrap();
+    let mut cmd = v.cmd(&["run", "-d", "busybox", "sleep", "600"]);
+    // SAFETY: only system calls between fork and exec, on strings made
+    // before.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(secret_c.as_ptr(), libc::O_RDONLY);
+            if fd < 0 || libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(p) = &procs {
+                let c = libc::open(p.as_ptr(), libc::O_WRONLY);
+                // "0": the writer itself.
+                if c < 0 || libc::write(c, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(c);
+            }
+            Ok(())
+        })
+    };
+    let o = cmd.output().unwrap();
+    assert_code(&o, 0);
+    let id = text(&o.stdout).trim().to_string();
+    let (outer, jailed) = vmm_pids(v, &id);
+    let supervisor = state(v, &id)["owner"]["pid"].as_i64().unwrap();
+    for pid in [supervisor, outer, jailed] {
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(target, secret, "process {pid} holds the caller's file as descriptor {:?}", fd.file_name());
+        }
+    }
+    if let Some(c) = &caller {
+        let cg = std::fs::read_to_string(format!("/proc/{jailed}/cgroup")).unwrap();
+        let mem = cg.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap();
+        assert_eq!(mem, format!("{c}/vmrun-{outer}"), "the VMM's memory cgroup is not under the caller's");
+    }
+    assert_code(&v.run(&["rm", "-f", &id]), 0);
+    if let Some(c) = &caller {
+        let dir = v1_memory.join(c.trim_start_matches('/'));
+        eventually("the caller's cgroup empties", Duration::from_secs(60), || std::fs::remove_dir(&dir).is_ok());
+    }
+}
+
 /// Runs `vmrun args`, sends it SIGINT once its process printed "ready",
 /// and returns what it gave.
 fn interrupted_when_ready(v: &Vmrun, args: &[&str]) -> Output {
@@ -329,6 +401,26 @@ fn network_tap_publishes_ports_and_a_killed_vmm_is_cleaned_up() {
     let o = v.run(&["exec", &id, "ip", "-4", "addr", "show", "eth0"]);
     assert!(text(&o.stdout).contains(s["ip"].as_str().unwrap()), "{}", text(&o.stdout));
 
+    // Another tenant's data directory on the same host (sharing the
+    // templates, so nothing boots): its container gets another subnet, and
+    // its published port reaches its own container, not the first one.
+    let other = Vmrun { home: support::scratch("run-home-other-tenant"), kernel: v.kernel.clone(), initrd: v.initrd.clone() };
+    std::fs::create_dir_all(&other.home).unwrap();
+    let _ = std::os::unix::fs::symlink(v.home.join("templates"), other.home.join("templates"));
+    assert_code(&other.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    let port2 = closed_port();
+    let script2 = "mkdir -p /www && echo served-to-the-other-tenant > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let o = other.run(&["run", "-d", "--network", "tap", "-p", &format!("{port2}:8080"), "busybox", "sh", "-c", script2]);
+    assert_code(&o, 0);
+    let id2 = text(&o.stdout).trim().to_string();
+    let ip2 = state(&other, &id2)["ip"].as_str().unwrap().to_string();
+    assert_ne!(ip2, s["ip"].as_str().unwrap(), "two data directories were given one subnet");
+    eventually("the other tenant's port answers", Duration::from_secs(180), || {
+        http_get(port2).is_some_and(|r| r.contains("served-to-the-other-tenant"))
+    });
+    assert!(http_get(port).is_some_and(|r| r.contains("served-from-the-guest")), "the first tenant's port changed hands");
+    assert_code(&other.run(&["rm", "-f", &id2]), 0);
+
     // kill -9 of the VMM: the container shows as exited, rm cleans up.
     let vmm = s["vmm"]["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill of the VMM the state names.
@@ -343,6 +435,47 @@ fn network_tap_publishes_ports_and_a_killed_vmm_is_cleaned_up() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still published");
     let cmdline = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap_or_default();
     assert!(!cmdline.contains(&id), "the VMM still runs: {cmdline}");
+}
+
+/// Sizes no VM can have fail before anything starts, with docker's 125 and
+/// the reason; a kernel or agent that cannot boot says why, although the
+/// template VM's files are gone by then.
+#[test]
+fn a_vm_that_cannot_be_made_says_why() {
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    for (args, why) in [
+        (&["--cpus", "0"][..], "0 vCPUs requested; 1 to 32 are supported"),
+        (&["--cpus", "33"], "33 vCPUs requested; 1 to 32 are supported"),
+        (&["--cpus", "500"], "500 vCPUs requested; 1 to 32 are supported"),
+        (&["-m", "999999999999g"], "too large"),
+        (&["-m", "200g"], "MiB of memory requested; this host has"),
+        (&["-m", "12m"], "at least 64m"),
+    ] {
+        let o = v.run(&[&["run", "--rm"][..], args, &["busybox", "true"]].concat());
+        assert_error(&o, 125, why);
+    }
+    assert_code(&v.run(&["run", "--rm", "--no-such-flag", "busybox", "true"]), 125);
+
+    // A truncated kernel: the VMM refuses it, and the run says so.
+    let kernel = std::fs::read(&v.kernel).unwrap();
+    let truncated = support::scratch("truncated-vmlinux");
+    std::fs::write(&truncated, &kernel[..kernel.len() / 3]).unwrap();
+    let o = v.run(&["run", "--rm", "--kernel", truncated.to_str().unwrap(), "busybox", "true"]);
+    assert_code(&o, 125);
+    let err = text(&o.stderr);
+    assert!(err.contains("before its agent answered") && err.contains("kernel"), "{err}");
+    assert!(!err.contains("its console is in"), "points at a file that is gone: {err}");
+    // A truncated agent initramfs: the guest boots and cannot start it;
+    // what its console said is in the error.
+    let agent = std::fs::read(&v.initrd).unwrap();
+    let truncated = support::scratch("truncated-agent.cpio");
+    std::fs::write(&truncated, &agent[..agent.len() / 2]).unwrap();
+    let o = v.run(&["run", "--rm", "--initrd", truncated.to_str().unwrap(), "busybox", "true"]);
+    assert_code(&o, 125);
+    let err = text(&o.stderr);
+    assert!(err.contains("before its agent answered") && err.contains("the guest console ends with"), "{err}");
+    assert!(err.contains("panic") || err.contains("init"), "{err}");
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! The jail a VMM runs in, like Firecracker's jailer, entered by the VMM
 //! process itself before it opens /dev/kvm or starts a thread:
 //!
+//! 0. every descriptor it inherited beyond standard input, output and
+//!    error closed (a caller's open files never reach the jailed VMM);
 //! 1. a cgroup of its own (`vmrun-<pid>`; v2 where the host has it, else
 //!    the v1 `memory`, `cpu` and `pids` hierarchies) with memory, CPU and
-//!    pids limits;
+//!    pids limits, under the cgroup of whoever started it (or
+//!    `$VMRUN_CGROUP_PARENT`), so that it stays within that one's limits;
 //! 2. new mount, pid, IPC and UTS namespaces (and network, unless the VM
 //!    has a TAP device, which lives in the host's);
 //! 3. a fork: the process in the new pid namespace runs the VMM, the
@@ -21,10 +24,20 @@
 //! Nothing of the host beyond those paths is reachable afterwards; the
 //! seccomp filters (installed later, per thread) narrow what the process
 //! may ask of the kernel.
+//!
+//! What a jail makes on the host (its cgroups, its root directory) is
+//! written down first in a record, `/run/vmrun-jail/<pid>.json`, that the
+//! outer process holds locked (`flock`) for as long as it lives: whatever a
+//! jail whose process was killed with SIGKILL left is found by
+//! [`collect_orphans`] (records nobody holds), whichever cgroup it sits in.
 
 use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use vmrun_devices::virtio::net::tap::Tap;
 
@@ -39,6 +52,11 @@ pub const MEMORY_OVERHEAD: u64 = 128 << 20;
 /// Most tasks (threads) in the cgroup: the event loop, vCPUs, device and
 /// port threads.
 pub const MAX_PIDS: u32 = 128;
+/// Names the cgroup (a path relative to each hierarchy's root) that jails'
+/// cgroups are made in, instead of the cgroup of the process that starts
+/// the VMM (docker's `--cgroup-parent`).
+pub const CGROUP_PARENT_ENV: &str = "VMRUN_CGROUP_PARENT";
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Errors entering the jail; each names the step.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +69,11 @@ pub enum Error {
     Sys { what: String, source: std::io::Error },
     #[error("jail: {0} does not exist")]
     Missing(PathBuf),
+    #[error(
+        "jail: cannot enable the memory, cpu and pids controllers for the children of cgroup {dir} ({source}); \
+         a cgroup v2 that holds processes cannot delegate them: set {CGROUP_PARENT_ENV} to a cgroup that holds none"
+    )]
+    Delegation { dir: PathBuf, source: std::io::Error },
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -111,6 +134,7 @@ impl Jail {
         if threads > 1 {
             return Err(Error::Threads(threads));
         }
+        close_inherited_fds()?;
         for p in self.read_only.iter().chain(&self.writable) {
             if std::fs::symlink_metadata(p).is_err() {
                 return Err(Error::Missing(p.clone()));
@@ -121,8 +145,16 @@ impl Jail {
         for d in &self.writable {
             chown_tree(d, id).map_err(sys(format!("chown {}", d.display())))?;
         }
+        let root = PathBuf::from(JAIL_BASE).join(pid.to_string());
+        let cgroups = match self.limits {
+            Some(_) => cgroup_dirs(&format!("vmrun-{pid}"))?,
+            None => Vec::new(),
+        };
+        // Written down before anything is made, and locked while this
+        // (outer) process lives.
+        let record = Record { root: root.clone(), cgroups: cgroups.clone() }.write(pid)?;
         let cgroup = match self.limits {
-            Some(l) => Some(Cgroup::create(&format!("vmrun-{pid}"), l)?),
+            Some(l) => Some(Cgroup::create(cgroups, l)?),
             None => None,
         };
         for t in &self.taps {
@@ -133,7 +165,6 @@ impl Jail {
         // host's view, to clean up).
         // SAFETY: unshare with namespace flags only changes this process.
         check(unsafe { libc::unshare(libc::CLONE_NEWPID) }, "unshare the pid namespace")?;
-        let root = PathBuf::from(JAIL_BASE).join(pid.to_string());
         std::fs::create_dir_all(&root).map_err(sys(format!("mkdir {}", root.display())))?;
         // Signals the outer process forwards; blocked before the fork so
         // that none is lost in between.
@@ -157,7 +188,14 @@ impl Jail {
             if let Some(c) = cgroup {
                 c.remove();
             }
+            Record::remove(pid);
+            drop(record);
             std::process::exit(status);
+        }
+        // Only the outer process holds the record's lock.
+        drop(record);
+        if let Some(c) = &cgroup {
+            c.join()?;
         }
         // The jailed process: dies with the outer one.
         // SAFETY: prctl and sigprocmask on this process.
@@ -338,53 +376,50 @@ struct Cgroup {
 }
 
 impl Cgroup {
-    fn create(name: &str, l: Limits) -> Result<Self, Error> {
+    /// Makes the cgroup directories `dirs` (from [`cgroup_dirs`]) with the
+    /// limits `l`.
+    fn create(dirs: Vec<PathBuf>, l: Limits) -> Result<Self, Error> {
         let memory = l.guest_memory + MEMORY_OVERHEAD;
         let period = 100_000u64;
         let quota = period * u64::from(l.cpus + 1);
-        let base = Path::new("/sys/fs/cgroup");
-        let mut dirs = Vec::new();
-        let mut joined = |dir: PathBuf, files: &[(&str, String)], procs: &str| -> Result<(), Error> {
+        let v2 = is_v2();
+        let mut made = Self { dirs: Vec::new() };
+        for dir in dirs {
+            let files: Vec<(&str, String)> = if v2 {
+                // The controllers must be enabled for the parent's children.
+                let parent = dir.parent().unwrap_or(Path::new(CGROUP_ROOT));
+                enable_controllers(parent)?;
+                vec![("memory.max", memory.to_string()), ("cpu.max", format!("{quota} {period}")), ("pids.max", MAX_PIDS.to_string())]
+            } else {
+                match dir.strip_prefix(CGROUP_ROOT).ok().and_then(|r| r.iter().next()).and_then(|c| c.to_str()) {
+                    Some("memory") => vec![("memory.limit_in_bytes", memory.to_string())],
+                    Some("cpu") => vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())],
+                    Some("pids") => vec![("pids.max", MAX_PIDS.to_string())],
+                    _ => Vec::new(),
+                }
+            };
             std::fs::create_dir_all(&dir).map_err(sys(format!("cgroup {}", dir.display())))?;
-            dirs.push(dir.clone());
+            made.dirs.push(dir.clone());
             for (f, v) in files {
                 std::fs::write(dir.join(f), v).map_err(sys(format!("cgroup {}/{f}", dir.display())))?;
             }
-            std::fs::write(dir.join(procs), std::process::id().to_string()).map_err(sys(format!("cgroup {}/{procs}", dir.display())))
-        };
-        if base.join("cgroup.controllers").exists() {
-            // v2: the controllers must be enabled for the parent's children.
-            let parent = base.join("vmrun");
-            std::fs::create_dir_all(&parent).map_err(sys("cgroup /sys/fs/cgroup/vmrun"))?;
-            let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +cpu +pids");
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
-            joined(
-                parent.join(name),
-                &[("memory.max", memory.to_string()), ("cpu.max", format!("{quota} {period}")), ("pids.max", MAX_PIDS.to_string())],
-                "cgroup.procs",
-            )?;
-        } else {
-            for (ctrl, files) in [
-                ("memory", vec![("memory.limit_in_bytes", memory.to_string())]),
-                ("cpu", vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())]),
-                ("pids", vec![("pids.max", MAX_PIDS.to_string())]),
-            ] {
-                let h = base.join(ctrl);
-                if h.is_dir() {
-                    joined(h.join("vmrun").join(name), &files, "cgroup.procs")?;
-                }
-            }
         }
-        Ok(Self { dirs })
+        Ok(made)
     }
 
-    /// Leaves the cgroup and removes it (its other member has ended).
+    /// Moves the calling process into the cgroup (the jailed process: the
+    /// outer one stays where it was started).
+    fn join(&self) -> Result<(), Error> {
+        for d in &self.dirs {
+            // "0": the process that writes.
+            std::fs::write(d.join("cgroup.procs"), "0").map_err(sys(format!("cgroup {}/cgroup.procs", d.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup (its only member, the jailed process, has ended).
     fn remove(self) {
         for d in &self.dirs {
-            // Back to the hierarchy's root, then the empty group goes.
-            if let Some(root) = d.parent().and_then(Path::parent) {
-                let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
-            }
             if let Err(e) = std::fs::remove_dir(d) {
                 log::warn!("cannot remove cgroup {}: {e}", d.display());
             }
@@ -396,20 +431,217 @@ impl Cgroup {
 /// once that process is gone: its empty root directory and its cgroups
 /// (the outer process does it itself, unless it was killed with SIGKILL).
 pub fn clean_up(pid: u32) {
-    let name = format!("vmrun-{pid}");
-    let base = Path::new("/sys/fs/cgroup");
-    let mut dirs = vec![base.join("vmrun").join(&name)];
-    dirs.extend(["memory", "cpu", "pids"].iter().map(|c| base.join(c).join("vmrun").join(&name)));
-    for d in dirs.iter().filter(|d| d.is_dir()) {
-        // The jailed process may take a moment to die after the outer one.
-        for _ in 0..50 {
-            if std::fs::remove_dir(d).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+    // The jailed process may take a moment to die after the outer one.
+    for _ in 0..50 {
+        match collect(pid) {
+            Collected::Busy => std::thread::sleep(std::time::Duration::from_millis(20)),
+            _ => return,
         }
     }
-    let _ = std::fs::remove_dir(PathBuf::from(JAIL_BASE).join(pid.to_string()));
+}
+
+/// What collecting one record found.
+#[derive(Debug, PartialEq, Eq)]
+enum Collected {
+    /// No record, or its process still holds it.
+    Nothing,
+    /// Removed: these paths.
+    Removed(Vec<PathBuf>),
+    /// Its process is gone but a cgroup still has tasks (they are dying).
+    Busy,
+}
+
+/// Collects the record of the jail of outer process `pid` if nobody holds
+/// it any more.
+fn collect(pid: u32) -> Collected {
+    let path = Record::path(pid);
+    let Ok(file) = File::open(&path) else { return Collected::Nothing };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Collected::Nothing; // its jail is alive
+    }
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&file, 64 << 10), &mut bytes);
+    let record: Record = serde_json::from_slice(&bytes).unwrap_or_default();
+    let mut removed = Vec::new();
+    for d in record.cgroups.iter().filter(|d| d.is_dir()) {
+        match std::fs::remove_dir(d) {
+            Ok(()) => removed.push(d.clone()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Collected::Busy,
+            Err(e) => log::warn!("cannot remove cgroup {}: {e}", d.display()),
+        }
+    }
+    // Only ever a directory of the jails' base.
+    let root = PathBuf::from(JAIL_BASE).join(pid.to_string());
+    if std::fs::remove_dir(&root).is_ok() {
+        removed.push(root);
+    }
+    if std::fs::remove_file(&path).is_ok() {
+        removed.push(path);
+    }
+    Collected::Removed(removed)
+}
+
+/// Collects what every jail whose process is gone left on this host (its
+/// cgroups, its root directory, its record), whoever started it and in
+/// whichever cgroup: for `vmrun system prune` and before a template build.
+/// Returns the paths removed.
+pub fn collect_orphans() -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(JAIL_BASE).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_suffix(".json").and_then(|p| p.parse::<u32>().ok()) else {
+            // A root directory without a record (made by an older vmrun):
+            // empty once its process is gone.
+            if let Ok(pid) = name.parse::<u32>() {
+                if !Record::path(pid).exists() && !process_exists(pid) && std::fs::remove_dir(e.path()).is_ok() {
+                    removed.push(e.path());
+                }
+            }
+            continue;
+        };
+        if let Collected::Removed(paths) = collect(pid) {
+            removed.extend(paths);
+        }
+    }
+    // Cgroups that older versions made at the hierarchies' roots.
+    let root = Path::new(CGROUP_ROOT);
+    for base in [root.join("vmrun"), root.join("memory/vmrun"), root.join("cpu/vmrun"), root.join("pids/vmrun")] {
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("vmrun-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if !Record::path(pid).exists() && !process_exists(pid) && std::fs::remove_dir(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` exists.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+/// What a jail makes on the host, written before it is made.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    root: PathBuf,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Record {
+    fn path(pid: u32) -> PathBuf {
+        PathBuf::from(JAIL_BASE).join(format!("{pid}.json"))
+    }
+
+    /// Writes the record of outer process `pid` and returns it open and
+    /// locked (close-on-exec).
+    fn write(&self, pid: u32) -> Result<File, Error> {
+        std::fs::create_dir_all(JAIL_BASE).map_err(sys(format!("mkdir {JAIL_BASE}")))?;
+        let path = Self::path(pid);
+        let file = File::create(&path).map_err(sys(format!("create {}", path.display())))?;
+        // SAFETY: flock on a descriptor we own. A record left by a dead
+        // process with this pid is not held by anyone.
+        check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, format!("lock {}", path.display()))?;
+        let json = serde_json::to_vec(self).map_err(|e| Error::Sys { what: "jail record".into(), source: std::io::Error::other(e) })?;
+        std::io::Write::write_all(&mut &file, &json).map_err(sys(format!("write {}", path.display())))?;
+        Ok(file)
+    }
+
+    fn remove(pid: u32) {
+        let _ = std::fs::remove_file(Self::path(pid));
+    }
+}
+
+/// Whether the host has the unified (v2) hierarchy at /sys/fs/cgroup.
+fn is_v2() -> bool {
+    Path::new(CGROUP_ROOT).join("cgroup.controllers").exists()
+}
+
+/// The cgroup directories a jail named `name` gets: one under the v2 root,
+/// else one in each of the v1 `memory`, `cpu` and `pids` hierarchies;
+/// each under `$VMRUN_CGROUP_PARENT` or the cgroup this process is in.
+fn cgroup_dirs(name: &str) -> Result<Vec<PathBuf>, Error> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(sys("read /proc/self/cgroup"))?;
+    let parent = std::env::var(CGROUP_PARENT_ENV).ok().filter(|p| !p.is_empty());
+    if let Some(p) = &parent {
+        if Path::new(p).components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Error::Sys { what: format!("{CGROUP_PARENT_ENV}={p}"), source: std::io::ErrorKind::InvalidInput.into() });
+        }
+    }
+    Ok(plan_cgroups(Path::new(CGROUP_ROOT), is_v2(), &own, parent.as_deref(), name))
+}
+
+/// [`cgroup_dirs`] for a cgroup file system at `root` and the contents of
+/// `/proc/self/cgroup`.
+fn plan_cgroups(root: &Path, v2: bool, proc_cgroup: &str, parent: Option<&str>, name: &str) -> Vec<PathBuf> {
+    // "ID:CONTROLLERS:PATH"; v2's line is "0::PATH".
+    let path_of = |controller: &str| -> String {
+        proc_cgroup
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+                let hit = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
+                hit.then(|| path.to_string())
+            })
+            .next()
+            .unwrap_or_else(|| "/".into())
+    };
+    let under = |hierarchy: PathBuf, controller: &str| {
+        let rel = parent.map(str::to_string).unwrap_or_else(|| path_of(controller));
+        hierarchy.join(rel.trim_start_matches('/')).join(name)
+    };
+    if v2 {
+        return vec![under(root.to_path_buf(), "")];
+    }
+    ["memory", "cpu", "pids"].iter().map(|c| (root.join(c), *c)).filter(|(h, _)| h.is_dir()).map(|(h, c)| under(h, c)).collect()
+}
+
+/// Enables the memory, cpu and pids controllers for the children of v2
+/// cgroup `dir` (and, as v2 requires, of its ancestors below the root).
+fn enable_controllers(dir: &Path) -> Result<(), Error> {
+    let root = Path::new(CGROUP_ROOT);
+    let mut chain: Vec<&Path> = dir.ancestors().take_while(|a| a.starts_with(root)).collect();
+    chain.reverse();
+    for d in chain {
+        let enabled = std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap_or_default();
+        if ["memory", "cpu", "pids"].iter().all(|c| enabled.split_whitespace().any(|e| e == *c)) {
+            continue;
+        }
+        std::fs::write(d.join("cgroup.subtree_control"), "+memory +cpu +pids")
+            .map_err(|source| Error::Delegation { dir: d.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// Closes every descriptor above standard error: what the process that
+/// started the VMM had open (a file on `9<`, a socket) is not the jailed
+/// VMM's to use.
+fn close_inherited_fds() -> Result<(), Error> {
+    // SAFETY: close_range on this process's own descriptor table; nothing
+    // of Rust's owns a descriptor above 2 this early in a VMM (checked:
+    // single-threaded, before any file is opened).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.9: one by one.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(sys("list /proc/self/fd"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; the directory's own descriptor is closed
+        // already (EBADF is fine).
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -422,6 +654,71 @@ mod tests {
         assert_eq!(uid_for(1), 10_000_001);
         assert_ne!(uid_for(4_194_304), uid_for(4_194_303));
         assert!(uid_for(4_194_304) < u32::MAX);
+    }
+
+    #[test]
+    fn cgroups_go_under_the_callers_own_or_the_configured_parent() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids", "devices"] {
+            std::fs::create_dir(root.path().join(c)).unwrap();
+        }
+        // A hybrid host (this one's kind): v1 controllers, the caller in a
+        // memory cgroup of its own.
+        let v1 = "9:name=systemd:/\n8:pids:/\n4:memory:/ci/job-7\n2:cpu,cpuacct:/x\n0::/\n";
+        let dirs = plan_cgroups(root.path(), false, v1, None, "vmrun-42");
+        let want: Vec<PathBuf> = ["memory/ci/job-7/vmrun-42", "cpu/x/vmrun-42", "pids/vmrun-42"].iter().map(|d| root.path().join(d)).collect();
+        assert_eq!(dirs, want);
+        let dirs = plan_cgroups(root.path(), false, v1, Some("/tenants/a"), "vmrun-42");
+        assert_eq!(dirs[0], root.path().join("memory/tenants/a/vmrun-42"));
+        // v2: the one line "0::PATH".
+        let v2 = "0::/system.slice/runner.service\n";
+        assert_eq!(plan_cgroups(root.path(), true, v2, None, "vmrun-1"), vec![root.path().join("system.slice/runner.service/vmrun-1")]);
+        assert_eq!(plan_cgroups(root.path(), true, "0::/\n", None, "vmrun-1"), vec![root.path().join("vmrun-1")]);
+    }
+
+    #[test]
+    fn a_record_nobody_holds_is_collected_and_a_held_one_is_not() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: {JAIL_BASE} needs root");
+            return;
+        }
+        // A pid no process has (above the kernel's pid_max).
+        let pid = 4_194_304 + 17;
+        let cg = tempfile::tempdir().unwrap();
+        let dir = cg.path().join("vmrun-x");
+        std::fs::create_dir(&dir).unwrap();
+        let held = Record { root: PathBuf::from(JAIL_BASE).join(pid.to_string()), cgroups: vec![dir.clone()] }.write(pid).unwrap();
+        std::fs::create_dir_all(PathBuf::from(JAIL_BASE).join(pid.to_string())).unwrap();
+        // Its process is alive (we hold the lock): nothing goes.
+        assert_eq!(collect(pid), Collected::Nothing);
+        assert!(dir.is_dir() && Record::path(pid).exists());
+        // Killed: the lock goes with it, and so does what it made.
+        drop(held);
+        let removed = collect_orphans();
+        assert!(removed.contains(&dir) && removed.contains(&Record::path(pid)), "{removed:?}");
+        assert!(!dir.exists() && !Record::path(pid).exists());
+        assert!(!PathBuf::from(JAIL_BASE).join(pid.to_string()).exists());
+    }
+
+    #[test]
+    fn inherited_descriptors_are_closed() {
+        // In a child process: closing descriptors in the test harness
+        // would break it.
+        // SAFETY: the child only makes system calls and exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: dup2 of an open descriptor, fcntl checks, _exit.
+            unsafe {
+                libc::dup2(1, 9);
+                let ok = close_inherited_fds().is_ok() && libc::fcntl(9, libc::F_GETFD) < 0 && libc::fcntl(2, libc::F_GETFD) >= 0;
+                libc::_exit(if ok { 0 } else { 1 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "descriptor 9 survived: status {status}");
     }
 
     #[test]

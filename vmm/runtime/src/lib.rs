@@ -26,8 +26,8 @@ pub enum Error {
     LayerDisk { path: std::path::PathBuf, reason: String },
     #[error("cannot start the VMM: {0}")]
     Spawn(std::io::Error),
-    #[error("the VM ended before its agent answered ({status}); its console is in {console}")]
-    VmEnded { status: String, console: std::path::PathBuf },
+    #[error("the VM ended before its agent answered ({status}): {reason}")]
+    VmEnded { status: String, reason: String },
     #[error("the guest agent did not answer within {secs} s; its console is in {console}")]
     AgentTimeout { secs: u64, console: std::path::PathBuf },
     #[error("guest agent: {0}")]

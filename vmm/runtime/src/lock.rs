@@ -20,4 +20,16 @@ impl Lock {
         }
         Ok(Self { _file: f })
     }
+
+    /// Takes the lock on `path` if nobody holds it (`None` if somebody
+    /// does); creates the file if missing.
+    pub fn try_take(path: &Path) -> std::io::Result<Option<Self>> {
+        let f = File::create(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(Self { _file: f }))
+    }
 }

@@ -2,7 +2,12 @@
 //!
 //! Each container with a network gets a TAP device `vmrun-<id>` on the
 //! host and a point-to-point /30 out of `10.213.0.0/16`: the host end is
-//! `.1`, the guest's `eth0` is `.2` with the host as its gateway. The agent
+//! `.1`, the guest's `eth0` is `.2` with the host as its gateway. Subnets
+//! are allocated host-wide ([`allocate`]): under one lock for the whole
+//! host, skipping every /30 that an address on any of the host's
+//! interfaces covers, whoever put it there (another data directory's
+//! containers, a TAP device left by a killed run, the host's own
+//! networks). The agent
 //! is told the address after the VM starts (a VM restored from a template
 //! has no address of its own). Published ports are forwarded by a TCP
 //! proxy on the host that listens on `0.0.0.0:HOST` and connects to the
@@ -96,6 +101,85 @@ fn ip(args: &[&str]) -> Result<()> {
 /// The first subnet number not in `used`.
 pub fn free_index(used: &[u32]) -> Result<u32> {
     (0..SUBNETS).find(|i| !used.contains(i)).ok_or_else(|| Error::Network("no free container subnet left in 10.213.0.0/16".into()))
+}
+
+/// The lock that serialises subnet allocation on the whole host (every
+/// data directory's `vmrun`s take it).
+pub const HOST_LOCK: &str = "/run/vmrun/network.lock";
+
+/// Allocates a subnet and creates container `id`'s link on it, holding
+/// the host-wide lock from the choice until the TAP device has its
+/// address (from then on the address itself marks the subnet as taken).
+/// `also_used`: subnets recorded for containers that have not made their
+/// link yet or are being restarted.
+pub fn allocate(id: &str, also_used: &[u32]) -> Result<Link> {
+    let lock_path = Path::new(HOST_LOCK);
+    if let Some(dir) = lock_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Network(format!("cannot make {}: {e} (--network tap needs root)", dir.display())))?;
+    }
+    let _lock = crate::lock::Lock::take(lock_path)?;
+    let mut used = host_used_indexes()?;
+    used.extend_from_slice(also_used);
+    let link = Link::new(id, free_index(&used)?);
+    link.create()?;
+    Ok(link)
+}
+
+/// The subnet numbers that an IPv4 address on any of the host's
+/// interfaces covers (its address with its netmask).
+pub fn host_used_indexes() -> Result<Vec<u32>> {
+    let mut used = Vec::new();
+    for (addr, mask) in host_ipv4_networks()? {
+        used.extend(indexes_covered(addr, mask));
+    }
+    used.sort_unstable();
+    used.dedup();
+    Ok(used)
+}
+
+/// The subnet numbers of ours that `addr`/`mask` overlaps.
+fn indexes_covered(addr: Ipv4Addr, mask: Ipv4Addr) -> std::ops::Range<u32> {
+    let ours = u32::from(Ipv4Addr::new(10, 213, 0, 0));
+    let (mask, addr) = (u32::from(mask), u32::from(addr));
+    let first = addr & mask;
+    let last = first | !mask;
+    let (lo, hi) = (first.max(ours), last.min(ours + SUBNETS * 4 - 1));
+    if lo > hi {
+        return 0..0;
+    }
+    (lo - ours) / 4..(hi - ours) / 4 + 1
+}
+
+/// Every IPv4 address on the host's interfaces, with its netmask.
+fn host_ipv4_networks() -> Result<Vec<(Ipv4Addr, Ipv4Addr)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(Error::Network(format!("cannot list the host's addresses: {}", std::io::Error::last_os_error())));
+    }
+    let v4 = |sa: *const libc::sockaddr| -> Option<Ipv4Addr> {
+        // SAFETY: a non-null sockaddr from getifaddrs whose family says
+        // it is a sockaddr_in.
+        unsafe {
+            if sa.is_null() || i32::from((*sa).sa_family) != libc::AF_INET {
+                return None;
+            }
+            Some(Ipv4Addr::from(u32::from_be((*sa.cast::<libc::sockaddr_in>()).sin_addr.s_addr)))
+        }
+    };
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs made.
+        let ifa = unsafe { &*cur };
+        if let (Some(a), Some(m)) = (v4(ifa.ifa_addr), v4(ifa.ifa_netmask)) {
+            out.push((a, m));
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 /// One `-p` option: `HOST:GUEST` or `HOST:GUEST/tcp` (TCP only).
@@ -215,6 +299,46 @@ mod tests {
         assert_eq!(Link::index_of("192.168.0.1"), None);
         assert_eq!(free_index(&[0, 1, 3]).unwrap(), 2);
         assert_eq!(a.guest_config().address, "10.213.0.2/30");
+    }
+
+    #[test]
+    fn addresses_on_the_host_take_the_subnets_they_cover() {
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(indexes_covered(a("10.213.0.1"), a("255.255.255.252")), 0..1);
+        assert_eq!(indexes_covered(a("10.213.1.6"), a("255.255.255.252")), 65..66);
+        // A host network over part of ours takes all it covers.
+        assert_eq!(indexes_covered(a("10.213.2.9"), a("255.255.255.0")), 128..192);
+        assert_eq!(indexes_covered(a("10.0.0.1"), a("255.0.0.0")), 0..SUBNETS);
+        assert_eq!(indexes_covered(a("192.168.1.1"), a("255.255.255.0")), 0..0);
+        assert_eq!(indexes_covered(a("10.212.255.255"), a("255.255.255.255")), 0..0);
+    }
+
+    #[test]
+    fn a_subnet_in_use_by_another_data_directory_is_not_handed_out() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a dummy interface");
+            return;
+        }
+        // As another data directory's container (or a TAP left by a run
+        // killed with SIGKILL) holds them: a TAP device with the host ends
+        // of the first three /30s.
+        // Done under the host lock, so that no vmrun allocates meanwhile.
+        std::fs::create_dir_all("/run/vmrun").unwrap();
+        let lock = crate::lock::Lock::take(Path::new(HOST_LOCK)).unwrap();
+        let name = format!("vmrunt{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        let taken: Vec<u32> = (0..3).collect();
+        for i in &taken {
+            ip(&["addr", "add", &format!("{}/30", Link::new("x", *i).host), "dev", &name]);
+        }
+        let used = host_used_indexes();
+        drop(lock);
+        let _ = Command::new("ip").args(["link", "del", &name]).status();
+        let used = used.unwrap();
+        assert!(taken.iter().all(|i| used.contains(i)), "{used:?}");
+        assert!(free_index(&used).unwrap() >= 3);
     }
 
     #[test]

@@ -83,9 +83,12 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
     if path.join("vmstate.json").is_file() {
         return Ok(path); // another vmrun built it meanwhile
     }
+    // Whatever a build of this template killed with SIGKILL left: we hold
+    // its lock, so no build of it runs.
+    collect_stale_builds(dir, &key.hash);
+    vmrun_jail::collect_orphans();
     progress("booting a template VM for warm starts (once per kernel, agent and VM size)");
     let work = dir.join(format!("{}.build-{}", key.hash, std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = build(&work, spec, vmm);
     match result {
@@ -100,6 +103,45 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
             Err(e)
         }
     }
+}
+
+/// Removes the work directories (`<key>.build-<pid>`) of builds of the
+/// template `key` under `dir`; the caller holds that template's lock, so
+/// they belong to builds that died. Returns what it removed.
+pub fn collect_stale_builds(dir: &Path, key: &str) -> Vec<PathBuf> {
+    let prefix = format!("{key}.build-");
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let p = e.path();
+            match std::fs::remove_dir_all(&p) {
+                Ok(()) => removed.push(p),
+                Err(err) => log::warn!("cannot remove {}: {err}", p.display()),
+            }
+        }
+    }
+    removed
+}
+
+/// Removes the work directories of every template build under `dir` that
+/// no live vmrun holds (each template's lock is free): what builds killed
+/// with SIGKILL left, for `vmrun system prune`.
+pub fn collect_all_stale_builds(dir: &Path) -> Vec<PathBuf> {
+    let mut keys: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().split_once(".build-").map(|(k, _)| k.to_string()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut removed = Vec::new();
+    for key in keys {
+        if let Ok(Some(_lock)) = Lock::try_take(&dir.join(format!("{key}.lock"))) {
+            removed.extend(collect_stale_builds(dir, &key));
+        }
+    }
+    removed
 }
 
 /// Gives a snapshot a (jailed) VMM wrote to root, so that no later VMM
@@ -207,4 +249,27 @@ pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
 /// Starts a VM for `spec` from the template at `template`.
 pub fn restore(template: &Path, spec: &VmSpec) -> Result<VmProcess> {
     VmProcess::restore(template, spec)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn stale_build_directories_go_unless_their_build_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for p in ["aaaa.build-1/vm", "aaaa.build-22", "bbbb.build-3", "aaaa/vm", "aaaa-image-1234"] {
+            std::fs::create_dir_all(d.join(p)).unwrap();
+        }
+        // bbbb's build runs (its lock is held): its directory stays.
+        let held = Lock::take(&d.join("bbbb.lock")).unwrap();
+        let mut removed = collect_all_stale_builds(d);
+        removed.sort();
+        assert_eq!(removed, vec![d.join("aaaa.build-1"), d.join("aaaa.build-22")]);
+        assert!(d.join("bbbb.build-3").is_dir() && d.join("aaaa/vm").is_dir() && d.join("aaaa-image-1234").is_dir());
+        drop(held);
+        assert_eq!(collect_stale_builds(d, "bbbb"), vec![d.join("bbbb.build-3")]);
+    }
 }

@@ -48,6 +48,8 @@ struct VmPaths {
 #[derive(Debug)]
 pub struct VmProcess {
     child: Child,
+    /// The VMM's own messages (its standard error).
+    log: PathBuf,
     pub vsock: PathBuf,
     pub control: PathBuf,
     pub console: PathBuf,
@@ -144,7 +146,8 @@ impl VmProcess {
             control: vm_dir.join("control.sock"),
             console: vm_dir.join("console.log"),
         };
-        let log = std::fs::File::create(spec.dir.join("vmm.log"))?;
+        let log_path = spec.dir.join("vmm.log");
+        let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(&spec.vmm_exe);
         args(&mut cmd, &paths);
         // SAFETY: prctl is async-signal-safe. The VMM dies with the process
@@ -156,6 +159,7 @@ impl VmProcess {
                 Ok(())
             })
         };
+        no_inherited_fds(&mut cmd);
         if jail_wanted() {
             cmd.args(["--jail", "on"]);
         }
@@ -169,7 +173,7 @@ impl VmProcess {
             .stderr(log)
             .spawn()
             .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir })
+        Ok(VmProcess { child, log: log_path, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir })
     }
 
     /// Waits until the agent answers (the guest boots meanwhile), up to
@@ -178,7 +182,7 @@ impl VmProcess {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
-                return Err(Error::VmEnded { status: status.to_string(), console: self.console.clone() });
+                return Err(Error::VmEnded { status: status.to_string(), reason: self.why_it_ended() });
             }
             if self.vsock.exists() {
                 // A short handshake timeout: while the guest boots, the
@@ -219,6 +223,34 @@ impl VmProcess {
         }
     }
 
+    /// Why the VMM ended, for an error message that outlives its files (a
+    /// template build's are removed): its own last error lines, else the
+    /// guest console's last lines, else the VMM's last words.
+    fn why_it_ended(&self) -> String {
+        let last_lines = |text: &str, n: usize| {
+            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            lines[lines.len().saturating_sub(n)..].join("; ")
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let errors: String = log
+            .lines()
+            .filter(|l| l.contains("error") || l.contains("ERROR"))
+            .map(|l| l.trim_start_matches("vmrun: error: "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !errors.is_empty() {
+            return last_lines(&errors, 3);
+        }
+        let console = self.console_tail(4096);
+        if !console.trim().is_empty() {
+            return format!("the guest console ends with: {}", last_lines(&console, 5));
+        }
+        if !log.trim().is_empty() {
+            return last_lines(&log, 3);
+        }
+        "the VMM printed nothing and the guest wrote nothing to its console".into()
+    }
+
     /// The console log so far (for error messages).
     pub fn console_tail(&self, max: usize) -> String {
         let s = std::fs::read_to_string(&self.console).unwrap_or_default();
@@ -235,6 +267,21 @@ impl Drop for VmProcess {
         }
         vmrun_jail::clean_up(self.child.id());
     }
+}
+
+/// Makes every descriptor above standard error close when `cmd` execs: a
+/// caller's open files (`9</etc/shadow`) do not reach the VMM or a
+/// supervisor that vmrun starts.
+pub fn no_inherited_fds(cmd: &mut Command) {
+    // SAFETY: close_range is a system call (async-signal-safe); it only
+    // sets close-on-exec flags in the child's descriptor table. Kernels
+    // before 5.11 lack the flag: there the jail closes them itself.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        })
+    };
 }
 
 /// Removes a VM directory (sockets, console) once the VM is gone.

@@ -22,4 +22,4 @@ mod vm;
 pub use config::{ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, SeccompMode, VmConfig, VsockConfig};
 pub use error::Error;
 pub use report::BootReport;
-pub use vm::{restore, run, ExitReason, RestoreConfig, RunOptions};
+pub use vm::{check_resources, restore, run, ExitReason, RestoreConfig, RunOptions, MAX_MEM_MIB};

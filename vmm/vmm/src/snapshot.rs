@@ -103,28 +103,82 @@ impl VmState {
     }
 }
 
+/// Pages looked at per step of [`write_memory`].
+const CHUNK_PAGES: usize = 256;
+
 /// Writes guest memory to `path`, leaving holes for pages of zeros.
+///
+/// Only pages that can hold data are read: a page the process never
+/// touched is not read through the mapping, since a read would back it:
+/// with memory zeros (harmless), but in a VM restored from a snapshot on a
+/// tmpfs, with a new page of the snapshot's file for each of its holes (a
+/// 29 MB template grew to the guest's full 512 MB that way, and a full
+/// tmpfs killed the VMM with SIGBUS). Which pages are in the mapping comes
+/// from `/proc/self/pagemap` (present or swapped); the others hold what
+/// the file behind them holds (read with `pread`, which reads a hole as
+/// zeros without filling it), or zeros for anonymous memory. Without
+/// `/proc`, every page is read.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, Error> {
     let file = File::create(path).map_err(io(path))?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| log::warn!("no /proc/self/pagemap ({e}): reading every page")).ok();
     let mut offset = 0u64;
     let mut page = vec![0u8; PAGE];
+    let mut entries = vec![0u8; CHUNK_PAGES * 8];
     for region in mem.iter() {
         let len = region.len();
         file.set_len(offset + len).map_err(io(path))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Io { path: path.into(), source: std::io::Error::other(e.to_string()) })? as u64;
+        let backing = region.file_offset();
         let mut at = 0u64;
         while at < len {
-            let n = PAGE.min((len - at) as usize);
-            vm_memory::Bytes::read_slice(region, &mut page[..n], vm_memory::MemoryRegionAddress(at))
-                .map_err(|e| Error::Io { path: path.into(), source: std::io::Error::other(e.to_string()) })?;
-            if page[..n].iter().any(|&b| b != 0) {
-                file.write_all_at(&page[..n], offset + at).map_err(io(path))?;
+            let pages = CHUNK_PAGES.min((len - at).div_ceil(PAGE as u64) as usize);
+            let mapped = match &pagemap {
+                Some(pm) => {
+                    let buf = &mut entries[..pages * 8];
+                    pm.read_exact_at(buf, (host + at) / PAGE as u64 * 8)
+                        .map_err(|e| Error::Io { path: "/proc/self/pagemap".into(), source: e })?;
+                    // Bit 63: present; bit 62: swapped out.
+                    buf.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()) >> 62 != 0).collect()
+                }
+                None => vec![true; pages],
+            };
+            for (i, in_mapping) in mapped.into_iter().enumerate() {
+                let page_at = at + (i * PAGE) as u64;
+                let n = PAGE.min((len - page_at) as usize);
+                if in_mapping {
+                    vm_memory::Bytes::read_slice(region, &mut page[..n], vm_memory::MemoryRegionAddress(page_at))
+                        .map_err(|e| Error::Io { path: path.into(), source: std::io::Error::other(e.to_string()) })?;
+                } else if let Some(fo) = backing {
+                    read_file_page(fo.file(), fo.start() + page_at, &mut page[..n]).map_err(|e| Error::Io { path: path.into(), source: e })?;
+                } else {
+                    continue; // never touched anonymous memory: zeros
+                }
+                if page[..n].iter().any(|&b| b != 0) {
+                    file.write_all_at(&page[..n], offset + page_at).map_err(io(path))?;
+                }
             }
-            at += n as u64;
+            at += (pages * PAGE) as u64;
         }
         offset += len;
     }
     file.sync_all().map_err(io(path))?;
     Ok(offset)
+}
+
+/// Reads `buf.len()` bytes of `file` at `at`; what lies past its end reads
+/// as zeros.
+fn read_file_page(file: &File, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], at + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
 }
 
 /// Maps `path` as the memory of a guest of `mem_mib` MiB, copy-on-write.
@@ -243,6 +297,44 @@ mod tests {
         assert_eq!(&got, b"hello", "a write in one restored VM must not show in another");
         b.read_slice(&mut got, GuestAddress((32 << 20) - 5)).unwrap();
         assert_eq!(&got, b"world");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_of_a_restored_vm_fills_no_hole_of_its_template() {
+        // The template's memory file on a tmpfs, where a read through a
+        // private mapping backs a hole with a new page of the file.
+        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let d = base.join(format!("vmrun-snap-{}-tmpfs", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let template = d.join("template");
+        let f = File::create(&template).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"in the template", 0x10_0000).unwrap();
+        f.write_all_at(b"last page", (64 << 20) - 4096).unwrap();
+        drop(f);
+        use std::os::unix::fs::MetadataExt;
+        let blocks = || std::fs::metadata(&template).unwrap().blocks();
+
+        let mem = map_memory(&template, 64).unwrap();
+        // The guest wrote one page (copy-on-write) and read another (a
+        // page it touches is backed: that is the guest's doing).
+        mem.write_slice(b"written after the restore", GuestAddress(0x20_0000)).unwrap();
+        let mut got = [0u8; 15];
+        mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        let before = blocks();
+        let out = d.join("snapshot");
+        write_memory(&mem, &out).unwrap();
+        assert_eq!(blocks(), before, "writing the snapshot filled holes of the template's file");
+
+        let copy = map_memory(&out, 64).unwrap();
+        for (addr, want) in [(0x10_0000u64, &b"in the template"[..]), (0x20_0000, b"written after the restore"), ((64 << 20) - 4096, b"last page")] {
+            let mut got = vec![0u8; want.len()];
+            copy.read_slice(&mut got, GuestAddress(addr)).unwrap();
+            assert_eq!(got, want, "at {addr:#x}");
+        }
+        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "zero pages should be holes");
         std::fs::remove_dir_all(d).unwrap();
     }
 

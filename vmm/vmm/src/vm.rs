@@ -96,17 +96,34 @@ impl std::fmt::Display for ExitReason {
 }
 
 fn validate(config: &VmConfig) -> Result<()> {
-    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-        return Err(Error::Config(format!("{} vCPUs requested; 1 to {MAX_VCPUS} are supported", config.vcpus)));
+    check_resources(u64::from(config.vcpus), u64::from(config.mem_mib))
+}
+
+/// Checks a VM's vCPU count and memory size (MiB) before anything is
+/// made: in the range this VMM supports, and no more memory than the host
+/// has. Front ends call it too, so that a bad size fails up front with the
+/// reason rather than in a VMM whose messages nobody reads.
+pub fn check_resources(vcpus: u64, mem_mib: u64) -> Result<()> {
+    if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
+        return Err(Error::Config(format!("{vcpus} vCPUs requested; 1 to {MAX_VCPUS} are supported")));
     }
-    let min = (vmrun_arch::boot_params::MIN_MEM_SIZE >> 20) as u32;
-    if config.mem_mib < min || config.mem_mib > MAX_MEM_MIB {
-        return Err(Error::Config(format!(
-            "{} MiB of memory requested; {min} to {MAX_MEM_MIB} MiB are supported",
-            config.mem_mib
-        )));
+    let min = vmrun_arch::boot_params::MIN_MEM_SIZE >> 20;
+    if mem_mib < min || mem_mib > u64::from(MAX_MEM_MIB) {
+        return Err(Error::Config(format!("{mem_mib} MiB of memory requested; {min} to {MAX_MEM_MIB} MiB are supported")));
+    }
+    if let Some(host) = host_memory_mib() {
+        if mem_mib > host {
+            return Err(Error::Config(format!("{mem_mib} MiB of memory requested; this host has {host} MiB")));
+        }
     }
     Ok(())
+}
+
+/// The host's memory in MiB (`MemTotal`), if /proc tells.
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib >> 10)
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd> {
@@ -500,6 +517,7 @@ impl Machine {
         let signals = SignalGuard::new()?;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        catch_sigbus()?;
         // Everything that can fail is done before the vCPU threads start.
         let signal_fd = signals.fd()?;
         let reset_evt = self.legacy.reset_evt.try_clone()?;
@@ -621,6 +639,36 @@ fn kick_threads(pthreads: &[libc::pthread_t]) {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// A SIGBUS in the VMM means guest memory could not be backed: the file a
+/// restored VM's memory maps is on a full file system (a tmpfs data
+/// directory) or was truncated. The VMM ends with that said, instead of
+/// Rust's default handler resetting the signal (a call seccomp forbids:
+/// the VMM would die by SIGSYS without a word).
+fn catch_sigbus() -> Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that only calls
+    // async-signal-safe functions.
+    let r = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = sigbus_handler as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+extern "C" fn sigbus_handler(_: libc::c_int) {
+    const MSG: &[u8] = b"vmrun: error: guest memory could not be backed (SIGBUS): the file system that holds the \
+snapshot's memory file is full, or the file was truncated; free space in the data directory (a tmpfs?) and retry\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(1);
+    }
+}
+
 /// Stops every vCPU thread: sets the flag, opens the start gate (for
 /// threads that never ran) and kicks each thread out of KVM_RUN until it
 /// has returned.
@@ -687,6 +735,41 @@ impl Drop for SignalGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sigbus_ends_the_vmm_with_the_reason() {
+        // A mapping whose second page lies past the end of its file: a
+        // touch of it raises SIGBUS, as guest memory on a full tmpfs does.
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("memory")).unwrap();
+        f.set_len(4096).unwrap();
+        let mut pipe = [0; 2];
+        // SAFETY: mmap of our file; pipe fills two descriptors; the child
+        // makes only async-signal-safe calls.
+        unsafe {
+            let p = libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&f), 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            let child = libc::fork();
+            if child == 0 {
+                libc::dup2(pipe[1], 2);
+                if catch_sigbus().is_err() {
+                    libc::_exit(9);
+                }
+                let _ = std::ptr::read_volatile(p.cast::<u8>().add(4096));
+                libc::_exit(0);
+            }
+            libc::close(pipe[1]);
+            let mut status = 0;
+            libc::waitpid(child, &mut status, 0);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1, "status {status}");
+        }
+        let mut msg = String::new();
+        // SAFETY: the read end, ours alone.
+        let mut r = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(pipe[0]) };
+        std::io::Read::read_to_string(&mut r, &mut msg).unwrap();
+        assert!(msg.contains("SIGBUS") && msg.contains("full"), "{msg}");
+    }
 
     #[test]
     fn exit_codes() {

@@ -204,9 +204,9 @@ struct BootArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u32,
-    /// Number of vCPUs.
+    /// Number of vCPUs (1 to 32).
     #[arg(long, default_value_t = 1)]
-    cpus: u8,
+    cpus: u32,
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -296,6 +296,8 @@ enum CompatArg {
 }
 
 fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
+    vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(args.memory)).context("cannot run the VM")?;
+    let vcpus = u8::try_from(args.cpus).context("vCPU count")?;
     let host_compat = resolve_host_compat(args.host_compat.into());
     let needs = jail_cmd::Needs {
         read_only: [Some(args.kernel.clone()), args.initrd.clone()].into_iter().flatten().collect(),
@@ -306,7 +308,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
             .collect(),
         taps: args.nets.iter().map(|n| n.tap.clone()).collect(),
         memory_mib: u64::from(args.memory),
-        cpus: u32::from(args.cpus),
+        cpus: args.cpus,
     };
     jail_cmd::enter(args.jail, &needs)?;
     let config = VmConfig {
@@ -314,7 +316,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         initrd: args.initrd,
         cmdline: args.cmdline,
         mem_mib: args.memory,
-        vcpus: args.cpus,
+        vcpus,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
         console_limit: (args.console_limit > 0).then_some(args.console_limit),
         console_input: true,
@@ -410,10 +412,23 @@ fn run_exit(result: anyhow::Result<i32>) -> ExitCode {
     }
 }
 
+/// Docker's convention: a bad flag of `run` or `exec` exits 125, like any
+/// failure of the tool itself (the container's own codes stay apart).
+fn usage_error_is_125() -> bool {
+    matches!(std::env::args().nth(1).as_deref(), Some("run" | "exec"))
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     logger::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && usage_error_is_125() => {
+            let _ = e.print();
+            return ExitCode::from(125);
+        }
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Boot(args) => boot(args, start),
         Command::Restore(args) => restore(args, start),

@@ -76,9 +76,9 @@ pub struct RunArgs {
     /// Memory of the microVM (e.g. 512m, 1g).
     #[arg(short = 'm', long, default_value = "512m")]
     pub memory: String,
-    /// vCPUs of the microVM.
+    /// vCPUs of the microVM (1 to 32).
     #[arg(long, default_value_t = 1)]
-    pub cpus: u8,
+    pub cpus: u32,
     /// Guest kernel (default: $VMRUN_KERNEL, else $VMRUN_HOME/boot/vmlinux).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -118,6 +118,7 @@ pub struct ProcessFlags {
 /// The options of a run, checked before anything starts.
 struct Checked {
     mem_mib: u32,
+    cpus: u8,
     volumes: Vec<Volume>,
     ports: Vec<PortMap>,
 }
@@ -136,7 +137,10 @@ fn check(args: &RunArgs) -> Result<Checked> {
     if !ports.is_empty() && args.network != "tap" {
         bail!("publishing ports needs a network: add --network tap");
     }
-    Ok(Checked { mem_mib: parse_memory(&args.memory)?, volumes, ports })
+    let mem_mib = parse_memory(&args.memory)?;
+    vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(mem_mib))?;
+    let cpus = u8::try_from(args.cpus).context("vCPU count")?;
+    Ok(Checked { mem_mib, cpus, volumes, ports })
 }
 
 /// Parses `512m`, `1g`, `256` (MiB) into MiB.
@@ -149,8 +153,12 @@ pub fn parse_memory(s: &str) -> Result<u32> {
         _ => (t.as_str(), 1),
     };
     let n: u64 = num.trim_end_matches('b').parse().map_err(|_| anyhow!("invalid memory size {s:?} (use e.g. 512m or 1g)"))?;
-    let mib = if mult == 0 { n / 1024 } else { n * mult };
-    u32::try_from(mib).ok().filter(|m| *m >= 64).ok_or_else(|| anyhow!("memory size {s:?} must be at least 64m"))
+    let too_large = || anyhow!("memory size {s:?} is too large: at most {}g", vmrun_vmm::MAX_MEM_MIB / 1024);
+    let mib = if mult == 0 { n / 1024 } else { n.checked_mul(mult).ok_or_else(too_large)? };
+    if mib < 64 {
+        bail!("memory size {s:?} must be at least 64m");
+    }
+    u32::try_from(mib).map_err(|_| too_large())
 }
 
 fn env_entries(args: &RunArgs) -> Result<Vec<String>> {
@@ -319,6 +327,7 @@ fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
     let mut cmd = std::process::Command::new(std::env::current_exe().context("cannot find the vmrun executable")?);
     cmd.arg("supervise").arg(dir).env("VMRUN_HOME", home.root());
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+    vmrun_runtime::vm::no_inherited_fds(&mut cmd);
     // SAFETY: setsid is async-signal-safe; the supervisor leaves this
     // terminal's session so that closing it does not end the container.
     unsafe {
@@ -442,18 +451,16 @@ impl Drop for Network {
     }
 }
 
-/// Gives the container a network link: a free subnet (chosen under a lock
-/// and recorded in its state before the lock is let go) and its TAP
-/// device.
+/// Gives the container a network link: a subnet free on the whole host
+/// (see `vmrun_runtime::net::allocate`) and its TAP device, recorded in its
+/// state.
 fn set_up_network(home: &Home, dir: &Path, state: &mut State) -> Result<Link> {
-    let _lock = vmrun_runtime::lock::Lock::take(&home.root().join("network.lock"))?;
     let used: Vec<u32> = container::list(home)?
         .iter()
-        .filter(|(_, s)| s.effective_status() != Status::Exited || s.id == state.id)
+        .filter(|(_, s)| s.effective_status() != Status::Exited && s.id != state.id)
         .filter_map(|(_, s)| s.ip.as_deref().and_then(Link::index_of))
         .collect();
-    let link = Link::new(&state.id, vmrun_runtime::net::free_index(&used)?);
-    link.create()?;
+    let link = vmrun_runtime::net::allocate(&state.id, &used)?;
     state.tap = Some(link.tap.clone());
     state.ip = Some(link.guest.to_string());
     if let Err(e) = state.save(dir) {
@@ -506,7 +513,7 @@ fn run_container_inner(
     let spec = VmSpec {
         artifacts,
         mem_mib: checked.mem_mib,
-        cpus: args.cpus,
+        cpus: checked.cpus,
         layer_disk,
         volumes: volume_disks,
         tap: network.as_ref().map(|n| n.link.tap.clone()),
@@ -660,6 +667,11 @@ mod tests {
         assert_eq!(parse_memory("262144k").unwrap(), 256);
         assert!(parse_memory("12m").is_err());
         assert!(parse_memory("lots").is_err());
+        // No overflow into "at least 64m".
+        let e = parse_memory("999999999999g").unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
+        let e = parse_memory("99999999999m").unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
     }
 
     #[test]
