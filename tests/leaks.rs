@@ -41,6 +41,7 @@ fn sandboxes_leave_nothing_behind() {
     let s = Sandboxes::new(env!("CARGO_BIN_EXE_vmrun"), "leaks-home");
     s.load_busybox();
     a_signal_during_a_template_build_leaves_nothing(&s);
+    a_kill_during_a_template_build_is_collected(&s);
     // The templates (a boot each) are made first: they are meant to stay.
     s.warm_up();
     let before = Leftovers::now(&s.home);
@@ -87,8 +88,50 @@ fn a_signal_during_a_template_build_leaves_nothing(s: &Sandboxes) {
     let after = Leftovers::now(&s.home);
     let builds: Vec<_> = after.files.iter().filter(|f| f.contains(".build-")).collect();
     assert!(builds.is_empty(), "the template build's work directory is left: {builds:?}");
-    let kept = |l: &Leftovers| (l.processes.clone(), l.taps.clone(), l.mounts, l.containers.clone(), l.sockets, l.cgroups.clone());
     assert!(kept(&before) == kept(&after), "an interrupted template build left:\n{}", before.changes(&after));
+}
+
+/// What a killed run must not leave for good (the data directory's own
+/// files aside).
+fn kept(l: &Leftovers) -> impl PartialEq {
+    (l.processes.clone(), l.taps.clone(), l.mounts, l.containers.clone(), l.sockets, l.cgroups.clone(), l.jails.clone())
+}
+
+/// `kill -9` of a `vmrun run` while its template VM boots: nothing can
+/// clean up in the moment, so the work directory, the jail's record, root
+/// and cgroups stay; `vmrun system prune` finds and removes them all.
+fn a_kill_during_a_template_build_is_collected(s: &Sandboxes) {
+    let before = Leftovers::now(&s.home);
+    let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
+    let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while !Leftovers::now(&s.home).processes.contains_key("vmrun boot") {
+        assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
+        assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    // The VMM dies with it (its parent-death signal), its jail's outer
+    // process first: wait until no vmrun process of this data directory
+    // is left.
+    let start = Instant::now();
+    while !Leftovers::now(&s.home).processes.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", Leftovers::now(&s.home).processes);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = Leftovers::now(&s.home);
+    assert!(left.files.iter().any(|f| f.contains(".build-")), "no work directory left to collect: {:?}", left.files);
+    assert!(left.jails.len() > before.jails.len(), "no jail record left to collect");
+
+    let o = s.ok(&["system", "prune", "-f"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(".build-"), "prune did not say what it removed: {out}");
+    let after = Leftovers::now(&s.home);
+    let builds: Vec<_> = after.files.iter().filter(|f| f.contains(".build-")).collect();
+    assert!(builds.is_empty(), "prune left the build's work directory: {builds:?}");
+    assert!(kept(&before) == kept(&after), "prune left what the killed run made:\n{}", before.changes(&after));
 }
 
 #[test]

@@ -34,8 +34,27 @@ pub struct Leftovers {
     pub files: Vec<String>,
     /// File descriptors open in this process (the one driving `vmrun`).
     pub fds: usize,
-    /// Cgroups named `vmrun*` under /sys/fs/cgroup (any hierarchy).
+    /// Cgroups named `vmrun*` under /sys/fs/cgroup (any hierarchy, at any
+    /// depth: a jail's cgroup sits under its caller's).
     pub cgroups: Vec<String>,
+    /// Jail records and roots under /run/vmrun-jail.
+    pub jails: Vec<String>,
+}
+
+/// Directories named `vmrun*` in the cgroup tree below `dir`.
+fn vmrun_cgroups(dir: &Path, depth: usize, out: &mut Vec<String>) {
+    if depth == 0 {
+        return;
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        if e.file_name().to_string_lossy().starts_with("vmrun") {
+            out.push(e.path().display().to_string());
+        }
+        vmrun_cgroups(&e.path(), depth - 1, out);
+    }
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -88,18 +107,16 @@ impl Leftovers {
         files.sort();
         let fds = std::fs::read_dir("/proc/self/fd").into_iter().flatten().count();
         let mut cgroups = Vec::new();
-        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-            for d in [h.path(), h.path().join("vmrun")] {
-                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if n.starts_with("vmrun") && e.path().is_dir() {
-                        cgroups.push(e.path().display().to_string());
-                    }
-                }
-            }
-        }
+        vmrun_cgroups(Path::new("/sys/fs/cgroup"), 8, &mut cgroups);
         cgroups.sort();
-        Self { processes, taps, mounts, containers, sockets, files, fds, cgroups }
+        let mut jails: Vec<String> = std::fs::read_dir("/run/vmrun-jail")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        jails.sort();
+        Self { processes, taps, mounts, containers, sockets, files, fds, cgroups, jails }
     }
 
     /// What `later` has that `self` had not (or lacks), a line per kind;
@@ -121,6 +138,7 @@ impl Leftovers {
         kind("files", format!("removed {removed:?}"), format!("added {added:?}"));
         kind("fds", self.fds.to_string(), later.fds.to_string());
         kind("cgroups", format!("{:?}", self.cgroups), format!("{:?}", later.cgroups));
+        kind("jails", format!("{:?}", self.jails), format!("{:?}", later.jails));
         out
     }
 }

@@ -150,8 +150,10 @@ impl Jail {
             Some(_) => cgroup_dirs(&format!("vmrun-{pid}"))?,
             None => Vec::new(),
         };
-        // Written down before anything is made, and locked while this
-        // (outer) process lives.
+        // What a dead process with our pid left goes first; ours is written
+        // down before anything is made, and locked while this (outer)
+        // process lives.
+        collect(pid);
         let record = Record { root: root.clone(), cgroups: cgroups.clone() }.write(pid)?;
         let cgroup = match self.limits {
             Some(l) => Some(Cgroup::create(cgroups, l)?),
