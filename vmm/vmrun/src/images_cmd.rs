@@ -21,7 +21,8 @@ fn open(store_dir: &Path) -> Result<Store> {
 
 /// `vmrun pull REFERENCE`. Registries named in `VMRUN_INSECURE_REGISTRIES`
 /// (comma-separated `host:port`) are spoken to over plain HTTP, as loopback
-/// ones always are.
+/// ones always are; `VMRUN_PULL_MIN_RATE` and `VMRUN_PULL_TIMEOUT` bound
+/// slow transfers and the whole pull ([`PullOptions::from_env`]).
 pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
     pull_reporting(store_dir, reference, &mut std::io::stdout())
 }
@@ -31,16 +32,7 @@ pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
 pub fn pull_reporting(store_dir: &Path, reference: &str, out: &mut dyn std::io::Write) -> Result<()> {
     let reference: Reference = reference.parse()?;
     let store = open(store_dir)?;
-    let options = PullOptions {
-        insecure_registries: std::env::var("VMRUN_INSECURE_REGISTRIES")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        ..PullOptions::default()
-    };
+    let options = PullOptions::from_env()?;
     let mut bar = Bar::new();
     let result = store.pull(&reference, &options, &mut bar);
     bar.finish();
