@@ -160,6 +160,23 @@ mod tests {
     }
 
     #[test]
+    fn a_discarded_disk_goes_unless_a_run_holds_it() {
+        let dir = std::env::temp_dir().join(format!("vmrun-discard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let path = dir.join(file_name(&digest));
+        std::fs::write(&path, b"index").unwrap();
+        let held = Lock::shared(&lock_path(&path)).unwrap();
+        assert!(!discard(&dir, &digest), "removed while a run starts with it");
+        assert!(path.is_file());
+        drop(held);
+        assert!(discard(&dir, &digest));
+        assert!(!path.exists());
+        assert_eq!(manifest_digest_of(&file_name(&digest)), Some(digest));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn digests_parse() {
         let hex = "ab".repeat(32);
         assert_eq!(digest_of(&format!("sha256:{hex}")), Some(Digest([0xab; 32])));
