@@ -89,6 +89,43 @@ pub enum Error {
         /// What it did wrong.
         reason: String,
     },
+    /// A transfer of a pull received less than the minimum rate over a
+    /// window (a stalled or trickling registry).
+    #[error(
+        "registry {registry} sent {bytes} bytes of {what} in the last {elapsed} (minimum {min_rate}): giving up; check the network or set VMRUN_PULL_MIN_RATE / VMRUN_PULL_TIMEOUT"
+    )]
+    TooSlow {
+        /// `host[:port]`.
+        registry: String,
+        /// What was being received (`layer 1 sha256:...`, `manifest latest`).
+        what: String,
+        /// The bytes received over the window.
+        bytes: u64,
+        /// The window's length, as words (`30 s`).
+        elapsed: String,
+        /// The minimum rate, as words (`1 KiB/s over 30 s`).
+        min_rate: String,
+    },
+    /// A pull ran past its overall deadline.
+    #[error(
+        "registry {registry}: the pull took longer than the {limit} allowed (while receiving {what}): giving up; check the network or set VMRUN_PULL_TIMEOUT"
+    )]
+    PullTimeout {
+        /// `host[:port]`.
+        registry: String,
+        /// What was being received.
+        what: String,
+        /// The deadline, as words (`6 h`).
+        limit: String,
+    },
+    /// A setting (an environment variable) has a value that is not one.
+    #[error("{name}: {reason}")]
+    BadSetting {
+        /// The variable.
+        name: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// An archive given to `load` is not a `docker save` or OCI archive, or
     /// is damaged.
     #[error("{}: {reason}", path.display())]

@@ -36,7 +36,8 @@ pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
 pub use image::{Image, ImageConfig, ImageSummary, Layer};
 pub use progress::{NoProgress, Progress};
-pub use pull::{Credentials, PullOptions};
+pub use pull::pace::MinRate;
+pub use pull::{Credentials, PullOptions, DEFAULT_PULL_DEADLINE};
 pub use reference::{Reference, ReferenceError, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
 

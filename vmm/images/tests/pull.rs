@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::fake::{Body, FakeImage, FakeRegistry, Route};
 use support::registry::Registry;
 use support::{assert_one_line, busybox, closed_port, snapshot, Recorder};
-use vmrun_images::{Digest, Error, NoProgress, PullOptions, Reference, Store};
+use vmrun_images::{Digest, Error, MinRate, NoProgress, PullOptions, Reference, Store};
 
 fn r(s: &str) -> Reference {
     s.parse().unwrap()
@@ -266,4 +266,101 @@ fn lying_registry_leaves_the_store_unchanged() {
     fake.serve_image("img", "latest", &img);
     fake.route(&layer_path, Route { status: 500, headers: vec![], body: Body::Bytes(b"oops".to_vec()) });
     assert_pull_fails(&fake, &opts, "HTTP 500");
+}
+
+/// Limits small enough for a test: 1 KiB/s over half a second, 20 s in all.
+fn paced() -> PullOptions {
+    PullOptions {
+        min_rate: MinRate { bytes_per_sec: 1024, window: Duration::from_millis(500) },
+        deadline: Some(Duration::from_secs(20)),
+        ..PullOptions::default()
+    }
+}
+
+#[test]
+fn a_trickling_registry_is_given_up_on() {
+    let img = FakeImage::new(200_000);
+    let layer_path = format!("/v2/img/blobs/{}", img.layer_digest);
+    let fake = FakeRegistry::start();
+    fake.serve_image("img", "latest", &img);
+    let opts = paced();
+
+    // An honest registry is pulled from under these limits.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let image = store.pull(&r(&format!("{}/img", fake.host())), &opts, &mut NoProgress).unwrap();
+    assert_eq!(image.manifest_digest, img.manifest_digest);
+
+    let trickle = |bytes: &[u8]| Body::Trickle { bytes: bytes.to_vec(), step: 1, pause: Duration::from_millis(50) };
+    let quick = |what: &str| {
+        let start = Instant::now();
+        let err = assert_pull_fails(&fake, &opts, what);
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: gave up after {:?}", start.elapsed());
+        err
+    };
+
+    // A layer sent one byte every 50 ms (20 B/s).
+    fake.route(&layer_path, Route::ok(trickle(&img.layer)));
+    let err = quick(&format!("bytes of layer 1 {} in the last", img.layer_digest));
+    assert!(matches!(err, Error::TooSlow { .. }), "{err:?}");
+    assert_one_line(
+        &err,
+        "(minimum 1 KiB/s over 0.5 s): giving up; check the network or set VMRUN_PULL_MIN_RATE / VMRUN_PULL_TIMEOUT",
+    );
+    assert_one_line(&err, &format!("registry {} sent ", fake.host()));
+
+    // A manifest, and a config, sent so.
+    fake.serve_image("img", "latest", &img);
+    fake.route("/v2/img/manifests/latest", Route::ok(trickle(&img.manifest)));
+    quick("bytes of manifest latest in the last");
+    fake.serve_image("img", "latest", &img);
+    fake.route(&format!("/v2/img/blobs/{}", img.config_digest), Route::ok(trickle(&img.config)));
+    quick("bytes of config");
+
+    // A token service that trickles.
+    fake.serve_image("img", "latest", &img);
+    fake.require_token("s3cret");
+    fake.route("/token", Route::ok(trickle(br#"{"token":"s3cret"}"#)));
+    quick("bytes of the token in the last");
+
+    // A registry fast enough for the minimum rate (80 KB/s) but not for
+    // the deadline, and one that never answers: the deadline ends both.
+    let fake = FakeRegistry::start();
+    fake.serve_image("img", "latest", &img);
+    let steady = Body::Trickle { bytes: img.layer.clone(), step: 8000, pause: Duration::from_millis(100) };
+    fake.route(&layer_path, Route::ok(steady));
+    let opts = PullOptions { deadline: Some(Duration::from_secs(1)), ..paced() };
+    let start = Instant::now();
+    let err = assert_pull_fails(&fake, &opts, "the pull took longer than the 1 s allowed (while receiving layer 1");
+    assert!(matches!(err, Error::PullTimeout { .. }), "{err:?}");
+    assert_one_line(&err, "giving up; check the network or set VMRUN_PULL_TIMEOUT");
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+    fake.route("/v2/img/manifests/latest", Route::ok(Body::Stall));
+    let start = Instant::now();
+    let no_rate = PullOptions { min_rate: MinRate { bytes_per_sec: 0, ..MinRate::default() }, ..opts };
+    assert_pull_fails(&fake, &no_rate, "the pull took longer than the 1 s allowed (while receiving manifests/latest)");
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+    // With the minimum rate, a registry that sends nothing for a window is
+    // too slow as well.
+    let start = Instant::now();
+    assert_pull_fails(&fake, &paced(), "sent 0 bytes of manifests/latest in the last 0.5 s (minimum 1 KiB/s over 0.5 s)");
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+}
+
+#[test]
+fn pull_limits_from_the_environment() {
+    // One test sets these variables; the others pass their options.
+    std::env::set_var("VMRUN_PULL_MIN_RATE", "2KiB/10s");
+    std::env::set_var("VMRUN_PULL_TIMEOUT", "90m");
+    let o = PullOptions::from_env().unwrap();
+    assert_eq!(o.min_rate, MinRate { bytes_per_sec: 2048, window: Duration::from_secs(10) });
+    assert_eq!(o.deadline, Some(Duration::from_secs(90 * 60)));
+    std::env::set_var("VMRUN_PULL_TIMEOUT", "0");
+    assert_eq!(PullOptions::from_env().unwrap().deadline, None);
+    std::env::set_var("VMRUN_PULL_MIN_RATE", "fast");
+    assert_one_line(&PullOptions::from_env().unwrap_err(), "VMRUN_PULL_MIN_RATE: \"fast\" is not BYTES[/SECONDS]");
+    std::env::remove_var("VMRUN_PULL_MIN_RATE");
+    std::env::remove_var("VMRUN_PULL_TIMEOUT");
+    let d = PullOptions::from_env().unwrap();
+    assert_eq!((d.min_rate, d.deadline), (MinRate::default(), Some(vmrun_images::DEFAULT_PULL_DEADLINE)));
 }

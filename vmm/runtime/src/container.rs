@@ -88,6 +88,14 @@ pub struct State {
     pub name: String,
     /// The image as the user named it.
     pub image: String,
+    /// The image's manifest digest: its layer disk and prepared templates
+    /// are kept while the container exists.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    /// The directory name of the template its VM was restored from (under
+    /// `templates/`), kept while the container exists.
+    #[serde(default)]
+    pub template: Option<String>,
     /// The command, as shown by `ps`.
     pub command: String,
     /// Seconds since the epoch.
@@ -134,6 +142,8 @@ impl State {
             id: id.into(),
             name: name.into(),
             image: image.into(),
+            image_digest: None,
+            template: None,
             command: command.into(),
             created: now(),
             status: Status::Created,

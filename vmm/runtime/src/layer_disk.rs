@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use vmrun_images::Image;
 use vmrun_layerdisk::{Digest, Index};
 
+use crate::lock::Lock;
 use crate::{Error, Result};
 
 fn digest_of(d: &str) -> Option<Digest> {
@@ -27,11 +28,58 @@ fn digest_of(d: &str) -> Option<Digest> {
     Some(Digest(out))
 }
 
+/// The file name of the layer disk of the image with this manifest digest
+/// (`sha256-<hex>.disk`).
+pub fn file_name(manifest_digest: &str) -> String {
+    format!("{}.disk", manifest_digest.replace(':', "-"))
+}
+
+/// The manifest digest a layer disk's file name stands for, if it is one
+/// of an image's.
+pub fn manifest_digest_of(file_name: &str) -> Option<String> {
+    let hex = file_name.strip_prefix("sha256-")?.strip_suffix(".disk")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+}
+
+/// The lock file of a layer disk: held shared by a run from before the
+/// disk is looked at until its VM's agent answers, exclusively (without
+/// waiting) by whatever removes the disk.
+pub fn lock_path(disk: &Path) -> PathBuf {
+    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    disk.with_file_name(format!(".{name}.lock"))
+}
+
 /// The layer disk of `image` under `dir`, built if missing. Returns its
 /// path and the layers' digests in order.
 pub fn for_image(dir: &Path, image: &Image) -> Result<(PathBuf, Vec<Digest>)> {
+    use_for_image(dir, image).map(|(path, digests, _lock)| (path, digests))
+}
+
+/// [`for_image`], with a shared lock on the disk that keeps it from being
+/// removed (by `vmrun rmi` or `vmrun system prune`) while it is held: hand
+/// it to [`crate::vm::VmProcess::hold_until_ready`].
+pub fn use_for_image(dir: &Path, image: &Image) -> Result<(PathBuf, Vec<Digest>, Lock)> {
+    let path = dir.join(file_name(&image.manifest_digest.to_string()));
+    std::fs::create_dir_all(dir)?;
+    let lock = Lock::shared(&lock_path(&path))?;
+    let (path, digests) = build(dir, image, path)?;
+    Ok((path, digests, lock))
+}
+
+/// Removes the layer disk of the image with this manifest digest after its
+/// unpack failed in a guest, so that the next run builds it again from the
+/// store (unless a run is starting with it right now). Returns whether it
+/// was removed.
+pub fn discard(dir: &Path, manifest_digest: &str) -> bool {
+    let path = dir.join(file_name(manifest_digest));
+    match Lock::try_take(&lock_path(&path)) {
+        Ok(Some(_lock)) => std::fs::remove_file(&path).is_ok(),
+        _ => false,
+    }
+}
+
+fn build(dir: &Path, image: &Image, path: PathBuf) -> Result<(PathBuf, Vec<Digest>)> {
     let name = image.manifest_digest.to_string().replace(':', "-");
-    let path = dir.join(format!("{name}.disk"));
     let err = |reason: String| Error::LayerDisk { path: path.clone(), reason };
     let mut blobs = Vec::with_capacity(image.layers.len());
     for l in &image.layers {
@@ -108,6 +156,23 @@ mod tests {
         let disk = vmrun_layerdisk::LayerDisk::new(&bytes).unwrap();
         assert!(disk.index().entries.is_empty());
         assert_eq!(empty(&dir).unwrap(), path, "written once");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_discarded_disk_goes_unless_a_run_holds_it() {
+        let dir = std::env::temp_dir().join(format!("vmrun-discard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let path = dir.join(file_name(&digest));
+        std::fs::write(&path, b"index").unwrap();
+        let held = Lock::shared(&lock_path(&path)).unwrap();
+        assert!(!discard(&dir, &digest), "removed while a run starts with it");
+        assert!(path.is_file());
+        drop(held);
+        assert!(discard(&dir, &digest));
+        assert!(!path.exists());
+        assert_eq!(manifest_digest_of(&file_name(&digest)), Some(digest));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

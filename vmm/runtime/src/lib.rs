@@ -5,7 +5,9 @@
 //! - [`artifacts`]: the guest kernel and the agent initramfs;
 //! - [`layer_disk`]: an image's layer blobs on a read-only disk for the guest;
 //! - [`vm`]: the VMM process (a child `vmrun boot`), reaching its agent,
-//!   stopping it.
+//!   stopping it;
+//! - [`prune`]: what the data directory no longer needs (`rmi`, `system df`,
+//!   `system prune`).
 
 pub mod artifacts;
 pub mod container;
@@ -13,6 +15,7 @@ pub mod home;
 pub mod layer_disk;
 pub mod lock;
 pub mod net;
+pub mod prune;
 pub mod template;
 pub mod vm;
 pub mod volume;

@@ -54,6 +54,29 @@ fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
 /// (2: the guest's TSC frequency on the command line of emulating hosts).
 const BOOT_REVISION: u32 = 2;
 
+/// The file in a base template that records what it was made from
+/// ([`Inputs`]), for `vmrun system prune` to tell a stale template.
+pub const INPUTS_FILE: &str = "inputs.json";
+
+/// What a base template was made from, beyond its VM's size: templates
+/// whose `artifacts` is not the current one will never be used again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Inputs {
+    /// [`artifacts_hash`] of its kernel, agent and vmrun version.
+    pub artifacts: String,
+}
+
+/// A hash of the kernel, the agent initramfs (their contents) and vmrun's
+/// version and boot revision: what every template key depends on, whatever
+/// the VM's size.
+pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts) -> std::io::Result<String> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    h = hash_file(h, &artifacts.kernel)?;
+    h = hash_file(h, &artifacts.agent_initrd)?;
+    h = fnv(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes());
+    Ok(format!("{h:016x}"))
+}
+
 impl TemplateKey {
     /// The key of a VM made as `spec` describes (the layer disk aside).
     pub fn of(spec: &VmSpec) -> std::io::Result<Self> {
@@ -93,6 +116,8 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
     let result = build(&work, spec, vmm);
     match result {
         Ok(snapshot) => {
+            let inputs = Inputs { artifacts: artifacts_hash(&spec.artifacts)? };
+            std::fs::write(snapshot.join(INPUTS_FILE), serde_json::to_vec(&inputs).map_err(std::io::Error::other)?)?;
             own_by_root(&snapshot)?;
             std::fs::rename(&snapshot, &path)?;
             let _ = std::fs::remove_dir_all(&work);
@@ -196,12 +221,27 @@ fn snapshot_booted(vm: &mut VmProcess, spec: &VmSpec) -> Result<PathBuf> {
 /// The id of the container in a prepared template.
 pub const PREPARED_ID: &str = "prepared";
 
+/// The lock file of a template directory (`<name>.lock`, next to it):
+/// held exclusively while it is built or saved, shared while a VM is
+/// restored from it, and exclusively (without waiting) by whatever removes
+/// it.
+pub fn lock_path(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.with_file_name(format!("{name}.lock"))
+}
+
+/// The first 16 hex digits of a manifest digest, as prepared templates are
+/// named (`<key>-image-<hex>`).
+pub fn prepared_suffix(manifest_digest: &str) -> String {
+    manifest_digest.trim_start_matches("sha256:").chars().take(16).collect()
+}
+
 /// Where the prepared template of an image lives: a snapshot of the base
 /// template's guest after its agent unpacked the image (container
 /// [`PREPARED_ID`], created with the image's own configuration), so that
 /// later runs of the image start its process at once.
 pub fn prepared_dir(base: &Path, manifest_digest: &str) -> PathBuf {
-    let hex: String = manifest_digest.trim_start_matches("sha256:").chars().take(16).collect();
+    let hex = prepared_suffix(manifest_digest);
     let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     base.with_file_name(format!("{name}-image-{hex}"))
 }
@@ -216,8 +256,7 @@ pub fn is_ready(dir: &Path) -> bool {
 /// in its own directory; it is then given to root and moved into place.
 /// Best effort: a failure only means later runs unpack again.
 pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
-    let lock_path = dir.with_extension("lock");
-    let Ok(lock) = File::create(&lock_path) else { return };
+    let Ok(lock) = File::create(lock_path(dir)) else { return };
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 || is_ready(dir) {
         return;
@@ -246,9 +285,20 @@ pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
     }
 }
 
-/// Starts a VM for `spec` from the template at `template`.
+/// Starts a VM for `spec` from the template at `template`. The template's
+/// lock is held (shared) until the VM's agent answers (the VMM has read
+/// the snapshot by then), so that it is not removed meanwhile.
 pub fn restore(template: &Path, spec: &VmSpec) -> Result<VmProcess> {
-    VmProcess::restore(template, spec)
+    let using = Lock::shared(&lock_path(template))?;
+    if !is_ready(template) {
+        return Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the template {} was removed; run again", template.display()),
+        )));
+    }
+    let mut vm = VmProcess::restore(template, spec)?;
+    vm.hold_until_ready(using);
+    Ok(vm)
 }
 
 #[cfg(test)]

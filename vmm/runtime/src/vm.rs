@@ -55,6 +55,10 @@ pub struct VmProcess {
     pub console: PathBuf,
     /// What the VMM may write; snapshots it takes go there first.
     pub vm_dir: PathBuf,
+    /// A shared lock on the template it was restored from (and on its
+    /// layer disk), held until its agent answers (by then the VMM has read
+    /// the snapshot), so that nothing removes them meanwhile.
+    in_use: Vec<crate::lock::Lock>,
 }
 
 /// What an empty volume slot holds: a disk of no sectors, so a guest can
@@ -173,7 +177,7 @@ impl VmProcess {
             .stderr(log)
             .spawn()
             .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, log: log_path, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir })
+        Ok(VmProcess { child, log: log_path, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir, in_use: Vec::new() })
     }
 
     /// Waits until the agent answers (the guest boots meanwhile), up to
@@ -189,7 +193,10 @@ impl VmProcess {
                 // connection waits for a driver that is not there yet.
                 let quick = Options { handshake_timeout: Duration::from_secs(5), ..opts };
                 match Client::connect_hybrid_vsock(&self.vsock, AGENT_PORT, quick) {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => {
+                        self.in_use.clear();
+                        return Ok(c);
+                    }
                     Err(e) => log::debug!("agent not there yet: {e}"),
                 }
             }
@@ -198,6 +205,11 @@ impl VmProcess {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Holds `lock` until the agent answers.
+    pub fn hold_until_ready(&mut self, lock: crate::lock::Lock) {
+        self.in_use.push(lock);
     }
 
     /// The VMM's pid.

@@ -21,7 +21,8 @@ fn open(store_dir: &Path) -> Result<Store> {
 
 /// `vmrun pull REFERENCE`. Registries named in `VMRUN_INSECURE_REGISTRIES`
 /// (comma-separated `host:port`) are spoken to over plain HTTP, as loopback
-/// ones always are.
+/// ones always are; `VMRUN_PULL_MIN_RATE` and `VMRUN_PULL_TIMEOUT` bound
+/// slow transfers and the whole pull ([`PullOptions::from_env`]).
 pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
     pull_reporting(store_dir, reference, &mut std::io::stdout())
 }
@@ -31,16 +32,7 @@ pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
 pub fn pull_reporting(store_dir: &Path, reference: &str, out: &mut dyn std::io::Write) -> Result<()> {
     let reference: Reference = reference.parse()?;
     let store = open(store_dir)?;
-    let options = PullOptions {
-        insecure_registries: std::env::var("VMRUN_INSECURE_REGISTRIES")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        ..PullOptions::default()
-    };
+    let options = PullOptions::from_env()?;
     let mut bar = Bar::new();
     let result = store.pull(&reference, &options, &mut bar);
     bar.finish();
@@ -79,41 +71,56 @@ pub fn images(store_dir: &Path) -> Result<()> {
         let id = s.config_digest.as_ref().map_or("<damaged>", Digest::short).to_owned();
         rows.push([repo, tag, id, human_size(s.size)]);
     }
-    let mut widths = [0usize; 4];
-    for row in &rows {
+    print_table(&rows);
+    Ok(())
+}
+
+/// Prints rows in columns, three spaces apart.
+pub fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in &rows {
+    for row in rows {
         let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", line.join("   ").trim_end());
     }
-    Ok(())
 }
 
 /// `vmrun rmi NAME...`: removes names (or all names of an image ID), then
 /// the blobs no image uses any more (unless another vmrun is pulling or
-/// loading right now; the next `rmi` then removes them).
+/// loading right now; the next `rmi` then removes them), then the layer
+/// disk and prepared templates of each image no name and no container
+/// uses any more (a run starting with them keeps them; `vmrun system
+/// prune` collects them later).
 pub fn rmi(store_dir: &Path, names: &[String]) -> Result<()> {
     let store = open(store_dir)?;
     let mut errors = Vec::new();
+    let mut untagged = Vec::new();
     for name in names {
         match store.remove(name) {
             Ok(removed) => {
                 for r in removed {
-                    match r.reference {
-                        Some(r) => println!("Untagged: {}", familiar(&r)),
+                    match &r.reference {
+                        Some(r) => println!("Untagged: {}", familiar(r)),
                         None => println!("Untagged: {}", r.manifest_digest),
                     }
+                    untagged.push(r.manifest_digest.to_string());
                 }
             }
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.into()),
         }
     }
     if let Some(report) = store.try_gc()? {
         for d in report.removed {
             println!("Deleted: {d}");
+        }
+    }
+    if !untagged.is_empty() {
+        if let Err(e) = remove_leftovers(store_dir, &untagged) {
+            errors.push(e);
         }
     }
     // The last error is returned; any before it are printed here.
@@ -122,9 +129,28 @@ pub fn rmi(store_dir: &Path, names: &[String]) -> Result<()> {
         eprintln!("vmrun: error: {e}");
     }
     match last {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Removes the layer disks and prepared templates of `images` (manifest
+/// digests) that nothing uses any more. The data directory is the one the
+/// store is in.
+fn remove_leftovers(store_dir: &Path, images: &[String]) -> Result<()> {
+    let home = vmrun_runtime::home::Home::at(store_dir.parent().unwrap_or(store_dir));
+    let usage = vmrun_runtime::prune::Usage::read(&home)?;
+    for digest in images {
+        for c in vmrun_runtime::prune::image_leftovers(&home, &usage, digest)? {
+            let what = c.path.strip_prefix(home.root()).unwrap_or(&c.path).display().to_string();
+            match vmrun_runtime::prune::remove(&c) {
+                vmrun_runtime::prune::Outcome::Removed(_) => println!("Deleted: {what}"),
+                vmrun_runtime::prune::Outcome::Busy => eprintln!("vmrun: kept {what}: a run is starting with it"),
+                vmrun_runtime::prune::Outcome::Failed(e) => eprintln!("vmrun: cannot remove {what}: {e}"),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves an image for `vmrun run`: by reference or image ID, with every
@@ -146,7 +172,7 @@ fn familiar(r: &Reference) -> String {
 }
 
 /// Sizes as Docker prints them: decimal units, three significant digits.
-fn human_size(bytes: u64) -> String {
+pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut unit = 0;

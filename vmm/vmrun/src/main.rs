@@ -6,6 +6,7 @@ mod images_cmd;
 mod jail_cmd;
 mod logger;
 mod run_cmd;
+mod system_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Disk usage, and collecting what nothing uses.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// Snapshots of running VMs.
     /// List containers.
     Ps {
@@ -119,6 +123,24 @@ enum Command {
         control: PathBuf,
         #[arg(value_enum)]
         action: VmAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SystemCommand {
+    /// Show the space images, containers, layer disks and templates take,
+    /// and what a prune would free.
+    Df,
+    /// Remove stopped containers, layer disks and prepared templates no
+    /// image or container uses, templates made with another kernel, agent
+    /// or vmrun, and temporary files of processes that are gone.
+    Prune {
+        /// Also remove images no container uses.
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        force: bool,
     },
 }
 
@@ -444,6 +466,8 @@ fn main() -> ExitCode {
         Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
         Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),
         Command::Rmi { names } => images_cmd::default_store_dir().and_then(|d| images_cmd::rmi(&d, &names)).map(|()| 0),
+        Command::System(SystemCommand::Df) => system_cmd::df(),
+        Command::System(SystemCommand::Prune { all, force }) => system_cmd::prune(all, force),
         Command::Snapshot(SnapshotCommand::Create { control: c, dir, resume }) => {
             control(&c, Request::Snapshot { dir, resume })
         }

@@ -301,6 +301,7 @@ fn new_container(home: &Home, args: &RunArgs, image: &vmrun_images::Image) -> Re
         tty: args.process.tty,
         auto_remove: args.rm || !args.detach,
         ports: args.publish.clone(),
+        image_digest: Some(image.manifest_digest.to_string()),
         ..State::new(&id, &name, &args.image, &command.join(" "))
     };
     let dir = home.containers().join(&id);
@@ -491,7 +492,10 @@ fn run_container_inner(
     let image = image(home, &args.image)?;
     phases.mark("store lookup");
     let artifacts = Artifacts::find(home, args.kernel.as_deref(), args.initrd.as_deref())?;
-    let (layer_disk, digests) = vmrun_runtime::layer_disk::for_image(&home.layer_disks(), &image)?;
+    // Held (shared) until the VM's agent answers: `rmi` and `system prune`
+    // leave the disk alone meanwhile.
+    let (layer_disk, digests, disk_lock) = vmrun_runtime::layer_disk::use_for_image(&home.layer_disks(), &image)?;
+    let mut disk_lock = Some(disk_lock);
     phases.mark("layer disk");
     let mut volume_disks = Vec::new();
     for (i, v) in checked.volumes.iter().enumerate() {
@@ -551,11 +555,12 @@ fn run_container_inner(
     // creation, so named containers are never prepared.
     let (mut vm, client, guest_id, prepared) = if args.cold {
         let mut vm = spec.boot()?;
+        vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
         signals.set_vmm(vm.pid());
         phases.mark("VM start");
         let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
         phases.mark("guest to agent ready");
-        client.create_container(&create(&state.id, config))?;
+        unpacked(home, &image, client.create_container(&create(&state.id, config)))?;
         phases.mark("unpack");
         (vm, client, state.id.clone(), false)
     } else {
@@ -564,26 +569,30 @@ fn run_container_inner(
         let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
+            record_template(dir, state, &prepared_dir)?;
             let mut vm = vmrun_runtime::template::restore(&prepared_dir, &spec)?;
+            vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
             signals.set_vmm(vm.pid());
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready (image unpacked in the template)");
             (vm, client, PREPARED_ID.to_string(), true)
         } else {
+            record_template(dir, state, &base)?;
             let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
+            vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
             signals.set_vmm(vm.pid());
             phases.mark("VM start");
             let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
             phases.mark("guest to agent ready");
             if preparable {
-                client.create_container(&create(PREPARED_ID, image_defaults))?;
+                unpacked(home, &image, client.create_container(&create(PREPARED_ID, image_defaults)))?;
                 phases.mark("unpack");
                 vmrun_runtime::template::save_prepared(&spec.vmm_exe, &vm, &prepared_dir);
                 phases.mark("prepared template saved");
                 (vm, client, PREPARED_ID.to_string(), true)
             } else {
-                client.create_container(&create(&state.id, config))?;
+                unpacked(home, &image, client.create_container(&create(&state.id, config)))?;
                 phases.mark("unpack");
                 (vm, client, state.id.clone(), false)
             }
@@ -633,6 +642,31 @@ fn run_container_inner(
     stop_vm(&client, &mut vm);
     phases.mark("teardown");
     Ok(code)
+}
+
+/// Records in the container's state the template its VM is restored from
+/// (before the restore), so that `rmi` and `system prune` keep it while the
+/// container exists.
+fn record_template(dir: &Path, state: &mut State, template: &Path) -> Result<()> {
+    state.template = template.file_name().map(|n| n.to_string_lossy().into_owned());
+    state.save(dir)?;
+    Ok(())
+}
+
+/// The result of creating the container in the guest. When the agent
+/// refused the image (its unpack failed), the image's layer disk is
+/// removed, so that the next run builds it again from the store instead of
+/// reusing it as if it were good.
+fn unpacked<T>(home: &Home, image: &vmrun_images::Image, result: std::result::Result<T, vmrun_agent_client::Error>) -> Result<T> {
+    if let Err(vmrun_agent_client::Error::Agent(e)) = &result {
+        if e.kind == vmrun_agent_protocol::ErrorKind::Image {
+            let digest = image.manifest_digest.to_string();
+            if vmrun_runtime::layer_disk::discard(&home.layer_disks(), &digest) {
+                log::info!("removed the layer disk of {digest}: the guest could not unpack it");
+            }
+        }
+    }
+    Ok(result?)
 }
 
 /// A detached process's terminal, when asked for: 24x80, no input.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ureq::http::{Response, StatusCode};
 use ureq::Body;
 
+use super::pace::{Pace, Paced};
 use crate::error::{Error, Result};
 use crate::reference::Reference;
 
@@ -38,6 +39,9 @@ pub(crate) struct Client {
     repository: String,
     credentials: Option<Credentials>,
     authorization: Option<String>,
+    pub(crate) pace: Pace,
+    /// The longest a read may wait.
+    per_read: Duration,
 }
 
 impl std::fmt::Debug for Client {
@@ -52,18 +56,22 @@ impl Client {
         plain_http: bool,
         credentials: Option<Credentials>,
         timeout: Duration,
+        pace: Pace,
     ) -> Self {
         let host = match reference.registry() {
             crate::reference::DEFAULT_REGISTRY => "registry-1.docker.io",
             other => other,
         };
         let scheme = if plain_http { "http" } else { "https" };
+        // A read waits at most one rate window, so that a stalled body is
+        // checked against the minimum rate when its window ends.
+        let per_read = if pace.min_rate.bytes_per_sec > 0 { timeout.min(pace.min_rate.window) } else { timeout };
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(5)
             .timeout_connect(Some(Duration::from_secs(15).min(timeout)))
             .timeout_recv_response(Some(timeout))
-            .timeout_per_read(Some(timeout))
+            .timeout_per_read(Some(per_read))
             .user_agent(concat!("vmrun/", env!("CARGO_PKG_VERSION")));
         if reference.is_loopback_registry() {
             config = config.proxy(None);
@@ -75,7 +83,30 @@ impl Client {
             repository: reference.repository().to_owned(),
             credentials,
             authorization: None,
+            pace,
+            per_read,
         }
+    }
+
+    /// The body of `resp`, read under the pull's minimum rate and deadline.
+    pub(crate) fn body<'r>(&self, resp: &'r mut Response<Body>) -> Paced<ureq::BodyReader<'r>> {
+        self.pace.reader(resp.body_mut().as_reader())
+    }
+
+    /// The error for a read of `what` that failed with `e`, if the pace
+    /// gave up on it.
+    pub(crate) fn slow(&self, what: &str, e: &std::io::Error) -> Option<Error> {
+        self.pace.error(&self.registry, what, e)
+    }
+
+    /// The registry's error message from a JSON error body, as `: CODE:
+    /// message` (or nothing).
+    pub(crate) fn error_detail(&self, resp: &mut Response<Body>) -> String {
+        let mut bytes = Vec::new();
+        if self.body(resp).take(MAX_ERROR_BODY).read_to_end(&mut bytes).is_err() {
+            return String::new();
+        }
+        error_detail_of(&bytes)
     }
 
     /// GET `/v2/<repository>/<path>`, authenticating once if asked to.
@@ -83,7 +114,7 @@ impl Client {
     /// authenticating, which is [`Error::Denied`].
     pub(crate) fn get(&mut self, path: &str, accept: Option<&str>) -> Result<Response<Body>> {
         let url = format!("{}/v2/{}/{}", self.base, self.repository, path);
-        let resp = self.send(&url, accept)?;
+        let resp = self.send(&url, accept, path)?;
         if resp.status() != StatusCode::UNAUTHORIZED || self.authorization.is_some() {
             return self.check_denied(resp);
         }
@@ -94,13 +125,13 @@ impl Client {
             .map(str::to_owned)
             .ok_or_else(|| self.denied("HTTP 401 without a WWW-Authenticate challenge".into()))?;
         self.authenticate(&challenge)?;
-        let resp = self.send(&url, accept)?;
+        let resp = self.send(&url, accept, path)?;
         self.check_denied(resp)
     }
 
     fn check_denied(&self, mut resp: Response<Body>) -> Result<Response<Body>> {
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
-            let detail = error_detail(&mut resp);
+            let detail = self.error_detail(&mut resp);
             let reason = format!("HTTP {}{detail}", resp.status().as_u16());
             return Err(self.denied(if self.credentials.is_none() {
                 format!("{reason} (no credentials were given)")
@@ -115,7 +146,8 @@ impl Client {
         Error::Denied { registry: self.registry.clone(), repository: self.repository.clone(), reason }
     }
 
-    fn send(&self, url: &str, accept: Option<&str>) -> Result<Response<Body>> {
+    /// GET `url` (for `what`), within what is left of the deadline.
+    fn send(&self, url: &str, accept: Option<&str>, what: &str) -> Result<Response<Body>> {
         let mut req = self.agent.get(url);
         if let Some(a) = accept {
             req = req.header("Accept", a);
@@ -123,11 +155,31 @@ impl Client {
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
         }
-        req.call().map_err(|e| self.transport_error(e))
+        self.call(req, what)
     }
 
-    pub(crate) fn transport_error(&self, e: ureq::Error) -> Error {
+    /// Sends `req`, bounded by what is left of the pull's deadline.
+    fn call(&self, req: ureq::RequestBuilder<ureq::typestate::WithoutBody>, what: &str) -> Result<Response<Body>> {
+        let req = match self.pace.remaining() {
+            Some(left) if left.is_zero() => return Err(self.pace.deadline_error(&self.registry, what)),
+            Some(left) => req.config().timeout_global(Some(left)).build(),
+            None => req,
+        };
+        req.call().map_err(|e| self.transport_error(e, what))
+    }
+
+    fn transport_error(&self, e: ureq::Error, what: &str) -> Error {
         use ureq::Error as E;
+        if matches!(e, E::Timeout(_)) && self.pace.expired() {
+            return self.pace.deadline_error(&self.registry, what);
+        }
+        // Nothing at all for a whole rate window (the per-read time-out is
+        // the window then): too slow, like a trickle.
+        let window = self.pace.min_rate.window;
+        if matches!(e, E::Timeout(ureq::Timeout::PerRead)) && self.pace.min_rate.bytes_per_sec > 0 && self.per_read >= window
+        {
+            return self.pace.too_slow(&self.registry, what, 0, self.per_read);
+        }
         let reason = e.to_string();
         match e {
             E::Io(_)
@@ -171,17 +223,16 @@ impl Client {
         if let Some(c) = &self.credentials {
             req = req.header("Authorization", basic(c));
         }
-        let mut resp = req.call().map_err(|e| self.transport_error(e))?;
+        let mut resp = self.call(req, "the token")?;
         if !resp.status().is_success() {
-            let detail = error_detail(&mut resp);
+            let detail = self.error_detail(&mut resp);
             return Err(self.denied(format!("token service answered HTTP {}{detail}", resp.status().as_u16())));
         }
         let mut bytes = Vec::new();
-        resp.body_mut()
-            .as_reader()
+        self.body(&mut resp)
             .take(MAX_TOKEN_RESPONSE + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| self.denied(format!("reading the token: {e}")))?;
+            .map_err(|e| self.slow("the token", &e).unwrap_or_else(|| self.denied(format!("reading the token: {e}"))))?;
         if bytes.len() as u64 > MAX_TOKEN_RESPONSE {
             return Err(self.denied("token response larger than 1 MiB".into()));
         }
@@ -205,13 +256,9 @@ impl Client {
     }
 }
 
-/// The registry's error message from a JSON error body, as `: CODE: message`
+/// The registry's error message in a JSON error body, as `: CODE: message`
 /// (or nothing).
-pub(crate) fn error_detail(resp: &mut Response<Body>) -> String {
-    let mut bytes = Vec::new();
-    if resp.body_mut().as_reader().take(MAX_ERROR_BODY).read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
+fn error_detail_of(bytes: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<OneError>,
@@ -223,7 +270,7 @@ pub(crate) fn error_detail(resp: &mut Response<Body>) -> String {
         #[serde(default)]
         message: String,
     }
-    match serde_json::from_slice::<Errors>(&bytes) {
+    match serde_json::from_slice::<Errors>(bytes) {
         Ok(e) => match e.errors.first() {
             Some(first) => {
                 let text: String = format!("{}: {}", first.code, first.message).chars().take(200).collect();

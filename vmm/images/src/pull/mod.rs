@@ -6,9 +6,12 @@
 //! [`crate::store::staging`]). Manifests and configs are read to at most
 //! [`MAX_DOCUMENT_SIZE`] bytes, a blob to at most its declared size, so a
 //! registry that sends too much, too little or the wrong bytes gets an
-//! error and the store stays as it was.
+//! error and the store stays as it was. Every transfer is held to a
+//! minimum rate and the whole pull to a deadline ([`pace`]), so a registry
+//! that trickles bytes cannot keep a pull alive.
 
 mod client;
+pub mod pace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -17,7 +20,8 @@ use std::time::Duration;
 use ureq::http::StatusCode;
 
 pub use client::Credentials;
-use client::{error_detail, Client};
+use client::Client;
+use pace::{MinRate, Pace};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -39,11 +43,50 @@ pub struct PullOptions {
     /// How long to wait for a connection, for a response, and for each
     /// next piece of a body.
     pub timeout: Duration,
+    /// The least a transfer must receive over a window
+    /// (`VMRUN_PULL_MIN_RATE`).
+    pub min_rate: MinRate,
+    /// How long the whole pull may take (`VMRUN_PULL_TIMEOUT`); `None`:
+    /// no limit but the minimum rate.
+    pub deadline: Option<Duration>,
 }
+
+/// The default deadline of a whole pull: long enough for images of tens of
+/// GB on slow links (the minimum rate catches stalls long before).
+pub const DEFAULT_PULL_DEADLINE: Duration = Duration::from_secs(6 * 3600);
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self { insecure_registries: Vec::new(), credentials: None, timeout: Duration::from_secs(60) }
+        Self {
+            insecure_registries: Vec::new(),
+            credentials: None,
+            timeout: Duration::from_secs(60),
+            min_rate: MinRate::default(),
+            deadline: Some(DEFAULT_PULL_DEADLINE),
+        }
+    }
+}
+
+impl PullOptions {
+    /// The defaults, changed by the environment: `VMRUN_INSECURE_REGISTRIES`
+    /// (comma-separated `host[:port]`), `VMRUN_PULL_MIN_RATE`
+    /// (`BYTES[/SECONDS]`, e.g. `1KiB/30s`; `0` turns it off) and
+    /// `VMRUN_PULL_TIMEOUT` (`90s`, `30m`, `6h`; `0` turns it off).
+    pub fn from_env() -> Result<Self> {
+        let mut o = Self::default();
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if let Some(v) = var("VMRUN_INSECURE_REGISTRIES") {
+            o.insecure_registries = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        }
+        let bad = |name: &str, reason: String| Error::BadSetting { name: name.to_owned(), reason };
+        if let Some(v) = var(pace::MIN_RATE_ENV) {
+            o.min_rate = MinRate::parse(&v).map_err(|r| bad(pace::MIN_RATE_ENV, r))?;
+        }
+        if let Some(v) = var(pace::TIMEOUT_ENV) {
+            let d = pace::parse_duration(&v).map_err(|r| bad(pace::TIMEOUT_ENV, r))?;
+            o.deadline = Some(d).filter(|d| !d.is_zero());
+        }
+        Ok(o)
     }
 }
 
@@ -62,7 +105,8 @@ impl Store {
         progress.message(&format!("resolving {reference}"));
         let plain_http = reference.is_loopback_registry()
             || options.insecure_registries.iter().any(|r| r == reference.registry());
-        let mut client = Client::new(reference, plain_http, options.credentials.clone(), options.timeout);
+        let pace = Pace::new(options.min_rate, options.deadline);
+        let mut client = Client::new(reference, plain_http, options.credentials.clone(), options.timeout, pace);
         let mut staging = Staging::new(self)?;
 
         let top = fetch_manifest(&mut client, reference, &reference.manifest_reference(), reference.digest(), None)?;
@@ -148,7 +192,7 @@ fn fetch_manifest(
             return Err(Error::ManifestUnknown { registry: registry.clone(), reference: r });
         }
         s => {
-            let detail = error_detail(&mut resp);
+            let detail = client.error_detail(&mut resp);
             return Err(bad(format!("GET manifest {what}: HTTP {}{detail}", s.as_u16())));
         }
     }
@@ -161,11 +205,11 @@ fn fetch_manifest(
         }
     }
     let mut bytes = Vec::new();
-    resp.body_mut()
-        .as_reader()
+    client
+        .body(&mut resp)
         .take(MAX_DOCUMENT_SIZE + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| bad(format!("reading manifest {what}: {e}")))?;
+        .map_err(|e| client.slow(&format!("manifest {what}"), &e).unwrap_or_else(|| bad(format!("reading manifest {what}: {e}"))))?;
     if bytes.len() as u64 > MAX_DOCUMENT_SIZE {
         return Err(bad(format!("manifest {what} is larger than the {MAX_DOCUMENT_SIZE} bytes allowed")));
     }
@@ -214,7 +258,7 @@ fn fetch_blob(
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(bad(format!("{what} {} is missing from the registry", d.digest))),
         s => {
-            let detail = error_detail(&mut resp);
+            let detail = client.error_detail(&mut resp);
             return Err(bad(format!("GET {what} {}: HTTP {}{detail}", d.digest, s.as_u16())));
         }
     }
@@ -227,11 +271,13 @@ fn fetch_blob(
         }
     }
     progress.blob_started(&d.digest, d.size);
-    let body = resp.body_mut().as_reader();
+    let body = client.body(&mut resp);
     let mut reader = ProgressReader { inner: body, progress: &mut *progress };
+    let named = format!("{what} {}", d.digest);
     staging.write(&mut reader, Some((&d.digest, d.size)), d.size).map_err(|e| match e {
         StageError::Store(e) => e,
-        other => bad(other.describe(&format!("{what} {}", d.digest))),
+        StageError::Read(e) => client.slow(&named, &e).unwrap_or_else(|| bad(StageError::Read(e).describe(&named))),
+        other => bad(other.describe(&named)),
     })?;
     progress.blob_done(&d.digest);
     Ok(())

@@ -430,6 +430,26 @@ impl Store {
         Ok(removed)
     }
 
+    /// Removes every name of the image with this manifest digest from the
+    /// index (nothing if it has none). Blobs stay until [`Store::gc`].
+    pub fn remove_manifest(&self, digest: &Digest) -> Result<Vec<Removed>> {
+        let _gc = self.lock_gc(Mode::Shared)?;
+        let _index = self.lock_index(Mode::Exclusive)?;
+        let mut entries = self.read_index()?;
+        let mut removed = Vec::new();
+        entries.retain(|e| {
+            let hit = &e.descriptor.digest == digest;
+            if hit {
+                removed.push(Removed { reference: e.reference.clone(), manifest_digest: e.descriptor.digest.clone() });
+            }
+            !hit
+        });
+        if !removed.is_empty() {
+            self.write_index(&entries)?;
+        }
+        Ok(removed)
+    }
+
     /// Gives the image `name` finds a further name, as `docker tag` does
     /// (the name moves if another image had it).
     pub fn tag(&self, name: &str, new: &Reference) -> Result<()> {

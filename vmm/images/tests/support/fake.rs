@@ -1,7 +1,8 @@
 //! A fake registry: a few lines of HTTP/1.1 on a loopback port that answer
 //! each path with what the test put there, truthful or not. One request per
-//! connection (`Connection: close`); bodies that never end are cut after
-//! 64 MiB or 30 s, or when the client hangs up.
+//! connection (`Connection: close`); bodies that never end (or trickle)
+//! are cut after 64 MiB or 30 s, or when the client hangs up. A route for
+//! `/token` replaces the token service's answer.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -25,6 +26,9 @@ pub enum Body {
     Endless,
     /// Nothing at all: the response is never sent.
     Stall,
+    /// These bytes, with a correct Content-Length, `step` bytes at a time
+    /// with `pause` before each (a trickling registry).
+    Trickle { bytes: Vec<u8>, step: usize, pause: Duration },
 }
 
 #[derive(Debug, Clone)]
@@ -183,7 +187,11 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
         s.requests.push(format!("{} {}", line.trim(), if auth.is_some() { "auth" } else { "anon" }));
         let port = conn.local_addr().unwrap().port();
         let route = match &s.token {
-            Some(t) if path_only == "/token" => Route::ok(Body::Bytes(format!(r#"{{"token":"{t}"}}"#).into_bytes())),
+            Some(t) if path_only == "/token" => s
+                .routes
+                .get("/token")
+                .cloned()
+                .unwrap_or_else(|| Route::ok(Body::Bytes(format!(r#"{{"token":"{t}"}}"#).into_bytes()))),
             Some(t) if auth.as_deref() != Some(&format!("Bearer {t}")) => Route {
                 status: 401,
                 headers: vec![(
@@ -233,6 +241,17 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
                 w.write_all(&chunk)?;
                 w.write_all(b"\r\n")?;
                 sent += chunk.len();
+            }
+            Ok(())
+        })(),
+        Body::Trickle { bytes, step, pause } => (|| {
+            w.write_all(format!("{head}Content-Length: {}\r\n\r\n", bytes.len()).as_bytes())?;
+            for c in bytes.chunks(step.max(1)) {
+                if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(pause);
+                w.write_all(c)?;
             }
             Ok(())
         })(),
