@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use vmrun_agent_protocol::frame::{self, Decoder, Kind};
 use vmrun_agent_protocol::{
-    check_hello, AgentError, CreateContainer, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
+    check_hello, AgentError, CreateContainer, Entropy, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
 };
 
 use crate::container::{self, Container};
@@ -127,6 +127,7 @@ pub struct Server {
     next_id: u64,
     buf: Vec<u8>,
     devnull: Option<OwnedFd>,
+    urandom: Option<OwnedFd>,
     own_pidfd: Option<OwnedFd>,
     devpts_ready: bool,
     shutdown: bool,
@@ -273,6 +274,7 @@ impl Server {
             next_id: 1,
             buf: vec![0u8; READ_BUF],
             devnull: None,
+            urandom: None,
             own_pidfd: None,
             devpts_ready: false,
             shutdown: false,
@@ -438,11 +440,26 @@ impl Server {
             }
             let ours = Hello::ours(SOFTWARE);
             let payload = serde_json::to_vec(&ours).unwrap_or_default();
-            self.send(conn, Kind::Hello, 0, &payload);
             let theirs: Hello = match serde_json::from_slice(&f.payload) {
                 Ok(h) => h,
-                Err(_) => return self.violation(conn, "malformed hello"),
+                Err(_) => {
+                    self.send(conn, Kind::Hello, 0, &payload);
+                    return self.violation(conn, "malformed hello");
+                }
             };
+            // In a guest, nothing is answered before the guest's random
+            // state is its own: a VM restored from a snapshot starts with
+            // the snapshot's, like every other VM restored from it.
+            if self.settings.guest && check_hello(&ours, &theirs).is_ok() {
+                if let Err(e) = self.reseed(theirs.entropy.as_ref()) {
+                    crate::log::error(format_args!("connection {conn}: refused: {e}"));
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.dead = true;
+                    }
+                    return;
+                }
+            }
+            self.send(conn, Kind::Hello, 0, &payload);
             match check_hello(&ours, &theirs) {
                 Ok(()) => {
                     if let Some(c) = self.conns.get_mut(&conn) {
@@ -473,6 +490,20 @@ impl Server {
             }
             Kind::Hello | Kind::Response => self.violation(conn, "unexpected frame kind"),
         }
+    }
+
+    /// Mixes the host's entropy into the guest kernel's pool and reseeds
+    /// its CRNG (`/dev/urandom` is opened once and kept).
+    fn reseed(&mut self, entropy: Option<&Entropy>) -> Result<(), String> {
+        let entropy = entropy.ok_or("the host's hello carries no entropy to reseed the guest with")?;
+        if self.urandom.is_none() {
+            let fd = sys::open(c"/dev/urandom", libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| format!("/dev/urandom: {e}"))?;
+            self.urandom = Some(fd);
+        }
+        let Some(fd) = &self.urandom else { return Err("/dev/urandom is not open".into()) };
+        sys::add_entropy_and_reseed(fd.as_fd(), entropy.bytes()).map_err(|e| format!("reseeding the guest's random generator: {e}"))?;
+        crate::log::debug(format_args!("random generator reseeded with {} bytes from the host", entropy.bytes().len()));
+        Ok(())
     }
 
     fn close_dead_conns(&mut self) {
