@@ -506,3 +506,147 @@ fn two_images_restored_at_once_from_one_template() {
     assert_code(&bb, 9);
     assert!(text(&bb.stdout).starts_with("BusyBox v1."), "{}", text(&bb.stdout));
 }
+
+/// The busybox test image with one more layer (device nodes an image
+/// should not be able to use), as a `docker save` archive
+/// (`docker.io/library/devnodes:latest`). `disk` is the guest's layer disk
+/// device number (major, minor).
+fn devnodes_image(dir: &Path, disk: (u32, u32)) -> PathBuf {
+    // The busybox archive's config and layer.
+    let mut base = tar::Archive::new(std::fs::File::open(support::busybox_image().join("busybox-docker.tar")).unwrap());
+    let mut files = std::collections::BTreeMap::new();
+    for e in base.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.insert(path, data);
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    let config_name = manifest[0]["Config"].as_str().unwrap();
+    let layer_name = manifest[0]["Layers"][0].as_str().unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&files[config_name]).unwrap();
+
+    // The extra layer: block and char nodes outside /dev, and an image
+    // /dev that tries to bring its own null and disk.
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_cksum();
+    layer.append_data(&mut h, "nodes", &[][..]).unwrap();
+    let mut node = |path: &str, kind: tar::EntryType, (major, minor): (u32, u32)| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o666);
+        h.set_size(0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_cksum();
+        layer.append_data(&mut h, path, &[][..]).unwrap();
+    };
+    node("nodes/disk", tar::EntryType::Block, disk);
+    node("nodes/zero", tar::EntryType::Char, (1, 5));
+    node("nodes/mem", tar::EntryType::Char, (1, 1));
+    node("dev/null", tar::EntryType::Block, disk);
+    node("dev/vda", tar::EntryType::Block, disk);
+    let layer = layer.into_inner().unwrap();
+    let diff_id = vmrun_layerdisk::Digest::of(&layer).to_string();
+    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(serde_json::Value::String(diff_id));
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_file = format!("{}.json", &vmrun_layerdisk::Digest::of(&config).to_string()["sha256:".len()..]);
+    let manifest = serde_json::json!([{ "Config": config_file, "RepoTags": ["devnodes:latest"], "Layers": [layer_name, "devnodes/layer.tar"] }]);
+
+    let path = dir.join("devnodes-docker.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.append_data(&mut h, name, data).unwrap();
+    };
+    add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    add(&config_file, &config);
+    add(layer_name, &files[layer_name]);
+    add("devnodes/layer.tar", &layer);
+    out.into_inner().unwrap();
+    path
+}
+
+/// What a process in a container must not reach, whatever it runs as: the
+/// guest agent's vsock port (any CID from inside the guest), the devices
+/// of nodes its image brings, and the random state of the template it was
+/// restored from.
+#[test]
+fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomness() {
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+
+    // Randomness: every run restored from the image's prepared template
+    // (the first run makes it) reads other bytes from /dev/urandom.
+    let urandom = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let o = v.run(&["run", "--rm", "busybox", "sh", "-c", urandom]);
+        assert_code(&o, 0);
+        let bytes = text(&o.stdout);
+        assert_eq!(bytes.len(), 64, "{bytes:?}");
+        seen.push(bytes);
+    }
+    assert!(seen[1] != seen[2] && seen[0] != seen[1] && seen[0] != seen[2], "restored VMs share their random state: {seen:?}");
+
+    // The agent: a static probe, given to the container on a volume, tries
+    // the agent's port on every CID a guest process could name (local,
+    // the guest's own, any, the hypervisor's); none may answer. Exit 3 or
+    // 4 says the probe ran and was refused.
+    let probe_dir = support::scratch("probe-volume");
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    support::run_ok(Command::new("cc").args(["-static", "-O2", "-o"]).arg(probe_dir.join("probe")).arg(support::repo_root().join("tests/guest/probe.c")));
+    let volume = format!("{}:/probe:ro", probe_dir.display());
+    let tries = "for cid in 1 3 -1 0; do /probe/probe agent $cid 1024; echo \"exit=$?\"; done";
+    for user in ["65534", "0"] {
+        let o = v.run(&["run", "--rm", "-u", user, "-v", &volume, "busybox", "sh", "-c", tries]);
+        assert_code(&o, 0);
+        let out = text(&o.stdout);
+        let exits: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("exit=")).collect();
+        assert_eq!(exits.len(), 4, "user {user}: {out}");
+        assert!(exits.iter().all(|e| *e == "3" || *e == "4"), "user {user}: the agent was reached from a container:\n{out}");
+    }
+
+    // Device nodes: an image with world-readable nodes of the layer disk,
+    // /dev/zero and /dev/mem outside /dev, and its own /dev/null and
+    // /dev/vda. None opens, for root or another user; the container's /dev
+    // is the agent's, and its standard nodes work.
+    let o = v.run(&["run", "--rm", "busybox", "cat", "/sys/block/vda/dev"]);
+    assert_code(&o, 0);
+    let (major, minor) = text(&o.stdout).trim().split_once(':').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).unwrap();
+    let image_dir = support::scratch("devnodes-image");
+    std::fs::create_dir_all(&image_dir).unwrap();
+    assert_code(&v.run(&["load", "-i", devnodes_image(&image_dir, (major, minor)).to_str().unwrap()]), 0);
+    let script = "for n in /nodes/disk /nodes/zero /nodes/mem /dev/vda; do \
+                    if head -c 1 $n >/dev/null 2>&1; then echo \"$n opened\"; else echo \"$n refused\"; fi; done; \
+                  stat -c 'null %F %t:%T' /dev/null; \
+                  echo discarded >/dev/null && echo null ok; \
+                  echo zero $(head -c 4 /dev/zero | od -An -tx1); \
+                  echo urandom $(head -c 16 /dev/urandom | wc -c); \
+                  echo dev $(ls /dev)";
+    for user in ["1000", "0"] {
+        let o = v.run(&["run", "--rm", "-u", user, "devnodes", "sh", "-c", script]);
+        assert_code(&o, 0);
+        let out = text(&o.stdout);
+        for n in ["/nodes/disk", "/nodes/zero", "/nodes/mem"] {
+            assert!(out.contains(&format!("{n} refused")), "user {user}: {n} from the image can be opened:\n{out}");
+        }
+        assert!(out.contains("/dev/vda refused"), "user {user}: {out}");
+        assert!(out.contains("null character special file 1:3\n"), "user {user}: {out}");
+        assert!(out.contains("null ok\n") && out.contains("zero 00 00 00 00\n") && out.contains("urandom 16\n"), "user {user}: {out}");
+        let dev: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("dev ")).unwrap().split(' ').collect();
+        for name in &dev {
+            let standard = ["console", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"];
+            assert!(standard.contains(name), "user {user}: /dev/{name} in the container: {dev:?}");
+        }
+    }
+}

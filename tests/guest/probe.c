@@ -11,6 +11,12 @@
  *   probe bulk PORT BYTES        connect to the host on PORT and send BYTES
  *                                bytes of a known pattern, then print the
  *                                reply
+ *   probe agent CID PORT         connect to CID (a number; -1 for
+ *                                VMADDR_CID_ANY) on PORT and send a vmrun
+ *                                agent hello. Exit 0: something answered
+ *                                (the agent was reached); 3: the connect
+ *                                failed; 4: connected, but closed without
+ *                                an answer (or none within 10 s)
  *
  * Built by the tests with `cc -static`.
  */
@@ -18,7 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <errno.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <linux/vm_sockets.h>
 
 static int die(const char *what) {
@@ -58,7 +66,43 @@ static int print_reply(int fd) {
     return 0;
 }
 
+/* A vmrun agent hello frame: len u32 LE, kind 1 (hello), id 0, JSON. Version
+ * 1 on purpose: an agent answers any hello of another version with its own
+ * before it hangs up, so reaching it shows as an answer. */
+static int agent(const char *cid_arg, unsigned port) {
+    long cid = strtol(cid_arg, NULL, 0);
+    int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (fd < 0) return die("socket");
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = (unsigned)cid, .svm_port = port};
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        printf("cid %s port %u: connect: %s\n", cid_arg, port, strerror(errno));
+        return 3;
+    }
+    static const char json[] = "{\"magic\":\"vmrun-agent\",\"version\":1,\"software\":\"probe\"}";
+    unsigned char frame[9 + sizeof json];
+    unsigned len = sizeof json - 1;
+    frame[0] = len & 0xff; frame[1] = (len >> 8) & 0xff; frame[2] = (len >> 16) & 0xff; frame[3] = len >> 24;
+    frame[4] = 1;
+    memset(frame + 5, 0, 4);
+    memcpy(frame + 9, json, len);
+    if (write(fd, frame, 9 + len) < 0) {
+        printf("cid %s port %u: connected; write: %s\n", cid_arg, port, strerror(errno));
+        return 4;
+    }
+    char buf[256];
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n > 0) {
+        printf("cid %s port %u: ANSWERED with %zd bytes\n", cid_arg, port, n);
+        return 0;
+    }
+    printf("cid %s port %u: connected; no answer: %s\n", cid_arg, port, n == 0 ? "closed" : strerror(errno));
+    return 4;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 4 && !strcmp(argv[1], "agent")) return agent(argv[2], atoi(argv[3]));
     if (argc >= 4 && !strcmp(argv[1], "connect")) {
         int fd = connect_host(atoi(argv[2]));
         if (fd < 0) return die("connect");
@@ -104,6 +148,6 @@ int main(int argc, char **argv) {
         if (fd < 0) return die("accept");
         return echo(fd);
     }
-    fprintf(stderr, "usage: probe connect PORT MESSAGE | listen PORT | bulk PORT BYTES | pingpong PORT COUNT\n");
+    fprintf(stderr, "usage: probe connect PORT MESSAGE | listen PORT | bulk PORT BYTES | pingpong PORT COUNT | agent CID PORT\n");
     return 2;
 }

@@ -71,6 +71,13 @@ fn read_in_root(root: &Path, rel: &CStr) -> String {
 
 use std::ffi::CStr;
 
+/// Flags of a container's root file system: `nodev`. Device nodes an
+/// image brings (a node of the guest's layer disk, of `/dev/mem`) are
+/// created when it is unpacked but cannot be opened, by root or anyone
+/// else in the container; only the container's own `/dev` (a tmpfs the
+/// agent fills with the standard nodes) allows devices.
+pub const ROOTFS_FLAGS: libc::c_ulong = libc::MS_NODEV;
+
 fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
     let target = cstring(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs path", e))?;
     let r = match spec {
@@ -80,7 +87,7 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
                 None => "mode=0755".to_string(),
             };
             let data = cstring(data).map_err(|e| internal("tmpfs options", e))?;
-            sys::mount(Some(c"tmpfs"), &target, Some(c"tmpfs"), 0, Some(&data))
+            sys::mount(Some(c"tmpfs"), &target, Some(c"tmpfs"), ROOTFS_FLAGS, Some(&data))
         }
         RootfsSpec::Mount { source, fstype, options } => {
             let bad = |e| err(ErrorKind::BadRequest, format!("rootfs mount: {e}"));
@@ -90,7 +97,7 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
             }
             let t = cstring(fstype.as_str()).map_err(bad)?;
             let o = cstring(options.as_str()).map_err(bad)?;
-            sys::mount(Some(&s), &target, Some(&t), 0, if options.is_empty() { None } else { Some(&o) })
+            sys::mount(Some(&s), &target, Some(&t), ROOTFS_FLAGS, if options.is_empty() { None } else { Some(&o) })
         }
     };
     r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))
@@ -267,19 +274,24 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
                 other => data.push(other.to_string()),
             }
         }
+        // Devices only in the container's own /dev: every other mount is
+        // nodev (a devpts mount holds only terminals, which the default
+        // device set allows).
+        if m.fstype != "devpts" {
+            flags |= libc::MS_NODEV;
+        }
         let mkdirs = process::mkdirs_for(&dest).map_err(|e| internal("path", e))?;
         if let Some(fd) = src {
             // The source was mounted or opened in the agent's view and
             // cloned as a detached tree (before the child had a namespace
-            // of its own): attach it.
+            // of its own): attach it, then set its flags (a bind remount
+            // sets them all: a volume keeps the nosuid it was mounted with).
             ops.push(Op::Attach { tree: fd.as_raw_fd(), target: c(&dest)?, mkdirs });
-            if readonly || flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) != 0 {
-                let keep = flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
-                ops.push(Op::Remount {
-                    target: c(&dest)?,
-                    flags: libc::MS_REMOUNT | libc::MS_BIND | keep | if readonly { libc::MS_RDONLY } else { 0 },
-                });
+            let mut keep = flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) | libc::MS_NODEV;
+            if is_volume_disk(m) {
+                keep |= libc::MS_NOSUID;
             }
+            ops.push(Op::Remount { target: c(&dest)?, flags: libc::MS_REMOUNT | libc::MS_BIND | keep | if readonly { libc::MS_RDONLY } else { 0 } });
         } else {
             ops.push(Op::Mount {
                 source: Some(c(if m.source.is_empty() { &m.fstype } else { &m.source })?),
@@ -496,6 +508,37 @@ mod tests {
     fn host_disks_are_vd_devices() {
         assert!(is_host_disk("/dev/vdb") && is_host_disk("/dev/vdaa"));
         assert!(!is_host_disk("/dev/vd") && !is_host_disk("/dev/sda") && !is_host_disk("/dev/vdb1") && !is_host_disk("tmpfs"));
+    }
+
+    #[test]
+    fn devices_only_in_the_containers_own_dev() {
+        let mounts = [
+            Mount { destination: "/run".into(), fstype: "tmpfs".into(), source: "tmpfs".into(), options: vec!["nosuid".into()] },
+            Mount { destination: "/data".into(), fstype: "ext4".into(), source: "/dev/vdb".into(), options: vec!["ro".into()] },
+            Mount { destination: "/mnt".into(), fstype: "bind".into(), source: "/srv".into(), options: vec!["rbind".into()] },
+            Mount { destination: "/ptys".into(), fstype: "devpts".into(), source: "devpts".into(), options: vec!["newinstance".into()] },
+        ];
+        let (r, w) = sys::pipe(0).unwrap();
+        let sources = [None, Some(r), Some(w), None];
+        let ops = setup_ops(&mounts, &sources).unwrap();
+        let mut attached = 0;
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Mount { target, fstype, flags, .. } => {
+                    let own_dev = target.as_c_str() == c"/dev" || fstype.as_deref() == Some(c"devpts");
+                    assert_eq!(flags & libc::MS_NODEV == 0, own_dev, "{}", op.describe());
+                }
+                Op::Attach { target, .. } => {
+                    attached += 1;
+                    let Some(Op::Remount { target: t, flags }) = ops.get(i + 1) else { panic!("{} is not remounted", op.describe()) };
+                    assert!(t == target && flags & libc::MS_NODEV != 0, "{}", op.describe());
+                }
+                Op::Mknod { path, .. } => assert!(path.to_bytes().starts_with(b"/dev/"), "{}", op.describe()),
+                _ => {}
+            }
+        }
+        assert_eq!(attached, 2);
+        assert_eq!(ROOTFS_FLAGS & libc::MS_NODEV, libc::MS_NODEV);
     }
 
     #[test]

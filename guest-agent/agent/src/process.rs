@@ -72,7 +72,7 @@ pub enum Op {
         /// Flags (`MS_REMOUNT | MS_BIND | ...`).
         flags: libc::c_ulong,
     },
-    /// `mknod(2)` (mode includes the file type).
+    /// `mknod(2)` (mode includes the file type); the node must not exist.
     Mknod {
         /// Path.
         path: CString,
@@ -367,14 +367,9 @@ fn run_op(op: &Op) -> libc::c_int {
                 r
             }
             Op::Remount { target, flags } => libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()),
-            Op::Mknod { path, mode, dev } => {
-                let r = libc::mknod(path.as_ptr(), *mode, *dev);
-                if r < 0 && last_errno() == libc::EEXIST {
-                    0
-                } else {
-                    r
-                }
-            }
+            // Into the fresh tmpfs on /dev: a node already there is not
+            // ours, so it is an error, not taken as the one asked for.
+            Op::Mknod { path, mode, dev } => libc::mknod(path.as_ptr(), *mode, *dev),
             Op::Mkdir { path, mode } => {
                 let r = libc::mkdir(path.as_ptr(), *mode);
                 if r < 0 && last_errno() == libc::EEXIST {

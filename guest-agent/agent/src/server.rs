@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use vmrun_agent_protocol::frame::{self, Decoder, Kind};
 use vmrun_agent_protocol::{
-    check_hello, AgentError, CreateContainer, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
+    check_hello, AgentError, CreateContainer, Entropy, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
 };
 
 use crate::container::{self, Container};
@@ -127,6 +127,7 @@ pub struct Server {
     next_id: u64,
     buf: Vec<u8>,
     devnull: Option<OwnedFd>,
+    urandom: Option<OwnedFd>,
     own_pidfd: Option<OwnedFd>,
     devpts_ready: bool,
     shutdown: bool,
@@ -169,6 +170,72 @@ pub fn listen(l: &Listen) -> io::Result<OwnedFd> {
     }
 }
 
+/// The peer of an accepted connection, as far as the agent checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A Unix socket peer (the agent on a host, in tests).
+    Unix,
+    /// A vsock peer.
+    Vsock {
+        /// Its CID.
+        cid: u32,
+        /// Its port.
+        port: u32,
+    },
+    /// Any other address family.
+    Other(libc::sa_family_t),
+}
+
+/// A connection the agent refuses to serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// A vsock peer other than the host: a process in the guest itself,
+    /// through a local transport or the guest's own CID.
+    #[error("connection from vsock CID {cid} port {port} refused: only the host (CID 2) may talk to the agent")]
+    NotTheHost {
+        /// Its CID.
+        cid: u32,
+        /// Its port.
+        port: u32,
+    },
+    /// An address of another family than the listening socket's.
+    #[error("connection from an unexpected address family {0} refused")]
+    Family(libc::sa_family_t),
+}
+
+/// The peer address `accept` returned.
+pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Peer {
+    let family = addr.ss_family;
+    match i32::from(family) {
+        libc::AF_UNIX => Peer::Unix,
+        libc::AF_VSOCK if len as usize >= std::mem::size_of::<libc::sockaddr_vm>() => {
+            // SAFETY: sockaddr_storage is large enough and aligned for any
+            // socket address, and the kernel wrote a sockaddr_vm (the
+            // family says so, the length covers it).
+            let vm = unsafe { &*(addr as *const libc::sockaddr_storage as *const libc::sockaddr_vm) };
+            Peer::Vsock { cid: vm.svm_cid, port: vm.svm_port }
+        }
+        _ => Peer::Other(family),
+    }
+}
+
+/// Whether the agent serves a connection from `peer`. On vsock only the
+/// host (`VMADDR_CID_HOST`) may connect: the agent creates containers with
+/// any mounts, so a process in the guest that reached it (vsock loopback,
+/// or its own CID through a transport that routes it back) would own the
+/// guest. On a Unix socket (a host, in tests) the socket's permissions
+/// decide.
+pub fn admit(listen: &Listen, peer: Peer) -> Result<(), Refused> {
+    match (listen, peer) {
+        (Listen::Unix(_), Peer::Unix) => Ok(()),
+        (Listen::Vsock(_), Peer::Vsock { cid, .. }) if cid == libc::VMADDR_CID_HOST => Ok(()),
+        (Listen::Vsock(_), Peer::Vsock { cid, port }) => Err(Refused::NotTheHost { cid, port }),
+        (_, Peer::Unix) => Err(Refused::Family(libc::AF_UNIX as libc::sa_family_t)),
+        (_, Peer::Vsock { .. }) => Err(Refused::Family(libc::AF_VSOCK as libc::sa_family_t)),
+        (_, Peer::Other(f)) => Err(Refused::Family(f)),
+    }
+}
+
 /// Blocks SIGCHLD (before any thread starts, so every thread inherits the
 /// mask) and returns a signalfd for it.
 pub fn sigchld_fd() -> io::Result<OwnedFd> {
@@ -207,6 +274,7 @@ impl Server {
             next_id: 1,
             buf: vec![0u8; READ_BUF],
             devnull: None,
+            urandom: None,
             own_pidfd: None,
             devpts_ready: false,
             shutdown: false,
@@ -269,13 +337,24 @@ impl Server {
     // ---- Connections ----
 
     fn accept(&mut self) {
-        // SAFETY: accept4 on our listening socket; the result is checked.
-        let fd = unsafe { libc::accept4(self.listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: accept4 on our listening socket, with room for any
+        // address and its length; the result is checked.
+        let fd = unsafe {
+            libc::accept4(self.listener.as_raw_fd(), &mut addr as *mut libc::sockaddr_storage as *mut libc::sockaddr, &mut len, libc::SOCK_CLOEXEC)
+        };
         if fd < 0 {
             crate::log::error(format_args!("accept: {}", sys::errno()));
             return;
         }
         let fd = owned(fd);
+        if let Err(e) = admit(&self.settings.listen, peer_of(&addr, len)) {
+            // Closed at once (dropped), before a byte is read.
+            crate::log::error(format_args!("{e}"));
+            return;
+        }
         if self.conns.len() >= MAX_CONNS {
             crate::log::error(format_args!("too many connections; refusing one"));
             return;
@@ -361,11 +440,26 @@ impl Server {
             }
             let ours = Hello::ours(SOFTWARE);
             let payload = serde_json::to_vec(&ours).unwrap_or_default();
-            self.send(conn, Kind::Hello, 0, &payload);
             let theirs: Hello = match serde_json::from_slice(&f.payload) {
                 Ok(h) => h,
-                Err(_) => return self.violation(conn, "malformed hello"),
+                Err(_) => {
+                    self.send(conn, Kind::Hello, 0, &payload);
+                    return self.violation(conn, "malformed hello");
+                }
             };
+            // In a guest, nothing is answered before the guest's random
+            // state is its own: a VM restored from a snapshot starts with
+            // the snapshot's, like every other VM restored from it.
+            if self.settings.guest && check_hello(&ours, &theirs).is_ok() {
+                if let Err(e) = self.reseed(theirs.entropy.as_ref()) {
+                    crate::log::error(format_args!("connection {conn}: refused: {e}"));
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.dead = true;
+                    }
+                    return;
+                }
+            }
+            self.send(conn, Kind::Hello, 0, &payload);
             match check_hello(&ours, &theirs) {
                 Ok(()) => {
                     if let Some(c) = self.conns.get_mut(&conn) {
@@ -396,6 +490,20 @@ impl Server {
             }
             Kind::Hello | Kind::Response => self.violation(conn, "unexpected frame kind"),
         }
+    }
+
+    /// Mixes the host's entropy into the guest kernel's pool and reseeds
+    /// its CRNG (`/dev/urandom` is opened once and kept).
+    fn reseed(&mut self, entropy: Option<&Entropy>) -> Result<(), String> {
+        let entropy = entropy.ok_or("the host's hello carries no entropy to reseed the guest with")?;
+        if self.urandom.is_none() {
+            let fd = sys::open(c"/dev/urandom", libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| format!("/dev/urandom: {e}"))?;
+            self.urandom = Some(fd);
+        }
+        let Some(fd) = &self.urandom else { return Err("/dev/urandom is not open".into()) };
+        sys::add_entropy_and_reseed(fd.as_fd(), entropy.bytes()).map_err(|e| format!("reseeding the guest's random generator: {e}"))?;
+        crate::log::debug(format_args!("random generator reseeded with {} bytes from the host", entropy.bytes().len()));
+        Ok(())
     }
 
     fn close_dead_conns(&mut self) {
@@ -986,3 +1094,45 @@ enum Start {
     Exec(Exec),
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vsock_addr(cid: u32, port: u32) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: plain C structs; all-zero is valid.
+        let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut vm: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        vm.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        vm.svm_cid = cid;
+        vm.svm_port = port;
+        // SAFETY: sockaddr_storage is larger than sockaddr_vm; both are
+        // plain bytes.
+        unsafe { std::ptr::write(&mut st as *mut libc::sockaddr_storage as *mut libc::sockaddr_vm, vm) };
+        (st, std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
+    }
+
+    #[test]
+    fn only_the_host_may_connect_over_vsock() {
+        let listen = Listen::Vsock(1024);
+        let (a, l) = vsock_addr(libc::VMADDR_CID_HOST, 1_073_741_824);
+        assert_eq!(admit(&listen, peer_of(&a, l)), Ok(()));
+        // The guest itself: local (loopback), its own CID, the hypervisor,
+        // any, and a CID a guest could make up.
+        for cid in [libc::VMADDR_CID_LOCAL, 3, 0, libc::VMADDR_CID_ANY, 4, 1000] {
+            let (a, l) = vsock_addr(cid, 5555);
+            let e = admit(&listen, peer_of(&a, l)).unwrap_err();
+            assert_eq!(e, Refused::NotTheHost { cid, port: 5555 });
+            assert!(e.to_string().contains(&format!("CID {cid} ")), "{e}");
+        }
+        // A truncated address is no vsock peer.
+        let (a, _) = vsock_addr(libc::VMADDR_CID_HOST, 1);
+        assert!(admit(&listen, peer_of(&a, 4)).is_err());
+        // A Unix peer on a vsock listener, and the other way round.
+        assert!(admit(&listen, Peer::Unix).is_err());
+        let unix = Listen::Unix("/tmp/agent.sock".into());
+        assert_eq!(admit(&unix, Peer::Unix), Ok(()));
+        assert!(admit(&unix, Peer::Vsock { cid: 2, port: 1 }).is_err());
+    }
+}

@@ -326,6 +326,39 @@ pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
     }
 }
 
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`: mix bytes into the input
+/// pool and credit them.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`: reseed the CRNG from the input pool
+/// now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `bytes` (trusted: from the host) into the kernel's random pool,
+/// crediting them in full, and reseeds the CRNG from the pool, through
+/// `random`, a descriptor of `/dev/urandom` or `/dev/random`. Needs
+/// `CAP_SYS_ADMIN`. After it, every CRNG output (`getrandom`,
+/// `/dev/urandom`, the kernel's own `get_random_*`, ASLR of new
+/// processes) depends on `bytes`.
+pub fn add_entropy_and_reseed(random: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let words = bytes.len().div_ceil(4);
+    let mut info = vec![0u32; 2 + words];
+    let bits = i32::try_from(bytes.len() * 8).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    info[0] = bits as u32;
+    info[1] = bytes.len() as u32;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `info` is a rand_pool_info whose buf_size bytes follow its
+    // header in the same allocation; the kernel only reads it.
+    cvt(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: an ioctl without argument on our descriptor.
+    cvt(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) })?;
+    Ok(())
+}
+
 /// `BLKFLSBUF` = `_IO(0x12, 97)`: flush and drop a block device's cache.
 const BLKFLSBUF: libc::c_ulong = 0x1261;
 

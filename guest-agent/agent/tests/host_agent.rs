@@ -329,3 +329,46 @@ fn the_agent_refuses_another_protocol_version() {
     // And the agent still serves others.
     agent.client().ping().unwrap();
 }
+
+#[test]
+fn device_nodes_from_the_image_cannot_be_opened() {
+    if !require_root() {
+        return;
+    }
+    // Nodes of /dev/zero and /dev/mem outside /dev, and an image /dev
+    // with a "null" that is really /dev/zero and an extra node: none of
+    // them may be usable in the container, as root or as alice; the
+    // container's /dev is the agent's own.
+    let agent = Agent::start();
+    let c = agent.client();
+    let mut nodes = Layer::new();
+    nodes.dir("nodes", 0o755).dir("dev", 0o755);
+    nodes.device("nodes/zero", tar::EntryType::Char, 1, 5).device("nodes/mem", tar::EntryType::Char, 1, 1);
+    nodes.device("dev/null", tar::EntryType::Char, 1, 5).device("dev/extra", tar::EntryType::Char, 1, 5);
+    let (disk, layers) = test_image_plus(agent.dir.path(), vec![nodes.finish()]);
+    let script = "for n in /nodes/zero /nodes/mem /dev/extra; do \
+                    if head -c 1 $n >/dev/null 2>&1; then echo \"$n opened\"; else echo \"$n refused\"; fi; done; \
+                  test -c /dev/null && echo null $(head -c 1 /dev/null | wc -c); \
+                  echo zero $(head -c 3 /dev/zero | wc -c); \
+                  echo dev $(ls /dev)";
+    for (id, user) in [("nodes-root", ""), ("nodes-alice", "alice")] {
+        let spec = CreateContainer {
+            id: id.into(),
+            layers: LayerSource { disk: disk.display().to_string(), layers: layers.clone() },
+            rootfs: Default::default(),
+            config: ImageConfig { cmd: vec!["sh".into(), "-c".into(), script.into()], user: user.into(), ..Default::default() },
+            limits: UnpackLimits::default(),
+        };
+        c.create_container(&spec).unwrap();
+        let out = c.start(id, StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.exit_code, 0, "{id}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        for n in ["/nodes/zero", "/nodes/mem", "/dev/extra"] {
+            assert!(text.contains(&format!("{n} refused\n")), "{id}: {n} is usable:\n{text}");
+        }
+        assert!(text.contains("null 0\n") && text.contains("zero 3\n"), "{id}: {text}");
+        let dev = text.lines().find_map(|l| l.strip_prefix("dev ")).unwrap();
+        assert!(!dev.contains("extra"), "{id}: the image's /dev shows: {dev}");
+        c.remove_container(id, false).unwrap();
+    }
+}

@@ -355,3 +355,61 @@ fn unknown_blobs_and_media_types_are_refused() {
     assert!(e.to_string().contains("media type"), "{e}");
     s.assert_untouched();
 }
+
+#[test]
+fn whiteouts_of_dot_dotdot_or_nothing_are_refused() {
+    if !require_root() {
+        return;
+    }
+    // `.wh.` + `..` once whited out the root's parent; `.wh.` + `.` the
+    // directory itself; `.wh.` alone names nothing. Each is refused, in
+    // the root and in a subdirectory, in the first layer and in a later
+    // one, and nothing outside or inside the root is touched.
+    let names = [".wh...", ".wh..", ".wh.", "./.wh...", "a/.wh...", "a/.wh..", "a/.wh.", "a/b/.wh...", "a/.wh.../"];
+    for name in names {
+        for later_layer in [false, true] {
+            let s = Sandbox::new();
+            let mut base = Layer::new();
+            base.dir("a", 0o755).dir("a/b", 0o755).file("a/inner", 0o644, b"inner").file("keep", 0o644, b"kept");
+            let mut bad = Layer::new();
+            bad.raw(name.as_bytes(), tar::EntryType::Regular, b"", b"");
+            let layers = if later_layer {
+                vec![base.finish(), bad.finish()]
+            } else {
+                base.raw(name.as_bytes(), tar::EntryType::Regular, b"", b"");
+                vec![base.finish()]
+            };
+            let e = s.unpack_err(layers, UnpackLimits::default());
+            let msg = e.to_string();
+            assert!(msg.contains("whiteout") && msg.contains(name.trim_start_matches("./").trim_end_matches('/')), "{name}: {msg}");
+            assert!(s.root().is_dir(), "{name}: the root itself is gone");
+            if later_layer {
+                // The first layer's entries are all still there.
+                assert_eq!(std::fs::read(s.root().join("keep")).unwrap(), b"kept", "{name}");
+                assert_eq!(std::fs::read(s.root().join("a/inner")).unwrap(), b"inner", "{name}");
+                assert!(s.root().join("a/b").is_dir(), "{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ordinary_whiteouts_still_remove_their_entry() {
+    if !require_root() {
+        return;
+    }
+    // Names that merely start with dots are plain entries.
+    let s = Sandbox::new();
+    let (dk, digests) = disk(&[
+        (one(|l| {
+            l.file("..x", 0o644, b"1").file("...", 0o644, b"2").file("keep", 0o644, b"3");
+        }), TAR),
+        (one(|l| {
+            l.raw(b".wh...x", tar::EntryType::Regular, b"", b"").raw(b".wh....", tar::EntryType::Regular, b"", b"");
+        }), TAR),
+    ]);
+    unpack::unpack(&dk, &digests, &s.root(), UnpackLimits::default()).unwrap();
+    s.assert_untouched();
+    assert!(!s.root().join("..x").exists() && !s.root().join("...").exists());
+    assert_eq!(std::fs::read(s.root().join("keep")).unwrap(), b"3");
+}

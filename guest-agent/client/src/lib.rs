@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmrun_agent_protocol::frame::{self, Kind, MAX_PAYLOAD};
-use vmrun_agent_protocol::{check_hello, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW};
+use vmrun_agent_protocol::{check_hello, Entropy, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW};
 
 pub use vmrun_agent_protocol::{
     AgentError, CreateContainer, Digest, ErrorKind, ExecProcess, HandshakeError, ImageConfig, LayerSource, Mount, Rlimit,
@@ -277,6 +277,26 @@ pub fn hybrid_vsock_connect(uds: &Path, port: u32, timeout: Duration) -> io::Res
     Ok(s)
 }
 
+/// [`Entropy::LEN`] bytes from the host kernel's CRNG (`getrandom`).
+fn host_entropy() -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; Entropy::LEN];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: getrandom writes at most the given length into the
+        // buffer's unfilled tail.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io(e));
+        }
+        got += n as usize;
+    }
+    Ok(buf)
+}
+
 impl Client {
     /// Connects to an agent listening on a Unix socket (`--listen-unix`).
     pub fn connect_unix(path: impl AsRef<Path>, opts: Options) -> Result<Self, Error> {
@@ -315,7 +335,10 @@ impl Client {
             cond: Condvar::new(),
             close: Box::new(close),
         });
-        let ours = Hello::ours(SOFTWARE);
+        // Fresh entropy on every connection: a guest restored from a
+        // snapshot reseeds from it before it answers.
+        let entropy = Entropy::new(host_entropy()?).map_err(|e| Error::Protocol(e.to_string()))?;
+        let ours = Hello::ours(SOFTWARE).with_entropy(entropy);
         let payload = serde_json::to_vec(&ours).map_err(|e| Error::Protocol(e.to_string()))?;
         shared.send(Kind::Hello, 0, &payload)?;
         let (tx, rx) = mpsc::sync_channel(1);
@@ -784,12 +807,36 @@ mod tests {
             let mut r = BufReader::new(b.try_clone().unwrap());
             let hello = frame::read_frame(&mut r).unwrap().unwrap();
             assert_eq!(hello.kind, Kind::Hello);
+            let host: Hello = serde_json::from_slice(&hello.payload).unwrap();
+            assert_eq!(host.entropy.map(|e| e.bytes().len()), Some(Entropy::LEN), "the host's hello carries entropy");
             let h = Hello { version, ..Hello::ours("fake-agent") };
             (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
             script(b);
         });
         let opts = Options { handshake_timeout: Duration::from_secs(5), request_timeout: Duration::from_millis(300), ..Options::default() };
         Client::from_unix(a, opts)
+    }
+
+    #[test]
+    fn every_connection_sends_fresh_entropy() {
+        let hello_of_a_connection = || {
+            let (a, b) = UnixStream::pair().unwrap();
+            let agent = std::thread::spawn(move || {
+                let mut r = BufReader::new(b.try_clone().unwrap());
+                let hello = frame::read_frame(&mut r).unwrap().unwrap();
+                let h = Hello::ours("fake-agent");
+                (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
+                serde_json::from_slice::<Hello>(&hello.payload).unwrap()
+            });
+            let c = Client::from_unix(a, Options::default()).unwrap();
+            let host = agent.join().unwrap();
+            c.close();
+            host.entropy.expect("the host's hello carries entropy")
+        };
+        let (one, two) = (hello_of_a_connection(), hello_of_a_connection());
+        assert_eq!(one.bytes().len(), Entropy::LEN);
+        assert_ne!(one, two, "two connections sent the same entropy");
+        assert!(one.bytes().iter().any(|b| *b != 0));
     }
 
     #[test]

@@ -17,10 +17,15 @@
 //!
 //! # Handshake
 //!
-//! The host sends a `Hello` frame with [`MAGIC`] and its [`VERSION`]; the
-//! agent answers with its own `Hello`. Each side checks the other's with
-//! [`check_hello`]: a different version is refused with an error that names
-//! both versions, and the agent closes the connection.
+//! The host sends a `Hello` frame with [`MAGIC`], its [`VERSION`] and
+//! [`Entropy`]: fresh random bytes of the host. An agent that is a guest's
+//! init mixes them into the guest kernel's pool and reseeds its CRNG
+//! before it answers (a VM restored from a snapshot would otherwise share
+//! the snapshot's random state with every other VM restored from it), and
+//! refuses a hello without them. The agent answers with its own `Hello`.
+//! Each side checks the other's with [`check_hello`]: a different version
+//! is refused with an error that names both versions, and the agent closes
+//! the connection.
 //!
 //! # Multiplexing
 //!
@@ -51,8 +56,9 @@ pub use vmrun_layerdisk::Digest;
 
 /// The magic string in every [`Hello`].
 pub const MAGIC: &str = "vmrun-agent";
-/// The protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+/// The protocol version; bumped on any incompatible change (2: the host's
+/// hello carries entropy, which an agent in a guest requires).
+pub const VERSION: u32 = 2;
 /// Bytes a stream's sender may have in flight before it gets credit back.
 pub const STREAM_WINDOW: u32 = 1 << 20;
 
@@ -110,5 +116,41 @@ mod tests {
         assert!(msg.contains(&format!("version {VERSION}")) && msg.contains(&format!("version {}", VERSION + 1)), "{msg}");
         let stranger = Hello { magic: "http".into(), ..agent };
         assert_eq!(check_hello(&host, &stranger), Err(HandshakeError::NotVmrun));
+    }
+
+    #[test]
+    fn entropy_travels_in_the_hosts_hello_as_hex() {
+        let bytes: Vec<u8> = (0..Entropy::LEN as u8).map(|i| i.wrapping_mul(37)).collect();
+        let host = Hello::ours("vmrun 0.1.0").with_entropy(Entropy::new(bytes.clone()).unwrap());
+        let json = serde_json::to_string(&host).unwrap();
+        assert!(json.contains("\"entropy\":\"00254a6f"), "{json}");
+        let back: Hello = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, host);
+        assert_eq!(back.entropy.as_ref().map(Entropy::bytes), Some(&bytes[..]));
+        // Its Debug does not show the bytes.
+        assert_eq!(format!("{:?}", back.entropy.unwrap()), format!("Entropy({} bytes)", Entropy::LEN));
+        // The agent's hello has none, and says nothing of it.
+        let agent = Hello::ours("vmrun-agent 0.1.0");
+        let json = serde_json::to_string(&agent).unwrap();
+        assert!(!json.contains("entropy"), "{json}");
+        assert_eq!(serde_json::from_str::<Hello>(&json).unwrap().entropy, None);
+    }
+
+    #[test]
+    fn bad_entropy_is_refused() {
+        let hello = |e: &str| serde_json::from_str::<Hello>(&format!("{{\"magic\":\"vmrun-agent\",\"version\":2,\"software\":\"x\",\"entropy\":{e}}}"));
+        assert!(hello(&format!("\"{}\"", "ab".repeat(Entropy::MIN))).is_ok());
+        for bad in [
+            format!("\"{}\"", "ab".repeat(Entropy::MIN - 1)),
+            format!("\"{}\"", "ab".repeat(Entropy::MAX + 1)),
+            format!("\"{}a\"", "ab".repeat(Entropy::MIN)),
+            format!("\"{}zz\"", "ab".repeat(Entropy::MIN)),
+            "\"\"".to_string(),
+            "[1,2,3]".to_string(),
+            "7".to_string(),
+        ] {
+            assert!(hello(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(Entropy::new(vec![0; 3]), Err(EntropyError::Length(3)));
     }
 }

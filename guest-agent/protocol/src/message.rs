@@ -12,12 +12,96 @@ pub struct Hello {
     pub version: u32,
     /// The sender's software and version, for messages (`vmrun 0.1.0`).
     pub software: String,
+    /// Host to agent: fresh random bytes from the host, which an agent that
+    /// is a guest's init mixes into the guest kernel's random pool (and
+    /// reseeds its CRNG with) before it answers. Every VM restored from
+    /// one snapshot starts with the same random state; this makes each
+    /// connection's guest diverge before anything runs. `None` in the
+    /// agent's hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
 }
 
 impl Hello {
-    /// This side's hello.
+    /// This side's hello (without entropy).
     pub fn ours(software: &str) -> Self {
-        Self { magic: crate::MAGIC.into(), version: crate::VERSION, software: software.into() }
+        Self { magic: crate::MAGIC.into(), version: crate::VERSION, software: software.into(), entropy: None }
+    }
+
+    /// This hello, carrying `entropy`.
+    pub fn with_entropy(self, entropy: Entropy) -> Self {
+        Self { entropy: Some(entropy), ..self }
+    }
+}
+
+/// Random bytes for the guest's pool: [`Entropy::MIN`] to [`Entropy::MAX`]
+/// of them, written as a hex string. Their `Debug` does not show them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entropy(Vec<u8>);
+
+/// Entropy that is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntropyError {
+    /// Too few or too many bytes.
+    #[error("{0} bytes of entropy (expected {min} to {max})", min = Entropy::MIN, max = Entropy::MAX)]
+    Length(usize),
+    /// Not an even number of hex digits.
+    #[error("entropy is not a hex string")]
+    Hex,
+}
+
+impl Entropy {
+    /// Bytes the host sends.
+    pub const LEN: usize = 64;
+    /// Fewest bytes accepted (256 bits).
+    pub const MIN: usize = 32;
+    /// Most bytes accepted.
+    pub const MAX: usize = 512;
+
+    /// `bytes`, when their number is within bounds.
+    pub fn new(bytes: Vec<u8>) -> Result<Self, EntropyError> {
+        if !(Self::MIN..=Self::MAX).contains(&bytes.len()) {
+            return Err(EntropyError::Length(bytes.len()));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn to_hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        self.0.iter().flat_map(|b| [DIGITS[usize::from(b >> 4)] as char, DIGITS[usize::from(b & 15)] as char]).collect()
+    }
+
+    fn from_hex(s: &str) -> Result<Self, EntropyError> {
+        if s.len() % 2 != 0 || s.len() > 2 * Self::MAX {
+            return Err(if s.len() % 2 != 0 { EntropyError::Hex } else { EntropyError::Length(s.len() / 2) });
+        }
+        let digit = |c: u8| (c as char).to_digit(16).ok_or(EntropyError::Hex);
+        let bytes = s.as_bytes().chunks(2).map(|p| Ok((digit(p[0])? << 4 | digit(p[1])?) as u8)).collect::<Result<Vec<u8>, _>>()?;
+        Self::new(bytes)
+    }
+}
+
+impl std::fmt::Debug for Entropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Entropy({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Entropy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Entropy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Self::from_hex(&s).map_err(serde::de::Error::custom)
     }
 }
 

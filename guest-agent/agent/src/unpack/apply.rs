@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::path::{is_under, join, split};
+use super::path::{is_plain_name, is_under, join, split};
 use super::tar::{Header, Kind};
 use crate::sys;
 
@@ -64,8 +64,12 @@ fn errno_is(e: &io::Error, n: i32) -> bool {
     e.raw_os_error() == Some(n)
 }
 
-/// Removes `name` in `dir`, recursively if it is a directory.
+/// Removes `name` in `dir`, recursively if it is a directory. `name` must
+/// be a plain entry name (`.`, `..` and paths are refused).
 pub fn remove_all(dir: BorrowedFd<'_>, name: &std::ffi::CStr, depth: usize) -> io::Result<()> {
+    if !is_plain_name(name.to_bytes()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("refusing to remove {name:?}")));
+    }
     match sys::unlinkat(dir, name, 0) {
         Ok(()) => return Ok(()),
         Err(e) if errno_is(&e, libc::ENOENT) => return Ok(()),
@@ -182,8 +186,14 @@ impl Applier {
 
     /// Removes whatever is at `p` (a whiteout, or an entry in the way).
     fn remove(&mut self, p: &[u8]) -> Result<(), ApplyError> {
-        self.forget(p);
         let (dir, name) = split(p);
+        // `..` would be looked up below without `RESOLVE_BENEATH`: only a
+        // plain name is ever removed (the paths are checked before; this
+        // keeps it so whatever the caller).
+        if !is_plain_name(name) {
+            return Err(ApplyError::Invalid(format!("{}: refusing to remove {:?}", show(p), show(name))));
+        }
+        self.forget(p);
         let cname = cs(name).map_err(|e| io_err(p, e))?;
         let pfd = match self.parent(dir) {
             Ok(fd) => fd,

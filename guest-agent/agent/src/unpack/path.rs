@@ -29,6 +29,10 @@ pub enum PathError {
     /// Empty.
     #[error("empty path in layer")]
     Empty,
+    /// A whiteout (`.wh.NAME`) whose NAME is not a plain entry name: empty,
+    /// `.`, `..` or holding a `/`.
+    #[error("whiteout {0:?} in layer does not name a plain entry")]
+    BadWhiteout(String),
 }
 
 fn show(p: &[u8]) -> String {
@@ -73,12 +77,18 @@ pub fn classify(raw: &[u8]) -> Result<Target, PathError> {
         return Ok(Target::Ignored);
     }
     if let Some(hidden) = name.strip_prefix(b".wh.") {
-        if hidden.is_empty() || hidden == b"." {
-            return Ok(Target::Ignored);
+        if !is_plain_name(hidden) {
+            return Err(PathError::BadWhiteout(show(raw)));
         }
         return Ok(Target::Whiteout(join(dir, hidden)));
     }
     Ok(Target::Path(p))
+}
+
+/// Whether `name` names an entry of a directory: not empty, not `.` or
+/// `..`, no `/`.
+pub fn is_plain_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/')
 }
 
 /// Splits a normalized path into its parent (empty for the root) and name.
@@ -130,6 +140,18 @@ mod tests {
         assert_eq!(classify(b"x/.wh..wh.aufs").unwrap(), Target::Ignored);
         assert_eq!(classify(b"./").unwrap(), Target::Root);
         assert!(classify(b"../.wh.x").is_err());
+        // Dots that are part of a name are fine.
+        assert_eq!(classify(b".wh...x").unwrap(), Target::Whiteout(b"..x".to_vec()));
+        assert_eq!(classify(b"a/.wh....").unwrap(), Target::Whiteout(b"a/...".to_vec()));
+    }
+
+    #[test]
+    fn whiteouts_must_name_a_plain_entry() {
+        for raw in [&b".wh..."[..], b".wh..", b".wh.", b"a/.wh...", b"a/b/.wh..", b"./a/.wh.", b"a/.wh.../"] {
+            assert!(matches!(classify(raw), Err(PathError::BadWhiteout(_))), "{}", String::from_utf8_lossy(raw));
+        }
+        assert!(is_plain_name(b"x") && is_plain_name(b"...") && is_plain_name(b".x"));
+        assert!(!is_plain_name(b"") && !is_plain_name(b".") && !is_plain_name(b"..") && !is_plain_name(b"a/b"));
     }
 
     #[test]

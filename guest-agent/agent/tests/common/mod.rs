@@ -182,6 +182,11 @@ pub fn busybox() -> Vec<u8> {
 /// with a user `alice` (1000:1000), a non-executable /bin/notexec and a
 /// marker file; in three layers (plain tar, gzip, zstd).
 pub fn test_image(dir: &Path) -> (PathBuf, Vec<Digest>) {
+    test_image_plus(dir, Vec::new())
+}
+
+/// [`test_image`] with more (plain tar) layers on top.
+pub fn test_image_plus(dir: &Path, more: Vec<Vec<u8>>) -> (PathBuf, Vec<Digest>) {
     let mut base = Layer::new();
     base.dir("bin", 0o755).dir("etc", 0o755).dir("tmp", 0o1777);
     base.file("bin/busybox", 0o755, &busybox());
@@ -195,7 +200,9 @@ pub fn test_image(dir: &Path) -> (PathBuf, Vec<Digest>) {
     second.file("marker", 0o644, b"from the image\n");
     let mut third = Layer::new();
     third.dir("srv", 0o755).file("srv/zstd-layer", 0o600, b"zstd\n");
-    disk_file(dir, "image.disk", &[(base.finish(), TAR), (gzip(&second.finish()), GZIP), (zstd(&third.finish()), ZSTD)])
+    let mut layers = vec![(base.finish(), TAR), (gzip(&second.finish()), GZIP), (zstd(&third.finish()), ZSTD)];
+    layers.extend(more.into_iter().map(|l| (l, TAR)));
+    disk_file(dir, "image.disk", &layers)
 }
 
 /// The agent running as a host process behind a Unix socket.
