@@ -484,6 +484,40 @@ fn collect(pid: u32) -> Collected {
     Collected::Removed(removed)
 }
 
+/// The outer pids of jails whose records nobody holds: their processes
+/// are gone, and [`collect_record`] collects what they left.
+pub fn orphan_records() -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir(JAIL_BASE)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+        .filter(|pid| {
+            let Ok(f) = File::open(Record::path(*pid)) else { return false };
+            // SAFETY: flock on a descriptor we own (released when `f` closes).
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The record of the jail of outer process `pid`.
+pub fn record_path(pid: u32) -> PathBuf {
+    Record::path(pid)
+}
+
+/// Collects what the jail of outer process `pid` left (cgroups, root,
+/// record) if its process is gone; returns the paths removed (none if it
+/// lives). `WouldBlock` while a cgroup still has tasks (they are dying).
+pub fn collect_record(pid: u32) -> std::io::Result<Vec<PathBuf>> {
+    match collect(pid) {
+        Collected::Nothing => Ok(Vec::new()),
+        Collected::Removed(paths) => Ok(paths),
+        Collected::Busy => Err(std::io::ErrorKind::WouldBlock.into()),
+    }
+}
+
 /// Collects what every jail whose process is gone left on this host (its
 /// cgroups, its root directory, its record), whoever started it and in
 /// whichever cgroup: for `vmrun system prune` and before a template build.

@@ -149,6 +149,10 @@ pub enum Removal {
         /// Its TAP device.
         tap: Option<String>,
     },
+    /// What the jail of a VMM killed with SIGKILL left (its cgroups, root
+    /// directory and record; `vmrun_jail::collect_record`): the jail's
+    /// outer pid.
+    Jail(u32),
 }
 
 /// Something a collector would remove.
@@ -190,6 +194,10 @@ pub const COLLECTORS: &[(&str, Collector)] = &[
     ("base templates", stale_base_templates),
     ("temporary files", stale_temporaries),
 ];
+
+/// Collectors of what dead processes left outside any data directory, on
+/// the whole host ([`Options::host`]).
+pub const HOST_COLLECTORS: &[(&str, Collector)] = &[("jail leftovers", jail_leftovers)];
 
 /// Space on disk: allocated blocks (snapshots and disks are sparse), for
 /// a file or a directory tree.
@@ -346,17 +354,37 @@ pub fn stale_temporaries(cx: &Context<'_>) -> Result<Vec<Candidate>, Error> {
             if container::ProcessRef::of(pid).is_some() {
                 continue;
             }
+            // A build directory goes only while no build of its template
+            // runs (a pid can be reused).
+            let lock = name.split_once(".build-").map(|(key, _)| dir.join(format!("{key}.lock")));
             out.push(Candidate {
                 kind: Kind::Temporary,
                 bytes: disk_usage(&path),
                 reason: format!("left by process {pid}, which is gone"),
-                lock: None,
+                lock,
                 path,
                 removal: Removal::Path,
             });
         }
     }
     Ok(out)
+}
+
+/// What jails of VMMs killed with SIGKILL left on this host (cgroups,
+/// their roots under /run/vmrun-jail, their records), whichever data
+/// directory they served: records their processes no longer hold.
+pub fn jail_leftovers(_: &Context<'_>) -> Result<Vec<Candidate>, Error> {
+    Ok(vmrun_jail::orphan_records()
+        .into_iter()
+        .map(|pid| Candidate {
+            kind: Kind::Temporary,
+            path: vmrun_jail::record_path(pid),
+            bytes: 0,
+            reason: format!("left by the jail of VMM process {pid}, which was killed"),
+            lock: None,
+            removal: Removal::Jail(pid),
+        })
+        .collect())
 }
 
 /// Runs `collectors` and returns what they would remove.
@@ -402,6 +430,7 @@ pub fn remove(c: &Candidate) -> Outcome {
             Err(e) => Err(e),
         },
         Removal::Rmdir => std::fs::remove_dir(&c.path),
+        Removal::Jail(pid) => vmrun_jail::collect_record(*pid).map(|_| ()),
         Removal::Container { tap } => {
             if let Some(tap) = tap {
                 crate::net::delete_tap(tap);
@@ -447,6 +476,9 @@ pub fn unused_images(usage: &Usage) -> Vec<String> {
 pub struct Options {
     /// Also remove the images no container uses (`--all`).
     pub all: bool,
+    /// Also run [`HOST_COLLECTORS`]: what dead VMMs of any data directory
+    /// left on the host.
+    pub host: bool,
 }
 
 /// What a prune did (or, planned only, would do).
@@ -498,7 +530,8 @@ pub fn prune(home: &Home, options: Options, apply: bool) -> Result<Report, Error
         }
         usage.without(&[], &images);
     }
-    for collector in COLLECTORS {
+    let host: &[(&str, Collector)] = if options.host { HOST_COLLECTORS } else { &[] };
+    for collector in COLLECTORS.iter().chain(host) {
         let planned = plan(home, &usage, std::slice::from_ref(collector))?;
         let mut gone = Vec::new();
         for c in planned {
@@ -541,7 +574,7 @@ pub struct DfRow {
 /// temporary files, with what a prune (`--all` for images) would free.
 pub fn df(home: &Home) -> Result<Vec<DfRow>, Error> {
     let usage = Usage::read(home)?;
-    let planned = prune(home, Options { all: true }, false)?;
+    let planned = prune(home, Options { all: true, host: false }, false)?;
     let store = vmrun_images::Store::open(home.images()).map_err(Error::Store)?;
     let summaries = store.list().map_err(Error::Store)?;
     let unused = unused_images(&usage);

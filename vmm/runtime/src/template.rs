@@ -148,27 +148,6 @@ pub fn collect_stale_builds(dir: &Path, key: &str) -> Vec<PathBuf> {
     removed
 }
 
-/// Removes the work directories of every template build under `dir` that
-/// no live vmrun holds (each template's lock is free): what builds killed
-/// with SIGKILL left, for `vmrun system prune`.
-pub fn collect_all_stale_builds(dir: &Path) -> Vec<PathBuf> {
-    let mut keys: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().split_once(".build-").map(|(k, _)| k.to_string()))
-        .collect();
-    keys.sort();
-    keys.dedup();
-    let mut removed = Vec::new();
-    for key in keys {
-        if let Ok(Some(_lock)) = Lock::try_take(&dir.join(format!("{key}.lock"))) {
-            removed.extend(collect_stale_builds(dir, &key));
-        }
-    }
-    removed
-}
-
 /// Gives a snapshot a (jailed) VMM wrote to root, so that no later VMM
 /// running as the same uid could change a template others restore.
 fn own_by_root(dir: &Path) -> std::io::Result<()> {
@@ -307,19 +286,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stale_build_directories_go_unless_their_build_runs() {
+    fn stale_build_directories_of_a_template_go() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for p in ["aaaa.build-1/vm", "aaaa.build-22", "bbbb.build-3", "aaaa/vm", "aaaa-image-1234"] {
             std::fs::create_dir_all(d.join(p)).unwrap();
         }
-        // bbbb's build runs (its lock is held): its directory stays.
-        let held = Lock::take(&d.join("bbbb.lock")).unwrap();
-        let mut removed = collect_all_stale_builds(d);
+        let mut removed = collect_stale_builds(d, "aaaa");
         removed.sort();
         assert_eq!(removed, vec![d.join("aaaa.build-1"), d.join("aaaa.build-22")]);
         assert!(d.join("bbbb.build-3").is_dir() && d.join("aaaa/vm").is_dir() && d.join("aaaa-image-1234").is_dir());
-        drop(held);
-        assert_eq!(collect_stale_builds(d, "bbbb"), vec![d.join("bbbb.build-3")]);
     }
 }

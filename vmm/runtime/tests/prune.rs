@@ -239,7 +239,7 @@ fn prune_rmi_and_df_remove_exactly_what_nothing_uses() {
     let x = add_image(&home, "x", 9);
     disk(&home, &x);
     add_image(&home, "b", 2);
-    let report = prune::prune(&home, Options { all: true }, true).unwrap();
+    let report = prune::prune(&home, Options { all: true, host: false }, true).unwrap();
     assert_eq!(report.untagged, ["example.com/x:latest"]);
     assert!(report.image_bytes > 0);
     let removed: Vec<_> = report.removed.iter().map(|(c, _)| c.path.clone()).collect();

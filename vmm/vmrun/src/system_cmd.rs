@@ -41,7 +41,7 @@ pub fn df() -> Result<i32> {
 /// `-f`; refuses without a terminal and without `-f`.
 pub fn prune(all: bool, force: bool) -> Result<i32> {
     let home = Home::from_env()?;
-    let options = Options { all };
+    let options = Options { all, host: true };
     if !force {
         // SAFETY: isatty has no preconditions.
         if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
