@@ -158,6 +158,41 @@ fn run_containers_from_a_registry_and_an_archive() {
         .collect();
     assert!(ours.is_empty(), "container directories left behind: {ours:?}");
     assert!(Path::new(&v.home.join("templates")).is_dir());
+
+    // rmi takes the image's layer disk and prepared template with it; the
+    // base template stays. (An image of its own: busybox's manifest with an
+    // annotation, so that no other test's run shares its files.)
+    let layout = images.join("oci");
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let blob = layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob).unwrap()).unwrap();
+    manifest["annotations"] = serde_json::json!({"vmrun.test": "rmi"});
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    reg.push_layout(&layout, "rmi-me", "base");
+    reg.push_manifest("rmi-me", "latest", "application/vnd.oci.image.manifest.v1+json", &bytes);
+    let own = format!("127.0.0.1:{}/rmi-me:latest", reg.port);
+    let own_digest = vmrun_images::Digest::of(&bytes).hex().to_owned();
+    assert_code(&v.run(&["run", "--rm", &own, "true"]), 0);
+    let disk = v.home.join(format!("layer-disks/sha256-{own_digest}.disk"));
+    let prepared_suffix = format!("-image-{}", &own_digest[..16]);
+    let prepared = || -> Vec<PathBuf> {
+        std::fs::read_dir(v.home.join("templates"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(&prepared_suffix))
+            .collect()
+    };
+    assert!(disk.is_file(), "no layer disk {}", disk.display());
+    let made = prepared();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let base = made[0].to_string_lossy().trim_end_matches(&prepared_suffix).to_owned();
+    let o = v.run(&["rmi", &own]);
+    assert_code(&o, 0);
+    assert!(!disk.exists(), "layer disk left: {}", text(&o.stdout));
+    assert!(prepared().is_empty(), "prepared template left: {}", text(&o.stdout));
+    assert!(Path::new(&base).join("vmstate.json").is_file(), "the base template went too");
 }
 
 /// The container's state file, as JSON.
