@@ -33,7 +33,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -115,6 +115,10 @@ pub struct Jail {
     pub taps: Vec<String>,
     /// The cgroup's limits; `None` for no cgroup.
     pub limits: Option<Limits>,
+    /// Descriptors above standard error that the jailed process keeps
+    /// (every other one is closed at entry): e.g. the pipe on which the VMM
+    /// says it is ready. The outer process closes its copies.
+    pub keep_fds: Vec<RawFd>,
 }
 
 /// The uid and gid a jailed VMM with (outer) pid `pid` runs as.
@@ -134,7 +138,7 @@ impl Jail {
         if threads > 1 {
             return Err(Error::Threads(threads));
         }
-        close_inherited_fds()?;
+        close_inherited_fds(&self.keep_fds)?;
         for p in self.read_only.iter().chain(&self.writable) {
             if std::fs::symlink_metadata(p).is_err() {
                 return Err(Error::Missing(p.clone()));
@@ -183,8 +187,15 @@ impl Jail {
             return Err(Error::Sys { what: "fork".into(), source: std::io::Error::last_os_error() });
         }
         if child > 0 {
-            // SAFETY: our copy of the read end.
-            unsafe { libc::close(alive[0]) };
+            // SAFETY: our copy of the read end, and our copies of the
+            // descriptors the jailed process keeps (it alone uses them:
+            // they reach end of file when it ends).
+            unsafe {
+                libc::close(alive[0]);
+                for &fd in &self.keep_fds {
+                    libc::close(fd);
+                }
+            }
             let status = wait_forwarding(child, &set);
             let _ = std::fs::remove_dir(&root);
             if let Some(c) = cgroup {
@@ -654,15 +665,16 @@ fn enable_controllers(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Closes every descriptor above standard error: what the process that
-/// started the VMM had open (a file on `9<`, a socket) is not the jailed
-/// VMM's to use.
-fn close_inherited_fds() -> Result<(), Error> {
+/// Closes every descriptor above standard error but `keep`: what the
+/// process that started the VMM had open (a file on `9<`, a socket) is not
+/// the jailed VMM's to use.
+fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Error> {
+    let (ranges, keep) = ranges_to_close(keep);
     // SAFETY: close_range on this process's own descriptor table; nothing
     // of Rust's owns a descriptor above 2 this early in a VMM (checked:
-    // single-threaded, before any file is opened).
-    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    if r == 0 {
+    // single-threaded, before any file is opened) but the kept ones.
+    let closed = ranges.iter().all(|&(a, b)| unsafe { libc::syscall(libc::SYS_close_range, a, b, 0u32) } == 0);
+    if closed {
         return Ok(());
     }
     // Kernels before 5.9: one by one.
@@ -670,7 +682,7 @@ fn close_inherited_fds() -> Result<(), Error> {
         .map_err(sys("list /proc/self/fd"))?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
+        .filter(|fd| *fd > 2 && !keep.contains(&(*fd as u32)))
         .collect();
     for fd in fds {
         // SAFETY: as above; the directory's own descriptor is closed
@@ -680,10 +692,37 @@ fn close_inherited_fds() -> Result<(), Error> {
     Ok(())
 }
 
+/// The descriptor ranges above standard error around `keep` (inclusive):
+/// [3, k1 - 1], [k1 + 1, k2 - 1], ..., [kn + 1, max]; and the kept ones
+/// above 2, sorted.
+fn ranges_to_close(keep: &[RawFd]) -> (Vec<(u32, u32)>, Vec<u32>) {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&fd| u32::try_from(fd).ok()).filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut ranges = Vec::with_capacity(keep.len() + 1);
+    let mut from = 3u32;
+    for &k in &keep {
+        if k > from {
+            ranges.push((from, k - 1));
+        }
+        from = k.saturating_add(1);
+    }
+    ranges.push((from, u32::MAX));
+    (ranges, keep)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn descriptors_closed_around_the_kept_ones() {
+        assert_eq!(ranges_to_close(&[]).0, [(3, u32::MAX)]);
+        assert_eq!(ranges_to_close(&[1, -1]).0, [(3, u32::MAX)]);
+        assert_eq!(ranges_to_close(&[3]).0, [(4, u32::MAX)]);
+        assert_eq!(ranges_to_close(&[9, 5, 9, 6]), (vec![(3, 4), (7, 8), (10, u32::MAX)], vec![5, 6, 9]));
+    }
 
     #[test]
     fn uids_are_out_of_the_usual_ranges_and_distinct_per_pid() {
@@ -747,14 +786,18 @@ mod tests {
             // SAFETY: dup2 of an open descriptor, fcntl checks, _exit.
             unsafe {
                 libc::dup2(1, 9);
-                let ok = close_inherited_fds().is_ok() && libc::fcntl(9, libc::F_GETFD) < 0 && libc::fcntl(2, libc::F_GETFD) >= 0;
+                libc::dup2(1, 7);
+                let ok = close_inherited_fds(&[7]).is_ok()
+                    && libc::fcntl(9, libc::F_GETFD) < 0
+                    && libc::fcntl(7, libc::F_GETFD) >= 0
+                    && libc::fcntl(2, libc::F_GETFD) >= 0;
                 libc::_exit(if ok { 0 } else { 1 });
             }
         }
         let mut status = 0;
         // SAFETY: waitpid on our own child.
         unsafe { libc::waitpid(child, &mut status, 0) };
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "descriptor 9 survived: status {status}");
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "descriptor 9 survived or 7 (kept) did not: status {status}");
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! A container's VM: a child `vmrun boot` process with the agent initramfs,
 //! the image's layer disk and a vsock device, and the conversation with the
 //! agent in it.
+//!
+//! The host waits for its VMM on events, not by polling: the VMM writes a
+//! byte on a pipe (`--ready-fd`) once its sockets listen, and its exit is a
+//! pidfd becoming readable.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,10 +51,25 @@ struct VmPaths {
     console: PathBuf,
 }
 
+/// The longest one attempt to reach the agent waits for its answer: while
+/// a guest boots, a connection waits for a vsock driver that is not there
+/// yet.
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause after the guest refused a connection (its agent does not
+/// listen yet) before the next attempt.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 /// A running VMM process; killed if dropped while it runs.
 #[derive(Debug)]
 pub struct VmProcess {
     child: Child,
+    /// Readable when the VMM has ended (`None` on kernels without pidfds,
+    /// before 5.3: then its end is polled for).
+    pidfd: Option<OwnedFd>,
+    /// The read end of the VMM's readiness pipe, until it said ready.
+    ready: Option<File>,
+    /// How many connections the last [`VmProcess::connect_agent`] tried.
+    connect_attempts: u32,
     /// The VMM's own messages (its standard error).
     log: PathBuf,
     pub vsock: PathBuf,
@@ -164,10 +186,26 @@ impl VmProcess {
             })
         };
         no_inherited_fds(&mut cmd);
+        // The readiness pipe's write end goes to the VMM, and only there.
+        let (ready_r, ready_w) = pipe()?;
+        let ready_fd = ready_w.as_raw_fd();
+        // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on
+        // this one descriptor of the child's (after `no_inherited_fds` set
+        // it on all).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::fcntl(ready_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
         if jail_wanted() {
             cmd.args(["--jail", "on"]);
         }
         let child = cmd
+            .arg("--ready-fd")
+            .arg(ready_fd.to_string())
             .arg("--control")
             .arg(&paths.control)
             .arg("--console")
@@ -177,33 +215,107 @@ impl VmProcess {
             .stderr(log)
             .spawn()
             .map_err(Error::Spawn)?;
-        Ok(VmProcess { child, log: log_path, vsock: paths.vsock, control: paths.control, console: paths.console, vm_dir, in_use: Vec::new() })
+        drop(ready_w);
+        let pidfd = pidfd_open(child.id())
+            .map_err(|e| log::debug!("no pidfd for the VMM ({e}): its end is polled for"))
+            .ok();
+        Ok(VmProcess {
+            child,
+            pidfd,
+            ready: Some(File::from(ready_r)),
+            connect_attempts: 0,
+            log: log_path,
+            vsock: paths.vsock,
+            control: paths.control,
+            console: paths.console,
+            vm_dir,
+            in_use: Vec::new(),
+        })
     }
 
     /// Waits until the agent answers (the guest boots meanwhile), up to
     /// `timeout`.
+    ///
+    /// First the VMM says its sockets listen (its readiness pipe). Then
+    /// each attempt connects and waits for the agent's hello: after a
+    /// restore the first one is answered (the VMM holds it until the guest
+    /// has taken the vsock transport reset); while a guest boots, an
+    /// attempt waits for the vsock driver, or the guest refuses it until
+    /// the agent listens, and the next one follows
+    /// [`CONNECT_RETRY_PAUSE`] later (at once if the VMM ends).
     pub fn connect_agent(&mut self, timeout: Duration, opts: Options) -> Result<Client> {
-        let start = Instant::now();
+        let deadline = Instant::now() + timeout;
+        let timed_out = |vm: &Self| Error::AgentTimeout { secs: timeout.as_secs(), console: vm.console.clone() };
+        self.connect_attempts = 0;
+        if !self.wait_ready(deadline)? {
+            return Err(timed_out(self));
+        }
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Err(Error::VmEnded { status: status.to_string(), reason: self.why_it_ended() });
             }
-            if self.vsock.exists() {
-                // A short handshake timeout: while the guest boots, the
-                // connection waits for a driver that is not there yet.
-                let quick = Options { handshake_timeout: Duration::from_secs(5), ..opts };
-                match Client::connect_hybrid_vsock(&self.vsock, AGENT_PORT, quick) {
-                    Ok(c) => {
-                        self.in_use.clear();
-                        return Ok(c);
-                    }
-                    Err(e) => log::debug!("agent not there yet: {e}"),
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out(self));
+            }
+            self.connect_attempts += 1;
+            let attempt = Options { handshake_timeout: CONNECT_ATTEMPT_TIMEOUT.min(left), ..opts };
+            match Client::connect_hybrid_vsock(&self.vsock, AGENT_PORT, attempt) {
+                Ok(c) => {
+                    self.in_use.clear();
+                    return Ok(c);
                 }
+                Err(e) => log::debug!("agent not there yet (attempt {}): {e}", self.connect_attempts),
             }
-            if start.elapsed() > timeout {
-                return Err(Error::AgentTimeout { secs: timeout.as_secs(), console: self.console.clone() });
+            self.wait_exit(Instant::now() + CONNECT_RETRY_PAUSE.min(left))?;
+        }
+    }
+
+    /// How many connections the last [`VmProcess::connect_agent`] tried
+    /// (1: the first one was answered).
+    pub fn connect_attempts(&self) -> u32 {
+        self.connect_attempts
+    }
+
+    /// Waits for the VMM's readiness byte, up to `deadline`: whether it
+    /// came (once it did, at once). The VMM ending first is an error.
+    fn wait_ready(&mut self, deadline: Instant) -> Result<bool> {
+        let Some(r) = self.ready.as_mut() else { return Ok(true) };
+        if !poll_readable(r.as_raw_fd(), deadline)? {
+            return Ok(false);
+        }
+        let mut b = [0u8; 1];
+        let n = loop {
+            match r.read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other?,
             }
-            std::thread::sleep(Duration::from_millis(200));
+        };
+        if n == 1 {
+            self.ready = None;
+            return Ok(true);
+        }
+        // End of file: the VMM closed it by ending.
+        let status = self.child.wait()?;
+        Err(Error::VmEnded { status: status.to_string(), reason: self.why_it_ended() })
+    }
+
+    /// Waits for the VMM to end, up to `deadline`: whether it did.
+    fn wait_exit(&mut self, deadline: Instant) -> Result<bool> {
+        loop {
+            if self.child.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            match &self.pidfd {
+                Some(fd) => {
+                    poll_readable(fd.as_raw_fd(), deadline)?;
+                }
+                None => std::thread::sleep(left.min(Duration::from_millis(20))),
+            }
         }
     }
 
@@ -219,20 +331,12 @@ impl VmProcess {
 
     /// Waits for the VMM to end, up to `timeout`; kills it after that.
     pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                vmrun_jail::clean_up(self.child.id());
-                return Ok(s);
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                let s = self.child.wait()?;
-                vmrun_jail::clean_up(self.child.id());
-                return Ok(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !self.wait_exit(Instant::now() + timeout)? {
+            let _ = self.child.kill();
         }
+        let s = self.child.wait()?;
+        vmrun_jail::clean_up(self.child.id());
+        Ok(s)
     }
 
     /// Why the VMM ended, for an error message that outlives its files (a
@@ -294,6 +398,54 @@ pub fn no_inherited_fds(cmd: &mut Command) {
             Ok(())
         })
     };
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A descriptor that becomes readable when the process `pid` (our child,
+/// not yet reaped) ends; close-on-exec.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("pidfd_open: descriptor out of range"))?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until `fd` is readable (or hung up), up to `deadline`: whether it
+/// is.
+fn poll_readable(fd: RawFd, deadline: Instant) -> std::io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Rounded up: a deadline a fraction of a millisecond away must not
+        // turn into a busy loop of zero timeouts.
+        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one pollfd that lives across the call.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n > 0 => return Ok(true),
+            0 if left.is_zero() => return Ok(false),
+            0 => continue,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Removes a VM directory (sockets, console) once the VM is gone.

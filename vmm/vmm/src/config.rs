@@ -299,6 +299,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Seccomp filters on the VMM's threads.
     pub seccomp: SeccompMode,
+    /// Written one byte once the control socket and the vsock socket
+    /// listen (see [`crate::vm::RunOptions::ready`]).
+    pub ready: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl VmConfig {
@@ -322,6 +325,7 @@ impl VmConfig {
             control: None,
             vsock: None,
             seccomp: SeccompMode::On,
+            ready: None,
         }
     }
 }

@@ -185,6 +185,13 @@ pub struct RunOptions {
     /// Seccomp filters on the VMM's threads (see [`crate::seccomp`]; the
     /// VMM thread's filter stays on the calling thread after the VM ends).
     pub seccomp: SeccompMode,
+    /// Gets one byte once the control socket and the vsock socket listen
+    /// and the event loop is about to serve them (before the guest runs):
+    /// whoever started the VMM may connect from then on, without polling
+    /// for the socket files. A pipe's write end, typically; the VMM keeps
+    /// it open until it ends, so a reader sees end of file if it fails
+    /// before that.
+    pub ready: Option<Arc<File>>,
 }
 
 /// A VM ready to run: built by a cold boot or from a snapshot.
@@ -345,6 +352,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
         report: config.report.clone(),
         control: config.control.clone(),
         seccomp: config.seccomp,
+        ready: config.ready.clone(),
     })
 }
 
@@ -586,6 +594,12 @@ impl Machine {
         // then the vCPUs may run the guest.
         let start = shared.start.clone();
         let loop_result = event_loop(controller.clone(), self.virtio.take_handlers(), &source, || {
+            if let Some(ready) = &opts.ready {
+                // Before the filter: the descriptor is no device's.
+                if let Err(e) = (&**ready).write_all(b"R") {
+                    log::warn!("cannot signal readiness: {e}");
+                }
+            }
             if let Some(filter) = &filters.vmm {
                 filter.install()?;
             }

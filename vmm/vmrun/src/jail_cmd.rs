@@ -8,6 +8,7 @@
 //! file and the report (the VM's own directory). Empty disk slots
 //! (`/dev/null`) use the jail's own device node.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
@@ -34,6 +35,8 @@ pub struct Needs {
     pub taps: Vec<String>,
     pub memory_mib: u64,
     pub cpus: u32,
+    /// Inherited descriptors the VMM keeps (`--ready-fd`).
+    pub keep_fds: Vec<RawFd>,
 }
 
 fn parent(p: &Path) -> Option<PathBuf> {
@@ -62,6 +65,7 @@ pub fn jail_for(needs: &Needs) -> std::io::Result<Jail> {
         writable: outer,
         taps: needs.taps.clone(),
         limits: Some(Limits { guest_memory: needs.memory_mib << 20, cpus: needs.cpus }),
+        keep_fds: needs.keep_fds.clone(),
     })
 }
 
@@ -89,10 +93,12 @@ mod tests {
             taps: vec![],
             memory_mib: 256,
             cpus: 1,
+            keep_fds: vec![7],
         };
         let j = jail_for(&needs).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(j.writable, vec![PathBuf::from("/vm")]);
         assert_eq!(j.read_only, vec![PathBuf::from("/k/vmlinux"), PathBuf::from("/t/snap"), PathBuf::from("/layers/l.disk")]);
         assert_eq!(j.limits, Some(Limits { guest_memory: 256 << 20, cpus: 1 }));
+        assert_eq!(j.keep_fds, [7]);
     }
 }

@@ -8,8 +8,11 @@ mod logger;
 mod run_cmd;
 mod system_cmd;
 
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -209,6 +212,12 @@ struct RestoreArgs {
     /// a cgroup (needs root; `vmrun run` turns it on as root).
     #[arg(long, value_enum, default_value_t = jail_cmd::JailArg::Off)]
     jail: jail_cmd::JailArg,
+    /// An inherited descriptor (a pipe's write end) that gets one byte
+    /// once the control and vsock sockets listen; it stays open until the
+    /// VMM ends. Whoever started the VMM waits on it instead of polling for
+    /// the socket files (end of file first: the VMM failed).
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<RawFd>,
 }
 
 #[derive(Args, Debug)]
@@ -281,6 +290,32 @@ struct BootArgs {
     /// Serve a control socket here (pause, resume, snapshot, stop).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// An inherited descriptor (a pipe's write end) that gets one byte
+    /// once the control and vsock sockets listen; it stays open until the
+    /// VMM ends. Whoever started the VMM waits on it instead of polling for
+    /// the socket files (end of file first: the VMM failed).
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<RawFd>,
+}
+
+/// Checks that `--ready-fd` names an open descriptor above standard error,
+/// and keeps it from any program the VMM would start.
+fn check_ready_fd(fd: Option<RawFd>) -> anyhow::Result<Option<RawFd>> {
+    let Some(fd) = fd else { return Ok(None) };
+    anyhow::ensure!(fd > 2, "--ready-fd {fd}: give a descriptor above standard error");
+    // SAFETY: fcntl with integer arguments only; it fails on a descriptor
+    // that is not open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        anyhow::bail!("--ready-fd {fd}: {}", std::io::Error::last_os_error());
+    }
+    Ok(Some(fd))
+}
+
+/// Takes `--ready-fd` over (after the jail, which keeps it open).
+fn take_ready_fd(fd: Option<RawFd>) -> Option<Arc<File>> {
+    // SAFETY: checked open by `check_ready_fd`; it was handed to this
+    // process for the VMM to signal on, and nothing else here owns it.
+    fd.map(|fd| Arc::new(unsafe { File::from_raw_fd(fd) }))
 }
 
 impl From<CompatArg> for HostCompatMode {
@@ -321,6 +356,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
     vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(args.memory)).context("cannot run the VM")?;
     let vcpus = u8::try_from(args.cpus).context("vCPU count")?;
     let host_compat = resolve_host_compat(args.host_compat.into());
+    let ready_fd = check_ready_fd(args.ready_fd)?;
     let needs = jail_cmd::Needs {
         read_only: [Some(args.kernel.clone()), args.initrd.clone()].into_iter().flatten().collect(),
         disks: args.disks.iter().map(|d| d.path.clone()).collect(),
@@ -331,6 +367,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         taps: args.nets.iter().map(|n| n.tap.clone()).collect(),
         memory_mib: u64::from(args.memory),
         cpus: args.cpus,
+        keep_fds: ready_fd.into_iter().collect(),
     };
     jail_cmd::enter(args.jail, &needs)?;
     let config = VmConfig {
@@ -350,6 +387,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         control: args.control,
         vsock: args.vsock,
         seccomp: args.seccomp.into(),
+        ready: take_ready_fd(ready_fd),
     };
     let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
     Ok(finish(reason))
@@ -378,6 +416,7 @@ fn resolve_host_compat(mode: HostCompatMode) -> HostCompatMode {
 
 fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
     let host_compat = resolve_host_compat(args.host_compat.into());
+    let ready_fd = check_ready_fd(args.ready_fd)?;
     if args.jail == jail_cmd::JailArg::On {
         let state = vmrun_vmm::snapshot::load_state(&args.snapshot).context("cannot restore the VM")?;
         let needs = jail_cmd::Needs {
@@ -387,6 +426,7 @@ fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
             taps: args.taps.clone(),
             memory_mib: u64::from(state.mem_mib),
             cpus: state.vcpus.len() as u32,
+            keep_fds: ready_fd.into_iter().collect(),
         };
         jail_cmd::enter(args.jail, &needs)?;
     }
@@ -403,6 +443,7 @@ fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
             report: args.report,
             control: args.control,
             seccomp: args.seccomp.into(),
+            ready: take_ready_fd(ready_fd),
         },
     };
     let (reason, _report) = vmrun_vmm::restore(&config, start).context("cannot restore the VM")?;

@@ -245,7 +245,7 @@ pub const VMM: &[Allowed] = &[
     any!(SYS_fdatasync, "virtio-blk flush (File::sync_data)"),
     any!(SYS_fsync, "a snapshot's files are synced before their rename"),
     any!(SYS_ftruncate, "a snapshot's memory file gets its size (sparse)"),
-    any!(SYS_timerfd_settime, "rate limiters arm their timer"),
+    any!(SYS_timerfd_settime, "rate limiters arm their timer; vsock times host connections held over a transport reset"),
     when!(SYS_getrandom, "virtio-rng; hash map keys", [&[eq32(2, 0)], &[eq32(2, libc::GRND_INSECURE as u64)]]),
     when!(SYS_ioctl, "FIONBIO on control connections; the VM-wide state of a snapshot", [
         req!(FIONBIO),

@@ -12,6 +12,20 @@
 //! `socket.rs` the raw socket calls; this file is the virtio device: its
 //! three queues (rx 0, tx 1, event 2) and its config space (the guest CID).
 //!
+//! After a restore the device resets the transport: the guest is sent
+//! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drops every connected socket
+//! when it handles the event. A host connection forwarded before that
+//! would be dropped with them, so host connections are held (their
+//! `CONNECT` read, no REQUEST sent) until the guest has handled the event.
+//! Linux's driver shows that it has (`virtio_vsock_event_work`): for each
+//! event buffer it takes back, it handles the event, then makes the buffer
+//! available again, then notifies the event queue. So the event queue's
+//! available index moving past where it was when the event was delivered
+//! means the reset is done. A guest that does not do so within
+//! [`RESET_ACK_TIMEOUT`] of the first held connection gets its held
+//! connections refused (`ERR ...` where `OK` would be), and host
+//! connections go through unheld from then on.
+//!
 //! What a guest can make the host hold is bounded per device: at most
 //! [`muxer::MAX_CONNECTIONS`] connections (host handshakes included), at
 //! most `connection::BUF_ALLOC` guest bytes buffered per connection for a
@@ -32,12 +46,17 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::EventOps;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{complete, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_VSOCK};
 use muxer::{FdWatch, Muxer};
@@ -51,6 +70,12 @@ pub const TX: usize = 1;
 pub const EVENT: usize = 2;
 /// `virtio_vsock_event.id`: the transport was reset (after a restore).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// How long host connections are held, at most, for the guest to handle a
+/// transport reset (from the first one held). It stays under the host's
+/// usual handshake timeouts, so a host learns why rather than timing out.
+pub const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// What a host connection refused after [`RESET_ACK_TIMEOUT`] reads.
+pub const RESET_ACK_REFUSAL: &str = "the guest did not handle the vsock transport reset in time";
 
 /// Errors creating a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +88,8 @@ pub enum Error {
     RemoveStale { path: PathBuf, source: std::io::Error },
     #[error("cannot listen on vsock socket {path}: {source}")]
     Listen { path: PathBuf, source: std::io::Error },
+    #[error("vsock: cannot create a timer: {0}")]
+    Timer(std::io::Error),
 }
 
 struct Active {
@@ -80,6 +107,14 @@ pub struct Vsock {
     muxer: Muxer,
     active: Option<Active>,
     transport_reset_owed: bool,
+    /// The transport reset is in the guest's event queue and the guest has
+    /// not handled it yet: the queue's available index when it was put
+    /// there. Host connections are held meanwhile.
+    reset_unacked: Option<Wrapping<u16>>,
+    /// Fires [`RESET_ACK_TIMEOUT`] after the first host connection is held.
+    ack_timer: TimerFd,
+    ack_timer_armed: bool,
+    ack_timeout: Duration,
     /// The tx queue waits for owed RSTs to reach the guest, or for host
     /// peers to take buffered bytes ([`Muxer::tx_blocked`]).
     tx_stalled: bool,
@@ -115,6 +150,13 @@ impl Vsock {
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let uds_id = std::fs::metadata(uds_path).ok().map(|m| (m.dev(), m.ino()));
+        let ack_timer = TimerFd::new().map_err(|e| Error::Timer(e.into()))?;
+        // Read from the event loop after a re-arm may have emptied it: the
+        // read must not block.
+        // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+        if unsafe { libc::fcntl(ack_timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(Error::Timer(std::io::Error::last_os_error()));
+        }
         Ok(Self {
             guest_cid,
             uds_path: uds_path.into(),
@@ -122,6 +164,10 @@ impl Vsock {
             muxer: Muxer::new(guest_cid, uds_path, listener),
             active: None,
             transport_reset_owed: false,
+            reset_unacked: None,
+            ack_timer,
+            ack_timer_armed: false,
+            ack_timeout: RESET_ACK_TIMEOUT,
             tx_stalled: false,
             payload: Vec::with_capacity(MAX_PAYLOAD as usize),
             scratch: vec![0; MAX_PAYLOAD as usize],
@@ -149,11 +195,87 @@ impl Vsock {
     /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), as after a snapshot restore:
     /// the guest drops its connected sockets and the host streams are
     /// closed. The event waits for an event-queue buffer if there is none.
+    /// Host connections made from now on are held until the guest has
+    /// handled the event (see the module's documentation).
     pub fn transport_reset(&mut self) {
         self.muxer.release_all();
         self.transport_reset_owed = true;
+        self.reset_unacked = None;
+        self.muxer.hold();
         if self.deliver_events() {
             self.signal();
+        }
+    }
+
+    /// Sets how long host connections wait for the guest to handle a
+    /// transport reset (default [`RESET_ACK_TIMEOUT`]).
+    pub fn set_reset_ack_timeout(&mut self, timeout: Duration) {
+        self.ack_timeout = timeout;
+    }
+
+    /// Whether host connections wait for the guest to handle a transport
+    /// reset.
+    pub fn holding_host_connections(&self) -> bool {
+        self.muxer.holding()
+    }
+
+    /// The guest handled the transport reset if it made an event buffer
+    /// available again since: the held host connections go on.
+    fn check_reset_ack(&mut self) {
+        let (Some(seen), Some(a)) = (self.reset_unacked, self.active.as_ref()) else { return };
+        match a.queues[EVENT].avail_idx(&a.mem, Ordering::Acquire) {
+            Ok(now) if now == seen => return,
+            Ok(_) => log::debug!(
+                "vsock: the guest handled the transport reset; {} held host connections go on",
+                self.muxer.held_count()
+            ),
+            Err(e) => log::debug!("vsock: event queue unreadable ({e}); held host connections go on"),
+        }
+        self.reset_unacked = None;
+        self.disarm_ack_timer();
+        self.muxer.release_held();
+    }
+
+    /// Starts the clock on held host connections.
+    fn arm_ack_timer(&mut self) {
+        if self.ack_timer_armed || self.muxer.held_count() == 0 {
+            return;
+        }
+        match self.ack_timer.reset(self.ack_timeout, None) {
+            Ok(()) => self.ack_timer_armed = true,
+            Err(e) => {
+                // Without a clock, no waiting: let them go on.
+                log::warn!("vsock: cannot arm the transport reset timer: {e}; host connections go on");
+                self.reset_unacked = None;
+                self.muxer.release_held();
+            }
+        }
+    }
+
+    fn disarm_ack_timer(&mut self) {
+        if self.ack_timer_armed {
+            let _ = self.ack_timer.clear();
+            self.ack_timer_armed = false;
+        }
+    }
+
+    /// The timer fired: the guest did not handle the reset in time.
+    fn ack_timer_fired(&mut self) {
+        // Non-blocking: empty after a re-arm, which is fine.
+        let _ = self.ack_timer.wait();
+        if !self.ack_timer_armed {
+            return;
+        }
+        self.ack_timer_armed = false;
+        if self.muxer.holding() {
+            log::warn!(
+                "vsock: the guest did not handle the transport reset within {:?}; {} held host connections refused, \
+                 later ones go through",
+                self.ack_timeout,
+                self.muxer.held_count()
+            );
+            self.reset_unacked = None;
+            self.muxer.refuse_held(RESET_ACK_REFUSAL);
         }
     }
 
@@ -179,6 +301,18 @@ impl Vsock {
                 }
             };
             let ok = w.available_bytes() >= 4 && w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok();
+            if ok {
+                // Read before the guest can see the event: a buffer it
+                // makes available after this is one it took back.
+                match q.avail_idx(&a.mem, Ordering::Acquire) {
+                    Ok(idx) => self.reset_unacked = Some(idx),
+                    Err(e) => {
+                        log::debug!("vsock: event queue unreadable ({e}); host connections are not held");
+                        self.reset_unacked = None;
+                        self.muxer.release_held();
+                    }
+                }
+            }
             notify |= complete(q, &a.mem, head, if ok { 4 } else { 0 });
             self.transport_reset_owed = !ok;
         }
@@ -258,6 +392,8 @@ impl Vsock {
     /// `tx`); signals the guest if needed.
     fn run(&mut self, mut tx: bool, w: &mut dyn FdWatch) {
         let mut notify = self.deliver_events();
+        self.check_reset_ack();
+        self.arm_ack_timer();
         loop {
             if tx {
                 notify |= self.process_tx(w);
@@ -294,10 +430,15 @@ impl Vsock {
 
     fn handle_fd(&mut self, fd: RawFd, events: EventSet, w: &mut dyn FdWatch) {
         self.muxer.close_released(w);
+        if fd == self.ack_timer.as_raw_fd() {
+            self.ack_timer_fired();
+        }
         if self.active.is_none() {
             return;
         }
-        if fd == self.muxer.listener_fd() {
+        if fd == self.ack_timer.as_raw_fd() {
+            // Nothing more: `run` below lets the refusals out.
+        } else if fd == self.muxer.listener_fd() {
             self.muxer.accept(w);
         } else {
             self.muxer.handle_fd(fd, events, w);
@@ -349,6 +490,8 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.transport_reset_owed = false;
+        self.reset_unacked = None;
+        self.disarm_ack_timer();
         self.tx_stalled = false;
         // Closed by `release_fds`, on the event loop.
         self.muxer.release_all();
@@ -373,7 +516,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
-        vec![(self.muxer.listener_fd(), EventSet::IN)]
+        vec![(self.muxer.listener_fd(), EventSet::IN), (self.ack_timer.as_raw_fd(), EventSet::IN)]
     }
 
     fn process_fd(&mut self, fd: RawFd, events: EventSet, ops: &mut EventOps) {

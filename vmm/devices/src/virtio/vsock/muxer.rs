@@ -6,10 +6,18 @@
 //! Each host stream is in the event loop only while something is expected
 //! of it (see [`Connection::interest`]); the muxer adds, changes and removes
 //! it through an [`FdWatch`] and removes it before closing it.
+//!
+//! While the guest has not yet handled a transport reset (after a
+//! restore), host connections that sent their `CONNECT` line are held
+//! ([`Muxer::hold`]): the REQUEST would reach guest sockets that the reset
+//! is about to drop, and the connection would be lost. They are out of the
+//! event loop meanwhile, count towards [`MAX_CONNECTIONS`], and go on
+//! ([`Muxer::release_held`]) or are refused ([`Muxer::refuse_held`]) when
+//! the device says so.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -106,6 +114,10 @@ pub struct Muxer {
     conns: HashMap<Key, Connection>,
     by_fd: HashMap<RawFd, Key>,
     handshakes: HashMap<RawFd, Handshake>,
+    /// Whether completed handshakes are held instead of sent to the guest.
+    holding: bool,
+    /// Host connections held, in arrival order: (stream, guest port).
+    held: VecDeque<(UnixStream, u32)>,
     /// Connections with a packet for the guest, in turn.
     rxq: VecDeque<Key>,
     /// RSTs owed for packets of no connection.
@@ -133,6 +145,8 @@ impl Muxer {
             conns: HashMap::new(),
             by_fd: HashMap::new(),
             handshakes: HashMap::new(),
+            holding: false,
+            held: VecDeque::new(),
             rxq: VecDeque::new(),
             strays: VecDeque::new(),
             touched: Vec::new(),
@@ -161,9 +175,48 @@ impl Muxer {
         self.listener.as_raw_fd()
     }
 
-    /// Connections and handshakes alive.
+    /// Connections, handshakes and held host connections alive.
     pub fn connection_count(&self) -> usize {
-        self.conns.len() + self.handshakes.len()
+        self.conns.len() + self.handshakes.len() + self.held.len()
+    }
+
+    /// From now on, host connections that complete their handshake are
+    /// held: no REQUEST goes to the guest until [`Muxer::release_held`].
+    pub fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Whether host connections are held.
+    pub fn holding(&self) -> bool {
+        self.holding
+    }
+
+    /// Host connections held now.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Stops holding: the held connections become connections whose
+    /// REQUEST is owed to the guest, in the order they arrived.
+    pub fn release_held(&mut self) {
+        self.holding = false;
+        while let Some((stream, port)) = self.held.pop_front() {
+            self.open_host_connection(stream, port, EventSet::empty());
+        }
+    }
+
+    /// Stops holding: the held connections are refused, each told `why`
+    /// on an error line (`ERR <why>\n`, where a granted connection reads
+    /// `OK <port>\n`) and closed.
+    pub fn refuse_held(&mut self, why: &str) {
+        self.holding = false;
+        let line = format!("ERR {why}\n");
+        for (stream, port) in self.held.drain(..) {
+            log::debug!("vsock: host connection to guest port {port} refused: {why}");
+            // A fresh socket's buffer takes a short line; if it does not,
+            // the close alone says no.
+            let _ = (&stream).write(line.as_bytes());
+        }
     }
 
     /// The device was (re)activated: the event loop watches the listener again.
@@ -205,6 +258,10 @@ impl Muxer {
         for (_, h) in self.handshakes.drain() {
             self.released.push((h.stream, EventSet::IN));
         }
+        for (s, _) in self.held.drain(..) {
+            self.released.push((s, EventSet::empty()));
+        }
+        self.holding = false;
         self.by_fd.clear();
         self.rxq.clear();
         self.strays.clear();
@@ -326,9 +383,26 @@ impl Muxer {
             return self.close_handshake(fd, w);
         };
         let Some(h) = self.handshakes.remove(&fd) else { return };
+        if self.holding {
+            // Out of the event loop while held: bytes after the line are
+            // the stream's and stay unread, which would keep it readable.
+            if let Err(e) = w.remove(fd, EventSet::IN) {
+                log::warn!("vsock: cannot stop watching fd {fd}: {e}");
+            }
+            log::debug!("vsock: host connection to guest port {port} held until the guest takes the transport reset");
+            self.held.push_back((h.stream, port));
+            return;
+        }
+        self.open_host_connection(h.stream, port, EventSet::IN); // as the handshake left it
+    }
+
+    /// A host connection that sent its `CONNECT` line: a REQUEST to the
+    /// guest is owed. `registered`: what its stream is watched for now.
+    fn open_host_connection(&mut self, stream: UnixStream, port: u32, registered: EventSet) {
+        let fd = stream.as_raw_fd();
         let local_port = self.allocate_local_port(port);
-        let mut conn = Connection::host_initiated(h.stream, local_port, port, &self.buffered);
-        conn.registered = EventSet::IN; // as the handshake left it
+        let mut conn = Connection::host_initiated(stream, local_port, port, &self.buffered);
+        conn.registered = registered;
         let key = conn.key();
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);

@@ -351,6 +351,30 @@ impl H {
     fn connections(&self) -> usize {
         self.dev.muxer.connection_count()
     }
+
+    /// Makes `n` event buffers available (without a kick).
+    fn give_events(&mut self, n: usize) {
+        for _ in 0..n {
+            let at = self.g.alloc(8);
+            self.g.ev.add(&self.g.mem, &[(at, 8, true)]);
+        }
+    }
+
+    /// What Linux does with a transport reset event: takes the used
+    /// buffer, resets its sockets, makes the buffer available again and
+    /// kicks the event queue.
+    fn guest_handles_reset(&mut self) {
+        self.give_events(1);
+        self.kick(EVENT);
+    }
+
+    /// A host connection that sent `CONNECT <port>\n` (and `more`).
+    fn host_connect_line(&mut self, port: u32, more: &[u8]) -> UnixStream {
+        let mut s = self.host_connect();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        s.write_all(more).unwrap();
+        s
+    }
 }
 
 /// Reads from a host stream until `n` bytes arrived.
@@ -1049,12 +1073,14 @@ fn transport_reset_event_and_connections_closed() {
     assert_eq!(h.g.ev.used(&h.g.mem), [(0, 4)]);
     assert_eq!(h.g.mem.read_obj::<u32>(GuestAddress(at)).unwrap(), EVENT_TRANSPORT_RESET);
     assert!(host_sees_end(&mut s), "host stream closed");
-    assert_eq!(h.w.fds.len(), 1, "only the listener is watched");
-    // With a buffer ready, it goes at once; the device keeps working.
+    assert_eq!(h.w.fds.len(), 2, "only the listener and the timer are watched");
+    // With a buffer ready, it goes at once; once the guest has handled it
+    // (it makes a buffer available again), the device keeps working.
     let at = h.g.alloc(8);
     h.g.ev.add(&h.g.mem, &[(at, 8, true)]);
     h.dev.transport_reset();
     assert_eq!(h.g.ev.used(&h.g.mem).len(), 1);
+    h.guest_handles_reset();
     let (mut s, port) = h.establish_from_host(52);
     h.send(&gh(OP_RW, 52, port), b"again");
     assert_eq!(read_n(&mut s, 5), b"again");
@@ -1071,7 +1097,7 @@ fn driver_reset_releases_every_stream() {
     h.dev.reset();
     assert!(!h.dev.is_active());
     h.dev.release_fds_with(&mut h.w);
-    assert_eq!(h.w.fds.len(), 1, "only the listener is left for the handler to remove");
+    assert_eq!(h.w.fds.len(), 2, "only the listener and the timer are left for the handler to remove");
     for s in [&mut a, &mut b, &mut c] {
         assert!(host_sees_end(s));
     }
@@ -1141,4 +1167,150 @@ fn through_the_transport_and_event_manager() {
     run(&mut em);
     assert!(host_sees_end(&mut s));
     assert!(!t.lock().unwrap().device().is_active());
+}
+
+#[test]
+fn host_connections_wait_until_the_guest_handled_the_transport_reset() {
+    let mut h = H::new();
+    h.give_events(2);
+    h.give_rx(8);
+    h.dev.transport_reset();
+    assert_eq!(h.g.ev.used(&h.g.mem), [(0, 4)], "the reset event is delivered at once");
+    assert!(h.dev.holding_host_connections());
+
+    // A host connects before the guest handled the event: nothing goes to
+    // the guest, and nothing is watched while it waits.
+    let mut a = h.host_connect_line(1024, b"early bytes");
+    h.pump();
+    assert_eq!(ops(&h.take_rx()), [] as [u16; 0], "no REQUEST before the guest handled the reset");
+    assert_eq!(h.connections(), 1);
+    h.assert_quiet();
+    // Other guest activity does not release it: a kick on any queue, the
+    // event queue included, with no buffer made available again.
+    h.kick(EVENT);
+    h.kick(TX);
+    h.give_rx(1);
+    h.pump();
+    assert_eq!(ops(&h.take_rx()), [] as [u16; 0]);
+    let mut b = h.host_connect_line(1025, b"");
+    h.pump();
+    assert_eq!(h.take_rx().len(), 0);
+    assert_eq!(h.connections(), 2);
+
+    // The guest handled it: exactly one REQUEST per held connection, in
+    // the order they came.
+    h.guest_handles_reset();
+    assert!(!h.dev.holding_host_connections());
+    let p = h.take_rx();
+    assert_eq!(ops(&p), [OP_REQUEST, OP_REQUEST], "{p:?}");
+    assert_eq!((p[0].0.dst_port, p[1].0.dst_port), (1024, 1025));
+    let (pa, pb) = (p[0].0.src_port, p[1].0.src_port);
+    h.send(&gh(OP_RESPONSE, 1024, pa), &[]);
+    h.send(&gh(OP_RESPONSE, 1025, pb), &[]);
+    h.pump();
+    let line = format!("OK {pa}\n");
+    assert_eq!(read_n(&mut a, line.len()), line.as_bytes());
+    let line = format!("OK {pb}\n");
+    assert_eq!(read_n(&mut b, line.len()), line.as_bytes());
+    // The bytes sent right behind the line went nowhere else meanwhile.
+    h.pump();
+    assert_eq!(data(&h.take_rx()), b"early bytes");
+    h.send(&gh(OP_RW, 1024, pa), b"hi");
+    assert_eq!(read_n(&mut a, 2), b"hi");
+    assert_eq!(h.take_rx().len(), 0, "nothing more");
+
+    // Later connections are not held.
+    let (mut c, pc) = h.establish_from_host(52);
+    h.send(&gh(OP_RW, 52, pc), b"c");
+    assert_eq!(read_n(&mut c, 1), b"c");
+    h.pump();
+    h.assert_quiet();
+}
+
+#[test]
+fn a_reset_waiting_for_an_event_buffer_holds_host_connections_too() {
+    let mut h = H::new();
+    h.give_rx(4);
+    // No event buffer: the event is owed; connections wait for it to be
+    // delivered and then handled.
+    h.dev.transport_reset();
+    let _a = h.host_connect_line(1024, b"");
+    h.pump();
+    h.give_events(1);
+    h.kick(EVENT);
+    assert_eq!(h.g.ev.used(&h.g.mem).len(), 1, "delivered now");
+    assert_eq!(h.take_rx().len(), 0, "but not handled yet");
+    h.guest_handles_reset();
+    assert_eq!(ops(&h.take_rx()), [OP_REQUEST]);
+}
+
+#[test]
+fn held_host_connections_are_bounded_and_refused_when_the_guest_never_handles_the_reset() {
+    let mut h = H::new();
+    h.dev.muxer.set_max_connections(2);
+    h.dev.set_reset_ack_timeout(Duration::from_millis(100));
+    h.give_events(1);
+    h.give_rx(4);
+    h.dev.transport_reset();
+    let mut a = h.host_connect_line(1024, b"");
+    let mut b = h.host_connect_line(1024, b"");
+    h.pump();
+    // Held connections count: the third is refused at once.
+    let mut c = h.host_connect();
+    h.pump();
+    assert!(host_sees_end(&mut c), "over the connection limit");
+    assert_eq!(h.connections(), 2);
+    // The guest never makes a buffer available again: at the timeout the
+    // held ones are refused with a reason; nothing went to the guest.
+    std::thread::sleep(Duration::from_millis(150));
+    h.pump();
+    let line = format!("ERR {RESET_ACK_REFUSAL}\n");
+    for s in [&mut a, &mut b] {
+        assert_eq!(read_n(s, line.len()), line.as_bytes());
+        assert!(host_sees_end(s));
+    }
+    assert_eq!(h.take_rx().len(), 0);
+    assert_eq!(h.connections(), 0);
+    assert!(!h.dev.holding_host_connections());
+    // From then on, host connections go through as without a reset.
+    let (mut d, port) = h.establish_from_host(52);
+    h.send(&gh(OP_RW, 52, port), b"d");
+    assert_eq!(read_n(&mut d, 1), b"d");
+    h.pump();
+    h.assert_quiet();
+}
+
+#[test]
+fn handling_the_reset_in_time_disarms_the_timer() {
+    let mut h = H::new();
+    h.dev.set_reset_ack_timeout(Duration::from_millis(100));
+    h.give_events(1);
+    h.give_rx(4);
+    h.dev.transport_reset();
+    let mut a = h.host_connect_line(1024, b"");
+    h.pump();
+    h.guest_handles_reset();
+    let p = h.take_rx();
+    assert_eq!(ops(&p), [OP_REQUEST]);
+    std::thread::sleep(Duration::from_millis(150));
+    h.pump();
+    h.assert_quiet();
+    h.send(&gh(OP_RESPONSE, 1024, p[0].0.src_port), &[]);
+    let line = format!("OK {}\n", p[0].0.src_port);
+    assert_eq!(read_n(&mut a, line.len()), line.as_bytes());
+}
+
+#[test]
+fn driver_reset_closes_held_host_connections() {
+    let mut h = H::new();
+    h.give_events(1);
+    h.dev.transport_reset();
+    let mut a = h.host_connect_line(1024, b"");
+    h.pump();
+    assert_eq!(h.connections(), 1);
+    h.dev.reset();
+    h.dev.release_fds_with(&mut h.w);
+    assert!(host_sees_end(&mut a));
+    assert_eq!(h.connections(), 0);
+    assert!(!h.dev.holding_host_connections());
 }
