@@ -108,6 +108,7 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
 }
 
 fn main() {
+    support::build_vmm(VMRUN);
     let warm_runs: usize = std::env::var("RUN_BENCH_WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let images = std::env::var("RUN_BENCH_IMAGES").unwrap_or_else(|_| "busybox,debian".into());
     let home = support::scratch("run-bench-home");

@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 kernel=$(kernel-config/build.sh | tail -n 1)
 initrd=$(rootfs/build.sh | tail -n 1)
-echo "demo: building vmrun" >&2
-cargo build --release --quiet -p vmrun
+echo "demo: building vmrun and vmrun-vmm" >&2
+cargo build --release --quiet -p vmrun -p vmrun-vmm
 vmrun=$PWD/target/release/vmrun
 
 home=${VMRUN_HOME:-}

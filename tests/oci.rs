@@ -9,7 +9,7 @@
 //! emulated), the others restore it; tests that start VMs take turns. Needs
 //! the guest kernel (`VMRUN_TEST_KERNEL`, see `support/mod.rs`), the agent
 //! initramfs (`VMRUN_AGENT_INITRD`, else `rootfs/build.sh` builds it), the
-//! `vmrun` binary beside `vmrun-oci` (`cargo test --workspace` builds it),
+//! `vmrun-vmm` binary beside `vmrun-oci` (built here if missing),
 //! and for the containerd test root and Debian's containerd.
 
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
@@ -37,8 +37,7 @@ struct Env {
 fn shared() -> &'static Env {
     static E: OnceLock<Env> = OnceLock::new();
     E.get_or_init(|| {
-        let vmrun = Path::new(OCI).with_file_name("vmrun");
-        assert!(vmrun.is_file(), "{} is missing: build it (cargo build -p vmrun, or cargo test --workspace)", vmrun.display());
+        support::build_vmm(OCI);
         // Supervisors outlive the `create` that starts them: as a subreaper
         // this process inherits them and reaps their exit statuses, as
         // containerd's shim does.

@@ -62,7 +62,10 @@ impl Vmrun {
 /// The data directory the tests share.
 fn shared() -> &'static Vmrun {
     static V: OnceLock<Vmrun> = OnceLock::new();
-    V.get_or_init(|| Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: support::agent_initrd() })
+    V.get_or_init(|| {
+        support::build_vmm(VMRUN);
+        Vmrun { home: support::scratch("run-home"), kernel: support::kernel().to_path_buf(), initrd: support::agent_initrd() }
+    })
 }
 
 fn text(b: &[u8]) -> String {

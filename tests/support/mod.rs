@@ -153,3 +153,33 @@ pub fn wait_for(console: &Path, needle: &str, vmm: &mut std::process::Child, tim
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
+
+/// Builds `vmrun-vmm` (once per process) into the directory of `exe`, a
+/// binary cargo built for these tests (`vmrun`, `vmrun-oci`): the runtime
+/// spawns the VMM found beside the running executable, and `cargo test -p
+/// vmrun` builds only its own package's binaries. An up-to-date build is a
+/// no-op.
+pub fn build_vmm(exe: &str) -> PathBuf {
+    static VMM: OnceLock<PathBuf> = OnceLock::new();
+    VMM.get_or_init(|| {
+        let exe = Path::new(exe);
+        let profile_dir = exe.parent().expect("the binary's directory");
+        let target_dir = profile_dir.parent().expect("the target directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(p) => p,
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "vmrun-vmm", "--bin", "vmrun-vmm", "--profile", profile, "--target-dir"])
+            .arg(target_dir)
+            .current_dir(repo_root())
+            .status()
+            .expect("cannot run cargo to build vmrun-vmm");
+        assert!(status.success(), "building vmrun-vmm failed");
+        let vmm = profile_dir.join("vmrun-vmm");
+        assert!(vmm.is_file(), "{} is missing after cargo build", vmm.display());
+        vmm
+    })
+    .clone()
+}

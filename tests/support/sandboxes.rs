@@ -147,6 +147,7 @@ impl Sandboxes {
     /// A fresh data directory under the test's scratch directory, driving
     /// `vmrun` (the tests' `CARGO_BIN_EXE_vmrun`).
     pub fn new(vmrun: &str, name: &str) -> Self {
+        super::build_vmm(vmrun);
         Self { vmrun: vmrun.into(), home: super::scratch(name), kernel: super::kernel().to_path_buf(), initrd: super::agent_initrd() }
     }
 

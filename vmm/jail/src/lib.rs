@@ -126,7 +126,60 @@ pub fn uid_for(pid: u32) -> u32 {
     UID_BASE + pid
 }
 
+/// What a VMM's configuration names, from which its jail is derived
+/// ([`Jail::for_needs`]).
+#[derive(Debug, Default)]
+pub struct Needs {
+    /// Files read (kernel, initramfs, snapshot directory).
+    pub read_only: Vec<PathBuf>,
+    /// Disk images (read-only unless inside a writable directory).
+    pub disks: Vec<PathBuf>,
+    /// Files the VMM creates or writes (sockets, console, report): their
+    /// directories are writable.
+    pub outputs: Vec<PathBuf>,
+    pub taps: Vec<String>,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// Inherited descriptors the VMM keeps through the jail (its readiness
+    /// pipe).
+    pub keep_fds: Vec<RawFd>,
+}
+
+fn parent_dir(p: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(p).ok()?;
+    abs.parent().map(Path::to_path_buf)
+}
+
 impl Jail {
+    /// The jail for `needs`. Read-only: the files read and the disks
+    /// outside the writable directories. Writable: the directories of the
+    /// outputs (the VM's own directory). Device nodes (`/dev/null` in an
+    /// empty disk slot) are the jail's own.
+    pub fn for_needs(needs: &Needs) -> std::io::Result<Jail> {
+        let mut writable: Vec<PathBuf> = needs.outputs.iter().filter_map(|p| parent_dir(p)).collect();
+        writable.sort();
+        writable.dedup();
+        // A directory inside another is covered by it.
+        let outer: Vec<PathBuf> =
+            writable.iter().filter(|d| !writable.iter().any(|o| o != *d && d.starts_with(o))).cloned().collect();
+        let covered = |p: &Path| outer.iter().any(|d| p.starts_with(d));
+        let mut read_only = Vec::new();
+        for p in needs.read_only.iter().chain(&needs.disks) {
+            let abs = std::path::absolute(p)?;
+            if abs.starts_with("/dev") || covered(&abs) {
+                continue;
+            }
+            read_only.push(abs);
+        }
+        Ok(Jail {
+            read_only,
+            writable: outer,
+            taps: needs.taps.clone(),
+            limits: Some(Limits { guest_memory: needs.memory_mib << 20, cpus: needs.cpus }),
+            keep_fds: needs.keep_fds.clone(),
+        })
+    }
+
     /// Enters the jail; returns in the jailed process (the outer one never
     /// returns: it exits with the jailed one's status).
     pub fn enter(&self) -> Result<(), Error> {
@@ -722,6 +775,24 @@ mod tests {
         assert_eq!(ranges_to_close(&[1, -1]).0, [(3, u32::MAX)]);
         assert_eq!(ranges_to_close(&[3]).0, [(4, u32::MAX)]);
         assert_eq!(ranges_to_close(&[9, 5, 9, 6]), (vec![(3, 4), (7, 8), (10, u32::MAX)], vec![5, 6, 9]));
+    }
+
+    #[test]
+    fn outputs_make_writable_directories_and_the_rest_is_read_only() {
+        let needs = Needs {
+            read_only: vec!["/k/vmlinux".into(), "/t/snap".into()],
+            disks: vec!["/vm/volume-0.disk".into(), "/layers/l.disk".into(), "/dev/null".into()],
+            outputs: vec!["/vm/vsock.sock".into(), "/vm/control.sock".into(), "/vm/console.log".into()],
+            taps: vec![],
+            memory_mib: 256,
+            cpus: 1,
+            keep_fds: vec![7],
+        };
+        let j = Jail::for_needs(&needs).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.writable, vec![PathBuf::from("/vm")]);
+        assert_eq!(j.read_only, vec![PathBuf::from("/k/vmlinux"), PathBuf::from("/t/snap"), PathBuf::from("/layers/l.disk")]);
+        assert_eq!(j.limits, Some(Limits { guest_memory: 256 << 20, cpus: 1 }));
+        assert_eq!(j.keep_fds, [7]);
     }
 
     #[test]

@@ -53,19 +53,10 @@ impl Ctx {
     }
 }
 
-/// The `vmrun` executable that runs VMMs: `$VMRUN_BIN`, else `vmrun`
-/// beside this executable, else on `PATH`.
+/// The `vmrun-vmm` executable that runs VMMs: beside this executable,
+/// else `$VMRUN_VMM`, else on `PATH` ([`vmrun_runtime::vm::find_vmm`]).
 pub fn vmm_exe() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("VMRUN_BIN") {
-        let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(Error::Usage(format!("VMRUN_BIN={} is not a file", p.display()))) };
-    }
-    if let Some(p) = std::env::current_exe().ok().map(|e| e.with_file_name("vmrun")).filter(|p| p.is_file()) {
-        return Ok(p);
-    }
-    find_in_path("vmrun").ok_or_else(|| {
-        Error::Usage("cannot find the vmrun executable: install it beside vmrun-oci, put it on PATH, or set VMRUN_BIN".into())
-    })
+    vmrun_runtime::vm::find_vmm().map_err(|e| Error::Usage(e.to_string()))
 }
 
 /// `name` in a directory of `$PATH`.

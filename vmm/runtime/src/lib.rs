@@ -4,8 +4,10 @@
 //! - [`home`]: the data directory and what lives in it;
 //! - [`artifacts`]: the guest kernel and the agent initramfs;
 //! - [`layer_disk`]: an image's layer blobs on a read-only disk for the guest;
-//! - [`vm`]: the VMM process (a child `vmrun boot`), reaching its agent,
-//!   stopping it;
+//! - [`vm`]: the VMM process (a child `vmrun-vmm` given its typed
+//!   configuration), reaching its agent, stopping it;
+//! - [`template`]: warm starts from snapshots, taken through the VMM's
+//!   control socket (the typed client of `vmrun-vmm-api`);
 //! - [`prune`]: what the data directory no longer needs (`rmi`, `system df`,
 //!   `system prune`).
 
@@ -29,6 +31,12 @@ pub enum Error {
     LayerDisk { path: std::path::PathBuf, reason: String },
     #[error("cannot start the VMM: {0}")]
     Spawn(std::io::Error),
+    #[error("cannot find the vmrun-vmm executable: install it beside {beside}, set {env}, or put it on PATH", env = vm::VMM_ENV)]
+    VmmNotFound { beside: String },
+    #[error("cannot write the VMM's configuration: {0}")]
+    VmmConfig(#[from] vmrun_vmm_api::ConfigError),
+    #[error(transparent)]
+    Control(#[from] vmrun_vmm_api::ControlError),
     #[error("the VM ended before its agent answered ({status}): {reason}")]
     VmEnded { status: String, reason: String },
     #[error("the guest agent did not answer within {secs} s; its console is in {console}")]

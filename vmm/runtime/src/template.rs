@@ -11,10 +11,10 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vmrun_agent_client::Options;
+use vmrun_vmm_api::control::{self, Request};
 
 use crate::lock::Lock;
 use crate::vm::{VmProcess, VmSpec};
@@ -165,7 +165,7 @@ fn build(work: &Path, spec: &VmSpec, vmm: &dyn Fn(Option<u32>)) -> Result<PathBu
     let template_spec = VmSpec { layer_disk: placeholder, volumes: Vec::new(), dir: work.join("vm"), ..spec.clone() };
     let mut vm: VmProcess = template_spec.boot()?;
     vmm(Some(vm.pid()));
-    let result = snapshot_booted(&mut vm, spec);
+    let result = snapshot_booted(&mut vm);
     // It has ended (or is killed on drop): its pid is no longer ours to
     // signal.
     vmm(None);
@@ -173,26 +173,22 @@ fn build(work: &Path, spec: &VmSpec, vmm: &dyn Fn(Option<u32>)) -> Result<PathBu
     result
 }
 
-/// Waits for the template VM's agent, then snapshots the VM and stops it.
-fn snapshot_booted(vm: &mut VmProcess, spec: &VmSpec) -> Result<PathBuf> {
+/// How long a snapshot may take: guest memory is written out (zero pages
+/// skipped) while the vCPUs are paused.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits for the template VM's agent, then snapshots the VM and stops it,
+/// both through its control socket.
+fn snapshot_booted(vm: &mut VmProcess) -> Result<PathBuf> {
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;
     client.close();
     let snap = vm.vm_dir.join("snapshot");
-    let status = Command::new(&spec.vmm_exe)
-        .args(["snapshot", "create", "--control"])
-        .arg(&vm.control)
-        .arg("--dir")
-        .arg(&snap)
-        .stdin(Stdio::null())
-        .output()?;
-    if !status.status.success() {
-        return Err(Error::Io(std::io::Error::other(format!(
-            "snapshot of the template VM failed: {}",
-            String::from_utf8_lossy(&status.stderr).trim()
-        ))));
+    control::request(&vm.control, &Request::Snapshot { dir: snap.clone(), resume: false }, SNAPSHOT_TIMEOUT)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("snapshot of the template VM failed: {e}"))))?;
+    if let Err(e) = control::request(&vm.control, &Request::Stop, Duration::from_secs(10)) {
+        log::debug!("stopping the template VM: {e}");
     }
-    let _ = Command::new(&spec.vmm_exe).args(["vm", "--control"]).arg(&vm.control).arg("stop").output();
     vm.wait(Duration::from_secs(30))?;
     Ok(snap)
 }
@@ -234,7 +230,7 @@ pub fn is_ready(dir: &Path) -> bool {
 /// another vmrun is doing it or has done it. The VMM writes the snapshot
 /// in its own directory; it is then given to root and moved into place.
 /// Best effort: a failure only means later runs unpack again.
-pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
+pub fn save_prepared(vm: &VmProcess, dir: &Path) {
     let Ok(lock) = File::create(lock_path(dir)) else { return };
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 || is_ready(dir) {
@@ -242,25 +238,17 @@ pub fn save_prepared(vmm_exe: &Path, vm: &VmProcess, dir: &Path) {
     }
     let tmp = vm.vm_dir.join("prepared-snapshot");
     let _ = std::fs::remove_dir_all(&tmp);
-    let out = Command::new(vmm_exe)
-        .args(["snapshot", "create", "--resume", "--control"])
-        .arg(&vm.control)
-        .arg("--dir")
-        .arg(&tmp)
-        .stdin(Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
+    match control::request(&vm.control, &Request::Snapshot { dir: tmp.clone(), resume: true }, SNAPSHOT_TIMEOUT) {
+        Ok(_) => {
             if let Err(e) = own_by_root(&tmp).and_then(|()| std::fs::rename(&tmp, dir)) {
                 log::warn!("cannot keep the prepared template {}: {e}", dir.display());
                 let _ = std::fs::remove_dir_all(&tmp);
             }
         }
-        Ok(o) => {
-            log::warn!("no prepared template: {}", String::from_utf8_lossy(&o.stderr).trim());
+        Err(e) => {
+            log::warn!("no prepared template: {e}");
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        Err(e) => log::warn!("no prepared template: {e}"),
     }
 }
 
@@ -296,5 +284,48 @@ mod tests {
         removed.sort();
         assert_eq!(removed, vec![d.join("aaaa.build-1"), d.join("aaaa.build-22")]);
         assert!(d.join("bbbb.build-3").is_dir() && d.join("aaaa/vm").is_dir() && d.join("aaaa-image-1234").is_dir());
+    }
+
+    /// A template build starts `vmrun-vmm --config FILE` and nothing else
+    /// (snapshot and stop go through the control socket, no process is
+    /// exec'd for them); the file holds the typed boot configuration. A
+    /// stand-in VMM records how it was started and exits at once.
+    #[test]
+    fn a_template_build_execs_only_the_vmm_with_its_configuration() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(d.join("agent.cpio"), b"agent").unwrap();
+        let log = d.join("execs.log");
+        let fake = d.join("vmrun-vmm");
+        std::fs::write(&fake, format!("#!/bin/sh\necho \"$0 $*\" >> {}\ncp \"$2\" {}\nexit 1\n", log.display(), d.join("seen.json").display()))
+            .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = VmSpec {
+            artifacts: crate::artifacts::Artifacts { kernel: d.join("vmlinux"), agent_initrd: d.join("agent.cpio") },
+            mem_mib: 256,
+            cpus: 1,
+            layer_disk: d.join("layers.disk"),
+            volumes: Vec::new(),
+            tap: None,
+            dir: d.join("container"),
+            vmm_exe: fake.clone(),
+        };
+        let err = ensure(&d.join("templates"), &spec, &|_| {}, &|_| {}).unwrap_err();
+        assert!(matches!(err, Error::VmEnded { .. }), "{err}");
+        let execs = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = execs.lines().collect();
+        assert_eq!(lines.len(), 1, "{execs}");
+        assert!(lines[0].starts_with(&format!("{} --config ", fake.display())) && lines[0].ends_with("/vmm.json"), "{execs}");
+        let config = vmrun_vmm_api::VmmConfig::from_json(&std::fs::read(d.join("seen.json")).unwrap()).unwrap();
+        let vmrun_vmm_api::Start::Boot(boot) = config.start else { panic!("a template build boots") };
+        assert_eq!(boot.mem_mib, 256);
+        assert_eq!(boot.disks.len(), 1 + crate::volume::SLOTS);
+        assert!(boot.disks[0].read_only && boot.disks[0].path.ends_with("placeholder.disk"));
+        assert_eq!(boot.disks[0].id.as_deref(), Some("layers"));
+        assert!(boot.disks[1..].iter().all(|v| v.path == Path::new(crate::vm::EMPTY_DISK)));
+        assert_eq!(boot.vsock.as_ref().map(|v| v.cid), Some(crate::vm::GUEST_CID));
+        assert!(boot.control.is_some() && !boot.console_input);
     }
 }

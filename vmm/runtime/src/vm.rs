@@ -1,6 +1,7 @@
-//! A container's VM: a child `vmrun boot` process with the agent initramfs,
-//! the image's layer disk and a vsock device, and the conversation with the
-//! agent in it.
+//! A container's VM: a child `vmrun-vmm` process, given its typed
+//! configuration (`vmrun-vmm-api`: a boot with the agent initramfs, the
+//! image's layer disk and a vsock device, or a restore of a template) in a
+//! JSON file, and the conversation with the agent in it.
 //!
 //! The host waits for its VMM on events, not by polling: the VMM writes a
 //! byte on a pipe (`--ready-fd`) once its sockets listen, and its exit is a
@@ -14,6 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmrun_agent_client::{Client, Options};
+use vmrun_vmm_api::config::{
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RestoreDisk, RestoreNet, SeccompMode, VmConfig,
+    VmmConfig, VsockConfig, DEFAULT_CONSOLE_LIMIT,
+};
 
 use crate::artifacts::Artifacts;
 use crate::{Error, Result};
@@ -40,8 +45,30 @@ pub struct VmSpec {
     pub tap: Option<String>,
     /// The VM's directory: its log, and [`VmSpec::vm_dir`].
     pub dir: PathBuf,
-    /// The `vmrun` executable that runs the VMM.
+    /// The `vmrun-vmm` executable that runs the VMM ([`find_vmm`]).
     pub vmm_exe: PathBuf,
+}
+
+/// The VMM's executable.
+pub const VMM_NAME: &str = "vmrun-vmm";
+/// Names the VMM's executable when it is not beside the running one.
+pub const VMM_ENV: &str = "VMRUN_VMM";
+
+/// The `vmrun-vmm` executable: beside the running executable (an installed
+/// or built vmrun, vmrun-oci), else `$VMRUN_VMM`, else on `PATH`.
+pub fn find_vmm() -> Result<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    if let Some(p) = exe.as_ref().map(|e| e.with_file_name(VMM_NAME)).filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::var_os(VMM_ENV).map(PathBuf::from).filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join(VMM_NAME)).find(|p| p.is_file()));
+    on_path.ok_or_else(|| Error::VmmNotFound {
+        beside: exe.and_then(|e| e.parent().map(|d| d.display().to_string())).unwrap_or_else(|| "vmrun".into()),
+    })
 }
 
 /// Where a VM's sockets and console are.
@@ -83,6 +110,9 @@ pub struct VmProcess {
     in_use: Vec<crate::lock::Lock>,
 }
 
+/// The VMM's configuration, in the directory of the VM (beside its log).
+pub const CONFIG_FILE: &str = "vmm.json";
+
 /// What an empty volume slot holds: a disk of no sectors, so a guest can
 /// neither read nor write anything through it.
 pub const EMPTY_DISK: &str = "/dev/null";
@@ -113,30 +143,37 @@ impl VmSpec {
         format!("console=ttyS0 reboot=k panic=1 quiet vmrun.port={AGENT_PORT}")
     }
 
-    /// Starts the VMM.
+    /// Starts the VMM: a cold boot.
     pub fn boot(&self) -> Result<VmProcess> {
-        VmProcess::spawn(self, |cmd, paths| {
-            cmd.arg("boot")
-                .arg("--kernel")
-                .arg(&self.artifacts.kernel)
-                .arg("--initrd")
-                .arg(&self.artifacts.agent_initrd)
-                .arg("--cmdline")
-                .arg(self.cmdline())
-                .arg("--memory")
-                .arg(self.mem_mib.to_string())
-                .arg("--cpus")
-                .arg(self.cpus.to_string())
-                .arg("--disk")
-                .arg(format!("{},ro,id=layers", self.layer_disk.display()));
-            for (i, v) in self.volume_slots().iter().enumerate() {
-                cmd.arg("--disk").arg(format!("{},id=vol{i}", v.display()));
+        VmProcess::spawn(self, |paths| {
+            let mut disks = vec![DiskConfig {
+                path: self.layer_disk.clone(),
+                read_only: true,
+                id: Some("layers".into()),
+                limit: Default::default(),
+            }];
+            for (i, v) in self.volume_slots().into_iter().enumerate() {
+                disks.push(DiskConfig { id: Some(format!("vol{i}")), ..DiskConfig::new(v) });
             }
-            if let Some(tap) = &self.tap {
-                cmd.arg("--net").arg(format!("tap={tap}"));
-            }
-            cmd.arg("--vsock")
-                .arg(format!("cid={GUEST_CID},uds={}", paths.vsock.display()));
+            VmmConfig::boot(VmConfig {
+                kernel: self.artifacts.kernel.clone(),
+                initrd: Some(self.artifacts.agent_initrd.clone()),
+                cmdline: self.cmdline(),
+                mem_mib: self.mem_mib,
+                vcpus: self.cpus,
+                console: ConsoleOutput::File(paths.console.clone()),
+                console_limit: Some(DEFAULT_CONSOLE_LIMIT),
+                console_input: false,
+                host_compat: HostCompatMode::Auto,
+                report: None,
+                disks,
+                rng: true,
+                nets: self.tap.iter().map(NetConfig::new).collect(),
+                control: Some(paths.control.clone()),
+                vsock: Some(VsockConfig { cid: GUEST_CID, uds: paths.vsock.clone() }),
+                seccomp: SeccompMode::On,
+                jail: jail_wanted(),
+            })
         })
     }
 }
@@ -146,25 +183,25 @@ impl VmProcess {
     /// [`crate::template`]): the layer disk goes into the template's disk
     /// slot.
     pub fn restore(template: &Path, spec: &VmSpec) -> Result<Self> {
-        Self::spawn(spec, |cmd, paths| {
-            cmd.arg("restore")
-                .arg("--snapshot")
-                .arg(template)
-                .arg("--disk")
-                .arg(&spec.layer_disk);
-            for v in spec.volume_slots() {
-                cmd.arg("--disk").arg(v);
-            }
-            if let Some(tap) = &spec.tap {
-                cmd.arg("--tap").arg(tap);
-            }
-            cmd.arg("--vsock-uds").arg(&paths.vsock);
+        Self::spawn(spec, |paths| {
+            let disks = std::iter::once(spec.layer_disk.clone()).chain(spec.volume_slots()).map(RestoreDisk::new).collect();
+            VmmConfig::restore(RestoreConfig {
+                disks,
+                nets: spec.tap.iter().map(RestoreNet::new).collect(),
+                vsock_uds: Some(paths.vsock.clone()),
+                console: ConsoleOutput::File(paths.console.clone()),
+                console_input: false,
+                control: Some(paths.control.clone()),
+                jail: jail_wanted(),
+                ..RestoreConfig::new(template)
+            })
         })
     }
 
-    /// Runs `vmrun` with the arguments `args` adds, plus the VM's control
-    /// socket and console in its directory; its log goes to `vmm.log`.
-    fn spawn(spec: &VmSpec, args: impl FnOnce(&mut Command, &VmPaths)) -> Result<Self> {
+    /// Runs `vmrun-vmm` with the configuration `config` makes (the VM's
+    /// control socket and console in its directory), written to
+    /// `vmm.json` in the VM's directory; its log goes to `vmm.log`.
+    fn spawn(spec: &VmSpec, config: impl FnOnce(&VmPaths) -> VmmConfig) -> Result<Self> {
         let vm_dir = spec.vm_dir();
         std::fs::create_dir_all(&vm_dir)?;
         let paths = VmPaths {
@@ -172,10 +209,14 @@ impl VmProcess {
             control: vm_dir.join("control.sock"),
             console: vm_dir.join("console.log"),
         };
+        // Beside the VM's directory, not in it: read before the jail is
+        // entered, and out of reach of the VMM afterwards.
+        let config_path = spec.dir.join(CONFIG_FILE);
+        std::fs::write(&config_path, config(&paths).to_json()?)?;
         let log_path = spec.dir.join("vmm.log");
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(&spec.vmm_exe);
-        args(&mut cmd, &paths);
+        cmd.arg("--config").arg(&config_path);
         // SAFETY: prctl is async-signal-safe. The VMM dies with the process
         // that started it (a `vmrun run` or supervisor killed with SIGKILL
         // leaves no VM behind).
@@ -200,16 +241,9 @@ impl VmProcess {
                 Ok(())
             })
         };
-        if jail_wanted() {
-            cmd.args(["--jail", "on"]);
-        }
         let child = cmd
             .arg("--ready-fd")
             .arg(ready_fd.to_string())
-            .arg("--control")
-            .arg(&paths.control)
-            .arg("--console")
-            .arg(&paths.console)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -351,7 +385,7 @@ impl VmProcess {
         let errors: String = log
             .lines()
             .filter(|l| l.contains("error") || l.contains("ERROR"))
-            .map(|l| l.trim_start_matches("vmrun: error: "))
+            .map(|l| l.trim_start_matches("vmrun-vmm: error: ").trim_start_matches("vmrun: error: "))
             .collect::<Vec<_>>()
             .join("\n");
         if !errors.is_empty() {

@@ -3,23 +3,21 @@
 //! socket through which another process pauses, resumes, snapshots or stops
 //! the VM.
 //!
-//! Control protocol: one JSON request per connection, one JSON answer.
-//! `{"op":"ping"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}`; the
-//! answer is `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! The protocol's types and its client are the VMM API's
+//! ([`vmrun_vmm_api::control`]): one JSON request per connection, one JSON
+//! answer.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -27,56 +25,17 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::error::{Error, Result};
 use crate::host_compat::HostCompat;
 use crate::snapshot::{self, DeviceSnapshot, VmState};
+use crate::stats::Stats;
 use crate::vcpu::VcpuControl;
 use crate::virtio_devices::DeviceHandle;
 use crate::vm::ExitReason;
 use vmrun_devices::legacy::{Cmos, SerialConsole};
 use vmrun_devices::virtio::handler::VirtioEventHandler;
 
-/// Longest a control request may be.
-const MAX_REQUEST: u64 = 64 * 1024;
+pub use vmrun_vmm_api::control::{Request, Response, VcpuStats, VmmStats, MAX_MESSAGE as MAX_REQUEST};
+
 /// How long the vCPUs get to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    Ping,
-    Pause,
-    Resume,
-    Snapshot {
-        dir: PathBuf,
-        #[serde(default)]
-        resume: bool,
-    },
-    Stop,
-}
-
-/// A control answer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub error: Option<String>,
-    /// Milliseconds the operation took.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ms: Option<f64>,
-}
-
-/// Sends one request to the control socket at `path` and waits for the
-/// answer (the client side, for `vmrun snapshot` and tests).
-pub fn request(path: &Path, req: &Request, timeout: Duration) -> std::io::Result<Response> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut answer = String::new();
-    BufReader::new(s.take(MAX_REQUEST)).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(|e| std::io::Error::other(format!("bad answer {answer:?}: {e}")))
-}
 
 /// The listening control socket; the file is removed when it is dropped.
 #[derive(Debug)]
@@ -117,6 +76,10 @@ pub struct SnapshotSource<'a> {
     pub vcpu_count: usize,
     /// Kicks every vCPU thread out of KVM_RUN.
     pub kick: Box<dyn Fn() + 'a>,
+    /// The vCPUs' KVM statistics, once they are open.
+    pub stats: Arc<OnceLock<Vec<Stats>>>,
+    /// Where guest memory is in the VMM's address space.
+    pub guest_ranges: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for SnapshotSource<'_> {
@@ -144,6 +107,19 @@ impl SnapshotSource<'_> {
             self.control.resume();
         }
         result
+    }
+
+    /// KVM's counters per vCPU and the VMM's resident memory.
+    pub fn stats(&self) -> VmmStats {
+        let vcpus = self
+            .stats
+            .get()
+            .map(|s| {
+                s.iter().map(|v| VcpuStats { insn_emulation: v.read("insn_emulation"), exits: v.read("exits") }).collect()
+            })
+            .unwrap_or_default();
+        let rss = crate::report::resident_kib(&self.guest_ranges);
+        VmmStats { vcpus, rss_kib: rss.map(|(total, _)| total), guest_rss_kib: rss.map(|(_, guest)| guest) }
     }
 
     fn save(&self, dir: &Path) -> std::result::Result<(), String> {
@@ -235,6 +211,7 @@ impl Controller {
             let mut line = String::new();
             let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
             let start = Instant::now();
+            let mut stats = None;
             let result = match read.map_err(|e| e.to_string()).and_then(|_| {
                 serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request {line:?}: {e}"))
             }) {
@@ -250,13 +227,17 @@ impl Controller {
                     self.outcome.get_or_insert(ExitReason::Stopped);
                     Ok(())
                 }
+                Ok(Request::Stats) => {
+                    stats = Some(source.stats());
+                    Ok(())
+                }
             };
             let ms = Some(start.elapsed().as_secs_f64() * 1000.0);
             let response = match result {
-                Ok(()) => Response { ok: true, error: None, ms },
+                Ok(()) => Response { ok: true, error: None, ms, stats },
                 Err(e) => {
                     log::warn!("control request failed: {e}");
-                    Response { ok: false, error: Some(e), ms }
+                    Response { ok: false, error: Some(e), ms, stats: None }
                 }
             };
             if let Ok(mut bytes) = serde_json::to_vec(&response) {
@@ -359,19 +340,5 @@ pub fn event_loop(
             }
         }
         manager.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse() {
-        let r: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/tmp/s"}"#).unwrap();
-        assert_eq!(r, Request::Snapshot { dir: "/tmp/s".into(), resume: false });
-        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"stop"}"#).unwrap(), Request::Stop);
-        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Response { ok: true, ..Default::default() }).unwrap(), r#"{"ok":true}"#);
     }
 }

@@ -22,7 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::config::{ConsoleOutput, SeccompMode, VmConfig};
+use crate::config::{rate_limit, ConsoleOutput, RateLimit, RestoreConfig, SeccompMode, VmConfig};
 use crate::console::{BoundedWriter, ConsoleSink};
 use crate::controller::{event_loop, ControlSocket, Controller, SnapshotSource};
 use crate::error::{Error, Result};
@@ -305,6 +305,12 @@ fn open_kvm(mode: crate::config::HostCompatMode) -> Result<(Kvm, VmFd, HostCompa
 /// Boots the VM described by `config` and runs it until it ends. `start` is
 /// when the VMM started (the zero of the boot report's times).
 pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
+    run_signalling(config, start, None)
+}
+
+/// [`run`], writing one byte to `ready` once the control and vsock sockets
+/// listen (see [`RunOptions::ready`]).
+pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     validate(config)?;
     let (kvm, vm, compat) = open_kvm(config.host_compat)?;
     let mem = memory::allocate(config.mem_mib)?;
@@ -352,7 +358,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
         report: config.report.clone(),
         control: config.control.clone(),
         seccomp: config.seccomp,
-        ready: config.ready.clone(),
+        ready,
     })
 }
 
@@ -361,8 +367,7 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     let mut devices: Vec<(DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let limiter = RateLimiter::new(&disk.limit.to_device())
-            .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+        let limiter = disk_limiter(&disk.path, &disk.limit)?;
         let block = Block::open(&disk.path, disk.read_only, &id)
             .map_err(|e| Error::Config(e.to_string()))?
             .with_rate_limiter(limiter);
@@ -371,10 +376,8 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     for net in &config.nets {
         let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
         let mac = net.mac();
-        let limiter = |limit: &crate::config::RateLimit| {
-            RateLimiter::new(&limit.to_device()).map_err(|e| Error::Config(format!("network {}: {e}", net.tap)))
-        };
-        let dev = Net::new(tap, mac).with_rate_limiters(limiter(&net.rx_limit)?, limiter(&net.tx_limit)?);
+        let dev = Net::new(tap, mac)
+            .with_rate_limiters(net_limiter(&net.tap, &net.rx_limit)?, net_limiter(&net.tap, &net.tx_limit)?);
         devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(dev)));
     }
     if let Some(v) = &config.vsock {
@@ -387,33 +390,22 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     Ok(devices)
 }
 
-/// What a restore needs besides the snapshot: the backing of each device
-/// slot, and where the console goes.
-///
-/// Rate limits are not part of a snapshot, and a restore sets none: the
-/// restored disks and network interfaces are unlimited.
-#[derive(Debug, Clone)]
-pub struct RestoreConfig {
-    /// The snapshot directory.
-    pub snapshot: PathBuf,
-    /// One disk image per block slot of the snapshot, in order (read-only
-    /// or not as the snapshot says).
-    pub disks: Vec<PathBuf>,
-    /// One TAP device per network slot, in order.
-    pub taps: Vec<String>,
-    /// The Unix socket for the snapshot's vsock device, if it has one.
-    pub vsock_uds: Option<PathBuf>,
-    /// Where the console goes.
-    pub console: ConsoleOutput,
-    /// The most bytes a console file gets (`None`: no bound); see
-    /// [`VmConfig::console_limit`].
-    pub console_limit: Option<u64>,
-    pub host_compat: crate::config::HostCompatMode,
-    pub run: RunOptions,
+fn disk_limiter(path: &std::path::Path, limit: &RateLimit) -> Result<RateLimiter> {
+    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("disk {}: {e}", path.display())))
+}
+
+fn net_limiter(tap: &str, limit: &RateLimit) -> Result<RateLimiter> {
+    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("network {tap}: {e}")))
 }
 
 /// Restores the VM saved in `config.snapshot` and runs it until it ends.
 pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
+    restore_signalling(config, start, None)
+}
+
+/// [`restore`], writing one byte to `ready` once the control and vsock
+/// sockets listen (see [`RunOptions::ready`]).
+pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     let state = snapshot::load_state(&config.snapshot).map_err(|e| Error::Snapshot(e.to_string()))?;
     let (_kvm, vm, compat) = open_kvm(config.host_compat)?;
     if compat.enabled() != state.host_compat {
@@ -429,21 +421,28 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 
     let mut mmio = Bus::new();
     let mut virtio = VirtioDevices::new();
-    let (mut disks, mut taps) = (config.disks.iter(), config.taps.iter());
+    // Rate limits are not part of a snapshot: each slot gets the
+    // configuration's (unlimited when it gives none).
+    let (mut disks, mut taps) = (config.disks.iter(), config.nets.iter());
     for (slot, dev) in state.devices.iter().enumerate() {
         let device: Box<dyn VirtioDevice> = match &dev.kind {
             DeviceKind::Block { read_only, id } => {
-                let path = disks.next().ok_or_else(|| {
+                let disk = disks.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
                 })?;
-                Box::new(Block::open(path, *read_only, id).map_err(|e| Error::Config(e.to_string()))?)
+                let block = Block::open(&disk.path, *read_only, id).map_err(|e| Error::Config(e.to_string()))?;
+                Box::new(block.with_rate_limiter(disk_limiter(&disk.path, &disk.limit)?))
             }
             DeviceKind::Net { mac } => {
-                let tap = taps.next().ok_or_else(|| {
+                let net = taps.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a network interface in slot {slot}: give a TAP device"))
                 })?;
                 let mac = mac.parse().map_err(|e: String| Error::Snapshot(e))?;
-                Box::new(Net::new(Tap::open(tap).map_err(|e| Error::Config(e.to_string()))?, mac))
+                let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+                Box::new(Net::new(tap, mac).with_rate_limiters(
+                    net_limiter(&net.tap, &net.rx_limit)?,
+                    net_limiter(&net.tap, &net.tx_limit)?,
+                ))
             }
             DeviceKind::Rng => Box::new(Rng::new()),
             DeviceKind::Vsock { cid } => {
@@ -497,7 +496,13 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
     // the guest to read their capacity again.
     virtio.notify_block_config_changed();
     let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
-    machine.run(&config.run)
+    machine.run(&RunOptions {
+        console_input: config.console_input,
+        report: config.report.clone(),
+        control: config.control.clone(),
+        seccomp: config.seccomp,
+        ready,
+    })
 }
 
 impl Machine {
@@ -580,6 +585,8 @@ impl Machine {
             control: shared.control.clone(),
             vcpu_count,
             kick: Box::new(move || kick_threads(&pthreads)),
+            stats: self.probe.stats.clone(),
+            guest_ranges: guest_ranges.clone(),
         };
         let controller = Arc::new(Mutex::new(Controller::new(
             shared.exit_evt.clone(),

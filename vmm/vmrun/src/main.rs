@@ -2,25 +2,22 @@
 
 mod attach;
 mod containers_cmd;
+mod device_args;
 mod images_cmd;
-mod jail_cmd;
 mod logger;
 mod run_cmd;
 mod system_cmd;
 
-use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use vmrun_vmm::config::{RestoreDisk, RestoreNet};
 use vmrun_vmm::controller::Request;
 use vmrun_vmm::{
-    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, RunOptions, SeccompMode, VmConfig,
-    VsockConfig,
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, SeccompMode, VmConfig, VmmConfig, VsockConfig,
 };
 
 /// vmrun: containers in KVM microVMs.
@@ -119,7 +116,8 @@ enum Command {
     },
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Pause, resume or stop a running VM through its control socket.
+    /// Pause, resume, stop or measure a running VM through its control
+    /// socket.
     Vm {
         /// The VM's control socket (`boot --control`).
         #[arg(long)]
@@ -168,6 +166,8 @@ enum VmAction {
     Pause,
     Resume,
     Stop,
+    /// Print KVM's counters per vCPU and the VMM's resident memory (JSON).
+    Stats,
 }
 
 #[derive(Args, Debug)]
@@ -176,7 +176,8 @@ struct RestoreArgs {
     #[arg(long)]
     snapshot: PathBuf,
     /// Disk image for the snapshot's next disk slot (repeatable, in order).
-    /// Restored disks and network interfaces are not rate limited.
+    /// Restored disks and network interfaces are not rate limited here
+    /// (the VMM's configuration can carry limits; `vmrun-vmm`).
     #[arg(long = "disk", value_name = "PATH")]
     disks: Vec<PathBuf>,
     /// TAP device for the snapshot's next network slot (repeatable).
@@ -191,7 +192,7 @@ struct RestoreArgs {
     /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
     /// later output is dropped after one "[vmrun: console output
     /// truncated]" line. 0: no bound.
-    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = vmrun_vmm::config::parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = device_args::parse_size)]
     console_limit: u64,
     /// Serve a control socket here.
     #[arg(long)]
@@ -210,14 +211,8 @@ struct RestoreArgs {
     /// Confine the VMM before it starts the guest: new namespaces, a
     /// private root holding only its files, an unprivileged uid of its own,
     /// a cgroup (needs root; `vmrun run` turns it on as root).
-    #[arg(long, value_enum, default_value_t = jail_cmd::JailArg::Off)]
-    jail: jail_cmd::JailArg,
-    /// An inherited descriptor (a pipe's write end) that gets one byte
-    /// once the control and vsock sockets listen; it stays open until the
-    /// VMM ends. Whoever started the VMM waits on it instead of polling for
-    /// the socket files (end of file first: the VMM failed).
-    #[arg(long, value_name = "FD")]
-    ready_fd: Option<RawFd>,
+    #[arg(long, value_enum, default_value_t = JailArg::Off)]
+    jail: JailArg,
 }
 
 #[derive(Args, Debug)]
@@ -244,7 +239,7 @@ struct BootArgs {
     /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
     /// later output is dropped after one "[vmrun: console output
     /// truncated]" line. 0: no bound.
-    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = vmrun_vmm::config::parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = device_args::parse_size)]
     console_limit: u64,
     /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
     #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
@@ -257,8 +252,8 @@ struct BootArgs {
     /// Confine the VMM before it starts the guest: new namespaces, a
     /// private root holding only its files, an unprivileged uid of its own,
     /// a cgroup (needs root; `vmrun run` turns it on as root).
-    #[arg(long, value_enum, default_value_t = jail_cmd::JailArg::Off)]
-    jail: jail_cmd::JailArg,
+    #[arg(long, value_enum, default_value_t = JailArg::Off)]
+    jail: JailArg,
     /// Write a JSON boot report (timings, emulated instructions, memory)
     /// here when the VM ends.
     #[arg(long)]
@@ -269,7 +264,7 @@ struct BootArgs {
     /// the requests per second; each lets one second's worth through at
     /// once after an idle second. Repeatable; the guest sees them as vda,
     /// vdb, ... in order.
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=BYTES][,iops=N]")]
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=BYTES][,iops=N]", value_parser = device_args::parse_disk)]
     disks: Vec<DiskConfig>,
     /// Attach a network interface (virtio-net) on a TAP device:
     /// tap=NAME[,mac=MAC][,bw=BYTES][,rx_bw=BYTES][,tx_bw=BYTES][,iops=N].
@@ -278,11 +273,11 @@ struct BootArgs {
     /// guest) and tx_bw (from the guest) set one direction and override
     /// bw; iops limits frames per second in each direction. Repeatable
     /// (eth0, eth1, ...).
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=BYTES][,rx_bw=BYTES][,tx_bw=BYTES][,iops=N]")]
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=BYTES][,rx_bw=BYTES][,tx_bw=BYTES][,iops=N]", value_parser = device_args::parse_net)]
     nets: Vec<NetConfig>,
     /// Attach a vsock device bridged to Unix sockets: cid=N,uds=PATH
     /// (Firecracker's hybrid vsock).
-    #[arg(long, value_name = "cid=N,uds=PATH")]
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = device_args::parse_vsock)]
     vsock: Option<VsockConfig>,
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
@@ -290,32 +285,6 @@ struct BootArgs {
     /// Serve a control socket here (pause, resume, snapshot, stop).
     #[arg(long)]
     control: Option<PathBuf>,
-    /// An inherited descriptor (a pipe's write end) that gets one byte
-    /// once the control and vsock sockets listen; it stays open until the
-    /// VMM ends. Whoever started the VMM waits on it instead of polling for
-    /// the socket files (end of file first: the VMM failed).
-    #[arg(long, value_name = "FD")]
-    ready_fd: Option<RawFd>,
-}
-
-/// Checks that `--ready-fd` names an open descriptor above standard error,
-/// and keeps it from any program the VMM would start.
-fn check_ready_fd(fd: Option<RawFd>) -> anyhow::Result<Option<RawFd>> {
-    let Some(fd) = fd else { return Ok(None) };
-    anyhow::ensure!(fd > 2, "--ready-fd {fd}: give a descriptor above standard error");
-    // SAFETY: fcntl with integer arguments only; it fails on a descriptor
-    // that is not open.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        anyhow::bail!("--ready-fd {fd}: {}", std::io::Error::last_os_error());
-    }
-    Ok(Some(fd))
-}
-
-/// Takes `--ready-fd` over (after the jail, which keeps it open).
-fn take_ready_fd(fd: Option<RawFd>) -> Option<Arc<File>> {
-    // SAFETY: checked open by `check_ready_fd`; it was handed to this
-    // process for the VMM to signal on, and nothing else here owns it.
-    fd.map(|fd| Arc::new(unsafe { File::from_raw_fd(fd) }))
 }
 
 impl From<CompatArg> for HostCompatMode {
@@ -326,6 +295,17 @@ impl From<CompatArg> for HostCompatMode {
             CompatArg::Off => HostCompatMode::Off,
         }
     }
+}
+
+/// `--jail`.
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+enum JailArg {
+    /// Run the VMM as it was started.
+    #[default]
+    Off,
+    /// Confine the VMM (needs root): namespaces, a private root with only
+    /// its files, an unprivileged uid of its own, a cgroup.
+    On,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -355,21 +335,6 @@ enum CompatArg {
 fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
     vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(args.memory)).context("cannot run the VM")?;
     let vcpus = u8::try_from(args.cpus).context("vCPU count")?;
-    let host_compat = resolve_host_compat(args.host_compat.into());
-    let ready_fd = check_ready_fd(args.ready_fd)?;
-    let needs = jail_cmd::Needs {
-        read_only: [Some(args.kernel.clone()), args.initrd.clone()].into_iter().flatten().collect(),
-        disks: args.disks.iter().map(|d| d.path.clone()).collect(),
-        outputs: [args.console.clone(), args.report.clone(), args.control.clone(), args.vsock.as_ref().map(|v| v.uds.clone())]
-            .into_iter()
-            .flatten()
-            .collect(),
-        taps: args.nets.iter().map(|n| n.tap.clone()).collect(),
-        memory_mib: u64::from(args.memory),
-        cpus: args.cpus,
-        keep_fds: ready_fd.into_iter().collect(),
-    };
-    jail_cmd::enter(args.jail, &needs)?;
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -379,7 +344,7 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
         console_limit: (args.console_limit > 0).then_some(args.console_limit),
         console_input: true,
-        host_compat,
+        host_compat: args.host_compat.into(),
         report: args.report,
         disks: args.disks,
         rng: !args.no_rng,
@@ -387,9 +352,9 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         control: args.control,
         vsock: args.vsock,
         seccomp: args.seccomp.into(),
-        ready: take_ready_fd(ready_fd),
+        jail: args.jail == JailArg::On,
     };
-    let (reason, _report) = vmrun_vmm::run(&config, start).context("cannot run the VM")?;
+    let (reason, _report) = vmrun_vmm::launch(VmmConfig::boot(config), start, None).context("cannot run the VM")?;
     Ok(finish(reason))
 }
 
@@ -404,63 +369,34 @@ fn finish(reason: vmrun_vmm::ExitReason) -> i32 {
     code
 }
 
-/// `auto` decided here, while the host's /sys is still in sight (the
-/// jail hides it).
-fn resolve_host_compat(mode: HostCompatMode) -> HostCompatMode {
-    match mode {
-        HostCompatMode::Auto if std::path::Path::new(vmrun_vmm::host_compat::PVM_MODULE_PATH).exists() => HostCompatMode::On,
-        HostCompatMode::Auto => HostCompatMode::Off,
-        m => m,
-    }
-}
-
 fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
-    let host_compat = resolve_host_compat(args.host_compat.into());
-    let ready_fd = check_ready_fd(args.ready_fd)?;
-    if args.jail == jail_cmd::JailArg::On {
-        let state = vmrun_vmm::snapshot::load_state(&args.snapshot).context("cannot restore the VM")?;
-        let needs = jail_cmd::Needs {
-            read_only: vec![args.snapshot.clone()],
-            disks: args.disks.clone(),
-            outputs: [args.console.clone(), args.report.clone(), args.control.clone(), args.vsock_uds.clone()].into_iter().flatten().collect(),
-            taps: args.taps.clone(),
-            memory_mib: u64::from(state.mem_mib),
-            cpus: state.vcpus.len() as u32,
-            keep_fds: ready_fd.into_iter().collect(),
-        };
-        jail_cmd::enter(args.jail, &needs)?;
-    }
     let config = RestoreConfig {
         snapshot: args.snapshot,
-        disks: args.disks,
-        taps: args.taps,
+        disks: args.disks.into_iter().map(RestoreDisk::new).collect(),
+        nets: args.taps.into_iter().map(RestoreNet::new).collect(),
         vsock_uds: args.vsock_uds,
         console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
         console_limit: (args.console_limit > 0).then_some(args.console_limit),
-        host_compat,
-        run: RunOptions {
-            console_input: true,
-            report: args.report,
-            control: args.control,
-            seccomp: args.seccomp.into(),
-            ready: take_ready_fd(ready_fd),
-        },
+        console_input: true,
+        host_compat: args.host_compat.into(),
+        report: args.report,
+        control: args.control,
+        seccomp: args.seccomp.into(),
+        jail: args.jail == JailArg::On,
     };
-    let (reason, _report) = vmrun_vmm::restore(&config, start).context("cannot restore the VM")?;
+    let (reason, _report) = vmrun_vmm::launch(VmmConfig::restore(config), start, None).context("cannot restore the VM")?;
     Ok(finish(reason))
 }
 
 fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
-    let answer = vmrun_vmm::controller::request(path, &req, Duration::from_secs(120))
-        .with_context(|| format!("cannot reach the VM's control socket {}", path.display()))?;
-    if answer.ok {
-        if let Some(ms) = answer.ms {
-            log::info!("done in {ms:.1} ms");
-        }
-        Ok(0)
-    } else {
-        anyhow::bail!("{}", answer.error.unwrap_or_else(|| "the VM refused the request".into()))
+    let answer = vmrun_vmm_api::request(path, &req, Duration::from_secs(120))?;
+    if let Some(ms) = answer.ms {
+        log::info!("done in {ms:.1} ms");
     }
+    if let Some(stats) = answer.stats {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    }
+    Ok(0)
 }
 
 /// `vmrun run` exits with the container's code, or 125 when vmrun itself
@@ -518,6 +454,7 @@ fn main() -> ExitCode {
                 VmAction::Pause => Request::Pause,
                 VmAction::Resume => Request::Resume,
                 VmAction::Stop => Request::Stop,
+                VmAction::Stats => Request::Stats,
             },
         ),
     };

@@ -522,7 +522,7 @@ fn run_container_inner(
         volumes: volume_disks,
         tap: network.as_ref().map(|n| n.link.tap.clone()),
         dir: dir.to_path_buf(),
-        vmm_exe: std::env::current_exe().context("cannot find the vmrun executable")?,
+        vmm_exe: vmrun_runtime::vm::find_vmm()?,
     };
 
     let c = &image.config;
@@ -588,7 +588,7 @@ fn run_container_inner(
             if preparable {
                 unpacked(home, &image, client.create_container(&create(PREPARED_ID, image_defaults)))?;
                 phases.mark("unpack");
-                vmrun_runtime::template::save_prepared(&spec.vmm_exe, &vm, &prepared_dir);
+                vmrun_runtime::template::save_prepared(&vm, &prepared_dir);
                 phases.mark("prepared template saved");
                 (vm, client, PREPARED_ID.to_string(), true)
             } else {

@@ -43,38 +43,8 @@ pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
-/// A MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mac(pub [u8; 6]);
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC address {s:?} (use aa:bb:cc:dd:ee:ff)");
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        let mut m = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if m[0] & 1 != 0 {
-            return Err(format!("{s} is a multicast address"));
-        }
-        Ok(Mac(m))
-    }
-}
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
+/// A MAC address (the VMM API's type: configurations carry it).
+pub use vmrun_vmm_api::Mac;
 
 struct Active {
     mem: GuestMemoryMmap,

@@ -1,0 +1,186 @@
+//! The control protocol: one JSON request per connection to the VM's
+//! control socket, one JSON answer, each a line.
+//!
+//! `{"op":"ping"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}`,
+//! `{"op":"stats"}`; the answer is `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest a request or an answer may be.
+pub const MAX_MESSAGE: u64 = 64 * 1024;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Answers at once: the VMM serves its socket.
+    Ping,
+    /// Pauses the vCPUs.
+    Pause,
+    /// Lets paused vCPUs run again.
+    Resume,
+    /// Pauses the vCPUs and saves the VM into `dir`; with `resume`, the VM
+    /// runs on afterwards (else it stays paused).
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default)]
+        resume: bool,
+    },
+    /// Ends the VM (the VMM exits 0).
+    Stop,
+    /// What the VMM knows of the VM's work and memory ([`VmmStats`]).
+    Stats,
+}
+
+/// A control answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// Milliseconds the operation took.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ms: Option<f64>,
+    /// The answer to [`Request::Stats`].
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stats: Option<VmmStats>,
+}
+
+/// What the VMM knows of its VM: KVM's counters per vCPU and its resident
+/// memory. A value is `None` where the host does not tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmStats {
+    /// One entry per vCPU, in order.
+    pub vcpus: Vec<VcpuStats>,
+    /// The VMM process's resident memory, guest memory included, in KiB.
+    #[serde(default)]
+    pub rss_kib: Option<u64>,
+    /// The part of it that is guest memory, in KiB.
+    #[serde(default)]
+    pub guest_rss_kib: Option<u64>,
+}
+
+impl VmmStats {
+    /// Resident memory that is the VMM's own (not the guest's), in KiB.
+    pub fn overhead_rss_kib(&self) -> Option<u64> {
+        Some(self.rss_kib?.saturating_sub(self.guest_rss_kib?))
+    }
+}
+
+/// One vCPU's KVM counters (`KVM_GET_STATS_FD`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStats {
+    /// Instructions KVM's emulator executed (`insn_emulation`): on hosts
+    /// that emulate guest kernel mode, the guest kernel's instructions.
+    #[serde(default)]
+    pub insn_emulation: Option<u64>,
+    /// Exits to KVM (`exits`).
+    #[serde(default)]
+    pub exits: Option<u64>,
+}
+
+/// Errors of a control request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the VM's control socket {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("talking to the VM's control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the VMM's answer {answer:?} is not valid: {source}")]
+    BadAnswer { answer: String, source: serde_json::Error },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends `req` to the control socket at `path` and waits up to `timeout`
+/// (for each of the write and the read) for the answer. An answer that is
+/// not `ok` is [`ControlError::Refused`] with the VMM's reason.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(s.take(MAX_MESSAGE)).read_line(&mut answer).map_err(io)?;
+    let response: Response =
+        serde_json::from_str(&answer).map_err(|source| ControlError::BadAnswer { answer: answer.clone(), source })?;
+    if response.ok {
+        Ok(response)
+    } else {
+        Err(ControlError::Refused(response.error.unwrap_or_else(|| "the VM refused the request".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn requests_and_answers_in_json() {
+        let r: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/tmp/s"}"#).unwrap();
+        assert_eq!(r, Request::Snapshot { dir: "/tmp/s".into(), resume: false });
+        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"stop"}"#).unwrap(), Request::Stop);
+        assert_eq!(serde_json::to_string(&Request::Stats).unwrap(), r#"{"op":"stats"}"#);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Response { ok: true, ..Default::default() }).unwrap(), r#"{"ok":true}"#);
+        let stats = VmmStats {
+            vcpus: vec![VcpuStats { insn_emulation: Some(5), exits: Some(9) }, VcpuStats::default()],
+            rss_kib: Some(3000),
+            guest_rss_kib: Some(1000),
+        };
+        let r = Response { ok: true, stats: Some(stats.clone()), ..Default::default() };
+        let back: Response = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.stats.as_ref(), Some(&stats));
+        assert_eq!(stats.overhead_rss_kib(), Some(2000));
+    }
+
+    /// A one-shot server answering `answer` to whatever comes.
+    fn serve(path: &Path, answer: &'static str) -> std::thread::JoinHandle<String> {
+        let l = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            (&s).write_all(answer.as_bytes()).unwrap();
+            line
+        })
+    }
+
+    #[test]
+    fn the_client_sends_a_line_and_reads_the_answer() {
+        let dir = std::env::temp_dir().join(format!("vmm-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("c.sock");
+        let server = serve(&sock, "{\"ok\":true,\"ms\":1.5}\n");
+        let r = request(&sock, &Request::Snapshot { dir: "/s".into(), resume: true }, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.ms, Some(1.5));
+        assert_eq!(server.join().unwrap(), "{\"op\":\"snapshot\",\"dir\":\"/s\",\"resume\":true}\n");
+        std::fs::remove_file(&sock).unwrap();
+
+        let server = serve(&sock, "{\"ok\":false,\"error\":\"no room\"}\n");
+        let e = request(&sock, &Request::Stop, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(&e, ControlError::Refused(m) if m == "no room"), "{e}");
+        server.join().unwrap();
+        std::fs::remove_file(&sock).unwrap();
+
+        // A server that says nothing: the timeout ends the wait.
+        let l = UnixListener::bind(&sock).unwrap();
+        let e = request(&sock, &Request::Ping, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, ControlError::Io { .. } | ControlError::BadAnswer { .. }), "{e}");
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(request(&sock, &Request::Ping, Duration::from_secs(1)), Err(ControlError::Connect { .. })));
+    }
+}

@@ -1,0 +1,14 @@
+//! What crosses the boundary between the processes that start VMMs and
+//! the VMM (`vmrun-vmm`): a VM's configuration, to boot or to restore
+//! ([`config`]), and the control protocol spoken on its control socket
+//! ([`control`]), with a small client. Plain serde types: both sides use
+//! these, nothing formats or parses device strings in between.
+
+pub mod config;
+pub mod control;
+
+pub use config::{
+    ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, NetConfig, RateLimit, RestoreConfig, RestoreDisk,
+    RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, VERSION,
+};
+pub use control::{request, ControlError, Request, Response, VcpuStats, VmmStats};
