@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 /// The default vsock port.
-pub const DEFAULT_PORT: u32 = 1024;
+pub const DEFAULT_PORT: u32 = vmrun_agent_protocol::AGENT_PORT;
 /// Where container roots go in a guest.
 pub const DEFAULT_ROOT: &str = "/run/vmrun";
 

@@ -61,6 +61,9 @@ pub const MAGIC: &str = "vmrun-agent";
 pub const VERSION: u32 = 2;
 /// Bytes a stream's sender may have in flight before it gets credit back.
 pub const STREAM_WINDOW: u32 = 1 << 20;
+/// The vsock port the agent listens on unless told otherwise
+/// (`vmrun.port=` on the guest's command line): the host connects there.
+pub const AGENT_PORT: u32 = 1024;
 
 /// A refused handshake.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -262,7 +262,7 @@ impl NetConfig {
     /// TAP name (locally administered, unicast).
     pub fn mac(&self) -> Mac {
         self.mac.unwrap_or_else(|| {
-            let h = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let h = crate::hash::fnv1a(self.tap.as_bytes());
             let b = h.to_le_bytes();
             Mac([0x06, 0x00, b[0], b[1], b[2], b[3]])
         })

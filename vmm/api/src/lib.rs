@@ -6,9 +6,10 @@
 
 pub mod config;
 pub mod control;
+pub mod hash;
 
 pub use config::{
     ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, NetConfig, RateLimit, RestoreConfig, RestoreDisk,
-    RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, VERSION,
+    RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
 };
 pub use control::{request, ControlError, Request, Response, VcpuStats, VmmStats};

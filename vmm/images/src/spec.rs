@@ -44,12 +44,11 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 
-/// Whether `media_type` is a layer vmrun can unpack.
+/// Whether `media_type` is a layer vmrun can unpack: the one list host and
+/// agent share, the layer disk's (`vmrun_layerdisk::Compression`), so the
+/// store never takes an image whose layers the agent would refuse.
 pub fn is_layer(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        OCI_LAYER_TAR | OCI_LAYER_GZIP | OCI_LAYER_ZSTD | DOCKER_LAYER_GZIP | DOCKER_LAYER_TAR
-    )
+    vmrun_layerdisk::Compression::from_media_type(media_type).is_some()
 }
 
 /// Whether `media_type` is an image config.

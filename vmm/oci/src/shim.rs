@@ -76,10 +76,7 @@ pub fn runc_dir(oci: &Path) -> Result<PathBuf, ShimError> {
     let dir = match std::env::var_os("VMRUN_OCI_RUNC_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            let mut h = 0xcbf2_9ce4_8422_2325u64;
-            for b in oci.as_os_str().as_encoded_bytes() {
-                h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-            }
+            let h = vmrun_vmm_api::hash::fnv1a(oci.as_os_str().as_encoded_bytes());
             // SAFETY: geteuid has no preconditions.
             let uid = unsafe { libc::geteuid() };
             let base = if uid == 0 {

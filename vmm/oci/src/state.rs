@@ -279,10 +279,7 @@ pub fn vm_dir_for(dir: &Path) -> PathBuf {
     if dir.join(LONGEST).as_os_str().len() < 100 {
         return dir.to_path_buf();
     }
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in dir.as_os_str().as_encoded_bytes() {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-    }
+    let h = vmrun_vmm_api::hash::fnv1a(dir.as_os_str().as_encoded_bytes());
     let base = if Path::new("/run").is_dir() && is_root() { PathBuf::from("/run/vmrun-oci-vm") } else { std::env::temp_dir().join("vmrun-oci-vm") };
     base.join(format!("{h:016x}"))
 }

@@ -18,6 +18,7 @@ pub mod layer_disk;
 pub mod lock;
 pub mod net;
 pub mod prune;
+pub mod signal;
 pub mod template;
 pub mod vm;
 pub mod volume;

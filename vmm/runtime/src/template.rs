@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmrun_agent_client::Options;
+use vmrun_vmm_api::hash::{fnv1a_continue, FNV_OFFSET};
 use vmrun_vmm_api::control::{self, Request};
 
 use crate::lock::Lock;
@@ -28,14 +29,6 @@ pub struct TemplateKey {
     pub hash: String,
 }
 
-/// FNV-1a over bytes, continuing from `h`.
-fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -45,7 +38,7 @@ fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
         if n == 0 {
             return Ok(h);
         }
-        h = fnv(h, &buf[..n]);
+        h = fnv1a_continue(h, &buf[..n]);
     }
 }
 
@@ -70,22 +63,22 @@ pub struct Inputs {
 /// version and boot revision: what every template key depends on, whatever
 /// the VM's size.
 pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts) -> std::io::Result<String> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut h = FNV_OFFSET;
     h = hash_file(h, &artifacts.kernel)?;
     h = hash_file(h, &artifacts.agent_initrd)?;
-    h = fnv(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes());
+    h = fnv1a_continue(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes());
     Ok(format!("{h:016x}"))
 }
 
 impl TemplateKey {
     /// The key of a VM made as `spec` describes (the layer disk aside).
     pub fn of(spec: &VmSpec) -> std::io::Result<Self> {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut h = FNV_OFFSET;
         h = hash_file(h, &spec.artifacts.kernel)?;
         h = hash_file(h, &spec.artifacts.agent_initrd)?;
         let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
         let version = format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION"));
-        h = fnv(h, format!("{} {} {} {version} {slots}", spec.mem_mib, spec.cpus, spec.cmdline()).as_bytes());
+        h = fnv1a_continue(h, format!("{} {} {} {version} {slots}", spec.mem_mib, spec.cpus, spec.cmdline()).as_bytes());
         Ok(Self { hash: format!("{h:016x}") })
     }
 }

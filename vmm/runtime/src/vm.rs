@@ -24,7 +24,7 @@ use crate::artifacts::Artifacts;
 use crate::{Error, Result};
 
 /// The vsock port the agent listens on (`vmrun.port=`).
-pub const AGENT_PORT: u32 = 1024;
+pub use vmrun_agent_protocol::AGENT_PORT;
 /// The guest's vsock context id (each VM has its own vsock device, so one
 /// number serves all).
 pub const GUEST_CID: u64 = 3;
@@ -140,7 +140,7 @@ impl VmSpec {
 
     /// The guest's kernel command line.
     pub fn cmdline(&self) -> String {
-        format!("console=ttyS0 reboot=k panic=1 quiet vmrun.port={AGENT_PORT}")
+        format!("{} quiet vmrun.port={AGENT_PORT}", vmrun_vmm_api::DEFAULT_CMDLINE)
     }
 
     /// Starts the VMM: a cold boot.

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmrun_agent_client::Client;
 use vmrun_agent_protocol::ExecProcess;
@@ -159,26 +159,7 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
 
 /// A signal by name (`KILL`, `SIGKILL`) or number.
 pub fn parse_signal(s: &str) -> Result<i32> {
-    if let Ok(n) = s.parse::<i32>() {
-        return if (1..=64).contains(&n) { Ok(n) } else { Err(anyhow!("invalid signal {s:?}")) };
-    }
-    let name = s.to_ascii_uppercase();
-    let name = name.strip_prefix("SIG").unwrap_or(&name);
-    let n = match name {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "TERM" => libc::SIGTERM,
-        "CONT" => libc::SIGCONT,
-        "STOP" => libc::SIGSTOP,
-        "WINCH" => libc::SIGWINCH,
-        "ALRM" => libc::SIGALRM,
-        _ => bail!("invalid signal {s:?}"),
-    };
-    Ok(n)
+    Ok(vmrun_runtime::signal::parse(s)?)
 }
 
 /// `vmrun kill [-s SIGNAL] CONTAINER...`.
