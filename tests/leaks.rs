@@ -74,7 +74,7 @@ fn a_signal_during_a_template_build_leaves_nothing(s: &Sandboxes) {
     let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
     let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
-    while !Leftovers::now(&s.home).processes.contains_key("vmrun boot") {
+    while !Leftovers::now(&s.home).processes.contains_key("vmrun-vmm --config") {
         assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
         assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
         std::thread::sleep(Duration::from_millis(100));
@@ -105,7 +105,7 @@ fn a_kill_during_a_template_build_is_collected(s: &Sandboxes) {
     let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
     let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
-    while !Leftovers::now(&s.home).processes.contains_key("vmrun boot") {
+    while !Leftovers::now(&s.home).processes.contains_key("vmrun-vmm --config") {
         assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
         assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
         std::thread::sleep(Duration::from_millis(100));

@@ -717,7 +717,7 @@ fn each_restore_answers_the_first_agent_connection() {
         volumes: Vec::new(),
         tap: None,
         dir: dir.join(format!("vm-{i}")),
-        vmm_exe: PathBuf::from(VMRUN),
+        vmm_exe: support::build_vmm(VMRUN),
     };
     let templates = vmrun_runtime::home::Home::at(&v.home).templates();
     let template = vmrun_runtime::template::ensure(&templates, &spec(0), &|m| eprintln!("{m}"), &|_| {}).unwrap();

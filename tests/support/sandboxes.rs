@@ -19,8 +19,8 @@ pub struct Sandboxes {
 /// What a host keeps of sandboxes: it must be the same before and after.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Leftovers {
-    /// `vmrun` processes (VMMs, supervisors) by their command name and
-    /// first argument.
+    /// `vmrun` and `vmrun-vmm` processes (supervisors, VMMs) by their
+    /// command name and first argument.
     pub processes: BTreeMap<String, usize>,
     /// Network interfaces named `vmrun-*`.
     pub taps: Vec<String>,
@@ -77,8 +77,8 @@ impl Leftovers {
             let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
             let exe = args.first().map(|a| a.rsplit('/').next().unwrap_or("").to_string()).unwrap_or_default();
             let mentions_home = args.iter().any(|a| a.contains(&*home.to_string_lossy()));
-            if exe == "vmrun" && mentions_home {
-                *processes.entry(format!("vmrun {}", args.get(1).cloned().unwrap_or_default())).or_insert(0) += 1;
+            if (exe == "vmrun" || exe == "vmrun-vmm") && mentions_home {
+                *processes.entry(format!("{exe} {}", args.get(1).cloned().unwrap_or_default())).or_insert(0) += 1;
             }
         }
         let taps = std::fs::read_dir("/sys/class/net")
