@@ -39,6 +39,7 @@ pub use progress::{NoProgress, Progress};
 pub use pull::pace::MinRate;
 pub use pull::{Credentials, PullOptions, DEFAULT_PULL_DEADLINE};
 pub use reference::{Reference, ReferenceError, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use store::lock::{FileLock, Mode as LockMode};
 pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
 
 /// Entry points for the fuzz targets (`fuzz/`): the parsers of what a

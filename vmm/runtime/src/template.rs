@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,11 +223,10 @@ pub fn is_ready(dir: &Path) -> bool {
 /// in its own directory; it is then given to root and moved into place.
 /// Best effort: a failure only means later runs unpack again.
 pub fn save_prepared(vm: &VmProcess, dir: &Path) {
-    let Ok(lock) = File::create(lock_path(dir)) else { return };
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 || is_ready(dir) {
-        return;
-    }
+    let _lock = match Lock::try_take(&lock_path(dir)) {
+        Ok(Some(l)) if !is_ready(dir) => l,
+        _ => return,
+    };
     let tmp = vm.vm_dir.join("prepared-snapshot");
     let _ = std::fs::remove_dir_all(&tmp);
     match control::request(&vm.control, &Request::Snapshot { dir: tmp.clone(), resume: true }, SNAPSHOT_TIMEOUT) {
@@ -310,7 +308,9 @@ mod tests {
         let execs = std::fs::read_to_string(&log).unwrap();
         let lines: Vec<&str> = execs.lines().collect();
         assert_eq!(lines.len(), 1, "{execs}");
-        assert!(lines[0].starts_with(&format!("{} --config ", fake.display())) && lines[0].ends_with("/vmm.json"), "{execs}");
+        let args: Vec<&str> = lines[0].split(' ').collect();
+        assert!(args.len() == 5 && args[0] == fake.to_str().unwrap() && args[1] == "--config" && args[3] == "--ready-fd", "{execs}");
+        assert!(args[2].ends_with("/vmm.json") && args[4].parse::<i32>().is_ok_and(|fd| fd > 2), "{execs}");
         let config = vmrun_vmm_api::VmmConfig::from_json(&std::fs::read(d.join("seen.json")).unwrap()).unwrap();
         let vmrun_vmm_api::Start::Boot(boot) = config.start else { panic!("a template build boots") };
         assert_eq!(boot.mem_mib, 256);

@@ -1,4 +1,5 @@
-//! Advisory file locks (`flock(2)`) between `vmrun` processes.
+//! Advisory file locks (`flock(2)`) between `vmrun` processes: the one
+//! lock helper of the host side (the runtime's `Lock` wraps it).
 //!
 //! A `flock` belongs to an open file description, so two threads that each
 //! open the lock file exclude each other just as two processes do, and the
@@ -11,25 +12,27 @@ use std::path::Path;
 
 /// Whether a lock excludes everyone or only exclusive holders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
+pub enum Mode {
+    /// Excludes exclusive holders only.
     Shared,
+    /// Excludes everyone.
     Exclusive,
 }
 
 /// A held lock; dropping it releases it.
 #[derive(Debug)]
-pub(crate) struct FileLock {
+pub struct FileLock {
     _file: File,
 }
 
 impl FileLock {
     /// Takes the lock, waiting for it.
-    pub(crate) fn acquire(path: &Path, mode: Mode) -> io::Result<Self> {
+    pub fn acquire(path: &Path, mode: Mode) -> io::Result<Self> {
         Self::lock(path, mode, true)?.ok_or_else(|| io::Error::other("flock returned without the lock"))
     }
 
     /// Takes the lock if nobody holds it in a conflicting mode.
-    pub(crate) fn try_acquire(path: &Path, mode: Mode) -> io::Result<Option<Self>> {
+    pub fn try_acquire(path: &Path, mode: Mode) -> io::Result<Option<Self>> {
         Self::lock(path, mode, false)
     }
 

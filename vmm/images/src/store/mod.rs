@@ -21,7 +21,7 @@
 //! worst unreferenced blobs and temporary files, which GC removes.
 
 mod fsutil;
-mod lock;
+pub mod lock;
 pub(crate) mod staging;
 
 use std::collections::BTreeSet;
