@@ -71,16 +71,7 @@ fn sandboxes_leave_nothing_behind() {
 /// and the build leaves no work directory, VMM, jail cgroup or container.
 fn a_signal_during_a_template_build_leaves_nothing(s: &Sandboxes) {
     let before = Leftovers::now(&s.home);
-    let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
-    let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while !Leftovers::now(&s.home).processes.contains_key("vmrun-vmm --config") {
-        assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
-        assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Time for the jail to be in place (its cgroup made) before the signal.
-    std::thread::sleep(Duration::from_secs(1));
+    let run = run_until_its_template_vm_runs(s);
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
     let out = run.wait_with_output().unwrap();
@@ -89,6 +80,21 @@ fn a_signal_during_a_template_build_leaves_nothing(s: &Sandboxes) {
     let builds: Vec<_> = after.files.iter().filter(|f| f.contains(".build-")).collect();
     assert!(builds.is_empty(), "the template build's work directory is left: {builds:?}");
     assert!(kept(&before) == kept(&after), "an interrupted template build left:\n{}", before.changes(&after));
+}
+
+/// Starts `vmrun run --rm busybox true` in a data directory with no
+/// template and returns once its template VM runs (and its jail is in
+/// place, cgroup made), with its standard error piped.
+fn run_until_its_template_vm_runs(s: &Sandboxes) -> std::process::Child {
+    let mut run = s.cmd(&["run", "--rm", "busybox", "true"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while !Leftovers::now(&s.home).processes.contains_key("vmrun-vmm --config") {
+        assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
+        assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    run
 }
 
 /// What a killed run must not leave for good (the data directory's own
@@ -102,15 +108,7 @@ fn kept(l: &Leftovers) -> impl PartialEq {
 /// and cgroups stay; `vmrun system prune` finds and removes them all.
 fn a_kill_during_a_template_build_is_collected(s: &Sandboxes) {
     let before = Leftovers::now(&s.home);
-    let mut cmd = s.cmd(&["run", "--rm", "busybox", "true"]);
-    let mut run = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let start = Instant::now();
-    while !Leftovers::now(&s.home).processes.contains_key("vmrun-vmm --config") {
-        assert!(run.try_wait().unwrap().is_none(), "the run ended before its template VM started");
-        assert!(start.elapsed() < Duration::from_secs(120), "no template VM after 2 minutes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(1));
+    let mut run = run_until_its_template_vm_runs(s);
     run.kill().unwrap();
     run.wait().unwrap();
     // The VMM dies with it (its parent-death signal), its jail's outer

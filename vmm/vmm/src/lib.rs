@@ -14,6 +14,7 @@ pub mod error;
 pub mod host_compat;
 pub mod launch;
 pub mod loader;
+pub mod logger;
 pub mod memory;
 pub mod report;
 pub mod seccomp;

@@ -92,7 +92,7 @@ fn read_config(source: &Source) -> Result<VmmConfig, String> {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    logger::init();
+    vmrun_vmm::logger::init("vmrun-vmm");
     let mut args = std::env::args_os().skip(1).peekable();
     match args.peek().and_then(|a| a.to_str()) {
         Some("--help" | "-h") => {
@@ -132,40 +132,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vmrun-vmm: error: cannot run the VM: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// A minimal standard-error logger; `VMRUN_LOG` sets the level (error,
-/// warn, info, debug, trace; default info).
-mod logger {
-    use log::{Level, LevelFilter, Log, Metadata, Record};
-
-    struct StderrLogger;
-
-    impl Log for StderrLogger {
-        fn enabled(&self, metadata: &Metadata) -> bool {
-            metadata.level() <= log::max_level()
-        }
-
-        fn log(&self, record: &Record) {
-            if self.enabled(record.metadata()) {
-                let level = match record.level() {
-                    Level::Error => "error: ",
-                    Level::Warn => "warning: ",
-                    _ => "",
-                };
-                eprintln!("vmrun-vmm: {level}{}", record.args());
-            }
-        }
-
-        fn flush(&self) {}
-    }
-
-    pub fn init() {
-        let level = std::env::var("VMRUN_LOG").ok().and_then(|s| s.parse::<LevelFilter>().ok()).unwrap_or(LevelFilter::Info);
-        if log::set_logger(&StderrLogger).is_ok() {
-            log::set_max_level(level);
         }
     }
 }

@@ -4,7 +4,6 @@ mod attach;
 mod containers_cmd;
 mod device_args;
 mod images_cmd;
-mod logger;
 mod run_cmd;
 mod system_cmd;
 
@@ -419,7 +418,7 @@ fn usage_error_is_125() -> bool {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    logger::init();
+    vmrun_vmm::logger::init("vmrun");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() && usage_error_is_125() => {
