@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,44 +215,69 @@ impl std::fmt::Display for PortMap {
 /// proxies each connection to the guest. Stops accepting when dropped.
 #[derive(Debug)]
 pub struct Forwarder {
-    stop: Arc<AtomicBool>,
+    /// The write end of a pipe whose read end every accept loop waits on
+    /// beside its listener: dropping it (with the forwarder) wakes them
+    /// all, at once, to end.
+    _stop: OwnedFd,
 }
 
 impl Forwarder {
     /// Binds every host port (so that a port in use fails the start) and
     /// starts proxying to `guest`.
     pub fn start(guest: Ipv4Addr, maps: &[PortMap]) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let mut listeners = Vec::new();
         for m in maps {
             let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, m.host))
                 .map_err(|e| Error::Network(format!("cannot publish port {}: {e}", m.host)))?;
+            // Never blocks in accept: a client that left between the poll
+            // and the accept is just skipped.
             l.set_nonblocking(true)?;
             listeners.push((l, *m));
         }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, which we own from here.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: both descriptors were just made and are ours alone.
+        let (stop_r, stop_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let stop_r = Arc::new(stop_r);
         for (l, m) in listeners {
-            let stop = Arc::clone(&stop);
+            let stop = Arc::clone(&stop_r);
             std::thread::spawn(move || accept_loop(&l, guest, m.guest, &stop));
         }
-        Ok(Self { stop })
+        Ok(Self { _stop: stop_w })
     }
 }
 
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn accept_loop(l: &TcpListener, guest: Ipv4Addr, port: u16, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
+/// Accepts connections on `l` as they come (waiting in `poll`, no timer)
+/// until `stop` says the forwarder is gone.
+fn accept_loop(l: &TcpListener, guest: Ipv4Addr, port: u16, stop: &OwnedFd) {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll on two descriptors we hold open, with their count.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::warn!("port {port}: poll: {e}");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return; // the forwarder was dropped
+        }
         match l.accept() {
             Ok((client, _)) => {
                 let _ = client.set_nonblocking(false);
                 std::thread::spawn(move || proxy(client, guest, port));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
+                // Out of descriptors, say: back off rather than spin.
                 log::warn!("port {port}: accept: {e}");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -373,5 +398,21 @@ mod tests {
         assert_eq!(out, "HELLO");
         // A port in use is an error at start.
         assert!(Forwarder::start(Ipv4Addr::LOCALHOST, &[PortMap { host: hport, guest: gport }]).is_err());
+    }
+
+    #[test]
+    fn a_dropped_forwarder_lets_its_port_go_at_once() {
+        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let hport = probe.local_addr().unwrap().port();
+        drop(probe);
+        let f = Forwarder::start(Ipv4Addr::LOCALHOST, &[PortMap { host: hport, guest: 9 }]).unwrap();
+        drop(f);
+        // Its accept loop wakes on the stop pipe and closes the listener:
+        // the port can be bound again well within a second.
+        let start = std::time::Instant::now();
+        while TcpListener::bind((Ipv4Addr::UNSPECIFIED, hport)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(1), "port {hport} still held after the forwarder was dropped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
