@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,13 +234,7 @@ impl Forwarder {
             l.set_nonblocking(true)?;
             listeners.push((l, *m));
         }
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills the two descriptors, which we own from here.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: both descriptors were just made and are ours alone.
-        let (stop_r, stop_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (stop_r, stop_w) = crate::vm::pipe()?;
         let stop_r = Arc::new(stop_r);
         for (l, m) in listeners {
             let stop = Arc::clone(&stop_r);
