@@ -142,8 +142,16 @@ fn owned(fd: libc::c_int) -> OwnedFd {
 pub fn listen(l: &Listen) -> io::Result<OwnedFd> {
     match l {
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let s = std::os::unix::net::UnixListener::bind(path)?;
+            // The socket file appears at bind(), before listen(): a client
+            // that sees it then would be refused. Bind under a temporary
+            // name and rename it into place once it is listening, so the
+            // path exists only when connections are accepted.
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".binding");
+            let tmp = std::path::PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            let s = std::os::unix::net::UnixListener::bind(&tmp)?;
+            std::fs::rename(&tmp, path)?;
             Ok(OwnedFd::from(s))
         }
         Listen::Vsock(port) => {
