@@ -79,15 +79,7 @@ pub fn set_controlling(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The window size of the terminal `fd`, if it has one.
-pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills the winsize it is given.
-    let ws = unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0).then_some(ws)
-    }?;
-    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
-}
+pub use vmrun_runtime::signal::window_size;
 
 /// Sets the window size of the terminal `fd`.
 pub fn set_window_size(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {

@@ -1,5 +1,5 @@
-//! Signals: names as `kill` takes them, and the set a supervisor catches
-//! to forward to the container's process.
+//! Signals: names as `kill` takes them, and the set a supervisor takes
+//! (`vmrun_runtime::signal::Relay`) to forward to the container's process.
 
 use crate::error::{Error, Result};
 
@@ -10,31 +10,9 @@ pub fn parse(s: &str) -> Result<i32> {
 }
 
 /// The signals a supervisor forwards to its process (SIGWINCH as a
-/// terminal resize).
+/// terminal resize); before it runs, they cancel the start.
 pub const FORWARDED: &[libc::c_int] =
     &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH, libc::SIGALRM];
-
-/// Blocks [`FORWARDED`] in this thread and the threads it starts later
-/// (call it first thing); returns the set for [`wait`].
-pub fn block_forwarded() -> libc::sigset_t {
-    // SAFETY: builds a signal set and blocks it for this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in FORWARDED {
-            libc::sigaddset(&mut set, *s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits for one of the signals in `set` (blocked by [`block_forwarded`]).
-pub fn wait(set: &libc::sigset_t) -> Option<libc::c_int> {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
-    (unsafe { libc::sigwait(set, &mut sig) } == 0).then_some(sig)
-}
 
 #[cfg(test)]
 mod tests {

@@ -3,11 +3,11 @@
 //!
 //! `create` starts `vmrun-oci supervise ID` in a session of its own, with
 //! the standard streams it was given (the caller's pipes or FIFOs; with a
-//! terminal, none). The supervisor makes the disks, restores the warm-start
-//! template (`vmrun_runtime::template`), has the agent create the
-//! container on the root copy, records `created`, and blocks opening
+//! terminal, none). The supervisor makes the disks, starts a sandbox from
+//! the warm-start template (`vmrun_runtime::sandbox`), has the agent create
+//! the container on the root copy, records `created`, and blocks opening
 //! `exec.fifo` for writing until `start` opens it for reading, as runc's
-//! init does. Then it starts the process, pumps its streams to its own
+//! init does (a signal meanwhile cancels, through the sandbox's `Cancel`). Then it starts the process, pumps its streams to its own
 //! standard streams (or between the host pty and the guest's terminal),
 //! forwards the signals it receives (SIGWINCH as a resize), and exits with
 //! the process's exit code (128+N for signal N): its pid is the
@@ -23,8 +23,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +31,8 @@ use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSourc
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
+use vmrun_runtime::sandbox::{AgentWait, Cancel, Origin, Sandbox};
+use vmrun_runtime::signal::{Relay, Target};
 use vmrun_runtime::vm::{VmSpec, AGENT_PORT};
 use vmrun_runtime::volume::Volume;
 
@@ -63,75 +63,6 @@ pub struct ExecPlan {
     pub process: ProcessPlan,
     /// Where to send the terminal's master.
     pub console_socket: Option<PathBuf>,
-}
-
-/// The process signals go to, once it runs.
-#[derive(Clone)]
-struct Target {
-    client: Client,
-    guest_id: String,
-    exec_id: Option<String>,
-    tty: Option<RawFd>,
-}
-
-type Shared = Arc<Mutex<Option<Target>>>;
-
-/// Set while the supervisor waits for `start`: a signal then stops it the
-/// orderly way (the VM is stopped and cleaned up), through [`STOP`].
-static WAITING: AtomicBool = AtomicBool::new(false);
-/// The signal that ended the wait for `start`, or the preparation of the
-/// VM.
-static STOP: AtomicI32 = AtomicI32::new(0);
-/// The VMM (a template's while one is built) while the VM is prepared: a
-/// signal then kills it, and the preparation fails and cleans up after
-/// itself (its jail's cgroup, a template's work directory).
-static PREPARING_VMM: AtomicU32 = AtomicU32::new(0);
-
-/// The VMM being prepared now (`None`: none).
-fn preparing_vmm(pid: Option<u32>) {
-    let pid = pid.unwrap_or(0);
-    PREPARING_VMM.store(pid, Ordering::SeqCst);
-    if pid != 0 && STOP.load(Ordering::SeqCst) != 0 {
-        // SAFETY: kill of our own child, the VMM.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
-}
-
-/// Forwards the signals in `set` (blocked by [`signals::block_forwarded`])
-/// to the process once it runs. Before that, a signal ends the supervisor
-/// as its default action would (`kill` of a created container): while it
-/// waits for `start`, through [`STOP`]; while it prepares the VM, by
-/// killing the VMM ([`PREPARING_VMM`]), or at once when there is none.
-fn forward_signals(set: libc::sigset_t, shared: Shared) {
-    std::thread::spawn(move || loop {
-        let Some(sig) = signals::wait(&set) else { return };
-        let target = shared.lock().ok().and_then(|t| t.clone());
-        match target {
-            None if sig == libc::SIGWINCH => {}
-            None if WAITING.load(Ordering::SeqCst) => STOP.store(sig, Ordering::SeqCst),
-            None => {
-                log::info!("signal {sig} before the process started: ending");
-                STOP.store(sig, Ordering::SeqCst);
-                match PREPARING_VMM.load(Ordering::SeqCst) {
-                    0 => std::process::exit(128 + sig),
-                    // SAFETY: kill of our own child, the VMM.
-                    pid => unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    },
-                }
-            }
-            Some(t) if sig == libc::SIGWINCH => {
-                if let Some((rows, cols)) = t.tty.and_then(console::window_size) {
-                    let _ = t.client.resize(&t.guest_id, t.exec_id.as_deref(), rows, cols);
-                }
-            }
-            Some(t) => {
-                if let Err(e) = t.client.signal(&t.guest_id, t.exec_id.as_deref(), sig) {
-                    log::debug!("forwarding signal {sig}: {e}");
-                }
-            }
-        }
-    });
 }
 
 /// Whether the descriptor `fd` is `/dev/null`.
@@ -233,9 +164,7 @@ fn failure_code(e: &Error) -> i32 {
 /// `vmrun-oci supervise ID`: owns the container's VM until its process
 /// ends; returns the exit status.
 pub fn supervise(root: &Root, id: &str) -> i32 {
-    let set = signals::block_forwarded();
-    let shared: Shared = Arc::new(Mutex::new(None));
-    forward_signals(set, Arc::clone(&shared));
+    let relay = Relay::start(signals::FORWARDED, None);
     let dir = match root.dir(id) {
         Ok(d) => d,
         Err(e) => {
@@ -255,15 +184,12 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
         log::error!("container {id}: cannot write its state: {e}");
         return FAILED;
     }
-    let result = run_container(&dir, &mut state, &shared);
-    if let Ok(mut t) = shared.lock() {
-        *t = None;
-    }
-    let stopped = STOP.load(Ordering::SeqCst);
-    let code = match &result {
-        Ok(code) => *code,
-        Err(_) if stopped != 0 => 128 + stopped,
-        Err(e) => {
+    let result = run_container(&dir, &mut state, &relay);
+    relay.stop_forwarding();
+    let code = match (&result, relay.cancel().cancelled()) {
+        (Ok(code), _) => *code,
+        (Err(_), Some(sig)) => 128 + sig,
+        (Err(e), None) => {
             log::error!("container {id}: {e}");
             failure_code(e)
         }
@@ -277,7 +203,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
     code
 }
 
-fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> {
+fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
         .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
     let plan = &sp.plan;
@@ -314,11 +240,11 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
         dir: state.vm_dir.clone(),
         vmm_exe: sp.vmm_exe.clone(),
     };
-    let base = vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| log::info!("{m}"), &preparing_vmm)?;
-    let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
-    preparing_vmm(Some(vm.pid()));
-    let client = vm.connect_agent(Duration::from_secs(120), Options::default())?;
-    log::debug!("VM {} restored, agent connected", vm.pid());
+    let cancel = relay.cancel();
+    let base = Sandbox::base_template(&home.templates(), &spec, &|m| log::info!("{m}"), cancel)?;
+    let wait = AgentWait { timeout: Duration::from_secs(120), options: Options::default() };
+    let sandbox = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?.connect(wait)?;
+    log::debug!("VM {} restored, agent connected", sandbox.pid());
     let config = ImageConfig {
         entrypoint: Vec::new(),
         cmd: plan.process.args.clone(),
@@ -329,7 +255,7 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
         mounts,
         rlimits: plan.process.rlimits.clone(),
     };
-    client.create_container(&CreateContainer {
+    sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
         layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
         rootfs: RootfsSpec::Mount {
@@ -344,24 +270,26 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
         limits: UnpackLimits::default(),
     })?;
     state.status = Status::Created;
-    state.vmm = ProcessRef::of(vm.pid());
-    state.vsock = Some(vm.vsock.clone());
+    state.vmm = ProcessRef::of(sandbox.pid());
+    state.vsock = Some(sandbox.vsock().to_path_buf());
     state.save(dir).map_err(io("writing the state"))?;
     log::debug!("container {} created; waiting for start", state.id);
 
-    if let Some(sig) = wait_for_start(dir)? {
+    if let Some(sig) = wait_for_start(dir, cancel)? {
         log::info!("signal {sig} before start: stopping");
         return Ok(128 + sig);
     }
 
     log::debug!("starting the process");
-    let mut process = client.start(&state.guest_id, stdio_mode(tty.as_ref(), false))?;
+    let mut process = sandbox.start_process(&state.guest_id, stdio_mode(tty.as_ref(), false), None)?;
     log::debug!("process started (guest pid {})", process.pid);
-    if let Ok(mut t) = shared.lock() {
-        *t = Some(Target { client: client.clone(), guest_id: state.guest_id.clone(), exec_id: None, tty: tty.as_ref().map(AsRawFd::as_raw_fd) });
-    }
-    // Signals go to the process now; the VMM is no longer killed for them.
-    preparing_vmm(None);
+    // Signals go to the process now; they no longer cancel the sandbox.
+    relay.forward_to(Target {
+        client: sandbox.client().clone(),
+        id: state.guest_id.clone(),
+        exec_id: None,
+        terminal: tty.as_ref().map(AsRawFd::as_raw_fd),
+    });
     state.status = Status::Running;
     state.save(dir).map_err(io("writing the state"))?;
     let code = match pump(&mut process, tty) {
@@ -369,38 +297,47 @@ fn run_container(dir: &Path, state: &mut State, shared: &Shared) -> Result<i32> 
         Err(e) => {
             // Its VMM was killed (`delete --force`) or died: the container
             // ends as if killed.
-            log::error!("lost the container's VM ({e}); its console is in {}", vm.console.display());
+            log::error!("lost the container's VM ({e}); its console is in {}", sandbox.console().display());
             128 + libc::SIGKILL
         }
     };
     log::debug!("process exited with {code}");
-    client.close();
     // The guest has nothing to save (the root is a throw-away copy): the
     // VM is killed, not shut down.
-    drop(vm);
+    sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
 }
 
 /// Waits until `start` opens `exec.fifo` for reading, and tells it with a
-/// byte (as runc's init does); or until a signal asks to stop: returns it.
-fn wait_for_start(dir: &Path) -> Result<Option<i32>> {
-    WAITING.store(true, Ordering::SeqCst);
+/// byte (as runc's init does); or until a signal cancels: returns it. The
+/// open blocks; a cancel wakes it by opening the FIFO for reading itself
+/// (that reader stays open, so a cancel just before the open wakes it
+/// too).
+fn wait_for_start(dir: &Path, cancel: &Cancel) -> Result<Option<i32>> {
     let path = dir.join(state::FIFO);
-    let result = loop {
-        let sig = STOP.load(Ordering::SeqCst);
-        if sig != 0 {
-            break Ok(Some(sig));
+    let wake = path.clone();
+    cancel.on_cancel(move || {
+        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&wake) {
+            // Kept open until the supervisor ends.
+            Ok(reader) => std::mem::forget(reader),
+            Err(e) => log::warn!("cannot wake the wait for start: {e}"),
         }
-        // Without a reader, a non-blocking open for writing fails (ENXIO).
-        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path) {
-            Ok(mut fifo) => break fifo.write_all(b"0").map(|()| None).map_err(io("writing exec.fifo")),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => break Err(io("opening exec.fifo")(e)),
+    });
+    if let Some(sig) = cancel.cancelled() {
+        return Ok(Some(sig));
+    }
+    let mut fifo = loop {
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => break f,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io("opening exec.fifo")(e)),
         }
     };
-    WAITING.store(false, Ordering::SeqCst);
-    result
+    if let Some(sig) = cancel.cancelled() {
+        return Ok(Some(sig));
+    }
+    fifo.write_all(b"0").map(|()| None).map_err(io("writing exec.fifo"))
 }
 
 fn exec_record_path(dir: &Path, exec_id: &str) -> PathBuf {
@@ -425,9 +362,7 @@ pub fn load_exec(dir: &Path, exec_id: &str) -> Option<ExecRecord> {
 /// `vmrun-oci exec-supervise ID EXEC_ID` (and `exec` in the foreground):
 /// runs the exec'd process to its end; returns its exit code.
 pub fn exec_supervise(root: &Root, id: &str, exec_id: &str) -> i32 {
-    let set = signals::block_forwarded();
-    let shared: Shared = Arc::new(Mutex::new(None));
-    forward_signals(set, Arc::clone(&shared));
+    let relay = Relay::start(signals::FORWARDED, None);
     let dir = match root.find(id) {
         Ok((d, _)) => d,
         Err(e) => {
@@ -437,10 +372,8 @@ pub fn exec_supervise(root: &Root, id: &str, exec_id: &str) -> i32 {
     };
     let mut rec = ExecRecord { exec_id: exec_id.into(), supervisor: ProcessRef::current(), status: ExecStatus::Starting, exit_code: None, error: None };
     let _ = save_exec(&dir, &rec);
-    let result = run_exec(root, id, &dir, &mut rec, &shared);
-    if let Ok(mut t) = shared.lock() {
-        *t = None;
-    }
+    let result = run_exec(root, id, &dir, &mut rec, &relay);
+    relay.stop_forwarding();
     let code = match &result {
         Ok(c) => *c,
         Err(e) => {
@@ -459,7 +392,7 @@ pub fn exec_supervise(root: &Root, id: &str, exec_id: &str) -> i32 {
     code
 }
 
-fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, shared: &Shared) -> Result<i32> {
+fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Relay) -> Result<i32> {
     let fail = |rec: &mut ExecRecord, e: Error| {
         rec.status = ExecStatus::Failed;
         e
@@ -484,9 +417,12 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, shared: &Sh
     };
     let mut process =
         client.exec(&st.guest_id, &rec.exec_id, &p, stdio_mode(tty.as_ref(), ep.process.terminal)).map_err(|e| fail(rec, e.into()))?;
-    if let Ok(mut t) = shared.lock() {
-        *t = Some(Target { client: client.clone(), guest_id: st.guest_id.clone(), exec_id: Some(rec.exec_id.clone()), tty: tty.as_ref().map(AsRawFd::as_raw_fd) });
-    }
+    relay.forward_to(Target {
+        client: client.clone(),
+        id: st.guest_id.clone(),
+        exec_id: Some(rec.exec_id.clone()),
+        terminal: tty.as_ref().map(AsRawFd::as_raw_fd),
+    });
     rec.status = ExecStatus::Running;
     let _ = save_exec(dir, rec);
     let code = pump(&mut process, tty)?;

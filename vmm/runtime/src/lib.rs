@@ -6,6 +6,9 @@
 //! - [`layer_disk`]: an image's layer blobs on a read-only disk for the guest;
 //! - [`vm`]: the VMM process (a child `vmrun-vmm` given its typed
 //!   configuration), reaching its agent, stopping it;
+//! - [`sandbox`]: one VM with its agent and its containers, from start to
+//!   end, which every front end drives; [`signal::Relay`] takes the
+//!   signals of the process that owns it;
 //! - [`template`]: warm starts from snapshots, taken through the VMM's
 //!   control socket (the typed client of `vmrun-vmm-api`);
 //! - [`prune`]: what the data directory no longer needs (`rmi`, `system df`,
@@ -18,6 +21,7 @@ pub mod layer_disk;
 pub mod lock;
 pub mod net;
 pub mod prune;
+pub mod sandbox;
 pub mod signal;
 pub mod template;
 pub mod vm;
@@ -50,6 +54,17 @@ pub enum Error {
     Network(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The exit code the agent gave for a process it could not start (126:
+    /// cannot be run, 127: not found).
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Error::Agent(e) => e.exit_code(),
+            _ => None,
+        }
+    }
 }
 
 /// Result of runtime operations.

@@ -4,11 +4,12 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmrun_agent_client::{Client, Process, StdioMode};
 use vmrun_runtime::container::{LogWriter, Stream};
+use vmrun_runtime::sandbox::Cancel;
+use vmrun_runtime::signal::{window_size, Relay, Target};
 
 /// Where a process's output goes.
 #[derive(Clone)]
@@ -23,27 +24,10 @@ pub enum Sink {
 /// and stdin is one, else pipes.
 pub fn stdio_mode(tty: bool, interactive: bool) -> StdioMode {
     if tty {
-        let (rows, cols) = window_size().unwrap_or((24, 80));
+        let (rows, cols) = window_size(libc::STDIN_FILENO).unwrap_or((24, 80));
         StdioMode::Tty { rows, cols }
     } else {
         StdioMode::Piped { stdin: interactive }
-    }
-}
-
-/// Blocks the signals that are forwarded to the container in this thread
-/// and those it starts later; call before starting threads. Returns the set
-/// for `sigwait`.
-fn block_forwarded_signals() -> libc::sigset_t {
-    // SAFETY: builds a signal set and blocks it for this thread (threads
-    // started later inherit the mask).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGWINCH] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
     }
 }
 
@@ -126,15 +110,6 @@ pub fn is_tty(fd: i32) -> bool {
     unsafe { libc::isatty(fd) == 1 }
 }
 
-fn window_size() -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills the winsize it is given.
-    let ws = unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0).then_some(ws)
-    }?;
-    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
 /// The local terminal in raw mode while the container has it; restored on
 /// drop.
 struct RawTerminal(libc::termios);
@@ -162,6 +137,11 @@ impl Drop for RawTerminal {
     }
 }
 
+/// The signals `vmrun run` and `vmrun exec` take: forwarded to the
+/// container's process once it runs (SIGWINCH as a resize), and before
+/// that, the end of the run (see `vmrun_runtime::signal::Relay`).
+const FORWARDED: &[libc::c_int] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGWINCH];
+
 /// Signals of a whole run (or exec), from its start. Before the container's
 /// process runs, SIGINT, SIGTERM, SIGHUP or SIGQUIT end the run: the VMM
 /// (if there is one yet) is killed, so that whatever waits on it returns,
@@ -170,109 +150,36 @@ impl Drop for RawTerminal {
 /// the process runs, they are forwarded to it (and SIGWINCH becomes a
 /// resize).
 #[derive(Clone)]
-pub struct Signals(Arc<SignalState>);
-
-/// The process signals are forwarded to.
-#[derive(Clone)]
-struct Target {
-    client: Client,
-    /// The container.
-    id: String,
-    /// The exec'd process, or `None` for the container's own.
-    exec_id: Option<String>,
-    tty: bool,
-}
-
-struct SignalState {
-    caught: AtomicI32,
-    vmm: AtomicU32,
-    dir: Mutex<Option<PathBuf>>,
-    target: Mutex<Option<Target>>,
-}
+pub struct Signals(Relay);
 
 impl Signals {
     /// Blocks the signals (call before any other thread starts) and starts
     /// the thread that takes them. `dir` is removed if a signal comes
     /// before any VMM.
     pub fn start(dir: Option<PathBuf>) -> Self {
-        let set = block_forwarded_signals();
-        let s = Self(Arc::new(SignalState {
-            caught: AtomicI32::new(0),
-            vmm: AtomicU32::new(0),
-            dir: Mutex::new(dir),
-            target: Mutex::new(None),
-        }));
-        let me = s.clone();
-        std::thread::spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait reads `set` and writes the signal number to `sig`.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                return;
-            }
-            me.take(sig);
-        });
-        s
-    }
-
-    fn take(&self, sig: i32) {
-        let target = self.0.target.lock().ok().and_then(|t| t.clone());
-        if let Some(t) = target {
-            let _ = if sig == libc::SIGWINCH {
-                match (t.tty, window_size()) {
-                    (true, Some((rows, cols))) => t.client.resize(&t.id, t.exec_id.as_deref(), rows, cols),
-                    _ => Ok(()),
-                }
-            } else {
-                t.client.signal(&t.id, t.exec_id.as_deref(), sig)
-            };
-            return;
-        }
-        if sig == libc::SIGWINCH {
-            return;
-        }
-        self.0.caught.store(sig, Ordering::SeqCst);
-        match self.0.vmm.load(Ordering::SeqCst) {
-            0 => {
-                if let Some(dir) = self.0.dir.lock().ok().and_then(|d| d.clone()) {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                std::process::exit(128 + sig);
-            }
-            // SAFETY: kill of our own child, the VMM.
-            pid => unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            },
-        }
+        Self(Relay::start(FORWARDED, dir))
     }
 
     /// The container's directory, removed by a signal before any VMM.
     pub fn set_dir(&self, dir: &std::path::Path) {
-        if let Ok(mut d) = self.0.dir.lock() {
-            *d = Some(dir.to_path_buf());
-        }
+        self.0.set_dir(dir);
     }
 
-    /// The VMM now running (`None`: none runs): a signal from here on
-    /// kills it.
-    pub fn set_vmm(&self, pid: impl Into<Option<u32>>) {
-        let pid = pid.into().unwrap_or(0);
-        self.0.vmm.store(pid, Ordering::SeqCst);
-        if pid != 0 && self.caught().is_some() {
-            // SAFETY: kill of our own child, the VMM.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+    /// What a signal before the process runs cancels (the sandbox being
+    /// started).
+    pub fn cancel(&self) -> &Cancel {
+        self.0.cancel()
     }
 
     /// Signals go to the process of container `id` from now on: the
-    /// exec'd process `exec_id`, or the container's own.
+    /// exec'd process `exec_id`, or the container's own; with `tty`, its
+    /// terminal follows this one's size.
     pub fn forward_to(&self, client: Client, id: String, exec_id: Option<String>, tty: bool) {
-        if let Ok(mut t) = self.0.target.lock() {
-            *t = Some(Target { client, id, exec_id, tty });
-        }
+        self.0.forward_to(Target { client, id, exec_id, terminal: tty.then_some(libc::STDIN_FILENO) });
     }
 
     /// The signal that ended the run before its process ran, if any.
     pub fn caught(&self) -> Option<i32> {
-        Some(self.0.caught.load(Ordering::SeqCst)).filter(|s| *s != 0)
+        self.0.cancel().cancelled()
     }
 }

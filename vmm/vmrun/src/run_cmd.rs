@@ -24,14 +24,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use vmrun_agent_client::{Client, Options};
+use vmrun_agent_client::Options;
 use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::{self, LogWriter, ProcessRef, State, Status};
 use vmrun_runtime::home::Home;
 use vmrun_runtime::net::{Forwarder, Link, PortMap};
+use vmrun_runtime::sandbox::{AgentWait, Origin, Sandbox};
 use vmrun_runtime::template::PREPARED_ID;
-use vmrun_runtime::vm::{VmProcess, VmSpec};
+use vmrun_runtime::vm::VmSpec;
 use vmrun_runtime::volume::Volume;
 
 use crate::attach::{self, Signals, Sink};
@@ -495,7 +496,6 @@ fn run_container_inner(
     // Held (shared) until the VM's agent answers: `rmi` and `system prune`
     // leave the disk alone meanwhile.
     let (layer_disk, digests, disk_lock) = vmrun_runtime::layer_disk::use_for_image(&home.layer_disks(), &image)?;
-    let mut disk_lock = Some(disk_lock);
     phases.mark("layer disk");
     let mut volume_disks = Vec::new();
     for (i, v) in checked.volumes.iter().enumerate() {
@@ -553,53 +553,49 @@ fn run_container_inner(
     // one (the image already unpacked), else the base template, and
     // prepare the image for next time. A --name (host name) is baked in at
     // creation, so named containers are never prepared.
-    let (mut vm, client, guest_id, prepared) = if args.cold {
-        let mut vm = spec.boot()?;
-        vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
-        signals.set_vmm(vm.pid());
+    let cancel = signals.cancel();
+    let wait = AgentWait { timeout: Duration::from_secs(900), options: agent_options() };
+    let hold = Some(disk_lock);
+    let (sandbox, guest_id, prepared) = if args.cold {
+        let launched = Sandbox::launch(&spec, Origin::Boot, hold, cancel)?;
         phases.mark("VM start");
-        let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
+        let sandbox = launched.connect(wait)?;
         phases.mark("guest to agent ready");
-        unpacked(home, &image, client.create_container(&create(&state.id, config)))?;
+        unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
         phases.mark("unpack");
-        (vm, client, state.id.clone(), false)
+        (sandbox, state.id.clone(), false)
     } else {
-        let base =
-            vmrun_runtime::template::ensure(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), &|pid| signals.set_vmm(pid))?;
+        let base = Sandbox::base_template(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), cancel)?;
         let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             record_template(dir, state, &prepared_dir)?;
-            let mut vm = vmrun_runtime::template::restore(&prepared_dir, &spec)?;
-            vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
-            signals.set_vmm(vm.pid());
+            let launched = Sandbox::launch(&spec, Origin::Template(&prepared_dir), hold, cancel)?;
             phases.mark("VM start");
-            let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
+            let sandbox = launched.connect(wait)?;
             phases.mark("guest to agent ready (image unpacked in the template)");
-            (vm, client, PREPARED_ID.to_string(), true)
+            (sandbox, PREPARED_ID.to_string(), true)
         } else {
             record_template(dir, state, &base)?;
-            let mut vm = vmrun_runtime::template::restore(&base, &spec)?;
-            vm.hold_until_ready(disk_lock.take().context("layer disk lock")?);
-            signals.set_vmm(vm.pid());
+            let launched = Sandbox::launch(&spec, Origin::Template(&base), hold, cancel)?;
             phases.mark("VM start");
-            let client = vm.connect_agent(Duration::from_secs(900), agent_options())?;
+            let sandbox = launched.connect(wait)?;
             phases.mark("guest to agent ready");
             if preparable {
-                unpacked(home, &image, client.create_container(&create(PREPARED_ID, image_defaults)))?;
+                unpacked(home, &image, sandbox.create(&create(PREPARED_ID, image_defaults)))?;
                 phases.mark("unpack");
-                vmrun_runtime::template::save_prepared(&vm, &prepared_dir);
+                sandbox.save_prepared(&prepared_dir);
                 phases.mark("prepared template saved");
-                (vm, client, PREPARED_ID.to_string(), true)
+                (sandbox, PREPARED_ID.to_string(), true)
             } else {
-                unpacked(home, &image, client.create_container(&create(&state.id, config)))?;
+                unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
                 phases.mark("unpack");
-                (vm, client, state.id.clone(), false)
+                (sandbox, state.id.clone(), false)
             }
         }
     };
     if let Some(n) = &mut network {
-        client.configure_network(&n.link.guest_config())?;
+        sandbox.configure_network(&n.link.guest_config())?;
         if !checked.ports.is_empty() {
             n._forwarder = Some(Forwarder::start(n.link.guest, &checked.ports)?);
         }
@@ -609,12 +605,10 @@ fn run_container_inner(
     let terminal = matches!(sink, Sink::Terminal);
     let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
     let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
-    let started = if prepared { client.start_with(&guest_id, mode, Some(&overrides)) } else { client.start(&guest_id, mode) };
-    let mut process = match started {
+    let mut process = match sandbox.start_process(&guest_id, mode, prepared.then_some(&overrides)) {
         Ok(p) => p,
         Err(e) => {
-            let _ = client.shutdown();
-            let _ = vm.wait(Duration::from_secs(30));
+            sandbox.stop();
             if let Some(code) = e.exit_code() {
                 if terminal {
                     eprintln!("vmrun: {e}");
@@ -626,20 +620,21 @@ fn run_container_inner(
         }
     };
     state.status = Status::Running;
-    state.vmm = ProcessRef::of(vm.pid());
+    state.vmm = ProcessRef::of(sandbox.pid());
     state.guest_id = guest_id.clone();
     state.save(dir)?;
-    signals.forward_to(client.clone(), guest_id.clone(), None, tty);
+    signals.forward_to(sandbox.client().clone(), guest_id.clone(), None, tty);
     let code = attach::pump(&mut process, sink, terminal && (args.process.interactive || tty), tty && terminal);
     phases.mark("process run");
     let code = match code {
         Ok(c) => c,
         Err(e) => {
-            let _ = vm.wait(Duration::from_secs(5));
-            return Err(anyhow!("lost the container's VM ({e}); its console is in {}", vm.console.display()));
+            let mut sandbox = sandbox;
+            sandbox.wait_vmm(Duration::from_secs(5));
+            return Err(anyhow!("lost the container's VM ({e}); its console is in {}", sandbox.console().display()));
         }
     };
-    stop_vm(&client, &mut vm);
+    sandbox.stop();
     phases.mark("teardown");
     Ok(code)
 }
@@ -657,8 +652,8 @@ fn record_template(dir: &Path, state: &mut State, template: &Path) -> Result<()>
 /// refused the image (its unpack failed), the image's layer disk is
 /// removed, so that the next run builds it again from the store instead of
 /// reusing it as if it were good.
-fn unpacked<T>(home: &Home, image: &vmrun_images::Image, result: std::result::Result<T, vmrun_agent_client::Error>) -> Result<T> {
-    if let Err(vmrun_agent_client::Error::Agent(e)) = &result {
+fn unpacked<T>(home: &Home, image: &vmrun_images::Image, result: vmrun_runtime::Result<T>) -> Result<T> {
+    if let Err(vmrun_runtime::Error::Agent(vmrun_agent_client::Error::Agent(e))) = &result {
         if e.kind == vmrun_agent_protocol::ErrorKind::Image {
             let digest = image.manifest_digest.to_string();
             if vmrun_runtime::layer_disk::discard(&home.layer_disks(), &digest) {
@@ -675,16 +670,6 @@ fn stdio_detached(tty: bool) -> vmrun_agent_client::StdioMode {
         vmrun_agent_client::StdioMode::Tty { rows: 24, cols: 80 }
     } else {
         vmrun_agent_client::StdioMode::Piped { stdin: false }
-    }
-}
-
-/// Ends the guest and waits for its VMM.
-fn stop_vm(client: &Client, vm: &mut VmProcess) {
-    let _ = client.shutdown();
-    match vm.wait(Duration::from_secs(30)) {
-        Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
-        Ok(_) => {}
-        Err(e) => log::warn!("waiting for the VMM: {e}"),
     }
 }
 

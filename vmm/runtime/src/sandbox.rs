@@ -1,0 +1,291 @@
+//! One sandbox: a microVM and the agent in it, from its start (a cold boot,
+//! or a restore of a template snapshot) to its end, and the containers and
+//! processes in it. Every front end that owns a VM drives it through
+//! [`Sandbox`]: `vmrun run` (in the foreground, and the supervisor of a
+//! detached container) and `vmrun-oci`'s supervisor. A signal that comes
+//! before the container's process runs cancels the start one way, through
+//! [`Cancel`] (which [`crate::signal::Relay`] holds).
+//!
+//! ```text
+//! Sandbox::base_template   the template for the VM's shape, built once
+//! Sandbox::launch          boot or restore (the VMM runs)
+//! Launched::connect        wait for the VMM's readiness and the agent's
+//!                          hello (events, not polls)
+//! create / start_process   a container from the layer disk or a root disk;
+//! exec / client            its process, more processes, signals, resizes
+//! save_prepared            snapshot the guest with the image unpacked
+//! stop / kill              shut the guest down, or kill the VMM
+//! ```
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmrun_agent_client::{Client, Options, Process, StdioMode};
+use vmrun_agent_protocol::{CreateContainer, ExecProcess};
+
+use crate::lock::Lock;
+use crate::template;
+use crate::vm::{VmProcess, VmSpec};
+use crate::Result;
+
+/// How a sandbox's VM starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A cold boot of the kernel and the agent initramfs.
+    Boot,
+    /// A restore of the template snapshot in this directory.
+    Template(&'a Path),
+}
+
+/// How long the agent may take to answer, and the agent connection's
+/// timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentWait {
+    pub timeout: Duration,
+    pub options: Options,
+}
+
+/// A VM whose VMM runs, its agent not reached yet. Dropping it kills the
+/// VMM.
+#[derive(Debug)]
+pub struct Launched {
+    vm: VmProcess,
+}
+
+impl Launched {
+    /// Waits until the agent answers: the VMM's readiness, then the
+    /// agent's hello (events, not polls; see `VmProcess::connect_agent`).
+    pub fn connect(mut self, wait: AgentWait) -> Result<Sandbox> {
+        let client = self.vm.connect_agent(wait.timeout, wait.options)?;
+        Ok(Sandbox { vm: self.vm, client })
+    }
+}
+
+/// A running VM with its agent connected. Dropping it kills the VMM.
+#[derive(Debug)]
+pub struct Sandbox {
+    vm: VmProcess,
+    client: Client,
+}
+
+impl Sandbox {
+    /// The base template for `spec`'s shape under `templates`, built (a
+    /// boot, then a snapshot) if it is missing. A cancel meanwhile kills
+    /// the template's VMM: the build fails and cleans up after itself.
+    pub fn base_template(templates: &Path, spec: &VmSpec, progress: &dyn Fn(&str), cancel: &Cancel) -> Result<std::path::PathBuf> {
+        template::ensure(templates, spec, progress, &|pid| cancel.set_vmm(pid))
+    }
+
+    /// Starts the VM (its VMM runs; [`Launched::connect`] waits for the
+    /// agent). `hold` (a lock on what the VMM reads while it starts, such
+    /// as the layer disk) is kept until the agent answers. A cancel from
+    /// now on kills the VMM, and the wait for the agent returns its end as
+    /// an error.
+    pub fn launch(spec: &VmSpec, origin: Origin<'_>, hold: Option<Lock>, cancel: &Cancel) -> Result<Launched> {
+        let mut vm = match origin {
+            Origin::Boot => spec.boot()?,
+            Origin::Template(dir) => template::restore(dir, spec)?,
+        };
+        if let Some(lock) = hold {
+            vm.hold_until_ready(lock);
+        }
+        cancel.set_vmm(Some(vm.pid()));
+        Ok(Launched { vm })
+    }
+
+    /// The connection to the agent (for signals, resizes, waits).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// The guest's console log.
+    pub fn console(&self) -> &Path {
+        &self.vm.console
+    }
+
+    /// The VM's hybrid vsock socket (where other processes reach the
+    /// agent).
+    pub fn vsock(&self) -> &Path {
+        &self.vm.vsock
+    }
+
+    /// Creates a container in the guest (its root unpacked from the layer
+    /// disk, or mounted from a disk).
+    pub fn create(&self, spec: &CreateContainer) -> Result<()> {
+        Ok(self.client.create_container(spec)?)
+    }
+
+    /// Starts the process of container `id`, with start-time `overrides`
+    /// of its configuration if given.
+    pub fn start_process(&self, id: &str, mode: StdioMode, overrides: Option<&ExecProcess>) -> Result<Process> {
+        Ok(match overrides {
+            Some(o) => self.client.start_with(id, mode, Some(o))?,
+            None => self.client.start(id, mode)?,
+        })
+    }
+
+    /// Runs another process in container `id`.
+    pub fn exec(&self, id: &str, exec_id: &str, process: &ExecProcess, mode: StdioMode) -> Result<Process> {
+        Ok(self.client.exec(id, exec_id, process, mode)?)
+    }
+
+    /// Gives the guest its network interface's configuration.
+    pub fn configure_network(&self, config: &vmrun_agent_protocol::NetworkConfig) -> Result<()> {
+        Ok(self.client.configure_network(config)?)
+    }
+
+    /// Snapshots the guest into the prepared template `dir` and lets it run
+    /// on (best effort: see [`template::save_prepared`]).
+    pub fn save_prepared(&self, dir: &Path) {
+        template::save_prepared(&self.vm, dir);
+    }
+
+    /// Waits up to `timeout` for the VMM to end (after the guest lost its
+    /// agent), killing it after that.
+    pub fn wait_vmm(&mut self, timeout: Duration) {
+        if let Err(e) = self.vm.wait(timeout) {
+            log::warn!("waiting for the VMM: {e}");
+        }
+    }
+
+    /// Shuts the guest down (its file systems are synced) and waits for
+    /// the VMM, killing it after 30 s.
+    pub fn stop(mut self) {
+        let _ = self.client.shutdown();
+        match self.vm.wait(Duration::from_secs(30)) {
+            Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
+            Ok(_) => {}
+            Err(e) => log::warn!("waiting for the VMM: {e}"),
+        }
+    }
+
+    /// Ends the VM at once (a guest with nothing to save): the VMM is
+    /// killed.
+    pub fn kill(self) {
+        self.client.close();
+        drop(self.vm);
+    }
+}
+
+/// The one way to cancel the start of a sandbox: a signal before the
+/// container's process runs calls [`Cancel::cancel`], which kills the VMM
+/// being started (so whatever waits on it returns) and wakes what waits on
+/// a cancel ([`Cancel::on_cancel`]). Clones share their state.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<CancelState>);
+
+type Waker = Box<dyn Fn() + Send>;
+
+#[derive(Default)]
+struct CancelState {
+    signal: AtomicI32,
+    vmm: AtomicU32,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancel").field("signal", &self.cancelled()).field("vmm", &self.0.vmm.load(Ordering::SeqCst)).finish()
+    }
+}
+
+impl Cancel {
+    /// Cancels with signal `sig`: kills the VMM being started and runs the
+    /// wakers. Returns whether there was anything to cancel (else the
+    /// caller ends the process itself).
+    pub fn cancel(&self, sig: i32) -> bool {
+        self.0.signal.store(sig, Ordering::SeqCst);
+        let mut any = false;
+        let pid = self.0.vmm.load(Ordering::SeqCst);
+        if pid != 0 {
+            kill_vmm(pid);
+            any = true;
+        }
+        if let Ok(wakers) = self.0.wakers.lock() {
+            for w in wakers.iter() {
+                w();
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// The signal that cancelled, if one did.
+    pub fn cancelled(&self) -> Option<i32> {
+        Some(self.0.signal.load(Ordering::SeqCst)).filter(|s| *s != 0)
+    }
+
+    /// The VMM being started now (`None`: none): a cancel kills it, at
+    /// once if the cancel came first.
+    pub fn set_vmm(&self, pid: Option<u32>) {
+        let pid = pid.unwrap_or(0);
+        self.0.vmm.store(pid, Ordering::SeqCst);
+        if pid != 0 && self.cancelled().is_some() {
+            kill_vmm(pid);
+        }
+    }
+
+    /// Runs `wake` on a cancel (at once if one came already), for a wait
+    /// that a killed VMM does not end.
+    pub fn on_cancel(&self, wake: impl Fn() + Send + 'static) {
+        if self.cancelled().is_some() {
+            wake();
+        }
+        if let Ok(mut w) = self.0.wakers.lock() {
+            w.push(Box::new(wake));
+        }
+    }
+}
+
+fn kill_vmm(pid: u32) {
+    // SAFETY: kill of our own child, the VMM (not yet reaped: its owner
+    // reaps it only after clearing it or once the start failed).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_cancel_kills_the_vmm_and_wakes_the_waits() {
+        let c = Cancel::default();
+        assert_eq!(c.cancelled(), None);
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        c.set_vmm(Some(child.id()));
+        let woken = Arc::new(AtomicU32::new(0));
+        let w = Arc::clone(&woken);
+        c.on_cancel(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(c.cancel(libc::SIGTERM));
+        assert_eq!(c.cancelled(), Some(libc::SIGTERM));
+        assert_eq!(woken.load(Ordering::SeqCst), 1);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+        // A wait registered after the cancel is woken at once.
+        let w = Arc::clone(&woken);
+        c.on_cancel(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(woken.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_vmm_started_after_the_cancel_is_killed_at_once_and_nothing_is_nothing() {
+        let c = Cancel::default();
+        assert!(!c.cancel(libc::SIGINT), "nothing to cancel: the caller ends itself");
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        c.set_vmm(Some(child.id()));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
