@@ -144,7 +144,7 @@ impl State {
 
     /// The hybrid vsock socket of the container's VM.
     pub fn vsock(&self) -> PathBuf {
-        self.vsock.clone().unwrap_or_else(|| self.vm_dir.join("vm").join("vsock.sock"))
+        self.vsock.clone().unwrap_or_else(|| vmrun_runtime::vm::Layout::of(&self.vm_dir).vsock())
     }
 
     /// What `state` prints: runc's JSON.

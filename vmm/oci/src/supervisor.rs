@@ -33,7 +33,7 @@ use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
 use vmrun_runtime::sandbox::{AgentWait, Cancel, Origin, Sandbox};
 use vmrun_runtime::signal::{Relay, Target};
-use vmrun_runtime::vm::{VmSpec, AGENT_PORT};
+use vmrun_runtime::vm::{Layout, VmSpec, AGENT_PORT};
 use vmrun_runtime::volume::Volume;
 
 use crate::bundle::{Plan, ProcessPlan};
@@ -216,14 +216,15 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let artifacts = Artifacts::find(&home, None, None)?;
     let layer_disk = vmrun_runtime::layer_disk::empty(&home.layer_disks())?;
     // The disks the guest writes go where the VMM may write.
-    let disk_dir = state.vm_dir.join("vm");
+    let layout = Layout::of(&state.vm_dir);
+    let disk_dir = layout.vm_dir();
     std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
     let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
     vmrun_runtime::volume::make_dir_image(&plan.rootfs, &rootfs_disk, "rootfs", "vmrun-rootfs", crate::bundle::MIN_ROOTFS_BYTES)?;
     let mut disks = vec![rootfs_disk];
     let mut mounts = plan.mounts.clone();
     for (i, v) in plan.volumes.iter().enumerate() {
-        let path = disk_dir.join(format!("volume-{i}.disk"));
+        let path = layout.volume_disk(i);
         let volume = Volume { host: v.host.clone(), guest: v.guest.clone(), read_only: v.read_only };
         volume.make_image(&path)?;
         mounts.push(volume.mount(i + 1));

@@ -71,6 +71,70 @@ pub fn find_vmm() -> Result<PathBuf> {
     })
 }
 
+/// A sandbox's directory on disk, named in one place for every front end:
+///
+/// ```text
+/// <dir>/vmm.json         the VMM's configuration (read before the jail)
+/// <dir>/vmm.log          the VMM's messages
+/// <dir>/vm/              all the jailed VMM may write:
+///     vsock.sock         the hybrid vsock socket (the agent's port)
+///     control.sock       the VMM's control socket
+///     console.log        the guest's console
+///     volume-N.disk      the disk of volume slot N (a copy the guest writes)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    /// The layout of the sandbox directory `dir`.
+    pub fn of(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf() }
+    }
+
+    /// The sandbox's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the VMM may write: all that a jailed VMM sees writable.
+    pub fn vm_dir(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
+
+    /// The hybrid vsock socket: where the host reaches the agent.
+    pub fn vsock(&self) -> PathBuf {
+        self.vm_dir().join("vsock.sock")
+    }
+
+    /// The VMM's control socket.
+    pub fn control(&self) -> PathBuf {
+        self.vm_dir().join("control.sock")
+    }
+
+    /// The guest's console log.
+    pub fn console(&self) -> PathBuf {
+        self.vm_dir().join("console.log")
+    }
+
+    /// The disk of volume slot `slot`.
+    pub fn volume_disk(&self, slot: usize) -> PathBuf {
+        self.vm_dir().join(format!("volume-{slot}.disk"))
+    }
+
+    /// The VMM's configuration: beside the VM's directory, not in it (read
+    /// before the jail is entered, out of the VMM's reach afterwards).
+    pub fn config(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// The VMM's own messages (its standard error).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
 /// Where a VM's sockets and console are.
 struct VmPaths {
     vsock: PathBuf,
@@ -130,7 +194,12 @@ impl VmSpec {
     /// takes, volume disks): all that a jailed VMM sees writable. The
     /// container's state stays out of its reach, one level up.
     pub fn vm_dir(&self) -> PathBuf {
-        self.dir.join("vm")
+        self.layout().vm_dir()
+    }
+
+    /// The layout of the VM's directory.
+    pub fn layout(&self) -> Layout {
+        Layout::of(&self.dir)
     }
 
     /// The disks of the volume slots, the empty ones included.
@@ -202,18 +271,13 @@ impl VmProcess {
     /// control socket and console in its directory), written to
     /// `vmm.json` in the VM's directory; its log goes to `vmm.log`.
     fn spawn(spec: &VmSpec, config: impl FnOnce(&VmPaths) -> VmmConfig) -> Result<Self> {
-        let vm_dir = spec.vm_dir();
+        let layout = spec.layout();
+        let vm_dir = layout.vm_dir();
         std::fs::create_dir_all(&vm_dir)?;
-        let paths = VmPaths {
-            vsock: vm_dir.join("vsock.sock"),
-            control: vm_dir.join("control.sock"),
-            console: vm_dir.join("console.log"),
-        };
-        // Beside the VM's directory, not in it: read before the jail is
-        // entered, and out of reach of the VMM afterwards.
-        let config_path = spec.dir.join(CONFIG_FILE);
+        let paths = VmPaths { vsock: layout.vsock(), control: layout.control(), console: layout.console() };
+        let config_path = layout.config();
         std::fs::write(&config_path, config(&paths).to_json()?)?;
-        let log_path = spec.dir.join("vmm.log");
+        let log_path = layout.vmm_log();
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(&spec.vmm_exe);
         cmd.arg("--config").arg(&config_path);

@@ -500,9 +500,9 @@ fn run_container_inner(
     let mut volume_disks = Vec::new();
     for (i, v) in checked.volumes.iter().enumerate() {
         // In the VM's own directory: the VMM writes it.
-        let vm_dir = dir.join("vm");
-        std::fs::create_dir_all(&vm_dir)?;
-        let path = vm_dir.join(format!("volume-{i}.disk"));
+        let layout = vmrun_runtime::vm::Layout::of(dir);
+        std::fs::create_dir_all(layout.vm_dir())?;
+        let path = layout.volume_disk(i);
         v.make_image(&path)?;
         volume_disks.push(path);
     }
