@@ -4,8 +4,9 @@
 //! the VM.
 //!
 //! The protocol's types and its client are the VMM API's
-//! ([`vmrun_vmm_api::control`]): one JSON request per connection, one JSON
-//! answer.
+//! ([`vmrun_vmm_api::control`]): one JSON request per connection, in an
+//! envelope carrying the protocol's version (a request of another version
+//! is refused), one JSON answer.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,7 +33,9 @@ use crate::vm::ExitReason;
 use vmrun_devices::legacy::{Cmos, SerialConsole};
 use vmrun_devices::virtio::handler::VirtioEventHandler;
 
-pub use vmrun_vmm_api::control::{Request, Response, VcpuStats, VmmStats, MAX_MESSAGE as MAX_REQUEST};
+pub use vmrun_vmm_api::control::{
+    Envelope, Request, Response, VcpuStats, VmmStats, CONTROL_VERSION, MAX_MESSAGE as MAX_REQUEST,
+};
 
 /// How long the vCPUs get to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -212,9 +215,7 @@ impl Controller {
             let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
             let start = Instant::now();
             let mut stats = None;
-            let result = match read.map_err(|e| e.to_string()).and_then(|_| {
-                serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request {line:?}: {e}"))
-            }) {
+            let result = match read.map_err(|e| e.to_string()).and_then(|_| Envelope::parse(&line).map_err(|e| e.to_string())) {
                 Err(e) => Err(e),
                 Ok(Request::Ping) => Ok(()),
                 Ok(Request::Pause) => source.pause(false),
