@@ -166,11 +166,20 @@ pub enum SeccompMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mac(pub [u8; 6]);
 
+/// Why a MAC address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("invalid MAC address {0:?}: write six two-digit hex bytes, aa:bb:cc:dd:ee:ff")]
+    Syntax(String),
+    #[error("{0} is a multicast address: give a unicast one (its first byte even, e.g. 06:00:ac:10:00:02)")]
+    Multicast(String),
+}
+
 impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = MacError;
+    fn from_str(s: &str) -> Result<Self, MacError> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC address {s:?} (use aa:bb:cc:dd:ee:ff)");
+        let bad = || MacError::Syntax(s.to_string());
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -182,7 +191,7 @@ impl std::str::FromStr for Mac {
             m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if m[0] & 1 != 0 {
-            return Err(format!("{s} is a multicast address"));
+            return Err(MacError::Multicast(s.to_string()));
         }
         Ok(Mac(m))
     }
@@ -561,6 +570,7 @@ mod tests {
         assert_eq!(m, NetConfig::new("vmtap1").mac());
         assert_ne!(m, NetConfig::new("vmtap2").mac());
         assert_eq!("06:00:ac:10:00:02".parse::<Mac>().unwrap().to_string(), "06:00:ac:10:00:02");
-        assert!("zz".parse::<Mac>().is_err());
+        assert!(matches!("zz".parse::<Mac>(), Err(MacError::Syntax(_))));
+        assert!(matches!("01:00:5e:00:00:01".parse::<Mac>(), Err(MacError::Multicast(_))));
     }
 }

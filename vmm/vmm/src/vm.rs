@@ -368,20 +368,18 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     for (i, disk) in config.disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let limiter = disk_limiter(&disk.path, &disk.limit)?;
-        let block = Block::open(&disk.path, disk.read_only, &id)
-            .map_err(|e| Error::Config(e.to_string()))?
-            .with_rate_limiter(limiter);
+        let block = Block::open(&disk.path, disk.read_only, &id)?.with_rate_limiter(limiter);
         devices.push((DeviceKind::Block { read_only: disk.read_only, id }, Box::new(block)));
     }
     for net in &config.nets {
-        let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+        let tap = Tap::open(&net.tap)?;
         let mac = net.mac();
         let dev = Net::new(tap, mac)
             .with_rate_limiters(net_limiter(&net.tap, &net.rx_limit)?, net_limiter(&net.tap, &net.tx_limit)?);
         devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(dev)));
     }
     if let Some(v) = &config.vsock {
-        let vsock = Vsock::new(v.cid, &v.uds).map_err(|e| Error::Config(e.to_string()))?;
+        let vsock = Vsock::new(v.cid, &v.uds)?;
         devices.push((DeviceKind::Vsock { cid: v.cid }, Box::new(vsock)));
     }
     if config.rng {
@@ -391,11 +389,12 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
 }
 
 fn disk_limiter(path: &std::path::Path, limit: &RateLimit) -> Result<RateLimiter> {
-    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("disk {}: {e}", path.display())))
+    RateLimiter::new(&rate_limit(limit))
+        .map_err(|source| Error::RateLimit { what: format!("disk {}", path.display()), source })
 }
 
 fn net_limiter(tap: &str, limit: &RateLimit) -> Result<RateLimiter> {
-    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("network {tap}: {e}")))
+    RateLimiter::new(&rate_limit(limit)).map_err(|source| Error::RateLimit { what: format!("network {tap}"), source })
 }
 
 /// Restores the VM saved in `config.snapshot` and runs it until it ends.
@@ -406,7 +405,7 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 /// [`restore`], writing one byte to `ready` once the control and vsock
 /// sockets listen (see [`RunOptions::ready`]).
 pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
-    let state = snapshot::load_state(&config.snapshot).map_err(|e| Error::Snapshot(e.to_string()))?;
+    let state = snapshot::load_state(&config.snapshot).map_err(Error::SnapshotLoad)?;
     let (_kvm, vm, compat) = open_kvm(config.host_compat)?;
     if compat.enabled() != state.host_compat {
         return Err(Error::Snapshot(format!(
@@ -415,8 +414,8 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
             if compat.enabled() { "on" } else { "off" }
         )));
     }
-    let mem = snapshot::map_memory(&config.snapshot.join(snapshot::MEMORY_FILE), state.mem_mib)
-        .map_err(|e| Error::Snapshot(e.to_string()))?;
+    let mem =
+        snapshot::map_memory(&config.snapshot.join(snapshot::MEMORY_FILE), state.mem_mib).map_err(Error::SnapshotLoad)?;
     memory::register(&vm, &mem)?;
 
     let mut mmio = Bus::new();
@@ -430,15 +429,15 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 let disk = disks.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
                 })?;
-                let block = Block::open(&disk.path, *read_only, id).map_err(|e| Error::Config(e.to_string()))?;
+                let block = Block::open(&disk.path, *read_only, id)?;
                 Box::new(block.with_rate_limiter(disk_limiter(&disk.path, &disk.limit)?))
             }
             DeviceKind::Net { mac } => {
                 let net = taps.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a network interface in slot {slot}: give a TAP device"))
                 })?;
-                let mac = mac.parse().map_err(|e: String| Error::Snapshot(e))?;
-                let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+                let mac = mac.parse().map_err(Error::SnapshotMac)?;
+                let tap = Tap::open(&net.tap)?;
                 Box::new(Net::new(tap, mac).with_rate_limiters(
                     net_limiter(&net.tap, &net.rx_limit)?,
                     net_limiter(&net.tap, &net.tx_limit)?,
@@ -449,7 +448,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 let uds = config.vsock_uds.as_ref().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a vsock device in slot {slot}: give its Unix socket"))
                 })?;
-                Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(e.to_string()))?)
+                Box::new(Vsock::new(*cid, uds)?)
             }
         };
         virtio.attach(&vm, &mem, &mut mmio, dev.kind.clone(), device, Some(&dev.transport))?;
