@@ -11,8 +11,8 @@ pub mod control;
 pub mod hash;
 
 pub use config::{
-    ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, MacError, NetConfig, RateLimit, RestoreConfig,
-    RestoreDisk, RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
+    ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, MacError, NetConfig, ProcessOptions, RateLimit,
+    RestoreConfig, RestoreDisk, RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
 };
 pub use control::{
     request, ControlError, Envelope, Request, RequestError, Response, VcpuStats, VmmStats, CONTROL_VERSION,

@@ -312,7 +312,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
 /// listen (see [`RunOptions::ready`]).
 pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     validate(config)?;
-    let (kvm, vm, compat) = open_kvm(config.host_compat)?;
+    let (kvm, vm, compat) = open_kvm(config.options.host_compat)?;
     let mem = memory::allocate(config.mem_mib)?;
     memory::register(&vm, &mem)?;
 
@@ -350,14 +350,14 @@ pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>
     });
     let probe = BootProbe { timeline, stats: Arc::new(OnceLock::new()) };
     let mut pio = Bus::new();
-    let console = console_output(&config.console, config.console_limit)?;
+    let console = console_output(&config.options.console, config.options.console_limit)?;
     let legacy = legacy_devices(&vm, console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
     let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
-        console_input: config.console_input,
-        report: config.report.clone(),
-        control: config.control.clone(),
-        seccomp: config.seccomp,
+        console_input: config.options.console_input,
+        report: config.options.report.clone(),
+        control: config.options.control.clone(),
+        seccomp: config.options.seccomp,
         ready,
     })
 }
@@ -406,7 +406,7 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 /// sockets listen (see [`RunOptions::ready`]).
 pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     let state = snapshot::load_state(&config.snapshot).map_err(Error::SnapshotLoad)?;
-    let (_kvm, vm, compat) = open_kvm(config.host_compat)?;
+    let (_kvm, vm, compat) = open_kvm(config.options.host_compat)?;
     if compat.enabled() != state.host_compat {
         return Err(Error::Snapshot(format!(
             "the snapshot was taken with the host compatibility layer {}, and it is {} here",
@@ -484,7 +484,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     let mut pio = Bus::new();
     let legacy = legacy_devices(
         &vm,
-        console_output(&config.console, config.console_limit)?,
+        console_output(&config.options.console, config.options.console_limit)?,
         Some((&state.serial, &state.cmos)),
         &probe,
         memory::host_ranges(&mem),
@@ -496,10 +496,10 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     virtio.notify_block_config_changed();
     let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
-        console_input: config.console_input,
-        report: config.report.clone(),
-        control: config.control.clone(),
-        seccomp: config.seccomp,
+        console_input: config.options.console_input,
+        report: config.options.report.clone(),
+        control: config.options.control.clone(),
+        seccomp: config.options.seccomp,
         ready,
     })
 }
