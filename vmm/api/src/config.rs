@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the configuration format; bumped on any change a reader
 /// of the previous version would misread.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The kernel command line used when the user gives none: the serial
 /// console, reboot through the i8042 (which ends the VMM), and a reboot one
@@ -91,9 +91,14 @@ impl VmmConfig {
 
     /// Whether the VMM confines itself before it starts the guest.
     pub fn jail(&self) -> bool {
+        self.options().jail
+    }
+
+    /// The process options of the boot or restore.
+    pub fn options(&self) -> &ProcessOptions {
         match &self.start {
-            Start::Boot(c) => c.jail,
-            Start::Restore(c) => c.jail,
+            Start::Boot(c) => &c.options,
+            Start::Restore(c) => &c.options,
         }
     }
 }
@@ -166,11 +171,20 @@ pub enum SeccompMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mac(pub [u8; 6]);
 
+/// Why a MAC address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("invalid MAC address {0:?}: write six two-digit hex bytes, aa:bb:cc:dd:ee:ff")]
+    Syntax(String),
+    #[error("{0} is a multicast address: give a unicast one (its first byte even, e.g. 06:00:ac:10:00:02)")]
+    Multicast(String),
+}
+
 impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = MacError;
+    fn from_str(s: &str) -> Result<Self, MacError> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC address {s:?} (use aa:bb:cc:dd:ee:ff)");
+        let bad = || MacError::Syntax(s.to_string());
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -182,7 +196,7 @@ impl std::str::FromStr for Mac {
             m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if m[0] & 1 != 0 {
-            return Err(format!("{s} is a multicast address"));
+            return Err(MacError::Multicast(s.to_string()));
         }
         Ok(Mac(m))
     }
@@ -280,6 +294,60 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// What the VMM process does around its VM, the same for a boot and a
+/// restore: where the console goes and whether it takes input, the control
+/// socket, the report, the compatibility layer, seccomp and the jail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessOptions {
+    /// Where the serial console goes.
+    pub console: ConsoleOutput,
+    /// The most bytes a console file ([`ConsoleOutput::File`]) gets; later
+    /// output is dropped after one truncation line. `None`: no bound.
+    #[serde(default)]
+    pub console_limit: Option<u64>,
+    /// Forward the VMM's standard input to the serial console.
+    #[serde(default)]
+    pub console_input: bool,
+    /// Host compatibility layer.
+    #[serde(default)]
+    pub host_compat: HostCompatMode,
+    /// Write a JSON report (timings, emulated instructions, memory) here
+    /// when the VM ends.
+    #[serde(default)]
+    pub report: Option<PathBuf>,
+    /// Serve the control socket (pause, resume, snapshot, stop, stats) here.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Seccomp filters on the VMM's threads.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
+    /// Confine the VMM before it starts the guest (`vmrun-jail`; needs
+    /// root).
+    #[serde(default)]
+    pub jail: bool,
+}
+
+impl Default for ProcessOptions {
+    /// What [`VmConfig::new`] and [`RestoreConfig::new`] start from: the
+    /// console on standard output (bounded by [`DEFAULT_CONSOLE_LIMIT`] if
+    /// it becomes a file) taking input, the compatibility layer as the host
+    /// needs, seccomp on, no control socket, no report, no jail. (A field
+    /// missing from the JSON form reads as its type's default instead.)
+    fn default() -> Self {
+        Self {
+            console: ConsoleOutput::Stdout,
+            console_limit: Some(DEFAULT_CONSOLE_LIMIT),
+            console_input: true,
+            host_compat: HostCompatMode::Auto,
+            report: None,
+            control: None,
+            seccomp: SeccompMode::On,
+            jail: false,
+        }
+    }
+}
+
 /// A VM to boot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,21 +364,9 @@ pub struct VmConfig {
     pub mem_mib: u32,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// Where the serial console goes.
-    pub console: ConsoleOutput,
-    /// The most bytes a console file ([`ConsoleOutput::File`]) gets; later
-    /// output is dropped after one truncation line. `None`: no bound.
-    #[serde(default)]
-    pub console_limit: Option<u64>,
-    /// Forward the VMM's standard input to the serial console.
-    #[serde(default)]
-    pub console_input: bool,
-    /// Host compatibility layer.
-    #[serde(default)]
-    pub host_compat: HostCompatMode,
-    /// Write a JSON boot report here when the VM ends.
-    #[serde(default)]
-    pub report: Option<PathBuf>,
+    /// The console, the control socket, the report, confinement: what a
+    /// restore chooses alike.
+    pub options: ProcessOptions,
     /// Disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -320,19 +376,9 @@ pub struct VmConfig {
     /// Network interfaces (eth0, eth1, ...).
     #[serde(default)]
     pub nets: Vec<NetConfig>,
-    /// Serve the control socket (pause, resume, snapshot, stop, stats) here.
-    #[serde(default)]
-    pub control: Option<PathBuf>,
     /// A vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
-    /// Seccomp filters on the VMM's threads.
-    #[serde(default)]
-    pub seccomp: SeccompMode,
-    /// Confine the VMM before it starts the guest (`vmrun-jail`; needs
-    /// root).
-    #[serde(default)]
-    pub jail: bool,
 }
 
 impl VmConfig {
@@ -346,18 +392,11 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             mem_mib: 128,
             vcpus: 1,
-            console: ConsoleOutput::Stdout,
-            console_limit: Some(DEFAULT_CONSOLE_LIMIT),
-            console_input: true,
-            host_compat: HostCompatMode::Auto,
-            report: None,
+            options: ProcessOptions::default(),
             disks: Vec::new(),
             rng: true,
             nets: Vec::new(),
-            control: None,
             vsock: None,
-            seccomp: SeccompMode::On,
-            jail: false,
         }
     }
 }
@@ -415,28 +454,8 @@ pub struct RestoreConfig {
     /// The Unix socket for the snapshot's vsock device, if it has one.
     #[serde(default)]
     pub vsock_uds: Option<PathBuf>,
-    /// Where the console goes.
-    pub console: ConsoleOutput,
-    /// The most bytes a console file gets (`None`: no bound); see
-    /// [`VmConfig::console_limit`].
-    #[serde(default)]
-    pub console_limit: Option<u64>,
-    /// Forward the VMM's standard input to the serial console.
-    #[serde(default)]
-    pub console_input: bool,
-    #[serde(default)]
-    pub host_compat: HostCompatMode,
-    /// Write a JSON report here when the VM ends.
-    #[serde(default)]
-    pub report: Option<PathBuf>,
-    /// Serve the control socket here.
-    #[serde(default)]
-    pub control: Option<PathBuf>,
-    #[serde(default)]
-    pub seccomp: SeccompMode,
-    /// Confine the VMM before it starts the guest.
-    #[serde(default)]
-    pub jail: bool,
+    /// The console, the control socket, the report, confinement.
+    pub options: ProcessOptions,
 }
 
 impl RestoreConfig {
@@ -448,14 +467,7 @@ impl RestoreConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock_uds: None,
-            console: ConsoleOutput::Stdout,
-            console_limit: Some(DEFAULT_CONSOLE_LIMIT),
-            console_input: true,
-            host_compat: HostCompatMode::Auto,
-            report: None,
-            control: None,
-            seccomp: SeccompMode::On,
-            jail: false,
+            options: ProcessOptions::default(),
         }
     }
 }
@@ -470,9 +482,9 @@ mod tests {
         c.initrd = Some("/k/initrd.cpio".into());
         c.mem_mib = 256;
         c.vcpus = 2;
-        c.console = ConsoleOutput::File("/vm/console.log".into());
-        c.console_input = false;
-        c.report = Some("/vm/report.json".into());
+        c.options.console = ConsoleOutput::File("/vm/console.log".into());
+        c.options.console_input = false;
+        c.options.report = Some("/vm/report.json".into());
         c.disks = vec![
             DiskConfig {
                 path: "/l/layers.disk".into(),
@@ -489,10 +501,10 @@ mod tests {
             tx_limit: RateLimit { bytes_per_sec: None, ops_per_sec: Some(1000) },
         }];
         c.vsock = Some(VsockConfig { cid: 3, uds: "/vm/vsock.sock".into() });
-        c.control = Some("/vm/control.sock".into());
-        c.seccomp = SeccompMode::Log;
-        c.host_compat = HostCompatMode::On;
-        c.jail = true;
+        c.options.control = Some("/vm/control.sock".into());
+        c.options.seccomp = SeccompMode::Log;
+        c.options.host_compat = HostCompatMode::On;
+        c.options.jail = true;
         c
     }
 
@@ -503,7 +515,7 @@ mod tests {
         assert_eq!(VmmConfig::from_json(&json).unwrap(), config);
         let text = String::from_utf8(json).unwrap();
         assert!(text.contains("\"mac\": \"06:00:ac:10:00:02\""), "{text}");
-        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(text.contains("\"version\": 2"), "{text}");
     }
 
     #[test]
@@ -531,10 +543,10 @@ mod tests {
     #[test]
     fn another_version_is_refused() {
         let mut v: serde_json::Value = serde_json::from_slice(&VmmConfig::boot(full_boot()).to_json().unwrap()).unwrap();
-        v["version"] = 2.into();
+        v["version"] = 1.into();
         let e = VmmConfig::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(matches!(e, ConfigError::Version { found: 2, supported: 1 }), "{e}");
-        assert!(e.to_string().contains("version 2") && e.to_string().contains("reads version 1"), "{e}");
+        assert!(matches!(e, ConfigError::Version { found: 1, supported: 2 }), "{e}");
+        assert!(e.to_string().contains("version 1") && e.to_string().contains("reads version 2"), "{e}");
         // The version is checked first: a future format's fields do not
         // turn it into a parse error.
         let e = VmmConfig::from_json(br#"{"version":7,"start":{"teleport":{}}}"#).unwrap_err();
@@ -545,11 +557,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_are_refused() {
-        let e = VmmConfig::from_json(br#"{"version":1,"start":{"restore":{"snapshot":"/s","console":"null","disks":[{"path":"/d","bw":5}]}}}"#);
+        let e = VmmConfig::from_json(br#"{"version":2,"start":{"restore":{"snapshot":"/s","options":{"console":"null"},"disks":[{"path":"/d","bw":5}]}}}"#);
         assert!(matches!(e, Err(ConfigError::Json(_))), "{e:?}");
-        let ok = VmmConfig::from_json(br#"{"version":1,"start":{"restore":{"snapshot":"/s","console":"null"}}}"#).unwrap();
+        let ok = VmmConfig::from_json(br#"{"version":2,"start":{"restore":{"snapshot":"/s","options":{"console":"null"}}}}"#).unwrap();
         assert!(!ok.jail());
-        let bad_mac = br#"{"version":1,"start":{"boot":{"kernel":"/k","cmdline":"","mem_mib":128,"vcpus":1,"console":"stdout","nets":[{"tap":"t","mac":"01:00:00:00:00:00"}]}}}"#;
+        // The process options are one nested object: at the top level, or
+        // unknown inside it, a field is refused.
+        let flat = br#"{"version":2,"start":{"restore":{"snapshot":"/s","console":"null","options":{"console":"null"}}}}"#;
+        assert!(matches!(VmmConfig::from_json(flat), Err(ConfigError::Json(_))));
+        let unknown = br#"{"version":2,"start":{"restore":{"snapshot":"/s","options":{"console":"null","tty":true}}}}"#;
+        assert!(matches!(VmmConfig::from_json(unknown), Err(ConfigError::Json(_))));
+        let bad_mac = br#"{"version":2,"start":{"boot":{"kernel":"/k","cmdline":"","mem_mib":128,"vcpus":1,"options":{"console":"stdout"},"nets":[{"tap":"t","mac":"01:00:00:00:00:00"}]}}}"#;
         assert!(VmmConfig::from_json(bad_mac).unwrap_err().to_string().contains("multicast"));
         assert!(matches!(VmmConfig::from_json(b"not json"), Err(ConfigError::Json(_))));
     }
@@ -561,6 +579,7 @@ mod tests {
         assert_eq!(m, NetConfig::new("vmtap1").mac());
         assert_ne!(m, NetConfig::new("vmtap2").mac());
         assert_eq!("06:00:ac:10:00:02".parse::<Mac>().unwrap().to_string(), "06:00:ac:10:00:02");
-        assert!("zz".parse::<Mac>().is_err());
+        assert!(matches!("zz".parse::<Mac>(), Err(MacError::Syntax(_))));
+        assert!(matches!("01:00:5e:00:00:01".parse::<Mac>(), Err(MacError::Multicast(_))));
     }
 }

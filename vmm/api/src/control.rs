@@ -1,10 +1,13 @@
 //! The control protocol: one JSON request per connection to the VM's
 //! control socket, one JSON answer, each a line.
 //!
+//! A request is an [`Envelope`]: the protocol's [`CONTROL_VERSION`] and
+//! the request, `{"version":1,"request":{"op":"ping"}}`; the request is
 //! `{"op":"ping"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}`,
-//! `{"op":"stats"}`; the answer is `{"ok":true,...}` or
-//! `{"ok":false,"error":"..."}`.
+//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}` or
+//! `{"op":"stats"}`. The VMM reads the version first and refuses any other
+//! (naming both), then the request, refusing unknown fields. The answer is
+//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,9 +19,60 @@ use serde::{Deserialize, Serialize};
 /// Longest a request or an answer may be.
 pub const MAX_MESSAGE: u64 = 64 * 1024;
 
-/// A control request.
+/// The version of the control protocol; bumped on any change a VMM or a
+/// client of the previous version would misread.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// What a client sends: a request and the protocol's version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// [`CONTROL_VERSION`] when sent.
+    pub version: u32,
+    pub request: Request,
+}
+
+/// Why the VMM refused a control request before acting on it.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the control request has no protocol version (it was not sent by a vmrun client): send {{\"version\":{CONTROL_VERSION},\"request\":...}}")]
+    NoVersion,
+    #[error("the control request is protocol version {found}, and this VMM speaks version {supported}: use the vmrun that started this VMM, or one from the same build")]
+    Version { found: u32, supported: u32 },
+    #[error("invalid control request {line:?}: {source}")]
+    Json { line: String, source: serde_json::Error },
+}
+
+impl Envelope {
+    /// `request` in the current version.
+    pub fn new(request: Request) -> Self {
+        Self { version: CONTROL_VERSION, request }
+    }
+
+    /// Reads one request line: the version first (another version is
+    /// refused with both numbers, whatever else the line holds), then the
+    /// request, refusing unknown fields.
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
+        #[derive(Deserialize)]
+        struct Header {
+            version: Option<u32>,
+        }
+        let json = |source| RequestError::Json { line: line.trim_end().to_string(), source };
+        let header: Header = serde_json::from_str(line).map_err(json)?;
+        match header.version {
+            None => return Err(RequestError::NoVersion),
+            Some(v) if v != CONTROL_VERSION => return Err(RequestError::Version { found: v, supported: CONTROL_VERSION }),
+            Some(_) => {}
+        }
+        serde_json::from_str::<Envelope>(line).map(|e| e.request).map_err(json)
+    }
+}
+
+/// A control request. Unknown fields are refused in the requests that
+/// have fields (`snapshot`); serde reads the others (`ping`, `stop`, ...)
+/// from their `op` alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Answers at once: the VMM serves its socket.
     Ping,
@@ -99,15 +153,16 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Sends `req` to the control socket at `path` and waits up to `timeout`
-/// (for each of the write and the read) for the answer. An answer that is
+/// Sends `req` (in an [`Envelope`] of the current version) to the control
+/// socket at `path` and waits up to `timeout` (for each of the write and
+/// the read) for the answer. An answer that is
 /// not `ok` is [`ControlError::Refused`] with the VMM's reason.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
     let io = |source| ControlError::Io { path: path.to_path_buf(), source };
     let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut line = serde_json::to_vec(&Envelope::new(req.clone())).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
     let mut answer = String::new();
@@ -146,6 +201,42 @@ mod tests {
         assert_eq!(stats.overhead_rss_kib(), Some(2000));
     }
 
+    #[test]
+    fn a_request_of_the_current_version_is_read() {
+        let line = serde_json::to_string(&Envelope::new(Request::Stats)).unwrap();
+        assert_eq!(line, format!(r#"{{"version":{CONTROL_VERSION},"request":{{"op":"stats"}}}}"#));
+        assert_eq!(Envelope::parse(&line).unwrap(), Request::Stats);
+        assert_eq!(Envelope::parse("{\"version\":1,\"request\":{\"op\":\"ping\"}}\n").unwrap(), Request::Ping);
+    }
+
+    #[test]
+    fn a_request_of_another_version_is_refused() {
+        let e = Envelope::parse(r#"{"version":2,"request":{"op":"stop"}}"#).unwrap_err();
+        assert!(matches!(e, RequestError::Version { found: 2, supported: CONTROL_VERSION }), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("version 2") && m.contains(&format!("speaks version {CONTROL_VERSION}")), "{m}");
+        // The version is checked first: a later version's requests do not
+        // turn into a parse error.
+        let e = Envelope::parse(r#"{"version":9,"request":{"op":"teleport","to":"mars"}}"#).unwrap_err();
+        assert!(matches!(e, RequestError::Version { found: 9, .. }), "{e}");
+        // A request without its envelope (as sent before the protocol had
+        // a version).
+        assert!(matches!(Envelope::parse(r#"{"op":"stop"}"#), Err(RequestError::NoVersion)));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_requests_are_refused() {
+        for bad in [
+            r#"{"version":1,"request":{"op":"stop"},"force":true}"#,
+            r#"{"version":1,"request":{"op":"snapshot","dir":"/s","compress":true}}"#,
+            r#"{"version":1,"request":{"op":"explode"}}"#,
+            r#"{"version":1}"#,
+            "not json",
+        ] {
+            assert!(matches!(Envelope::parse(bad), Err(RequestError::Json { .. })), "{bad}");
+        }
+    }
+
     /// A one-shot server answering `answer` to whatever comes.
     fn serve(path: &Path, answer: &'static str) -> std::thread::JoinHandle<String> {
         let l = UnixListener::bind(path).unwrap();
@@ -166,7 +257,9 @@ mod tests {
         let server = serve(&sock, "{\"ok\":true,\"ms\":1.5}\n");
         let r = request(&sock, &Request::Snapshot { dir: "/s".into(), resume: true }, Duration::from_secs(5)).unwrap();
         assert_eq!(r.ms, Some(1.5));
-        assert_eq!(server.join().unwrap(), "{\"op\":\"snapshot\",\"dir\":\"/s\",\"resume\":true}\n");
+        let sent = server.join().unwrap();
+        assert_eq!(sent, "{\"version\":1,\"request\":{\"op\":\"snapshot\",\"dir\":\"/s\",\"resume\":true}}\n");
+        assert_eq!(Envelope::parse(&sent).unwrap(), Request::Snapshot { dir: "/s".into(), resume: true });
         std::fs::remove_file(&sock).unwrap();
 
         let server = serve(&sock, "{\"ok\":false,\"error\":\"no room\"}\n");

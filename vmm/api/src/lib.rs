@@ -1,15 +1,19 @@
 //! What crosses the boundary between the processes that start VMMs and
 //! the VMM (`vmrun-vmm`): a VM's configuration, to boot or to restore
 //! ([`config`]), and the control protocol spoken on its control socket
-//! ([`control`]), with a small client. Plain serde types: both sides use
-//! these, nothing formats or parses device strings in between.
+//! ([`control`]), with a small client. Each is versioned: a reader checks
+//! [`VERSION`] or [`CONTROL_VERSION`] first and refuses any other. Plain
+//! serde types: both sides use these, nothing formats or parses device
+//! strings in between.
 
 pub mod config;
 pub mod control;
 pub mod hash;
 
 pub use config::{
-    ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, NetConfig, RateLimit, RestoreConfig, RestoreDisk,
-    RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
+    ConfigError, ConsoleOutput, DiskConfig, HostCompatMode, Mac, MacError, NetConfig, ProcessOptions, RateLimit,
+    RestoreConfig, RestoreDisk, RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
 };
-pub use control::{request, ControlError, Request, Response, VcpuStats, VmmStats};
+pub use control::{
+    request, ControlError, Envelope, Request, RequestError, Response, VcpuStats, VmmStats, CONTROL_VERSION,
+};

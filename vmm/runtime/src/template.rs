@@ -319,6 +319,6 @@ mod tests {
         assert_eq!(boot.disks[0].id.as_deref(), Some("layers"));
         assert!(boot.disks[1..].iter().all(|v| v.path == Path::new(crate::vm::EMPTY_DISK)));
         assert_eq!(boot.vsock.as_ref().map(|v| v.cid), Some(crate::vm::GUEST_CID));
-        assert!(boot.control.is_some() && !boot.console_input);
+        assert!(boot.options.control.is_some() && !boot.options.console_input);
     }
 }

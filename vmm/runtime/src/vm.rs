@@ -230,18 +230,20 @@ impl VmSpec {
                 cmdline: self.cmdline(),
                 mem_mib: self.mem_mib,
                 vcpus: self.cpus,
-                console: ConsoleOutput::File(paths.console.clone()),
-                console_limit: Some(DEFAULT_CONSOLE_LIMIT),
-                console_input: false,
-                host_compat: HostCompatMode::Auto,
-                report: None,
+                options: vmrun_vmm_api::ProcessOptions {
+                    console: ConsoleOutput::File(paths.console.clone()),
+                    console_limit: Some(DEFAULT_CONSOLE_LIMIT),
+                    console_input: false,
+                    host_compat: HostCompatMode::Auto,
+                    report: None,
+                    control: Some(paths.control.clone()),
+                    seccomp: SeccompMode::On,
+                    jail: jail_wanted(),
+                },
                 disks,
                 rng: true,
                 nets: self.tap.iter().map(NetConfig::new).collect(),
-                control: Some(paths.control.clone()),
                 vsock: Some(VsockConfig { cid: GUEST_CID, uds: paths.vsock.clone() }),
-                seccomp: SeccompMode::On,
-                jail: jail_wanted(),
             })
         })
     }
@@ -258,10 +260,13 @@ impl VmProcess {
                 disks,
                 nets: spec.tap.iter().map(RestoreNet::new).collect(),
                 vsock_uds: Some(paths.vsock.clone()),
-                console: ConsoleOutput::File(paths.console.clone()),
-                console_input: false,
-                control: Some(paths.control.clone()),
-                jail: jail_wanted(),
+                options: vmrun_vmm_api::ProcessOptions {
+                    console: ConsoleOutput::File(paths.console.clone()),
+                    console_input: false,
+                    control: Some(paths.control.clone()),
+                    jail: jail_wanted(),
+                    ..Default::default()
+                },
                 ..RestoreConfig::new(template)
             })
         })

@@ -3,8 +3,8 @@
 //! conversion to the device crate's forms.
 
 pub use vmrun_vmm_api::config::{
-    ConsoleOutput, DiskConfig, HostCompatMode, Mac, NetConfig, RateLimit, RestoreConfig, RestoreDisk, RestoreNet,
-    SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_CONSOLE_LIMIT,
+    ConsoleOutput, DiskConfig, HostCompatMode, Mac, MacError, NetConfig, ProcessOptions, RateLimit, RestoreConfig,
+    RestoreDisk, RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_CONSOLE_LIMIT,
 };
 use vmrun_devices::rate_limiter::RateLimitConfig;
 

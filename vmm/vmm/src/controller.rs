@@ -4,8 +4,10 @@
 //! the VM.
 //!
 //! The protocol's types and its client are the VMM API's
-//! ([`vmrun_vmm_api::control`]): one JSON request per connection, one JSON
-//! answer.
+//! ([`vmrun_vmm_api::control`]): one JSON request per connection, in an
+//! envelope carrying the protocol's version (a request of another version
+//! is refused), one JSON answer. A failed request's answer carries the
+//! [`Error`]'s message.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,7 +34,9 @@ use crate::vm::ExitReason;
 use vmrun_devices::legacy::{Cmos, SerialConsole};
 use vmrun_devices::virtio::handler::VirtioEventHandler;
 
-pub use vmrun_vmm_api::control::{Request, Response, VcpuStats, VmmStats, MAX_MESSAGE as MAX_REQUEST};
+pub use vmrun_vmm_api::control::{
+    Envelope, Request, Response, VcpuStats, VmmStats, CONTROL_VERSION, MAX_MESSAGE as MAX_REQUEST,
+};
 
 /// How long the vCPUs get to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,8 +54,8 @@ impl ControlSocket {
         if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::Config(format!("cannot listen on control socket {}: {e}", path.display())))?;
+        let listener =
+            UnixListener::bind(path).map_err(|source| Error::ControlSocket { path: path.to_path_buf(), source })?;
         listener.set_nonblocking(true)?;
         Ok(Self { listener, path: path.to_path_buf() })
     }
@@ -89,18 +93,18 @@ impl std::fmt::Debug for SnapshotSource<'_> {
 }
 
 impl SnapshotSource<'_> {
-    fn pause(&self, save: bool) -> std::result::Result<(), String> {
+    fn pause(&self, save: bool) -> Result<()> {
         self.control.request_pause(save);
         if self.control.wait_paused(self.vcpu_count, PAUSE_TIMEOUT, &self.kick) {
             Ok(())
         } else {
             self.control.resume();
-            Err(format!("the vCPUs did not pause within {PAUSE_TIMEOUT:?}"))
+            Err(Error::PauseTimeout(PAUSE_TIMEOUT))
         }
     }
 
     /// Pauses the vCPUs, saves the VM into `dir`, and resumes if asked.
-    pub fn snapshot(&self, dir: &Path, resume: bool) -> std::result::Result<(), String> {
+    pub fn snapshot(&self, dir: &Path, resume: bool) -> Result<()> {
         self.pause(true)?;
         let result = self.save(dir);
         if resume || result.is_err() {
@@ -122,19 +126,19 @@ impl SnapshotSource<'_> {
         VmmStats { vcpus, rss_kib: rss.map(|(total, _)| total), guest_rss_kib: rss.map(|(_, guest)| guest) }
     }
 
-    fn save(&self, dir: &Path) -> std::result::Result<(), String> {
-        let vcpus = self.control.take_saved().into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
+    fn save(&self, dir: &Path) -> Result<()> {
+        let vcpus = self.control.take_saved().into_iter().collect::<Result<Vec<_>>>()?;
         if vcpus.len() != self.vcpu_count {
-            return Err(format!("{} of {} vCPUs saved their state", vcpus.len(), self.vcpu_count));
+            return Err(Error::VcpusSaved { saved: vcpus.len(), expected: self.vcpu_count });
         }
         let mut irqchips = Vec::new();
         for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
             let mut chip = kvm_irqchip { chip_id, ..Default::default() };
-            self.vm.get_irqchip(&mut chip).map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
+            self.vm.get_irqchip(&mut chip).map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
             irqchips.push(chip);
         }
-        let pit = self.vm.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
-        let clock = self.vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+        let pit = self.vm.get_pit2().map_err(Error::kvm("KVM_GET_PIT2"))?;
+        let clock = self.vm.get_clock().map_err(Error::kvm("KVM_GET_CLOCK"))?;
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         let cmos = self.cmos.lock().unwrap_or_else(|e| e.into_inner()).save();
         let devices = self
@@ -157,7 +161,7 @@ impl SnapshotSource<'_> {
             cmos,
             devices,
         };
-        snapshot::save(dir, &state, self.mem).map_err(|e| e.to_string())
+        snapshot::save(dir, &state, self.mem).map_err(|source| Error::SnapshotSave { dir: dir.to_path_buf(), source })
     }
 }
 
@@ -208,42 +212,51 @@ impl Controller {
         for stream in std::mem::take(&mut self.pending) {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = String::new();
-            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
             let start = Instant::now();
             let mut stats = None;
-            let result = match read.map_err(|e| e.to_string()).and_then(|_| {
-                serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request {line:?}: {e}"))
-            }) {
-                Err(e) => Err(e),
-                Ok(Request::Ping) => Ok(()),
-                Ok(Request::Pause) => source.pause(false),
-                Ok(Request::Resume) => {
+            let result = read_request(&stream).and_then(|request| match request {
+                Request::Ping => Ok(()),
+                Request::Pause => source.pause(false),
+                Request::Resume => {
                     source.control.resume();
                     Ok(())
                 }
-                Ok(Request::Snapshot { dir, resume }) => source.snapshot(&dir, resume),
-                Ok(Request::Stop) => {
+                Request::Snapshot { dir, resume } => source.snapshot(&dir, resume),
+                Request::Stop => {
                     self.outcome.get_or_insert(ExitReason::Stopped);
                     Ok(())
                 }
-                Ok(Request::Stats) => {
+                Request::Stats => {
                     stats = Some(source.stats());
                     Ok(())
                 }
-            };
-            let ms = Some(start.elapsed().as_secs_f64() * 1000.0);
-            let response = match result {
-                Ok(()) => Response { ok: true, error: None, ms, stats },
-                Err(e) => {
-                    log::warn!("control request failed: {e}");
-                    Response { ok: false, error: Some(e), ms, stats: None }
-                }
-            };
+            });
+            let response = respond(result, start.elapsed(), stats);
             if let Ok(mut bytes) = serde_json::to_vec(&response) {
                 bytes.push(b'\n');
                 let _ = (&stream).write_all(&bytes);
             }
+        }
+    }
+}
+
+/// Reads one request line from `stream`: refused if it is not of this
+/// VMM's protocol version ([`CONTROL_VERSION`]) or not a request.
+fn read_request(stream: &UnixStream) -> Result<Request> {
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut line).map_err(Error::ControlRead)?;
+    Ok(Envelope::parse(&line)?)
+}
+
+/// The answer to a request that took `took`: on failure, the error's
+/// message (the protocol carries text).
+fn respond(result: Result<()>, took: Duration, stats: Option<VmmStats>) -> Response {
+    let ms = Some(took.as_secs_f64() * 1000.0);
+    match result {
+        Ok(()) => Response { ok: true, error: None, ms, stats },
+        Err(e) => {
+            log::warn!("control request failed: {e}");
+            Response { ok: false, error: Some(e.to_string()), ms, stats: None }
         }
     }
 }
@@ -340,5 +353,54 @@ pub fn event_loop(
             }
         }
         manager.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The request the VMM reads from the line `line`.
+    fn read(line: &str) -> Result<Request> {
+        let (client, server) = UnixStream::pair().unwrap();
+        (&client).write_all(line.as_bytes()).unwrap();
+        read_request(&server)
+    }
+
+    #[test]
+    fn a_request_of_the_current_version_is_served() {
+        let line = format!("{}\n", serde_json::to_string(&Envelope::new(Request::Pause)).unwrap());
+        assert_eq!(read(&line).unwrap(), Request::Pause);
+        let response = respond(Ok(()), Duration::from_millis(2), None);
+        assert!(response.ok && response.error.is_none(), "{response:?}");
+        assert_eq!(response.ms, Some(2.0));
+    }
+
+    #[test]
+    fn a_request_of_another_version_is_refused_with_both_versions() {
+        let other = CONTROL_VERSION + 1;
+        let e = read(&format!("{{\"version\":{other},\"request\":{{\"op\":\"stop\"}}}}\n")).unwrap_err();
+        assert!(
+            matches!(&e, Error::ControlRequest(vmrun_vmm_api::RequestError::Version { found, supported })
+                if *found == other && *supported == CONTROL_VERSION),
+            "{e}"
+        );
+        let response = respond(Err(e), Duration::ZERO, None);
+        let message = response.error.unwrap();
+        assert!(!response.ok);
+        assert!(message.contains(&format!("version {other}")), "{message}");
+        assert!(message.contains(&format!("speaks version {CONTROL_VERSION}")), "{message}");
+        // Nor is a request without a version, or an unknown one.
+        assert!(matches!(read("{\"op\":\"stop\"}\n"), Err(Error::ControlRequest(_))));
+        assert!(matches!(read("{\"version\":1,\"request\":{\"op\":\"eject\"}}\n"), Err(Error::ControlRequest(_))));
+    }
+
+    #[test]
+    fn a_failure_is_answered_with_its_message() {
+        let r = respond(Err(Error::PauseTimeout(PAUSE_TIMEOUT)), Duration::ZERO, None);
+        assert!(!r.ok);
+        let message = r.error.unwrap();
+        assert_eq!(message, "the vCPUs did not pause within 10s (the host may be overloaded): try again");
     }
 }

@@ -2,6 +2,9 @@
 //! failed and, where the user can do something about it, what to do.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use vmrun_devices::virtio::{block, net::tap, vsock};
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +17,10 @@ pub enum Error {
     KvmCapability(&'static str),
     #[error("KVM ioctl {what} failed: {source}")]
     KvmIoctl { what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {id}: KVM ioctl {what} failed: {source}")]
+    VcpuIoctl { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot build the {what} for KVM: {source}")]
+    KvmList { what: &'static str, source: vmm_sys_util::fam::Error },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
@@ -40,6 +47,30 @@ pub enum Error {
     VcpuThread(std::io::Error),
     #[error("cannot write the boot report {path}: {source}")]
     Report { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Disk(#[from] block::Error),
+    #[error(transparent)]
+    Tap(#[from] tap::Error),
+    #[error(transparent)]
+    Vsock(#[from] vsock::Error),
+    #[error("cannot set up the rate limit of {what}: {source}")]
+    RateLimit { what: String, source: vmrun_devices::rate_limiter::Error },
+    #[error("cannot listen on the control socket {path}: {source} (is its directory there and writable, and no other VMM serving it?)")]
+    ControlSocket { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the control request: {0}")]
+    ControlRead(#[source] std::io::Error),
+    #[error(transparent)]
+    ControlRequest(#[from] vmrun_vmm_api::RequestError),
+    #[error("the vCPUs did not pause within {0:?} (the host may be overloaded): try again")]
+    PauseTimeout(Duration),
+    #[error("only {saved} of {expected} vCPUs saved their state: try again")]
+    VcpusSaved { saved: usize, expected: usize },
+    #[error("cannot save the snapshot into {dir}: {source}")]
+    SnapshotSave { dir: PathBuf, source: crate::snapshot::Error },
+    #[error("cannot restore the snapshot: {0}")]
+    SnapshotLoad(#[source] crate::snapshot::Error),
+    #[error("the snapshot's network slot has an invalid MAC address: {0} (is the snapshot corrupt?)")]
+    SnapshotMac(#[source] vmrun_vmm_api::MacError),
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error(transparent)]
@@ -52,6 +83,16 @@ impl Error {
     /// Wraps a failed KVM ioctl.
     pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::KvmIoctl { what, source }
+    }
+
+    /// Wraps a failed KVM ioctl on vCPU `id`.
+    pub fn vcpu(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::VcpuIoctl { id, what, source }
+    }
+
+    /// Wraps a list KVM could not be handed (too many entries).
+    pub fn kvm_list(what: &'static str) -> impl FnOnce(vmm_sys_util::fam::Error) -> Error {
+        move |source| Error::KvmList { what, source }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use vmrun_jail::{Jail, Needs};
 
-use crate::config::{HostCompatMode, RestoreConfig, Start, VmConfig, VmmConfig};
+use crate::config::{ConsoleOutput, HostCompatMode, ProcessOptions, RestoreConfig, Start, VmConfig, VmmConfig};
 use crate::vm::ExitReason;
 use crate::BootReport;
 
@@ -44,10 +44,7 @@ pub fn boot_needs(c: &VmConfig) -> Needs {
     Needs {
         read_only: [Some(c.kernel.clone()), c.initrd.clone()].into_iter().flatten().collect(),
         disks: c.disks.iter().map(|d| d.path.clone()).collect(),
-        outputs: [console_file(&c.console), c.report.clone(), c.control.clone(), c.vsock.as_ref().map(|v| v.uds.clone())]
-            .into_iter()
-            .flatten()
-            .collect(),
+        outputs: process_outputs(&c.options).chain(c.vsock.as_ref().map(|v| v.uds.clone())).collect(),
         taps: c.nets.iter().map(|n| n.tap.clone()).collect(),
         memory_mib: u64::from(c.mem_mib),
         cpus: u32::from(c.vcpus),
@@ -60,10 +57,7 @@ pub fn restore_needs(c: &RestoreConfig, mem_mib: u32, vcpus: usize) -> Needs {
     Needs {
         read_only: vec![c.snapshot.clone()],
         disks: c.disks.iter().map(|d| d.path.clone()).collect(),
-        outputs: [console_file(&c.console), c.report.clone(), c.control.clone(), c.vsock_uds.clone()]
-            .into_iter()
-            .flatten()
-            .collect(),
+        outputs: process_outputs(&c.options).chain(c.vsock_uds.clone()).collect(),
         taps: c.nets.iter().map(|n| n.tap.clone()).collect(),
         memory_mib: u64::from(mem_mib),
         cpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
@@ -71,11 +65,14 @@ pub fn restore_needs(c: &RestoreConfig, mem_mib: u32, vcpus: usize) -> Needs {
     }
 }
 
-fn console_file(c: &crate::config::ConsoleOutput) -> Option<PathBuf> {
-    match c {
-        crate::config::ConsoleOutput::File(p) => Some(p.clone()),
+/// The files the process options name that the VMM writes: the console
+/// file, the report, the control socket.
+fn process_outputs(o: &ProcessOptions) -> impl Iterator<Item = PathBuf> {
+    let console = match &o.console {
+        ConsoleOutput::File(p) => Some(p.clone()),
         _ => None,
-    }
+    };
+    [console, o.report.clone(), o.control.clone()].into_iter().flatten()
 }
 
 fn enter_jail(mut needs: Needs, ready: Option<&File>) -> Result<(), LaunchError> {
@@ -93,15 +90,15 @@ pub fn launch(config: VmmConfig, start: Instant, ready: Option<File>) -> Result<
     match config.start {
         Start::Boot(mut c) => {
             crate::check_resources(u64::from(c.vcpus), u64::from(c.mem_mib))?;
-            c.host_compat = resolve_host_compat(c.host_compat);
-            if c.jail {
+            c.options.host_compat = resolve_host_compat(c.options.host_compat);
+            if c.options.jail {
                 enter_jail(boot_needs(&c), ready.as_ref())?;
             }
             Ok(crate::vm::run_signalling(&c, start, ready.map(Arc::new))?)
         }
         Start::Restore(mut c) => {
-            c.host_compat = resolve_host_compat(c.host_compat);
-            if c.jail {
+            c.options.host_compat = resolve_host_compat(c.options.host_compat);
+            if c.options.jail {
                 let state = crate::snapshot::load_state(&c.snapshot)
                     .map_err(|source| LaunchError::Snapshot { path: c.snapshot.clone(), source })?;
                 enter_jail(restore_needs(&c, state.mem_mib, state.vcpus.len()), ready.as_ref())?;
@@ -115,14 +112,14 @@ pub fn launch(config: VmmConfig, start: Instant, ready: Option<File>) -> Result<
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{ConsoleOutput, DiskConfig, RestoreDisk, RestoreNet, VsockConfig};
+    use crate::config::{DiskConfig, RestoreDisk, RestoreNet, VsockConfig};
 
     #[test]
     fn needs_follow_the_configuration() {
         let mut b = VmConfig::new("/k/vmlinux");
         b.initrd = Some("/k/agent.cpio".into());
         b.disks = vec![DiskConfig::new("/layers/l.disk"), DiskConfig::new("/dev/null")];
-        b.console = ConsoleOutput::File("/vm/console.log".into());
+        b.options.console = ConsoleOutput::File("/vm/console.log".into());
         b.vsock = Some(VsockConfig { cid: 3, uds: "/vm/vsock.sock".into() });
         b.mem_mib = 256;
         b.vcpus = 2;
@@ -136,7 +133,7 @@ mod tests {
         let mut r = RestoreConfig::new("/t/snap");
         r.disks = vec![RestoreDisk::new("/layers/l.disk")];
         r.nets = vec![RestoreNet::new("vmtap3")];
-        r.control = Some("/vm/control.sock".into());
+        r.options.control = Some("/vm/control.sock".into());
         let n = restore_needs(&r, 512, 1);
         assert_eq!(n.read_only, vec![PathBuf::from("/t/snap")]);
         assert_eq!(n.taps, vec!["vmtap3".to_string()]);

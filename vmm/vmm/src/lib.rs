@@ -25,8 +25,8 @@ mod virtio_devices;
 mod vm;
 
 pub use config::{
-    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RateLimit, RestoreConfig, RestoreDisk, RestoreNet, SeccompMode,
-    VmConfig, VmmConfig, VsockConfig,
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, ProcessOptions, RateLimit, RestoreConfig, RestoreDisk, RestoreNet,
+    SeccompMode, VmConfig, VmmConfig, VsockConfig,
 };
 pub use launch::{launch, LaunchError};
 pub use error::Error;

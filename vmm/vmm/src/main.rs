@@ -71,21 +71,33 @@ fn ready_file(fd: Option<i32>) -> Result<Option<std::fs::File>, String> {
     Ok(Some(unsafe { std::fs::File::from_raw_fd(fd) }))
 }
 
-fn read_config(source: &Source) -> Result<VmmConfig, String> {
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadConfigError {
+    #[error(transparent)]
+    Config(#[from] vmrun_vmm_api::ConfigError),
+    #[error("--config-fd {fd} is not an open descriptor: {source} (the VMM must inherit it)")]
+    FdClosed { fd: i32, source: std::io::Error },
+    #[error("cannot read the configuration from descriptor {fd}: {source}")]
+    FdRead { fd: i32, source: std::io::Error },
+}
+
+fn read_config(source: &Source) -> Result<VmmConfig, ReadConfigError> {
     match source {
-        Source::File(path) => VmmConfig::read(path).map_err(|e| e.to_string()),
+        Source::File(path) => Ok(VmmConfig::read(path)?),
         Source::Fd(fd) => {
+            let fd = *fd;
             // SAFETY: F_GETFD only inspects the descriptor table.
-            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                return Err(format!("--config-fd {fd}: {}", std::io::Error::last_os_error()));
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(ReadConfigError::FdClosed { fd, source: std::io::Error::last_os_error() });
             }
             // SAFETY: the descriptor is open (checked above) and was handed
             // to this process for its configuration alone: the File owns it
             // and closes it once read, before the jail or the VM exist.
-            let mut file = unsafe { std::fs::File::from_raw_fd(*fd) };
+            let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
             let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes).map_err(|e| format!("reading the configuration from descriptor {fd}: {e}"))?;
-            VmmConfig::from_json(&bytes).map_err(|e| e.to_string())
+            file.read_to_end(&mut bytes).map_err(|source| ReadConfigError::FdRead { fd, source })?;
+            Ok(VmmConfig::from_json(&bytes)?)
         }
     }
 }

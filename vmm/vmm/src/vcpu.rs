@@ -37,13 +37,11 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 /// fetches it during setup ([`prefetch_msr_index_list`]): a vCPU thread
 /// saving its state for a snapshot could not open `/dev/kvm` under its
 /// seccomp filter.
-fn msr_index_list() -> std::result::Result<Vec<u32>, String> {
-    static LIST: std::sync::OnceLock<std::result::Result<Vec<u32>, String>> = std::sync::OnceLock::new();
-    LIST.get_or_init(|| {
-        let kvm = Kvm::new().map_err(|e| e.to_string())?;
-        kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).map_err(|e| e.to_string())
-    })
-    .clone()
+fn msr_index_list() -> Result<Vec<u32>> {
+    static LIST: std::sync::OnceLock<std::result::Result<Vec<u32>, kvm_ioctls::Error>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| Kvm::new()?.get_msr_index_list().map(|l| l.as_slice().to_vec()))
+        .clone()
+        .map_err(Error::kvm("KVM_GET_MSR_INDEX_LIST"))
 }
 
 /// Fetches the MSR index list now, while the VMM may still open
@@ -90,7 +88,7 @@ struct ControlState {
     /// Ask each pausing vCPU to save its state.
     save: bool,
     paused: usize,
-    saved: Vec<std::result::Result<VcpuState, String>>,
+    saved: Vec<Result<VcpuState>>,
 }
 
 impl VcpuControl {
@@ -135,7 +133,7 @@ impl VcpuControl {
     }
 
     /// The states the paused vCPUs saved, in vCPU order.
-    pub fn take_saved(&self) -> Vec<std::result::Result<VcpuState, String>> {
+    pub fn take_saved(&self) -> Vec<Result<VcpuState>> {
         let mut v = std::mem::take(&mut self.lock().saved);
         v.sort_by_key(|r| r.as_ref().map(|s| s.id).unwrap_or(u8::MAX));
         v
@@ -291,7 +289,7 @@ impl Vcpu {
         fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
 
         let entries = msr::boot_msrs();
-        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(&entries).map_err(Error::kvm_list("boot MSR list"))?;
         let set = fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
         if set != entries.len() {
             let failed = entries.get(set).map(|e| e.index).unwrap_or_default();
@@ -412,9 +410,8 @@ impl Vcpu {
     }
 
     /// Everything KVM holds about this vCPU.
-    pub fn save_state(&self) -> std::result::Result<VcpuState, String> {
-        let id = self.id;
-        let e = move |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {id}: {what}: {err}");
+    pub fn save_state(&self) -> Result<VcpuState> {
+        let e = |what| Error::vcpu(self.id, what);
         let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("KVM_GET_CPUID2"))?;
         Ok(VcpuState {
             id: self.id,
@@ -433,15 +430,15 @@ impl Vcpu {
     }
 
     /// Reads every MSR KVM lists, skipping the ones it refuses to read.
-    fn save_msrs(&self) -> std::result::Result<Vec<(u32, u64)>, String> {
-        let index = msr_index_list().map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?;
+    fn save_msrs(&self) -> Result<Vec<(u32, u64)>> {
+        let index = msr_index_list()?;
         let mut out = Vec::with_capacity(index.len());
         let mut rest: &[u32] = &index;
         while !rest.is_empty() {
             let entries: Vec<kvm_msr_entry> =
                 rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-            let n = self.fd.get_msrs(&mut msrs).map_err(|e| format!("vCPU {}: KVM_GET_MSRS: {e}", self.id))?;
+            let mut msrs = Msrs::from_entries(&entries).map_err(Error::kvm_list("MSR list"))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(Error::vcpu(self.id, "KVM_GET_MSRS"))?;
             out.extend(msrs.as_slice()[..n].iter().map(|m| (m.index, m.data)));
             // KVM stops at the first MSR it cannot read: skip that one.
             rest = rest.get(n + 1..).unwrap_or(&[]);
@@ -451,7 +448,7 @@ impl Vcpu {
 
     /// Puts a saved state back, in the order KVM needs it.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
-        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| Error::Config(format!("snapshot CPUID: {e:?}")))?;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(Error::kvm_list("snapshot's CPUID"))?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         self.fd.set_sregs(&state.sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
         // The LAPIC before the MSRs, and the TSC before the timer's
@@ -463,7 +460,7 @@ impl Vcpu {
         let entries = msrs_in_restore_order(&state.msrs);
         let mut rest: &[kvm_msr_entry] = &entries;
         while !rest.is_empty() {
-            let msrs = Msrs::from_entries(rest).map_err(|e| Error::Config(format!("snapshot MSRs: {e:?}")))?;
+            let msrs = Msrs::from_entries(rest).map_err(Error::kvm_list("snapshot's MSR list"))?;
             let n = self.fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
             if n < rest.len() {
                 log::debug!("vCPU {}: MSR {:#x} not restored", self.id, rest[n].index);

@@ -312,7 +312,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
 /// listen (see [`RunOptions::ready`]).
 pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     validate(config)?;
-    let (kvm, vm, compat) = open_kvm(config.host_compat)?;
+    let (kvm, vm, compat) = open_kvm(config.options.host_compat)?;
     let mem = memory::allocate(config.mem_mib)?;
     memory::register(&vm, &mem)?;
 
@@ -350,14 +350,14 @@ pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>
     });
     let probe = BootProbe { timeline, stats: Arc::new(OnceLock::new()) };
     let mut pio = Bus::new();
-    let console = console_output(&config.console, config.console_limit)?;
+    let console = console_output(&config.options.console, config.options.console_limit)?;
     let legacy = legacy_devices(&vm, console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
     let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
-        console_input: config.console_input,
-        report: config.report.clone(),
-        control: config.control.clone(),
-        seccomp: config.seccomp,
+        console_input: config.options.console_input,
+        report: config.options.report.clone(),
+        control: config.options.control.clone(),
+        seccomp: config.options.seccomp,
         ready,
     })
 }
@@ -368,20 +368,18 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
     for (i, disk) in config.disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let limiter = disk_limiter(&disk.path, &disk.limit)?;
-        let block = Block::open(&disk.path, disk.read_only, &id)
-            .map_err(|e| Error::Config(e.to_string()))?
-            .with_rate_limiter(limiter);
+        let block = Block::open(&disk.path, disk.read_only, &id)?.with_rate_limiter(limiter);
         devices.push((DeviceKind::Block { read_only: disk.read_only, id }, Box::new(block)));
     }
     for net in &config.nets {
-        let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+        let tap = Tap::open(&net.tap)?;
         let mac = net.mac();
         let dev = Net::new(tap, mac)
             .with_rate_limiters(net_limiter(&net.tap, &net.rx_limit)?, net_limiter(&net.tap, &net.tx_limit)?);
         devices.push((DeviceKind::Net { mac: mac.to_string() }, Box::new(dev)));
     }
     if let Some(v) = &config.vsock {
-        let vsock = Vsock::new(v.cid, &v.uds).map_err(|e| Error::Config(e.to_string()))?;
+        let vsock = Vsock::new(v.cid, &v.uds)?;
         devices.push((DeviceKind::Vsock { cid: v.cid }, Box::new(vsock)));
     }
     if config.rng {
@@ -391,11 +389,12 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
 }
 
 fn disk_limiter(path: &std::path::Path, limit: &RateLimit) -> Result<RateLimiter> {
-    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("disk {}: {e}", path.display())))
+    RateLimiter::new(&rate_limit(limit))
+        .map_err(|source| Error::RateLimit { what: format!("disk {}", path.display()), source })
 }
 
 fn net_limiter(tap: &str, limit: &RateLimit) -> Result<RateLimiter> {
-    RateLimiter::new(&rate_limit(limit)).map_err(|e| Error::Config(format!("network {tap}: {e}")))
+    RateLimiter::new(&rate_limit(limit)).map_err(|source| Error::RateLimit { what: format!("network {tap}"), source })
 }
 
 /// Restores the VM saved in `config.snapshot` and runs it until it ends.
@@ -406,8 +405,8 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 /// [`restore`], writing one byte to `ready` once the control and vsock
 /// sockets listen (see [`RunOptions::ready`]).
 pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
-    let state = snapshot::load_state(&config.snapshot).map_err(|e| Error::Snapshot(e.to_string()))?;
-    let (_kvm, vm, compat) = open_kvm(config.host_compat)?;
+    let state = snapshot::load_state(&config.snapshot).map_err(Error::SnapshotLoad)?;
+    let (_kvm, vm, compat) = open_kvm(config.options.host_compat)?;
     if compat.enabled() != state.host_compat {
         return Err(Error::Snapshot(format!(
             "the snapshot was taken with the host compatibility layer {}, and it is {} here",
@@ -415,8 +414,8 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
             if compat.enabled() { "on" } else { "off" }
         )));
     }
-    let mem = snapshot::map_memory(&config.snapshot.join(snapshot::MEMORY_FILE), state.mem_mib)
-        .map_err(|e| Error::Snapshot(e.to_string()))?;
+    let mem =
+        snapshot::map_memory(&config.snapshot.join(snapshot::MEMORY_FILE), state.mem_mib).map_err(Error::SnapshotLoad)?;
     memory::register(&vm, &mem)?;
 
     let mut mmio = Bus::new();
@@ -430,15 +429,15 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 let disk = disks.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
                 })?;
-                let block = Block::open(&disk.path, *read_only, id).map_err(|e| Error::Config(e.to_string()))?;
+                let block = Block::open(&disk.path, *read_only, id)?;
                 Box::new(block.with_rate_limiter(disk_limiter(&disk.path, &disk.limit)?))
             }
             DeviceKind::Net { mac } => {
                 let net = taps.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a network interface in slot {slot}: give a TAP device"))
                 })?;
-                let mac = mac.parse().map_err(|e: String| Error::Snapshot(e))?;
-                let tap = Tap::open(&net.tap).map_err(|e| Error::Config(e.to_string()))?;
+                let mac = mac.parse().map_err(Error::SnapshotMac)?;
+                let tap = Tap::open(&net.tap)?;
                 Box::new(Net::new(tap, mac).with_rate_limiters(
                     net_limiter(&net.tap, &net.rx_limit)?,
                     net_limiter(&net.tap, &net.tx_limit)?,
@@ -449,7 +448,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 let uds = config.vsock_uds.as_ref().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a vsock device in slot {slot}: give its Unix socket"))
                 })?;
-                Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(e.to_string()))?)
+                Box::new(Vsock::new(*cid, uds)?)
             }
         };
         virtio.attach(&vm, &mem, &mut mmio, dev.kind.clone(), device, Some(&dev.transport))?;
@@ -485,7 +484,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     let mut pio = Bus::new();
     let legacy = legacy_devices(
         &vm,
-        console_output(&config.console, config.console_limit)?,
+        console_output(&config.options.console, config.options.console_limit)?,
         Some((&state.serial, &state.cmos)),
         &probe,
         memory::host_ranges(&mem),
@@ -497,10 +496,10 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     virtio.notify_block_config_changed();
     let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
-        console_input: config.console_input,
-        report: config.report.clone(),
-        control: config.control.clone(),
-        seccomp: config.seccomp,
+        console_input: config.options.console_input,
+        report: config.options.report.clone(),
+        control: config.options.control.clone(),
+        seccomp: config.options.seccomp,
         ready,
     })
 }

@@ -81,7 +81,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     for opt in s.split(',') {
         match opt.split_once('=') {
             Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
-            Some(("mac", v)) => mac = Some(v.parse::<Mac>()?),
+            Some(("mac", v)) => mac = Some(v.parse::<Mac>().map_err(|e| e.to_string())?),
             Some(("bw", v)) => bw = Some(parse_rate("bw", v, true)?),
             Some(("rx_bw", v)) => rx_bw = Some(parse_rate("rx_bw", v, true)?),
             Some(("tx_bw", v)) => tx_bw = Some(parse_rate("tx_bw", v, true)?),

@@ -16,7 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmrun_vmm::config::{RestoreDisk, RestoreNet};
 use vmrun_vmm::controller::Request;
 use vmrun_vmm::{
-    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, RestoreConfig, SeccompMode, VmConfig, VmmConfig, VsockConfig,
+    ConsoleOutput, DiskConfig, HostCompatMode, NetConfig, ProcessOptions, RestoreConfig, SeccompMode, VmConfig, VmmConfig,
+    VsockConfig,
 };
 
 /// vmrun: containers in KVM microVMs.
@@ -185,33 +186,8 @@ struct RestoreArgs {
     /// Unix socket for the snapshot's vsock device.
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
-    /// Write the serial console to this file instead of standard output.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
-    /// later output is dropped after one "[vmrun: console output
-    /// truncated]" line. 0: no bound.
-    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = device_args::parse_size)]
-    console_limit: u64,
-    /// Serve a control socket here.
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// Write a JSON report here when the VM ends.
-    #[arg(long)]
-    report: Option<PathBuf>,
-    /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
-    #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
-    host_compat: CompatArg,
-    /// Seccomp filters on the VMM's threads: on (a forbidden system call
-    /// kills the VMM with SIGSYS), off (for debugging), or log (forbidden
-    /// calls go through and the kernel logs them: see dmesg).
-    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
-    seccomp: SeccompArg,
-    /// Confine the VMM before it starts the guest: new namespaces, a
-    /// private root holding only its files, an unprivileged uid of its own,
-    /// a cgroup (needs root; `vmrun run` turns it on as root).
-    #[arg(long, value_enum, default_value_t = JailArg::Off)]
-    jail: JailArg,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -232,31 +208,6 @@ struct BootArgs {
     /// Number of vCPUs (1 to 32).
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Write the serial console to this file instead of standard output.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
-    /// later output is dropped after one "[vmrun: console output
-    /// truncated]" line. 0: no bound.
-    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = device_args::parse_size)]
-    console_limit: u64,
-    /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
-    #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
-    host_compat: CompatArg,
-    /// Seccomp filters on the VMM's threads: on (a forbidden system call
-    /// kills the VMM with SIGSYS), off (for debugging), or log (forbidden
-    /// calls go through and the kernel logs them: see dmesg).
-    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
-    seccomp: SeccompArg,
-    /// Confine the VMM before it starts the guest: new namespaces, a
-    /// private root holding only its files, an unprivileged uid of its own,
-    /// a cgroup (needs root; `vmrun run` turns it on as root).
-    #[arg(long, value_enum, default_value_t = JailArg::Off)]
-    jail: JailArg,
-    /// Write a JSON boot report (timings, emulated instructions, memory)
-    /// here when the VM ends.
-    #[arg(long)]
-    report: Option<PathBuf>,
     /// Attach a raw disk image as virtio-blk:
     /// PATH[,ro][,id=NAME][,bw=BYTES][,iops=N]. bw limits the bytes read
     /// plus written per second (k, m, g: KiB, MiB, GiB; e.g. bw=10m), iops
@@ -281,9 +232,57 @@ struct BootArgs {
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
-    /// Serve a control socket here (pause, resume, snapshot, stop).
+    #[command(flatten)]
+    process: ProcessArgs,
+}
+
+/// The flags `boot` and `restore` share: the VMM process's options.
+#[derive(Args, Debug)]
+struct ProcessArgs {
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Most bytes written to the --console file (k, m, g: KiB, MiB, GiB);
+    /// later output is dropped after one "[vmrun: console output
+    /// truncated]" line. 0: no bound.
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = device_args::parse_size)]
+    console_limit: u64,
+    /// Compatibility layer for hosts whose KVM emulates guest kernel mode.
+    #[arg(long, value_enum, default_value_t = CompatArg::Auto)]
+    host_compat: CompatArg,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call
+    /// kills the VMM with SIGSYS), off (for debugging), or log (forbidden
+    /// calls go through and the kernel logs them: see dmesg).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
+    seccomp: SeccompArg,
+    /// Confine the VMM before it starts the guest: new namespaces, a
+    /// private root holding only its files, an unprivileged uid of its own,
+    /// a cgroup (needs root; `vmrun run` turns it on as root).
+    #[arg(long, value_enum, default_value_t = JailArg::Off)]
+    jail: JailArg,
+    /// Write a JSON report (timings, emulated instructions, memory)
+    /// here when the VM ends.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Serve a control socket here (pause, resume, snapshot, stop, stats).
     #[arg(long)]
     control: Option<PathBuf>,
+}
+
+impl ProcessArgs {
+    /// The VMM's process options; the console takes standard input.
+    fn options(self) -> ProcessOptions {
+        ProcessOptions {
+            console: self.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
+            console_limit: (self.console_limit > 0).then_some(self.console_limit),
+            console_input: true,
+            host_compat: self.host_compat.into(),
+            report: self.report,
+            control: self.control,
+            seccomp: self.seccomp.into(),
+            jail: self.jail == JailArg::On,
+        }
+    }
 }
 
 impl From<CompatArg> for HostCompatMode {
@@ -340,18 +339,11 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         cmdline: args.cmdline,
         mem_mib: args.memory,
         vcpus,
-        console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
-        console_limit: (args.console_limit > 0).then_some(args.console_limit),
-        console_input: true,
-        host_compat: args.host_compat.into(),
-        report: args.report,
+        options: args.process.options(),
         disks: args.disks,
         rng: !args.no_rng,
         nets: args.nets,
-        control: args.control,
         vsock: args.vsock,
-        seccomp: args.seccomp.into(),
-        jail: args.jail == JailArg::On,
     };
     let (reason, _report) = vmrun_vmm::launch(VmmConfig::boot(config), start, None).context("cannot run the VM")?;
     Ok(finish(reason))
@@ -374,14 +366,7 @@ fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         disks: args.disks.into_iter().map(RestoreDisk::new).collect(),
         nets: args.taps.into_iter().map(RestoreNet::new).collect(),
         vsock_uds: args.vsock_uds,
-        console: args.console.map(ConsoleOutput::File).unwrap_or(ConsoleOutput::Stdout),
-        console_limit: (args.console_limit > 0).then_some(args.console_limit),
-        console_input: true,
-        host_compat: args.host_compat.into(),
-        report: args.report,
-        control: args.control,
-        seccomp: args.seccomp.into(),
-        jail: args.jail == JailArg::On,
+        options: args.process.options(),
     };
     let (reason, _report) = vmrun_vmm::launch(VmmConfig::restore(config), start, None).context("cannot restore the VM")?;
     Ok(finish(reason))
