@@ -92,9 +92,22 @@ impl VirtioDevices {
         self.slots.clone()
     }
 
+    /// Tells the restored devices that the guest runs again, once the
+    /// interrupt controllers and vCPUs have their snapshot's state (an
+    /// interrupt raised before would be lost): vsock resets its transport,
+    /// and every active disk raises a configuration-change interrupt so the
+    /// guest reads its capacity again (it may be restored onto other
+    /// images).
+    pub fn after_restore(&self) {
+        for slot in &self.slots {
+            slot.transport.lock().unwrap_or_else(|e| e.into_inner()).after_restore();
+        }
+        self.notify_block_config_changed();
+    }
+
     /// Raises a configuration-change interrupt on every active disk, so the
     /// guest reads its capacity again (after a restore onto other images).
-    pub fn notify_block_config_changed(&self) {
+    fn notify_block_config_changed(&self) {
         for slot in &self.slots {
             if matches!(slot.kind, DeviceKind::Block { .. }) {
                 let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());

@@ -491,9 +491,10 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
         &mut pio,
         &mut mmio,
     )?;
-    // Disks may have other sizes than when the snapshot was taken: tell
-    // the guest to read their capacity again.
-    virtio.notify_block_config_changed();
+    // Now that the interrupt controllers and vCPUs have their state, the
+    // devices may raise interrupts: vsock's transport reset, and disks that
+    // may have other sizes than when the snapshot was taken.
+    virtio.after_restore();
     let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
         console_input: config.options.console_input,

@@ -285,11 +285,21 @@ impl MmioTransport {
                     interrupt: &t.interrupt,
                 })
                 .map_err(|e| RestoreError::Activate(e.to_string()))?;
-            t.device.after_restore();
         } else {
             t.queues = queues;
         }
         Ok(t)
+    }
+
+    /// Tells a restored device that its guest is about to run again
+    /// ([`VirtioDevice::after_restore`]; vsock resets its transport and
+    /// raises an interrupt). Call it once the VM's interrupt controllers
+    /// and vCPUs have their snapshot's state: an interrupt raised before
+    /// would be overwritten by that state, and lost.
+    pub fn after_restore(&mut self) {
+        if self.device.is_active() {
+            self.device.after_restore();
+        }
     }
 
     fn offered_features(&self) -> u64 {

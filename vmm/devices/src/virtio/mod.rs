@@ -138,7 +138,9 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
     /// Called once after the device was restored from a snapshot and
-    /// re-activated (vsock tells the guest its connections are gone).
+    /// re-activated, when the VM's interrupt controllers and vCPUs have
+    /// their snapshot's state ([`mmio::MmioTransport::after_restore`]; vsock
+    /// tells the guest its connections are gone).
     fn after_restore(&mut self) {}
     /// Called on the event loop after a reset: stop watching and close the
     /// descriptors the device added itself while active. (The descriptors
