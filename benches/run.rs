@@ -6,6 +6,14 @@
 //! already). The "guest to agent ready" phase of a warm run is the restore
 //! alone: VMM start to the agent answering.
 //!
+//! Beside each phase's time it prints the guest instructions KVM emulated
+//! in it (the VMM's stats, read by `vmrun run` at each phase's end: on a
+//! host that emulates guest kernel mode, the guest kernel's work, a count
+//! that does not depend on the machine's speed; "-" where no VM of the run
+//! ran, or after it stopped), and last, `runc run` of a busybox `true` on
+//! the same machine when runc is installed, the baseline of a container
+//! without a VM.
+//!
 //! `cargo bench -p vmrun --bench run`. Uses `VMRUN_TEST_KERNEL` /
 //! `VMRUN_AGENT_INITRD` like the tests (built when unset) and a scratch
 //! `VMRUN_HOME`; `RUN_BENCH_WARM` warm runs per image (default 3);
@@ -35,8 +43,31 @@ const PHASES: [&str; 9] = [
     "total (wall clock)",
 ];
 
-/// One run: milliseconds per phase (the last is the wall-clock total).
-type Timing = [Option<f64>; PHASES.len()];
+/// One phase of one run: milliseconds, and the guest instructions emulated
+/// in it where a VM ran.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    ms: Option<f64>,
+    insns: Option<u64>,
+}
+
+/// One run: its phases (the last is the wall-clock total, with the guest's
+/// instructions summed over the phases).
+type Timing = [Phase; PHASES.len()];
+
+/// Reads `phase NAME: MS ms[; N guest instructions emulated, M exits]`.
+fn parse_phase(line: &str) -> Option<(&str, f64, Option<u64>)> {
+    let rest = line.split("phase ").nth(1)?;
+    let (name, figures) = rest.split_once(": ")?;
+    let name = name.split(" (").next().unwrap_or(name);
+    let (time, guest) = match figures.split_once("; ") {
+        Some((t, g)) => (t, Some(g)),
+        None => (figures, None),
+    };
+    let ms = time.trim_end_matches(" ms").parse::<f64>().ok()?;
+    let insns = guest.and_then(|g| g.split(' ').next()).and_then(|n| n.parse::<u64>().ok());
+    Some((name, ms, insns))
+}
 
 fn run(home: &Path, args: &[&str]) -> Timing {
     let t = Instant::now();
@@ -52,35 +83,50 @@ fn run(home: &Path, args: &[&str]) -> Timing {
     let total = t.elapsed().as_secs_f64() * 1000.0;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "vmrun {args:?}: {err}");
-    let mut timing: Timing = [None; PHASES.len()];
-    for line in err.lines() {
-        let Some(rest) = line.split("phase ").nth(1) else { continue };
-        let Some((name, ms)) = rest.rsplit_once(": ") else { continue };
-        let name = name.split(" (").next().unwrap_or(name);
-        let Ok(ms) = ms.trim_end_matches(" ms").parse::<f64>() else { continue };
+    let mut timing: Timing = [Phase::default(); PHASES.len()];
+    for (name, ms, insns) in err.lines().filter_map(parse_phase) {
         if let Some(i) = PHASES.iter().position(|p| *p == name) {
-            timing[i] = Some(timing[i].unwrap_or(0.0) + ms);
+            let p = &mut timing[i];
+            p.ms = Some(p.ms.unwrap_or(0.0) + ms);
+            if let Some(n) = insns {
+                p.insns = Some(p.insns.unwrap_or(0) + n);
+            }
         }
     }
-    timing[PHASES.len() - 1] = Some(total);
+    let last = PHASES.len() - 1;
+    let guest: Vec<u64> = timing[..last].iter().filter_map(|p| p.insns).collect();
+    timing[last] = Phase { ms: Some(total), insns: (!guest.is_empty()).then(|| guest.iter().sum()) };
     timing
 }
 
-fn median(runs: &[Timing], phase: usize) -> Option<f64> {
-    let mut v: Vec<f64> = runs.iter().filter_map(|r| r[phase]).collect();
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
     if v.is_empty() {
         return None;
     }
-    v.sort_by(f64::total_cmp);
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Some(v[v.len() / 2])
 }
 
-fn cell(ms: Option<f64>) -> String {
-    match ms {
+fn median_phase(runs: &[Timing], phase: usize) -> Phase {
+    Phase {
+        ms: median(runs.iter().filter_map(|r| r[phase].ms).collect()),
+        insns: median(runs.iter().filter_map(|r| r[phase].insns).collect()),
+    }
+}
+
+fn cell(p: Phase) -> String {
+    let time = match p.ms {
         None => "-".into(),
         Some(ms) if ms >= 10_000.0 => format!("{:.1} s", ms / 1000.0),
         Some(ms) => format!("{ms:.0} ms"),
-    }
+    };
+    let insns = match p.insns {
+        None => "-".into(),
+        Some(n) if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        Some(n) if n >= 1_000 => format!("{:.0}k", n as f64 / 1e3),
+        Some(n) => n.to_string(),
+    };
+    format!("{time} / {insns}")
 }
 
 fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_runs: usize) {
@@ -96,15 +142,60 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
             run(home, &["run", reference, "true"])
         })
         .collect();
-    println!("\nvmrun run {label} true, by phase ({warm_runs} warm runs, median)\n");
-    println!("{:<26}{:>12}{:>14}{:>12}", "phase", "cold", "first warm", "warm");
+    println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm runs, median)\n");
+    println!("{:<26}{:>18}{:>18}{:>18}", "phase", "cold", "first warm", "warm");
+    let warm_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&warm, i)).collect();
     for (i, p) in PHASES.iter().enumerate() {
-        println!("{p:<26}{:>12}{:>14}{:>12}", cell(cold[i]), cell(first[i]), cell(median(&warm, i)));
+        println!("{p:<26}{:>18}{:>18}{:>18}", cell(cold[i]), cell(first[i]), cell(warm_median[i]));
     }
     let last = PHASES.len() - 1;
-    if let (Some(c), Some(w)) = (cold[last], median(&warm, last)) {
+    if let (Some(c), Some(w)) = (cold[last].ms, warm_median[last].ms) {
         println!("\nwarm is {:.1} times faster than cold end to end", c / w);
     }
+    if label == "busybox" {
+        if let (Some(r), Some(w)) = (runc_true(warm_runs.max(3)), warm_median[last].ms) {
+            println!("runc run of busybox true: {r:.0} ms (median); warm vmrun is {:.1} times runc", w / r);
+        }
+    }
+}
+
+/// `runc run` of a busybox `true` (the host's static busybox in a bundle
+/// of its own), `runs` times: the median in milliseconds, or `None`
+/// without runc or root.
+fn runc_true(runs: usize) -> Option<f64> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("runc").arg("--version").output().is_err() {
+        eprintln!("runc baseline: skipped (needs runc and root)");
+        return None;
+    }
+    let bundle = support::scratch("run-bench-runc");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).is_file())?;
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/true")).unwrap();
+    let o = Command::new("runc").arg("spec").arg("--bundle").arg(&bundle).output().unwrap();
+    assert!(o.status.success(), "runc spec: {}", String::from_utf8_lossy(&o.stderr));
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["/bin/true"]);
+    std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let times = (0..runs)
+        .map(|i| {
+            let t = Instant::now();
+            let o = Command::new("runc")
+                .args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(format!("vmrun-bench-{}-{i}", std::process::id()))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "runc run: {}", String::from_utf8_lossy(&o.stderr));
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    median(times)
 }
 
 fn main() {

@@ -122,6 +122,18 @@ pub struct VmmStats {
 }
 
 impl VmmStats {
+    /// Instructions KVM emulated, summed over the vCPUs (`None` when a
+    /// vCPU's count is unknown).
+    pub fn insn_emulation(&self) -> Option<u64> {
+        self.vcpus.iter().map(|v| v.insn_emulation).sum()
+    }
+
+    /// Exits to KVM, summed over the vCPUs (`None` when a vCPU's count is
+    /// unknown).
+    pub fn exits(&self) -> Option<u64> {
+        self.vcpus.iter().map(|v| v.exits).sum()
+    }
+
     /// Resident memory that is the VMM's own (not the guest's), in KiB.
     pub fn overhead_rss_kib(&self) -> Option<u64> {
         Some(self.rss_kib?.saturating_sub(self.guest_rss_kib?))

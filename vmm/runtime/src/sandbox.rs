@@ -30,6 +30,9 @@ use crate::template;
 use crate::vm::{VmProcess, VmSpec};
 use crate::Result;
 
+/// How long the VMM may take to answer a stats request.
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How a sandbox's VM starts.
 #[derive(Debug, Clone, Copy)]
 pub enum Origin<'a> {
@@ -114,6 +117,16 @@ impl Sandbox {
     /// agent).
     pub fn vsock(&self) -> &Path {
         &self.vm.vsock
+    }
+
+    /// What the VMM counts of its VM: guest instructions KVM emulated and
+    /// exits per vCPU since the VM started (a restore starts from zero),
+    /// and its resident memory.
+    pub fn stats(&self) -> Result<vmrun_vmm_api::control::VmmStats> {
+        let answer = vmrun_vmm_api::control::request(&self.vm.control, &vmrun_vmm_api::control::Request::Stats, STATS_TIMEOUT)?;
+        answer.stats.ok_or_else(|| {
+            crate::Error::Control(vmrun_vmm_api::ControlError::Refused("the VMM answered the stats request without stats".into()))
+        })
     }
 
     /// Creates a container in the guest (its root unpacked from the layer

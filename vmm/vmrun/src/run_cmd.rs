@@ -206,13 +206,52 @@ fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
     }
 }
 
-/// Times the phases of one run; printed with `VMRUN_LOG=debug`.
-struct Phases(std::time::Instant);
+/// Times the phases of one run, and counts the guest's work in those its
+/// VM runs in (the instructions KVM emulated and the exits, from the VMM's
+/// stats: on hosts that emulate guest kernel mode, a measure of the
+/// guest's work that does not depend on the machine's speed); printed with
+/// `VMRUN_LOG=debug` as
+/// `phase NAME: MS ms; N guest instructions emulated, M exits`.
+struct Phases {
+    at: std::time::Instant,
+    /// The VM's counters at the last mark (they start at zero with it).
+    guest: (u64, u64),
+}
 
 impl Phases {
+    fn start() -> Self {
+        Self { at: std::time::Instant::now(), guest: (0, 0) }
+    }
+
+    /// Ends a phase in which no VM of the run ran.
     fn mark(&mut self, phase: &str) {
-        log::debug!("phase {phase}: {:.1} ms", self.0.elapsed().as_secs_f64() * 1000.0);
-        self.0 = std::time::Instant::now();
+        log::debug!("phase {phase}: {:.1} ms", self.elapsed_ms());
+        self.at = std::time::Instant::now();
+    }
+
+    /// Ends a phase in which `sandbox` ran.
+    fn mark_vm(&mut self, phase: &str, sandbox: &Sandbox) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let ms = self.elapsed_ms();
+        let counts = sandbox.stats().ok().and_then(|s| Some((s.insn_emulation()?, s.exits()?)));
+        match counts {
+            Some((insns, exits)) => {
+                let (i0, e0) = std::mem::replace(&mut self.guest, (insns, exits));
+                log::debug!(
+                    "phase {phase}: {ms:.1} ms; {} guest instructions emulated, {} exits",
+                    insns.saturating_sub(i0),
+                    exits.saturating_sub(e0)
+                );
+            }
+            None => log::debug!("phase {phase}: {ms:.1} ms"),
+        }
+        self.at = std::time::Instant::now();
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.at.elapsed().as_secs_f64() * 1000.0
     }
 }
 
@@ -488,7 +527,7 @@ fn run_container_inner(
     sink: &Sink,
     signals: &Signals,
 ) -> Result<i32> {
-    let mut phases = Phases(std::time::Instant::now());
+    let mut phases = Phases::start();
     let checked = check(args)?;
     let image = image(home, &args.image)?;
     phases.mark("store lookup");
@@ -560,9 +599,9 @@ fn run_container_inner(
         let launched = Sandbox::launch(&spec, Origin::Boot, hold, cancel)?;
         phases.mark("VM start");
         let sandbox = launched.connect(wait)?;
-        phases.mark("guest to agent ready");
+        phases.mark_vm("guest to agent ready", &sandbox);
         unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
-        phases.mark("unpack");
+        phases.mark_vm("unpack", &sandbox);
         (sandbox, state.id.clone(), false)
     } else {
         let base = Sandbox::base_template(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), cancel)?;
@@ -573,23 +612,23 @@ fn run_container_inner(
             let launched = Sandbox::launch(&spec, Origin::Template(&prepared_dir), hold, cancel)?;
             phases.mark("VM start");
             let sandbox = launched.connect(wait)?;
-            phases.mark("guest to agent ready (image unpacked in the template)");
+            phases.mark_vm("guest to agent ready (image unpacked in the template)", &sandbox);
             (sandbox, PREPARED_ID.to_string(), true)
         } else {
             record_template(dir, state, &base)?;
             let launched = Sandbox::launch(&spec, Origin::Template(&base), hold, cancel)?;
             phases.mark("VM start");
             let sandbox = launched.connect(wait)?;
-            phases.mark("guest to agent ready");
+            phases.mark_vm("guest to agent ready", &sandbox);
             if preparable {
                 unpacked(home, &image, sandbox.create(&create(PREPARED_ID, image_defaults)))?;
-                phases.mark("unpack");
+                phases.mark_vm("unpack", &sandbox);
                 sandbox.save_prepared(&prepared_dir);
-                phases.mark("prepared template saved");
+                phases.mark_vm("prepared template saved", &sandbox);
                 (sandbox, PREPARED_ID.to_string(), true)
             } else {
                 unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
-                phases.mark("unpack");
+                phases.mark_vm("unpack", &sandbox);
                 (sandbox, state.id.clone(), false)
             }
         }
@@ -599,7 +638,7 @@ fn run_container_inner(
         if !checked.ports.is_empty() {
             n._forwarder = Some(Forwarder::start(n.link.guest, &checked.ports)?);
         }
-        phases.mark("network");
+        phases.mark_vm("network", &sandbox);
     }
 
     let terminal = matches!(sink, Sink::Terminal);
@@ -625,7 +664,7 @@ fn run_container_inner(
     state.save(dir)?;
     signals.forward_to(sandbox.client().clone(), guest_id.clone(), None, tty);
     let code = attach::pump(&mut process, sink, terminal && (args.process.interactive || tty), tty && terminal);
-    phases.mark("process run");
+    phases.mark_vm("process run", &sandbox);
     let code = match code {
         Ok(c) => c,
         Err(e) => {
