@@ -79,8 +79,8 @@ pub fn logs(key: &str, follow: bool) -> Result<i32> {
         Err(e) => return Err(e.into()),
     };
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    // Set up before the first read: output written, or the container
-    // ending, after a look at either wakes the wait that follows it.
+    // Set up before the first read, so that output written or a state
+    // saved after a look at them wakes the wait that follows.
     let mut waiter = Waiter::new();
     if follow {
         waiter.watch(&path, watch::FILE_GROWS).watch_dir(&dir);
