@@ -429,6 +429,70 @@ fn http_get(port: u16) -> Option<String> {
     Some(out)
 }
 
+/// `logs -f` shows output as it is written and ends when the container
+/// does: its state turning to exited, or its owner dying without a word.
+/// No VM: the container's directory is made by hand.
+#[test]
+fn logs_follow_shows_output_as_it_comes_and_ends_with_the_container() {
+    use std::io::BufRead;
+    use vmrun_runtime::container::{LogWriter, ProcessRef, State, Status, Stream, LOG_FILE};
+
+    let home = support::scratch("logs-follow-home");
+    let dir = home.join("containers").join("f011011011f0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let follow = |owner: &std::process::Child| {
+        let state = State { status: Status::Running, owner: ProcessRef::of(owner.id()), ..State::new("f011011011f0", "follow", "busybox", "sh") };
+        state.save(&dir).unwrap();
+        let mut f = Command::new(VMRUN).args(["logs", "-f", "follow"]).env("VMRUN_HOME", &home).stdout(Stdio::piped()).spawn().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = f.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let _ = tx.send(line.unwrap());
+            }
+        });
+        (f, rx, state)
+    };
+    let ended = |f: &mut std::process::Child| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(s) = f.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    };
+    let line = |rx: &std::sync::mpsc::Receiver<String>| rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let mut log = LogWriter::open(&dir.join(LOG_FILE), 1 << 20).unwrap();
+    log.write(Stream::Stdout, b"one\n").unwrap();
+    let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
+    let (mut f, rx, mut state) = follow(&owner);
+    assert_eq!(line(&rx), "one");
+    log.write(Stream::Stdout, b"two\n").unwrap();
+    assert_eq!(line(&rx), "two");
+    assert!(f.try_wait().unwrap().is_none(), "still following");
+    // The state says it exited: what is left is shown, and it ends.
+    log.write(Stream::Stdout, b"three\n").unwrap();
+    state.status = Status::Exited;
+    state.save(&dir).unwrap();
+    assert_eq!(line(&rx), "three");
+    assert!(ended(&mut f).is_some_and(|s| s.success()), "logs -f ended with the container");
+
+    // Its owner dies without writing its end.
+    let (mut f, rx, _) = follow(&owner);
+    for want in ["one", "two", "three"] {
+        assert_eq!(line(&rx), want);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(f.try_wait().unwrap().is_none(), "still following");
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    assert!(ended(&mut f).is_some_and(|s| s.success()), "logs -f ended with the owner");
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
 #[test]
 fn network_tap_publishes_ports_and_a_killed_vmm_is_cleaned_up() {
     if !is_root() {

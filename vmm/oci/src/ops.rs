@@ -16,6 +16,7 @@ use vmrun_agent_client::{Client, ErrorKind, Options};
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
 use vmrun_runtime::vm::AGENT_PORT;
+use vmrun_runtime::watch::{self, Waiter};
 
 use crate::bundle::{self, ProcessPlan};
 use crate::error::{io, Error, Result};
@@ -104,14 +105,20 @@ fn exited(pid: u32) -> bool {
     }
 }
 
-/// Reaps a failed supervisor (killing it if it lingers).
+/// Reaps a failed supervisor (killing it if it lingers): its end wakes the
+/// wait, for up to 10 s.
 fn reap(child: &mut Child) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut waiter = Waiter::new();
+    waiter.child(child.id());
+    loop {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() >= deadline {
+            break;
+        }
+        waiter.wait(Some(deadline));
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -236,6 +243,9 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     // end would wait for the container otherwise).
     let mut child = spawn_session(cmd, terminal)?;
     let pid = child.id();
+    // The supervisor recording its state, or ending, wakes the wait.
+    let mut waiter = Waiter::new();
+    waiter.watch_dir(dir).child(pid);
     loop {
         let now = State::load(dir).ok();
         match now.as_ref().map(|s| s.status) {
@@ -255,7 +265,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
             reap(&mut child);
             return Err(Error::State(format!("the supervisor ended before the container was created{}", log_tail(&log, dir))));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        waiter.wait(None);
     }
     if let Some(p) = &args.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
@@ -299,8 +309,11 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
         }
     }
     let _ = std::fs::remove_file(&fifo_path);
-    // Report a process that cannot be started, as runc does.
+    // Report a process that cannot be started, as runc does. The state
+    // changing or the supervisor ending wakes the wait.
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut waiter = Waiter::new();
+    waiter.watch_dir(&dir);
     loop {
         let now = State::load(&dir).map_err(io("reading the state"))?;
         match now.effective_status() {
@@ -312,7 +325,12 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
                 }
             }
             _ if Instant::now() > deadline => return Err(Error::State(format!("container {id} did not start in time"))),
-            _ => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                if let Some(s) = now.supervisor {
+                    waiter.process(s);
+                }
+                waiter.wait(Some(deadline));
+            }
         }
     }
 }
@@ -388,10 +406,7 @@ fn kill_processes(dir: &Path, st: &State) {
         }
     };
     let wait_gone = |procs: &[ProcessRef], secs: u64| {
-        let start = Instant::now();
-        while procs.iter().any(|p| p.alive()) && start.elapsed() < Duration::from_secs(secs) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        watch::wait_gone(procs, Instant::now() + Duration::from_secs(secs));
     };
     let execs: Vec<ProcessRef> = Root::execs(dir).iter().filter_map(|e| e.supervisor).collect();
     for p in execs.iter().copied().chain(st.vmm) {
@@ -517,6 +532,9 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
     cmd.arg("exec-supervise").arg(&args.id).arg(&exec_id);
     let mut child = spawn_session(cmd, terminal)?;
     let pid = child.id();
+    // The exec supervisor recording its process, or ending, wakes the wait.
+    let mut waiter = Waiter::new();
+    waiter.watch_dir(&dir.join(state::EXECS)).child(pid);
     loop {
         let rec = supervisor::load_exec(&dir, &exec_id);
         match rec.as_ref().map(|r| r.status) {
@@ -527,11 +545,15 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
             }
             _ => {}
         }
-        if exited(pid) && supervisor::load_exec(&dir, &exec_id).is_none_or(|r| r.status == ExecStatus::Starting) {
-            reap(&mut child);
-            return Err(Error::State(format!("the exec supervisor ended before the process started{}", log_tail(&log, &dir))));
+        if exited(pid) {
+            // It may have written its record just before it ended.
+            if supervisor::load_exec(&dir, &exec_id).is_none_or(|r| r.status == ExecStatus::Starting) {
+                reap(&mut child);
+                return Err(Error::State(format!("the exec supervisor ended before the process started{}", log_tail(&log, &dir))));
+            }
+            continue;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        waiter.wait(None);
     }
     if let Some(p) = &args.pid_file {
         write_pid_file(p, pid)?;

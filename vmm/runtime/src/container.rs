@@ -63,6 +63,20 @@ impl ProcessRef {
     pub fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start_time)
     }
+
+    /// A pidfd for this very process (readable once it ends), or `None`
+    /// if it has ended or its pid names another process now. The pidfd is
+    /// opened first and the start time checked second: if the process is
+    /// still this one then, the pidfd names it, even if the pid is reused
+    /// later.
+    pub fn pidfd(&self) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        let fd = match crate::watch::pidfd_open(self.pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(self.alive().then_some(fd))
+    }
 }
 
 /// Field 22 of `/proc/PID/stat`, for a process that is not a zombie.

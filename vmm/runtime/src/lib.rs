@@ -12,7 +12,9 @@
 //! - [`template`]: warm starts from snapshots, taken through the VMM's
 //!   control socket (the typed client of `vmrun-vmm-api`);
 //! - [`prune`]: what the data directory no longer needs (`rmi`, `system df`,
-//!   `system prune`).
+//!   `system prune`);
+//! - [`watch`]: waiting on events (a process ending, a state file
+//!   replaced, a log growing) instead of sleeping and looking again.
 
 pub mod artifacts;
 pub mod container;
@@ -26,6 +28,7 @@ pub mod signal;
 pub mod template;
 pub mod vm;
 pub mod volume;
+pub mod watch;
 
 /// Errors of the runtime. Each says what failed and what to do.
 #[derive(Debug, thiserror::Error)]

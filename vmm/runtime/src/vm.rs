@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use vmrun_vmm_api::config::{
 };
 
 use crate::artifacts::Artifacts;
+use crate::watch::{pidfd_open, poll_readable};
 use crate::{Error, Result};
 
 /// The vsock port the agent listens on (`vmrun.port=`).
@@ -512,43 +513,6 @@ pub(crate) fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both are new descriptors that nothing else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// A descriptor that becomes readable when the process `pid` (our child,
-/// not yet reaped) ends; close-on-exec.
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("pidfd_open: descriptor out of range"))?;
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Waits until `fd` is readable (or hung up), up to `deadline`: whether it
-/// is.
-fn poll_readable(fd: RawFd, deadline: Instant) -> std::io::Result<bool> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Rounded up: a deadline a fraction of a millisecond away must not
-        // turn into a busy loop of zero timeouts.
-        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one pollfd that lives across the call.
-        match unsafe { libc::poll(&mut p, 1, ms) } {
-            n if n > 0 => return Ok(true),
-            0 if left.is_zero() => return Ok(false),
-            0 => continue,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
 }
 
 /// Removes a VM directory (sockets, console) once the VM is gone.

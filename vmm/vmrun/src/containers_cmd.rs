@@ -11,6 +11,7 @@ use vmrun_agent_protocol::ExecProcess;
 use vmrun_runtime::container::{self, LogReader, ProcessRef, State, Status, Stream};
 use vmrun_runtime::home::Home;
 use vmrun_runtime::vm::AGENT_PORT;
+use vmrun_runtime::watch::{self, Waiter};
 
 use crate::attach::{self, Signals, Sink};
 use crate::run_cmd::ProcessFlags;
@@ -78,6 +79,12 @@ pub fn logs(key: &str, follow: bool) -> Result<i32> {
         Err(e) => return Err(e.into()),
     };
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    // Set up before the first read, so that output written or a state
+    // saved after a look at them wakes the wait that follows.
+    let mut waiter = Waiter::new();
+    if follow {
+        waiter.watch(&path, watch::FILE_GROWS).watch_dir(&dir);
+    }
     loop {
         while let Some(rec) = reader.next_record()? {
             let w: &mut dyn std::io::Write = if rec.stream == Stream::Stdout { &mut out } else { &mut err };
@@ -89,7 +96,8 @@ pub fn logs(key: &str, follow: bool) -> Result<i32> {
             return Ok(0);
         }
         // Ended (or removed): drain what is left, then stop.
-        let running = State::load(&dir).map(|s| s.effective_status() != Status::Exited).unwrap_or(false);
+        let state = State::load(&dir).ok();
+        let running = state.as_ref().is_some_and(|s| s.effective_status() != Status::Exited);
         if !running {
             while let Some(rec) = reader.next_record()? {
                 let w: &mut dyn std::io::Write = if rec.stream == Stream::Stdout { &mut out } else { &mut err };
@@ -97,7 +105,11 @@ pub fn logs(key: &str, follow: bool) -> Result<i32> {
             }
             return Ok(0);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Its owner dying without a word ends it too.
+        if let Some(owner) = state.and_then(|s| s.owner) {
+            waiter.process(owner);
+        }
+        waiter.wait(None);
     }
 }
 
@@ -189,18 +201,25 @@ fn each(keys: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
     Ok(code)
 }
 
-/// Waits until the container is no longer running, up to `timeout`.
+/// Waits until the container is no longer running, up to `timeout`: its
+/// state changing or its owner ending wakes the wait.
 fn wait_exited(dir: &Path, timeout: Duration) -> bool {
-    let start = Instant::now();
+    let deadline = Instant::now() + timeout;
+    let mut waiter = Waiter::new();
+    waiter.watch_dir(dir);
     loop {
         match State::load(dir) {
-            Ok(s) if s.effective_status() != Status::Exited => {}
+            Ok(s) if s.effective_status() != Status::Exited => {
+                if let Some(owner) = s.owner {
+                    waiter.process(owner);
+                }
+            }
             _ => return true, // exited, or removed (auto-remove)
         }
-        if start.elapsed() > timeout {
+        if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        waiter.wait(Some(deadline));
     }
 }
 
@@ -237,10 +256,8 @@ fn kill_processes(state: &State) {
             unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
         }
     }
-    let start = Instant::now();
-    while [state.vmm, state.owner].into_iter().flatten().any(|p| p.alive()) && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let procs: Vec<ProcessRef> = [state.vmm, state.owner].into_iter().flatten().collect();
+    watch::wait_gone(&procs, Instant::now() + Duration::from_secs(10));
     if let Some(vmm) = state.vmm {
         vmrun_jail::clean_up(vmm.pid);
     }

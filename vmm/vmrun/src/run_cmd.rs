@@ -378,6 +378,10 @@ fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
         })
     };
     let mut child = cmd.spawn().context("cannot start the supervisor").map_err(fail)?;
+    // Its messages, its state and its end wake the loop; set up before the
+    // first look so that nothing in between is missed.
+    let mut waiter = vmrun_runtime::watch::Waiter::new();
+    waiter.watch_dir(dir).watch(&dir.join(SUPERVISOR_LOG), vmrun_runtime::watch::FILE_GROWS).child(child.id());
     let mut shown = 0usize;
     loop {
         let messages = std::fs::read_to_string(dir.join(SUPERVISOR_LOG)).unwrap_or_default();
@@ -409,7 +413,7 @@ fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
             remove_container_dir(dir);
             bail!("the supervisor ended ({status}) before the container started");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        waiter.wait(None);
     }
 }
 
