@@ -5,7 +5,7 @@
 //! exit status).
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -293,14 +293,24 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo_path)
         .map_err(io("opening exec.fifo"))?;
+    // The supervisor's byte, or its end, wakes the wait (without a pidfd,
+    // kernels before 5.3, its end is checked every 100 ms).
+    let supervisor = st.supervisor.map(|s| s.pidfd()).transpose().map_err(io("watching the supervisor"))?.flatten();
     let mut byte = [0u8; 1];
+    // Once the writer hung up without its byte (the supervisor is ending),
+    // only the supervisor's end is waited for.
+    let mut hung_up = false;
     loop {
-        let mut pfd = libc::pollfd { fd: fifo.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one pollfd we own.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
+        if !hung_up {
+            fds.push(fifo.as_fd());
+        }
+        fds.extend(supervisor.as_ref().map(AsFd::as_fd));
+        let fallback = (supervisor.is_none()).then(|| Instant::now() + Duration::from_millis(100));
+        vmrun_runtime::watch::wait(&fds, fallback).map_err(io("waiting on exec.fifo"))?;
         match fifo.read(&mut byte) {
             Ok(1) => break,
-            Ok(_) => {}
+            Ok(_) => hung_up = true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io("reading exec.fifo")(e)),
         }
