@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 use vmrun_agent_client::{Client, ErrorKind, Options};
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
-use vmrun_runtime::vm::AGENT_PORT;
 use vmrun_runtime::watch::{self, Waiter};
 
 use crate::bundle::{self, ProcessPlan};
 use crate::error::{io, Error, Result};
 use crate::logger;
 use crate::signals;
-use crate::state::{self, ExecRecord, ExecStatus, Root, State, Status};
+use crate::state::{self, ExecRecord, ExecStatus, OciBundle, Root, State, Status};
 use crate::supervisor::{self, ExecPlan, SupervisorPlan};
 
 /// The global flags, as the supervisors get them again.
@@ -147,10 +146,8 @@ fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
 
 /// Removes a container's directories.
 fn remove_dirs(dir: &Path, st: Option<&State>) {
-    if let Some(s) = st {
-        if s.vm_dir != dir {
-            vmrun_runtime::vm::remove_dir(&s.vm_dir);
-        }
+    if let Some(vm_dir) = st.and_then(|s| s.vm_dir.as_deref()).filter(|d| *d != dir) {
+        vmrun_runtime::vm::remove_dir(vm_dir);
     }
     vmrun_runtime::vm::remove_dir(dir);
 }
@@ -212,22 +209,19 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     }
     let terminal = plan.process.terminal;
     let st = State {
-        oci_version: plan.oci_version.clone(),
-        id: args.id.clone(),
         status: Status::Creating,
-        bundle: bundle.to_path_buf(),
-        rootfs: plan.rootfs.clone(),
-        created: crate::time::now(true),
-        annotations: plan.annotations.clone(),
         creator: ProcessRef::current(),
-        supervisor: None,
-        vmm: None,
-        vm_dir: state::vm_dir_for(dir),
-        vsock: None,
+        vm_dir: Some(state::vm_dir_for(dir)),
         guest_id: guest_id(&args.id),
         tty: terminal,
-        exit_code: None,
-        error: None,
+        oci: Some(OciBundle {
+            oci_version: plan.oci_version.clone(),
+            bundle: bundle.to_path_buf(),
+            rootfs: plan.rootfs.clone(),
+            created: crate::time::now(true),
+            annotations: plan.annotations.clone(),
+        }),
+        ..State::new(&args.id, &args.id, "", "")
     };
     let console_socket = args.console_socket.as_deref().map(std::path::absolute).transpose().map_err(io("the console socket path"))?;
     let sp = SupervisorPlan { plan, console_socket, vmm_exe };
@@ -250,7 +244,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
         let now = State::load(dir).ok();
         match now.as_ref().map(|s| s.status) {
             Some(Status::Created | Status::Running) => break,
-            Some(Status::Stopped) => {
+            Some(Status::Exited) => {
                 reap(&mut child);
                 let why = now.and_then(|s| s.error).unwrap_or_else(|| "the container stopped while being created".into());
                 return Err(Error::State(why));
@@ -285,7 +279,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
         Status::Created => {}
         Status::Creating => return Err(Error::State(format!("container {id} is still being created"))),
         Status::Running => return Err(Error::State("cannot start an already running container".into())),
-        Status::Stopped => return Err(Error::State("cannot start a container that has stopped".into())),
+        Status::Exited => return Err(Error::State("cannot start a container that has stopped".into())),
     }
     let fifo_path = dir.join(state::FIFO);
     let mut fifo = std::fs::OpenOptions::new()
@@ -295,7 +289,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
         .map_err(io("opening exec.fifo"))?;
     // The supervisor's byte, or its end, wakes the wait (without a pidfd,
     // kernels before 5.3, its end is checked every 100 ms).
-    let supervisor = st.supervisor.map(|s| s.pidfd()).transpose().map_err(io("watching the supervisor"))?.flatten();
+    let supervisor = st.owner.map(|s| s.pidfd()).transpose().map_err(io("watching the supervisor"))?.flatten();
     let mut byte = [0u8; 1];
     // Once the writer hung up without its byte (the supervisor is ending),
     // only the supervisor's end is waited for.
@@ -314,7 +308,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io("reading exec.fifo")(e)),
         }
-        if !st.supervisor.is_some_and(|s| s.alive()) {
+        if !st.owner.is_some_and(|s| s.alive()) {
             return Err(Error::State(format!("container {id}: its supervisor is gone")));
         }
     }
@@ -328,7 +322,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
         let now = State::load(&dir).map_err(io("reading the state"))?;
         match now.effective_status() {
             Status::Running => return Ok(0),
-            Status::Stopped => {
+            Status::Exited => {
                 return match now.error {
                     Some(e) => Err(Error::State(e)),
                     None => Ok(0),
@@ -336,7 +330,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
             }
             _ if Instant::now() > deadline => return Err(Error::State(format!("container {id} did not start in time"))),
             _ => {
-                if let Some(s) = now.supervisor {
+                if let Some(s) = now.owner {
                     waiter.process(s);
                 }
                 waiter.wait(Some(deadline));
@@ -348,13 +342,13 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
 /// `state`: runc's JSON.
 pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
     let (_, st) = ctx.root.find(id)?;
-    let text = serde_json::to_string_pretty(&st.oci_json()).map_err(|e| Error::State(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&state::oci_json(&st)).map_err(|e| Error::State(e.to_string()))?;
     println!("{text}");
     Ok(0)
 }
 
-fn connect(st: &State) -> Result<Client> {
-    Ok(Client::connect_hybrid_vsock(st.vsock(), AGENT_PORT, Options::default())?)
+fn connect(st: &State, dir: &Path) -> Result<Client> {
+    Ok(vmrun_runtime::sandbox::reach(st, dir, Options::default())?)
 }
 
 fn not_running(e: vmrun_agent_client::Error) -> Error {
@@ -385,10 +379,10 @@ pub fn kill(ctx: &Ctx, id: &str, signal: Option<&str>, all: bool) -> Result<i32>
     let sig = signals::parse(signal.unwrap_or("SIGTERM"))?;
     match st.effective_status() {
         Status::Creating | Status::Created => {
-            signal_process(st.supervisor.ok_or_else(|| Error::State("container not running".into()))?, sig)?;
+            signal_process(st.owner.ok_or_else(|| Error::State("container not running".into()))?, sig)?;
         }
         Status::Running => {
-            let client = connect(&st)?;
+            let client = connect(&st, &dir)?;
             let r = client.signal(&st.guest_id, None, sig).map_err(not_running);
             if all {
                 for e in Root::execs(&dir).iter().filter(|e| e.alive()) {
@@ -398,8 +392,8 @@ pub fn kill(ctx: &Ctx, id: &str, signal: Option<&str>, all: bool) -> Result<i32>
             client.close();
             r?;
         }
-        Status::Stopped if all => {}
-        Status::Stopped => return Err(Error::State("container not running".into())),
+        Status::Exited if all => {}
+        Status::Exited => return Err(Error::State("container not running".into())),
     }
     Ok(0)
 }
@@ -422,12 +416,12 @@ fn kill_processes(dir: &Path, st: &State) {
     for p in execs.iter().copied().chain(st.vmm) {
         kill(p, libc::SIGKILL);
     }
-    if let Some(s) = st.supervisor {
+    if let Some(s) = st.owner {
         kill(s, libc::SIGTERM);
         wait_gone(&[s], 10);
         kill(s, libc::SIGKILL);
     }
-    let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.supervisor).collect();
+    let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).collect();
     wait_gone(&all, 10);
 }
 
@@ -446,7 +440,7 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> Result<i32> {
     };
     let status = st.effective_status();
     if matches!(status, Status::Running | Status::Creating) && !force {
-        return Err(Error::State(format!("cannot delete container {id} that is not stopped: {}", status.as_str())));
+        return Err(Error::State(format!("cannot delete container {id} that is not stopped: {}", state::status_word(status))));
     }
     kill_processes(&dir, &st);
     remove_dirs(&dir, Some(&st));
@@ -576,8 +570,8 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
 pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
     let (dir, st) = ctx.root.find(id)?;
     let mut pids = Vec::new();
-    if st.effective_status() != Status::Stopped {
-        pids.extend(st.supervisor.map(|s| s.pid));
+    if st.effective_status() != Status::Exited {
+        pids.extend(st.owner.map(|s| s.pid));
     }
     pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
     match format {

@@ -17,13 +17,13 @@
 //! `vmm.log` and `vm/` are in `vm_dir`, which is this directory unless the
 //! socket paths would be too long for a Unix socket address.
 //!
-//! As with `vmrun run`, whether a container still runs is never taken from
-//! `state.json` alone: its supervisor must be alive too (same pid and start
-//! time). A supervisor that died means the container has stopped.
+//! The state is the runtime's one container state
+//! (`vmrun_runtime::container::State`, the bundle's part in its `oci`); its
+//! owner is the supervisor. As with `vmrun run`, whether a container still
+//! runs is never taken from `state.json` alone: its supervisor must be
+//! alive too (same pid and start time). A supervisor that died means the
+//! container has stopped.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -44,133 +44,41 @@ pub const LOG_FILE: &str = "vmrun-oci.log";
 /// Exec'd processes.
 pub const EXECS: &str = "execs";
 
-/// Where a container is in its life, as runc names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// `create` is preparing it (the VM starts, the guest mounts the root).
-    Creating,
-    /// Its VM runs and its process waits for `start`.
-    Created,
-    /// Its process runs.
-    Running,
-    /// Its process ended (or its supervisor died).
-    Stopped,
-}
+pub use vmrun_runtime::container::{write_atomic, OciBundle, State, Status};
 
-impl Status {
-    /// runc's word for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Creating => "creating",
-            Status::Created => "created",
-            Status::Running => "running",
-            Status::Stopped => "stopped",
-        }
+/// runc's word for a status.
+pub fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Creating => "creating",
+        Status::Created => "created",
+        Status::Running => "running",
+        Status::Exited => "stopped",
     }
 }
 
-/// A container's state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
-    /// The bundle's `ociVersion`.
-    pub oci_version: String,
-    /// The container's id.
-    pub id: String,
-    /// What its supervisor last recorded.
-    pub status: Status,
-    /// The bundle (absolute).
-    pub bundle: PathBuf,
-    /// The root file system the copy was made of (absolute).
-    pub rootfs: PathBuf,
-    /// When `create` ran (RFC 3339).
-    pub created: String,
-    /// The bundle's annotations.
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    /// The `create` process, while it prepares the container.
-    pub creator: Option<ProcessRef>,
-    /// The supervisor: the container's pid.
-    pub supervisor: Option<ProcessRef>,
-    /// The VMM.
-    pub vmm: Option<ProcessRef>,
-    /// The VM's directory (`VmSpec::dir`: its log, and below it what the
-    /// VMM may write: sockets, console, the disks the guest writes).
-    pub vm_dir: PathBuf,
-    /// The VM's hybrid vsock socket, once it runs.
-    #[serde(default)]
-    pub vsock: Option<PathBuf>,
-    /// The container's id inside the VM.
-    pub guest_id: String,
-    /// Whether the process has a terminal.
-    pub tty: bool,
-    /// The process's exit code, once stopped.
-    pub exit_code: Option<i32>,
-    /// Why creating or starting failed.
-    pub error: Option<String>,
-}
-
-impl State {
-    /// Reads `dir/state.json`.
-    pub fn load(dir: &Path) -> std::io::Result<Self> {
-        let text = std::fs::read(dir.join(STATE_FILE))?;
-        serde_json::from_slice(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    /// Writes `dir/state.json` atomically (write, fsync, rename).
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
-    }
-
-    /// The status, corrected for processes that are gone: a container whose
-    /// supervisor died (or whose `create` died before starting one) has
-    /// stopped.
-    pub fn effective_status(&self) -> Status {
-        match (self.status, self.supervisor) {
-            (Status::Stopped, _) => Status::Stopped,
-            (_, Some(s)) if s.alive() => self.status,
-            (Status::Creating, None) if self.creator.is_some_and(|c| c.alive()) => Status::Creating,
-            _ => Status::Stopped,
-        }
-    }
-
-    /// The container's pid: its supervisor's, or 0 once stopped.
-    pub fn pid(&self) -> u32 {
-        match self.effective_status() {
-            Status::Stopped => 0,
-            _ => self.supervisor.map_or(0, |s| s.pid),
-        }
-    }
-
-    /// The hybrid vsock socket of the container's VM.
-    pub fn vsock(&self) -> PathBuf {
-        self.vsock.clone().unwrap_or_else(|| vmrun_runtime::vm::Layout::of(&self.vm_dir).vsock())
-    }
-
-    /// What `state` prints: runc's JSON.
-    pub fn oci_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "ociVersion": self.oci_version,
-            "id": self.id,
-            "pid": self.pid(),
-            "status": self.effective_status().as_str(),
-            "bundle": self.bundle,
-            "rootfs": self.rootfs,
-            "created": self.created,
-            "owner": "",
-            "annotations": self.annotations,
-        })
+/// The container's pid: its supervisor's (the state's owner), or 0 once
+/// stopped.
+pub fn pid(st: &State) -> u32 {
+    match st.effective_status() {
+        Status::Exited => 0,
+        _ => st.owner.map_or(0, |s| s.pid),
     }
 }
 
-/// Writes `path` atomically: a temporary file beside it, fsync, rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+/// What `state` prints: runc's JSON.
+pub fn oci_json(st: &State) -> serde_json::Value {
+    let bundle = st.oci.as_ref();
+    serde_json::json!({
+        "ociVersion": bundle.map(|b| b.oci_version.as_str()).unwrap_or_default(),
+        "id": st.id,
+        "pid": pid(st),
+        "status": status_word(st.effective_status()),
+        "bundle": bundle.map(|b| b.bundle.clone()).unwrap_or_default(),
+        "rootfs": bundle.map(|b| b.rootfs.clone()).unwrap_or_default(),
+        "created": bundle.map(|b| b.created.as_str()).unwrap_or_default(),
+        "owner": "",
+        "annotations": bundle.map(|b| b.annotations.clone()).unwrap_or_default(),
+    })
 }
 
 /// Where an exec'd process is.
@@ -296,22 +204,18 @@ mod tests {
 
     fn state(status: Status, supervisor: Option<ProcessRef>) -> State {
         State {
-            oci_version: "1.0.2".into(),
-            id: "c1".into(),
             status,
-            bundle: "/b".into(),
-            rootfs: "/b/rootfs".into(),
-            created: "2024-01-01T00:00:00Z".into(),
-            annotations: BTreeMap::new(),
-            creator: None,
-            supervisor,
-            vmm: None,
-            vm_dir: "/b".into(),
-            vsock: None,
+            owner: supervisor,
             guest_id: "c1".into(),
-            tty: false,
-            exit_code: None,
-            error: None,
+            vm_dir: Some("/b".into()),
+            oci: Some(OciBundle {
+                oci_version: "1.0.2".into(),
+                bundle: "/b".into(),
+                rootfs: "/b/rootfs".into(),
+                created: "2024-01-01T00:00:00Z".into(),
+                annotations: Default::default(),
+            }),
+            ..State::new("c1", "c1", "", "")
         }
     }
 
@@ -319,14 +223,14 @@ mod tests {
     fn a_dead_supervisor_means_stopped() {
         let me = ProcessRef::current();
         assert_eq!(state(Status::Running, me).effective_status(), Status::Running);
-        assert_eq!(state(Status::Running, me).pid(), std::process::id());
+        assert_eq!(pid(&state(Status::Running, me)), std::process::id());
         let dead = Some(ProcessRef { pid: u32::MAX - 1, start_time: 1 });
         let s = state(Status::Running, dead);
-        assert_eq!(s.effective_status(), Status::Stopped);
-        assert_eq!(s.pid(), 0);
-        assert_eq!(s.oci_json()["status"], "stopped");
+        assert_eq!(s.effective_status(), Status::Exited);
+        assert_eq!(pid(&s), 0);
+        assert_eq!(oci_json(&s)["status"], "stopped");
         let mut c = state(Status::Creating, None);
-        assert_eq!(c.effective_status(), Status::Stopped, "no creator, no supervisor");
+        assert_eq!(c.effective_status(), Status::Exited, "no creator, no supervisor");
         c.creator = me;
         assert_eq!(c.effective_status(), Status::Creating);
     }
@@ -334,13 +238,16 @@ mod tests {
     #[test]
     fn state_json_is_runcs() {
         let mut s = state(Status::Created, ProcessRef::current());
-        s.annotations.insert("a".into(), "b".into());
-        let j = s.oci_json();
+        if let Some(b) = s.oci.as_mut() {
+            b.annotations.insert("a".into(), "b".into());
+        }
+        let j = oci_json(&s);
         for k in ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created", "annotations"] {
             assert!(j.get(k).is_some(), "{k}");
         }
         assert_eq!(j["status"], "created");
         assert_eq!(j["annotations"]["a"], "b");
+        assert_eq!(j["bundle"], "/b");
     }
 
     #[test]

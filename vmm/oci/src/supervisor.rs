@@ -26,14 +26,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmrun_agent_client::{Client, Options, Process, StdioMode};
+use vmrun_agent_client::{Options, Process, StdioMode};
 use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
 use vmrun_runtime::sandbox::{AgentWait, Cancel, Origin, Sandbox};
 use vmrun_runtime::signal::{Relay, Target};
-use vmrun_runtime::vm::{Layout, VmSpec, AGENT_PORT};
+use vmrun_runtime::vm::VmSpec;
 use vmrun_runtime::volume::Volume;
 
 use crate::bundle::{Plan, ProcessPlan};
@@ -179,7 +179,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
             return FAILED;
         }
     };
-    state.supervisor = ProcessRef::current();
+    state.owner = ProcessRef::current();
     if let Err(e) = state.save(&dir) {
         log::error!("container {id}: cannot write its state: {e}");
         return FAILED;
@@ -194,7 +194,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
             failure_code(e)
         }
     };
-    state.status = Status::Stopped;
+    state.status = Status::Exited;
     state.exit_code = Some(code);
     state.error = result.err().map(|e| e.to_string());
     if let Err(e) = state.save(&dir) {
@@ -216,7 +216,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let artifacts = Artifacts::find(&home, None, None)?;
     let layer_disk = vmrun_runtime::layer_disk::empty(&home.layer_disks())?;
     // The disks the guest writes go where the VMM may write.
-    let layout = Layout::of(&state.vm_dir);
+    let layout = state.layout(dir);
     let disk_dir = layout.vm_dir();
     std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
     let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
@@ -238,7 +238,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         layer_disk,
         volumes: disks,
         tap: None,
-        dir: state.vm_dir.clone(),
+        dir: layout.dir().to_path_buf(),
         vmm_exe: sp.vmm_exe.clone(),
     };
     let cancel = relay.cancel();
@@ -400,7 +400,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
     };
     let ep: ExecPlan = serde_json::from_slice(&std::fs::read(exec_plan_path(dir, &rec.exec_id)).map_err(io("reading the exec plan"))?)
         .map_err(|e| Error::Bundle(format!("exec plan: {e}")))?;
-    let (_, st) = root.find(id)?;
+    let (st_dir, st) = root.find(id)?;
     if st.effective_status() != Status::Running {
         return Err(fail(rec, Error::State(format!("cannot exec in container {id}: it is not running"))));
     }
@@ -408,7 +408,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
         (Some(socket), true) => Some(terminal(socket).map_err(|e| fail(rec, e))?),
         _ => None,
     };
-    let client = Client::connect_hybrid_vsock(st.vsock(), AGENT_PORT, Options::default()).map_err(|e| fail(rec, e.into()))?;
+    let client = vmrun_runtime::sandbox::reach(&st, &st_dir, Options::default()).map_err(|e| fail(rec, e.into()))?;
     let p = ExecProcess {
         args: ep.process.args.clone(),
         env: ep.process.env.clone(),

@@ -1,13 +1,15 @@
-//! A container's state on the host: its directory under
-//! `$VMRUN_HOME/containers/<id>/`, what `vmrun ps` shows, and its log.
+//! A container's state on the host, one type for every front end: `vmrun
+//! run` keeps its containers under `$VMRUN_HOME/containers/<id>/`, and
+//! `vmrun-oci` under its `--root` (`<root>/<id>/`, with the bundle's part in
+//! [`State::oci`]).
 //!
 //! The directory holds:
 //! - `state.json` ([`State`]), rewritten atomically (write, fsync, rename)
 //!   by the process that owns the VM (`vmrun run` in the foreground, or the
-//!   supervisor of a detached container);
+//!   supervisor of a detached or OCI container);
 //! - `container.log`, the container's output in [`LogRecord`] frames;
-//! - the VM's sockets (`vsock.sock`, `control.sock`), `console.log` and
-//!   `vmm.log`, and any volume disks made for it.
+//! - the sandbox's files (`crate::vm::Layout`: `vmm.json`, `vmm.log`, and
+//!   `vm/` with the VM's sockets, console and the disks made for it).
 //!
 //! Whether a container still runs is never taken from `state.json` alone:
 //! its owner process must be alive too (same pid *and* start time, so a
@@ -31,11 +33,15 @@ pub const LOG_FILE: &str = "container.log";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// Its VM is being started and its image unpacked.
+    /// Its VM is being started and its root file system prepared.
+    Creating,
+    /// Its VM runs and its process waits to be started (OCI's `created`,
+    /// until `start`).
     Created,
     /// Its process runs.
     Running,
-    /// Its process ended (or its VM did).
+    /// Its process ended (or its VM did); OCI's `stopped`.
+    #[serde(alias = "stopped")]
     Exited,
 }
 
@@ -115,10 +121,25 @@ pub struct State {
     /// Seconds since the epoch.
     pub created: u64,
     pub status: Status,
-    /// The process that owns the VM and writes this file.
+    /// The process that owns the VM and writes this file (an OCI
+    /// container's supervisor, whose pid is the container's).
+    #[serde(alias = "supervisor")]
     pub owner: Option<ProcessRef>,
+    /// The process creating it, before there is an owner (`vmrun-oci
+    /// create`).
+    #[serde(default)]
+    pub creator: Option<ProcessRef>,
     /// The VMM.
     pub vmm: Option<ProcessRef>,
+    /// The sandbox's directory ([`crate::vm::Layout`]), when it is not the
+    /// container's own (an OCI state directory whose socket paths would be
+    /// too long).
+    #[serde(default)]
+    pub vm_dir: Option<PathBuf>,
+    /// The VM's hybrid vsock socket, once it runs (else where the layout
+    /// puts it).
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
     /// The container's id inside the VM (for exec, signals).
     pub guest_id: String,
     /// Whether the process has a terminal.
@@ -142,6 +163,25 @@ pub struct State {
     /// Published ports, `HOST:GUEST`.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// What an OCI runtime's container adds: its bundle.
+    #[serde(default)]
+    pub oci: Option<OciBundle>,
+}
+
+/// The bundle an OCI container was created from (`vmrun-oci`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OciBundle {
+    /// The bundle's `ociVersion`.
+    pub oci_version: String,
+    /// The bundle (absolute).
+    pub bundle: PathBuf,
+    /// The root file system the container's copy was made of (absolute).
+    pub rootfs: PathBuf,
+    /// When `create` ran (RFC 3339, as runc reports it).
+    pub created: String,
+    /// The bundle's annotations.
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// Seconds since the epoch.
@@ -160,9 +200,12 @@ impl State {
             template: None,
             command: command.into(),
             created: now(),
-            status: Status::Created,
+            status: Status::Creating,
             owner: None,
+            creator: None,
             vmm: None,
+            vm_dir: None,
+            vsock: None,
             guest_id: String::new(),
             tty: false,
             exit_code: None,
@@ -172,6 +215,7 @@ impl State {
             tap: None,
             ip: None,
             ports: Vec::new(),
+            oci: None,
         }
     }
 
@@ -183,21 +227,31 @@ impl State {
 
     /// Writes `dir/state.json` atomically.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))
+        write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
     }
 
-    /// The status, corrected for an owner that is gone: a container whose
-    /// owner died without writing its end has exited.
+    /// The status, corrected for processes that are gone: a container
+    /// whose owner died without writing its end (or whose creator died
+    /// before there was an owner) has exited.
     pub fn effective_status(&self) -> Status {
-        match self.status {
-            Status::Exited => Status::Exited,
-            _ if self.owner.is_some_and(|o| o.alive()) => self.status,
+        match (self.status, self.owner) {
+            (Status::Exited, _) => Status::Exited,
+            (_, Some(o)) if o.alive() => self.status,
+            (Status::Creating, None) if self.creator.is_some_and(|c| c.alive()) => Status::Creating,
             _ => Status::Exited,
         }
+    }
+
+    /// Where the agent of the container's VM is reached (its hybrid vsock
+    /// socket), the container's directory being `dir`.
+    pub fn agent_socket(&self, dir: &Path) -> PathBuf {
+        self.vsock.clone().unwrap_or_else(|| self.layout(dir).vsock())
+    }
+
+    /// The layout of the container's sandbox, whose directory is `dir`
+    /// (the container's) unless [`State::vm_dir`] names another.
+    pub fn layout(&self, dir: &Path) -> crate::vm::Layout {
+        crate::vm::Layout::of(self.vm_dir.as_deref().unwrap_or(dir))
     }
 
     /// Whether the owner ended without recording how the container did.
@@ -208,7 +262,7 @@ impl State {
     /// `Up 5 seconds`, `Exited (3) 2 minutes ago`, as docker says it.
     pub fn describe(&self, now: u64) -> String {
         match self.effective_status() {
-            Status::Created => "Created".into(),
+            Status::Creating | Status::Created => "Created".into(),
             Status::Running => format!("Up {}", ago(now.saturating_sub(self.created))),
             Status::Exited if self.lost() => "Exited (unknown): its VMM is gone".into(),
             Status::Exited => {
@@ -230,6 +284,16 @@ fn ago(secs: u64) -> String {
         7200..=86399 => format!("{} hours", secs / 3600),
         _ => format!("{} days", secs / 86400),
     }
+}
+
+/// Writes `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Errors finding a container.

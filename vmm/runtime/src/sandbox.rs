@@ -187,6 +187,13 @@ impl Sandbox {
     }
 }
 
+/// A connection to the agent of a sandbox another process owns (for `exec`,
+/// `kill`, `stop` and the like in a running container): the container's
+/// state says where its VM's vsock socket is, its directory being `dir`.
+pub fn reach(state: &crate::container::State, dir: &Path, options: Options) -> Result<Client> {
+    Ok(Client::connect_hybrid_vsock(state.agent_socket(dir), crate::vm::AGENT_PORT, options)?)
+}
+
 /// The one way to cancel the start of a sandbox: a signal before the
 /// container's process runs calls [`Cancel::cancel`], which kills the VMM
 /// being started (so whatever waits on it returns) and wakes what waits on

@@ -10,7 +10,6 @@ use vmrun_agent_client::Client;
 use vmrun_agent_protocol::ExecProcess;
 use vmrun_runtime::container::{self, LogReader, ProcessRef, State, Status, Stream};
 use vmrun_runtime::home::Home;
-use vmrun_runtime::vm::AGENT_PORT;
 use vmrun_runtime::watch::{self, Waiter};
 
 use crate::attach::{self, Signals, Sink};
@@ -135,7 +134,7 @@ fn connect(key: &str) -> Result<(State, Client)> {
     }
     // The same patience as `vmrun run`: a process starts slowly where many
     // guests with emulated kernels share the CPUs.
-    let client = Client::connect_hybrid_vsock(dir.join("vm").join("vsock.sock"), AGENT_PORT, crate::run_cmd::agent_options())
+    let client = vmrun_runtime::sandbox::reach(&state, &dir, crate::run_cmd::agent_options())
         .with_context(|| format!("cannot reach the agent of container {}", state.name))?;
     Ok((state, client))
 }

@@ -407,7 +407,7 @@ fn detach(home: &Home, args: &RunArgs, dir: &Path) -> Result<i32> {
         }
         if let Ok(Some(status)) = child.try_wait() {
             // It may have written its state just before it ended.
-            if State::load(dir).map(|s| s.status != Status::Created).unwrap_or(false) {
+            if State::load(dir).map(|s| s.status != Status::Creating).unwrap_or(false) {
                 continue;
             }
             remove_container_dir(dir);
