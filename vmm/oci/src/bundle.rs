@@ -309,21 +309,9 @@ pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<Volu
 }
 
 /// A size in MiB: `512m`, `1g`, `262144k`, `1Gi`, or a plain number of
-/// MiB.
+/// MiB (`vmrun_runtime::size`).
 pub fn parse_size_mib(s: &str) -> Option<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches('b').trim_end_matches('i');
-    let (num, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
-        _ => (t, 'm'),
-    };
-    let n: u64 = num.parse().ok()?;
-    match unit {
-        'k' => Some(n.div_ceil(1024)),
-        'm' => Some(n),
-        'g' => n.checked_mul(1024),
-        _ => None,
-    }
+    vmrun_runtime::size::mib(s).ok()
 }
 
 /// The VM's memory: the annotation, else the memory limit rounded up to

@@ -25,6 +25,7 @@ pub mod net;
 pub mod prune;
 pub mod sandbox;
 pub mod signal;
+pub mod size;
 pub mod template;
 pub mod vm;
 pub mod volume;

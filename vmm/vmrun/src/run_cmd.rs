@@ -144,18 +144,14 @@ fn check(args: &RunArgs) -> Result<Checked> {
     Ok(Checked { mem_mib, cpus, volumes, ports })
 }
 
-/// Parses `512m`, `1g`, `256` (MiB) into MiB.
+/// Parses `512m`, `1g`, `256` (MiB) into MiB (`vmrun_runtime::size`).
 pub fn parse_memory(s: &str) -> Result<u32> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.chars().last() {
-        Some('g') => (&t[..t.len() - 1], 1024u64),
-        Some('m') => (&t[..t.len() - 1], 1),
-        Some('k') => (&t[..t.len() - 1], 0),
-        _ => (t.as_str(), 1),
-    };
-    let n: u64 = num.trim_end_matches('b').parse().map_err(|_| anyhow!("invalid memory size {s:?} (use e.g. 512m or 1g)"))?;
     let too_large = || anyhow!("memory size {s:?} is too large: at most {}g", vmrun_vmm::MAX_MEM_MIB / 1024);
-    let mib = if mult == 0 { n / 1024 } else { n.checked_mul(mult).ok_or_else(too_large)? };
+    let mib = match vmrun_runtime::size::mib(s) {
+        Ok(m) => m,
+        Err(vmrun_runtime::size::SizeError::TooLarge(_)) => return Err(too_large()),
+        Err(_) => bail!("invalid memory size {s:?} (use e.g. 512m or 1g)"),
+    };
     if mib < 64 {
         bail!("memory size {s:?} must be at least 64m");
     }
