@@ -35,7 +35,7 @@ struct Run {
 fn boot_once(i: usize, cpus: &str, memory: &str) -> Run {
     let report = support::scratch(&format!("bench-report-{i}.json"));
     let console = support::scratch(&format!("bench-console-{i}.log"));
-    let status = Command::new(VMRUN)
+    let status = Command::new(support::with_vmm(VMRUN))
         .args(["boot", "--kernel"])
         .arg(support::kernel())
         .arg("--initrd")

@@ -103,7 +103,7 @@ fn main() {
     let initrd = support::agent_initrd();
     let images = support::busybox_image();
     let vmrun = |args: &[&str]| {
-        let o = Command::new(VMRUN)
+        let o = Command::new(support::with_vmm(VMRUN))
             .args(args)
             .env("VMRUN_HOME", &home)
             .env("VMRUN_KERNEL", &kernel)
@@ -127,7 +127,7 @@ fn main() {
 
     println!("{n} idle VMs (agent waiting), 512 MiB each, busybox placeholder disk\n");
     let restored = group("restored", n, &dir, &|d| {
-        let mut c = Command::new(VMRUN);
+        let mut c = Command::new(support::with_vmm(VMRUN));
         c.arg("restore")
             .arg("--snapshot")
             .arg(&template)
@@ -143,7 +143,7 @@ fn main() {
     });
     report("restored", &restored, n);
     let cold = group("cold", n, &dir, &|d| {
-        let mut c = Command::new(VMRUN);
+        let mut c = Command::new(support::with_vmm(VMRUN));
         c.args(["boot", "--memory", "512", "--cmdline", "console=ttyS0 reboot=k panic=1 quiet vmrun.port=1024"])
             .arg("--kernel")
             .arg(&kernel)

@@ -78,7 +78,7 @@ busybox reboot -f
     let ping = UnixListener::bind(format!("{}_7002", uds.display())).unwrap();
 
     let mut vmm = support::Reaped(
-        Command::new(VMRUN)
+        Command::new(support::with_vmm(VMRUN))
             .args(["boot", "--kernel"])
             .arg(support::kernel())
             .args(["--cmdline", "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/init"])

@@ -20,7 +20,7 @@ use support::{demo_initramfs, kernel, scratch, Reaped};
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
 fn vmrun(args: &[&str]) -> Output {
-    Command::new(VMRUN).args(args).stdin(Stdio::null()).output().expect("run vmrun")
+    Command::new(support::with_vmm(VMRUN)).args(args).stdin(Stdio::null()).output().expect("run vmrun")
 }
 
 fn stderr_of(o: &Output) -> String {
@@ -32,7 +32,9 @@ fn stderr_of(o: &Output) -> String {
 fn assert_clean_error(o: &Output, needle: &str) {
     let err = stderr_of(o);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert!(err.contains("vmrun: error:"), "stderr: {err}");
+    // From vmrun before it runs the VMM, or from vmrun-vmm (which then
+    // takes its place).
+    assert!(err.contains("vmrun: error:") || err.contains("vmrun-vmm: error:"), "stderr: {err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!err.contains("panicked"), "the VMM panicked: {err}");
 }
@@ -77,7 +79,7 @@ fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
 #[test]
 fn sigterm_stops_the_guest_and_the_vmm() {
     let mut child = Reaped(
-        Command::new(VMRUN)
+        Command::new(support::with_vmm(VMRUN))
             .args(["boot", "--kernel", kernel().to_str().unwrap(), "--console", "/dev/null"])
             .stdin(Stdio::null())
             .stderr(Stdio::piped())

@@ -150,7 +150,7 @@ fn guest_uses_disks_entropy_vsock_and_network() {
 
     let mut vmm = Reaped(ns
         .exec()
-        .arg(VMRUN)
+        .arg(support::with_vmm(VMRUN))
         .arg("boot")
         .arg("--kernel")
         .arg(kernel())

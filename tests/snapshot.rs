@@ -49,7 +49,7 @@ fn disk(dir: &Path, name: &str, head: &[u8], size: usize) -> PathBuf {
 
 
 fn vmrun(args: &[&str]) -> Output {
-    Command::new(VMRUN).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(support::with_vmm(VMRUN)).args(args).stdin(Stdio::null()).output().unwrap()
 }
 
 fn assert_error(o: &Output, needle: &str) {
@@ -69,7 +69,7 @@ fn snapshot_restores_twice_at_once_onto_other_disks() {
     let console = dir.join("template.log");
     let snap = dir.join("snap");
 
-    let mut template = Reaped(Command::new(VMRUN)
+    let mut template = Reaped(Command::new(support::with_vmm(VMRUN))
         .args(["boot", "--kernel"])
         .arg(kernel())
         .arg("--initrd")
@@ -98,7 +98,7 @@ fn snapshot_restores_twice_at_once_onto_other_disks() {
             let d = disk(&dir, &format!("{name}.raw"), format!("go-{name}{name}{name}{name}{name}").as_bytes(), *size);
             let log = dir.join(format!("restore-{name}.log"));
             let child = Reaped(
-                Command::new(VMRUN)
+                Command::new(support::with_vmm(VMRUN))
                     .args(["restore", "--snapshot"])
                     .arg(&snap)
                     .arg("--disk")

@@ -154,6 +154,13 @@ pub fn wait_for(console: &Path, needle: &str, vmm: &mut std::process::Child, tim
     }
 }
 
+/// `exe` (the tests' `vmrun`), with `vmrun-vmm` built beside it: `vmrun
+/// boot` and `vmrun restore` run it ([`build_vmm`]).
+pub fn with_vmm(exe: &'static str) -> &'static str {
+    build_vmm(exe);
+    exe
+}
+
 /// Builds `vmrun-vmm` (once per process) into the directory of `exe`, a
 /// binary cargo built for these tests (`vmrun`, `vmrun-oci`): the runtime
 /// spawns the VMM found beside the running executable, and `cargo test -p

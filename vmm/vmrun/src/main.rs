@@ -9,7 +9,7 @@ mod system_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -330,7 +330,7 @@ enum CompatArg {
     Off,
 }
 
-fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
+fn boot(args: BootArgs) -> anyhow::Result<i32> {
     vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(args.memory)).context("cannot run the VM")?;
     let vcpus = u8::try_from(args.cpus).context("vCPU count")?;
     let config = VmConfig {
@@ -345,22 +345,33 @@ fn boot(args: BootArgs, start: Instant) -> anyhow::Result<i32> {
         nets: args.nets,
         vsock: args.vsock,
     };
-    let (reason, _report) = vmrun_vmm::launch(VmmConfig::boot(config), start, None).context("cannot run the VM")?;
-    Ok(finish(reason))
+    exec_vmm(&VmmConfig::boot(config))
 }
 
-/// Logs how the VM ended and returns the exit status for it.
-fn finish(reason: vmrun_vmm::ExitReason) -> i32 {
-    let code = reason.exit_code();
-    if code == 0 {
-        log::info!("{reason}");
-    } else {
-        log::error!("{reason}");
+/// Runs the VM the way every vmrun command does: `vmrun-vmm` takes this
+/// process's place (its standard streams and signals are the user's),
+/// given `config` on an inherited memory file (`--config-fd`). Returns
+/// only if it cannot be started.
+fn exec_vmm(config: &VmmConfig) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let vmm = vmrun_runtime::vm::find_vmm()?;
+    let json = config.to_json().context("cannot write the VM's configuration")?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; without
+    // MFD_CLOEXEC the descriptor is inherited by the VMM, the one process
+    // that reads it.
+    let fd = unsafe { libc::memfd_create(c"vmrun-vmm.json".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot make a memory file for the VM's configuration");
     }
-    code
+    // SAFETY: a new descriptor that nothing else owns.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut file, &json).context("cannot write the VM's configuration")?;
+    std::io::Seek::rewind(&mut file).context("cannot write the VM's configuration")?;
+    let err = std::process::Command::new(&vmm).arg("--config-fd").arg(fd.to_string()).exec();
+    Err(err).with_context(|| format!("cannot run {}", vmm.display()))
 }
 
-fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
+fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let config = RestoreConfig {
         snapshot: args.snapshot,
         disks: args.disks.into_iter().map(RestoreDisk::new).collect(),
@@ -368,8 +379,7 @@ fn restore(args: RestoreArgs, start: Instant) -> anyhow::Result<i32> {
         vsock_uds: args.vsock_uds,
         options: args.process.options(),
     };
-    let (reason, _report) = vmrun_vmm::launch(VmmConfig::restore(config), start, None).context("cannot restore the VM")?;
-    Ok(finish(reason))
+    exec_vmm(&VmmConfig::restore(config))
 }
 
 fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
@@ -402,7 +412,6 @@ fn usage_error_is_125() -> bool {
 }
 
 fn main() -> ExitCode {
-    let start = Instant::now();
     vmrun_vmm::logger::init("vmrun");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -413,8 +422,8 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let result = match cli.command {
-        Command::Boot(args) => boot(args, start),
-        Command::Restore(args) => restore(args, start),
+        Command::Boot(args) => boot(args),
+        Command::Restore(args) => restore(args),
         Command::Run(args) => return run_exit(run_cmd::run(args)),
         Command::Ps { all, quiet } => containers_cmd::ps(all, quiet),
         Command::Logs { follow, container } => containers_cmd::logs(&container, follow),
