@@ -149,7 +149,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
         let passwd = read_in_root(&rootfs, c"etc/passwd");
         let group = read_in_root(&rootfs, c"etc/group");
         // Refuse a user that cannot be resolved now rather than at start.
-        user::resolve(&req.config.user, &passwd, &group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        user::resolve(&req.config.user, &passwd, &group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         Ok(Container {
             id: req.id.clone(),
             dir: dir.clone(),
@@ -423,7 +423,7 @@ impl Container {
         if args.is_empty() {
             return Err(err(ErrorKind::BadRequest, "no command: the image has no entrypoint or cmd, and none was given"));
         }
-        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = if working_dir.is_empty() { "/".to_string() } else { abs(working_dir)? };
         Ok(ProcessSpec { args, env, cwd, id, tty })
     }
@@ -434,7 +434,7 @@ impl Container {
             return Err(err(ErrorKind::BadRequest, "exec: no command"));
         }
         let user_spec = p.user.as_deref().unwrap_or(&self.config.user);
-        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|m| err(ErrorKind::BadRequest, m))?;
+        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = match &p.working_dir {
             Some(w) => abs(w)?,
             None if self.config.working_dir.is_empty() => "/".into(),

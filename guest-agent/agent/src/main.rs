@@ -6,12 +6,14 @@
 // spare; the agent does what it needs itself.
 #![no_main]
 
+use vmrun_agent::server::{self, ServeError};
 use vmrun_agent::settings::{self, Listen, Settings};
-use vmrun_agent::{init, log, server};
+use vmrun_agent::{init, log};
 
-fn serve(settings: Settings, started_ms: u64) -> Result<(), String> {
-    let sigfd = server::sigchld_fd().map_err(|e| format!("signalfd: {e}"))?;
-    let listener = server::listen(&settings.listen).map_err(|e| format!("listen on {:?}: {e}", settings.listen))?;
+fn serve(settings: Settings, started_ms: u64) -> Result<(), ServeError> {
+    let sigfd = server::sigchld_fd().map_err(ServeError::Signalfd)?;
+    let listener =
+        server::listen(&settings.listen).map_err(|source| ServeError::Listen { listen: settings.listen.clone(), source })?;
     let now = init::monotonic_ms();
     let place = match &settings.listen {
         Listen::Vsock(p) => format!("vsock port {p}"),
@@ -34,8 +36,8 @@ fn serve(settings: Settings, started_ms: u64) -> Result<(), String> {
         }
     }
     let guest = settings.guest;
-    let mut srv = server::Server::new(settings, listener, sigfd).map_err(|e| format!("event loop: {e}"))?;
-    let r = srv.run().map_err(|e| format!("event loop: {e}"));
+    let mut srv = server::Server::new(settings, listener, sigfd).map_err(ServeError::EventLoop)?;
+    let r = srv.run().map_err(ServeError::EventLoop);
     if !guest {
         srv.cleanup();
     }

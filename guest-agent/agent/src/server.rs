@@ -211,6 +211,42 @@ pub enum Refused {
     Family(libc::sa_family_t),
 }
 
+/// Why the agent stopped serving (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The SIGCHLD signalfd could not be made.
+    #[error("signalfd: {0}")]
+    Signalfd(#[source] io::Error),
+    /// The listening socket could not be made.
+    #[error("listen on {listen:?}: {source}")]
+    Listen {
+        /// Where.
+        listen: Listen,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The event loop could not be set up, or failed.
+    #[error("event loop: {0}")]
+    EventLoop(#[source] io::Error),
+}
+
+/// Why the guest's random generator could not be reseeded from a hello
+/// (the connection is refused: a restored VM must not answer with the
+/// snapshot's random state).
+#[derive(Debug, thiserror::Error)]
+pub enum ReseedError {
+    /// The host sent no entropy.
+    #[error("the host's hello carries no entropy to reseed the guest with (use the vmrun this agent was built with)")]
+    NoEntropy,
+    /// `/dev/urandom` could not be opened.
+    #[error("/dev/urandom: {0}")]
+    Open(#[source] io::Error),
+    /// The kernel refused the entropy or the reseed.
+    #[error("reseeding the guest's random generator: {0}")]
+    Reseed(#[source] io::Error),
+}
+
 /// The peer address `accept` returned.
 pub fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Peer {
     let family = addr.ss_family;
@@ -502,14 +538,14 @@ impl Server {
 
     /// Mixes the host's entropy into the guest kernel's pool and reseeds
     /// its CRNG (`/dev/urandom` is opened once and kept).
-    fn reseed(&mut self, entropy: Option<&Entropy>) -> Result<(), String> {
-        let entropy = entropy.ok_or("the host's hello carries no entropy to reseed the guest with")?;
-        if self.urandom.is_none() {
-            let fd = sys::open(c"/dev/urandom", libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| format!("/dev/urandom: {e}"))?;
-            self.urandom = Some(fd);
-        }
-        let Some(fd) = &self.urandom else { return Err("/dev/urandom is not open".into()) };
-        sys::add_entropy_and_reseed(fd.as_fd(), entropy.bytes()).map_err(|e| format!("reseeding the guest's random generator: {e}"))?;
+    fn reseed(&mut self, entropy: Option<&Entropy>) -> Result<(), ReseedError> {
+        let entropy = entropy.ok_or(ReseedError::NoEntropy)?;
+        let fd = match self.urandom.take() {
+            Some(fd) => fd,
+            None => sys::open(c"/dev/urandom", libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(ReseedError::Open)?,
+        };
+        let fd = self.urandom.insert(fd);
+        sys::add_entropy_and_reseed(fd.as_fd(), entropy.bytes()).map_err(ReseedError::Reseed)?;
         crate::log::debug(format_args!("random generator reseeded with {} bytes from the host", entropy.bytes().len()));
         Ok(())
     }

@@ -42,9 +42,34 @@ fn group_entries(group: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
     })
 }
 
+/// Why a container's `User` names no one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    /// A user name that is not in the image's `/etc/passwd` (and not a
+    /// number).
+    #[error("unable to find user {user}: no matching entries in passwd file (add the user to the image, or give a numeric uid)")]
+    UnknownUser {
+        /// The name.
+        user: String,
+        /// Why it is not a uid either.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A group name that is not in the image's `/etc/group` (and not a
+    /// number).
+    #[error("unable to find group {group}: no matching entries in group file (add the group to the image, or give a numeric gid)")]
+    UnknownGroup {
+        /// The name.
+        group: String,
+        /// Why it is not a gid either.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// Resolves `spec` (empty: root). `passwd` and `group` are the image's
 /// files, if it has them.
-pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
+pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
     let (user, grp) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -59,13 +84,13 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String
         id.home = if e.home.is_empty() { "/".into() } else { e.home.into() };
         matched_name = Some(e.name);
     } else {
-        id.uid = user.parse().map_err(|_| format!("unable to find user {user}: no matching entries in passwd file"))?;
+        id.uid = user.parse().map_err(|source| UserError::UnknownUser { user: user.to_owned(), source })?;
     }
     match grp {
         Some(g) if !g.is_empty() => {
             id.gid = match group_entries(group).find(|(name, gid, _)| *name == g || g.parse::<u32>().is_ok_and(|n| n == *gid)) {
                 Some((_, gid, _)) => gid,
-                None => g.parse().map_err(|_| format!("unable to find group {g}: no matching entries in group file"))?,
+                None => g.parse().map_err(|source| UserError::UnknownGroup { group: g.to_owned(), source })?,
             };
         }
         _ => {
@@ -108,7 +133,11 @@ mod tests {
 
     #[test]
     fn unknown_names_are_errors() {
-        assert!(resolve("mallory", PASSWD, GROUP).unwrap_err().contains("mallory"));
-        assert!(resolve("alice:nogroup", PASSWD, GROUP).unwrap_err().contains("nogroup"));
+        let e = resolve("mallory", PASSWD, GROUP).unwrap_err();
+        assert!(matches!(&e, UserError::UnknownUser { user, .. } if user == "mallory"), "{e:?}");
+        assert!(e.to_string().starts_with("unable to find user mallory: no matching entries in passwd file"), "{e}");
+        let e = resolve("alice:nogroup", PASSWD, GROUP).unwrap_err();
+        assert!(matches!(&e, UserError::UnknownGroup { group, .. } if group == "nogroup"), "{e:?}");
+        assert!(e.to_string().contains("nogroup"), "{e}");
     }
 }

@@ -58,6 +58,42 @@ pub enum Error {
     Agent(AgentError),
 }
 
+/// A frame from the agent that breaks the protocol (the connection is
+/// closed: the agent or the guest is broken or not the vmrun agent).
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    /// A response that is not one.
+    #[error("malformed response: {0}")]
+    MalformedResponse(#[source] serde_json::Error),
+    /// A response to a request id this client never used.
+    #[error("response to request {0} that was never sent")]
+    UnsentRequest(u32),
+    /// Data for a stream that was never opened.
+    #[error("data for unknown stream {0}")]
+    DataUnknownStream(u32),
+    /// Data for a stream that is input only, or already ended.
+    #[error("data on stream {0} that is not open for output")]
+    DataNotOutput(u32),
+    /// Empty data, or more than the window allows.
+    #[error("stream {0}: data beyond the window")]
+    DataBeyondWindow(u32),
+    /// End of a stream that was never opened.
+    #[error("end of unknown stream {0}")]
+    EofUnknownStream(u32),
+    /// End of a stream that is input only, or already ended.
+    #[error("end of stream {0} that is not open for output")]
+    EofNotOutput(u32),
+    /// A credit frame whose payload is not 4 bytes.
+    #[error("malformed credit: {0}")]
+    MalformedCredit(#[source] std::array::TryFromSliceError),
+    /// More credit than the window.
+    #[error("stream {0}: credit beyond the window")]
+    CreditBeyondWindow(u32),
+    /// A hello or request from the agent after the handshake.
+    #[error("unexpected frame kind {0:?}")]
+    UnexpectedKind(Kind),
+}
+
 impl Error {
     /// For a process that could not be started: the exit code it got
     /// (126: cannot run, 127: not found).
@@ -194,24 +230,24 @@ fn reader_loop<R: Read>(mut r: BufReader<R>, shared: Arc<Shared>) {
     shared.fail(why);
 }
 
-fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), String> {
+fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), Violation> {
     let mut st = shared.lock();
     match f.kind {
         Kind::Response => {
-            let r: Response = serde_json::from_slice(&f.payload).map_err(|e| format!("malformed response: {e}"))?;
+            let r: Response = serde_json::from_slice(&f.payload).map_err(Violation::MalformedResponse)?;
             if let Some(tx) = st.pending.remove(&f.id) {
                 let _ = tx.send(r);
             } else if f.id >= st.next_req {
-                return Err(format!("response to request {} that was never sent", f.id));
+                return Err(Violation::UnsentRequest(f.id));
             }
         }
         Kind::Data => {
-            let s = st.streams.get_mut(&f.id).ok_or_else(|| format!("data for unknown stream {}", f.id))?;
+            let s = st.streams.get_mut(&f.id).ok_or(Violation::DataUnknownStream(f.id))?;
             if !s.output || s.eof {
-                return Err(format!("data on stream {} that is not open for output", f.id));
+                return Err(Violation::DataNotOutput(f.id));
             }
             if f.payload.is_empty() || s.buf.len() as u64 + s.consumed + f.payload.len() as u64 > u64::from(STREAM_WINDOW) {
-                return Err(format!("stream {}: data beyond the window", f.id));
+                return Err(Violation::DataBeyondWindow(f.id));
             }
             if s.discard {
                 let n = f.payload.len() as u32;
@@ -223,9 +259,9 @@ fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), String> {
             shared.cond.notify_all();
         }
         Kind::Eof => {
-            let s = st.streams.get_mut(&f.id).ok_or_else(|| format!("end of unknown stream {}", f.id))?;
+            let s = st.streams.get_mut(&f.id).ok_or(Violation::EofUnknownStream(f.id))?;
             if !s.output || s.eof {
-                return Err(format!("end of stream {} that is not open for output", f.id));
+                return Err(Violation::EofNotOutput(f.id));
             }
             s.eof = true;
             if s.discard && !s.input {
@@ -234,16 +270,16 @@ fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), String> {
             shared.cond.notify_all();
         }
         Kind::Credit => {
-            let n = <[u8; 4]>::try_from(f.payload.as_slice()).map_err(|_| "malformed credit".to_string())?;
+            let n = <[u8; 4]>::try_from(f.payload.as_slice()).map_err(Violation::MalformedCredit)?;
             if let Some(s) = st.streams.get_mut(&f.id).filter(|s| s.input) {
                 s.credit += u64::from(u32::from_le_bytes(n));
                 if s.credit > u64::from(STREAM_WINDOW) {
-                    return Err(format!("stream {}: credit beyond the window", f.id));
+                    return Err(Violation::CreditBeyondWindow(f.id));
                 }
                 shared.cond.notify_all();
             }
         }
-        Kind::Hello | Kind::Request => return Err(format!("unexpected frame kind {:?}", f.kind)),
+        Kind::Hello | Kind::Request => return Err(Violation::UnexpectedKind(f.kind)),
     }
     Ok(())
 }

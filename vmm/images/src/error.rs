@@ -4,7 +4,9 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::digest::Digest;
+use crate::pull::pace::PaceError;
 use crate::reference::ReferenceError;
+use crate::spec::{ManifestError, PlatformError};
 
 /// Everything that can go wrong in the image store, a pull or a load. Each
 /// message is one line that says what failed and where.
@@ -124,7 +126,43 @@ pub enum Error {
         /// The variable.
         name: String,
         /// What is wrong with its value.
-        reason: String,
+        reason: PaceError,
+    },
+    /// A registry sent a manifest or index vmrun cannot use.
+    #[error("registry {registry}: {what}: {problem}")]
+    RegistryManifest {
+        /// `host[:port]`.
+        registry: String,
+        /// Which document (`manifest of REFERENCE`, `manifest DIGEST`).
+        what: String,
+        /// What is wrong with it.
+        problem: ManifestError,
+    },
+    /// A manifest or index in the store cannot be used.
+    #[error("image store {}: {problem}; pull or load the image again", path.display())]
+    StoreManifest {
+        /// The blob.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: ManifestError,
+    },
+    /// A manifest or index in an archive given to `load` cannot be used.
+    #[error("{}: manifest {digest}: {problem}", path.display())]
+    ArchiveManifest {
+        /// The archive.
+        path: PathBuf,
+        /// The manifest.
+        digest: Digest,
+        /// What is wrong with it.
+        problem: ManifestError,
+    },
+    /// The image is for another platform than the one vmrun runs.
+    #[error("{image}: {problem}")]
+    Platform {
+        /// The image: its reference, or its manifest's or config's digest.
+        image: String,
+        /// Which platforms it has.
+        problem: PlatformError,
     },
     /// An archive given to `load` is not a `docker save` or OCI archive, or
     /// is damaged.

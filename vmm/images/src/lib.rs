@@ -36,9 +36,9 @@ pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
 pub use image::{Image, ImageConfig, ImageSummary, Layer};
 pub use progress::{NoProgress, Progress};
-pub use pull::pace::MinRate;
+pub use pull::pace::{MinRate, PaceError};
 pub use pull::{Credentials, PullOptions, DEFAULT_PULL_DEADLINE};
-pub use reference::{Reference, ReferenceError, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use reference::{Reference, ReferenceError, ReferenceProblem, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::lock::{FileLock, Mode as LockMode};
 pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
 

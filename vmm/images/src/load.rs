@@ -238,7 +238,7 @@ impl Loader<'_, '_> {
         let bytes = self.staging.read(d, MAX_DOCUMENT_SIZE).map_err(|e| self.bad(format!("config {d}: {e}")))?;
         let config: ConfigFile =
             serde_json::from_slice(&bytes).map_err(|e| self.bad(format!("config {d} is not an image config: {e}")))?;
-        spec::check_config_platform(&config).map_err(Error::Unsupported)?;
+        spec::check_config_platform(&config).map_err(|problem| Error::Platform { image: format!("config {d}"), problem })?;
         Ok(config)
     }
 
@@ -259,12 +259,16 @@ impl Loader<'_, '_> {
                 if doc.len() as u64 != d.size {
                     return Err(self.bad(format!("manifest {} is {} bytes, its descriptor says {}", d.digest, doc.len(), d.size)));
                 }
-                match spec::parse_manifest(&doc, Some(&d.media_type))
-                    .map_err(|e| self.bad(format!("manifest {}: {e}", d.digest)))?
+                match spec::parse_manifest(&doc, Some(&d.media_type)).map_err(|problem| Error::ArchiveManifest {
+                    path: self.path.to_owned(),
+                    digest: d.digest.clone(),
+                    problem,
+                })?
                 {
                     Parsed::Manifest(m) => break m,
                     Parsed::Index(entries) if d.digest == top.digest => {
-                        d = spec::select_platform(&entries).map_err(Error::Unsupported)?.clone();
+                        let platform = |problem| Error::Platform { image: format!("index {}", d.digest), problem };
+                        d = spec::select_platform(&entries).map_err(platform)?.clone();
                     }
                     Parsed::Index(_) => return Err(self.bad(format!("index {} is nested too deep", d.digest))),
                 }

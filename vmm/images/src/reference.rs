@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestError};
 
 /// The registry that names without a registry part refer to.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
@@ -34,7 +34,54 @@ pub struct ReferenceError {
     /// The string as given (cut to 300 characters).
     pub input: String,
     /// What is wrong with it.
-    pub reason: String,
+    pub reason: ReferenceProblem,
+}
+
+/// What is wrong with a string that is not an image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceProblem {
+    /// Nothing was given.
+    #[error("empty reference (give a name such as busybox or busybox:1.36)")]
+    Empty,
+    /// A space or control character.
+    #[error("contains {0:?} (a reference has no spaces or control characters)")]
+    BadChar(char),
+    /// The part after `@` is not a digest.
+    #[error("{}", .0.reason)]
+    Digest(#[source] DigestError),
+    /// The part after the last `:` is not a tag.
+    #[error(
+        "bad tag {0:?} (up to {MAX_TAG_LEN} letters, digits, '_', '.' and '-', not starting with '.' or '-')"
+    )]
+    Tag(String),
+    /// Nothing before the tag or digest.
+    #[error("missing repository name")]
+    MissingName,
+    /// A name over the limit.
+    #[error("repository name longer than {MAX_NAME_LEN} characters")]
+    NameTooLong,
+    /// The first component looks like a registry but is not a host name
+    /// or address.
+    #[error("bad registry {0:?} (a host name, IPv4 address or [IPv6] address, with an optional :port)")]
+    Registry(String),
+    /// The registry's port is not a number from 0 to 65535.
+    #[error("bad port in registry {0:?} (a number up to 65535)")]
+    Port(String),
+    /// `a//b`, or a name ending in `/`.
+    #[error("empty path component in repository name")]
+    EmptyComponent,
+    /// An uppercase letter in the repository.
+    #[error("repository name must be lowercase")]
+    Uppercase,
+    /// A component that starts or ends with a separator, or has two in a row.
+    #[error("bad repository name component {0:?} (lowercase letters and digits, separated by '.', '_', '__' or '-')")]
+    Component(String),
+    /// A character no repository name has.
+    #[error("bad character {0:?} in repository name")]
+    Char(char),
+    /// 64 hex digits: an image ID, not a name.
+    #[error("a 64-digit hex string is an image ID, not a repository name")]
+    ImageId,
 }
 
 impl Reference {
@@ -134,15 +181,15 @@ impl FromStr for Reference {
     }
 }
 
-fn parse(input: &str) -> Result<Reference, String> {
+fn parse(input: &str) -> Result<Reference, ReferenceProblem> {
     if input.is_empty() {
-        return Err("empty reference".into());
+        return Err(ReferenceProblem::Empty);
     }
     if let Some(c) = input.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("contains {c:?}"));
+        return Err(ReferenceProblem::BadChar(c));
     }
     let (rest, digest) = match input.split_once('@') {
-        Some((rest, d)) => (rest, Some(d.parse::<Digest>().map_err(|e| e.reason.to_string())?)),
+        Some((rest, d)) => (rest, Some(d.parse::<Digest>().map_err(ReferenceProblem::Digest)?)),
         None => (input, None),
     };
     // A tag is after the last ':' that follows the last '/'.
@@ -155,10 +202,10 @@ fn parse(input: &str) -> Result<Reference, String> {
         check_tag(t)?;
     }
     if name.is_empty() {
-        return Err("missing repository name".into());
+        return Err(ReferenceProblem::MissingName);
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("repository name longer than {MAX_NAME_LEN} characters"));
+        return Err(ReferenceProblem::NameTooLong);
     }
     let (registry, path) = match name.split_once('/') {
         Some((first, path)) if first.contains(['.', ':']) || first == "localhost" || first.starts_with('[') => {
@@ -177,7 +224,7 @@ fn parse(input: &str) -> Result<Reference, String> {
         path.to_owned()
     };
     if path.len() == 64 && path.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a 64-digit hex string is an image ID, not a repository name".into());
+        return Err(ReferenceProblem::ImageId);
     }
     let tag = match (tag, &digest) {
         (Some(t), _) => Some(t.to_owned()),
@@ -187,21 +234,19 @@ fn parse(input: &str) -> Result<Reference, String> {
     Ok(Reference { registry, repository, tag, digest })
 }
 
-fn check_tag(tag: &str) -> Result<(), String> {
+fn check_tag(tag: &str) -> Result<(), ReferenceProblem> {
     let ok = !tag.is_empty()
         && tag.len() <= MAX_TAG_LEN
         && tag.bytes().enumerate().all(|(i, b)| b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && (b == b'.' || b == b'-')));
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "bad tag {tag:?} (up to {MAX_TAG_LEN} letters, digits, '_', '.' and '-', not starting with '.' or '-')"
-        ))
+        Err(ReferenceProblem::Tag(tag.to_owned()))
     }
 }
 
-fn check_registry(registry: &str) -> Result<(), String> {
-    let bad = || Err(format!("bad registry {registry:?}"));
+fn check_registry(registry: &str) -> Result<(), ReferenceProblem> {
+    let bad = || Err(ReferenceProblem::Registry(registry.to_owned()));
     let (host, port) = if let Some(rest) = registry.strip_prefix('[') {
         let Some((addr, after)) = rest.split_once(']') else { return bad() };
         if addr.parse::<std::net::Ipv6Addr>().is_err() {
@@ -234,7 +279,7 @@ fn check_registry(registry: &str) -> Result<(), String> {
     if let Some(port) = port {
         if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err()
         {
-            return Err(format!("bad port in registry {registry:?}"));
+            return Err(ReferenceProblem::Port(registry.to_owned()));
         }
     }
     Ok(())
@@ -242,12 +287,12 @@ fn check_registry(registry: &str) -> Result<(), String> {
 
 /// A path component: lowercase letters and digits, separated by `.`, `_`,
 /// `__` or runs of `-`.
-fn check_component(c: &str) -> Result<(), String> {
+fn check_component(c: &str) -> Result<(), ReferenceProblem> {
     if c.is_empty() {
-        return Err("empty path component in repository name".into());
+        return Err(ReferenceProblem::EmptyComponent);
     }
     if c.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err("repository name must be lowercase".into());
+        return Err(ReferenceProblem::Uppercase);
     }
     let b = c.as_bytes();
     let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
@@ -260,20 +305,20 @@ fn check_component(c: &str) -> Result<(), String> {
             continue;
         }
         if expect_alnum {
-            return Err(format!("bad repository name component {c:?}"));
+            return Err(ReferenceProblem::Component(c.to_owned()));
         }
         let sep_len = match b[i] {
             b'.' => 1,
             b'_' if b.get(i + 1) == Some(&b'_') => 2,
             b'_' => 1,
             b'-' => b[i..].iter().take_while(|&&x| x == b'-').count(),
-            _ => return Err(format!("bad character {:?} in repository name", char::from(b[i]))),
+            _ => return Err(ReferenceProblem::Char(char::from(b[i]))),
         };
         i += sep_len;
         expect_alnum = true;
     }
     if expect_alnum {
-        return Err(format!("bad repository name component {c:?}"));
+        return Err(ReferenceProblem::Component(c.to_owned()));
     }
     Ok(())
 }
@@ -343,5 +388,9 @@ mod tests {
         assert!(err(&"a".repeat(256)).contains("longer than"));
         assert!(err(&"ab".repeat(32)).contains("image ID"));
         assert!(err("[::1/a").contains("bad registry"));
+        let e = "busybox@md5:abc".parse::<Reference>().unwrap_err();
+        assert!(matches!(&e.reason, ReferenceProblem::Digest(d) if d.reason.contains("only sha256")), "{e:?}");
+        assert!(std::error::Error::source(&e.reason).is_some());
+        assert_eq!("Busybox".parse::<Reference>().unwrap_err().reason, ReferenceProblem::Uppercase);
     }
 }

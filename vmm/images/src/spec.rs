@@ -151,34 +151,93 @@ pub(crate) enum Parsed {
     Index(Vec<Descriptor>),
 }
 
+/// Why a document is not a manifest or index vmrun can use.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The document does not start with `{`.
+    #[error("not a manifest: not a JSON object")]
+    NotObject,
+    /// The document is not valid JSON or has fields of the wrong type.
+    #[error("not a manifest: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A Docker schema 1 manifest.
+    #[error("Docker schema 1 manifests are not supported (re-push the image with a current client)")]
+    SchemaOne,
+    /// A schema version other than 2.
+    #[error("schema version {0} (expected 2)")]
+    SchemaVersion(u32),
+    /// The config descriptor's media type is not an image config's.
+    #[error("config media type {0:?} is not an image config")]
+    ConfigMediaType(String),
+    /// A layer vmrun has no unpacker for.
+    #[error("layer {digest} has media type {media_type:?}, which vmrun cannot unpack")]
+    LayerMediaType {
+        /// The layer.
+        digest: Digest,
+        /// Its media type.
+        media_type: String,
+    },
+    /// Neither `manifests` nor `config` and `layers`.
+    #[error("neither an image manifest nor an index")]
+    Neither,
+}
+
+/// Why an image is not one for the platform vmrun runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlatformError {
+    /// An index without a linux/amd64 entry.
+    #[error("no {OS}/{ARCH} image in the index (it has: {}); use an image built for {OS}/{ARCH}", have_list(.have))]
+    NotInIndex {
+        /// The platforms the index has (attestations left out).
+        have: Vec<String>,
+    },
+    /// A config for another platform.
+    #[error("the image is for {os}/{architecture}; vmrun runs {OS}/{ARCH} guests")]
+    Other {
+        /// The config's OS.
+        os: String,
+        /// The config's architecture.
+        architecture: String,
+    },
+}
+
+fn have_list(have: &[String]) -> String {
+    if have.is_empty() {
+        "none".into()
+    } else {
+        have.join(", ")
+    }
+}
+
 /// Parses a manifest or index document; `header_type` is the media type the
 /// sender claimed (the `Content-Type` or a descriptor's), used when the
 /// document does not say.
-pub(crate) fn parse_manifest(bytes: &[u8], header_type: Option<&str>) -> Result<Parsed, String> {
+pub(crate) fn parse_manifest(bytes: &[u8], header_type: Option<&str>) -> Result<Parsed, ManifestError> {
     if !bytes.trim_ascii_start().starts_with(b"{") {
-        return Err("not a manifest: not a JSON object".into());
+        return Err(ManifestError::NotObject);
     }
-    let m: AnyManifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    let m: AnyManifest = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
     let media_type = m.media_type.clone().or_else(|| header_type.map(str::to_owned)).unwrap_or_default();
     if media_type.starts_with("application/vnd.docker.distribution.manifest.v1") || m.schema_version == 1 {
-        return Err("Docker schema 1 manifests are not supported (re-push the image with a current client)".into());
+        return Err(ManifestError::SchemaOne);
     }
     if m.schema_version != 2 {
-        return Err(format!("schema version {} (expected 2)", m.schema_version));
+        return Err(ManifestError::SchemaVersion(m.schema_version));
     }
     match (m.manifests, m.config, m.layers) {
         (Some(manifests), None, _) => Ok(Parsed::Index(manifests)),
         (None, Some(config), Some(layers)) => {
             if !is_config(&config.media_type) {
-                return Err(format!("config media type {:?} is not an image config", config.media_type));
+                return Err(ManifestError::ConfigMediaType(config.media_type));
             }
             if let Some(l) = layers.iter().find(|l| !is_layer(&l.media_type)) {
-                return Err(format!("layer {} has media type {:?}, which vmrun cannot unpack", l.digest, l.media_type));
+                let (digest, media_type) = (l.digest.clone(), l.media_type.clone());
+                return Err(ManifestError::LayerMediaType { digest, media_type });
             }
             let media_type = if media_type == DOCKER_MANIFEST { DOCKER_MANIFEST } else { OCI_MANIFEST };
             Ok(Parsed::Manifest(Manifest { schema_version: 2, media_type: media_type.into(), config, layers }))
         }
-        _ => Err("neither an image manifest nor an index".into()),
+        _ => Err(ManifestError::Neither),
     }
 }
 
@@ -188,17 +247,17 @@ pub const ARCH: &str = "amd64";
 pub const OS: &str = "linux";
 
 /// Picks the linux/amd64 manifest from an index.
-pub(crate) fn select_platform(manifests: &[Descriptor]) -> Result<&Descriptor, String> {
+pub(crate) fn select_platform(manifests: &[Descriptor]) -> Result<&Descriptor, PlatformError> {
     let is_ours = |d: &&Descriptor| d.platform.as_ref().is_some_and(|p| p.os == OS && p.architecture == ARCH);
     // Attestations (`unknown/unknown`) and other platforms are skipped.
     manifests.iter().find(is_ours).ok_or_else(|| {
-        let have: Vec<String> = manifests
+        let have = manifests
             .iter()
             .filter_map(|d| d.platform.as_ref())
             .filter(|p| p.os != "unknown")
             .map(ToString::to_string)
             .collect();
-        format!("no {OS}/{ARCH} image in the index (it has: {})", if have.is_empty() { "none".into() } else { have.join(", ") })
+        PlatformError::NotInIndex { have }
     })
 }
 
@@ -249,13 +308,13 @@ pub(crate) struct RootFs {
 }
 
 /// Checks an image config's platform, if it names one.
-pub(crate) fn check_config_platform(c: &ConfigFile) -> Result<(), String> {
+pub(crate) fn check_config_platform(c: &ConfigFile) -> Result<(), PlatformError> {
     let os_ok = c.os.is_empty() || c.os == OS;
     let arch_ok = c.architecture.is_empty() || c.architecture == ARCH;
     if os_ok && arch_ok {
         Ok(())
     } else {
-        Err(format!("the image is for {}/{}; vmrun runs {OS}/{ARCH} guests", c.os, c.architecture))
+        Err(PlatformError::Other { os: c.os.clone(), architecture: c.architecture.clone() })
     }
 }
 
@@ -277,17 +336,19 @@ mod tests {
         );
         let Parsed::Index(ms) = parse_manifest(i.as_bytes(), Some(OCI_INDEX)).unwrap() else { panic!() };
         assert_eq!(select_platform(&ms).unwrap().size, 4);
-        let err = select_platform(&ms[..1]).unwrap_err();
+        let err = select_platform(&ms[..1]).unwrap_err().to_string();
         assert!(err.contains("linux/arm64/v8"), "{err}");
     }
 
     #[test]
     fn rejects_odd_manifests() {
-        assert!(parse_manifest(br#"{"schemaVersion":1}"#, None).unwrap_err().contains("schema 1"));
-        assert!(parse_manifest(b"[]", None).unwrap_err().contains("not a manifest"));
+        assert!(parse_manifest(br#"{"schemaVersion":1}"#, None).unwrap_err().to_string().contains("schema 1"));
+        assert!(parse_manifest(b"[]", None).unwrap_err().to_string().contains("not a manifest"));
+        let e = parse_manifest(b"{", None).unwrap_err();
+        assert!(matches!(e, ManifestError::Json(_)) && std::error::Error::source(&e).is_some(), "{e:?}");
         let m = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","digest":"{D}","size":1}},"layers":[{{"mediaType":"application/x-foreign","digest":"{D}","size":2}}]}}"#
         );
-        assert!(parse_manifest(m.as_bytes(), None).unwrap_err().contains("cannot unpack"));
+        assert!(parse_manifest(m.as_bytes(), None).unwrap_err().to_string().contains("cannot unpack"));
     }
 }

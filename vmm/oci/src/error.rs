@@ -25,6 +25,9 @@ pub enum Error {
     /// Bad command-line input.
     #[error("{0}")]
     Usage(String),
+    /// A `--log-format` other than `text` or `json`.
+    #[error("invalid log format {0:?} (use --log-format text or --log-format json)")]
+    LogFormat(String),
     /// Starting or reaching the VM failed.
     #[error(transparent)]
     Runtime(#[from] vmrun_runtime::Error),

@@ -24,13 +24,13 @@ pub enum Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
+    type Err = crate::error::Error;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            _ => Err(format!("invalid log format {s:?} (text or json)")),
+            _ => Err(crate::error::Error::LogFormat(s.to_owned())),
         }
     }
 }
@@ -131,5 +131,14 @@ mod tests {
         assert_eq!(v["time"], "2024-01-01T00:00:00Z");
         let t = line(Format::Text, Level::Info, "a \"b\"", "T");
         assert_eq!(t, "time=\"T\" level=info msg=\"a \\\"b\\\"\"\n");
+    }
+
+    #[test]
+    fn log_formats_parse() {
+        assert_eq!("json".parse::<Format>().unwrap(), Format::Json);
+        assert_eq!("text".parse::<Format>().unwrap(), Format::Text);
+        let e = "xml".parse::<Format>().unwrap_err();
+        assert!(matches!(&e, crate::error::Error::LogFormat(f) if f == "xml"), "{e:?}");
+        assert!(e.to_string().starts_with("invalid log format \"xml\""), "{e}");
     }
 }

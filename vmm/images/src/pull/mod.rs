@@ -78,12 +78,12 @@ impl PullOptions {
         if let Some(v) = var("VMRUN_INSECURE_REGISTRIES") {
             o.insecure_registries = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
         }
-        let bad = |name: &str, reason: String| Error::BadSetting { name: name.to_owned(), reason };
+        let bad = |name: &'static str| move |reason| Error::BadSetting { name: name.to_owned(), reason };
         if let Some(v) = var(pace::MIN_RATE_ENV) {
-            o.min_rate = MinRate::parse(&v).map_err(|r| bad(pace::MIN_RATE_ENV, r))?;
+            o.min_rate = MinRate::parse(&v).map_err(bad(pace::MIN_RATE_ENV))?;
         }
         if let Some(v) = var(pace::TIMEOUT_ENV) {
-            let d = pace::parse_duration(&v).map_err(|r| bad(pace::TIMEOUT_ENV, r))?;
+            let d = pace::parse_duration(&v).map_err(bad(pace::TIMEOUT_ENV))?;
             o.deadline = Some(d).filter(|d| !d.is_zero());
         }
         Ok(o)
@@ -111,16 +111,20 @@ impl Store {
 
         let top = fetch_manifest(&mut client, reference, &reference.manifest_reference(), reference.digest(), None)?;
         let bad = |reason: String| Error::Registry { registry: reference.registry().into(), reason };
+        let bad_manifest = |what: String| {
+            move |problem| Error::RegistryManifest { registry: reference.registry().into(), what, problem }
+        };
+        let platform = |problem| Error::Platform { image: reference.to_string(), problem };
         let (manifest_doc, manifest) = match spec::parse_manifest(&top.bytes, top.content_type.as_deref())
-            .map_err(|e| bad(format!("manifest of {reference}: {e}")))?
+            .map_err(bad_manifest(format!("manifest of {reference}")))?
         {
             Parsed::Manifest(m) => (top, m),
             Parsed::Index(entries) => {
-                let d = spec::select_platform(&entries).map_err(|e| Error::Unsupported(format!("{reference}: {e}")))?;
+                let d = spec::select_platform(&entries).map_err(platform)?;
                 let doc = fetch_manifest(&mut client, reference, &d.digest.to_string(), Some(&d.digest), Some(d.size))?;
                 let header = doc.content_type.clone().unwrap_or_else(|| d.media_type.clone());
                 match spec::parse_manifest(&doc.bytes, Some(&header))
-                    .map_err(|e| bad(format!("manifest {}: {e}", d.digest)))?
+                    .map_err(bad_manifest(format!("manifest {}", d.digest)))?
                 {
                     Parsed::Manifest(m) => (doc, m),
                     Parsed::Index(_) => return Err(bad(format!("manifest {} is an index inside an index", d.digest))),
@@ -139,7 +143,7 @@ impl Store {
         let config_bytes = staging.read(&cfg.digest, MAX_DOCUMENT_SIZE).map_err(|e| bad(e.to_string()))?;
         let config: ConfigFile = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad(format!("config {} is not an image config: {e}", cfg.digest)))?;
-        spec::check_config_platform(&config).map_err(|e| Error::Unsupported(format!("{reference}: {e}")))?;
+        spec::check_config_platform(&config).map_err(platform)?;
 
         for (i, layer) in manifest.layers.iter().enumerate() {
             fetch_blob(&mut client, &mut staging, layer, &format!("layer {}", i + 1), progress)?;

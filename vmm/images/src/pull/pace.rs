@@ -19,6 +19,60 @@ pub const MIN_RATE_ENV: &str = "VMRUN_PULL_MIN_RATE";
 /// with an `s`, `m` or `h` suffix).
 pub const TIMEOUT_ENV: &str = "VMRUN_PULL_TIMEOUT";
 
+/// Why a value of [`MIN_RATE_ENV`] or [`TIMEOUT_ENV`] is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaceError {
+    /// The rate's number is missing or too large.
+    #[error("{input:?} is not BYTES[/SECONDS] (e.g. 1KiB/30s, or 0 to turn the check off)")]
+    Rate {
+        /// The value as given.
+        input: String,
+        /// Why its number is not one.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// The rate's unit is not one of B, KiB, MiB.
+    #[error("unknown unit {unit:?} in {input:?} (use B, KiB or MiB)")]
+    RateUnit {
+        /// The unit as given.
+        unit: String,
+        /// The value as given.
+        input: String,
+    },
+    /// The window is 0.
+    #[error("{input:?}: the window must be longer than 0 s")]
+    ZeroWindow {
+        /// The value as given.
+        input: String,
+    },
+    /// The duration's number is missing or not one.
+    #[error("{input:?} is not a duration (e.g. 90s, 30m, 4h)")]
+    Duration {
+        /// The value as given.
+        input: String,
+        /// Why its number is not one.
+        #[source]
+        source: std::num::ParseFloatError,
+    },
+    /// The duration's unit is not one of s, m, h.
+    #[error("unknown unit {unit:?} in {input:?} (use s, m or h)")]
+    DurationUnit {
+        /// The unit as given.
+        unit: String,
+        /// The value as given.
+        input: String,
+    },
+    /// The duration is negative or too long.
+    #[error("{input:?} is not a duration (it is negative or too long; e.g. 90s, 30m, 4h)")]
+    DurationRange {
+        /// The value as given.
+        input: String,
+        /// Why it is out of range.
+        #[source]
+        source: std::time::TryFromFloatSecsError,
+    },
+}
+
 /// A transfer is given up when it receives fewer than `bytes_per_sec`
 /// bytes a second, on average, over `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +99,7 @@ impl fmt::Display for MinRate {
 impl MinRate {
     /// Parses `BYTES[/SECONDS]`: `1KiB/30s`, `2048`, `512/5`; `0` or `off`
     /// turns the check off.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PaceError> {
         let s = s.trim();
         if s == "0" || s.eq_ignore_ascii_case("off") {
             return Ok(Self { bytes_per_sec: 0, ..Self::default() });
@@ -57,19 +111,19 @@ impl MinRate {
         let rate = rate.trim();
         let rate = rate.strip_suffix("/s").unwrap_or(rate);
         let digits = rate.find(|c: char| !c.is_ascii_digit()).unwrap_or(rate.len());
-        let number: u64 = rate[..digits].parse().map_err(|_| format!("{s:?} is not BYTES[/SECONDS] (e.g. 1KiB/30s)"))?;
+        let number: u64 = rate[..digits].parse().map_err(|source| PaceError::Rate { input: s.to_owned(), source })?;
         let unit = match rate[digits..].trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" | "kb" => 1 << 10,
             "m" | "mib" | "mb" => 1 << 20,
-            other => return Err(format!("unknown unit {other:?} in {s:?} (use B, KiB or MiB)")),
+            other => return Err(PaceError::RateUnit { unit: other.to_owned(), input: s.to_owned() }),
         };
         let window = match window {
             Some(w) => parse_duration(w)?,
             None => Self::default().window,
         };
         if window.is_zero() {
-            return Err(format!("{s:?}: the window must be longer than 0 s"));
+            return Err(PaceError::ZeroWindow { input: s.to_owned() });
         }
         Ok(Self { bytes_per_sec: number.saturating_mul(unit), window })
     }
@@ -80,20 +134,20 @@ impl MinRate {
 }
 
 /// Parses `30`, `30s`, `5m`, `4h`, `1.5` (seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, PaceError> {
     let t = s.trim();
     let (number, unit) = match t.char_indices().find(|(_, c)| !(c.is_ascii_digit() || *c == '.')) {
         Some((i, _)) => (&t[..i], t[i..].trim()),
         None => (t, "s"),
     };
-    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 4h)"))?;
+    let n: f64 = number.parse().map_err(|source| PaceError::Duration { input: s.to_owned(), source })?;
     let scale = match unit {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {s:?} (use s, m or h)")),
+        other => return Err(PaceError::DurationUnit { unit: other.to_owned(), input: s.to_owned() }),
     };
-    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is not a duration"))
+    Duration::try_from_secs_f64(n * scale).map_err(|source| PaceError::DurationRange { input: s.to_owned(), source })
 }
 
 /// `1 KiB`, `300 B`, `2 MiB`.
@@ -282,7 +336,11 @@ mod tests {
         assert_eq!(parse_duration("4h").unwrap(), Duration::from_secs(4 * 3600));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("soon").is_err());
+        assert!(matches!(parse_duration("soon"), Err(PaceError::Duration { .. })));
+        assert!(matches!(parse_duration("5d"), Err(PaceError::DurationUnit { .. })));
+        let e = MinRate::parse("fast").unwrap_err();
+        assert!(matches!(e, PaceError::Rate { .. }) && std::error::Error::source(&e).is_some(), "{e:?}");
+        assert!(matches!(MinRate::parse("1KiB/soon"), Err(PaceError::Duration { .. })));
         assert_eq!(MinRate::default().to_string(), "1 KiB/s over 30 s");
         assert_eq!(secs(Duration::from_secs(6 * 3600)), "6 h");
     }

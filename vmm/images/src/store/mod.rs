@@ -254,11 +254,12 @@ impl Store {
         let mut digest = digest.clone();
         for _ in 0..2 {
             let bytes = self.read_document(&digest, "manifest")?;
-            let bad = |reason: String| Error::BadStore { path: self.blob_path(&digest), reason };
+            let bad = |problem| Error::StoreManifest { path: self.blob_path(&digest), problem };
             match spec::parse_manifest(&bytes, None).map_err(bad)? {
                 Parsed::Manifest(m) => return Ok((digest, m)),
                 Parsed::Index(ms) => {
-                    let d = spec::select_platform(&ms).map_err(Error::Unsupported)?;
+                    let platform = |problem| Error::Platform { image: format!("index {digest}"), problem };
+                    let d = spec::select_platform(&ms).map_err(platform)?;
                     digest = d.digest.clone();
                 }
             }
