@@ -278,6 +278,16 @@ impl Jail {
         // SAFETY: our copy of the write end.
         unsafe { libc::close(alive[1]) };
         self.build_root(&root, id)?;
+        // Once unprivileged the process is not dumpable and may no longer
+        // open its own /proc/self/pagemap: the snapshot writer needs it to
+        // skip the guest pages never touched (without it, it reads them
+        // all, and all of guest memory becomes resident).
+        match File::open("/proc/self/pagemap") {
+            Ok(f) => {
+                let _ = PAGEMAP.set(f);
+            }
+            Err(e) => log::debug!("jail: no /proc/self/pagemap: {e}"),
+        }
         drop_privileges(id)?;
         // A change of credentials clears the parent-death signal: set it
         // again, then make sure the outer process did not die meanwhile.
@@ -378,6 +388,16 @@ pub fn chown_tree(dir: &Path, id: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `/proc/self/pagemap` of the jailed process, opened before it dropped its
+/// privileges.
+static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// The jailed process's `/proc/self/pagemap`, opened while it still could
+/// (`None` outside a jail: open it there).
+pub fn pagemap() -> Option<&'static File> {
+    PAGEMAP.get()
 }
 
 /// Drops to `id` (uid and gid), with no groups, capabilities or way back.

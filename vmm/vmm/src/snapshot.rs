@@ -120,7 +120,16 @@ const CHUNK_PAGES: usize = 256;
 /// `/proc`, every page is read.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, Error> {
     let file = File::create(path).map_err(io(path))?;
-    let pagemap = File::open("/proc/self/pagemap").map_err(|e| log::warn!("no /proc/self/pagemap ({e}): reading every page")).ok();
+    // In a jail, the one the jail opened for us (the process may not open
+    // it once unprivileged).
+    let opened;
+    let pagemap: Option<&File> = match vmrun_jail::pagemap() {
+        Some(f) => Some(f),
+        None => {
+            opened = File::open("/proc/self/pagemap").map_err(|e| log::warn!("no /proc/self/pagemap ({e}): reading every page")).ok();
+            opened.as_ref()
+        }
+    };
     let mut offset = 0u64;
     let mut page = vec![0u8; PAGE];
     let mut entries = vec![0u8; CHUNK_PAGES * 8];
