@@ -19,7 +19,9 @@
 //!    `/dev/net/tun`, `/dev/null`, `/dev/urandom`); `pivot_root` into it;
 //! 5. an unprivileged uid and gid of its own (`10000000 + pid`: no two
 //!    running VMMs share one), no supplementary groups, no capabilities,
-//!    an empty capability bounding set and `no_new_privs`.
+//!    an empty capability bounding set and `no_new_privs` (its own
+//!    `/proc/self/pagemap`, which it may not open afterwards, is opened
+//!    just before: [`pagemap`], for the snapshot writer).
 //!
 //! Nothing of the host beyond those paths is reachable afterwards; the
 //! seccomp filters (installed later, per thread) narrow what the process
