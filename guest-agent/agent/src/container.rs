@@ -241,9 +241,10 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
             mkdirs: process::mkdirs_for(target).map_err(|e| internal("path", e))?,
         })
     };
+    // runc's order: proc, the /dev tmpfs (and its nodes), devpts, shm,
+    // mqueue, sysfs.
     let mut ops = vec![
         mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
-        mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?,
         mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
     ];
     for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
@@ -254,6 +255,9 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
     ops.push(Op::Symlink { target: c"pts/ptmx".to_owned(), path: c"/dev/ptmx".to_owned() });
     ops.push(Op::Mkdir { path: c"/dev/shm".to_owned(), mode: 0o1777 });
     ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
+    ops.push(Op::Mkdir { path: c"/dev/mqueue".to_owned(), mode: 0o755 });
+    ops.push(mount(c"mqueue", "/dev/mqueue", c"mqueue", nosuid_dev_exec, None)?);
+    ops.push(mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?);
     for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         ops.push(Op::Symlink { target: c(target)?, path: c(&format!("/dev/{name}"))? });
     }
@@ -539,6 +543,25 @@ mod tests {
         }
         assert_eq!(attached, 2);
         assert_eq!(ROOTFS_FLAGS & libc::MS_NODEV, libc::MS_NODEV);
+    }
+
+    #[test]
+    fn standard_mounts_in_runcs_order() {
+        let ops = setup_ops(&[], &[]).unwrap();
+        let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Mount { target, fstype, flags, .. } => Some((target.to_str().unwrap(), fstype.as_deref().unwrap().to_str().unwrap(), *flags)),
+                _ => None,
+            })
+            .collect();
+        let order: Vec<(&str, &str)> = mounts.iter().map(|(t, f, _)| (*t, *f)).collect();
+        assert_eq!(
+            order,
+            [("/proc", "proc"), ("/dev", "tmpfs"), ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs"), ("/dev/mqueue", "mqueue"), ("/sys", "sysfs")]
+        );
+        let all = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        assert_eq!(mounts[4].2 & all, all, "mqueue is nosuid,nodev,noexec");
     }
 
     #[test]
