@@ -255,6 +255,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         hostname: plan.hostname.clone(),
         mounts,
         rlimits: plan.process.rlimits.clone(),
+        ..Default::default()
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
@@ -415,6 +416,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
         working_dir: Some(ep.process.cwd.clone()),
         user: Some(ep.process.user.clone()),
         mounts: Vec::new(),
+        ..Default::default()
     };
     let mut process =
         client.exec(&st.guest_id, &rec.exec_id, &p, stdio_mode(tty.as_ref(), ep.process.terminal)).map_err(|e| fail(rec, e.into()))?;
