@@ -201,6 +201,9 @@ fn oci_runtime_signals_execs_and_force_deletes() {
     let b = bundle("bundle-long", &["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 1; done"], |s| {
         s["root"]["readonly"] = true.into();
         s["process"]["env"] = serde_json::json!(["PATH=/bin:/usr/bin", "WHO=container"]);
+        let caps = serde_json::json!(["CAP_CHOWN", "CAP_KILL"]);
+        s["process"]["capabilities"] = serde_json::json!({ "bounding": caps, "effective": caps, "permitted": caps });
+        s["process"]["noNewPrivileges"] = false.into();
     });
     let (out, err) = (support::scratch("long.out"), support::scratch("long.err"));
     let pid = create(&root, &b, "c-long", &out, &err);
@@ -215,6 +218,20 @@ fn oci_runtime_signals_execs_and_force_deletes() {
     let o = run(&root, &["exec", "c-long", "sh", "-c", "echo x > /probe"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(text(&o.stderr).contains("Read-only file system"), "{}", text(&o.stderr));
+
+    // The spec's capabilities and noNewPrivileges, for the init and an
+    // exec'd process; --cap and --no-new-privs add to them.
+    let privileges = |o: &Output| {
+        assert_ok(o);
+        let t = text(&o.stdout);
+        let field = |n: &str| t.lines().find_map(|l| l.strip_prefix(n)).unwrap_or_else(|| panic!("no {n} in {t}")).trim().to_string();
+        ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:", "NoNewPrivs:"].map(field).join(" ")
+    };
+    let want = "0000000000000021 0000000000000021 0000000000000021 0000000000000000 0";
+    assert_eq!(privileges(&run(&root, &["exec", "c-long", "cat", "/proc/1/status"])), want, "the init");
+    assert_eq!(privileges(&run(&root, &["exec", "c-long", "cat", "/proc/self/status"])), want, "an exec'd process");
+    let added = "0000000000002021 0000000000002021 0000000000002021 0000000000000000 1";
+    assert_eq!(privileges(&run(&root, &["exec", "--cap", "CAP_NET_RAW", "--no-new-privs", "c-long", "cat", "/proc/self/status"])), added);
 
     // runc's process.json.
     let pj = support::scratch("process.json");

@@ -6,8 +6,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use vmrun_agent_protocol::{AgentError, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec};
+use vmrun_agent_protocol::{AgentError, Capabilities, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec};
 
+use crate::caps::{self, CapSets};
 use crate::process::{self, ChildStdio, Enter, Op, Plan};
 use crate::sys::{self, cstring};
 use crate::unpack;
@@ -241,9 +242,10 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
             mkdirs: process::mkdirs_for(target).map_err(|e| internal("path", e))?,
         })
     };
+    // runc's order: proc, the /dev tmpfs (and its nodes), devpts, shm,
+    // mqueue, sysfs.
     let mut ops = vec![
         mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
-        mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?,
         mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
     ];
     for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
@@ -254,6 +256,9 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
     ops.push(Op::Symlink { target: c"pts/ptmx".to_owned(), path: c"/dev/ptmx".to_owned() });
     ops.push(Op::Mkdir { path: c"/dev/shm".to_owned(), mode: 0o1777 });
     ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
+    ops.push(Op::Mkdir { path: c"/dev/mqueue".to_owned(), mode: 0o755 });
+    ops.push(mount(c"mqueue", "/dev/mqueue", c"mqueue", nosuid_dev_exec, None)?);
+    ops.push(mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?);
     for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         ops.push(Op::Symlink { target: c(target)?, path: c(&format!("/dev/{name}"))? });
     }
@@ -387,6 +392,31 @@ pub struct ProcessSpec {
     pub id: Identity,
     /// Whether it gets a terminal.
     pub tty: bool,
+    /// Capability sets.
+    pub caps: CapSets,
+    /// Whether it gets `no_new_privs`.
+    pub no_new_privs: bool,
+}
+
+/// The capability sets and `no_new_privs` of a process: what it asks for,
+/// else what the container was created with, else docker's default
+/// capabilities and `no_new_privs`.
+fn privileges(
+    config: &ImageConfig,
+    caps: Option<&Capabilities>,
+    no_new_privs: Option<bool>,
+    id: &Identity,
+) -> Result<(CapSets, bool), AgentError> {
+    let default;
+    let caps = match caps.or(config.capabilities.as_ref()) {
+        Some(c) => c,
+        None => {
+            default = Capabilities::docker_default(id.uid == 0);
+            &default
+        }
+    };
+    let sets = CapSets::new(caps, caps::kernel_last_cap()).map_err(|m| err(ErrorKind::BadRequest, m))?;
+    Ok((sets, no_new_privs.or(config.no_new_privileges).unwrap_or(true)))
 }
 
 impl Container {
@@ -408,7 +438,10 @@ impl Container {
         let mut env = self.config.env.clone();
         let mut user_spec = self.config.user.as_str();
         let mut working_dir = self.config.working_dir.as_str();
+        let (mut caps, mut no_new_privs) = (None, None);
         if let Some(o) = overrides {
+            caps = o.capabilities.as_ref();
+            no_new_privs = o.no_new_privileges;
             if !o.args.is_empty() {
                 args = o.args.clone();
             }
@@ -425,7 +458,8 @@ impl Container {
         }
         let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = if working_dir.is_empty() { "/".to_string() } else { abs(working_dir)? };
-        Ok(ProcessSpec { args, env, cwd, id, tty })
+        let (caps, no_new_privs) = privileges(&self.config, caps, no_new_privs, &id)?;
+        Ok(ProcessSpec { args, env, cwd, id, tty, caps, no_new_privs })
     }
 
     /// Another process in this container.
@@ -440,7 +474,8 @@ impl Container {
             None if self.config.working_dir.is_empty() => "/".into(),
             None => abs(&self.config.working_dir)?,
         };
-        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty })
+        let (caps, no_new_privs) = privileges(&self.config, p.capabilities.as_ref(), p.no_new_privileges, &id)?;
+        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs })
     }
 
     /// The plan for a process of this container.
@@ -481,6 +516,8 @@ impl Container {
             gid: spec.id.gid,
             groups: spec.id.groups.clone(),
             rlimits: rlimits(&self.config.rlimits)?,
+            caps: spec.caps,
+            no_new_privs: spec.no_new_privs,
         })
     }
 }
@@ -539,6 +576,47 @@ mod tests {
         }
         assert_eq!(attached, 2);
         assert_eq!(ROOTFS_FLAGS & libc::MS_NODEV, libc::MS_NODEV);
+    }
+
+    #[test]
+    fn standard_mounts_in_runcs_order() {
+        let ops = setup_ops(&[], &[]).unwrap();
+        let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Mount { target, fstype, flags, .. } => Some((target.to_str().unwrap(), fstype.as_deref().unwrap().to_str().unwrap(), *flags)),
+                _ => None,
+            })
+            .collect();
+        let order: Vec<(&str, &str)> = mounts.iter().map(|(t, f, _)| (*t, *f)).collect();
+        assert_eq!(
+            order,
+            [("/proc", "proc"), ("/dev", "tmpfs"), ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs"), ("/dev/mqueue", "mqueue"), ("/sys", "sysfs")]
+        );
+        let all = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        assert_eq!(mounts[4].2 & all, all, "mqueue is nosuid,nodev,noexec");
+    }
+
+    #[test]
+    fn privileges_default_to_dockers_and_no_new_privs() {
+        let root = Identity { uid: 0, gid: 0, groups: vec![], home: "/root".into() };
+        let alice = Identity { uid: 1000, gid: 1000, groups: vec![], home: "/home/alice".into() };
+        let config = ImageConfig::default();
+        let (c, nnp) = privileges(&config, None, None, &root).unwrap();
+        assert_eq!((c.bounding, c.effective, c.permitted, c.inheritable, c.ambient, nnp), (0xa80425fb, 0xa80425fb, 0xa80425fb, 0, 0, true));
+        let (c, _) = privileges(&config, None, None, &alice).unwrap();
+        assert_eq!((c.bounding, c.effective, c.permitted), (0xa80425fb, 0, 0));
+        // The container's own, then the process's.
+        let own = Capabilities { bounding: vec!["CAP_KILL".into()], ..Default::default() };
+        let config = ImageConfig { capabilities: Some(own), no_new_privileges: Some(false), ..Default::default() };
+        let (c, nnp) = privileges(&config, None, None, &root).unwrap();
+        assert_eq!((c.bounding, c.effective, nnp), (1 << 5, 0, false));
+        let asked = Capabilities { bounding: vec!["CAP_CHOWN".into()], ..Default::default() };
+        let (c, nnp) = privileges(&config, Some(&asked), Some(true), &root).unwrap();
+        assert_eq!((c.bounding, nnp), (1, true));
+        let bad = Capabilities { bounding: vec!["CAP_NOPE".into()], ..Default::default() };
+        let e = privileges(&config, Some(&bad), None, &root).unwrap_err();
+        assert!(e.kind == ErrorKind::BadRequest && e.message.contains("CAP_NOPE"), "{e}");
     }
 
     #[test]

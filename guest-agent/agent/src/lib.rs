@@ -10,6 +10,7 @@
 //! roots ([`unpack`]), and running containers ([`container`],
 //! [`process`]).
 
+pub mod caps;
 pub mod container;
 pub mod init;
 pub mod log;

@@ -16,7 +16,10 @@
 //! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
 //! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
 //! the configured mounts, host name, umask 022, rlimits, working directory,
-//! groups, uid/gid, `no_new_privs`, `execve` along `PATH`.
+//! capabilities and user as runc sets them (the bounding set dropped with
+//! `PR_CAPBSET_DROP`, `PR_SET_KEEPCAPS` across groups and uid/gid, then the
+//! effective, permitted and inheritable sets with `capset` and the ambient
+//! ones raised), `no_new_privs` when asked, `execve` along `PATH`.
 //!
 //! An exec'd process: the agent thread enters the container's PID
 //! namespace for its children (`setns(pidfd, CLONE_NEWPID)`), clones, and
@@ -28,6 +31,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::caps::CapSets;
 use crate::sys::{self, cstring};
 
 /// Exit code when the program cannot be run (docker's 126).
@@ -170,6 +174,10 @@ pub struct Plan {
     pub groups: Vec<libc::gid_t>,
     /// Resource limits.
     pub rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    /// Capability sets.
+    pub caps: CapSets,
+    /// Whether to set `no_new_privs`.
+    pub no_new_privs: bool,
 }
 
 /// A process just cloned; [`Started::result`] tells whether it reached
@@ -201,6 +209,8 @@ const STEP_RLIMIT: u32 = 5;
 const STEP_CWD: u32 = 6;
 const STEP_USER: u32 = 7;
 const STEP_EXEC: u32 = 8;
+const STEP_CAPS: u32 = 9;
+const STEP_NO_NEW_PRIVS: u32 = 10;
 const STEP_OPS: u32 = 100;
 
 /// The `PATH` search: where `execve` is tried for `arg0`.
@@ -302,6 +312,8 @@ pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> 
         STEP_RLIMIT => "setting resource limits".to_string(),
         STEP_CWD => "changing to the working directory".to_string(),
         STEP_USER => "changing user".to_string(),
+        STEP_CAPS => "setting capabilities".to_string(),
+        STEP_NO_NEW_PRIVS => "setting no_new_privs".to_string(),
         s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
         _ => "setup".to_string(),
     };
@@ -390,6 +402,56 @@ fn run_op(op: &Op) -> libc::c_int {
     }
 }
 
+/// `capset`'s header (`_LINUX_CAPABILITY_VERSION_3`, this thread).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `capset`'s data: two of these, capabilities 0-31 then 32-63.
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability not in `caps.bounding` from the bounding set
+/// (before the uid changes: it needs `CAP_SETPCAP`).
+fn drop_bounding(caps: &CapSets, errfd: RawFd) {
+    for cap in 0..=caps.last_cap.min(63) {
+        if caps.bounding & 1 << cap == 0 {
+            // SAFETY: prctl with integer arguments.
+            check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } as libc::c_long, errfd, STEP_CAPS);
+        }
+    }
+}
+
+/// Sets the effective, permitted and inheritable sets, then raises the
+/// ambient ones (after the uid changed, with `PR_SET_KEEPCAPS` having kept
+/// the permitted set across it).
+fn set_caps(caps: &CapSets, errfd: RawFd) {
+    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let half = |m: u64, hi: bool| (if hi { m >> 32 } else { m }) as u32;
+    let data = [false, true].map(|hi| CapData {
+        effective: half(caps.effective, hi),
+        permitted: half(caps.permitted, hi),
+        inheritable: half(caps.inheritable, hi),
+    });
+    // SAFETY: capset reads a header and two data records from this stack.
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) }, errfd, STEP_CAPS);
+    for cap in 0..=caps.last_cap.min(63) {
+        if caps.ambient & 1 << cap != 0 {
+            // SAFETY: prctl with integer arguments.
+            let r = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, cap as libc::c_ulong, 0, 0) };
+            check(r as libc::c_long, errfd, STEP_CAPS);
+        }
+    }
+}
+
 fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
     // SAFETY: the whole child makes raw system calls on descriptors and
     // strings prepared by the parent before clone; this single-threaded
@@ -456,10 +518,16 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
         // Raw system calls: glibc's wrappers would try to change the
         // credentials of the agent's other threads, which this child does
         // not have.
+        drop_bounding(&plan.caps, errfd);
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_CAPS);
         check(libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()), errfd, STEP_USER);
         check(libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid), errfd, STEP_USER);
         check(libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid), errfd, STEP_USER);
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_USER);
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) as libc::c_long, errfd, STEP_CAPS);
+        set_caps(&plan.caps, errfd);
+        if plan.no_new_privs {
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_NO_NEW_PRIVS);
+        }
 
         // The PATH search, as execvp does it: go on past missing files,
         // remember a permission error.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmrun_agent_client::{Client, CreateContainer, Error, ErrorKind, ExecProcess, ImageConfig, LayerSource, StdioMode};
 use vmrun_agent_protocol::frame::{self, Kind};
-use vmrun_agent_protocol::{Hello, UnpackLimits};
+use vmrun_agent_protocol::{Capabilities, Hello, UnpackLimits};
 
 const LIMIT: usize = 16 << 20;
 
@@ -142,6 +142,106 @@ fn exec_runs_inside_the_container() {
     // Duplicate exec ids are refused.
     let err = c.exec("ex", "e1", &exec_args(&["true"]), StdioMode::Null).unwrap_err();
     assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::AlreadyExists), "{err}");
+    init.signal(9).unwrap();
+    assert_eq!(init.wait().unwrap(), 137);
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The capability masks and `NoNewPrivs` a process printed from
+/// `/proc/self/status`: `CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs`.
+fn privileges(out: &vmrun_agent_client::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, 0, "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:"].map(field).join(" ")
+}
+
+#[test]
+fn capabilities_no_new_privs_and_mqueue() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let piped = StdioMode::Piped { stdin: false };
+    // Without capabilities in the request: docker's default set, and
+    // no_new_privs; /dev/mqueue is mounted.
+    create(&c, &agent, "dflt", cmd(&["sh", "-c", "cat /proc/self/status; cat /proc/mounts"]));
+    let out = c.start("dflt", piped).unwrap().output(LIMIT).unwrap();
+    let d = "00000000a80425fb";
+    assert_eq!(privileges(&out), format!("0000000000000000 {d} {d} {d} 0000000000000000 1"));
+    let mounts = String::from_utf8_lossy(&out.stdout);
+    assert!(mounts.lines().any(|l| l.starts_with("mqueue /dev/mqueue mqueue rw,nosuid,nodev,noexec")), "{mounts}");
+
+    // A user other than root with an ambient capability, without
+    // no_new_privs: CHOWN | KILL | NET_BIND_SERVICE bound, NET_BIND_SERVICE
+    // in every other set.
+    let nbs = names(&["CAP_NET_BIND_SERVICE"]);
+    let caps = Capabilities {
+        bounding: names(&["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]),
+        effective: nbs.clone(),
+        permitted: nbs.clone(),
+        inheritable: nbs.clone(),
+        ambient: nbs,
+    };
+    let config = ImageConfig {
+        cmd: names(&["sh", "-c", "cat /proc/self/status; sleep 1000"]),
+        user: "alice".into(),
+        capabilities: Some(caps),
+        no_new_privileges: Some(false),
+        ..Default::default()
+    };
+    create(&c, &agent, "caps", config);
+    let mut init = c.start("caps", piped).unwrap();
+    let mut stdout = init.stdout.take().unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains("NoNewPrivs") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&text));
+        text.extend_from_slice(&buf[..n]);
+    }
+    let read = vmrun_agent_client::Output { stdout: text, stderr: Vec::new(), exit_code: 0 };
+    let want = "0000000000000400 0000000000000400 0000000000000400 0000000000000421 0000000000000400 0";
+    assert_eq!(privileges(&read), want);
+
+    // An exec'd process gets the container's sets, or its own: root with
+    // CHOWN and KILL bound and only KILL permitted and effective (with
+    // no_new_privs root's execve keeps the permitted set; without it,
+    // it would fill it from the bounding set, as under runc).
+    let status = exec_args(&["cat", "/proc/self/status"]);
+    let out = c.exec("caps", "same", &status, piped).unwrap().output(LIMIT).unwrap();
+    assert_eq!(privileges(&out), want);
+    let own = ExecProcess {
+        user: Some("root".into()),
+        capabilities: Some(Capabilities {
+            bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
+            effective: names(&["CAP_KILL"]),
+            permitted: names(&["CAP_KILL"]),
+            ..Default::default()
+        }),
+        no_new_privileges: Some(true),
+        ..status.clone()
+    };
+    let out = c.exec("caps", "own", &own, piped).unwrap().output(LIMIT).unwrap();
+    assert_eq!(privileges(&out), "0000000000000000 0000000000000020 0000000000000020 0000000000000021 0000000000000000 1");
+    // Unknown names and sets the kernel would refuse are refused.
+    for (i, (caps, what)) in [
+        (Capabilities { bounding: names(&["CAP_NO_SUCH_THING"]), ..Default::default() }, "CAP_NO_SUCH_THING"),
+        (Capabilities { effective: names(&["CAP_KILL"]), ..Default::default() }, "not in the permitted set"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = ExecProcess { capabilities: Some(caps), ..status.clone() };
+        let err = c.exec("caps", &format!("bad{i}"), &p, piped).unwrap_err();
+        assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains(what)), "{err}");
+    }
     init.signal(9).unwrap();
     assert_eq!(init.wait().unwrap(), 137);
 }

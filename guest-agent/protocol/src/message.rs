@@ -285,6 +285,122 @@ pub struct ImageConfig {
     pub mounts: Vec<Mount>,
     /// Resource limits of the container's processes.
     pub rlimits: Vec<Rlimit>,
+    /// The capability sets of the container's processes; `None`: docker's
+    /// default ([`Capabilities::docker_default`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// Whether the container's processes get `no_new_privs`; `None`: yes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_new_privileges: Option<bool>,
+}
+
+/// The capability names the agent knows, by number (`CAP_CHOWN` is 0).
+pub const CAPABILITY_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Docker's default capabilities (`docker run` without `--cap-add` or
+/// `--cap-drop`).
+pub const DOCKER_DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The number of a capability name: `CAP_NET_ADMIN`, or `NET_ADMIN`, in
+/// any case.
+pub fn capability_number(name: &str) -> Option<u32> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    CAPABILITY_NAMES.iter().position(|n| n[4..] == *bare).map(|i| i as u32)
+}
+
+/// The capability sets of a process, as in the OCI runtime spec: names
+/// such as `CAP_NET_ADMIN` (see [`capability_number`]). An unknown name is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Capabilities {
+    /// The bounding set: what the process and its children can ever get.
+    pub bounding: Vec<String>,
+    /// The effective set.
+    pub effective: Vec<String>,
+    /// The permitted set.
+    pub permitted: Vec<String>,
+    /// The inheritable set.
+    pub inheritable: Vec<String>,
+    /// The ambient set (kept across `execve` by a process that is not root).
+    pub ambient: Vec<String>,
+}
+
+impl Capabilities {
+    /// What docker gives: [`DOCKER_DEFAULT_CAPABILITIES`] as the bounding
+    /// set and, for root, the effective and permitted sets (a user other
+    /// than root gets only the bounding set, as `execve` would leave it).
+    pub fn docker_default(root: bool) -> Self {
+        let set: Vec<String> = DOCKER_DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+        let own = if root { set.clone() } else { Vec::new() };
+        Self { bounding: set, effective: own.clone(), permitted: own, ..Default::default() }
+    }
+
+    /// Every capability in the bounding, effective and permitted sets:
+    /// what root has without restrictions (runc's behaviour when a spec
+    /// has no `process.capabilities`).
+    pub fn all() -> Self {
+        let set: Vec<String> = CAPABILITY_NAMES.iter().map(|s| s.to_string()).collect();
+        Self { bounding: set.clone(), effective: set.clone(), permitted: set, ..Default::default() }
+    }
 }
 
 /// A mount inside the container, like an OCI runtime spec mount.
@@ -346,6 +462,12 @@ pub struct ExecProcess {
     /// made by the agent and bound into the container.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    /// The capability sets (default: the container's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// `no_new_privs` (default: the container's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_new_privileges: Option<bool>,
 }
 
 /// Where a process's standard streams go. Stream ids are chosen by the
@@ -507,6 +629,24 @@ mod tests {
         assert_eq!(c.rootfs, RootfsSpec::Tmpfs { size_mib: None });
         assert_eq!(c.limits, UnpackLimits::default());
         assert!(c.config.entrypoint.is_empty());
+        assert_eq!((c.config.capabilities, c.config.no_new_privileges), (None, None), "older callers keep today's behaviour");
+    }
+
+    #[test]
+    fn capability_names() {
+        assert_eq!(capability_number("CAP_CHOWN"), Some(0));
+        assert_eq!(capability_number("net_admin"), Some(12));
+        assert_eq!(capability_number("CAP_SYS_ADMIN"), Some(21));
+        assert_eq!(capability_number("CAP_CHECKPOINT_RESTORE"), Some(40));
+        assert_eq!(capability_number("CAP_BOGUS"), None);
+        assert_eq!(capability_number("CAP_"), None);
+        for d in DOCKER_DEFAULT_CAPABILITIES {
+            assert!(capability_number(d).is_some(), "{d}");
+        }
+        let user = Capabilities::docker_default(false);
+        assert!(user.effective.is_empty() && user.permitted.is_empty() && user.bounding.len() == 14);
+        let c = ImageConfig { capabilities: Some(Capabilities::docker_default(true)), no_new_privileges: Some(false), ..Default::default() };
+        assert_eq!(serde_json::from_str::<ImageConfig>(&serde_json::to_string(&c).unwrap()).unwrap(), c);
     }
 
     #[test]

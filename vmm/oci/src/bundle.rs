@@ -4,32 +4,41 @@
 //!
 //! What is used: `ociVersion` (1.0.x and 1.1.x), `root` (a directory,
 //! copied into an ext4 disk; `readonly` mounts the copy read-only),
-//! `process` (args, env, cwd, user uid/gid, terminal, rlimits),
+//! `process` (args, env, cwd, user uid/gid, terminal, rlimits,
+//! `capabilities`, `noNewPrivileges`),
 //! `hostname`, `mounts`, `linux.resources.memory.limit` and
 //! `linux.resources.cpu` quota/period (the VM's size) and the annotations
 //! `io.vmrun.memory` / `io.vmrun.cpus`, which override them.
+//!
+//! Capabilities and `noNewPrivileges` are applied to the container's
+//! processes by the guest agent, as runc does: the bounding set dropped,
+//! the effective, permitted and inheritable sets set after the uid change,
+//! the ambient ones raised; `no_new_privs` only when `noNewPrivileges` is
+//! true. A spec without `process.capabilities` leaves root every
+//! capability (as runc does); an unknown capability name is refused.
 //!
 //! Mounts: the standard ones a caller such as containerd always lists
 //! (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
 //! `/sys/fs/cgroup`, and the host files `/etc/resolv.conf`, `/etc/hosts`,
 //! `/etc/hostname`, `/dev/termination-log`) are skipped: the agent makes
-//! its own `/proc`, `/sys` and `/dev`. A bind mount of a host *directory*
+//! its own `/proc`, `/dev` (with `/dev/pts`, `/dev/shm`, `/dev/mqueue`)
+//! and `/sys`, in runc's order. A bind mount of a host *directory*
 //! becomes a copy on a volume disk, as `vmrun run -v` does; a bind mount of
 //! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
 //! `devpts` mounts elsewhere are made by the agent in the guest.
 //!
-//! Accepted but not enforced (the VM boundary is the isolation):
-//! capabilities, seccomp, AppArmor/SELinux labels, namespaces (joining a
-//! namespace by path included), cgroups other than the VM's size,
-//! `additionalGids` (supplementary groups come from the image's
-//! `/etc/group`), `noNewPrivileges`. Hooks are not run.
+//! Accepted but not enforced (the VM boundary is the isolation): seccomp,
+//! AppArmor/SELinux labels, namespaces (joining a namespace by path
+//! included), cgroups other than the VM's size, `additionalGids`
+//! (supplementary groups come from the image's `/etc/group`), the options
+//! of the standard mounts (the agent's own are used). Hooks are not run.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
-use vmrun_agent_protocol::{Mount, Rlimit};
+use vmrun_agent_protocol::{Capabilities, Mount, Rlimit};
 
 use crate::error::{Error, Result};
 
@@ -75,6 +84,13 @@ pub struct ProcessPlan {
     pub terminal: bool,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
+    /// Capability sets (a spec without `process.capabilities`: every
+    /// capability bounding, effective and permitted, as runc leaves them).
+    #[serde(default = "Capabilities::all")]
+    pub capabilities: Capabilities,
+    /// `noNewPrivileges` (false when absent).
+    #[serde(default)]
+    pub no_new_privileges: bool,
 }
 
 /// A host directory given to the container as a copy on a volume disk.
@@ -143,6 +159,9 @@ pub fn load(bundle: &Path) -> Result<Plan> {
         .ok_or_else(|| bad(format!("{} has no ociVersion", path.display())))?
         .to_string();
     check_version(&version)?;
+    if let Some(p) = raw.get("process") {
+        check_capability_names(p, &path)?;
+    }
     let spec: Spec = serde_json::from_value(raw).map_err(|e| bad(format!("invalid runtime spec in {}: {e}", path.display())))?;
     plan(bundle, &spec)
 }
@@ -232,9 +251,6 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan> {
     if user.additional_gids().as_ref().is_some_and(|g| !g.is_empty()) {
         log::debug!("process.user.additionalGids are not passed on: supplementary groups come from the image's /etc/group");
     }
-    if p.capabilities().is_some() {
-        log::debug!("process.capabilities are accepted, not enforced: the VM boundary is the isolation");
-    }
     let rlimits = p
         .rlimits()
         .as_deref()
@@ -249,7 +265,42 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan> {
         user: format!("{}:{}", user.uid(), user.gid()),
         terminal: p.terminal().unwrap_or(false),
         rlimits,
+        capabilities: p.capabilities().as_ref().map_or_else(Capabilities::all, capabilities),
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
     })
+}
+
+/// The spec's capability sets as the agent takes them (names such as
+/// `CAP_NET_ADMIN`, sorted); a set that is absent is empty, as in runc.
+fn capabilities(c: &oci_spec::runtime::LinuxCapabilities) -> Capabilities {
+    let names = |set: &Option<oci_spec::runtime::Capabilities>| {
+        let mut v: Vec<String> = set.iter().flatten().map(|c| format!("CAP_{c}")).collect();
+        v.sort();
+        v
+    };
+    Capabilities {
+        bounding: names(c.bounding()),
+        effective: names(c.effective()),
+        permitted: names(c.permitted()),
+        inheritable: names(c.inheritable()),
+        ambient: names(c.ambient()),
+    }
+}
+
+/// Refuses capability names this runtime does not know, with the set they
+/// are in (`process` is a spec's process or a `process.json`), before the
+/// spec is parsed (whose error would name neither).
+pub fn check_capability_names(process: &serde_json::Value, file: &Path) -> Result<()> {
+    let Some(sets) = process.get("capabilities").and_then(|c| c.as_object()) else { return Ok(()) };
+    for (set, names) in sets {
+        for name in names.as_array().into_iter().flatten() {
+            let known = name.as_str().and_then(vmrun_agent_protocol::capability_number).is_some();
+            if !known {
+                return Err(bad(format!("unknown capability {name} in process.capabilities.{set} of {}", file.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The options the agent understands: flags it knows and `key=value` file
@@ -454,8 +505,42 @@ mod tests {
         let ok = p(serde_json::json!({ "user": { "uid": 1000, "gid": 100, "additionalGids": [5] }, "args": ["ls", "-l"], "cwd": "/tmp", "env": ["A=b"] })).unwrap();
         assert_eq!((ok.user.as_str(), ok.cwd.as_str(), ok.terminal), ("1000:100", "/tmp", false));
         assert_eq!(ok.env, ["A=b"]);
+        assert_eq!((ok.capabilities.clone(), ok.no_new_privileges), (Capabilities::all(), false), "runc's defaults");
         assert!(p(serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": [], "cwd": "/" })).unwrap_err().to_string().contains("args"));
         assert!(p(serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": ["x"], "cwd": "tmp" })).unwrap_err().to_string().contains("absolute"));
+    }
+
+    #[test]
+    fn capabilities_and_no_new_privileges_pass_through() {
+        let b = bundle();
+        let mut v = default_spec();
+        v["process"]["capabilities"] = serde_json::json!({
+            "bounding": ["CAP_KILL", "CAP_CHOWN", "NET_ADMIN"],
+            "effective": ["CAP_KILL"],
+            "permitted": ["CAP_KILL"],
+        });
+        let p = plan(b.path(), &spec_of(v.clone())).unwrap().process;
+        assert!(p.no_new_privileges);
+        let want = Capabilities {
+            bounding: vec!["CAP_CHOWN".into(), "CAP_KILL".into(), "CAP_NET_ADMIN".into()],
+            effective: vec!["CAP_KILL".into()],
+            permitted: vec!["CAP_KILL".into()],
+            ..Default::default()
+        };
+        assert_eq!(p.capabilities, want);
+        v["process"]["noNewPrivileges"] = false.into();
+        assert!(!plan(b.path(), &spec_of(v.clone())).unwrap().process.no_new_privileges);
+        v["process"].as_object_mut().unwrap().remove("noNewPrivileges");
+        assert!(!plan(b.path(), &spec_of(v.clone())).unwrap().process.no_new_privileges, "false when absent");
+        v["process"]["capabilities"]["ambient"] = serde_json::json!(["CAP_NET_FLY"]);
+        std::fs::write(b.path().join("config.json"), v.to_string()).unwrap();
+        let e = load(b.path()).unwrap_err().to_string();
+        assert!(e.contains("unknown capability \"CAP_NET_FLY\" in process.capabilities.ambient"), "{e}");
+        // A plan written before capabilities were passed on keeps runc's
+        // defaults.
+        let old = serde_json::json!({ "args": ["sh"], "env": [], "cwd": "/", "user": "0:0", "terminal": false, "rlimits": [] });
+        let old: ProcessPlan = serde_json::from_value(old).unwrap();
+        assert_eq!((old.capabilities, old.no_new_privileges), (Capabilities::all(), false));
     }
 
     #[test]

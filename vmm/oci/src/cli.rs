@@ -126,9 +126,13 @@ enum Command {
         /// Accepted for runc compatibility.
         #[arg(long = "preserve-fds")]
         preserve_fds: Option<u32>,
-        /// Accepted for runc compatibility.
+        /// Set no_new_privs for the process.
         #[arg(long = "no-new-privs")]
         no_new_privs: bool,
+        /// Add a capability to its bounding, effective and permitted sets
+        /// (`CAP_NET_ADMIN`); may be repeated.
+        #[arg(short = 'c', long = "cap")]
+        cap: Vec<String>,
         /// The container's id.
         id: String,
         /// The command and its arguments (without --process).
@@ -186,8 +190,8 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
         Command::State { id } => ops::state(ctx, &id),
         Command::Kill { all, id, signal } => ops::kill(ctx, &id, signal.as_deref(), all),
         Command::Delete { force, id } => ops::delete(ctx, &id, force),
-        Command::Exec { process, detach, pid_file, console_socket, tty, cwd, env, user, id, command, .. } => {
-            ops::exec(ctx, &ExecArgs { id, process, detach, pid_file, console_socket, tty, cwd, env, user, command })
+        Command::Exec { process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, cap, id, command, .. } => {
+            ops::exec(ctx, &ExecArgs { id, process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, caps: cap, command })
         }
         Command::Ps { format, id, .. } => ops::ps(ctx, &id, &format),
         Command::Features => ops::features(),

@@ -471,6 +471,11 @@ pub struct ExecArgs {
     pub env: Vec<String>,
     /// `uid[:gid]`.
     pub user: Option<String>,
+    /// `--no-new-privs`: set no_new_privs whatever the process says.
+    pub no_new_privs: bool,
+    /// `--cap`: capabilities added to the bounding, effective and
+    /// permitted sets.
+    pub caps: Vec<String>,
     /// The command, without `--process`.
     pub command: Vec<String>,
 }
@@ -478,10 +483,29 @@ pub struct ExecArgs {
 /// The exec'd process: from `--process`, else the container's own process
 /// with the command and the flags' changes.
 fn exec_process(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
+    let mut plan = exec_process_of(dir, args)?;
+    plan.no_new_privileges |= args.no_new_privs;
+    for cap in &args.caps {
+        let n = vmrun_agent_protocol::capability_number(cap).ok_or_else(|| Error::Usage(format!("unknown capability {cap:?} (--cap)")))?;
+        let name = vmrun_agent_protocol::CAPABILITY_NAMES[n as usize].to_string();
+        let c = &mut plan.capabilities;
+        for set in [&mut c.bounding, &mut c.effective, &mut c.permitted] {
+            if !set.contains(&name) {
+                set.push(name.clone());
+            }
+        }
+    }
+    Ok(plan)
+}
+
+fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
     if let Some(path) = &args.process {
         let text = std::fs::read(path).map_err(|e| Error::Usage(format!("cannot read the process file {}: {e}", path.display())))?;
-        let p: oci_spec::runtime::Process =
+        let raw: serde_json::Value =
             serde_json::from_slice(&text).map_err(|e| Error::Usage(format!("invalid process file {}: {e}", path.display())))?;
+        bundle::check_capability_names(&raw, path)?;
+        let p: oci_spec::runtime::Process =
+            serde_json::from_value(raw).map_err(|e| Error::Usage(format!("invalid process file {}: {e}", path.display())))?;
         let mut plan = bundle::process_plan(&p)?;
         plan.terminal |= args.tty;
         return Ok(plan);
@@ -598,7 +622,7 @@ pub fn features_json() -> serde_json::Value {
         "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "newinstance"],
         "linux": {
             "namespaces": ["mount", "pid", "uts", "ipc"],
-            "capabilities": [],
+            "capabilities": vmrun_agent_protocol::CAPABILITY_NAMES.as_slice(),
             "cgroup": { "v1": false, "v2": false, "systemd": false, "systemdUser": false, "rdma": false },
             "seccomp": { "enabled": false },
             "apparmor": { "enabled": false },
@@ -632,7 +656,49 @@ pub fn spec(bundle: Option<&Path>) -> Result<i32> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn exec_capabilities_from_the_process_file_and_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("process.json");
+        let process = serde_json::json!({
+            "user": { "uid": 0, "gid": 0 }, "args": ["sh"], "cwd": "/",
+            "capabilities": { "bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"] }
+        });
+        std::fs::write(&file, process.to_string()).unwrap();
+        let mut args = ExecArgs {
+            id: "c".into(),
+            process: Some(file.clone()),
+            detach: false,
+            pid_file: None,
+            console_socket: None,
+            tty: false,
+            cwd: None,
+            env: Vec::new(),
+            user: None,
+            no_new_privs: false,
+            caps: Vec::new(),
+            command: Vec::new(),
+        };
+        let p = exec_process(d.path(), &args).unwrap();
+        assert_eq!((p.capabilities.bounding.as_slice(), p.no_new_privileges), (["CAP_KILL".to_string()].as_slice(), false));
+        args.no_new_privs = true;
+        args.caps = vec!["net_admin".into(), "CAP_KILL".into()];
+        let p = exec_process(d.path(), &args).unwrap();
+        assert!(p.no_new_privileges);
+        assert_eq!(p.capabilities.effective, ["CAP_KILL", "CAP_NET_ADMIN"]);
+        assert_eq!(p.capabilities.bounding, p.capabilities.permitted);
+        assert!(p.capabilities.ambient.is_empty());
+        args.caps = vec!["CAP_TELEPORT".into()];
+        assert!(exec_process(d.path(), &args).unwrap_err().to_string().contains("CAP_TELEPORT"));
+        args.caps.clear();
+        let bad = serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": ["sh"], "cwd": "/", "capabilities": { "effective": ["CAP_NOPE"] } });
+        std::fs::write(&file, bad.to_string()).unwrap();
+        let e = exec_process(d.path(), &args).unwrap_err().to_string();
+        assert!(e.contains("unknown capability \"CAP_NOPE\" in process.capabilities.effective"), "{e}");
+    }
 
     #[test]
     fn guest_ids_are_valid_agent_ids() {

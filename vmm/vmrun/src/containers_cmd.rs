@@ -150,6 +150,7 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
         working_dir: args.process.workdir.clone(),
         user: args.process.user.clone(),
         mounts: Vec::new(),
+        ..Default::default()
     };
     let tty = args.process.tty && attach::is_tty(libc::STDIN_FILENO);
     let mut p = match client.exec(&state.guest_id, &exec_id, &process, attach::stdio_mode(tty, args.process.interactive)) {

@@ -271,6 +271,7 @@ fn process_overrides(args: &RunArgs, image: &ImageConfig, volumes: &[Volume]) ->
         working_dir: args.process.workdir.clone(),
         user: args.process.user.clone(),
         mounts: volumes.iter().enumerate().map(|(slot, v)| v.mount(slot)).collect(),
+        ..Default::default()
     })
 }
 
