@@ -25,11 +25,19 @@ pub struct CapSets {
     pub last_cap: u32,
 }
 
+/// Capability sets that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapsError {
+    #[error("unknown capability {0:?} (use names such as CAP_CHOWN or NET_ADMIN)")]
+    Unknown(String),
+    /// Capabilities (named) in one set but not in the one it must be within.
+    #[error("capabilities: {names} {why}")]
+    Outside { names: String, why: &'static str },
+}
+
 /// The mask of a list of names; an unknown name is an error.
-pub fn mask(names: &[String]) -> Result<u64, String> {
-    names.iter().try_fold(0u64, |m, n| {
-        capability_number(n).map(|c| m | 1 << c).ok_or_else(|| format!("unknown capability {n:?}"))
-    })
+pub fn mask(names: &[String]) -> Result<u64, CapsError> {
+    names.iter().try_fold(0u64, |m, n| capability_number(n).map(|c| m | 1 << c).ok_or_else(|| CapsError::Unknown(n.clone())))
 }
 
 fn names(mask: u64) -> String {
@@ -43,7 +51,7 @@ impl CapSets {
     /// does). Refused: an unknown name, and sets the kernel would refuse
     /// later with a bare `EPERM` (effective beyond permitted, inheritable
     /// beyond bounding, ambient beyond permitted and inheritable).
-    pub fn new(caps: &Capabilities, last_cap: u32) -> Result<Self, String> {
+    pub fn new(caps: &Capabilities, last_cap: u32) -> Result<Self, CapsError> {
         let known = if last_cap >= 63 { u64::MAX } else { (1u64 << (last_cap + 1)) - 1 };
         let s = Self {
             bounding: mask(&caps.bounding)? & known,
@@ -53,9 +61,9 @@ impl CapSets {
             ambient: mask(&caps.ambient)? & known,
             last_cap,
         };
-        let outside = |a: u64, b: u64, what: &str| {
+        let outside = |a: u64, b: u64, why: &'static str| {
             if a & !b != 0 {
-                Err(format!("capabilities: {} {what}", names(a & !b)))
+                Err(CapsError::Outside { names: names(a & !b), why })
             } else {
                 Ok(())
             }
@@ -95,7 +103,7 @@ mod tests {
     fn masks_of_names() {
         assert_eq!(mask(&v(&["CAP_CHOWN", "NET_ADMIN", "cap_sys_admin"])).unwrap(), 1 | 1 << 12 | 1 << 21);
         assert_eq!(mask(&[]).unwrap(), 0);
-        assert!(mask(&v(&["CAP_CHOWN", "CAP_WHATEVER"])).unwrap_err().contains("CAP_WHATEVER"));
+        assert_eq!(mask(&v(&["CAP_CHOWN", "CAP_WHATEVER"])), Err(CapsError::Unknown("CAP_WHATEVER".into())));
     }
 
     #[test]
@@ -114,11 +122,11 @@ mod tests {
             inheritable: v(i),
             ambient: v(a),
         };
-        let e = CapSets::new(&c(&["CAP_KILL"], &["CAP_KILL"], &[], &[], &[]), 40).unwrap_err();
+        let e = CapSets::new(&c(&["CAP_KILL"], &["CAP_KILL"], &[], &[], &[]), 40).unwrap_err().to_string();
         assert!(e.contains("CAP_KILL in the effective set"), "{e}");
-        let e = CapSets::new(&c(&[], &[], &[], &["CAP_CHOWN"], &[]), 40).unwrap_err();
+        let e = CapSets::new(&c(&[], &[], &[], &["CAP_CHOWN"], &[]), 40).unwrap_err().to_string();
         assert!(e.contains("CAP_CHOWN in the inheritable set"), "{e}");
-        let e = CapSets::new(&c(&["CAP_CHOWN"], &[], &["CAP_CHOWN"], &[], &["CAP_CHOWN"]), 40).unwrap_err();
+        let e = CapSets::new(&c(&["CAP_CHOWN"], &[], &["CAP_CHOWN"], &[], &["CAP_CHOWN"]), 40).unwrap_err().to_string();
         assert!(e.contains("ambient"), "{e}");
         let ok = CapSets::new(&c(&["CAP_CHOWN", "CAP_KILL"], &["CAP_CHOWN"], &["CAP_CHOWN"], &["CAP_CHOWN"], &["CAP_CHOWN"]), 40).unwrap();
         assert_eq!((ok.bounding, ok.ambient), (0b100001, 1));

@@ -415,7 +415,7 @@ fn privileges(
             &default
         }
     };
-    let sets = CapSets::new(caps, caps::kernel_last_cap()).map_err(|m| err(ErrorKind::BadRequest, m))?;
+    let sets = CapSets::new(caps, caps::kernel_last_cap()).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
     Ok((sets, no_new_privs.or(config.no_new_privileges).unwrap_or(true)))
 }
 
