@@ -818,7 +818,7 @@ fn each_restore_answers_the_first_agent_connection() {
         // of guest memory stays out of the VMM's resident memory (a jailed
         // VMM reads /proc/self/pagemap through the descriptor its jail
         // opened; it read every page, and all 512 MiB became resident).
-        let stats = vmrun_vmm_api::request(&vm.control, &vmrun_vmm_api::Request::Stats, Duration::from_secs(10)).unwrap().stats.unwrap();
+        let stats = vmrun_vmm_api::request(&vm.layout().control(), &vmrun_vmm_api::Request::Stats, Duration::from_secs(10)).unwrap().stats.unwrap();
         let guest = stats.guest_rss_kib.unwrap();
         assert!(guest < 128 * 1024, "{guest} KiB of guest memory resident after the snapshot");
         client.shutdown().unwrap();

@@ -7,8 +7,9 @@
 //! the warm-start template (`vmrun_runtime::sandbox`), has the agent create
 //! the container on the root copy, records `created`, and blocks opening
 //! `exec.fifo` for writing until `start` opens it for reading, as runc's
-//! init does (a signal meanwhile cancels, through the sandbox's `Cancel`). Then it starts the process, pumps its streams to its own
-//! standard streams (or between the host pty and the guest's terminal),
+//! init does (a signal meanwhile cancels, through the sandbox's `Cancel`).
+//! Then it starts the process, pumps its streams to its own standard
+//! streams (or between the host pty and the guest's terminal),
 //! forwards the signals it receives (SIGWINCH as a resize), and exits with
 //! the process's exit code (128+N for signal N): its pid is the
 //! container's pid, the one containerd's shim reaps to learn how the
@@ -274,7 +275,6 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     })?;
     state.status = Status::Created;
     state.vmm = ProcessRef::of(sandbox.pid());
-    state.vsock = Some(sandbox.vsock().to_path_buf());
     state.save(dir).map_err(io("writing the state"))?;
     log::debug!("container {} created; waiting for start", state.id);
 
@@ -300,7 +300,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         Err(e) => {
             // Its VMM was killed (`delete --force`) or died: the container
             // ends as if killed.
-            log::error!("lost the container's VM ({e}); its console is in {}", sandbox.console().display());
+            log::error!("lost the container's VM ({e}); its console is in {}", sandbox.layout().console().display());
             128 + libc::SIGKILL
         }
     };
@@ -402,7 +402,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
     };
     let ep: ExecPlan = serde_json::from_slice(&std::fs::read(exec_plan_path(dir, &rec.exec_id)).map_err(io("reading the exec plan"))?)
         .map_err(|e| Error::Bundle(format!("exec plan: {e}")))?;
-    let (st_dir, st) = root.find(id)?;
+    let (_, st) = root.find(id)?;
     if st.effective_status() != Status::Running {
         return Err(fail(rec, Error::State(format!("cannot exec in container {id}: it is not running"))));
     }
@@ -410,7 +410,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
         (Some(socket), true) => Some(terminal(socket).map_err(|e| fail(rec, e))?),
         _ => None,
     };
-    let client = vmrun_runtime::sandbox::reach(&st, &st_dir, Options::default()).map_err(|e| fail(rec, e.into()))?;
+    let client = vmrun_runtime::sandbox::reach(&st, dir, Options::default()).map_err(|e| fail(rec, e.into()))?;
     let p = ExecProcess {
         args: ep.process.args.clone(),
         env: ep.process.env.clone(),

@@ -136,10 +136,6 @@ pub struct State {
     /// too long).
     #[serde(default)]
     pub vm_dir: Option<PathBuf>,
-    /// The VM's hybrid vsock socket, once it runs (else where the layout
-    /// puts it).
-    #[serde(default)]
-    pub vsock: Option<PathBuf>,
     /// The container's id inside the VM (for exec, signals).
     pub guest_id: String,
     /// Whether the process has a terminal.
@@ -205,7 +201,6 @@ impl State {
             creator: None,
             vmm: None,
             vm_dir: None,
-            vsock: None,
             guest_id: String::new(),
             tty: false,
             exit_code: None,
@@ -245,7 +240,7 @@ impl State {
     /// Where the agent of the container's VM is reached (its hybrid vsock
     /// socket), the container's directory being `dir`.
     pub fn agent_socket(&self, dir: &Path) -> PathBuf {
-        self.vsock.clone().unwrap_or_else(|| self.layout(dir).vsock())
+        self.layout(dir).vsock()
     }
 
     /// The layout of the container's sandbox, whose directory is `dir`

@@ -11,8 +11,10 @@
 //! Sandbox::launch          boot or restore (the VMM runs)
 //! Launched::connect        wait for the VMM's readiness and the agent's
 //!                          hello (events, not polls)
-//! create / start_process   a container from the layer disk or a root disk;
-//! exec / client            its process, more processes, signals, resizes
+//! create / start_process   a container from the layer disk or a root disk,
+//!                          and its process
+//! client / reach           more processes, signals, resizes (`reach`: from
+//!                          another process, through the container's state)
 //! save_prepared            snapshot the guest with the image unpacked
 //! stop / kill              shut the guest down, or kill the VMM
 //! ```
@@ -108,22 +110,17 @@ impl Sandbox {
         self.vm.pid()
     }
 
-    /// The guest's console log.
-    pub fn console(&self) -> &Path {
-        &self.vm.console
-    }
-
-    /// The VM's hybrid vsock socket (where other processes reach the
-    /// agent).
-    pub fn vsock(&self) -> &Path {
-        &self.vm.vsock
+    /// Where the VM's files are: its console, its vsock socket (where
+    /// other processes reach the agent), its control socket.
+    pub fn layout(&self) -> &crate::vm::Layout {
+        self.vm.layout()
     }
 
     /// What the VMM counts of its VM: guest instructions KVM emulated and
     /// exits per vCPU since the VM started (a restore starts from zero),
     /// and its resident memory.
     pub fn stats(&self) -> Result<vmrun_vmm_api::control::VmmStats> {
-        let answer = vmrun_vmm_api::control::request(&self.vm.control, &vmrun_vmm_api::control::Request::Stats, STATS_TIMEOUT)?;
+        let answer = vmrun_vmm_api::control::request(&self.vm.layout().control(), &vmrun_vmm_api::control::Request::Stats, STATS_TIMEOUT)?;
         answer.stats.ok_or_else(|| {
             crate::Error::Control(vmrun_vmm_api::ControlError::Refused("the VMM answered the stats request without stats".into()))
         })
@@ -138,15 +135,7 @@ impl Sandbox {
     /// Starts the process of container `id`, with start-time `overrides`
     /// of its configuration if given.
     pub fn start_process(&self, id: &str, mode: StdioMode, overrides: Option<&ExecProcess>) -> Result<Process> {
-        Ok(match overrides {
-            Some(o) => self.client.start_with(id, mode, Some(o))?,
-            None => self.client.start(id, mode)?,
-        })
-    }
-
-    /// Runs another process in container `id`.
-    pub fn exec(&self, id: &str, exec_id: &str, process: &ExecProcess, mode: StdioMode) -> Result<Process> {
-        Ok(self.client.exec(id, exec_id, process, mode)?)
+        Ok(self.client.start_with(id, mode, overrides)?)
     }
 
     /// Gives the guest its network interface's configuration.
@@ -161,10 +150,12 @@ impl Sandbox {
     }
 
     /// Waits up to `timeout` for the VMM to end (after the guest lost its
-    /// agent), killing it after that.
+    /// agent, or was shut down), killing it after that.
     pub fn wait_vmm(&mut self, timeout: Duration) {
-        if let Err(e) = self.vm.wait(timeout) {
-            log::warn!("waiting for the VMM: {e}");
+        match self.vm.wait(timeout) {
+            Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
+            Ok(_) => {}
+            Err(e) => log::warn!("waiting for the VMM: {e}"),
         }
     }
 
@@ -172,11 +163,7 @@ impl Sandbox {
     /// the VMM, killing it after 30 s.
     pub fn stop(mut self) {
         let _ = self.client.shutdown();
-        match self.vm.wait(Duration::from_secs(30)) {
-            Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
-            Ok(_) => {}
-            Err(e) => log::warn!("waiting for the VMM: {e}"),
-        }
+        self.wait_vmm(Duration::from_secs(30));
     }
 
     /// Ends the VM at once (a guest with nothing to save): the VMM is

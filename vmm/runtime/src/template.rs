@@ -175,10 +175,10 @@ fn snapshot_booted(vm: &mut VmProcess) -> Result<PathBuf> {
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;
     client.close();
-    let snap = vm.vm_dir.join("snapshot");
-    control::request(&vm.control, &Request::Snapshot { dir: snap.clone(), resume: false }, SNAPSHOT_TIMEOUT)
+    let snap = vm.layout().vm_dir().join("snapshot");
+    control::request(&vm.layout().control(), &Request::Snapshot { dir: snap.clone(), resume: false }, SNAPSHOT_TIMEOUT)
         .map_err(|e| Error::Io(std::io::Error::other(format!("snapshot of the template VM failed: {e}"))))?;
-    if let Err(e) = control::request(&vm.control, &Request::Stop, Duration::from_secs(10)) {
+    if let Err(e) = control::request(&vm.layout().control(), &Request::Stop, Duration::from_secs(10)) {
         log::debug!("stopping the template VM: {e}");
     }
     vm.wait(Duration::from_secs(30))?;
@@ -227,9 +227,9 @@ pub fn save_prepared(vm: &VmProcess, dir: &Path) {
         Ok(Some(l)) if !is_ready(dir) => l,
         _ => return,
     };
-    let tmp = vm.vm_dir.join("prepared-snapshot");
+    let tmp = vm.layout().vm_dir().join("prepared-snapshot");
     let _ = std::fs::remove_dir_all(&tmp);
-    match control::request(&vm.control, &Request::Snapshot { dir: tmp.clone(), resume: true }, SNAPSHOT_TIMEOUT) {
+    match control::request(&vm.layout().control(), &Request::Snapshot { dir: tmp.clone(), resume: true }, SNAPSHOT_TIMEOUT) {
         Ok(_) => {
             if let Err(e) = own_by_root(&tmp).and_then(|()| std::fs::rename(&tmp, dir)) {
                 log::warn!("cannot keep the prepared template {}: {e}", dir.display());

@@ -44,7 +44,7 @@ pub struct VmSpec {
     pub volumes: Vec<PathBuf>,
     /// The host's TAP device: the VM gets a network interface on it.
     pub tap: Option<String>,
-    /// The VM's directory: its log, and [`VmSpec::vm_dir`].
+    /// The VM's directory ([`Layout`]).
     pub dir: PathBuf,
     /// The `vmrun-vmm` executable that runs the VMM ([`find_vmm`]).
     pub vmm_exe: PathBuf,
@@ -136,13 +136,6 @@ impl Layout {
     }
 }
 
-/// Where a VM's sockets and console are.
-struct VmPaths {
-    vsock: PathBuf,
-    control: PathBuf,
-    console: PathBuf,
-}
-
 /// The longest one attempt to reach the agent waits for its answer: while
 /// a guest boots, a connection waits for a vsock driver that is not there
 /// yet.
@@ -162,13 +155,9 @@ pub struct VmProcess {
     ready: Option<File>,
     /// How many connections the last [`VmProcess::connect_agent`] tried.
     connect_attempts: u32,
-    /// The VMM's own messages (its standard error).
-    log: PathBuf,
-    pub vsock: PathBuf,
-    pub control: PathBuf,
-    pub console: PathBuf,
-    /// What the VMM may write; snapshots it takes go there first.
-    pub vm_dir: PathBuf,
+    /// Where its files are: sockets, console, its log, and what the VMM
+    /// may write (snapshots it takes go there first).
+    layout: Layout,
     /// A shared lock on the template it was restored from (and on its
     /// layer disk), held until its agent answers (by then the VMM has read
     /// the snapshot), so that nothing removes them meanwhile.
@@ -191,14 +180,9 @@ pub fn jail_wanted() -> bool {
 }
 
 impl VmSpec {
-    /// The directory the VMM may write (sockets, console, the snapshots it
-    /// takes, volume disks): all that a jailed VMM sees writable. The
-    /// container's state stays out of its reach, one level up.
-    pub fn vm_dir(&self) -> PathBuf {
-        self.layout().vm_dir()
-    }
-
-    /// The layout of the VM's directory.
+    /// The layout of the VM's directory ([`Layout::vm_dir`] is all a jailed
+    /// VMM sees writable; the container's state stays out of its reach, one
+    /// level up).
     pub fn layout(&self) -> Layout {
         Layout::of(&self.dir)
     }
@@ -215,7 +199,7 @@ impl VmSpec {
 
     /// Starts the VMM: a cold boot.
     pub fn boot(&self) -> Result<VmProcess> {
-        VmProcess::spawn(self, |paths| {
+        VmProcess::spawn(self, |layout| {
             let mut disks = vec![DiskConfig {
                 path: self.layer_disk.clone(),
                 read_only: true,
@@ -232,19 +216,19 @@ impl VmSpec {
                 mem_mib: self.mem_mib,
                 vcpus: self.cpus,
                 options: vmrun_vmm_api::ProcessOptions {
-                    console: ConsoleOutput::File(paths.console.clone()),
+                    console: ConsoleOutput::File(layout.console()),
                     console_limit: Some(DEFAULT_CONSOLE_LIMIT),
                     console_input: false,
                     host_compat: HostCompatMode::Auto,
                     report: None,
-                    control: Some(paths.control.clone()),
+                    control: Some(layout.control()),
                     seccomp: SeccompMode::On,
                     jail: jail_wanted(),
                 },
                 disks,
                 rng: true,
                 nets: self.tap.iter().map(NetConfig::new).collect(),
-                vsock: Some(VsockConfig { cid: GUEST_CID, uds: paths.vsock.clone() }),
+                vsock: Some(VsockConfig { cid: GUEST_CID, uds: layout.vsock() }),
             })
         })
     }
@@ -255,16 +239,16 @@ impl VmProcess {
     /// [`crate::template`]): the layer disk goes into the template's disk
     /// slot.
     pub fn restore(template: &Path, spec: &VmSpec) -> Result<Self> {
-        Self::spawn(spec, |paths| {
+        Self::spawn(spec, |layout| {
             let disks = std::iter::once(spec.layer_disk.clone()).chain(spec.volume_slots()).map(RestoreDisk::new).collect();
             VmmConfig::restore(RestoreConfig {
                 disks,
                 nets: spec.tap.iter().map(RestoreNet::new).collect(),
-                vsock_uds: Some(paths.vsock.clone()),
+                vsock_uds: Some(layout.vsock()),
                 options: vmrun_vmm_api::ProcessOptions {
-                    console: ConsoleOutput::File(paths.console.clone()),
+                    console: ConsoleOutput::File(layout.console()),
                     console_input: false,
-                    control: Some(paths.control.clone()),
+                    control: Some(layout.control()),
                     jail: jail_wanted(),
                     ..Default::default()
                 },
@@ -276,15 +260,12 @@ impl VmProcess {
     /// Runs `vmrun-vmm` with the configuration `config` makes (the VM's
     /// control socket and console in its directory), written to
     /// `vmm.json` in the VM's directory; its log goes to `vmm.log`.
-    fn spawn(spec: &VmSpec, config: impl FnOnce(&VmPaths) -> VmmConfig) -> Result<Self> {
+    fn spawn(spec: &VmSpec, config: impl FnOnce(&Layout) -> VmmConfig) -> Result<Self> {
         let layout = spec.layout();
-        let vm_dir = layout.vm_dir();
-        std::fs::create_dir_all(&vm_dir)?;
-        let paths = VmPaths { vsock: layout.vsock(), control: layout.control(), console: layout.console() };
+        std::fs::create_dir_all(layout.vm_dir())?;
         let config_path = layout.config();
-        std::fs::write(&config_path, config(&paths).to_json()?)?;
-        let log_path = layout.vmm_log();
-        let log = std::fs::File::create(&log_path)?;
+        std::fs::write(&config_path, config(&layout).to_json()?)?;
+        let log = std::fs::File::create(layout.vmm_log())?;
         let mut cmd = Command::new(&spec.vmm_exe);
         cmd.arg("--config").arg(&config_path);
         // SAFETY: prctl is async-signal-safe. The VMM dies with the process
@@ -328,11 +309,7 @@ impl VmProcess {
             pidfd,
             ready: Some(File::from(ready_r)),
             connect_attempts: 0,
-            log: log_path,
-            vsock: paths.vsock,
-            control: paths.control,
-            console: paths.console,
-            vm_dir,
+            layout,
             in_use: Vec::new(),
         })
     }
@@ -349,7 +326,7 @@ impl VmProcess {
     /// [`CONNECT_RETRY_PAUSE`] later (at once if the VMM ends).
     pub fn connect_agent(&mut self, timeout: Duration, opts: Options) -> Result<Client> {
         let deadline = Instant::now() + timeout;
-        let timed_out = |vm: &Self| Error::AgentTimeout { secs: timeout.as_secs(), console: vm.console.clone() };
+        let timed_out = |vm: &Self| Error::AgentTimeout { secs: timeout.as_secs(), console: vm.layout.console() };
         self.connect_attempts = 0;
         if !self.wait_ready(deadline)? {
             return Err(timed_out(self));
@@ -364,7 +341,7 @@ impl VmProcess {
             }
             self.connect_attempts += 1;
             let attempt = Options { handshake_timeout: CONNECT_ATTEMPT_TIMEOUT.min(left), ..opts };
-            match Client::connect_hybrid_vsock(&self.vsock, AGENT_PORT, attempt) {
+            match Client::connect_hybrid_vsock(self.layout.vsock(), AGENT_PORT, attempt) {
                 Ok(c) => {
                     self.in_use.clear();
                     return Ok(c);
@@ -428,6 +405,11 @@ impl VmProcess {
         self.in_use.push(lock);
     }
 
+    /// Where its files are (sockets, console, log).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -451,7 +433,7 @@ impl VmProcess {
             let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
             lines[lines.len().saturating_sub(n)..].join("; ")
         };
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log = std::fs::read_to_string(self.layout.vmm_log()).unwrap_or_default();
         let errors: String = log
             .lines()
             .filter(|l| l.contains("error") || l.contains("ERROR"))
@@ -473,7 +455,7 @@ impl VmProcess {
 
     /// The console log so far (for error messages).
     pub fn console_tail(&self, max: usize) -> String {
-        let s = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let s = std::fs::read_to_string(self.layout.console()).unwrap_or_default();
         let start = s.len().saturating_sub(max);
         s.get(start..).unwrap_or_default().to_string()
     }

@@ -671,7 +671,7 @@ fn run_container_inner(
         Err(e) => {
             let mut sandbox = sandbox;
             sandbox.wait_vmm(Duration::from_secs(5));
-            return Err(anyhow!("lost the container's VM ({e}); its console is in {}", sandbox.console().display()));
+            return Err(anyhow!("lost the container's VM ({e}); its console is in {}", sandbox.layout().console().display()));
         }
     };
     sandbox.stop();
