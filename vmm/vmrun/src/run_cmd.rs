@@ -538,13 +538,15 @@ fn run_container_inner(
     let (layer_disk, digests, disk_lock) = vmrun_runtime::layer_disk::use_for_image(&home.layer_disks(), &image)?;
     phases.mark("layer disk");
     let mut volume_disks = Vec::new();
-    for (i, v) in checked.volumes.iter().enumerate() {
-        // In the VM's own directory: the VMM writes it.
+    if !checked.volumes.is_empty() {
+        // In the VM's own directory: the VMM writes them.
         let layout = vmrun_runtime::vm::Layout::of(dir);
         std::fs::create_dir_all(layout.vm_dir())?;
-        let path = layout.volume_disk(i);
-        v.make_image(&path)?;
-        volume_disks.push(path);
+        for (i, v) in checked.volumes.iter().enumerate() {
+            let path = layout.volume_disk(i);
+            v.make_image(&path)?;
+            volume_disks.push(path);
+        }
     }
     if !volume_disks.is_empty() {
         phases.mark("volume disks");
@@ -594,13 +596,17 @@ fn run_container_inner(
     // prepare the image for next time. A --name (host name) is baked in at
     // creation, so named containers are never prepared.
     let cancel = signals.cancel();
-    let wait = AgentWait { timeout: Duration::from_secs(900), options: agent_options() };
-    let hold = Some(disk_lock);
-    let (sandbox, guest_id, prepared) = if args.cold {
-        let launched = Sandbox::launch(&spec, Origin::Boot, hold, cancel)?;
+    let mut hold = Some(disk_lock);
+    // The VM from `origin`, its agent connected; `ready` names the phase.
+    let mut start = |origin: Origin<'_>, ready: &str, phases: &mut Phases| -> Result<Sandbox> {
+        let launched = Sandbox::launch(&spec, origin, hold.take(), cancel)?;
         phases.mark("VM start");
-        let sandbox = launched.connect(wait)?;
-        phases.mark_vm("guest to agent ready", &sandbox);
+        let sandbox = launched.connect(AgentWait { timeout: Duration::from_secs(900), options: agent_options() })?;
+        phases.mark_vm(ready, &sandbox);
+        Ok(sandbox)
+    };
+    let (sandbox, guest_id, prepared) = if args.cold {
+        let sandbox = start(Origin::Boot, "guest to agent ready", &mut phases)?;
         unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
         phases.mark_vm("unpack", &sandbox);
         (sandbox, state.id.clone(), false)
@@ -610,17 +616,11 @@ fn run_container_inner(
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             record_template(dir, state, &prepared_dir)?;
-            let launched = Sandbox::launch(&spec, Origin::Template(&prepared_dir), hold, cancel)?;
-            phases.mark("VM start");
-            let sandbox = launched.connect(wait)?;
-            phases.mark_vm("guest to agent ready (image unpacked in the template)", &sandbox);
+            let sandbox = start(Origin::Template(&prepared_dir), "guest to agent ready (image unpacked in the template)", &mut phases)?;
             (sandbox, PREPARED_ID.to_string(), true)
         } else {
             record_template(dir, state, &base)?;
-            let launched = Sandbox::launch(&spec, Origin::Template(&base), hold, cancel)?;
-            phases.mark("VM start");
-            let sandbox = launched.connect(wait)?;
-            phases.mark_vm("guest to agent ready", &sandbox);
+            let sandbox = start(Origin::Template(&base), "guest to agent ready", &mut phases)?;
             if preparable {
                 unpacked(home, &image, sandbox.create(&create(PREPARED_ID, image_defaults)))?;
                 phases.mark_vm("unpack", &sandbox);
