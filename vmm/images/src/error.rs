@@ -82,6 +82,22 @@ pub enum Error {
         /// What it said.
         reason: String,
     },
+    /// The registry refused the credentials of a login.
+    #[error("registry {registry} refused the user name and password: {reason}")]
+    LoginDenied {
+        /// `host[:port]`.
+        registry: String,
+        /// What it said.
+        reason: String,
+    },
+    /// A registry's certificate or key (in `certs.d`) cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Certs {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The registry answered something a registry must not: a wrong
     /// digest or size, an oversized document, an HTTP error, bad JSON.
     #[error("registry {registry}: {reason}")]

@@ -37,8 +37,8 @@ pub use error::{Error, Result};
 pub use image::{Image, ImageConfig, ImageSummary, Layer};
 pub use progress::{NoProgress, Progress};
 pub use pull::pace::{MinRate, PaceError};
-pub use pull::{Credentials, PullOptions, DEFAULT_PULL_DEADLINE};
-pub use reference::{Reference, ReferenceError, ReferenceProblem, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use pull::{login, tls, Credentials, PullOptions, DEFAULT_PULL_DEADLINE};
+pub use reference::{parse_registry, Reference, ReferenceError, ReferenceProblem, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::lock::{FileLock, Mode as LockMode};
 pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
 

@@ -141,11 +141,33 @@ impl Reference {
     /// Whether the registry is on this machine (`localhost`, `127.0.0.0/8`,
     /// `[::1]`), where plain HTTP is used.
     pub fn is_loopback_registry(&self) -> bool {
-        let host = host_of(&self.registry);
-        host == "localhost"
-            || host == "[::1]"
-            || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        is_loopback(&self.registry)
     }
+}
+
+/// Whether a registry (`host[:port]`) is on this machine.
+pub(crate) fn is_loopback(registry: &str) -> bool {
+    let host = host_of(registry);
+    host == "localhost" || host == "[::1]" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A registry as a user names it to `login` or `logout` (`host[:port]`,
+/// with or without `https://` and a path, as docker takes it) to the
+/// `host[:port]` references use: Docker Hub's names (`index.docker.io`,
+/// `registry-1.docker.io`, `https://index.docker.io/v1/`) are
+/// [`DEFAULT_REGISTRY`].
+pub fn parse_registry(input: &str) -> Result<String, ReferenceError> {
+    let err = |reason| ReferenceError { input: input.chars().take(300).collect(), reason };
+    let rest = input.strip_prefix("https://").or_else(|| input.strip_prefix("http://")).unwrap_or(input);
+    let host = rest.split('/').next().unwrap_or(rest);
+    if host.is_empty() {
+        return Err(err(ReferenceProblem::Registry(input.chars().take(300).collect())));
+    }
+    check_registry(host).map_err(err)?;
+    Ok(match host {
+        "index.docker.io" | "registry-1.docker.io" => DEFAULT_REGISTRY.to_owned(),
+        h => h.to_owned(),
+    })
 }
 
 /// The host part of `host[:port]` (an IPv6 address keeps its brackets).
@@ -366,6 +388,18 @@ mod tests {
         assert_eq!(r.manifest_reference(), D);
         assert_eq!(r.to_string(), format!("localhost:5000/busybox:1.36@{D}"));
         assert_eq!(p("a.b-c.io/x__y/z-w.v--u:T_1.0-x").repository(), "x__y/z-w.v--u");
+    }
+
+    #[test]
+    fn registries_as_login_takes_them() {
+        assert_eq!(parse_registry("localhost:5000").unwrap(), "localhost:5000");
+        assert_eq!(parse_registry("https://reg.example:5000/v2/").unwrap(), "reg.example:5000");
+        for hub in ["docker.io", "index.docker.io", "https://index.docker.io/v1/", "registry-1.docker.io"] {
+            assert_eq!(parse_registry(hub).unwrap(), DEFAULT_REGISTRY, "{hub}");
+        }
+        for bad in ["", "https://", "a b", "reg.example:99999", "-x.io"] {
+            assert!(parse_registry(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::fake::{Body, FakeImage, FakeRegistry, Route};
 use support::registry::Registry;
 use support::{assert_one_line, busybox, closed_port, snapshot, Recorder};
-use vmrun_images::{Digest, Error, MinRate, NoProgress, PullOptions, Reference, Store};
+use vmrun_images::{Credentials, Digest, Error, MinRate, NoProgress, PullOptions, Reference, Store};
 
 fn r(s: &str) -> Reference {
     s.parse().unwrap()
@@ -184,6 +184,26 @@ fn fake_registry_tells_the_truth_with_a_token() {
     let reqs = fake.requests();
     assert!(reqs.iter().any(|l| l.starts_with("GET /token?service=fake&scope=repository%3Aimg%3Apull")), "{reqs:?}");
     assert!(reqs.iter().filter(|l| l.contains("/blobs/")).all(|l| l.ends_with("auth")), "{reqs:?}");
+}
+
+/// With an identity token, the token service is asked by OAuth2's refresh
+/// grant (a POST), as docker does, not with the user name and password.
+#[test]
+fn identity_token_is_refreshed_at_the_token_service() {
+    let fake = FakeRegistry::start();
+    fake.serve_image("img", "latest", &FakeImage::new(1000));
+    fake.require_token("s3cret");
+    let credentials = Credentials { identity_token: Some("refresh-me".into()), ..Credentials::new("", "") };
+    let opts = PullOptions { credentials: Some(credentials), ..PullOptions::default() };
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path()).unwrap().pull(&r(&format!("{}/img", fake.host())), &opts, &mut NoProgress).unwrap();
+    assert!(fake.requests().iter().any(|l| l.starts_with("POST /token ") && l.ends_with("anon")), "{:?}", fake.requests());
+    let bodies = fake.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let form: Vec<&str> = bodies[0].split('&').collect();
+    for field in ["grant_type=refresh_token", "refresh_token=refresh-me", "service=fake", "scope=repository%3Aimg%3Apull"] {
+        assert!(form.contains(&field), "{field} missing from {form:?}");
+    }
 }
 
 #[test]

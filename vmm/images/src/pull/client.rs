@@ -1,15 +1,17 @@
 //! A small client for the OCI distribution API: GET manifests and blobs,
-//! with anonymous or basic-credential bearer tokens.
+//! with anonymous or basic-credential bearer tokens (or an identity
+//! token's OAuth2 refresh), over TLS as [`super::tls`] sets it up.
 
 use std::io::Read;
 use std::time::Duration;
 
+use base64::Engine;
 use ureq::http::{Response, StatusCode};
 use ureq::Body;
 
 use super::pace::{Pace, Paced};
+use super::{tls, PullOptions};
 use crate::error::{Error, Result};
-use crate::reference::Reference;
 
 /// A token response is refused beyond this size.
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
@@ -23,6 +25,16 @@ pub struct Credentials {
     pub username: String,
     /// The password or access token.
     pub password: String,
+    /// An OAuth2 refresh token (docker's `identitytoken`): a token service
+    /// is asked for access with it instead of the user name and password.
+    pub identity_token: Option<String>,
+}
+
+impl Credentials {
+    /// A user name and password.
+    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self { username: username.into(), password: password.into(), identity_token: None }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -31,7 +43,8 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// One repository on one registry.
+/// One repository on one registry (or, with an empty repository, the
+/// registry itself, for a login).
 pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
@@ -51,18 +64,20 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(
-        reference: &Reference,
-        plain_http: bool,
-        credentials: Option<Credentials>,
-        timeout: Duration,
-        pace: Pace,
-    ) -> Self {
-        let host = match reference.registry() {
+    /// A client for `repository` on `registry`: over plain HTTP when the
+    /// registry is named insecure, or is on loopback without a certs.d
+    /// directory; else over TLS with the system's CAs and its certs.d
+    /// directory's.
+    pub(crate) fn new(registry: &str, repository: &str, options: &PullOptions, pace: Pace) -> Result<Self> {
+        let host = match registry {
             crate::reference::DEFAULT_REGISTRY => "registry-1.docker.io",
             other => other,
         };
+        let certs = tls::registry_dir(options.certs_dir.as_deref(), registry);
+        let plain_http = options.insecure_registries.iter().any(|r| r == registry)
+            || (crate::reference::is_loopback(registry) && certs.is_none());
         let scheme = if plain_http { "http" } else { "https" };
+        let timeout = options.timeout;
         // A read waits at most one rate window, so that a stalled body is
         // checked against the minimum rate when its window ends.
         let per_read = if pace.min_rate.bytes_per_sec > 0 { timeout.min(pace.min_rate.window) } else { timeout };
@@ -73,19 +88,22 @@ impl Client {
             .timeout_recv_response(Some(timeout))
             .timeout_per_read(Some(per_read))
             .user_agent(concat!("vmrun/", env!("CARGO_PKG_VERSION")));
-        if reference.is_loopback_registry() {
+        if crate::reference::is_loopback(registry) {
             config = config.proxy(None);
         }
-        Self {
+        if !plain_http {
+            config = config.tls_config(tls::config(certs.as_deref())?);
+        }
+        Ok(Self {
             agent: ureq::Agent::new_with_config(config.build()),
             base: format!("{scheme}://{host}"),
-            registry: reference.registry().to_owned(),
-            repository: reference.repository().to_owned(),
-            credentials,
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            credentials: options.credentials.clone(),
             authorization: None,
             pace,
             per_read,
-        }
+        })
     }
 
     /// The body of `resp`, read under the pull's minimum rate and deadline.
@@ -114,7 +132,26 @@ impl Client {
     /// authenticating, which is [`Error::Denied`].
     pub(crate) fn get(&mut self, path: &str, accept: Option<&str>) -> Result<Response<Body>> {
         let url = format!("{}/v2/{}/{}", self.base, self.repository, path);
-        let resp = self.send(&url, accept, path)?;
+        self.get_url(&url, accept, path)
+    }
+
+    /// GET `/v2/` with the credentials, answering the registry's challenge:
+    /// whether they work. A registry that asks for nothing takes them too.
+    pub(crate) fn login(&mut self) -> Result<()> {
+        let url = format!("{}/v2/", self.base);
+        let mut resp = self.get_url(&url, None, "/v2/")?;
+        if !resp.status().is_success() {
+            let detail = self.error_detail(&mut resp);
+            return Err(Error::Registry {
+                registry: self.registry.clone(),
+                reason: format!("GET /v2/: HTTP {}{detail}", resp.status().as_u16()),
+            });
+        }
+        Ok(())
+    }
+
+    fn get_url(&mut self, url: &str, accept: Option<&str>, path: &str) -> Result<Response<Body>> {
+        let resp = self.send(url, accept, path)?;
         if resp.status() != StatusCode::UNAUTHORIZED || self.authorization.is_some() {
             return self.check_denied(resp);
         }
@@ -125,7 +162,7 @@ impl Client {
             .map(str::to_owned)
             .ok_or_else(|| self.denied("HTTP 401 without a WWW-Authenticate challenge".into()))?;
         self.authenticate(&challenge)?;
-        let resp = self.send(&url, accept, path)?;
+        let resp = self.send(url, accept, path)?;
         self.check_denied(resp)
     }
 
@@ -143,6 +180,9 @@ impl Client {
     }
 
     fn denied(&self, reason: String) -> Error {
+        if self.repository.is_empty() {
+            return Error::LoginDenied { registry: self.registry.clone(), reason };
+        }
         Error::Denied { registry: self.registry.clone(), repository: self.repository.clone(), reason }
     }
 
@@ -160,12 +200,16 @@ impl Client {
 
     /// Sends `req`, bounded by what is left of the pull's deadline.
     fn call(&self, req: ureq::RequestBuilder<ureq::typestate::WithoutBody>, what: &str) -> Result<Response<Body>> {
-        let req = match self.pace.remaining() {
+        self.bounded(req, what)?.call().map_err(|e| self.transport_error(e, what))
+    }
+
+    /// `req`, bounded by what is left of the pull's deadline.
+    fn bounded<B>(&self, req: ureq::RequestBuilder<B>, what: &str) -> Result<ureq::RequestBuilder<B>> {
+        Ok(match self.pace.remaining() {
             Some(left) if left.is_zero() => return Err(self.pace.deadline_error(&self.registry, what)),
             Some(left) => req.config().timeout_global(Some(left)).build(),
             None => req,
-        };
-        req.call().map_err(|e| self.transport_error(e, what))
+        })
     }
 
     fn transport_error(&self, e: ureq::Error, what: &str) -> Error {
@@ -211,19 +255,35 @@ impl Client {
         if !(realm.starts_with("https://") || realm.starts_with("http://")) {
             return Err(self.denied(format!("token realm {realm:?} is not an http(s) URL")));
         }
-        let mut url = realm.to_owned();
-        let mut sep = if url.contains('?') { '&' } else { '?' };
-        if let Some(service) = param("service") {
-            url.push_str(&format!("{sep}service={}", urlencode(service)));
-            sep = '&';
-        }
-        let scope = param("scope").map_or_else(|| format!("repository:{}:pull", self.repository), str::to_owned);
-        url.push_str(&format!("{sep}scope={}", urlencode(&scope)));
-        let mut req = self.agent.get(&url);
-        if let Some(c) = &self.credentials {
-            req = req.header("Authorization", basic(c));
-        }
-        let mut resp = self.call(req, "the token")?;
+        // A login asks for no scope: any token shows the credentials work.
+        let scope = param("scope")
+            .map(str::to_owned)
+            .or_else(|| (!self.repository.is_empty()).then(|| format!("repository:{}:pull", self.repository)));
+        let identity_token = self.credentials.as_ref().and_then(|c| c.identity_token.clone());
+        let mut resp = if let Some(refresh) = identity_token {
+            // OAuth2's refresh grant, as docker does with an identity token.
+            let mut form = vec![("grant_type", "refresh_token".to_owned()), ("client_id", "vmrun".to_owned())];
+            form.extend(param("service").map(|s| ("service", s.to_owned())));
+            form.extend(scope.map(|s| ("scope", s)));
+            form.push(("refresh_token", refresh));
+            let req = self.bounded(self.agent.post(realm), "the token")?;
+            req.send_form(form.iter().map(|(k, v)| (*k, v.as_str()))).map_err(|e| self.transport_error(e, "the token"))?
+        } else {
+            let mut url = realm.to_owned();
+            let mut sep = if url.contains('?') { '&' } else { '?' };
+            if let Some(service) = param("service") {
+                url.push_str(&format!("{sep}service={}", urlencode(service)));
+                sep = '&';
+            }
+            if let Some(scope) = &scope {
+                url.push_str(&format!("{sep}scope={}", urlencode(scope)));
+            }
+            let mut req = self.agent.get(&url);
+            if let Some(c) = &self.credentials {
+                req = req.header("Authorization", basic(c));
+            }
+            self.call(req, "the token")?
+        };
         if !resp.status().is_success() {
             let detail = self.error_detail(&mut resp);
             return Err(self.denied(format!("token service answered HTTP {}{detail}", resp.status().as_u16())));
@@ -330,24 +390,7 @@ fn urlencode(s: &str) -> String {
 }
 
 fn basic(c: &Credentials) -> String {
-    format!("Basic {}", base64(format!("{}:{}", c.username, c.password).as_bytes()))
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password)))
 }
 
 #[cfg(test)]
@@ -369,9 +412,7 @@ mod tests {
 
     #[test]
     fn encodes() {
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(basic(&Credentials::new("user", "pass")), "Basic dXNlcjpwYXNz");
         assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
     }
 }

@@ -8,13 +8,18 @@
 //! registry that sends too much, too little or the wrong bytes gets an
 //! error and the store stays as it was. Every transfer is held to a
 //! minimum rate and the whole pull to a deadline ([`pace`]), so a registry
-//! that trickles bytes cannot keep a pull alive.
+//! that trickles bytes cannot keep a pull alive. Registries are spoken to
+//! over TLS as docker does ([`tls`]: the system's CAs and a registry's
+//! `certs.d` directory), with the credentials [`PullOptions`] carries
+//! (see [`crate::auth`] for docker's `config.json`).
 
 mod client;
 pub mod pace;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ureq::http::StatusCode;
@@ -36,10 +41,15 @@ use crate::store::{IndexEntry, Store};
 #[derive(Debug, Clone)]
 pub struct PullOptions {
     /// Registries (`host[:port]`) spoken to over plain HTTP. Loopback
-    /// registries (`localhost`, `127.0.0.0/8`, `[::1]`) always are.
+    /// registries (`localhost`, `127.0.0.0/8`, `[::1]`) are too, unless
+    /// they have a directory in [`Self::certs_dir`].
     pub insecure_registries: Vec<String>,
     /// Credentials for the registry, if it needs them.
     pub credentials: Option<Credentials>,
+    /// Docker's `certs.d`: `HOST[:PORT]/` in it holds a registry's CA
+    /// certificates (`*.crt`) and client certificate (`*.cert`, `*.key`)
+    /// ([`tls`]). Default [`tls::DEFAULT_CERTS_DIR`]; `None`: none.
+    pub certs_dir: Option<PathBuf>,
     /// How long to wait for a connection, for a response, and for each
     /// next piece of a body.
     pub timeout: Duration,
@@ -60,6 +70,7 @@ impl Default for PullOptions {
         Self {
             insecure_registries: Vec::new(),
             credentials: None,
+            certs_dir: Some(PathBuf::from(tls::DEFAULT_CERTS_DIR)),
             timeout: Duration::from_secs(60),
             min_rate: MinRate::default(),
             deadline: Some(DEFAULT_PULL_DEADLINE),
@@ -69,7 +80,8 @@ impl Default for PullOptions {
 
 impl PullOptions {
     /// The defaults, changed by the environment: `VMRUN_INSECURE_REGISTRIES`
-    /// (comma-separated `host[:port]`), `VMRUN_PULL_MIN_RATE`
+    /// (comma-separated `host[:port]`), `VMRUN_CERTS_D` (another
+    /// `certs.d`), `VMRUN_PULL_MIN_RATE`
     /// (`BYTES[/SECONDS]`, e.g. `1KiB/30s`; `0` turns it off) and
     /// `VMRUN_PULL_TIMEOUT` (`90s`, `30m`, `6h`; `0` turns it off).
     pub fn from_env() -> Result<Self> {
@@ -77,6 +89,9 @@ impl PullOptions {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         if let Some(v) = var("VMRUN_INSECURE_REGISTRIES") {
             o.insecure_registries = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        }
+        if let Some(v) = var(tls::CERTS_DIR_ENV) {
+            o.certs_dir = Some(PathBuf::from(v));
         }
         let bad = |name: &'static str| move |reason| Error::BadSetting { name: name.to_owned(), reason };
         if let Some(v) = var(pace::MIN_RATE_ENV) {
@@ -103,10 +118,8 @@ impl Store {
     /// downloaded again.
     pub fn pull(&self, reference: &Reference, options: &PullOptions, progress: &mut dyn Progress) -> Result<Image> {
         progress.message(&format!("resolving {reference}"));
-        let plain_http = reference.is_loopback_registry()
-            || options.insecure_registries.iter().any(|r| r == reference.registry());
         let pace = Pace::new(options.min_rate, options.deadline);
-        let mut client = Client::new(reference, plain_http, options.credentials.clone(), options.timeout, pace);
+        let mut client = Client::new(reference.registry(), reference.repository(), options, pace)?;
         let mut staging = Staging::new(self)?;
 
         let top = fetch_manifest(&mut client, reference, &reference.manifest_reference(), reference.digest(), None)?;
@@ -166,6 +179,15 @@ impl Store {
         staging.commit(&needed, vec![entry])?;
         self.image(&manifest_doc.digest, Some(reference.clone()))
     }
+}
+
+/// Checks that `registry` (`host[:port]`, as [`crate::parse_registry`]
+/// gives it) takes `options.credentials`: `GET /v2/` with them, answering
+/// its challenge (basic, or a token service's). Refused credentials are
+/// [`Error::LoginDenied`].
+pub fn login(registry: &str, options: &PullOptions) -> Result<()> {
+    let pace = Pace::new(options.min_rate, options.deadline);
+    Client::new(registry, "", options, pace)?.login()
 }
 
 /// The manifest and every blob it names.

@@ -53,6 +53,7 @@ struct State {
     routes: HashMap<String, Route>,
     token: Option<String>,
     requests: Vec<String>,
+    bodies: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -153,6 +154,11 @@ impl FakeRegistry {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// The request bodies received so far (those with a Content-Length).
+    pub fn bodies(&self) -> Vec<String> {
+        self.state.lock().unwrap().bodies.clone()
+    }
 }
 
 impl Drop for FakeRegistry {
@@ -169,6 +175,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
         return;
     }
     let mut auth = None;
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
@@ -178,6 +185,15 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
             if k.eq_ignore_ascii_case("authorization") {
                 auth = Some(v.trim().to_owned());
             }
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0).min(1 << 20);
+            }
+        }
+    }
+    if length > 0 {
+        let mut body = vec![0; length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_ok() {
+            state.lock().unwrap().bodies.push(String::from_utf8_lossy(&body).into_owned());
         }
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
