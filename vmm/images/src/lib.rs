@@ -22,6 +22,7 @@
 //! a crash at any moment leaves the store usable (see [`store`]). The
 //! library never prints; pulls and loads report through [`Progress`].
 
+pub mod auth;
 mod digest;
 mod error;
 mod image;
