@@ -8,8 +8,10 @@ set -euo pipefail
 # docker-registry: the loopback registry of the pull tests; iproute2: the
 # network namespaces of the virtio-net test and --network tap; debootstrap:
 # the Debian test image; containerd: the OCI runtime's containerd test (ctr
-# and containerd-shim-runc-v2, which containerd-shim-vmrun-v2 drives).
-pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 debootstrap containerd)
+# and containerd-shim-runc-v2, which containerd-shim-vmrun-v2 drives);
+# apache2-utils and openssl: the htpasswd file and the CA of the TLS
+# registry of the login tests.
+pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 debootstrap containerd apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

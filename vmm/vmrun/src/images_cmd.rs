@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vmrun_images::{Digest, Image, Progress, PullOptions, Reference, Store};
 
@@ -19,10 +19,13 @@ fn open(store_dir: &Path) -> Result<Store> {
     Store::open(store_dir).with_context(|| format!("opening the image store {}", store_dir.display()))
 }
 
-/// `vmrun pull REFERENCE`. Registries named in `VMRUN_INSECURE_REGISTRIES`
-/// (comma-separated `host:port`) are spoken to over plain HTTP, as loopback
-/// ones always are; `VMRUN_PULL_MIN_RATE` and `VMRUN_PULL_TIMEOUT` bound
-/// slow transfers and the whole pull ([`PullOptions::from_env`]).
+/// `vmrun pull REFERENCE`, with the credentials `vmrun login` (or `docker
+/// login`) saved for the registry. Registries named in
+/// `VMRUN_INSECURE_REGISTRIES` (comma-separated `host:port`) are spoken to
+/// over plain HTTP, as loopback ones are unless they have a `certs.d`
+/// directory (`VMRUN_CERTS_D`, default `/etc/docker/certs.d`);
+/// `VMRUN_PULL_MIN_RATE` and `VMRUN_PULL_TIMEOUT` bound slow transfers and
+/// the whole pull ([`PullOptions::from_env`]).
 pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
     pull_reporting(store_dir, reference, &mut std::io::stdout())
 }
@@ -32,11 +35,17 @@ pub fn pull(store_dir: &Path, reference: &str) -> Result<()> {
 pub fn pull_reporting(store_dir: &Path, reference: &str, out: &mut dyn std::io::Write) -> Result<()> {
     let reference: Reference = reference.parse()?;
     let store = open(store_dir)?;
-    let options = PullOptions::from_env()?;
+    let mut options = PullOptions::from_env()?;
+    options.credentials = crate::login_cmd::credentials_for(reference.registry());
     let mut bar = Bar::new();
     let result = store.pull(&reference, &options, &mut bar);
     bar.finish();
-    let image = result?;
+    let image = match result {
+        Err(e @ vmrun_images::Error::Denied { .. }) if options.credentials.is_none() => {
+            bail!("{e}; log in first: vmrun login {}", reference.registry())
+        }
+        r => r?,
+    };
     writeln!(out, "{}: pulled {} ({})", familiar(&reference), image.manifest_digest, human_size(image.size()))?;
     Ok(())
 }

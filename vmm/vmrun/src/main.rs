@@ -4,6 +4,7 @@ mod attach;
 mod containers_cmd;
 mod device_args;
 mod images_cmd;
+mod login_cmd;
 mod run_cmd;
 mod system_cmd;
 
@@ -49,6 +50,12 @@ enum Command {
         /// Image reference, e.g. `busybox`, `localhost:5000/busybox:latest`.
         reference: String,
     },
+    /// Log in to a registry: check the credentials with it and save them in
+    /// docker's config.json ($DOCKER_CONFIG, default ~/.docker), or in the
+    /// credential helper it names.
+    Login(login_cmd::LoginArgs),
+    /// Forget a registry's credentials.
+    Logout(login_cmd::LogoutArgs),
     /// Load images from a `docker save` or OCI archive.
     Load {
         /// The archive (tar, optionally gzip-compressed).
@@ -433,6 +440,8 @@ fn main() -> ExitCode {
         Command::Rm { force, containers } => containers_cmd::rm(&containers, force),
         Command::Supervise { dir } => return run_exit(run_cmd::supervise(&dir)),
         Command::Pull { reference } => images_cmd::default_store_dir().and_then(|d| images_cmd::pull(&d, &reference)).map(|()| 0),
+        Command::Login(args) => login_cmd::login(args),
+        Command::Logout(args) => login_cmd::logout(args),
         Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
         Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),
         Command::Rmi { names } => images_cmd::default_store_dir().and_then(|d| images_cmd::rmi(&d, &names)).map(|()| 0),
