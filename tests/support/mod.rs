@@ -58,11 +58,38 @@ pub fn debian_image() -> PathBuf {
     script_path("tests/images/make-debian-image.sh")
 }
 
+/// This process's scratch directory, `$TMPDIR/vmrun-test-PID`. Made once:
+/// the directories of test processes that are gone (a killed run leaves
+/// its own) are removed first, and this one is removed when the process
+/// exits.
+fn scratch_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix("vmrun-test-")).and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("vmrun-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        extern "C" fn remove_at_exit() {
+            if let Some(dir) = DIR.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        // SAFETY: registers a plain function with no arguments; it only
+        // reads the OnceLock, which is set before this runs.
+        unsafe { libc::atexit(remove_at_exit) };
+        dir
+    })
+}
+
 /// A scratch file path private to this process.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmrun-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir.join(name)
+    scratch_dir().join(name)
 }
 
 /// The demo initramfs (busybox; the init greets, writes the boot marker and
