@@ -25,7 +25,7 @@ mod table;
 use std::collections::BTreeMap;
 
 use seccompiler::{sock_filter, BackendError, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch};
-use vmrun_agent_protocol::{SeccompAction, SeccompArg, SeccompFlag, SeccompOp, SeccompProfile};
+use vmrun_agent_protocol::{SeccompAction, SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls};
 
 /// The most instructions the kernel takes in one filter (`BPF_MAXINSNS`).
 pub const MAX_INSTRUCTIONS: usize = 4096;
@@ -43,10 +43,12 @@ const MAX_RET_DATA: u32 = 0xffff;
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     /// An argument index past the sixth.
-    #[error("seccomp: argument index {index} of {name}: a system call has arguments 0 to 5")]
+    #[error("seccomp: argument index {index} in syscalls[{entry}] ({names}): a system call has arguments 0 to 5")]
     ArgIndex {
-        /// The call.
-        name: String,
+        /// The entry.
+        entry: usize,
+        /// Its names.
+        names: String,
         /// The index.
         index: u32,
     },
@@ -96,13 +98,13 @@ fn action(a: SeccompAction, errno_ret: Option<u32>) -> Result<seccompiler::Secco
     })
 }
 
-/// The conditions of an entry for `name`, or `None` when they can never
-/// all hold (a masked value with bits outside its mask).
-fn conditions(name: &str, args: &[SeccompArg]) -> Result<Option<Vec<SeccompCondition>>, SeccompError> {
-    let mut out = Vec::with_capacity(args.len());
-    for a in args {
-        let index =
-            u8::try_from(a.index).ok().filter(|i| *i <= 5).ok_or_else(|| SeccompError::ArgIndex { name: name.into(), index: a.index })?;
+/// The conditions of entry `n`, or `None` when they can never all hold (a
+/// masked value with bits outside its mask).
+fn conditions(n: usize, entry: &SeccompSyscalls) -> Result<Option<Vec<SeccompCondition>>, SeccompError> {
+    let mut out = Vec::with_capacity(entry.args.len());
+    for a in &entry.args {
+        let bad_index = || SeccompError::ArgIndex { entry: n, names: entry.names.join(", "), index: a.index };
+        let index = u8::try_from(a.index).ok().filter(|i| *i <= 5).ok_or_else(bad_index)?;
         let (op, value) = match a.op {
             SeccompOp::Eq => (SeccompCmpOp::Eq, a.value),
             SeccompOp::Ne => (SeccompCmpOp::Ne, a.value),
@@ -135,11 +137,11 @@ pub fn compile(profile: &SeccompProfile) -> Result<Filter, SeccompError> {
     let default = action(profile.default_action, profile.default_errno_ret)?;
     let mut groups: Vec<(seccompiler::SeccompAction, Group)> = Vec::new();
     let mut unknown: Vec<String> = Vec::new();
-    for entry in &profile.syscalls {
+    for (n, entry) in profile.syscalls.iter().enumerate() {
         let act = action(entry.action, entry.errno_ret)?;
-        if act == default {
-            continue;
-        }
+        // Checked even when the entry is left out.
+        let conds = conditions(n, entry)?;
+        let Some(conds) = conds.filter(|_| act != default) else { continue };
         let i = match groups.iter().position(|(a, _)| *a == act) {
             Some(i) => i,
             None => {
@@ -154,11 +156,10 @@ pub fn compile(profile: &SeccompProfile) -> Result<Filter, SeccompError> {
                 }
                 continue;
             };
-            let Some(conds) = conditions(name, &entry.args)? else { continue };
             let rules = groups[i].1.entry(nr).or_insert_with(|| Some(Vec::new()));
             match (rules, conds.is_empty()) {
                 (rules, true) => *rules = None,
-                (Some(list), false) => list.push(SeccompRule::new(conds).map_err(SeccompError::Build)?),
+                (Some(list), false) => list.push(SeccompRule::new(conds.clone()).map_err(SeccompError::Build)?),
                 (None, false) => {}
             }
         }
@@ -245,7 +246,7 @@ impl Filter {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use vmrun_agent_protocol::SeccompSyscalls;
+    use vmrun_agent_protocol::SeccompArg;
 
     /// Runs a classic BPF seccomp program on a call: its return value.
     fn run(prog: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
@@ -424,7 +425,18 @@ mod tests {
     #[test]
     fn bad_profiles_are_refused() {
         let p = profile(SeccompAction::Allow, None, vec![entry(&["read"], SeccompAction::Errno, None, vec![arg(6, SeccompOp::Eq, 0, 0)])]);
-        assert!(matches!(compile(&p), Err(SeccompError::ArgIndex { index: 6, .. })));
+        assert!(matches!(compile(&p), Err(SeccompError::ArgIndex { entry: 0, index: 6, .. })));
+        // Even in an entry that is left out (the default's action, an
+        // unknown name).
+        for (a, name) in [(SeccompAction::Allow, "read"), (SeccompAction::Errno, "no_such_call")] {
+            let p = profile(
+                SeccompAction::Allow,
+                None,
+                vec![entry(&["read"], SeccompAction::Log, None, vec![]), entry(&[name], a, None, vec![arg(9, SeccompOp::Eq, 0, 0)])],
+            );
+            let e = compile(&p).unwrap_err().to_string();
+            assert!(e.contains(&format!("argument index 9 in syscalls[1] ({name})")), "{e}");
+        }
         let p = profile(SeccompAction::Errno, Some(70_000), vec![]);
         assert!(matches!(compile(&p), Err(SeccompError::ErrnoRet(70_000))));
         // Far too many conditions for one filter.
