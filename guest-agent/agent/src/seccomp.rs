@@ -1,6 +1,7 @@
 //! Seccomp: a container's profile (the OCI spec's `linux.seccomp`, as a
 //! [`SeccompProfile`]) compiled to one BPF program before `clone`, which
-//! the child installs with a raw `seccomp(2)` call just before `execve`.
+//! the child installs with a raw `seccomp(2)` call ([`Filter::install`];
+//! `process` says at which step).
 //!
 //! The program is built with `seccompiler`'s filter builder. One of its
 //! filters has a single action for every call it matches, while a profile
