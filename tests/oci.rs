@@ -166,8 +166,13 @@ fn create(root: &Path, bundle: &Path, id: &str, out: &Path, err: &Path) -> i32 {
 fn oci_runtime_runs_a_container_like_runc() {
     let _turn = vm_turn();
     let root = support::scratch("oci-root-lifecycle");
-    let b = bundle("bundle-echo", &["sh", "-c", "echo hello-oci; echo to-stderr >&2; exit 3"], |s| {
+    // linux.seccomp fails mkdir with ENOSPC.
+    let b = bundle("bundle-echo", &["sh", "-c", "echo hello-oci; echo to-stderr >&2; mkdir /tmp/blocked || exit 3"], |s| {
         s["annotations"] = serde_json::json!({ "org.example.note": "kept" });
+        s["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSPC }]
+        });
     });
     let (out, err) = (support::scratch("echo.out"), support::scratch("echo.err"));
     let pid = create(&root, &b, "c-echo", &out, &err);
@@ -182,7 +187,8 @@ fn oci_runtime_runs_a_container_like_runc() {
     assert_eq!(wait_pid(pid, &root, "c-echo"), 3, "the supervisor exits with the process's code");
     eprintln!("oci test: start to exit: {:.1} s", t.elapsed().as_secs_f64());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello-oci\n");
-    assert!(std::fs::read_to_string(&err).unwrap().contains("to-stderr"));
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(stderr.contains("to-stderr") && stderr.contains("No space left on device"), "{stderr}");
     let s = state(&root, "c-echo");
     assert_eq!((s["status"].as_str(), s["pid"].as_i64()), (Some("stopped"), Some(0)), "{s}");
     assert_fails(&run(&root, &["kill", "c-echo", "TERM"]), "not running");

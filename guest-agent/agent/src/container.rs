@@ -6,10 +6,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use vmrun_agent_protocol::{AgentError, Capabilities, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec};
+use vmrun_agent_protocol::{AgentError, Capabilities, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec, SeccompProfile};
 
 use crate::caps::{self, CapSets};
 use crate::process::{self, ChildStdio, Enter, Op, Plan};
+use crate::seccomp::{self, Filter};
 use crate::sys::{self, cstring};
 use crate::unpack;
 use crate::user::{self, Identity};
@@ -40,6 +41,8 @@ pub struct Container {
     pub init_pidfd: Option<OwnedFd>,
     /// Whether the first process has exited.
     pub stopped: bool,
+    /// `config.seccomp`, compiled.
+    pub seccomp: Option<Filter>,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -151,6 +154,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
         let group = read_in_root(&rootfs, c"etc/group");
         // Refuse a user that cannot be resolved now rather than at start.
         user::resolve(&req.config.user, &passwd, &group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let seccomp = req.config.seccomp.as_ref().map(|p| compile_seccomp(p, &req.id)).transpose()?;
         Ok(Container {
             id: req.id.clone(),
             dir: dir.clone(),
@@ -161,6 +165,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             init_pid: None,
             init_pidfd: None,
             stopped: false,
+            seccomp,
         })
     })();
     if result.is_err() {
@@ -396,6 +401,19 @@ pub struct ProcessSpec {
     pub caps: CapSets,
     /// Whether it gets `no_new_privs`.
     pub no_new_privs: bool,
+    /// Its seccomp filter.
+    pub seccomp: Option<Filter>,
+}
+
+/// Compiles the seccomp profile of a process of container `id`; a profile
+/// that cannot be is a bad request. Names that are not system calls are
+/// left out, and logged.
+fn compile_seccomp(profile: &SeccompProfile, id: &str) -> Result<Filter, AgentError> {
+    let filter = seccomp::compile(profile).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+    if !filter.unknown().is_empty() {
+        crate::log::info(format_args!("container {id}: seccomp: unknown system calls left out: {}", filter.unknown().join(", ")));
+    }
+    Ok(filter)
 }
 
 /// The capability sets and `no_new_privs` of a process: what it asks for,
@@ -438,10 +456,13 @@ impl Container {
         let mut env = self.config.env.clone();
         let mut user_spec = self.config.user.as_str();
         let mut working_dir = self.config.working_dir.as_str();
-        let (mut caps, mut no_new_privs) = (None, None);
+        let (mut caps, mut no_new_privs, mut seccomp) = (None, None, self.seccomp.clone());
         if let Some(o) = overrides {
             caps = o.capabilities.as_ref();
             no_new_privs = o.no_new_privileges;
+            if let Some(p) = &o.seccomp {
+                seccomp = Some(compile_seccomp(p, &self.id)?);
+            }
             if !o.args.is_empty() {
                 args = o.args.clone();
             }
@@ -459,7 +480,7 @@ impl Container {
         let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = if working_dir.is_empty() { "/".to_string() } else { abs(working_dir)? };
         let (caps, no_new_privs) = privileges(&self.config, caps, no_new_privs, &id)?;
-        Ok(ProcessSpec { args, env, cwd, id, tty, caps, no_new_privs })
+        Ok(ProcessSpec { args, env, cwd, id, tty, caps, no_new_privs, seccomp })
     }
 
     /// Another process in this container.
@@ -475,7 +496,11 @@ impl Container {
             None => abs(&self.config.working_dir)?,
         };
         let (caps, no_new_privs) = privileges(&self.config, p.capabilities.as_ref(), p.no_new_privileges, &id)?;
-        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs })
+        let seccomp = match &p.seccomp {
+            Some(profile) => Some(compile_seccomp(profile, &self.id)?),
+            None => self.seccomp.clone(),
+        };
+        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs, seccomp })
     }
 
     /// The plan for a process of this container.
@@ -518,6 +543,7 @@ impl Container {
             rlimits: rlimits(&self.config.rlimits)?,
             caps: spec.caps,
             no_new_privs: spec.no_new_privs,
+            seccomp: spec.seccomp.clone(),
         })
     }
 }

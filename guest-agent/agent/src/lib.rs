@@ -8,7 +8,7 @@
 //!
 //! What it serves: unpacking images from the layer disk into container
 //! roots ([`unpack`]), and running containers ([`container`],
-//! [`process`]).
+//! [`process`], [`seccomp`]).
 
 pub mod caps;
 pub mod container;
@@ -16,6 +16,7 @@ pub mod init;
 pub mod log;
 pub mod net;
 pub mod process;
+pub mod seccomp;
 pub mod server;
 pub mod settings;
 pub mod sys;

@@ -19,7 +19,12 @@
 //! capabilities and user as runc sets them (the bounding set dropped with
 //! `PR_CAPBSET_DROP`, `PR_SET_KEEPCAPS` across groups and uid/gid, then the
 //! effective, permitted and inheritable sets with `capset` and the ambient
-//! ones raised), `no_new_privs` when asked, `execve` along `PATH`.
+//! ones raised), `no_new_privs` when asked, the seccomp filter, `execve`
+//! along `PATH`. The seccomp filter goes in as late as possible, as runc
+//! installs it: after `no_new_privs`, just before `execve`; a process
+//! without `no_new_privs` needs `CAP_SYS_ADMIN` to install one, so it does
+//! so before its capabilities and user change (the filter then applies to
+//! those calls too, as under runc).
 //!
 //! An exec'd process: the agent thread enters the container's PID
 //! namespace for its children (`setns(pidfd, CLONE_NEWPID)`), clones, and
@@ -32,6 +37,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::caps::CapSets;
+use crate::seccomp;
 use crate::sys::{self, cstring};
 
 /// Exit code when the program cannot be run (docker's 126).
@@ -178,6 +184,8 @@ pub struct Plan {
     pub caps: CapSets,
     /// Whether to set `no_new_privs`.
     pub no_new_privs: bool,
+    /// The seccomp filter to install, if any.
+    pub seccomp: Option<seccomp::Filter>,
 }
 
 /// A process just cloned; [`Started::result`] tells whether it reached
@@ -211,6 +219,7 @@ const STEP_USER: u32 = 7;
 const STEP_EXEC: u32 = 8;
 const STEP_CAPS: u32 = 9;
 const STEP_NO_NEW_PRIVS: u32 = 10;
+const STEP_SECCOMP: u32 = 11;
 const STEP_OPS: u32 = 100;
 
 /// The `PATH` search: where `execve` is tried for `arg0`.
@@ -314,6 +323,7 @@ pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> 
         STEP_USER => "changing user".to_string(),
         STEP_CAPS => "setting capabilities".to_string(),
         STEP_NO_NEW_PRIVS => "setting no_new_privs".to_string(),
+        STEP_SECCOMP => "installing the seccomp filter".to_string(),
         s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
         _ => "setup".to_string(),
     };
@@ -515,6 +525,11 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
             mkdirs(&plan.cwd_mkdirs);
             check(libc::chdir(plan.cwd.as_ptr()) as libc::c_long, errfd, STEP_CWD);
         }
+        // Without no_new_privs, installing a filter takes CAP_SYS_ADMIN:
+        // before the capabilities change (runc's order).
+        if let (Some(filter), false) = (&plan.seccomp, plan.no_new_privs) {
+            check(filter.install(), errfd, STEP_SECCOMP);
+        }
         // Raw system calls: glibc's wrappers would try to change the
         // credentials of the agent's other threads, which this child does
         // not have.
@@ -527,6 +542,10 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
         set_caps(&plan.caps, errfd);
         if plan.no_new_privs {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_NO_NEW_PRIVS);
+            // As late as possible: the fewest calls under the filter.
+            if let Some(filter) = &plan.seccomp {
+                check(filter.install(), errfd, STEP_SECCOMP);
+            }
         }
 
         // The PATH search, as execvp does it: go on past missing files,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmrun_agent_client::{Client, CreateContainer, Error, ErrorKind, ExecProcess, ImageConfig, LayerSource, StdioMode};
 use vmrun_agent_protocol::frame::{self, Kind};
-use vmrun_agent_protocol::{Capabilities, Hello, UnpackLimits};
+use vmrun_agent_protocol::{Capabilities, Hello, SeccompAction, SeccompArg, SeccompOp, SeccompProfile, SeccompSyscalls, UnpackLimits};
 
 const LIMIT: usize = 16 << 20;
 
@@ -242,6 +242,114 @@ fn capabilities_no_new_privs_and_mqueue() {
         let err = c.exec("caps", &format!("bad{i}"), &p, piped).unwrap_err();
         assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains(what)), "{err}");
     }
+    init.signal(9).unwrap();
+    assert_eq!(init.wait().unwrap(), 137);
+}
+
+fn seccomp_entry(names: &[&str], action: SeccompAction, errno_ret: Option<i32>, args: Vec<SeccompArg>) -> SeccompSyscalls {
+    SeccompSyscalls { names: names.iter().map(|s| s.to_string()).collect(), action, errno_ret: errno_ret.map(|e| e as u32), args }
+}
+
+fn seccomp_profile(default_action: SeccompAction, default_errno: Option<i32>, syscalls: Vec<SeccompSyscalls>) -> SeccompProfile {
+    SeccompProfile { default_action, default_errno_ret: default_errno.map(|e| e as u32), architectures: vec![], flags: vec![], syscalls }
+}
+
+/// A profile that fails `mkdir` with `errno` and lets everything else run.
+fn no_mkdir(errno: i32) -> SeccompProfile {
+    seccomp_profile(SeccompAction::Allow, None, vec![seccomp_entry(&["mkdir", "mkdirat"], SeccompAction::Errno, Some(errno), vec![])])
+}
+
+/// The text of an errno, as busybox prints it.
+fn strerror(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno).to_string().split(" (os error").next().unwrap().to_string()
+}
+
+fn text(out: &vmrun_agent_client::Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn seccomp_profiles_filter_the_containers_processes() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let piped = StdioMode::Piped { stdin: false };
+    let status = "while read k v; do case $k in Seccomp:|NoNewPrivs:) echo $k$v;; esac; done < /proc/self/status";
+
+    // Everything allowed but mkdir (ENOSPC), and kill with signal 0
+    // (ESRCH): an argument condition.
+    let mut profile = no_mkdir(libc::ENOSPC);
+    let signal_0 = SeccompArg { index: 1, value: 0, value_two: 0, op: SeccompOp::Eq };
+    profile.syscalls.push(seccomp_entry(&["kill"], SeccompAction::Errno, Some(libc::ESRCH), vec![signal_0]));
+    let script =
+        format!("{status}; busybox mkdir /tmp/a; echo mkdir=$?; kill -0 $$; echo kill0=$?; kill -CONT $$; echo cont=$?; ls -d /tmp/a");
+    let config = ImageConfig { cmd: names(&["sh", "-c", &script]), seccomp: Some(profile.clone()), ..Default::default() };
+    create(&c, &agent, "deny", config);
+    let out = c.start("deny", piped).unwrap().output(LIMIT).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(stdout, "NoNewPrivs:1\nSeccomp:2\nmkdir=1\nkill0=1\ncont=0\n", "{stderr}");
+    assert!(stderr.contains(&format!("can't create directory '/tmp/a': {}", strerror(libc::ENOSPC))), "{stderr}");
+    assert!(stderr.contains(&strerror(libc::ESRCH)), "{stderr}");
+    assert_ne!(out.exit_code, 0, "/tmp/a was not made: {stderr}");
+
+    // Without no_new_privs (and as a user without CAP_SYS_ADMIN once
+    // started), the filter goes in while the process may still install it.
+    let config = ImageConfig {
+        cmd: names(&["sh", "-c", &format!("{status}; busybox mkdir /tmp/b")]),
+        user: "alice".into(),
+        no_new_privileges: Some(false),
+        seccomp: Some(no_mkdir(libc::EDQUOT)),
+        ..Default::default()
+    };
+    create(&c, &agent, "nnp", config);
+    let out = c.start("nnp", piped).unwrap().output(LIMIT).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!((stdout.as_str(), out.exit_code), ("NoNewPrivs:0\nSeccomp:2\n", 1), "{stderr}");
+    assert!(stderr.contains(&strerror(libc::EDQUOT)), "{stderr}");
+
+    // An exec'd process inherits the container's filter, or has its own.
+    let config = ImageConfig { cmd: names(&["sleep", "1000"]), seccomp: Some(no_mkdir(libc::ENOSPC)), ..Default::default() };
+    create(&c, &agent, "execs", config);
+    let init = c.start("execs", StdioMode::Null).unwrap();
+    let mkdir = exec_args(&["busybox", "mkdir", "/tmp/c"]);
+    let out = c.exec("execs", "same", &mkdir, piped).unwrap().output(LIMIT).unwrap();
+    assert_eq!(out.exit_code, 1);
+    assert!(text(&out).1.contains(&strerror(libc::ENOSPC)), "{:?}", text(&out));
+    let own = ExecProcess { seccomp: Some(no_mkdir(libc::EROFS)), ..mkdir.clone() };
+    let out = c.exec("execs", "own", &own, piped).unwrap().output(LIMIT).unwrap();
+    assert_eq!(out.exit_code, 1);
+    assert!(text(&out).1.contains(&strerror(libc::EROFS)), "{:?}", text(&out));
+
+    // A default of ERRNO with an allow list: every known call but mkdir
+    // (and a name that is no system call, left out).
+    let mut allowed: Vec<&str> = vmrun_agent::seccomp::known().filter(|n| !n.starts_with("mkdir")).collect();
+    allowed.push("no_such_syscall");
+    let list = seccomp_profile(SeccompAction::Errno, Some(libc::EMLINK), vec![seccomp_entry(&allowed, SeccompAction::Allow, None, vec![])]);
+    let p = ExecProcess { seccomp: Some(list), ..exec_args(&["sh", "-c", "echo start; busybox mkdir /tmp/d; echo mkdir=$?; echo end"]) };
+    let out = c.exec("execs", "list", &p, piped).unwrap().output(LIMIT).unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!((stdout.as_str(), out.exit_code), ("start\nmkdir=1\nend\n", 0), "{stderr}");
+    assert!(stderr.contains(&strerror(libc::EMLINK)), "{stderr}");
+
+    // A profile that cannot be compiled is refused, at create and at exec.
+    let mut bad = no_mkdir(libc::EPERM);
+    bad.syscalls[0].args = vec![SeccompArg { index: 6, value: 0, value_two: 0, op: SeccompOp::Eq }];
+    let p = ExecProcess { seccomp: Some(bad.clone()), ..mkdir };
+    let err = c.exec("execs", "bad", &p, piped).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains("argument index 6")), "{err}");
+    let (disk, layers) = test_image(agent.dir.path());
+    let err = c
+        .create_container(&CreateContainer {
+            id: "bad".into(),
+            layers: LayerSource { disk: disk.display().to_string(), layers },
+            rootfs: Default::default(),
+            config: ImageConfig { cmd: names(&["true"]), seccomp: Some(bad), ..Default::default() },
+            limits: UnpackLimits::default(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains("argument index 6")), "{err}");
     init.signal(9).unwrap();
     assert_eq!(init.wait().unwrap(), 137);
 }

@@ -292,6 +292,9 @@ pub struct ImageConfig {
     /// Whether the container's processes get `no_new_privs`; `None`: yes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_new_privileges: Option<bool>,
+    /// The seccomp filter of the container's processes; `None`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<SeccompProfile>,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).
@@ -403,6 +406,119 @@ impl Capabilities {
     }
 }
 
+/// A seccomp profile, as in the OCI runtime spec's `linux.seccomp`: the
+/// agent compiles it to a BPF filter (x86_64 system call numbers) and
+/// installs it in the process just before it runs its program. A call
+/// gets the action of the first entry of `syscalls` (in the order their
+/// actions first appear) that names it and whose `args` all hold, else
+/// `default_action`. System call names the agent does not know are
+/// skipped (as runc does); calls of another ABI (i386, x32) fail with
+/// `ENOSYS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompProfile {
+    /// The action for a call no entry matches.
+    pub default_action: SeccompAction,
+    /// The errno of a default action [`SeccompAction::Errno`] (default
+    /// `EPERM`) or the message of [`SeccompAction::Trace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_errno_ret: Option<u32>,
+    /// The spec's architectures (`SCMP_ARCH_X86_64`, ...), for messages:
+    /// the filter is always for the native one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+    /// Flags of the filter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<SeccompFlag>,
+    /// The entries.
+    #[serde(default)]
+    pub syscalls: Vec<SeccompSyscalls>,
+}
+
+/// What a filter does with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompAction {
+    /// Runs it.
+    Allow,
+    /// Fails it with an errno (`errno_ret`, default `EPERM`).
+    Errno,
+    /// Kills the thread (`SCMP_ACT_KILL`, `SCMP_ACT_KILL_THREAD`).
+    #[serde(alias = "kill")]
+    KillThread,
+    /// Kills the process.
+    KillProcess,
+    /// Sends `SIGSYS`.
+    Trap,
+    /// Runs it and logs it.
+    Log,
+    /// Hands it to a `ptrace` tracer (`errno_ret` as the message, default
+    /// `EPERM`); without one it fails with `ENOSYS`.
+    Trace,
+}
+
+/// A flag of `seccomp(SECCOMP_SET_MODE_FILTER)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompFlag {
+    /// `SECCOMP_FILTER_FLAG_LOG`: log every action but `allow`.
+    Log,
+    /// `SECCOMP_FILTER_FLAG_SPEC_ALLOW`: keep speculative store bypass
+    /// mitigation off.
+    SpecAllow,
+}
+
+/// System calls with one action, under conditions on their arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompSyscalls {
+    /// The system calls' names (`mkdirat`).
+    pub names: Vec<String>,
+    /// The action when every condition holds.
+    pub action: SeccompAction,
+    /// The errno of [`SeccompAction::Errno`] (default `EPERM`), the
+    /// message of [`SeccompAction::Trace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno_ret: Option<u32>,
+    /// Conditions on the arguments, all of which must hold; none: always.
+    /// Several entries for one call are alternatives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<SeccompArg>,
+}
+
+/// A condition on a system call argument (compared as 64 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompArg {
+    /// The argument, 0 to 5.
+    pub index: u32,
+    /// The value compared with (the mask, for [`SeccompOp::MaskedEq`]).
+    pub value: u64,
+    /// For [`SeccompOp::MaskedEq`]: the value the masked argument must
+    /// equal.
+    #[serde(default)]
+    pub value_two: u64,
+    /// The comparison: `argument op value`.
+    pub op: SeccompOp,
+}
+
+/// A comparison of a [`SeccompArg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompOp {
+    /// `==`.
+    Eq,
+    /// `!=`.
+    Ne,
+    /// `<`.
+    Lt,
+    /// `<=`.
+    Le,
+    /// `>`.
+    Gt,
+    /// `>=`.
+    Ge,
+    /// `argument & value == value_two`.
+    MaskedEq,
+}
+
 /// A mount inside the container, like an OCI runtime spec mount.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
@@ -468,6 +584,9 @@ pub struct ExecProcess {
     /// `no_new_privs` (default: the container's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_new_privileges: Option<bool>,
+    /// The seccomp filter (default: the container's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<SeccompProfile>,
 }
 
 /// Where a process's standard streams go. Stream ids are chosen by the
@@ -647,6 +766,26 @@ mod tests {
         assert!(user.effective.is_empty() && user.permitted.is_empty() && user.bounding.len() == 14);
         let c = ImageConfig { capabilities: Some(Capabilities::docker_default(true)), no_new_privileges: Some(false), ..Default::default() };
         assert_eq!(serde_json::from_str::<ImageConfig>(&serde_json::to_string(&c).unwrap()).unwrap(), c);
+    }
+
+    #[test]
+    fn seccomp_profiles_round_trip_and_default_to_none() {
+        let j = r#"{"default_action":"errno","default_errno_ret":38,"flags":["log"],"syscalls":[
+            {"names":["reboot"],"action":"kill"},
+            {"names":["clone"],"action":"allow","args":[{"index":0,"value":2114060288,"op":"masked_eq"}]}]}"#;
+        let p: SeccompProfile = serde_json::from_str(j).unwrap();
+        assert_eq!((p.default_action, p.default_errno_ret), (SeccompAction::Errno, Some(38)));
+        assert_eq!(p.flags, [SeccompFlag::Log]);
+        assert_eq!(p.syscalls[0].action, SeccompAction::KillThread, "kill is kill_thread, as in libseccomp");
+        assert_eq!(p.syscalls[1].args, [SeccompArg { index: 0, value: 2114060288, value_two: 0, op: SeccompOp::MaskedEq }]);
+        let c = ImageConfig { seccomp: Some(p.clone()), ..Default::default() };
+        assert_eq!(serde_json::from_str::<ImageConfig>(&serde_json::to_string(&c).unwrap()).unwrap(), c);
+        let e = ExecProcess { seccomp: Some(p), ..Default::default() };
+        assert_eq!(serde_json::from_str::<ExecProcess>(&serde_json::to_string(&e).unwrap()).unwrap(), e);
+        assert_eq!(serde_json::from_str::<ImageConfig>("{}").unwrap().seccomp, None, "older callers: no filter");
+        assert_eq!(serde_json::from_str::<ExecProcess>("{}").unwrap().seccomp, None, "the container's");
+        assert!(!serde_json::to_string(&ImageConfig::default()).unwrap().contains("seccomp"));
+        assert!(serde_json::from_str::<SeccompProfile>(r#"{"default_action":"notify"}"#).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! copied into an ext4 disk; `readonly` mounts the copy read-only),
 //! `process` (args, env, cwd, user uid/gid, terminal, rlimits,
 //! `capabilities`, `noNewPrivileges`),
-//! `hostname`, `mounts`, `linux.resources.memory.limit` and
+//! `hostname`, `mounts`, `linux.seccomp`, `linux.resources.memory.limit` and
 //! `linux.resources.cpu` quota/period (the VM's size) and the annotations
 //! `io.vmrun.memory` / `io.vmrun.cpus`, which override them.
 //!
@@ -16,6 +16,16 @@
 //! the ambient ones raised; `no_new_privs` only when `noNewPrivileges` is
 //! true. A spec without `process.capabilities` leaves root every
 //! capability (as runc does); an unknown capability name is refused.
+//!
+//! `linux.seccomp` is passed on to the agent ([`seccomp`]), which compiles
+//! it to a BPF filter and installs it in every process of the container
+//! where runc does (just before `execve` with `noNewPrivileges`, before
+//! the capabilities change without it). Every action but `SCMP_ACT_NOTIFY`
+//! (refused: a listener on the host is out of the VM's reach), every
+//! comparison and the flags `SECCOMP_FILTER_FLAG_LOG` and
+//! `SECCOMP_FILTER_FLAG_SPEC_ALLOW` are applied; `architectures` is not
+//! used (the filter is x86_64's, other ABIs get `ENOSYS`), and unknown
+//! system call names are skipped, as runc does.
 //!
 //! Mounts: the standard ones a caller such as containerd always lists
 //! (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
@@ -27,7 +37,7 @@
 //! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
 //! `devpts` mounts elsewhere are made by the agent in the guest.
 //!
-//! Accepted but not enforced (the VM boundary is the isolation): seccomp,
+//! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path
 //! included), cgroups other than the VM's size, `additionalGids`
 //! (supplementary groups come from the image's `/etc/group`), the options
@@ -36,9 +46,9 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator, Process, Spec};
 use serde::{Deserialize, Serialize};
-use vmrun_agent_protocol::{Capabilities, Mount, Rlimit};
+use vmrun_agent_protocol::{Capabilities, Mount, Rlimit, SeccompAction, SeccompArg, SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls};
 
 use crate::error::{Error, Result};
 
@@ -127,6 +137,9 @@ pub struct Plan {
     pub cpus: u8,
     /// The spec's annotations.
     pub annotations: BTreeMap<String, String>,
+    /// `linux.seccomp`, for every process of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<SeccompProfile>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -182,10 +195,8 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
                 log::warn!("namespace {:?} at {} is not joined: the container gets its own VM", ns.typ(), p.display());
             }
         }
-        if linux.seccomp().is_some() {
-            log::debug!("linux.seccomp is not applied: the VM boundary is the isolation");
-        }
     }
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()).map(seccomp).transpose()?;
     Ok(Plan {
         oci_version: spec.version().clone(),
         process,
@@ -197,6 +208,85 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         mem_mib: memory_mib(spec, &annotations)?,
         cpus: cpus(spec, &annotations)?,
         annotations,
+        seccomp,
+    })
+}
+
+/// A seccomp action as the agent takes it; `SCMP_ACT_NOTIFY` is refused:
+/// the listener it hands calls to would be on the host, out of the VM's
+/// reach.
+fn seccomp_action(a: LinuxSeccompAction, what: &str) -> Result<SeccompAction> {
+    Ok(match a {
+        LinuxSeccompAction::ScmpActAllow => SeccompAction::Allow,
+        LinuxSeccompAction::ScmpActErrno => SeccompAction::Errno,
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => SeccompAction::KillThread,
+        LinuxSeccompAction::ScmpActKillProcess => SeccompAction::KillProcess,
+        LinuxSeccompAction::ScmpActTrap => SeccompAction::Trap,
+        LinuxSeccompAction::ScmpActLog => SeccompAction::Log,
+        LinuxSeccompAction::ScmpActTrace => SeccompAction::Trace,
+        LinuxSeccompAction::ScmpActNotify => {
+            return Err(bad(format!(
+                "linux.seccomp: {what} is SCMP_ACT_NOTIFY, which vmrun-oci cannot honour: \
+                 the container runs in a VM, out of reach of a seccomp agent's listener"
+            )))
+        }
+    })
+}
+
+/// `linux.seccomp` as the agent takes it (it compiles and checks the rest:
+/// argument indexes, `errnoRet` values, system call names). The flags
+/// `SECCOMP_FILTER_FLAG_TSYNC` (the filter is installed in a process with
+/// one thread) and `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (for a
+/// listener, which is refused) have nothing to do and are dropped.
+pub fn seccomp(s: &LinuxSeccomp) -> Result<SeccompProfile> {
+    let mut syscalls = Vec::new();
+    for (i, call) in s.syscalls().as_deref().unwrap_or_default().iter().enumerate() {
+        let args = call
+            .args()
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|a| {
+                let index = u32::try_from(a.index())
+                    .map_err(|_| bad(format!("linux.seccomp.syscalls[{i}]: argument index {} is out of range", a.index())))?;
+                let op = match a.op() {
+                    LinuxSeccompOperator::ScmpCmpEq => SeccompOp::Eq,
+                    LinuxSeccompOperator::ScmpCmpNe => SeccompOp::Ne,
+                    LinuxSeccompOperator::ScmpCmpLt => SeccompOp::Lt,
+                    LinuxSeccompOperator::ScmpCmpLe => SeccompOp::Le,
+                    LinuxSeccompOperator::ScmpCmpGt => SeccompOp::Gt,
+                    LinuxSeccompOperator::ScmpCmpGe => SeccompOp::Ge,
+                    LinuxSeccompOperator::ScmpCmpMaskedEq => SeccompOp::MaskedEq,
+                };
+                Ok(SeccompArg { index, value: a.value(), value_two: a.value_two().unwrap_or(0), op })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        syscalls.push(SeccompSyscalls {
+            names: call.names().clone(),
+            action: seccomp_action(call.action(), &format!("the action of syscalls[{i}] ({})", call.names().join(", ")))?,
+            errno_ret: call.errno_ret(),
+            args,
+        });
+    }
+    let mut flags = Vec::new();
+    for f in s.flags().as_deref().unwrap_or_default() {
+        match f {
+            LinuxSeccompFilterFlag::SeccompFilterFlagLog => flags.push(SeccompFlag::Log),
+            LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => flags.push(SeccompFlag::SpecAllow),
+            LinuxSeccompFilterFlag::SeccompFilterFlagTsync | LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => {
+                log::debug!("linux.seccomp: flag {f} dropped: nothing to do in the container's process")
+            }
+        }
+    }
+    if s.listener_path().is_some() {
+        log::debug!("linux.seccomp.listenerPath is not used: no action is SCMP_ACT_NOTIFY");
+    }
+    Ok(SeccompProfile {
+        default_action: seccomp_action(s.default_action(), "defaultAction")?,
+        default_errno_ret: s.default_errno_ret(),
+        architectures: s.architectures().as_deref().unwrap_or_default().iter().map(|a| a.to_string()).collect(),
+        flags,
+        syscalls,
     })
 }
 
@@ -541,6 +631,64 @@ mod tests {
         let old = serde_json::json!({ "args": ["sh"], "env": [], "cwd": "/", "user": "0:0", "terminal": false, "rlimits": [] });
         let old: ProcessPlan = serde_json::from_value(old).unwrap();
         assert_eq!((old.capabilities, old.no_new_privileges), (Capabilities::all(), false));
+    }
+
+    #[test]
+    fn seccomp_profiles_are_passed_on_and_notify_is_refused() {
+        let b = bundle();
+        let mut v = default_spec();
+        assert_eq!(plan(b.path(), &spec_of(v.clone())).unwrap().seccomp, None, "none without linux.seccomp");
+        v["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": 38,
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+            "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+            "syscalls": [
+                { "names": ["read", "write"], "action": "SCMP_ACT_ALLOW" },
+                { "names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{ "index": 0, "value": 8, "op": "SCMP_CMP_EQ" }] },
+                { "names": ["clone"], "action": "SCMP_ACT_ALLOW",
+                  "args": [{ "index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ" }] },
+                { "names": ["mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 28 },
+                { "names": ["reboot"], "action": "SCMP_ACT_KILL" },
+                { "names": ["ptrace"], "action": "SCMP_ACT_TRACE", "errnoRet": 7,
+                  "args": [{ "index": 1, "value": 4, "op": "SCMP_CMP_GE" }, { "index": 1, "value": 9, "op": "SCMP_CMP_LT" }] }
+            ]
+        });
+        let p = plan(b.path(), &spec_of(v.clone())).unwrap().seccomp.unwrap();
+        let call = |names: &[&str], action, errno_ret, args| SeccompSyscalls {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            action,
+            errno_ret,
+            args,
+        };
+        let arg = |index, value, value_two, op| SeccompArg { index, value, value_two, op };
+        let want = SeccompProfile {
+            default_action: SeccompAction::Errno,
+            default_errno_ret: Some(38),
+            architectures: vec!["SCMP_ARCH_X86_64".into(), "SCMP_ARCH_X86".into()],
+            flags: vec![SeccompFlag::Log, SeccompFlag::SpecAllow],
+            syscalls: vec![
+                call(&["read", "write"], SeccompAction::Allow, None, vec![]),
+                call(&["personality"], SeccompAction::Allow, None, vec![arg(0, 8, 0, SeccompOp::Eq)]),
+                call(&["clone"], SeccompAction::Allow, None, vec![arg(0, 2114060288, 0, SeccompOp::MaskedEq)]),
+                call(&["mkdirat"], SeccompAction::Errno, Some(28), vec![]),
+                call(&["reboot"], SeccompAction::KillThread, None, vec![]),
+                call(&["ptrace"], SeccompAction::Trace, Some(7), vec![arg(1, 4, 0, SeccompOp::Ge), arg(1, 9, 0, SeccompOp::Lt)]),
+            ],
+        };
+        assert_eq!(p, want);
+        // A plan written before seccomp was passed on has none.
+        let mut old = serde_json::to_value(plan(b.path(), &spec_of(default_spec())).unwrap()).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("seccomp").is_none(), "not written when absent");
+        assert_eq!(serde_json::from_value::<Plan>(old).unwrap().seccomp, None);
+        // SCMP_ACT_NOTIFY has no listener to reach from the VM.
+        let mut notify = v.clone();
+        notify["linux"]["seccomp"]["syscalls"][3]["action"] = "SCMP_ACT_NOTIFY".into();
+        let e = plan(b.path(), &spec_of(notify)).unwrap_err().to_string();
+        assert!(e.contains("syscalls[3] (mkdirat) is SCMP_ACT_NOTIFY"), "{e}");
+        v["linux"]["seccomp"]["defaultAction"] = "SCMP_ACT_NOTIFY".into();
+        let e = plan(b.path(), &spec_of(v)).unwrap_err().to_string();
+        assert!(e.contains("defaultAction is SCMP_ACT_NOTIFY"), "{e}");
     }
 
     #[test]
