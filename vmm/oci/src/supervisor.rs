@@ -258,6 +258,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         rlimits: plan.process.rlimits.clone(),
         capabilities: Some(plan.process.capabilities.clone()),
         no_new_privileges: Some(plan.process.no_new_privileges),
+        ..Default::default()
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
@@ -419,6 +420,7 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
         mounts: Vec::new(),
         capabilities: Some(ep.process.capabilities.clone()),
         no_new_privileges: Some(ep.process.no_new_privileges),
+        ..Default::default()
     };
     let mut process =
         client.exec(&st.guest_id, &rec.exec_id, &p, stdio_mode(tty.as_ref(), ep.process.terminal)).map_err(|e| fail(rec, e.into()))?;
