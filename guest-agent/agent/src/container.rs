@@ -275,10 +275,10 @@ fn setup_ops(config: &ImageConfig, root: &Path, cwd: &str, bind_sources: &[Optio
     }
     // Mount points the container has before each configured mount: the
     // image's links below them are not followed.
-    let mut covered: Vec<&str> = vec!["/proc", "/dev", "/sys"];
+    let mut covered: Vec<String> = ["/proc", "/dev", "/sys"].map(String::from).to_vec();
     for (m, src) in mounts.iter().zip(bind_sources) {
         let dest = crate::paths::resolve_in_root(root, &abs(&m.destination)?, &covered);
-        covered.push(&m.destination);
+        covered.push(dest.clone());
         let mut flags: libc::c_ulong = 0;
         let mut data = Vec::new();
         let mut readonly = false;

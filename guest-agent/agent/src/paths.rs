@@ -15,7 +15,7 @@ const MAX_LINKS: usize = 40;
 /// under the paths in `covered`, which are mount points the container
 /// gets before this path is used (its `/proc`, `/dev`, ...): what the image
 /// has there will be hidden. The result is absolute and has no `.` or `..`.
-pub fn resolve_in_root(root: &Path, path: &str, covered: &[&str]) -> String {
+pub fn resolve_in_root(root: &Path, path: &str, covered: &[String]) -> String {
     let mut done: Vec<String> = Vec::new();
     let mut todo: Vec<String> = path.split('/').rev().map(str::to_owned).collect();
     let mut links = 0;
@@ -83,7 +83,7 @@ mod tests {
         symlink("loop", root.join("loop")).unwrap();
         std::fs::create_dir(root.join("dev")).unwrap();
         symlink("/real", root.join("dev/shm")).unwrap();
-        let r = |p: &str| resolve_in_root(root, p, &["/dev"]);
+        let r = |p: &str| resolve_in_root(root, p, &["/dev".to_string()]);
         assert_eq!(r("/abs/sub/x"), "/real/sub/x");
         assert_eq!(r("/up/x"), "/real/sub/x");
         assert_eq!(r("/out/mnt"), "/outside/mnt", "an escaping link lands inside the root");
