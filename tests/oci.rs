@@ -291,6 +291,76 @@ fn oci_runtime_signals_execs_and_force_deletes() {
 }
 
 #[test]
+fn oci_runtime_applies_the_specs_linux_settings() {
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-linux");
+    let script = "echo status: $(head -c 5 /proc/self/status); echo cwd: $(pwd); \
+                  touch /probe 2>&1 | grep -o 'Read-only file system' | sed 's/^/root-write: /'; \
+                  echo masked: $(wc -c < /etc/motd) $(ls -A /secret | wc -l); \
+                  (echo 1 > /proc/sys/kernel/shmmni) 2>&1 | grep -o 'Read-only file system' | sed 's/^/proc-sys: /'; \
+                  echo sysctl: $(cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward); \
+                  echo oom: $(cat /proc/self/oom_score_adj); echo groups: $(grep Groups /proc/self/status | cut -f2); \
+                  echo device: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c)";
+    let b = bundle("bundle-linux", &["sh", "-c", script], |s| {
+        s["root"]["readonly"] = true.into();
+        s["process"]["cwd"] = "/made/here".into();
+        s["process"]["oomScoreAdj"] = (-500).into();
+        s["process"]["user"] = serde_json::json!({ "uid": 0, "gid": 0, "additionalGids": [5, 6] });
+        s["linux"]["maskedPaths"] = serde_json::json!(["/etc/motd", "/secret", "/no/such/path"]);
+        s["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys"]);
+        s["linux"]["sysctl"] = serde_json::json!({ "kernel.shmmax": "123456789", "net.ipv4.ip_forward": "1" });
+        s["linux"]["devices"] = serde_json::json!([{ "path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 416, "uid": 1000, "gid": 10 }]);
+        s["linux"]["rootfsPropagation"] = "rprivate".into();
+    });
+    // As a pause image: no /proc, /dev or /sys to mount on, and a
+    // read-only root.
+    for d in ["proc", "dev", "sys"] {
+        std::fs::remove_dir_all(b.join("rootfs").join(d)).unwrap();
+    }
+    std::fs::write(b.join("rootfs/etc/motd"), b"welcome\n").unwrap();
+    std::fs::create_dir(b.join("rootfs/secret")).unwrap();
+    std::fs::write(b.join("rootfs/secret/key"), b"hidden\n").unwrap();
+    let (out, err) = (support::scratch("linux.out"), support::scratch("linux.err"));
+    let pid = create(&root, &b, "c-linux", &out, &err);
+    assert_ok(&run(&root, &["start", "c-linux"]));
+    assert_eq!(wait_pid(pid, &root, "c-linux"), 0, "{}", std::fs::read_to_string(&err).unwrap_or_default());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = |name: &str| {
+        let prefix = format!("{name}: ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned)).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(line("status"), "Name:");
+    assert_eq!(line("cwd"), "/made/here");
+    assert_eq!(line("root-write"), "Read-only file system");
+    assert_eq!(line("masked"), "0 0");
+    assert_eq!(line("proc-sys"), "Read-only file system");
+    assert_eq!(line("sysctl"), "123456789 1");
+    assert_eq!(line("oom"), "-500");
+    assert_eq!(line("groups"), "5 6");
+    assert_eq!(line("device"), "character special file 1:3 640 1000:10 0");
+    assert_ok(&run(&root, &["delete", "c-linux"]));
+
+    // Refused at create: a kernel parameter of the whole kernel, a user
+    // namespace, a namespace path of another type.
+    for (name, edit, needle) in [
+        ("bundle-sysctl", serde_json::json!({ "sysctl": { "kernel.panic": "1" } }), "not in a separate kernel namespace"),
+        (
+            "bundle-userns",
+            serde_json::json!({ "namespaces": [{ "type": "user" }], "uidMappings": [{ "containerID": 0, "hostID": 1000, "size": 1 }], "gidMappings": [{ "containerID": 0, "hostID": 1000, "size": 1 }] }),
+            "user namespace",
+        ),
+        ("bundle-nspath", serde_json::json!({ "namespaces": [{ "type": "network", "path": "/proc/self/ns/ipc" }] }), "is not a net namespace"),
+    ] {
+        let b = bundle(name, &["true"], |s| {
+            for (k, v) in edit.as_object().unwrap() {
+                s["linux"][k] = v.clone();
+            }
+        });
+        assert_fails(&run(&root, &["create", "--bundle", b.to_str().unwrap(), name]), needle);
+    }
+}
+
+#[test]
 fn oci_runtime_sends_a_terminal_to_the_console_socket() {
     let _turn = vm_turn();
     let root = support::scratch("oci-root-tty");

@@ -6,7 +6,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use vmrun_agent_protocol::{AgentError, Capabilities, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec, SeccompProfile};
+use vmrun_agent_protocol::{
+    AgentError, Capabilities, CreateContainer, Device, DeviceKind, ErrorKind, ImageConfig, Mount, Propagation, Rlimit, RootfsSpec, SeccompProfile,
+};
 
 use crate::caps::{self, CapSets};
 use crate::process::{self, ChildStdio, Enter, Op, Plan};
@@ -234,8 +236,15 @@ fn abs(p: &str) -> Result<String, AgentError> {
     Ok(p.to_string())
 }
 
-/// The file system setup of a new container, after `pivot_root`.
-fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<Op>, AgentError> {
+/// The file system setup of a new container, after `pivot_root`, in
+/// runc's order: the standard mounts and device nodes, the configured
+/// mounts (their destinations resolved in the image at `root`, created
+/// when missing), the spec's device nodes, the root's propagation, the
+/// kernel parameters, the root made read-only (after the working directory
+/// `cwd` is made), the read-only and the masked paths.
+fn setup_ops(config: &ImageConfig, root: &Path, cwd: &str, bind_sources: &[Option<OwnedFd>]) -> Result<Vec<Op>, AgentError> {
+    let mounts = &config.mounts;
+    let devices = device_nodes(&config.devices)?;
     let nosuid_dev_exec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mount = |src: &CStr, target: &str, fstype: &CStr, flags, data: Option<&CStr>| -> Result<Op, AgentError> {
         Ok(Op::Mount {
@@ -254,6 +263,10 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
         mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
     ];
     for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+        if config.devices.iter().any(|d| d.path == format!("/dev/{name}")) {
+            // The spec's own node takes its place, as in runc.
+            continue;
+        }
         ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
     }
     ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
@@ -267,8 +280,12 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
     for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         ops.push(Op::Symlink { target: c(target)?, path: c(&format!("/dev/{name}"))? });
     }
+    // Mount points the container has before each configured mount: the
+    // image's links below them are not followed.
+    let mut covered: Vec<String> = ["/proc", "/dev", "/sys"].map(String::from).to_vec();
     for (m, src) in mounts.iter().zip(bind_sources) {
-        let dest = abs(&m.destination)?;
+        let dest = crate::paths::resolve_in_root(root, &abs(&m.destination)?, &covered);
+        covered.push(dest.clone());
         let mut flags: libc::c_ulong = 0;
         let mut data = Vec::new();
         let mut readonly = false;
@@ -296,7 +313,7 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
             // cloned as a detached tree (before the child had a namespace
             // of its own): attach it, then set its flags (a bind remount
             // sets them all: a volume keeps the nosuid it was mounted with).
-            ops.push(Op::Attach { tree: fd.as_raw_fd(), target: c(&dest)?, mkdirs });
+            ops.push(Op::Attach { tree: fd.as_raw_fd(), target: c(&dest)?, mkdirs, file: !is_dir_tree(fd) });
             let mut keep = flags & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) | libc::MS_NODEV;
             if is_volume_disk(m) {
                 keep |= libc::MS_NOSUID;
@@ -313,7 +330,85 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
             });
         }
     }
+    ops.extend(devices);
+    if let Some(p) = config.rootfs_propagation {
+        ops.push(Op::Remount { target: c"/".to_owned(), flags: propagation_flags(p) });
+    }
+    for (key, value) in &config.sysctl {
+        vmrun_agent_protocol::sysctl_namespace(key).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let path = format!("/proc/sys/{}", vmrun_agent_protocol::sysctl_path(key));
+        ops.push(Op::Write { path: c(&path)?, data: value.as_bytes().to_vec() });
+    }
+    if config.readonly_rootfs {
+        let cwd = crate::paths::resolve_in_root(root, &abs(cwd)?, &covered);
+        for dir in process::mkdirs_for(&cwd).map_err(|e| internal("path", e))? {
+            ops.push(Op::Mkdir { path: dir, mode: 0o755 });
+        }
+        ops.push(Op::Remount { target: c"/".to_owned(), flags: libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | ROOTFS_FLAGS });
+    }
+    for p in &config.readonly_paths {
+        ops.push(Op::ReadOnly { path: c(&crate::paths::resolve_in_root(root, &abs(p)?, &covered))? });
+    }
+    for p in &config.masked_paths {
+        ops.push(Op::Mask { path: c(&crate::paths::resolve_in_root(root, &abs(p)?, &covered))? });
+    }
     Ok(ops)
+}
+
+/// Whether a detached tree (from `open_tree`) is a directory.
+fn is_dir_tree(fd: &OwnedFd) -> bool {
+    // SAFETY: all-zero is a valid `stat`; the kernel fills it in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of a descriptor we hold, into a writable `stat`.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// The `mount(2)` flags of a propagation.
+fn propagation_flags(p: Propagation) -> libc::c_ulong {
+    match p {
+        Propagation::Private => libc::MS_PRIVATE,
+        Propagation::Rprivate => libc::MS_PRIVATE | libc::MS_REC,
+        Propagation::Slave => libc::MS_SLAVE,
+        Propagation::Rslave => libc::MS_SLAVE | libc::MS_REC,
+        Propagation::Shared => libc::MS_SHARED,
+        Propagation::Rshared => libc::MS_SHARED | libc::MS_REC,
+        Propagation::Unbindable => libc::MS_UNBINDABLE,
+        Propagation::Runbindable => libc::MS_UNBINDABLE | libc::MS_REC,
+    }
+}
+
+/// The spec's device nodes as setup steps. They go in the container's own
+/// `/dev` (the only place devices can be opened: the root and every other
+/// mount are `nodev`), so a path elsewhere is refused.
+fn device_nodes(devices: &[Device]) -> Result<Vec<Op>, AgentError> {
+    devices
+        .iter()
+        .map(|d| {
+            let under_dev = d.path.strip_prefix("/dev/").is_some_and(|rest| rest.split('/').all(|p| !p.is_empty() && p != "." && p != ".."));
+            if !under_dev {
+                return Err(err(ErrorKind::BadRequest, format!("device {:?}: a device node must be under /dev/ (the rest of the container is nodev)", d.path)));
+            }
+            let kind = match d.kind {
+                DeviceKind::Char => libc::S_IFCHR,
+                DeviceKind::Block => libc::S_IFBLK,
+                DeviceKind::Fifo => libc::S_IFIFO,
+            };
+            let perm = d.file_mode.unwrap_or(0o666);
+            if perm & !0o7777 != 0 {
+                return Err(err(ErrorKind::BadRequest, format!("device {}: file mode {perm:#o} has bits other than permissions", d.path)));
+            }
+            let dev = if d.kind == DeviceKind::Fifo { 0 } else { libc::makedev(d.major, d.minor) };
+            Ok(Op::Device {
+                path: c(&d.path)?,
+                mode: kind | perm,
+                dev,
+                uid: d.uid.unwrap_or(0),
+                gid: d.gid.unwrap_or(0),
+                mkdirs: process::mkdirs_for(&d.path).map_err(|e| internal("path", e))?,
+            })
+        })
+        .collect()
 }
 
 /// Detached copies of the sources of bind mounts and volumes (made in the
@@ -403,6 +498,8 @@ pub struct ProcessSpec {
     pub no_new_privs: bool,
     /// Its seccomp filter.
     pub seccomp: Option<Filter>,
+    /// Its `oom_score_adj`, when set.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// Compiles the seccomp profile of a process of container `id`; a profile
@@ -414,6 +511,14 @@ fn compile_seccomp(profile: &SeccompProfile, id: &str) -> Result<Filter, AgentEr
         crate::log::info(format_args!("container {id}: seccomp: unknown system calls left out: {}", filter.unknown().join(", ")));
     }
     Ok(filter)
+}
+
+/// An `oom_score_adj` the kernel takes (-1000 to 1000).
+fn oom_score_adj(v: Option<i32>) -> Result<Option<i32>, AgentError> {
+    match v {
+        Some(n) if !(-1000..=1000).contains(&n) => Err(err(ErrorKind::BadRequest, format!("oom_score_adj {n} is not within -1000 and 1000"))),
+        v => Ok(v),
+    }
 }
 
 /// The capability sets and `no_new_privs` of a process: what it asks for,
@@ -457,9 +562,13 @@ impl Container {
         let mut user_spec = self.config.user.as_str();
         let mut working_dir = self.config.working_dir.as_str();
         let (mut caps, mut no_new_privs, mut seccomp) = (None, None, self.seccomp.clone());
+        let mut additional_gids = self.config.additional_gids.as_deref();
+        let mut oom = self.config.oom_score_adj;
         if let Some(o) = overrides {
             caps = o.capabilities.as_ref();
             no_new_privs = o.no_new_privileges;
+            additional_gids = o.additional_gids.as_deref().or(additional_gids);
+            oom = o.oom_score_adj.or(oom);
             if let Some(p) = &o.seccomp {
                 seccomp = Some(compile_seccomp(p, &self.id)?);
             }
@@ -477,10 +586,10 @@ impl Container {
         if args.is_empty() {
             return Err(err(ErrorKind::BadRequest, "no command: the image has no entrypoint or cmd, and none was given"));
         }
-        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let id = user::resolve_with(user_spec, &self.passwd, &self.group, additional_gids).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = if working_dir.is_empty() { "/".to_string() } else { abs(working_dir)? };
         let (caps, no_new_privs) = privileges(&self.config, caps, no_new_privs, &id)?;
-        Ok(ProcessSpec { args, env, cwd, id, tty, caps, no_new_privs, seccomp })
+        Ok(ProcessSpec { args, env, cwd, id, tty, caps, no_new_privs, seccomp, oom_score_adj: oom_score_adj(oom)? })
     }
 
     /// Another process in this container.
@@ -489,7 +598,8 @@ impl Container {
             return Err(err(ErrorKind::BadRequest, "exec: no command"));
         }
         let user_spec = p.user.as_deref().unwrap_or(&self.config.user);
-        let id = user::resolve(user_spec, &self.passwd, &self.group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let additional_gids = p.additional_gids.as_deref().or(self.config.additional_gids.as_deref());
+        let id = user::resolve_with(user_spec, &self.passwd, &self.group, additional_gids).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let cwd = match &p.working_dir {
             Some(w) => abs(w)?,
             None if self.config.working_dir.is_empty() => "/".into(),
@@ -500,7 +610,8 @@ impl Container {
             Some(profile) => Some(compile_seccomp(profile, &self.id)?),
             None => self.seccomp.clone(),
         };
-        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs, seccomp })
+        let oom_score_adj = oom_score_adj(p.oom_score_adj.or(self.config.oom_score_adj))?;
+        Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs, seccomp, oom_score_adj })
     }
 
     /// The plan for a process of this container.
@@ -525,7 +636,7 @@ impl Container {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
             None => Enter::New {
                 rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
-                ops: setup_ops(&self.config.mounts, bind_sources)?,
+                ops: setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources)?,
                 hostname: c(&self.hostname())?,
             },
         };
@@ -544,6 +655,7 @@ impl Container {
             caps: spec.caps,
             no_new_privs: spec.no_new_privs,
             seccomp: spec.seccomp.clone(),
+            oom_score_adj: spec.oom_score_adj.map(|v| v.to_string()),
         })
     }
 }
@@ -583,7 +695,8 @@ mod tests {
         ];
         let (r, w) = sys::pipe(0).unwrap();
         let sources = [None, Some(r), Some(w), None];
-        let ops = setup_ops(&mounts, &sources).unwrap();
+        let config = ImageConfig { mounts: mounts.to_vec(), ..Default::default() };
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources).unwrap();
         let mut attached = 0;
         for (i, op) in ops.iter().enumerate() {
             match op {
@@ -606,7 +719,7 @@ mod tests {
 
     #[test]
     fn standard_mounts_in_runcs_order() {
-        let ops = setup_ops(&[], &[]).unwrap();
+        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[]).unwrap();
         let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
             .iter()
             .filter_map(|op| match op {
@@ -648,6 +761,47 @@ mod tests {
     #[test]
     fn setup_refuses_relative_mount_targets() {
         let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
-        assert!(setup_ops(&[m], &[None]).is_err());
+        let config = ImageConfig { mounts: vec![m], ..Default::default() };
+        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None]).is_err());
+    }
+
+    #[test]
+    fn the_specs_linux_settings_in_runcs_order() {
+        use std::collections::BTreeMap;
+        let dev = |path: &str, kind| Device { path: path.into(), kind, major: 10, minor: 200, file_mode: None, uid: Some(7), gid: None };
+        let config = ImageConfig {
+            devices: vec![dev("/dev/net/tun", DeviceKind::Char), dev("/dev/null", DeviceKind::Char), dev("/dev/fifo", DeviceKind::Fifo)],
+            rootfs_propagation: Some(Propagation::Rslave),
+            sysctl: BTreeMap::from([("kernel.shmmax".to_string(), "4096".to_string())]),
+            readonly_rootfs: true,
+            readonly_paths: vec!["/proc/sys".into()],
+            masked_paths: vec!["/proc/kcore".into()],
+            ..Default::default()
+        };
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[]).unwrap();
+        let described: Vec<String> = ops.iter().map(Op::describe).collect();
+        let at = |what: &str| described.iter().position(|d| d == what).unwrap_or_else(|| panic!("no {what} in {described:?}"));
+        // The spec's /dev/null replaces the standard one.
+        assert_eq!(described.iter().filter(|d| *d == "mknod /dev/null").count(), 0);
+        let order = ["mount sysfs on /sys", "device node /dev/net/tun", "device node /dev/null", "device node /dev/fifo", "remount /",
+            "writing /proc/sys/kernel/shmmax", "mkdir /work/dir", "read-only path /proc/sys", "masked path /proc/kcore"];
+        let positions: Vec<usize> = order.iter().map(|w| at(w)).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{described:?}");
+        let remounts: Vec<libc::c_ulong> = ops.iter().filter_map(|o| if let Op::Remount { flags, .. } = o { Some(*flags) } else { None }).collect();
+        assert_eq!(remounts, [libc::MS_SLAVE | libc::MS_REC, libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | ROOTFS_FLAGS]);
+        let Some(Op::Device { mode, dev: number, uid, gid, .. }) = ops.iter().find(|o| o.describe() == "device node /dev/net/tun") else { unreachable!() };
+        assert_eq!((*mode, *number, *uid, *gid), (libc::S_IFCHR | 0o666, libc::makedev(10, 200), 7, 0));
+        let Some(Op::Device { mode, dev: number, .. }) = ops.iter().find(|o| o.describe() == "device node /dev/fifo") else { unreachable!() };
+        assert_eq!((*mode, *number), (libc::S_IFIFO | 0o666, 0));
+
+        // Refused: nodes outside /dev, kernel parameters of the whole kernel.
+        for path in ["/etc/tun", "/dev/../etc/x", "/dev/", "/devx"] {
+            let c = ImageConfig { devices: vec![dev(path, DeviceKind::Block)], ..Default::default() };
+            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[]).unwrap_err();
+            assert!(e.kind == ErrorKind::BadRequest && e.message.contains("under /dev/"), "{path}: {e}");
+        }
+        let c = ImageConfig { sysctl: BTreeMap::from([("kernel.panic".to_string(), "1".to_string())]), ..Default::default() };
+        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[]).unwrap_err();
+        assert!(e.kind == ErrorKind::BadRequest && e.message.contains("not in a separate kernel namespace"), "{e}");
     }
 }

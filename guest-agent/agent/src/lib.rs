@@ -15,6 +15,7 @@ pub mod container;
 pub mod init;
 pub mod log;
 pub mod net;
+pub mod paths;
 pub mod process;
 pub mod seccomp;
 pub mod server;

@@ -15,8 +15,10 @@
 //! unpacked root (in a guest whose root is the initramfs, where
 //! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
 //! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
-//! the configured mounts, host name, umask 022, rlimits, working directory,
-//! capabilities and user as runc sets them (the bounding set dropped with
+//! the configured mounts, the spec's device nodes, the root's propagation,
+//! kernel parameters, the root made read-only, read-only and masked paths
+//! (see [`Op`]), host name, umask 022, rlimits, `oom_score_adj`, working
+//! directory, capabilities and user as runc sets them (the bounding set dropped with
 //! `PR_CAPBSET_DROP`, `PR_SET_KEEPCAPS` across groups and uid/gid, then the
 //! effective, permitted and inheritable sets with `capset` and the ambient
 //! ones raised), `no_new_privs` when asked, the seccomp filter, `execve`
@@ -31,6 +33,11 @@
 //! returns to its own; the child enters the mount, UTS and IPC namespaces
 //! (`setns(pidfd, ...)`, which also puts it at the container's root) and
 //! goes on as above from the rlimits.
+//!
+//! Mount targets are resolved after `pivot_root`, so the image's symbolic
+//! links cannot lead out of the container's root; the agent resolves them
+//! beforehand too (`crate::paths`) so that a missing target behind a link is
+//! made inside the root.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -74,8 +81,12 @@ pub enum Op {
         target: CString,
         /// Directories to create (top down) if the target is missing.
         mkdirs: Vec<CString>,
+        /// The tree is a file: a missing target is made an empty file
+        /// (the last of `mkdirs`), not a directory.
+        file: bool,
     },
-    /// Remounts a bind mount read-only (or with other flags).
+    /// Remounts a bind mount read-only (or with other flags), or changes
+    /// a mount's propagation (`mount(NULL, target, NULL, flags, NULL)`).
     Remount {
         /// Target.
         target: CString,
@@ -105,6 +116,44 @@ pub enum Op {
         /// Link path.
         path: CString,
     },
+    /// A device node of the spec (`linux.devices`): `mknod(2)`, then its
+    /// permissions (whatever the umask) and owner; directories above it
+    /// are made when missing.
+    Device {
+        /// Path.
+        path: CString,
+        /// File type and permission bits.
+        mode: u32,
+        /// Device.
+        dev: u64,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Directories to create (top down) if the parent is missing.
+        mkdirs: Vec<CString>,
+    },
+    /// Writes `data` to an existing file (a kernel parameter under
+    /// `/proc/sys`).
+    Write {
+        /// Path.
+        path: CString,
+        /// What to write.
+        data: Vec<u8>,
+    },
+    /// Makes a path read-only, as runc's `readonlyPath`: bound onto itself,
+    /// then remounted read-only keeping its other flags. A missing path is
+    /// skipped.
+    ReadOnly {
+        /// Path.
+        path: CString,
+    },
+    /// Hides a path, as runc's `maskPath`: `/dev/null` bound onto a file, an
+    /// empty read-only tmpfs onto a directory. A missing path is skipped.
+    Mask {
+        /// Path.
+        path: CString,
+    },
 }
 
 impl Op {
@@ -119,6 +168,10 @@ impl Op {
             Op::Mknod { path, .. } => format!("mknod {}", path.to_string_lossy()),
             Op::Mkdir { path, .. } => format!("mkdir {}", path.to_string_lossy()),
             Op::Symlink { path, .. } => format!("symlink {}", path.to_string_lossy()),
+            Op::Device { path, .. } => format!("device node {}", path.to_string_lossy()),
+            Op::Write { path, .. } => format!("writing {}", path.to_string_lossy()),
+            Op::ReadOnly { path } => format!("read-only path {}", path.to_string_lossy()),
+            Op::Mask { path } => format!("masked path {}", path.to_string_lossy()),
         }
     }
 }
@@ -186,6 +239,8 @@ pub struct Plan {
     pub no_new_privs: bool,
     /// The seccomp filter to install, if any.
     pub seccomp: Option<seccomp::Filter>,
+    /// What to write to `/proc/self/oom_score_adj` (a decimal number).
+    pub oom_score_adj: Option<String>,
 }
 
 /// A process just cloned; [`Started::result`] tells whether it reached
@@ -220,6 +275,7 @@ const STEP_EXEC: u32 = 8;
 const STEP_CAPS: u32 = 9;
 const STEP_NO_NEW_PRIVS: u32 = 10;
 const STEP_SECCOMP: u32 = 11;
+const STEP_OOM_SCORE_ADJ: u32 = 12;
 const STEP_OPS: u32 = 100;
 
 /// The `PATH` search: where `execve` is tried for `arg0`.
@@ -324,6 +380,7 @@ pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> 
         STEP_CAPS => "setting capabilities".to_string(),
         STEP_NO_NEW_PRIVS => "setting no_new_privs".to_string(),
         STEP_SECCOMP => "installing the seccomp filter".to_string(),
+        STEP_OOM_SCORE_ADJ => "setting oom_score_adj".to_string(),
         s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
         _ => "setup".to_string(),
     };
@@ -378,12 +435,20 @@ fn run_op(op: &Op) -> libc::c_int {
                 }
                 r
             }
-            Op::Attach { tree, target, mkdirs: dirs } => {
+            Op::Attach { tree, target, mkdirs: dirs, file } => {
                 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_long = 4;
                 let m = || libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) as libc::c_int;
                 let mut r = m();
                 if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
-                    mkdirs(dirs);
+                    if *file {
+                        mkdirs(&dirs[..dirs.len() - 1]);
+                        let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o644);
+                        if fd >= 0 {
+                            libc::close(fd);
+                        }
+                    } else {
+                        mkdirs(dirs);
+                    }
                     r = m();
                 }
                 r
@@ -408,8 +473,86 @@ fn run_op(op: &Op) -> libc::c_int {
                     r
                 }
             }
+            Op::Device { path, mode, dev, uid, gid, mkdirs: dirs } => {
+                if !dirs.is_empty() {
+                    mkdirs(&dirs[..dirs.len() - 1]);
+                }
+                if libc::mknod(path.as_ptr(), *mode, *dev) < 0 || libc::chmod(path.as_ptr(), *mode & 0o7777) < 0 {
+                    return -1;
+                }
+                libc::lchown(path.as_ptr(), *uid, *gid)
+            }
+            Op::Write { path, data } => {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return -1;
+                }
+                let n = libc::write(fd, data.as_ptr().cast(), data.len());
+                let e = last_errno();
+                libc::close(fd);
+                if n < 0 || n as usize != data.len() {
+                    *libc::__errno_location() = if n < 0 { e } else { libc::EIO };
+                    return -1;
+                }
+                0
+            }
+            Op::ReadOnly { path } => {
+                if libc::mount(path.as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) < 0 {
+                    return if last_errno() == libc::ENOENT { 0 } else { -1 };
+                }
+                let mut st = KernelStatfs::default();
+                if libc::syscall(libc::SYS_statfs, path.as_ptr(), &mut st as *mut KernelStatfs) < 0 {
+                    return -1;
+                }
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept_flags(st.flags as libc::c_ulong);
+                libc::mount(std::ptr::null(), path.as_ptr(), std::ptr::null(), flags, std::ptr::null())
+            }
+            Op::Mask { path } => {
+                if libc::mount(c"/dev/null".as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) == 0 {
+                    return 0;
+                }
+                match last_errno() {
+                    libc::ENOENT => 0,
+                    libc::ENOTDIR => {
+                        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                        libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, std::ptr::null())
+                    }
+                    _ => -1,
+                }
+            }
         }
     }
+}
+
+/// The kernel's `struct statfs` on 64-bit targets (the `libc` crate's
+/// does not show `f_flags`).
+#[repr(C)]
+#[derive(Default)]
+struct KernelStatfs {
+    fs_type: i64,
+    bsize: i64,
+    counts: [u64; 5],
+    fsid: [i32; 2],
+    namelen: i64,
+    frsize: i64,
+    flags: i64,
+    spare: [i64; 4],
+}
+
+/// The per-mount flags of `statfs`'s `f_flags` that a bind remount must
+/// repeat to keep them (it sets them all).
+fn kept_flags(f_flags: libc::c_ulong) -> libc::c_ulong {
+    [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .iter()
+    .filter(|(st, _)| f_flags & *st != 0)
+    .fold(0, |acc, (_, ms)| acc | ms)
 }
 
 /// `capset`'s header (`_LINUX_CAPABILITY_VERSION_3`, this thread).
@@ -517,6 +660,13 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
         libc::umask(0o022);
         for (res, lim) in &plan.rlimits {
             check(libc::syscall(libc::SYS_prlimit64, 0, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()), errfd, STEP_RLIMIT);
+        }
+        // Before the uid changes: lowering it takes CAP_SYS_RESOURCE.
+        if let Some(adj) = &plan.oom_score_adj {
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            check(fd as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
+            check(libc::write(fd, adj.as_ptr().cast(), adj.len()) as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
+            libc::close(fd);
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
             if last_errno() != libc::ENOENT {

@@ -70,6 +70,14 @@ pub enum UserError {
 /// Resolves `spec` (empty: root). `passwd` and `group` are the image's
 /// files, if it has them.
 pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserError> {
+    resolve_with(spec, passwd, group, None)
+}
+
+/// [`resolve`], with supplementary groups as `additional` says: `None`,
+/// docker's (the image's groups of a user named, and the primary group);
+/// `Some`, runc's (the image's groups of a user named, then these, and not
+/// the primary group: a numeric `uid:gid` gets exactly these).
+pub fn resolve_with(spec: &str, passwd: &str, group: &str, additional: Option<&[u32]>) -> Result<Identity, UserError> {
     let (user, grp) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -99,8 +107,16 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserEr
             }
         }
     }
-    if !id.groups.contains(&id.gid) {
-        id.groups.insert(0, id.gid);
+    match additional {
+        None if !id.groups.contains(&id.gid) => id.groups.insert(0, id.gid),
+        None => {}
+        Some(extra) => {
+            for g in extra {
+                if !id.groups.contains(g) {
+                    id.groups.push(*g);
+                }
+            }
+        }
     }
     Ok(id)
 }
@@ -129,6 +145,15 @@ mod tests {
         let n = resolve("4242:4343", "", "").unwrap();
         assert_eq!((n.uid, n.gid, n.home.as_str()), (4242, 4343, "/"));
         assert_eq!(resolve("4242", "", "").unwrap().gid, 0);
+    }
+
+    #[test]
+    fn additional_groups_are_exact_for_numeric_users() {
+        let n = resolve_with("4242:4343", "", "", Some(&[5, 6, 5])).unwrap();
+        assert_eq!((n.uid, n.gid, n.groups), (4242, 4343, vec![5, 6]), "runc: only additionalGids");
+        assert!(resolve_with("1000:1000", PASSWD, GROUP, Some(&[])).unwrap().groups.is_empty());
+        let a = resolve_with("alice", PASSWD, GROUP, Some(&[50, 10])).unwrap();
+        assert_eq!((a.gid, a.groups), (1000, vec![10, 50]), "the image's groups of a named user, then the extra ones");
     }
 
     #[test]

@@ -580,3 +580,213 @@ fn device_nodes_from_the_image_cannot_be_opened() {
         c.remove_container(id, false).unwrap();
     }
 }
+
+/// An image layer with more busybox applets (the test image links only a
+/// few).
+fn applets(names: &[&str]) -> Layer {
+    let mut l = Layer::new();
+    for a in names {
+        l.symlink(&format!("bin/{a}"), "busybox");
+    }
+    l
+}
+
+/// Runs the container `id` made of `layers` and `config` to its end: its
+/// standard output, after checking it exited with 0.
+fn run_to_end(c: &Client, agent: &Agent, id: &str, layers: Vec<Vec<u8>>, config: ImageConfig) -> String {
+    let (disk, digests) = test_image_plus(agent.dir.path(), layers);
+    let spec = CreateContainer {
+        id: id.into(),
+        layers: LayerSource { disk: disk.display().to_string(), layers: digests },
+        rootfs: Default::default(),
+        config,
+        limits: UnpackLimits::default(),
+    };
+    c.create_container(&spec).unwrap();
+    let out = c.start(id, StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.exit_code, 0, "{id}: {text} {}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The value of the line `name: value` of a script's output.
+fn line<'a>(text: &'a str, name: &str) -> &'a str {
+    let prefix = format!("{name}: ");
+    text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn masked_and_readonly_paths_sysctl_oom_score_groups_and_devices() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let mut extra = applets(&["stat", "touch", "grep", "mkdir"]);
+    extra.dir("secret", 0o755).file("secret/key", 0o644, b"hidden\n");
+    let host_shmmax = std::fs::read_to_string("/proc/sys/kernel/shmmax").unwrap();
+    let host_domain = std::fs::read_to_string("/proc/sys/kernel/domainname").unwrap();
+    let dev = |path: &str, kind, major, minor, mode, uid, gid| vmrun_agent_protocol::Device {
+        path: path.into(),
+        kind,
+        major,
+        minor,
+        file_mode: mode,
+        uid,
+        gid,
+    };
+    use vmrun_agent_protocol::DeviceKind::{Char, Fifo};
+    // A negative score takes CAP_SYS_RESOURCE (which the guest agent has;
+    // a host running these tests may not).
+    let oom = if has_sys_resource() { -300 } else { 300 };
+    let script = "echo marker: $(wc -c < /marker); echo secret: $(ls -A /secret | wc -l); \
+                  touch /secret/new 2>/dev/null && echo secret-write: yes || echo secret-write: no; \
+                  echo cmdline: $(wc -c < /proc/cmdline); \
+                  touch /srv/new 2>&1 | grep -o 'Read-only file system' | sed 's/^/srv-write: /'; \
+                  echo srv-mount: $(grep ' /srv ' /proc/self/mountinfo | cut -d' ' -f6); \
+                  echo shmmax: $(cat /proc/sys/kernel/shmmax); echo domain: $(cat /proc/sys/kernel/domainname); \
+                  (echo 1 > /proc/sys/kernel/shmmni) 2>&1 | grep -o 'Read-only file system' | sed 's/^/sysctl-write: /'; \
+                  echo oom: $(cat /proc/self/oom_score_adj); \
+                  echo groups: $(grep Groups /proc/self/status | cut -f2); echo id: $(id -G); \
+                  echo mynull: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c); \
+                  echo tun: $(stat -c '%F %t:%T %a' /dev/net/tun); echo fifo: $(stat -c '%F %a' /dev/fifo); \
+                  echo null: $(stat -c '%t:%T' /dev/null); \
+                  echo root: $(grep ' / / ' /proc/self/mountinfo | grep -c shared:)";
+    let config = ImageConfig {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: "0:0".into(),
+        additional_gids: Some(vec![5, 6]),
+        oom_score_adj: Some(oom),
+        masked_paths: names(&["/marker", "/secret", "/proc/cmdline", "/proc/kcore", "/does/not/exist"]),
+        readonly_paths: names(&["/srv", "/proc/sys", "/not/here/either"]),
+        sysctl: [("kernel.shmmax", "123456789"), ("kernel.domainname", "example.test")].into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        devices: vec![
+            dev("/dev/mynull", Char, 1, 3, Some(0o640), Some(1000), Some(10)),
+            dev("/dev/net/tun", Char, 10, 200, None, None, None),
+            dev("/dev/fifo", Fifo, 0, 0, Some(0o600), None, None),
+        ],
+        rootfs_propagation: Some(vmrun_agent_protocol::Propagation::Private),
+        ..Default::default()
+    };
+    let extra_layer = {
+        let mut l = extra;
+        l.symlink("bin/cut", "busybox").symlink("bin/sed", "busybox");
+        l.finish()
+    };
+    let text = run_to_end(&c, &agent, "spec", vec![extra_layer], config);
+    assert_eq!(line(&text, "marker"), "0", "a masked file reads empty:\n{text}");
+    assert_eq!(line(&text, "secret"), "0", "a masked directory is empty:\n{text}");
+    assert_eq!(line(&text, "secret-write"), "no");
+    assert_eq!(line(&text, "cmdline"), "0");
+    assert_eq!(line(&text, "srv-write"), "Read-only file system");
+    let srv = line(&text, "srv-mount");
+    assert!(srv.split(',').any(|o| o == "ro") && srv.split(',').any(|o| o == "nodev"), "a read-only path keeps nodev: {srv}");
+    assert_eq!(line(&text, "shmmax"), "123456789");
+    assert_eq!(line(&text, "domain"), "example.test");
+    assert_eq!(line(&text, "sysctl-write"), "Read-only file system", "/proc/sys is read-only after the sysctls");
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/shmmax").unwrap(), host_shmmax, "the host's is untouched");
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/domainname").unwrap(), host_domain);
+    assert_eq!(line(&text, "oom"), oom.to_string());
+    assert_eq!(line(&text, "groups"), "5 6", "the additional gids, exactly");
+    assert_eq!(line(&text, "id"), "0 5 6");
+    assert_eq!(line(&text, "mynull"), "character special file 1:3 640 1000:10 0");
+    assert_eq!(line(&text, "tun"), "character special file a:c8 666");
+    assert_eq!(line(&text, "fifo"), "fifo 600");
+    assert_eq!(line(&text, "null"), "1:3");
+    assert_eq!(line(&text, "root"), "0", "rootfsPropagation private");
+}
+
+/// Whether this process has `CAP_SYS_RESOURCE`.
+fn has_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap();
+    u64::from_str_radix(eff.trim(), 16).unwrap() & 1 << 24 != 0
+}
+
+#[test]
+fn exec_gets_its_own_groups_and_oom_score() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let config = ImageConfig { cmd: names(&["sleep", "1000"]), user: "1000:100".into(), additional_gids: Some(vec![7]), oom_score_adj: Some(100), ..Default::default() };
+    let (disk, layers) = test_image_plus(agent.dir.path(), vec![applets(&["grep", "cut"]).finish()]);
+    let spec = CreateContainer { id: "ex".into(), layers: LayerSource { disk: disk.display().to_string(), layers }, rootfs: Default::default(), config, limits: UnpackLimits::default() };
+    c.create_container(&spec).unwrap();
+    let init = c.start("ex", StdioMode::Null).unwrap();
+    let script = "echo groups: $(grep Groups /proc/self/status | cut -f2); echo id: $(id -G); echo oom: $(cat /proc/self/oom_score_adj)";
+    let run = |id: &str, p: ExecProcess| {
+        let out = c.exec("ex", id, &p, StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+        assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The container's.
+    let text = run("same", exec_args(&["sh", "-c", script]));
+    assert_eq!((line(&text, "groups"), line(&text, "id"), line(&text, "oom")), ("7", "100 7", "100"));
+    // Its own: a user by name keeps the image's groups, then the extra ones.
+    let own = ExecProcess { user: Some("alice".into()), additional_gids: Some(vec![42]), oom_score_adj: Some(17), ..exec_args(&["sh", "-c", script]) };
+    let text = run("own", own);
+    assert_eq!((line(&text, "groups"), line(&text, "id"), line(&text, "oom")), ("10 42", "1000 10 42", "17"));
+    let bad = ExecProcess { oom_score_adj: Some(1001), ..exec_args(&["true"]) };
+    let err = c.exec("ex", "bad", &bad, StdioMode::Null).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains("oom_score_adj")), "{err}");
+    init.signal(9).unwrap();
+    init.wait().unwrap();
+}
+
+#[test]
+fn a_read_only_root_without_mount_points_and_destinations_through_links() {
+    if !require_root() {
+        return;
+    }
+    // The test image has no /proc, /dev or /sys (as a pause image): they
+    // are made before the root becomes read-only. Links of the image that
+    // point out of its root are followed inside it.
+    let agent = Agent::start();
+    let c = agent.client();
+    let outside = agent.dir.path().join("outside");
+    let mut l = applets(&["touch", "grep", "readlink"]);
+    l.symlink("escape", &outside.display().to_string());
+    l.symlink("up", "../../../../../../../../outside-up");
+    let bound = agent.dir.path().join("bound-file");
+    std::fs::write(&bound, b"bound file\n").unwrap();
+    let mount = |dest: &str, fstype: &str, source: &str, options: &[&str]| vmrun_agent_protocol::Mount {
+        destination: dest.into(),
+        fstype: fstype.into(),
+        source: source.into(),
+        options: names(options),
+    };
+    let script = format!(
+        "echo status: $(head -1 /proc/self/status); echo cwd: $(pwd); \
+         touch /new 2>&1 | grep -o 'Read-only file system' | sed 's/^/root-write: /'; \
+         touch /escape/mnt/f && echo escape: $(ls {out}/mnt); touch /up/mnt/g && echo up: $(ls /outside-up/mnt); \
+         echo file: $(cat /etc/bound); \
+         echo root: $(grep ' / / ' /proc/self/mountinfo | grep -c shared:)",
+        out = outside.display()
+    );
+    let config = ImageConfig {
+        cmd: vec!["sh".into(), "-c".into(), script],
+        working_dir: "/made/here".into(),
+        readonly_rootfs: true,
+        mounts: vec![
+            mount("/escape/mnt", "tmpfs", "tmpfs", &[]),
+            mount("/up/mnt", "tmpfs", "tmpfs", &[]),
+            mount("/etc/bound", "bind", &bound.display().to_string(), &["bind", "ro"]),
+        ],
+        rootfs_propagation: Some(vmrun_agent_protocol::Propagation::Shared),
+        ..Default::default()
+    };
+    let mut extra = l;
+    extra.symlink("bin/sed", "busybox");
+    let text = run_to_end(&c, &agent, "ro", vec![extra.finish()], config);
+    assert!(line(&text, "status").starts_with("Name:"), "{text}");
+    assert_eq!(line(&text, "cwd"), "/made/here");
+    assert_eq!(line(&text, "root-write"), "Read-only file system");
+    assert_eq!(line(&text, "escape"), "f");
+    assert_eq!(line(&text, "up"), "g");
+    assert_eq!(line(&text, "file"), "bound file");
+    assert_eq!(line(&text, "root"), "1", "rootfsPropagation shared");
+    assert!(!outside.exists(), "a link out of the image reached the host");
+    assert!(!std::path::Path::new("/outside-up").exists());
+}

@@ -49,8 +49,10 @@
 //! the window allows treats it as a protocol violation.
 
 pub mod frame;
+mod linux;
 mod message;
 
+pub use linux::*;
 pub use message::*;
 pub use vmrun_layerdisk::Digest;
 

@@ -106,6 +106,9 @@ impl<'de> Deserialize<'de> for Entropy {
 }
 
 /// A request from the host.
+// A request lives only while it is sent or handled, one at a time: the
+// size of `CreateContainer` costs nothing that boxing it would save.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -295,6 +298,43 @@ pub struct ImageConfig {
     /// The seccomp filter of the container's processes; `None`: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<SeccompProfile>,
+
+    // The OCI runtime spec's `linux` and process settings (runc's
+    // semantics), applied by the agent in runc's order.
+    /// Supplementary groups (`process.user.additionalGids`). `None`: the
+    /// groups of the image's `/etc/group` (docker's way); `Some`: these,
+    /// exactly, after the image's groups of a user given by name (runc's
+    /// way: a numeric `uid:gid` user gets only these).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub additional_gids: Option<Vec<u32>>,
+    /// `process.oomScoreAdj`, written to `/proc/self/oom_score_adj`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
+    /// The root is mounted read-only once the container's mounts, device
+    /// nodes and working directory are made (`root.readonly`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub readonly_rootfs: bool,
+    /// Paths hidden from the container (`linux.maskedPaths`): a directory
+    /// gets an empty read-only tmpfs, a file `/dev/null`; a missing path is
+    /// ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only (`linux.readonlyPaths`); a missing path is
+    /// ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub readonly_paths: Vec<String>,
+    /// Kernel parameters (`linux.sysctl`), namespaced ones only (see
+    /// [`crate::sysctl_namespace`]).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sysctl: std::collections::BTreeMap<String, String>,
+    /// Device nodes made in the container's `/dev` (`linux.devices`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::Device>,
+    /// Mount propagation of the container's root
+    /// (`linux.rootfsPropagation`); `None`: left as the new mount
+    /// namespace has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs_propagation: Option<crate::Propagation>,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).
@@ -587,6 +627,13 @@ pub struct ExecProcess {
     /// The seccomp filter (default: the container's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<SeccompProfile>,
+    /// Supplementary groups, as [`ImageConfig::additional_gids`] (default:
+    /// the container's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub additional_gids: Option<Vec<u32>>,
+    /// `oom_score_adj` (default: the container's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// Where a process's standard streams go. Stream ids are chosen by the

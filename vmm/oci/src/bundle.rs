@@ -3,12 +3,15 @@
 //! runs.
 //!
 //! What is used: `ociVersion` (1.0.x and 1.1.x), `root` (a directory,
-//! copied into an ext4 disk; `readonly` mounts the copy read-only),
-//! `process` (args, env, cwd, user uid/gid, terminal, rlimits,
-//! `capabilities`, `noNewPrivileges`),
+//! copied into an ext4 disk; `readonly` makes the container's root
+//! read-only once the agent has made its mount points), `process` (args,
+//! env, cwd, user uid/gid/additionalGids, terminal, rlimits,
+//! `capabilities`, `noNewPrivileges`, `oomScoreAdj`),
 //! `hostname`, `mounts`, `linux.seccomp`, `linux.resources.memory.limit` and
 //! `linux.resources.cpu` quota/period (the VM's size) and the annotations
-//! `io.vmrun.memory` / `io.vmrun.cpus`, which override them.
+//! `io.vmrun.memory` / `io.vmrun.cpus`, which override them;
+//! `linux.maskedPaths`, `linux.readonlyPaths`, `linux.sysctl`,
+//! `linux.devices` and `linux.rootfsPropagation`.
 //!
 //! Capabilities and `noNewPrivileges` are applied to the container's
 //! processes by the guest agent, as runc does: the bounding set dropped,
@@ -26,6 +29,14 @@
 //! `SECCOMP_FILTER_FLAG_SPEC_ALLOW` are applied; `architectures` is not
 //! used (the filter is x86_64's, other ABIs get `ENOSYS`), and unknown
 //! system call names are skipped, as runc does.
+//! The agent applies the rest in runc's order: the user's uid, gid and
+//! `additionalGids` exactly (no groups from the image's `/etc/group`),
+//! `oom_score_adj`, the device nodes (under `/dev/` only: everything else
+//! in the container is `nodev`), the root's propagation, the kernel
+//! parameters (only those of a namespace the spec gives the container, as
+//! runc's validator: IPC ones with `ipc`, `net.*` with `network`,
+//! `kernel.domainname` with `uts`; others are refused here), the root made
+//! read-only, the read-only and the masked paths.
 //!
 //! Mounts: the standard ones a caller such as containerd always lists
 //! (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
@@ -35,20 +46,29 @@
 //! and `/sys`, in runc's order. A bind mount of a host *directory*
 //! becomes a copy on a volume disk, as `vmrun run -v` does; a bind mount of
 //! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
-//! `devpts` mounts elsewhere are made by the agent in the guest.
+//! `devpts` mounts elsewhere are made by the agent in the guest. Missing
+//! destinations are made, inside the root (the image's links followed
+//! within it).
 //!
 //! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path
-//! included), cgroups other than the VM's size, `additionalGids`
-//! (supplementary groups come from the image's `/etc/group`), the options
-//! of the standard mounts (the agent's own are used). Hooks are not run.
+//! included, though the path must be a namespace of the stated type),
+//! cgroups other than the VM's size (the device cgroup included: the
+//! guest's cgroup v2 would need BPF programs), the options of the standard
+//! mounts (the agent's own are used). Hooks are not run.
+//!
+//! Refused: a user namespace and uid/gid mappings (the agent does not map
+//! ids).
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator, Process, Spec};
 use serde::{Deserialize, Serialize};
-use vmrun_agent_protocol::{Capabilities, Mount, Rlimit, SeccompAction, SeccompArg, SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls};
+use vmrun_agent_protocol::{
+    Capabilities, Device, DeviceKind, Mount, Propagation, Rlimit, SeccompAction, SeccompArg, SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls,
+    SysctlNamespace,
+};
 
 use crate::error::{Error, Result};
 
@@ -101,6 +121,12 @@ pub struct ProcessPlan {
     /// `noNewPrivileges` (false when absent).
     #[serde(default)]
     pub no_new_privileges: bool,
+    /// `user.additionalGids`: the supplementary groups, exactly.
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+    /// `oomScoreAdj`.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A host directory given to the container as a copy on a volume disk.
@@ -140,6 +166,21 @@ pub struct Plan {
     /// `linux.seccomp`, for every process of the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<SeccompProfile>,
+    /// `linux.maskedPaths`.
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+    /// `linux.readonlyPaths`.
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
+    /// `linux.sysctl` (namespaced parameters only).
+    #[serde(default)]
+    pub sysctl: BTreeMap<String, String>,
+    /// `linux.devices`.
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    /// `linux.rootfsPropagation`.
+    #[serde(default)]
+    pub rootfs_propagation: Option<Propagation>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -189,12 +230,15 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
     if spec.hooks().is_some() {
         log::warn!("hooks are not run: vmrun-oci runs the container in a VM, where host hooks have nothing to act on");
     }
+    let mut linux_plan = LinuxPlan::default();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().as_deref().unwrap_or_default() {
             if let Some(p) = ns.path() {
+                check_namespace_path(ns.typ(), p)?;
                 log::warn!("namespace {:?} at {} is not joined: the container gets its own VM", ns.typ(), p.display());
             }
         }
+        linux_plan = linux_plan_of(linux)?;
     }
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()).map(seccomp).transpose()?;
     Ok(Plan {
@@ -209,6 +253,11 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         cpus: cpus(spec, &annotations)?,
         annotations,
         seccomp,
+        masked_paths: linux_plan.masked_paths,
+        readonly_paths: linux_plan.readonly_paths,
+        sysctl: linux_plan.sysctl,
+        devices: linux_plan.devices,
+        rootfs_propagation: linux_plan.rootfs_propagation,
     })
 }
 
@@ -290,6 +339,134 @@ pub fn seccomp(s: &LinuxSeccomp) -> Result<SeccompProfile> {
     })
 }
 
+/// What of `linux` the guest agent applies (see [`Plan`]).
+#[derive(Debug, Default)]
+struct LinuxPlan {
+    masked_paths: Vec<String>,
+    readonly_paths: Vec<String>,
+    sysctl: BTreeMap<String, String>,
+    devices: Vec<Device>,
+    rootfs_propagation: Option<Propagation>,
+}
+
+/// Checks and translates the parts of `linux` the agent applies: user
+/// namespaces are refused (not implemented: the agent would have to map
+/// ids), kernel parameters must belong to a namespace the container has
+/// (runc's validator), device nodes must be of a kind and under `/dev`.
+fn linux_plan_of(linux: &oci_spec::runtime::Linux) -> Result<LinuxPlan> {
+    use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType};
+    let namespaces = linux.namespaces().as_deref().unwrap_or_default();
+    let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
+    let mappings = linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty());
+    if has(LinuxNamespaceType::User) {
+        return Err(bad(if mappings {
+            "a user namespace (with linux.uidMappings/gidMappings) is not supported: vmrun-oci does not map ids; the VM is the isolation"
+        } else {
+            "a user namespace needs linux.uidMappings and linux.gidMappings, and vmrun-oci does not support user namespaces"
+        }));
+    }
+    if mappings {
+        return Err(bad("linux.uidMappings/gidMappings are set but the spec has no user namespace"));
+    }
+    let mut sysctl = BTreeMap::new();
+    for (key, value) in linux.sysctl().clone().unwrap_or_default() {
+        let ns = vmrun_agent_protocol::sysctl_namespace(&key).map_err(|e| bad(e.to_string()))?;
+        let (needed, name) = match ns {
+            SysctlNamespace::Ipc => (LinuxNamespaceType::Ipc, "ipc"),
+            SysctlNamespace::Net => (LinuxNamespaceType::Network, "network"),
+            SysctlNamespace::Uts => (LinuxNamespaceType::Uts, "uts"),
+        };
+        if !has(needed) {
+            return Err(bad(format!("sysctl {key:?} is not allowed: the spec has no {name} namespace (it would be the host's)")));
+        }
+        sysctl.insert(key, value);
+    }
+    let mut devices = Vec::new();
+    for d in linux.devices().as_deref().unwrap_or_default() {
+        let path = d.path().to_string_lossy().into_owned();
+        let kind = match d.typ() {
+            LinuxDeviceType::C | LinuxDeviceType::U => DeviceKind::Char,
+            LinuxDeviceType::B => DeviceKind::Block,
+            LinuxDeviceType::P => DeviceKind::Fifo,
+            LinuxDeviceType::A => return Err(bad(format!("linux.devices {path}: type \"a\" is not a kind of node"))),
+        };
+        let number = |n: i64, what: &str| u32::try_from(n).map_err(|_| bad(format!("linux.devices {path}: invalid {what} number {n}")));
+        let (major, minor) = (number(d.major(), "major")?, number(d.minor(), "minor")?);
+        if !path.starts_with("/dev/") || path.split('/').any(|p| p == ".." || p == ".") {
+            return Err(bad(format!("linux.devices {path}: a device node must be under /dev/ (the rest of the container is nodev)")));
+        }
+        devices.push(Device { path, kind, major, minor, file_mode: d.file_mode().map(|m| m & 0o7777), uid: d.uid(), gid: d.gid() });
+    }
+    let rootfs_propagation = match linux.rootfs_propagation().as_deref() {
+        None | Some("") => None,
+        Some(p) => Some(Propagation::from_name(p).ok_or_else(|| bad(format!("invalid linux.rootfsPropagation {p:?}")))?),
+    };
+    let paths = |list: &Option<Vec<String>>, what: &str| -> Result<Vec<String>> {
+        let list = list.clone().unwrap_or_default();
+        match list.iter().find(|p| !p.starts_with('/')) {
+            Some(p) => Err(bad(format!("linux.{what} {p:?} must be an absolute path"))),
+            None => Ok(list),
+        }
+    };
+    Ok(LinuxPlan {
+        masked_paths: paths(linux.masked_paths(), "maskedPaths")?,
+        readonly_paths: paths(linux.readonly_paths(), "readonlyPaths")?,
+        sysctl,
+        devices,
+        rootfs_propagation,
+    })
+}
+
+/// Why a namespace path is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespacePathError {
+    /// It cannot be opened.
+    #[error("namespace path {path}: {source}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not a namespace file (the ioctl is refused).
+    #[error("namespace path {path} is not a namespace: {source}")]
+    NotANamespace {
+        /// The path.
+        path: PathBuf,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is a namespace of another type.
+    #[error("namespace path {path} is not a {want} namespace (it is of type {found:#x})")]
+    WrongType {
+        /// The path.
+        path: PathBuf,
+        /// The type the spec says.
+        want: String,
+        /// The `CLONE_NEW*` value the kernel gives.
+        found: i32,
+    },
+}
+
+/// Checks that `path` is a namespace of type `typ` (`NS_GET_NSTYPE`), as
+/// the spec requires of a namespace entry with a path.
+pub fn check_namespace_path(typ: oci_spec::runtime::LinuxNamespaceType, path: &Path) -> std::result::Result<(), NamespacePathError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|source| NamespacePathError::Open { path: path.to_path_buf(), source })?;
+    // SAFETY: an argument-less ioctl on a descriptor we hold; the result
+    // is checked.
+    let found = unsafe { libc::ioctl(f.as_raw_fd(), libc::NS_GET_NSTYPE) };
+    if found < 0 {
+        return Err(NamespacePathError::NotANamespace { path: path.to_path_buf(), source: std::io::Error::last_os_error() });
+    }
+    if found != typ as i32 {
+        return Err(NamespacePathError::WrongType { path: path.to_path_buf(), want: typ.to_string(), found });
+    }
+    Ok(())
+}
+
 /// The root file system: `path` relative to the bundle (and not escaping
 /// it, symbolic links included), or absolute as the spec allows; it must
 /// be a directory.
@@ -338,9 +515,6 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan> {
         return Err(bad(format!("process.cwd {cwd:?} must be an absolute path")));
     }
     let user = p.user();
-    if user.additional_gids().as_ref().is_some_and(|g| !g.is_empty()) {
-        log::debug!("process.user.additionalGids are not passed on: supplementary groups come from the image's /etc/group");
-    }
     let rlimits = p
         .rlimits()
         .as_deref()
@@ -357,6 +531,8 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan> {
         rlimits,
         capabilities: p.capabilities().as_ref().map_or_else(Capabilities::all, capabilities),
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        oom_score_adj: p.oom_score_adj(),
     })
 }
 
@@ -595,6 +771,9 @@ mod tests {
         let ok = p(serde_json::json!({ "user": { "uid": 1000, "gid": 100, "additionalGids": [5] }, "args": ["ls", "-l"], "cwd": "/tmp", "env": ["A=b"] })).unwrap();
         assert_eq!((ok.user.as_str(), ok.cwd.as_str(), ok.terminal), ("1000:100", "/tmp", false));
         assert_eq!(ok.env, ["A=b"]);
+        assert_eq!((ok.additional_gids.as_slice(), ok.oom_score_adj), ([5].as_slice(), None));
+        let adj = p(serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": ["x"], "cwd": "/", "oomScoreAdj": -500 })).unwrap();
+        assert_eq!((adj.additional_gids.len(), adj.oom_score_adj), (0, Some(-500)));
         assert_eq!((ok.capabilities.clone(), ok.no_new_privileges), (Capabilities::all(), false), "runc's defaults");
         assert!(p(serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": [], "cwd": "/" })).unwrap_err().to_string().contains("args"));
         assert!(p(serde_json::json!({ "user": { "uid": 0, "gid": 0 }, "args": ["x"], "cwd": "tmp" })).unwrap_err().to_string().contains("absolute"));
@@ -713,6 +892,97 @@ mod tests {
         assert!(mounts(&many).unwrap_err().to_string().contains("at most 3"));
         let relative = m(serde_json::json!({ "destination": "data", "type": "tmpfs" }));
         assert!(mounts(&[relative]).is_err());
+    }
+
+    #[test]
+    fn linux_settings_pass_through() {
+        let b = bundle();
+        let mut v = default_spec();
+        v["linux"]["maskedPaths"] = serde_json::json!(["/proc/kcore", "/proc/acpi"]);
+        v["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys"]);
+        v["linux"]["sysctl"] = serde_json::json!({ "kernel.shmmax": "4096", "net.ipv4.ip_forward": "1", "kernel.domainname": "example.org" });
+        v["linux"]["devices"] = serde_json::json!([
+            { "path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o20666, "uid": 0, "gid": 5 },
+            { "path": "/dev/loop9", "type": "b", "major": 7, "minor": 9 },
+            { "path": "/dev/pipe", "type": "p" },
+        ]);
+        v["linux"]["rootfsPropagation"] = "rslave".into();
+        let p = plan(b.path(), &spec_of(v.clone())).unwrap();
+        assert_eq!(p.masked_paths, ["/proc/kcore", "/proc/acpi"]);
+        assert_eq!(p.readonly_paths, ["/proc/sys"]);
+        assert_eq!(p.sysctl.len(), 3);
+        assert_eq!(p.sysctl["kernel.domainname"], "example.org");
+        assert_eq!(
+            p.devices,
+            [
+                Device { path: "/dev/fuse".into(), kind: DeviceKind::Char, major: 10, minor: 229, file_mode: Some(0o666), uid: Some(0), gid: Some(5) },
+                Device { path: "/dev/loop9".into(), kind: DeviceKind::Block, major: 7, minor: 9, file_mode: None, uid: None, gid: None },
+                Device { path: "/dev/pipe".into(), kind: DeviceKind::Fifo, major: 0, minor: 0, file_mode: None, uid: None, gid: None },
+            ]
+        );
+        assert_eq!(p.rootfs_propagation, Some(Propagation::Rslave));
+        // A plan written before these existed reads as none of them.
+        let mut old = serde_json::to_value(&p).unwrap();
+        for k in ["masked_paths", "readonly_paths", "sysctl", "devices", "rootfs_propagation"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let old: Plan = serde_json::from_value(old).unwrap();
+        assert!(old.masked_paths.is_empty() && old.sysctl.is_empty() && old.devices.is_empty() && old.rootfs_propagation.is_none());
+
+        let refused = |f: &dyn Fn(&mut serde_json::Value), what: &str| {
+            let mut v = default_spec();
+            f(&mut v);
+            let e = plan(b.path(), &spec_of(v)).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        refused(&|v| v["linux"]["sysctl"] = serde_json::json!({ "kernel.panic": "1" }), "not in a separate kernel namespace");
+        refused(&|v| v["linux"]["sysctl"] = serde_json::json!({ "kernel.hostname": "x" }), "conflicts with the OCI \"hostname\" field");
+        refused(
+            &|v| {
+                v["linux"]["sysctl"] = serde_json::json!({ "net.ipv4.ip_forward": "1" });
+                v["linux"]["namespaces"] = serde_json::json!([{ "type": "ipc" }]);
+            },
+            "no network namespace",
+        );
+        refused(&|v| v["linux"]["devices"] = serde_json::json!([{ "path": "/etc/null", "type": "c", "major": 1, "minor": 3 }]), "under /dev/");
+        refused(&|v| v["linux"]["devices"] = serde_json::json!([{ "path": "/dev/../etc/x", "type": "c", "major": 1, "minor": 3 }]), "under /dev/");
+        refused(&|v| v["linux"]["devices"] = serde_json::json!([{ "path": "/dev/all", "type": "a" }]), "type \"a\"");
+        refused(&|v| v["linux"]["devices"] = serde_json::json!([{ "path": "/dev/x", "type": "c", "major": -1, "minor": 3 }]), "major");
+        refused(&|v| v["linux"]["rootfsPropagation"] = "sideways".into(), "rootfsPropagation");
+        refused(&|v| v["linux"]["maskedPaths"] = serde_json::json!(["proc/kcore"]), "absolute");
+        refused(
+            &|v| {
+                v["linux"]["namespaces"] = serde_json::json!([{ "type": "user" }, { "type": "mount" }]);
+                v["linux"]["uidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+                v["linux"]["gidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+            },
+            "user namespace (with linux.uidMappings/gidMappings) is not supported",
+        );
+        refused(&|v| v["linux"]["uidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 1, "size": 1 }]), "no user namespace");
+    }
+
+    #[test]
+    fn namespace_paths_are_checked_for_their_type() {
+        use oci_spec::runtime::LinuxNamespaceType as T;
+        let ns = |name: &str| PathBuf::from(format!("/proc/self/ns/{name}"));
+        for (typ, name) in [(T::Network, "net"), (T::Ipc, "ipc"), (T::Uts, "uts"), (T::Mount, "mnt"), (T::Pid, "pid")] {
+            check_namespace_path(typ, &ns(name)).unwrap();
+        }
+        let e = check_namespace_path(T::Ipc, &ns("net")).unwrap_err();
+        assert!(matches!(e, NamespacePathError::WrongType { found, .. } if found == libc::CLONE_NEWNET), "{e}");
+        assert!(e.to_string().contains("is not a ipc namespace"), "{e}");
+        let b = bundle();
+        std::fs::write(b.path().join("file"), b"x").unwrap();
+        let e = check_namespace_path(T::Network, &b.path().join("file")).unwrap_err();
+        assert!(matches!(e, NamespacePathError::NotANamespace { .. }), "{e}");
+        assert!(matches!(check_namespace_path(T::Network, &b.path().join("missing")), Err(NamespacePathError::Open { .. })));
+        // In a spec: the right type plans (with a warning), a wrong one is refused.
+        let mut v = default_spec();
+        v["linux"]["namespaces"] = serde_json::json!([{ "type": "network", "path": "/proc/self/ns/net" }, { "type": "mount" }]);
+        plan(b.path(), &spec_of(v.clone())).unwrap();
+        v["linux"]["namespaces"][0]["path"] = "/proc/self/ns/uts".into();
+        let e = plan(b.path(), &spec_of(v)).unwrap_err().to_string();
+        assert!(e.contains("/proc/self/ns/uts is not a net namespace"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Error {
     /// A `--log-format` other than `text` or `json`.
     #[error("invalid log format {0:?} (use --log-format text or --log-format json)")]
     LogFormat(String),
+    /// A namespace entry's path is not a namespace of its type.
+    #[error(transparent)]
+    NamespacePath(#[from] crate::bundle::NamespacePathError),
     /// Starting or reaching the VM failed.
     #[error(transparent)]
     Runtime(#[from] vmrun_runtime::Error),

@@ -259,6 +259,14 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         capabilities: Some(plan.process.capabilities.clone()),
         no_new_privileges: Some(plan.process.no_new_privileges),
         seccomp: plan.seccomp.clone(),
+        additional_gids: Some(plan.process.additional_gids.clone()),
+        oom_score_adj: plan.process.oom_score_adj,
+        readonly_rootfs: plan.readonly,
+        masked_paths: plan.masked_paths.clone(),
+        readonly_paths: plan.readonly_paths.clone(),
+        sysctl: plan.sysctl.clone(),
+        devices: plan.devices.clone(),
+        rootfs_propagation: plan.rootfs_propagation,
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
@@ -268,8 +276,10 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
             fstype: "ext4".into(),
             // noinit_itable: no kernel thread zeroing the copy's inode
             // tables in the background (guest kernel time, for a disk
-            // thrown away with the container).
-            options: if plan.readonly { "ro,noinit_itable".into() } else { "noinit_itable".into() },
+            // thrown away with the container). Mounted read-write even
+            // for `root.readonly`: the agent makes the missing mount points
+            // first, then the container's root read-only (as runc does).
+            options: "noinit_itable".into(),
         },
         config,
         limits: UnpackLimits::default(),
@@ -422,6 +432,8 @@ fn run_exec(root: &Root, id: &str, dir: &Path, rec: &mut ExecRecord, relay: &Rel
         no_new_privileges: Some(ep.process.no_new_privileges),
         // The container's (`linux.seccomp` is not the process's).
         seccomp: None,
+        additional_gids: Some(ep.process.additional_gids.clone()),
+        oom_score_adj: ep.process.oom_score_adj,
     };
     let mut process =
         client.exec(&st.guest_id, &rec.exec_id, &p, stdio_mode(tty.as_ref(), ep.process.terminal)).map_err(|e| fail(rec, e.into()))?;
