@@ -383,7 +383,18 @@ fn run_op(op: &Op) -> libc::c_int {
                 let m = || libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) as libc::c_int;
                 let mut r = m();
                 if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
-                    mkdirs(dirs);
+                    let mut st: libc::stat = std::mem::zeroed();
+                    if libc::fstat(*tree, &mut st) == 0 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                        // A file's mount point is a file: its parents, then
+                        // an empty file.
+                        mkdirs(&dirs[..dirs.len() - 1]);
+                        let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o644);
+                        if fd >= 0 {
+                            libc::close(fd);
+                        }
+                    } else {
+                        mkdirs(dirs);
+                    }
                     r = m();
                 }
                 r
