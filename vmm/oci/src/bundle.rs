@@ -2,7 +2,8 @@
 //! turned into a [`Plan`]: what the VM is made of and what the guest agent
 //! runs.
 //!
-//! What is used: `ociVersion` (1.0.x and 1.1.x), `root` (a directory,
+//! What is used: `ociVersion` (1.0.x, 1.1.x and 1.2.x; unknown fields are
+//! ignored), `root` (a directory,
 //! copied into an ext4 disk; `readonly` mounts the copy read-only),
 //! `process` (args, env, cwd, user uid/gid, terminal, rlimits,
 //! `capabilities`, `noNewPrivileges`),
@@ -29,13 +30,16 @@
 //!
 //! Mounts: the standard ones a caller such as containerd always lists
 //! (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
-//! `/sys/fs/cgroup`, and the host files `/etc/resolv.conf`, `/etc/hosts`,
-//! `/etc/hostname`, `/dev/termination-log`) are skipped: the agent makes
-//! its own `/proc`, `/dev` (with `/dev/pts`, `/dev/shm`, `/dev/mqueue`)
-//! and `/sys`, in runc's order. A bind mount of a host *directory*
-//! becomes a copy on a volume disk, as `vmrun run -v` does; a bind mount of
-//! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
-//! `devpts` mounts elsewhere are made by the agent in the guest.
+//! `/sys/fs/cgroup`) are skipped: the agent makes its own `/proc`, `/dev`
+//! (with `/dev/pts`, `/dev/shm`, `/dev/mqueue`) and `/sys`, in runc's
+//! order. Bind mounts, any number of them, reach the guest as copies
+//! ([`crate::copies::route`]): a file or a small directory (the host files
+//! `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`,
+//! `/dev/termination-log` included) is copied in through the agent and
+//! kept up to date ([`crate::copies`]); a larger directory goes on the
+//! container's one volume disk, a copy made at create. Nothing is copied
+//! back to the host. `tmpfs`, `proc`, `sysfs`, `mqueue` and `devpts`
+//! mounts elsewhere are made by the agent in the guest.
 //!
 //! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path

@@ -9,6 +9,8 @@
 //! price is that it is a copy: writes inside the container go to the image
 //! and are not seen in the host directory (`:ro` mounts it read-only in
 //! the guest). The image is removed with the container.
+//! ([`make_dirs_image`] puts several directories on one image: how the OCI
+//! runtime gives a container its large bind-mounted directories.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
