@@ -419,6 +419,114 @@ fn oci_runtime_sends_a_terminal_to_the_console_socket() {
     assert_ok(&run(&root, &["delete", "c-tty"]));
 }
 
+/// Lays `dir` out as kubelet lays out a configmap volume: each key a link
+/// through `..data` to a timestamped directory, which an update swaps.
+fn configmap(dir: &Path, stamp: &str, keys: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir.join(stamp)).unwrap();
+    for (k, v) in keys {
+        std::fs::write(dir.join(stamp).join(k), v).unwrap();
+        if dir.join(k).symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(format!("..data/{k}"), dir.join(k)).unwrap();
+        }
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(stamp, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[test]
+fn oci_bind_mounts_of_files_and_directories_are_copied_and_kept_up_to_date() {
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-mounts");
+    let src = support::scratch("mount-sources");
+    let _ = std::fs::remove_dir_all(&src);
+    let file = |name: &str, content: &str| {
+        std::fs::create_dir_all(src.join(name).parent().unwrap()).unwrap();
+        std::fs::write(src.join(name), content).unwrap();
+        src.join(name)
+    };
+    let resolv = file("resolv.conf", "nameserver 10.0.0.10\n");
+    let hosts = file("etc-hosts", "10.1.2.3 pod\n");
+    let hostname = file("hostname", "pod-name\n");
+    let termination = file("termination-log", "");
+    let app = file("app.conf", "mode=one\n");
+    configmap(&src.join("configmap"), "..2024_a", &[("key", "v1"), ("other", "o1")]);
+    file("secret/token", "s3cret");
+    file("secret/nested/ca.crt", "CERT");
+    file("plain/notes", "n1");
+    file("tool/run.sh", "#!/bin/sh\necho tool\n");
+    // Two directories over the copy limit: both on the one volume disk.
+    let big = vec![b'b'; vmrun_agent_protocol::COPY_MAX_BYTES as usize + 1];
+    for d in ["big", "big2"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+        std::fs::write(src.join(d).join("blob"), &big).unwrap();
+        std::fs::write(src.join(d).join("marker"), d).unwrap();
+    }
+    let bind = |dest: &str, source: &Path, ro: bool| {
+        let opts = if ro { serde_json::json!(["rbind", "ro"]) } else { serde_json::json!(["rbind"]) };
+        serde_json::json!({ "destination": dest, "type": "bind", "source": source, "options": opts })
+    };
+    let mounts = [
+        bind("/etc/resolv.conf", &resolv, true),
+        bind("/etc/hosts", &hosts, true),
+        bind("/etc/hostname", &hostname, true),
+        bind("/dev/termination-log", &termination, false),
+        bind("/etc/app.conf", &app, true),
+        bind("/etc/config", &src.join("configmap"), true),
+        bind("/var/run/secrets/token", &src.join("secret"), true),
+        bind("/plain", &src.join("plain"), false),
+        bind("/opt/tool", &src.join("tool"), true),
+        bind("/data/big", &src.join("big"), true),
+        bind("/data/big2", &src.join("big2"), false),
+    ];
+    let b = bundle("bundle-mounts", &["sleep", "1000"], |s| {
+        let list = s["mounts"].as_array_mut().unwrap();
+        list.extend(mounts.iter().cloned());
+    });
+    let (out, err) = (support::scratch("mounts.out"), support::scratch("mounts.err"));
+    let pid = create(&root, &b, "c-mounts", &out, &err);
+    assert_ok(&run(&root, &["start", "c-mounts"]));
+    let sh = |script: &str| {
+        let o = run(&root, &["exec", "c-mounts", "sh", "-c", script]);
+        assert_ok(&o);
+        text(&o.stdout)
+    };
+    let got = sh("cat /etc/resolv.conf /etc/hosts /etc/hostname /etc/app.conf; cat /etc/config/key /etc/config/other; echo; \
+                  cat /var/run/secrets/token/token /var/run/secrets/token/nested/ca.crt; echo; cat /plain/notes; echo; sh /opt/tool/run.sh; \
+                  cat /data/big/marker /data/big2/marker; echo; wc -c < /data/big/blob; \
+                  echo died > /dev/termination-log && cat /dev/termination-log; echo w > /plain/new && echo plain-rw; \
+                  echo w > /data/big2/new && echo big2-rw; \
+                  for f in /etc/config/x /var/run/secrets/token/x /opt/tool/x /data/big/x /etc/app.conf; do echo w 2>/dev/null > $f || echo ro; done");
+    let want = format!(
+        "nameserver 10.0.0.10\n10.1.2.3 pod\npod-name\nmode=one\nv1o1\ns3cretCERT\nn1\ntool\nbigbig2\n{}\ndied\nplain-rw\nbig2-rw\nro\nro\nro\nro\nro\n",
+        big.len()
+    );
+    assert_eq!(got, want);
+    assert_eq!(std::fs::read_to_string(&termination).unwrap(), "", "nothing is copied back to the host");
+
+    // Kubelet updates the configmap; a file is rewritten: the container sees
+    // both within seconds.
+    configmap(&src.join("configmap"), "..2024_b", &[("key", "v2"), ("other", "o2")]);
+    std::fs::write(&app, "mode=two\n").unwrap();
+    let t = Instant::now();
+    loop {
+        let now = sh("cat /etc/config/key /etc/config/other; echo; cat /etc/app.conf; ls -a /etc/config | tr '\\n' ' '");
+        if now == "v2o2\nmode=two\n. .. ..2024_b ..data key other " {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "not updated after {:?}: {now:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("oci test: copies updated in {:.1} s", t.elapsed().as_secs_f64());
+    assert_ok(&run(&root, &["kill", "c-mounts", "9"]));
+    assert_eq!(wait_pid(pid, &root, "c-mounts"), 137);
+    assert_ok(&run(&root, &["delete", "c-mounts"]));
+    let _ = std::fs::remove_dir_all(&src);
+}
+
 #[test]
 fn bad_bundles_and_unknown_ids_are_refused() {
     let root = support::scratch("oci-root-bad");

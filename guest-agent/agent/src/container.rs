@@ -45,6 +45,8 @@ pub struct Container {
     pub stopped: bool,
     /// `config.seccomp`, compiled.
     pub seccomp: Option<Filter>,
+    /// Bind mounts the host copies in ([`crate::copy`]).
+    pub copies: crate::copy::Copies,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -168,6 +170,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             init_pidfd: None,
             stopped: false,
             seccomp,
+            copies: crate::copy::Copies::new(&dir),
         })
     })();
     if result.is_err() {
@@ -186,6 +189,7 @@ pub fn remove_files(dir: &Path, rootfs: &Path) {
     if std::fs::remove_dir(rootfs).is_err() {
         let _ = unpack::remove_tree(rootfs);
     }
+    crate::copy::remove(dir);
     let _ = std::fs::remove_dir(dir);
 }
 
@@ -444,6 +448,12 @@ fn is_volume_disk(m: &Mount) -> bool {
 /// the template's empty placeholders: the device's cached pages are
 /// dropped and its new size awaited (the host announced the change).
 fn mount_volume_disk(m: &Mount) -> Result<OwnedFd, AgentError> {
+    let dir = mount_disk(m)?;
+    sys::clone_tree(&c(&dir)?, false).map_err(|e| err(ErrorKind::BadRequest, format!("volume {} on {}: open_tree: {e}", m.source, m.destination)))
+}
+
+/// Mounts the volume disk of `m` in the agent's own view; returns where.
+fn mount_disk(m: &Mount) -> Result<String, AgentError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let bad = |what: &str, e: std::io::Error| err(ErrorKind::BadRequest, format!("volume {} on {}: {what}: {e}", m.source, m.destination));
     let dev = c(&m.source)?;
@@ -459,7 +469,42 @@ fn mount_volume_disk(m: &Mount) -> Result<OwnedFd, AgentError> {
     let readonly = m.options.iter().any(|o| o == "ro");
     let flags = libc::MS_NOSUID | libc::MS_NODEV | if readonly { libc::MS_RDONLY } else { 0 };
     sys::mount(Some(&dev), &c(&dir)?, Some(&c(&m.fstype)?), flags, None).map_err(|e| bad("mount", e))?;
-    sys::clone_tree(&c(&dir)?, false).map_err(|e| bad("open_tree", e))
+    Ok(dir)
+}
+
+// ---- Directories on a volume disk ----
+
+/// The bind mounts of `config.disk_dirs`: each disk is mounted once in the
+/// agent's view (read-write: one disk's directories may be bound
+/// read-only and read-write; the mount is `nosuid,nodev`), and each
+/// directory of it is bound at its destination.
+pub fn disk_dir_mounts(dirs: &[vmrun_agent_protocol::DiskDir]) -> Result<Vec<Mount>, AgentError> {
+    let mut mounted: Vec<(String, String)> = Vec::new();
+    let mut out = Vec::new();
+    for d in dirs {
+        crate::copy::check_path(&d.subdir)?;
+        if d.subdir.is_empty() || d.subdir.contains('/') || !is_host_disk(&d.disk) {
+            return Err(err(ErrorKind::BadRequest, format!("disk directory {:?} on {}: a plain name on a /dev/vdX disk", d.subdir, d.disk)));
+        }
+        let at = match mounted.iter().find(|(disk, _)| *disk == d.disk) {
+            Some((_, at)) => at.clone(),
+            None => {
+                let m = Mount { destination: d.destination.clone(), fstype: d.fstype.clone(), source: d.disk.clone(), options: Vec::new() };
+                if !is_volume_disk(&m) {
+                    return Err(err(ErrorKind::BadRequest, format!("disk {} of type {:?} is not a volume disk", d.disk, d.fstype)));
+                }
+                let at = mount_disk(&m)?;
+                mounted.push((d.disk.clone(), at.clone()));
+                at
+            }
+        };
+        let mut options = vec!["bind".to_string(), "nosuid".into(), "nodev".into()];
+        if d.read_only {
+            options.push("ro".into());
+        }
+        out.push(Mount { destination: d.destination.clone(), fstype: "bind".into(), source: format!("{at}/{}", d.subdir), options });
+    }
+    Ok(out)
 }
 
 fn env_name(e: &str) -> &str {

@@ -723,6 +723,7 @@ impl Server {
             }
             Request::RemoveContainer { container, force } => self.remove(&container, force).map(|()| Some(Reply::Done)),
             Request::ConfigureNetwork(n) => self.configure_network(&n).map(|()| Some(Reply::Done)),
+            Request::WriteFiles(w) => self.write_files(&w).map(|()| Some(Reply::Done)),
             Request::Shutdown => {
                 self.shutdown = true;
                 self.kill_all();
@@ -745,6 +746,15 @@ impl Server {
         }
         let c = crate::settings::parse_net(&n.address, n.gateway.as_deref()).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         crate::net::configure(&n.interface, &c).map_err(|e| err(ErrorKind::Internal, format!("configuring {}: {e}", n.interface)))
+    }
+
+    fn write_files(&mut self, w: &vmrun_agent_protocol::WriteFiles) -> Result<(), AgentError> {
+        let ct = self.containers.get_mut(&w.container).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {}", w.container)))?;
+        if ct.stopped {
+            return Err(err(ErrorKind::InvalidState, format!("container {} has exited", w.container)));
+        }
+        let started = ct.init_pid.is_some();
+        ct.copies.write(w, started)
     }
 
     fn create(&mut self, conn: u64, req: u32, c: CreateContainer) -> Result<(), AgentError> {
@@ -907,7 +917,10 @@ impl Server {
                 if ct.init_pid.is_some() {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
                 }
-                let extra = overrides.as_ref().map(|o| o.mounts.clone()).unwrap_or_default();
+                let mut extra = overrides.as_ref().map(|o| o.mounts.clone()).unwrap_or_default();
+                // Directories on a volume disk, then the copies the host sent.
+                extra.extend(container::disk_dir_mounts(&ct.config.disk_dirs)?);
+                extra.extend(ct.copies.bind_mounts());
                 if !extra.is_empty() {
                     let mut mounts = ct.config.mounts.clone();
                     mounts.extend(extra);
@@ -1129,6 +1142,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::RemoveContainer { .. } => "remove",
         Request::ConfigureNetwork(_) => "configure-network",
         Request::Shutdown => "shutdown",
+        Request::WriteFiles(_) => "write-files",
     }
 }
 /// What `start` starts: a container's own process (with the overrides of

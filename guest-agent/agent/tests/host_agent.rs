@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmrun_agent_client::{Client, CreateContainer, Error, ErrorKind, ExecProcess, ImageConfig, LayerSource, StdioMode};
 use vmrun_agent_protocol::frame::{self, Kind};
-use vmrun_agent_protocol::{Capabilities, Hello, SeccompAction, SeccompArg, SeccompOp, SeccompProfile, SeccompSyscalls, UnpackLimits};
+use vmrun_agent_protocol::{
+    Capabilities, CopyContent, CopyEntry, CopyKind, Hello, SeccompAction, SeccompArg, SeccompOp, SeccompProfile, SeccompSyscalls, UnpackLimits,
+    WriteFiles, COPY_MAX_BYTES, COPY_MAX_ENTRIES, COPY_PART_BYTES,
+};
 
 const LIMIT: usize = 16 << 20;
 
@@ -789,4 +792,126 @@ fn a_read_only_root_without_mount_points_and_destinations_through_links() {
     assert_eq!(line(&text, "root"), "1", "rootfsPropagation shared");
     assert!(!outside.exists(), "a link out of the image reached the host");
     assert!(!std::path::Path::new("/outside-up").exists());
+}
+
+/// One part of a copied mount.
+fn part(container: &str, destination: &str, kind: CopyKind, read_only: bool, entries: Vec<CopyEntry>, last: bool) -> WriteFiles {
+    WriteFiles { container: container.into(), destination: destination.into(), kind, read_only, entries, last }
+}
+
+fn entry(path: &str, mode: u32, content: CopyContent) -> CopyEntry {
+    CopyEntry { path: path.into(), mode, uid: 0, gid: 0, content }
+}
+
+fn file(data: &str) -> CopyContent {
+    CopyContent::File { data: data.as_bytes().to_vec(), append: false }
+}
+
+fn link(target: &str) -> CopyContent {
+    CopyContent::Symlink { target: target.into() }
+}
+
+/// A directory laid out as kubelet lays out a configmap: keys are links
+/// through `..data` to a timestamped directory.
+fn configmap(stamp: &str, keys: &[(&str, &str)]) -> Vec<CopyEntry> {
+    let mut v = vec![entry("", 0o755, CopyContent::Directory), entry(stamp, 0o755, CopyContent::Directory)];
+    for (k, val) in keys {
+        v.push(entry(&format!("{stamp}/{k}"), 0o644, file(val)));
+        v.push(entry(k, 0o777, link(&format!("..data/{k}"))));
+    }
+    v.push(entry("..data", 0o777, link(stamp)));
+    v
+}
+
+fn bad_request(r: Result<(), Error>) -> String {
+    match r {
+        Err(Error::Agent(a)) if a.kind == ErrorKind::BadRequest => a.message,
+        other => panic!("expected a bad request, got {other:?}"),
+    }
+}
+
+#[test]
+fn copied_mounts_reach_the_container_are_updated_in_place_and_bounded() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "cp", cmd(&["sleep", "1000"]));
+    // A directory in two parts, a writable file whose mount point the image
+    // lacks, a read-only file.
+    let mut cm = configmap("..2024_a", &[("key", "v1")]);
+    let rest = cm.split_off(2);
+    c.write_files(&part("cp", "/etc/conf", CopyKind::Directory, true, cm, false)).unwrap();
+    let mut rest = rest;
+    rest.push(entry("sub", 0o750, CopyContent::Directory));
+    rest.push(entry("sub/deep", 0o600, file("deep")));
+    c.write_files(&part("cp", "/etc/conf", CopyKind::Directory, true, rest, true)).unwrap();
+    c.write_files(&part("cp", "/dev/termination-log", CopyKind::File, false, vec![entry("", 0o666, file(""))], true)).unwrap();
+    let big = CopyContent::File { data: b"first ".to_vec(), append: false };
+    let more = CopyContent::File { data: b"second\n".to_vec(), append: true };
+    c.write_files(&part("cp", "/etc/extra/hosts", CopyKind::File, true, vec![entry("", 0o644, big)], false)).unwrap();
+    c.write_files(&part("cp", "/etc/extra/hosts", CopyKind::File, true, vec![entry("", 0o644, more)], true)).unwrap();
+
+    // Refusals, each of which leaves the copies as they were.
+    let dir = |entries| part("cp", "/etc/bad", CopyKind::Directory, false, entries, true);
+    let root = entry("", 0o755, CopyContent::Directory);
+    for path in ["../escape", "/abs", "a/../../b", "a//b", "."] {
+        let m = bad_request(c.write_files(&dir(vec![root.clone(), entry(path, 0o644, file("x"))])));
+        assert!(m.contains("plain names"), "{path}: {m}");
+    }
+    // A link the copy brings is never followed by the agent.
+    let escape = format!("{}/escaped", agent.dir.path().display());
+    let through = vec![root.clone(), entry("out", 0o777, link(agent.dir.path().to_str().unwrap())), entry("out/escaped", 0o644, file("x"))];
+    let m = bad_request(c.write_files(&dir(through)));
+    assert!(m.contains("out/escaped"), "{m}");
+    assert!(!std::path::Path::new(&escape).exists(), "written through a link");
+    let m = bad_request(c.write_files(&dir(vec![root.clone(), entry("f", 0o100644, file("x"))])));
+    assert!(m.contains("mode"), "{m}");
+    let m = bad_request(c.write_files(&part("cp", "/etc/f", CopyKind::File, false, vec![entry("", 0o755, CopyContent::Directory)], true)));
+    assert!(m.contains("does not fit"), "{m}");
+    let m = bad_request(c.write_files(&part("cp", "relative", CopyKind::File, false, vec![entry("", 0o644, file("x"))], true)));
+    assert!(m.contains("absolute"), "{m}");
+    // Over the size limit, in parts: the part that goes over is refused.
+    let chunk = vec![b'x'; COPY_PART_BYTES];
+    let parts = (COPY_MAX_BYTES as usize).div_ceil(COPY_PART_BYTES) + 1;
+    let mut refused = None;
+    for i in 0..parts {
+        let e = entry("", 0o644, CopyContent::File { data: chunk.clone(), append: i > 0 });
+        if let Err(e) = c.write_files(&part("cp", "/etc/huge", CopyKind::File, false, vec![e], i + 1 == parts)) {
+            refused = Some((i, e.to_string()));
+            break;
+        }
+    }
+    let (at, m) = refused.expect("a copy over the limit was taken");
+    assert_eq!(at, COPY_MAX_BYTES as usize / COPY_PART_BYTES, "refused at the part that goes over");
+    assert!(m.contains("over the limit"), "{m}");
+    // Too many entries.
+    let many: Vec<CopyEntry> = std::iter::once(root.clone()).chain((0..COPY_MAX_ENTRIES).map(|i| entry(&format!("f{i}"), 0o644, file("")))).collect();
+    assert!(bad_request(c.write_files(&dir(many))).contains("over the limit"));
+
+    let p = c.start("cp", StdioMode::Null).unwrap();
+    let run = |script: &str| {
+        let out = c.exec("cp", &format!("e{}", script.len()), &exec_args(&["sh", "-c", script]), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (out, err) = run(
+        "cat /etc/conf/key; echo; cat /etc/conf/sub/deep; echo; ls -ld /etc/conf/sub | head -c 10; echo; cat /etc/extra/hosts; \
+         echo x > /etc/conf/new || echo ro; echo died > /dev/termination-log && cat /dev/termination-log; \
+         echo x >> /etc/extra/hosts || echo ro; test -e /etc/bad || echo no-bad; test -e /etc/huge || echo no-huge",
+    );
+    assert_eq!(out, "v1\ndeep\ndrwxr-x---\nfirst second\nro\ndied\nro\nno-bad\nno-huge\n", "{err}");
+
+    // Updates: kubelet's swap of ..data, a new key, a file rewritten.
+    c.write_files(&part("cp", "/etc/conf", CopyKind::Directory, true, configmap("..2024_b", &[("key", "v2"), ("key2", "new")]), true)).unwrap();
+    c.write_files(&part("cp", "/etc/extra/hosts", CopyKind::File, true, vec![entry("", 0o644, file("updated\n"))], true)).unwrap();
+    let (out, err) = run("cat /etc/conf/key; echo; cat /etc/conf/key2; echo; ls -a /etc/conf | tr '\\n' ' '; echo; cat /etc/extra/hosts");
+    assert_eq!(out, "v2\nnew\n. .. ..2024_b ..data key key2 \nupdated\n", "{err}");
+    // The container's mounts are set once it started.
+    let late = c.write_files(&part("cp", "/etc/late", CopyKind::File, false, vec![entry("", 0o644, file("x"))], true)).unwrap_err();
+    assert!(matches!(late, Error::Agent(ref a) if a.kind == ErrorKind::InvalidState), "{late}");
+    p.signal(9).unwrap();
+    p.wait().unwrap();
+    c.remove_container("cp", false).unwrap();
+    assert!(!agent.root.join("cp").exists(), "the copies' tmpfs went with the container");
 }

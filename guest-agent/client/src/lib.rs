@@ -612,6 +612,15 @@ impl Client {
         }
     }
 
+    /// Copies files into a container, one part of a copied mount (see
+    /// [`vmrun_agent_protocol::WriteFiles`]).
+    pub fn write_files(&self, part: &vmrun_agent_protocol::WriteFiles) -> Result<(), Error> {
+        match self.call(&Request::WriteFiles(part.clone()), Some(self.opts.request_timeout), "write-files")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("write-files", r)),
+        }
+    }
+
     /// Ends the guest (on a host: the agent).
     pub fn shutdown(&self) -> Result<(), Error> {
         match self.call(&Request::Shutdown, Some(self.opts.request_timeout), "shutdown")? {

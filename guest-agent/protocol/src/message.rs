@@ -180,6 +180,10 @@ pub enum Request {
     /// Kills every process and ends the guest (on the host: the agent).
     /// Answered with [`Reply::Done`] just before.
     Shutdown,
+    /// Copies files into a container, for a bind mount whose source the
+    /// host copies in (part by part: see [`WriteFiles`]). Answered with
+    /// [`Reply::Done`].
+    WriteFiles(WriteFiles),
 }
 
 /// An interface's IPv4 configuration.
@@ -335,6 +339,10 @@ pub struct ImageConfig {
     /// namespace has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rootfs_propagation: Option<crate::Propagation>,
+    /// Directories on a volume disk bound into the container (several on
+    /// one disk, each in its own subdirectory).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk_dirs: Vec<DiskDir>,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).
@@ -747,6 +755,129 @@ pub fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
+// ---- Copied mounts ----
+
+/// Most bytes of file content in one copied mount ([`WriteFiles`]); a bind
+/// mount whose source holds more goes on a volume disk.
+pub const COPY_MAX_BYTES: u64 = 4 << 20;
+/// Most entries (files, directories, symbolic links) in one copied mount.
+pub const COPY_MAX_ENTRIES: u64 = 1024;
+/// Most copied mounts in one container.
+pub const COPY_MAX_MOUNTS: usize = 256;
+/// Most bytes of file content the host puts in one [`WriteFiles`] part
+/// (base64 in JSON: a part stays well under a frame's
+/// [`crate::frame::MAX_PAYLOAD`]).
+pub const COPY_PART_BYTES: usize = 512 << 10;
+
+/// Files copied into a container for one bind mount, in parts: the host
+/// sends the whole tree of the mount's source, in one or more requests
+/// for the same `destination`, the last with `last: true`. The agent
+/// writes the parts into a staging directory of its own (a tmpfs of the
+/// container's, bounded by [`COPY_MAX_BYTES`] and [`COPY_MAX_ENTRIES`]),
+/// and with the last part puts the copy in place: before the container
+/// starts, a new mount bound at `destination` when it starts; after, the
+/// new content replacing the old one of a mount the container has (see
+/// the agent's `copy` module for how readers see the change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFiles {
+    /// The container.
+    pub container: String,
+    /// Where the container sees the copy (absolute): names the mount.
+    pub destination: String,
+    /// A file or a directory.
+    pub kind: CopyKind,
+    /// Bound read-only in the container.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Entries of this part, parents before their children.
+    #[serde(default)]
+    pub entries: Vec<CopyEntry>,
+    /// Whether this is the last part of the tree.
+    #[serde(default)]
+    pub last: bool,
+}
+
+/// What a copied mount is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// One regular file: one entry, of path `""`.
+    File,
+    /// A directory tree; the entry of path `""` is its root.
+    Directory,
+}
+
+/// One entry of a copied tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyEntry {
+    /// Relative to the mount's root, `/`-separated, of plain names only (no
+    /// `.`, `..`, empty or absolute components); `""`: the root.
+    pub path: String,
+    /// Permission bits (`0o7777` at most; set-id bits are kept, the mount
+    /// is `nosuid`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// What it is.
+    pub content: CopyContent,
+}
+
+/// The content of a [`CopyEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CopyContent {
+    /// A directory.
+    Directory,
+    /// A regular file, or a piece of one.
+    File {
+        /// Its bytes (base64 in JSON).
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+        /// Appended to the file of the same path written by an earlier
+        /// entry (a file larger than a part comes in pieces).
+        #[serde(default)]
+        append: bool,
+    },
+    /// A symbolic link, copied as it is (never followed by the agent; the
+    /// container resolves it in its own root).
+    Symlink {
+        /// The link's target.
+        target: String,
+    },
+}
+
+/// A directory on a volume disk, bound into the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDir {
+    /// The disk (`/dev/vdc`).
+    pub disk: String,
+    /// Its file system (`ext4`).
+    pub fstype: String,
+    /// The directory on it: a plain name in the disk's root.
+    pub subdir: String,
+    /// Where the container sees it (absolute).
+    pub destination: String,
+    /// Bound read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -849,5 +980,31 @@ mod tests {
         for bad in ["", ".", "..", "-x", "a/b", "a b", &"x".repeat(65), "é"] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn copied_files_travel_as_base64_and_a_full_part_fits_a_frame() {
+        let data: Vec<u8> = (0..COPY_PART_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+        let entry = |path: &str, content| CopyEntry { path: path.into(), mode: 0o644, uid: 0, gid: 0, content };
+        let w = Request::WriteFiles(WriteFiles {
+            container: "c1".into(),
+            destination: "/etc/config".into(),
+            kind: CopyKind::Directory,
+            read_only: true,
+            entries: vec![
+                entry("", CopyContent::Directory),
+                entry("..data", CopyContent::Symlink { target: "..2024_01".into() }),
+                entry("big", CopyContent::File { data: data.clone(), append: false }),
+            ],
+            last: true,
+        });
+        let j = serde_json::to_vec(&w).unwrap();
+        assert!(j.len() < crate::frame::MAX_PAYLOAD, "{} bytes", j.len());
+        assert!(String::from_utf8_lossy(&j).contains(r#""type":"symlink""#));
+        assert_eq!(serde_json::from_slice::<Request>(&j).unwrap(), w);
+        let bad = r#"{"op":"write_files","container":"c","destination":"/x","kind":"file","entries":[{"path":"","mode":420,"uid":0,"gid":0,"content":{"type":"file","data":"!!"}}]}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "not base64");
+        let old: ImageConfig = serde_json::from_str(r#"{"cmd":["sh"]}"#).unwrap();
+        assert!(old.disk_dirs.is_empty());
     }
 }

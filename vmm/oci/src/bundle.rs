@@ -2,7 +2,8 @@
 //! turned into a [`Plan`]: what the VM is made of and what the guest agent
 //! runs.
 //!
-//! What is used: `ociVersion` (1.0.x and 1.1.x), `root` (a directory,
+//! What is used: `ociVersion` (1.0.x, 1.1.x and 1.2.x; unknown fields are
+//! ignored), `root` (a directory,
 //! copied into an ext4 disk; `readonly` makes the container's root
 //! read-only once the agent has made its mount points), `process` (args,
 //! env, cwd, user uid/gid/additionalGids, terminal, rlimits,
@@ -40,13 +41,16 @@
 //!
 //! Mounts: the standard ones a caller such as containerd always lists
 //! (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`, `/dev/mqueue`, `/sys`,
-//! `/sys/fs/cgroup`, and the host files `/etc/resolv.conf`, `/etc/hosts`,
-//! `/etc/hostname`, `/dev/termination-log`) are skipped: the agent makes
-//! its own `/proc`, `/dev` (with `/dev/pts`, `/dev/shm`, `/dev/mqueue`)
-//! and `/sys`, in runc's order. A bind mount of a host *directory*
-//! becomes a copy on a volume disk, as `vmrun run -v` does; a bind mount of
-//! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
-//! `devpts` mounts elsewhere are made by the agent in the guest. Missing
+//! `/sys/fs/cgroup`) are skipped: the agent makes its own `/proc`, `/dev`
+//! (with `/dev/pts`, `/dev/shm`, `/dev/mqueue`) and `/sys`, in runc's
+//! order. Bind mounts, any number of them, reach the guest as copies
+//! ([`crate::copies::route`]): a file or a small directory (the host files
+//! `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`,
+//! `/dev/termination-log` included) is copied in through the agent and
+//! kept up to date ([`crate::copies`]); a larger directory goes on the
+//! container's one volume disk, a copy made at create. Nothing is copied
+//! back to the host. `tmpfs`, `proc`, `sysfs`, `mqueue` and `devpts`
+//! mounts elsewhere are made by the agent in the guest. Missing
 //! destinations are made, inside the root (the image's links followed
 //! within it).
 //!
@@ -70,6 +74,7 @@ use vmrun_agent_protocol::{
     SysctlNamespace,
 };
 
+use crate::copies::{CopyPlan, Route};
 use crate::error::{Error, Result};
 
 /// Guest memory without a limit in the spec, in MiB.
@@ -84,7 +89,9 @@ pub const ANNOTATION_CPUS: &str = "io.vmrun.cpus";
 pub const MIN_ROOTFS_BYTES: u64 = 256 << 20;
 
 /// Mount destinations a runc caller always lists and the agent provides
-/// (or that make no sense in a VM): skipped.
+/// (or that make no sense in a VM): skipped. (`/etc/resolv.conf`,
+/// `/etc/hosts`, `/etc/hostname` and `/dev/termination-log`, which a
+/// caller binds from host files, are copied in as any bind-mounted file.)
 pub const STANDARD_MOUNTS: &[&str] = &[
     "/proc",
     "/dev",
@@ -93,10 +100,6 @@ pub const STANDARD_MOUNTS: &[&str] = &[
     "/dev/mqueue",
     "/sys",
     "/sys/fs/cgroup",
-    "/etc/resolv.conf",
-    "/etc/hosts",
-    "/etc/hostname",
-    "/dev/termination-log",
 ];
 
 /// The process to run, as the agent takes it.
@@ -129,7 +132,8 @@ pub struct ProcessPlan {
     pub oom_score_adj: Option<i32>,
 }
 
-/// A host directory given to the container as a copy on a volume disk.
+/// A host directory given to the container as a copy on the volume disk
+/// (too large to copy through the agent: see [`crate::copies::route`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumePlan {
     /// The host directory.
@@ -155,8 +159,12 @@ pub struct Plan {
     pub readonly: bool,
     /// Mounts the agent makes in the guest (tmpfs, proc, ...).
     pub mounts: Vec<Mount>,
-    /// Host directories copied onto volume disks.
+    /// Host directories copied onto the volume disk.
     pub volumes: Vec<VolumePlan>,
+    /// Host files and small directories copied in through the agent, and
+    /// kept up to date.
+    #[serde(default)]
+    pub copies: Vec<CopyPlan>,
     /// Guest memory in MiB.
     pub mem_mib: u32,
     /// vCPUs.
@@ -187,16 +195,16 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::Bundle(msg.into())
 }
 
-/// Checks that `v` is a version this runtime implements: 1.0.x or 1.1.x
-/// (pre-releases such as `1.0.2-dev` included).
+/// Checks that `v` is a version this runtime implements: 1.0.x, 1.1.x or
+/// 1.2.x (pre-releases such as `1.0.2-dev` included).
 pub fn check_version(v: &str) -> Result<()> {
     let core = v.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<&str> = core.split('.').collect();
     let numeric = parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    if numeric && parts[0] == "1" && (parts[1] == "0" || parts[1] == "1") {
+    if numeric && parts[0] == "1" && matches!(parts[1], "0" | "1" | "2") {
         return Ok(());
     }
-    Err(bad(format!("unsupported ociVersion {v:?}: vmrun-oci implements the OCI runtime spec 1.0.x and 1.1.x")))
+    Err(bad(format!("unsupported ociVersion {v:?}: vmrun-oci implements the OCI runtime spec 1.0.x, 1.1.x and 1.2.x")))
 }
 
 /// Reads and checks `bundle/config.json`.
@@ -226,7 +234,7 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
     let rootfs = resolve_root(bundle, root.path())?;
     let process = process_plan(spec.process().as_ref().ok_or_else(|| bad("config.json has no process"))?)?;
     let annotations: BTreeMap<String, String> = spec.annotations().clone().unwrap_or_default().into_iter().collect();
-    let (mounts, volumes) = mounts(spec.mounts().as_deref().unwrap_or_default())?;
+    let (mounts, volumes, copies) = mounts(spec.mounts().as_deref().unwrap_or_default())?;
     if spec.hooks().is_some() {
         log::warn!("hooks are not run: vmrun-oci runs the container in a VM, where host hooks have nothing to act on");
     }
@@ -249,6 +257,7 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         readonly: root.readonly().unwrap_or(false),
         mounts,
         volumes,
+        copies,
         mem_mib: memory_mib(spec, &annotations)?,
         cpus: cpus(spec, &annotations)?,
         annotations,
@@ -578,12 +587,13 @@ fn guest_options(opts: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The spec's mounts: those the agent makes, and host directories to copy
-/// onto volume disks (at most [`vmrun_runtime::volume::SLOTS`] - 1: the
-/// root copy takes the first slot).
-pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<VolumePlan>)> {
+/// The spec's mounts: those the agent makes, host directories too large to
+/// copy through the agent (all on one volume disk), and the host files and
+/// directories copied through it ([`crate::copies::route`] decides).
+pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<VolumePlan>, Vec<CopyPlan>)> {
     let mut guest = Vec::new();
     let mut volumes = Vec::new();
+    let mut copies = Vec::new();
     for m in list {
         let dest = m.destination().to_string_lossy().into_owned();
         if !dest.starts_with('/') || dest.split('/').any(|c| c == "..") {
@@ -599,12 +609,11 @@ pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<Volu
         let bind = typ == "bind" || opts.iter().any(|o| o == "bind" || o == "rbind");
         if bind {
             let src = m.source().as_ref().ok_or_else(|| bad(format!("bind mount on {dest} has no source")))?;
-            let meta = std::fs::metadata(src).map_err(|e| bad(format!("mount source {} for {dest}: {e}", src.display())))?;
-            if !meta.is_dir() {
-                log::warn!("bind mount of the file {} on {dest} skipped: only directories are given to the VM (as copies)", src.display());
-                continue;
+            let (host, guest, read_only) = (src.clone(), dest_norm.to_string(), opts.iter().any(|o| o == "ro"));
+            match crate::copies::route(src)? {
+                Route::Copy(kind) => copies.push(CopyPlan { host, guest, kind, read_only }),
+                Route::Disk => volumes.push(VolumePlan { host, guest, read_only }),
             }
-            volumes.push(VolumePlan { host: src.clone(), guest: dest_norm.to_string(), read_only: opts.iter().any(|o| o == "ro") });
             continue;
         }
         match typ.as_str() {
@@ -618,11 +627,10 @@ pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<Volu
             _ => log::warn!("mount {dest} of type {typ:?} skipped: not supported in the VM"),
         }
     }
-    let most = vmrun_runtime::volume::SLOTS - 1;
-    if volumes.len() > most {
-        return Err(bad(format!("{} bind-mounted directories: at most {most} per container", volumes.len())));
+    if copies.len() > vmrun_agent_protocol::COPY_MAX_MOUNTS {
+        return Err(bad(format!("{} bind mounts of files and small directories: at most {}", copies.len(), vmrun_agent_protocol::COPY_MAX_MOUNTS)));
     }
-    Ok((guest, volumes))
+    Ok((guest, volumes, copies))
 }
 
 /// A size in MiB: `512m`, `1g`, `262144k`, `1Gi`, or a plain number of
@@ -712,6 +720,7 @@ pub fn default_spec() -> serde_json::Value {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use vmrun_agent_protocol::CopyKind;
 
     fn spec_of(v: serde_json::Value) -> Spec {
         serde_json::from_value(v).unwrap()
@@ -725,10 +734,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        for ok in ["1.0.0", "1.0.2-dev", "1.1.0", "1.1.0-rc.1", "1.0.2+build"] {
+        for ok in ["1.0.0", "1.0.2-dev", "1.1.0", "1.1.0-rc.1", "1.0.2+build", "1.2.0", "1.2.1"] {
             check_version(ok).unwrap();
         }
-        for bad in ["1.2.0", "2.0.0", "0.9.0", "1.0", "", "one", "1.x.0"] {
+        for bad in ["1.3.0", "2.0.0", "0.9.0", "1.0", "", "one", "1.x.0"] {
             let e = check_version(bad).unwrap_err().to_string();
             assert!(e.contains("unsupported ociVersion"), "{bad}: {e}");
         }
@@ -742,7 +751,7 @@ mod tests {
         assert!(p.process.terminal && p.readonly);
         assert_eq!(p.process.user, "0:0");
         assert_eq!(p.process.rlimits, [Rlimit { resource: "RLIMIT_NOFILE".into(), soft: 1024, hard: 1024 }]);
-        assert!(p.mounts.is_empty() && p.volumes.is_empty(), "the standard mounts are the agent's");
+        assert!(p.mounts.is_empty() && p.volumes.is_empty() && p.copies.is_empty(), "the standard mounts are the agent's");
         assert_eq!((p.mem_mib, p.cpus), (DEFAULT_MEMORY_MIB, 1));
         assert_eq!(p.rootfs, b.path().join("rootfs").canonicalize().unwrap());
         assert_eq!(p.hostname, "vmrun");
@@ -871,25 +880,44 @@ mod tests {
     }
 
     #[test]
-    fn mounts_become_guest_mounts_volumes_or_nothing() {
+    fn mounts_become_guest_mounts_copies_volumes_or_nothing() {
         let host = tempfile::tempdir().unwrap();
         std::fs::write(host.path().join("f"), b"x").unwrap();
+        let small = host.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        std::fs::write(small.join("f"), b"x").unwrap();
+        let large = host.path().join("large");
+        std::fs::create_dir(&large).unwrap();
+        std::fs::write(large.join("blob"), vec![0u8; vmrun_agent_protocol::COPY_MAX_BYTES as usize + 1]).unwrap();
         let m = |v: serde_json::Value| serde_json::from_value::<oci_spec::runtime::Mount>(v).unwrap();
         let list = vec![
             m(serde_json::json!({ "destination": "/proc", "type": "proc", "source": "proc" })),
             m(serde_json::json!({ "destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] })),
-            m(serde_json::json!({ "destination": "/data", "type": "bind", "source": host.path(), "options": ["rbind", "ro"] })),
-            m(serde_json::json!({ "destination": "/etc/resolv.conf", "type": "bind", "source": host.path().join("f"), "options": ["rbind"] })),
-            m(serde_json::json!({ "destination": "/etc/other", "type": "bind", "source": host.path().join("f"), "options": ["rbind"] })),
+            m(serde_json::json!({ "destination": "/data", "type": "bind", "source": &small, "options": ["rbind", "ro"] })),
+            m(serde_json::json!({ "destination": "/etc/resolv.conf", "type": "bind", "source": host.path().join("f"), "options": ["rbind", "ro"] })),
+            m(serde_json::json!({ "destination": "/dev/termination-log", "type": "bind", "source": host.path().join("f"), "options": ["rbind"] })),
+            m(serde_json::json!({ "destination": "/big/", "type": "none", "source": &large, "options": ["rbind"] })),
             m(serde_json::json!({ "destination": "/x", "type": "cgroup2", "source": "cgroup" })),
         ];
-        let (guest, volumes) = mounts(&list).unwrap();
+        let (guest, volumes, copies) = mounts(&list).unwrap();
         assert_eq!(guest, [Mount { destination: "/run".into(), fstype: "tmpfs".into(), source: "tmpfs".into(), options: vec!["nosuid".into(), "mode=755".into(), "size=65536k".into()] }]);
-        assert_eq!(volumes, [VolumePlan { host: host.path().to_path_buf(), guest: "/data".into(), read_only: true }]);
+        assert_eq!(volumes, [VolumePlan { host: large.clone(), guest: "/big".into(), read_only: false }], "over the copy limit");
+        let copy = |host: PathBuf, guest: &str, kind, read_only| CopyPlan { host, guest: guest.into(), kind, read_only };
+        assert_eq!(
+            copies,
+            [
+                copy(small.clone(), "/data", CopyKind::Directory, true),
+                copy(host.path().join("f"), "/etc/resolv.conf", CopyKind::File, true),
+                copy(host.path().join("f"), "/dev/termination-log", CopyKind::File, false),
+            ]
+        );
         let missing = m(serde_json::json!({ "destination": "/d", "type": "bind", "source": "/nonexistent/dir", "options": ["rbind"] }));
         assert!(mounts(&[missing]).unwrap_err().to_string().contains("/nonexistent/dir"));
-        let many: Vec<_> = (0..4).map(|i| m(serde_json::json!({ "destination": format!("/d{i}"), "type": "bind", "source": host.path() }))).collect();
-        assert!(mounts(&many).unwrap_err().to_string().contains("at most 3"));
+        // No fixed limit: ten directories, each its own copy.
+        let many: Vec<_> = (0..10).map(|i| m(serde_json::json!({ "destination": format!("/d{i}"), "type": "bind", "source": &small }))).collect();
+        assert_eq!(mounts(&many).unwrap().2.len(), 10);
+        let large_many: Vec<_> = (0..10).map(|i| m(serde_json::json!({ "destination": format!("/d{i}"), "type": "bind", "source": &large }))).collect();
+        assert_eq!(mounts(&large_many).unwrap().1.len(), 10, "all on the one volume disk");
         let relative = m(serde_json::json!({ "destination": "data", "type": "tmpfs" }));
         assert!(mounts(&[relative]).is_err());
     }
@@ -983,6 +1011,28 @@ mod tests {
         v["linux"]["namespaces"][0]["path"] = "/proc/self/ns/uts".into();
         let e = plan(b.path(), &spec_of(v)).unwrap_err().to_string();
         assert!(e.contains("/proc/self/ns/uts is not a net namespace"), "{e}");
+    }
+
+    #[test]
+    fn specs_of_1_2_with_unknown_fields_load() {
+        let b = bundle();
+        let mut v = default_spec();
+        v["ociVersion"] = "1.2.0".into();
+        // Fields of 1.2 and fields no version has, where the spec lets a
+        // runtime ignore what it does not know.
+        v["process"]["ioPriority"] = serde_json::json!({ "class": "IOPRIO_CLASS_IDLE", "priority": 0 });
+        v["process"]["unknownProcessField"] = serde_json::json!({ "x": 1 });
+        v["linux"]["unknownLinuxField"] = serde_json::json!([1, 2]);
+        v["linux"]["intelRdt"] = serde_json::json!({ "closID": "x", "enableMonitoring": true });
+        v["linux"]["personality"] = serde_json::json!({ "domain": "LINUX" });
+        v["domainname"] = "example.org".into();
+        v["somethingNew"] = true.into();
+        std::fs::write(b.path().join("config.json"), v.to_string()).unwrap();
+        let p = load(b.path()).unwrap();
+        assert_eq!((p.oci_version.as_str(), p.process.args.as_slice()), ("1.2.0", &["sh".to_string()][..]));
+        v["ociVersion"] = "1.3.0".into();
+        std::fs::write(b.path().join("config.json"), v.to_string()).unwrap();
+        assert!(load(b.path()).unwrap_err().to_string().contains("unsupported ociVersion"));
     }
 
     #[test]

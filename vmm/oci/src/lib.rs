@@ -6,6 +6,8 @@
 //!   `delete`, `exec`, `ps`, `features`, `spec`) and runc's global flags;
 //! - [`bundle`]: a bundle's `config.json`, checked and turned into what the
 //!   VM and the guest agent need ([`bundle::Plan`]);
+//! - [`copies`]: bind mounts copied in through the guest agent and kept
+//!   up to date;
 //! - [`state`]: a container's state directory under `--root`;
 //! - [`supervisor`]: the process that owns a container's VM (its pid is
 //!   the container's pid) and the one that owns an exec'd process;
@@ -17,6 +19,7 @@
 pub mod bundle;
 pub mod cli;
 pub mod console;
+pub mod copies;
 pub mod error;
 pub mod logger;
 pub mod ops;

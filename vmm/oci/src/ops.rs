@@ -617,7 +617,7 @@ pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
 pub fn features_json() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
-        "ociVersionMax": "1.1.0",
+        "ociVersionMax": "1.2.1",
         "hooks": [],
         "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "newinstance"],
         "linux": {
@@ -716,7 +716,7 @@ mod tests {
     fn features_name_the_supported_versions() {
         let f = features_json();
         assert_eq!(f["ociVersionMin"], "1.0.0");
-        assert_eq!(f["ociVersionMax"], "1.1.0");
+        assert_eq!(f["ociVersionMax"], "1.2.1");
         assert!(f["hooks"].as_array().is_some_and(|h| h.is_empty()));
     }
 }

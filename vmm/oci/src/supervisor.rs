@@ -28,17 +28,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmrun_agent_client::{Options, Process, StdioMode};
-use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
+use vmrun_agent_protocol::{CreateContainer, DiskDir, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
 use vmrun_runtime::sandbox::{AgentWait, Cancel, Origin, Sandbox};
 use vmrun_runtime::signal::{Relay, Target};
 use vmrun_runtime::vm::VmSpec;
-use vmrun_runtime::volume::Volume;
 
 use crate::bundle::{Plan, ProcessPlan};
 use crate::console;
+use crate::copies::{self, Watcher};
 use crate::error::{io, Error, Result};
 use crate::signals;
 use crate::state::{self, ExecRecord, ExecStatus, Root, State, Status};
@@ -223,14 +223,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
     vmrun_runtime::volume::make_dir_image(&plan.rootfs, &rootfs_disk, "rootfs", "vmrun-rootfs", crate::bundle::MIN_ROOTFS_BYTES)?;
     let mut disks = vec![rootfs_disk];
-    let mut mounts = plan.mounts.clone();
-    for (i, v) in plan.volumes.iter().enumerate() {
-        let path = layout.volume_disk(i);
-        let volume = Volume { host: v.host.clone(), guest: v.guest.clone(), read_only: v.read_only };
-        volume.make_image(&path)?;
-        mounts.push(volume.mount(i + 1));
-        disks.push(path);
-    }
+    let disk_dirs = match volume_disk(plan, &layout)? {
+        Some((path, dirs)) => {
+            disks.push(path);
+            dirs
+        }
+        None => Vec::new(),
+    };
     log::debug!("disks made");
     let spec = VmSpec {
         artifacts,
@@ -254,7 +253,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         working_dir: plan.process.cwd.clone(),
         user: plan.process.user.clone(),
         hostname: plan.hostname.clone(),
-        mounts,
+        mounts: plan.mounts.clone(),
         rlimits: plan.process.rlimits.clone(),
         capabilities: Some(plan.process.capabilities.clone()),
         no_new_privileges: Some(plan.process.no_new_privileges),
@@ -267,6 +266,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         sysctl: plan.sysctl.clone(),
         devices: plan.devices.clone(),
         rootfs_propagation: plan.rootfs_propagation,
+        disk_dirs,
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
@@ -284,6 +284,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         config,
         limits: UnpackLimits::default(),
     })?;
+    let watcher = send_copies(&sandbox, &state.guest_id, plan)?;
     state.status = Status::Created;
     state.vmm = ProcessRef::of(sandbox.pid());
     state.save(dir).map_err(io("writing the state"))?;
@@ -316,11 +317,49 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         }
     };
     log::debug!("process exited with {code}");
+    drop(watcher);
     // The guest has nothing to save (the root is a throw-away copy): the
     // VM is killed, not shut down.
     sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
+}
+
+/// The volume disk of the plan's large bind-mounted directories, all on
+/// one disk (the slot after the root copy's), each in its own
+/// subdirectory; and where the agent binds them. `None` without any.
+fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout) -> Result<Option<(PathBuf, Vec<DiskDir>)>> {
+    if plan.volumes.is_empty() {
+        return Ok(None);
+    }
+    let path = layout.volume_disk(1);
+    let hosts: Vec<PathBuf> = plan.volumes.iter().map(|v| v.host.clone()).collect();
+    vmrun_runtime::volume::make_dirs_image(&hosts, &path, &layout.vm_dir().join("volumes.staging"))?;
+    // The disks after the layer disk (`/dev/vda`): the root copy, then this.
+    let dirs = plan
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| DiskDir {
+            disk: "/dev/vdc".into(),
+            fstype: "ext4".into(),
+            subdir: i.to_string(),
+            destination: v.guest.clone(),
+            read_only: v.read_only,
+        })
+        .collect();
+    Ok(Some((path, dirs)))
+}
+
+/// Sends the plan's copied mounts to the created container and starts
+/// keeping them up to date (until the returned watcher is dropped).
+fn send_copies(sandbox: &Sandbox, guest_id: &str, plan: &Plan) -> Result<Option<Watcher>> {
+    if plan.copies.is_empty() {
+        return Ok(None);
+    }
+    let sent = copies::send_all(sandbox.client(), guest_id, &plan.copies)?;
+    log::debug!("{} copied mounts sent", plan.copies.len());
+    Ok(Some(Watcher::start(sandbox.client().clone(), guest_id.to_string(), plan.copies.clone(), sent)))
 }
 
 /// Waits until `start` opens `exec.fifo` for reading, and tells it with a

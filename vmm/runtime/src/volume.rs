@@ -9,6 +9,8 @@
 //! price is that it is a copy: writes inside the container go to the image
 //! and are not seen in the host directory (`:ro` mounts it read-only in
 //! the guest). The image is removed with the container.
+//! ([`make_dirs_image`] puts several directories on one image: how the OCI
+//! runtime gives a container its large bind-mounted directories.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,6 +127,37 @@ pub fn make_dir_image(dir: &Path, out: &Path, what: &str, label: &str, min_bytes
     }
 }
 
+/// Makes one ext4 image at `out` holding copies of several host
+/// directories, `dirs[i]` in the subdirectory named `i` of its root (how
+/// the OCI runtime gives a container any number of bind-mounted
+/// directories on one disk slot). The directories are first copied under
+/// `staging` (`cp -a --reflink=auto`: a clone where the file system can),
+/// which is removed afterwards.
+pub fn make_dirs_image(dirs: &[PathBuf], out: &Path, staging: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(staging);
+    std::fs::create_dir_all(staging)?;
+    let result = (|| {
+        for (i, dir) in dirs.iter().enumerate() {
+            let meta = std::fs::metadata(dir).map_err(|e| Error::Volume(format!("volume {}: {e}", dir.display())))?;
+            if !meta.is_dir() {
+                return Err(Error::Volume(format!("volume {}: not a directory", dir.display())));
+            }
+            let o = Command::new("cp")
+                .args(["-a", "--reflink=auto", "--no-target-directory"])
+                .arg(dir)
+                .arg(staging.join(i.to_string()))
+                .output()
+                .map_err(|e| Error::Volume(format!("cannot run cp: {e}")))?;
+            if !o.status.success() {
+                return Err(Error::Volume(format!("cannot copy {}: cp: {}", dir.display(), String::from_utf8_lossy(&o.stderr).trim())));
+            }
+        }
+        make_dir_image(staging, out, "volume", "vmrun-volumes", 64 << 20)
+    })();
+    let _ = std::fs::remove_dir_all(staging);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -168,5 +201,20 @@ mod tests {
         assert_eq!(out.stdout, b"hello");
         let missing = Volume { host: d.path().join("nope"), guest: "/x".into(), read_only: false };
         assert!(missing.make_image(&img).unwrap_err().to_string().contains("nope"));
+
+        // Several directories on one image, one subdirectory each.
+        let other = d.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("file"), b"other").unwrap();
+        let staging = d.path().join("staging");
+        let many = d.path().join("many.img");
+        make_dirs_image(&[d.path().join("src"), other.clone()], &many, &staging).unwrap();
+        for (path, want) in [("/0/sub/file", &b"hello"[..]), ("/1/file", b"other")] {
+            let out = Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(&many).output().unwrap();
+            assert_eq!(out.stdout, want, "{path}");
+        }
+        assert!(!staging.exists(), "the staging copy is removed");
+        let e = make_dirs_image(&[other.join("file")], &many, &staging).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
     }
 }
