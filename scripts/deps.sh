@@ -6,12 +6,13 @@ set -euo pipefail
 
 # busybox-static: test and demo images; e2fsprogs: ext4 test disks;
 # docker-registry: the loopback registry of the pull tests; iproute2: the
-# network namespaces of the virtio-net test and --network tap; debootstrap:
+# network namespaces of the virtio-net test and --network tap; nftables: the
+# NAT network's rules (nft); debootstrap:
 # the Debian test image; containerd: the OCI runtime's containerd test (ctr
 # and containerd-shim-runc-v2, which containerd-shim-vmrun-v2 drives);
 # apache2-utils and openssl: the htpasswd file and the CA of the TLS
 # registry of the login tests.
-pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 debootstrap containerd apache2-utils openssl)
+pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 nftables debootstrap containerd apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

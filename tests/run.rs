@@ -328,7 +328,7 @@ fn detached_containers_logs_exec_stop_and_volumes() {
     assert_eq!(text(&o.stdout), "written\nfrom the host\n");
     assert!(!data.join("new").exists(), "the host directory is never written");
     assert_error(&v.run(&["run", "--rm", "-v", "relative:/data", "busybox", "true"]), 125, "absolute");
-    assert_error(&v.run(&["run", "--rm", "-p", "8080:80", "busybox", "true"]), 125, "--network tap");
+    assert_error(&v.run(&["run", "--rm", "--network", "none", "-p", "8080:80", "busybox", "true"]), 125, "--network none");
 }
 
 /// The VMM's parent in the jail (the state's `vmm`) and the jailed VMM.
@@ -551,6 +551,124 @@ fn network_tap_publishes_ports_and_a_killed_vmm_is_cleaned_up() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still published");
     let cmdline = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap_or_default();
     assert!(!cmdline.contains(&id), "the VMM still runs: {cmdline}");
+}
+
+/// A TCP port in LISTEN state on the host (`/proc/net/tcp`).
+fn host_listens_on(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[3] == "0A" && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+    })
+}
+
+/// A network namespace with an HTTP server on `10.250.N.2:8000`, joined to
+/// the host by a veth pair (`10.250.N.1` on the host's side) and with no
+/// route beyond it: it can answer the host's address only.
+struct OtherNetwork {
+    ns: String,
+    server: std::net::Ipv4Addr,
+}
+
+impl OtherNetwork {
+    fn new(body: &'static str) -> Self {
+        let n = std::process::id() % 250 + 1;
+        let ns = format!("vmrunt-srv{n}");
+        let (host_if, ns_if) = (format!("vrt{n}h"), format!("vrt{n}s"));
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().unwrap();
+            assert!(o.status.success(), "ip {args:?}: {}", text(&o.stderr));
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns]);
+        ip(&["addr", "add", &format!("10.250.{n}.1/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &ns, "addr", "add", &format!("10.250.{n}.2/30"), "dev", &ns_if]);
+        ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+        let routes = Command::new("ip").args(["-n", &ns, "route"]).output().unwrap();
+        assert!(!text(&routes.stdout).contains("10.213.") && !text(&routes.stdout).contains("default"), "{}", text(&routes.stdout));
+        let server = std::net::Ipv4Addr::new(10, 250, n as u8, 2);
+        let path = format!("/run/netns/{ns}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // This thread alone moves into the namespace.
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on a namespace file we hold open.
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+            let l = std::net::TcpListener::bind((server, 8000)).unwrap();
+            tx.send(()).unwrap();
+            for mut c in l.incoming().flatten() {
+                let mut req = [0u8; 1024];
+                let _ = c.read(&mut req);
+                let _ = c.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Self { ns, server }
+    }
+}
+
+impl Drop for OtherNetwork {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// The default network as root: the container reaches a server in a
+/// network that has no route back to the containers' subnet (so only the
+/// host's NAT makes it work), gets the host's name servers, and publishes
+/// a port through the kernel (no vmrun process listens on it); after `rm`
+/// its TAP device, its rules, and with the last container the `vmrun`
+/// table are gone. `--network none` has no interface but loopback.
+#[test]
+fn the_default_network_reaches_out_through_nat_and_publishes_ports_in_the_kernel() {
+    if !is_root() {
+        eprintln!("skipped: the NAT network needs root");
+        return;
+    }
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    let other = OtherNetwork::new("from-the-other-network\n");
+
+    let port = closed_port();
+    let script = "mkdir -p /www && echo served-through-nat > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let o = v.run(&["run", "-d", "-p", &format!("{port}:8080"), "busybox", "sh", "-c", script]);
+    assert_code(&o, 0);
+    let id = text(&o.stdout).trim().to_string();
+    let tap = state(v, &id)["tap"].as_str().unwrap().to_string();
+    assert!(Path::new("/sys/class/net").join(&tap).exists(), "TAP device {tap}");
+    let table = || Command::new("nft").args(["list", "table", "ip", "vmrun"]).output().unwrap();
+    let rules = text(&table().stdout);
+    assert!(rules.contains(&format!("dport {port} dnat to")) && rules.contains(&format!("iifname \"{tap}\"")), "{rules}");
+
+    eventually("the published port answers", Duration::from_secs(180), || {
+        http_get(port).is_some_and(|r| r.contains("served-through-nat"))
+    });
+    assert!(!host_listens_on(port), "a process on the host listens on port {port}: the kernel should carry it");
+
+    let url = format!("http://{}:8000/", other.server);
+    let o = v.run(&["exec", &id, "sh", "-c", &format!("cat /etc/resolv.conf; wget -qO- {url}")]);
+    assert_code(&o, 0);
+    let out = text(&o.stdout);
+    assert!(out.contains("from-the-other-network"), "{out}\n{}", text(&o.stderr));
+    for ns in vmrun_runtime::net::nat::host_nameservers() {
+        assert!(out.contains(&format!("nameserver {ns}\n")), "{out}");
+    }
+
+    assert_code(&v.run(&["rm", "-f", &id]), 0);
+    assert!(!Path::new("/sys/class/net").join(&tap).exists(), "TAP device {tap} left behind");
+    assert!(!text(&table().stdout).contains(&tap), "rules for {tap} left behind");
+    assert!(http_get(port).is_none(), "port {port} still published");
+    let others_left = std::fs::read_dir(vmrun_runtime::net::nat::RECORDS).map(|d| d.count()).unwrap_or(0);
+    if others_left == 0 {
+        assert!(!table().status.success(), "the vmrun table outlived the last container: {}", text(&table().stdout));
+    }
+
+    let o = v.run(&["run", "--rm", "--network", "none", "busybox", "ls", "/sys/class/net"]);
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout).split_whitespace().collect::<Vec<_>>(), ["lo"]);
 }
 
 /// Sizes no VM can have fail before anything starts, with docker's 125 and

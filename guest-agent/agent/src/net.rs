@@ -75,6 +75,32 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
     Ok(())
 }
 
+/// A resolv.conf naming `servers`, which must be IP addresses.
+pub fn resolv_conf(servers: &[String]) -> io::Result<String> {
+    let mut text = String::new();
+    for s in servers {
+        let a: std::net::IpAddr = s.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid name server {s:?}")))?;
+        text.push_str(&format!("nameserver {a}\n"));
+    }
+    Ok(text)
+}
+
+/// Writes `text` as `/etc/resolv.conf` of the container root `rootfs`,
+/// resolved inside it (`RESOLVE_IN_ROOT`: the image's symlinks stay in
+/// the image). An image without `/etc` gets none.
+pub fn write_resolv_conf(rootfs: &std::path::Path, text: &str) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    let root = std::ffi::CString::new(rootfs.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let root = crate::sys::open(&root, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let file = match crate::sys::openat2(root.as_fd(), c"etc/resolv.conf", libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644, resolve) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    };
+    crate::sys::write_all(file.as_fd(), text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +111,40 @@ mod tests {
         assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
         // sa_data: port (2 bytes), then the address.
         assert_eq!(&sa.sa_data[2..6], &[10, 0, 0, 2]);
+    }
+
+    #[test]
+    fn resolv_conf_names_addresses_only() {
+        assert_eq!(resolv_conf(&["10.0.0.2".into(), "2001:db8::1".into()]).unwrap(), "nameserver 10.0.0.2\nnameserver 2001:db8::1\n");
+        assert!(resolv_conf(&["10.0.0.2\nsearch evil".into()]).is_err());
+        assert!(resolv_conf(&["example.com".into()]).is_err());
+    }
+
+    #[test]
+    fn resolv_conf_is_written_inside_the_root() {
+        // The image's /etc/resolv.conf is a symlink that points out of the
+        // root: it is followed as in the container, to the root's own /tmp.
+        let scratch = std::env::temp_dir().join(format!("vmrun-agent-resolv-{}", std::process::id()));
+        let (root, outside) = (scratch.join("root"), scratch.join("outside"));
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let target = outside.join("resolv.conf");
+        // Where the link leads inside the root.
+        let inside = root.join(target.parent().unwrap().strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&inside).unwrap();
+        std::os::unix::fs::symlink(format!("../../../../../../../..{}", target.display()), root.join("etc/resolv.conf")).unwrap();
+        let written = write_resolv_conf(&root, "nameserver 10.0.0.2\n");
+        let (escaped, kept) = (target.exists(), std::fs::read_to_string(inside.join("resolv.conf")));
+        // No /etc: nothing is written, and no error.
+        let bare = scratch.join("bare");
+        std::fs::create_dir_all(&bare).unwrap();
+        let bare_written = write_resolv_conf(&bare, "nameserver 10.0.0.2\n");
+        let bare_etc = bare.join("etc").exists();
+        std::fs::remove_dir_all(&scratch).unwrap();
+        written.unwrap();
+        assert!(!escaped, "written outside the root");
+        assert_eq!(kept.unwrap(), "nameserver 10.0.0.2\n");
+        bare_written.unwrap();
+        assert!(!bare_etc);
     }
 }

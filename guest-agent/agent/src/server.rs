@@ -745,7 +745,18 @@ impl Server {
             return Err(err(ErrorKind::BadRequest, format!("invalid interface name {:?}", n.interface)));
         }
         let c = crate::settings::parse_net(&n.address, n.gateway.as_deref()).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
-        crate::net::configure(&n.interface, &c).map_err(|e| err(ErrorKind::Internal, format!("configuring {}: {e}", n.interface)))
+        crate::net::configure(&n.interface, &c).map_err(|e| err(ErrorKind::Internal, format!("configuring {}: {e}", n.interface)))?;
+        if n.nameservers.is_empty() {
+            return Ok(());
+        }
+        // The containers there are now (`vmrun run` creates its container
+        // before it configures the network) get the name servers.
+        let text = crate::net::resolv_conf(&n.nameservers).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        for c in self.containers.values() {
+            crate::net::write_resolv_conf(&c.rootfs, &text)
+                .map_err(|e| err(ErrorKind::Internal, format!("writing /etc/resolv.conf of container {}: {e}", c.id)))?;
+        }
+        Ok(())
     }
 
     fn write_files(&mut self, w: &vmrun_agent_protocol::WriteFiles) -> Result<(), AgentError> {

@@ -196,6 +196,10 @@ pub struct NetworkConfig {
     /// The default gateway, if any.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// Name servers (IP addresses) for the containers' `/etc/resolv.conf`;
+    /// none: the containers' own file is left as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
 }
 
 /// A new container.

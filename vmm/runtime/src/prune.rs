@@ -433,7 +433,7 @@ pub fn remove(c: &Candidate) -> Outcome {
         Removal::Jail(pid) => vmrun_jail::collect_record(*pid).map(|_| ()),
         Removal::Container { tap } => {
             if let Some(tap) = tap {
-                crate::net::delete_tap(tap);
+                crate::net::release(tap);
             }
             std::fs::remove_dir_all(&c.path)
         }

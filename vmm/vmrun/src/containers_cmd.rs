@@ -281,7 +281,7 @@ pub fn rm(keys: &[String], force: bool) -> Result<i32> {
         }
         let state = State::load(&dir).unwrap_or(state);
         if let Some(tap) = &state.tap {
-            vmrun_runtime::net::delete_tap(tap);
+            vmrun_runtime::net::release(tap);
         }
         crate::run_cmd::remove_container_dir(&dir);
         if dir.exists() {

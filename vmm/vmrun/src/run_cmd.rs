@@ -29,7 +29,7 @@ use vmrun_agent_protocol::{CreateContainer, ExecProcess, ImageConfig, LayerSourc
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::{self, LogWriter, ProcessRef, State, Status};
 use vmrun_runtime::home::Home;
-use vmrun_runtime::net::{Forwarder, Link, PortMap};
+use vmrun_runtime::net::{Link, Mode, PortMap, Setup};
 use vmrun_runtime::sandbox::{AgentWait, Origin, Sandbox};
 use vmrun_runtime::template::PREPARED_ID;
 use vmrun_runtime::vm::VmSpec;
@@ -65,13 +65,15 @@ pub struct RunArgs {
     /// HOST_DIR:CONTAINER_DIR[:ro]. Writes stay in the container's copy.
     #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro]")]
     pub volumes: Vec<String>,
-    /// `none` (the default: only the host's vsock link to the agent), or
-    /// `tap`: an interface on a TAP device of its own, with an address
-    /// in 10.213.0.0/16 (needs root or CAP_NET_ADMIN).
-    #[arg(long, default_value = "none", value_parser = ["none", "tap"])]
-    pub network: String,
-    /// Publish a container port on the host: HOST:CONTAINER[/tcp] (needs
-    /// --network tap).
+    /// `nat` (or `bridge`; the default as root): an interface on a TAP
+    /// device of its own, with an address in 10.213.0.0/16, reaching out
+    /// through the host's NAT; `tap`: the same link, reaching only the
+    /// host; `none` (the default without root): only the host's vsock
+    /// link to the agent.
+    #[arg(long, value_parser = ["nat", "bridge", "tap", "none"])]
+    pub network: Option<String>,
+    /// Publish a container port on the host's addresses:
+    /// HOST:CONTAINER[/tcp|/udp] (needs a network, and root).
     #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
     pub publish: Vec<String>,
     /// Memory of the microVM (e.g. 512m, 1g).
@@ -121,6 +123,7 @@ struct Checked {
     mem_mib: u32,
     cpus: u8,
     volumes: Vec<Volume>,
+    network: Mode,
     ports: Vec<PortMap>,
 }
 
@@ -135,13 +138,20 @@ fn check(args: &RunArgs) -> Result<Checked> {
         bail!("at most {} volumes per container", vmrun_runtime::volume::SLOTS);
     }
     let ports = args.publish.iter().map(|p| p.parse::<PortMap>()).collect::<Result<Vec<_>, _>>()?;
-    if !ports.is_empty() && args.network != "tap" {
-        bail!("publishing ports needs a network: add --network tap");
+    let network = match &args.network {
+        Some(n) => n.parse::<Mode>()?,
+        None => Mode::default_here(),
+    };
+    if !ports.is_empty() && network == Mode::None {
+        if args.network.is_none() {
+            bail!("publishing ports needs root (or CAP_NET_ADMIN): without it the default network is none");
+        }
+        bail!("publishing ports needs a network: --network none has none");
     }
     let mem_mib = parse_memory(&args.memory)?;
     vmrun_vmm::check_resources(u64::from(args.cpus), u64::from(mem_mib))?;
     let cpus = u8::try_from(args.cpus).context("vCPU count")?;
-    Ok(Checked { mem_mib, cpus, volumes, ports })
+    Ok(Checked { mem_mib, cpus, volumes, network, ports })
 }
 
 /// Parses `512m`, `1g`, `256` (MiB) into MiB (`vmrun_runtime::size`).
@@ -481,10 +491,11 @@ fn finish(dir: &Path, state: &mut State, result: &Result<i32>) {
 #[error("{1}")]
 struct StartFailed(i32, String);
 
-/// Resources of a container that are given back when it ends.
+/// Resources of a container that are given back when it ends: its link
+/// and the host's rules for it.
 struct Network {
     link: Link,
-    _forwarder: Option<Forwarder>,
+    nat: bool,
 }
 
 impl Drop for Network {
@@ -494,15 +505,15 @@ impl Drop for Network {
 }
 
 /// Gives the container a network link: a subnet free on the whole host
-/// (see `vmrun_runtime::net::allocate`) and its TAP device, recorded in its
-/// state.
-fn set_up_network(home: &Home, dir: &Path, state: &mut State) -> Result<Link> {
+/// (see `vmrun_runtime::net::allocate`), its TAP device and the host's
+/// rules for it, recorded in its state.
+fn set_up_network(home: &Home, dir: &Path, state: &mut State, setup: &Setup) -> Result<Link> {
     let used: Vec<u32> = container::list(home)?
         .iter()
         .filter(|(_, s)| s.effective_status() != Status::Exited && s.id != state.id)
         .filter_map(|(_, s)| s.ip.as_deref().and_then(Link::index_of))
         .collect();
-    let link = vmrun_runtime::net::allocate(&state.id, &used)?;
+    let link = vmrun_runtime::net::allocate(&state.id, &used, setup)?;
     state.tap = Some(link.tap.clone());
     state.ip = Some(link.guest.to_string());
     if let Err(e) = state.save(dir) {
@@ -552,9 +563,10 @@ fn run_container_inner(
         phases.mark("volume disks");
     }
     let mut network = None;
-    if args.network == "tap" {
-        let link = set_up_network(home, dir, state)?;
-        network = Some(Network { link, _forwarder: None });
+    if checked.network != Mode::None {
+        let nat = checked.network == Mode::Nat;
+        let link = set_up_network(home, dir, state, &Setup { nat, ports: checked.ports.clone() })?;
+        network = Some(Network { link, nat });
     }
     let spec = VmSpec {
         artifacts,
@@ -634,11 +646,9 @@ fn run_container_inner(
             }
         }
     };
-    if let Some(n) = &mut network {
-        sandbox.configure_network(&n.link.guest_config())?;
-        if !checked.ports.is_empty() {
-            n._forwarder = Some(Forwarder::start(n.link.guest, &checked.ports)?);
-        }
+    if let Some(n) = &network {
+        let nameservers = if n.nat { vmrun_runtime::net::nat::host_nameservers() } else { Vec::new() };
+        sandbox.configure_network(&n.link.guest_config(&nameservers))?;
         phases.mark_vm("network", &sandbox);
     }
 

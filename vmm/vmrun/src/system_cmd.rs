@@ -64,6 +64,11 @@ pub fn prune(all: bool, force: bool) -> Result<i32> {
         }
     }
     let report = prune::prune(&home, options, true)?;
+    // The host's network rules of container links that are gone (a run
+    // killed with SIGKILL, a TAP device removed by hand).
+    if let Err(e) = vmrun_runtime::net::sync() {
+        eprintln!("vmrun: cannot bring the host's network rules up to date: {e}");
+    }
     for name in &report.untagged {
         println!("Untagged: {name}");
     }

@@ -1,0 +1,215 @@
+//! The host's links through rtnetlink, on a blocking socket (no async
+//! runtime): list links and IPv4 addresses, add an address, bring a link
+//! up, delete one. TAP devices are made with the tun driver's ioctls, which
+//! is the only way the kernel offers (it has no rtnetlink `newlink` for
+//! them).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_MULTIPART, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// `_IOW('T', 202, int)` and `_IOW('T', 203, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// A link: its index and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+}
+
+/// An rtnetlink socket and the sequence number of its last request.
+#[derive(Debug)]
+pub struct Rtnl {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    /// Sends `msg` and collects the answers to it until the kernel's
+    /// acknowledgement (or the end of a dump).
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | flags;
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut buf = vec![0; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink: {e}"));
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full()?;
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest).map_err(|e| bad(e.to_string()))?;
+                let len = reply.header.length as usize;
+                // Messages are 4-byte aligned in a datagram.
+                let step = len.checked_add(3).map(|l| l & !3).filter(|s| *s > 0).ok_or_else(|| bad("a message of length 0".into()))?;
+                rest = rest.get(step..).unwrap_or_default();
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                let multipart = reply.header.flags & NLM_F_MULTIPART != 0;
+                match reply.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                    NetlinkPayload::Error(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(m) => {
+                        out.push(m);
+                        if !multipart && flags & NLM_F_ACK == 0 {
+                            return Ok(out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Every link, with its name.
+    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(Link { index: l.header.index, name: n.clone() }),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The link named `name`, if there is one.
+    pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
+        Ok(self.links()?.into_iter().find(|l| l.name == name))
+    }
+
+    /// Every IPv4 address on the host's links, with its prefix length.
+    pub fn ipv4_addresses(&mut self) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet => {
+                    let prefix = a.header.prefix_len;
+                    a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, prefix)),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Adds `addr/prefix` to link `index`.
+    pub fn add_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr.into()));
+        msg.attributes.push(AddressAttribute::Address(addr.into()));
+        if prefix < 31 {
+            let host_bits = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+            msg.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | host_bits)));
+        }
+        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(drop)
+    }
+
+    /// Brings link `index` up.
+    pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK).map(drop)
+    }
+
+    /// Deletes link `index`.
+    pub fn delete(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.request(RouteNetlinkMessage::DelLink(msg), NLM_F_ACK).map(drop)
+    }
+}
+
+/// Makes a persistent TAP device `name` (as `ip tuntap add mode tap`
+/// does): it stays when this process ends, until it is deleted.
+pub fn create_tap(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {name:?}")));
+    }
+    let tun = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/net/tun")?;
+    // SAFETY: ifreq is a plain C struct; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq `req` points to.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_tap_made_addressed_listed_and_deleted_through_netlink() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a TAP device");
+            return;
+        }
+        let name = format!("vmrunnl{}", std::process::id() % 100_000);
+        create_tap(&name).unwrap();
+        let mut nl = Rtnl::open().unwrap();
+        let link = nl.link(&name).unwrap().expect("the TAP device is listed");
+        let addr = Ipv4Addr::new(10, 254, 253, 1);
+        let added = nl.add_ipv4(link.index, addr, 30).and_then(|()| nl.set_up(link.index));
+        let listed = nl.ipv4_addresses();
+        let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags"));
+        // An address twice is the kernel's EEXIST, as an error.
+        let twice = nl.add_ipv4(link.index, addr, 30);
+        nl.delete(link.index).unwrap();
+        added.unwrap();
+        assert!(listed.unwrap().contains(&(addr, 30)));
+        let flags = u32::from_str_radix(flags.unwrap().trim().trim_start_matches("0x"), 16).unwrap();
+        assert_ne!(flags & libc::IFF_UP as u32, 0, "the link is up");
+        assert_eq!(twice.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert!(nl.link(&name).unwrap().is_none(), "deleted");
+        assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
+    }
+}
