@@ -132,14 +132,16 @@ fn cell(p: Phase) -> String {
 fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_runs: usize) {
     let o = Command::new(VMRUN).args(["load", "-i"]).arg(archive).env("VMRUN_HOME", home).output().unwrap();
     assert!(o.status.success(), "load: {}", String::from_utf8_lossy(&o.stderr));
+    // No network, as `runc run` of the baseline has none: the default NAT
+    // network (as root) would add its link and rules to every run.
     eprintln!("{label}: cold run (a boot)...");
-    let cold = run(home, &["run", "--cold", reference, "true"]);
+    let cold = run(home, &["run", "--network", "none", "--cold", reference, "true"]);
     eprintln!("{label}: first warm run (template, unpack, prepared template)...");
-    let first = run(home, &["run", reference, "true"]);
+    let first = run(home, &["run", "--network", "none", reference, "true"]);
     let warm: Vec<Timing> = (0..warm_runs)
         .map(|i| {
             eprintln!("{label}: warm run {}...", i + 1);
-            run(home, &["run", reference, "true"])
+            run(home, &["run", "--network", "none", reference, "true"])
         })
         .collect();
     println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm runs, median)\n");
