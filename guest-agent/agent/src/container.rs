@@ -518,6 +518,7 @@ impl Container {
             rlimits: rlimits(&self.config.rlimits)?,
             caps: spec.caps,
             no_new_privs: spec.no_new_privs,
+            cgroup: None,
         })
     }
 }

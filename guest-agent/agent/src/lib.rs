@@ -8,9 +8,10 @@
 //!
 //! What it serves: unpacking images from the layer disk into container
 //! roots ([`unpack`]), and running containers ([`container`],
-//! [`process`]).
+//! [`process`]), each in a cgroup of its own in a guest ([`cgroup`]).
 
 pub mod caps;
+pub mod cgroup;
 pub mod container;
 pub mod init;
 pub mod log;
