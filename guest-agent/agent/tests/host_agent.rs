@@ -489,7 +489,7 @@ fn limits_need_a_guests_cgroups() {
             id: "limited".into(),
             layers: LayerSource { disk: disk.display().to_string(), layers },
             rootfs: Default::default(),
-            config: ImageConfig { resources, ..cmd(&["true"]) },
+            config: ImageConfig { resources: Box::new(resources), ..cmd(&["true"]) },
             limits: UnpackLimits::default(),
         })
         .unwrap_err();

@@ -308,9 +308,10 @@ pub struct ImageConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_new_privileges: Option<bool>,
     /// Limits of the container's cgroup (in a guest: a cgroup v2 of its
-    /// own, `/sys/fs/cgroup/vmrun/<id>`); empty: none.
+    /// own, `/sys/fs/cgroup/vmrun/<id>`); empty: none. Boxed: most
+    /// containers have none, and requests stay small.
     #[serde(skip_serializing_if = "Resources::is_empty")]
-    pub resources: Resources,
+    pub resources: Box<Resources>,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).

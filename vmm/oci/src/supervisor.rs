@@ -258,7 +258,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         rlimits: plan.process.rlimits.clone(),
         capabilities: Some(plan.process.capabilities.clone()),
         no_new_privileges: Some(plan.process.no_new_privileges),
-        resources: plan.resources.clone(),
+        resources: Box::new(plan.resources.clone()),
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
