@@ -14,8 +14,8 @@
 //! never runs outside it, and its limits hold from the first instruction.
 //!
 //! A container's first process:
-//! `clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
-//! CLONE_PIDFD)`, then in the child: standard streams, `pivot_root` into the
+//! `clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
+//! CLONE_PIDFD | CLONE_INTO_CGROUP)`, then in the child: standard streams, `pivot_root` into the
 //! unpacked root (in a guest whose root is the initramfs, where
 //! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
 //! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
