@@ -701,6 +701,7 @@ impl Container {
             no_new_privs: spec.no_new_privs,
             seccomp: spec.seccomp.clone(),
             oom_score_adj: spec.oom_score_adj.map(|v| v.to_string()),
+            cgroup: None,
         })
     }
 }

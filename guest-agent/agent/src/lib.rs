@@ -8,9 +8,11 @@
 //!
 //! What it serves: unpacking images from the layer disk into container
 //! roots ([`unpack`]), and running containers ([`container`],
-//! [`process`], [`seccomp`]).
+//! [`process`], [`seccomp`]), each in a cgroup of its own in a guest
+//! ([`cgroup`]).
 
 pub mod caps;
+pub mod cgroup;
 pub mod container;
 pub mod copy;
 pub mod init;

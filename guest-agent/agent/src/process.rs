@@ -9,9 +9,13 @@
 //! and exits; a successful `execve` closes the pipe. The parent learns which
 //! from the pipe without blocking ([`Started`]).
 //!
+//! Every process of a container is cloned straight into the container's
+//! cgroup (`clone3` with `CLONE_INTO_CGROUP`, see `cgroup.rs`), so it
+//! never runs outside it, and its limits hold from the first instruction.
+//!
 //! A container's first process:
-//! `clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
-//! CLONE_PIDFD)`, then in the child: standard streams, `pivot_root` into the
+//! `clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
+//! CLONE_PIDFD | CLONE_INTO_CGROUP)`, then in the child: standard streams, `pivot_root` into the
 //! unpacked root (in a guest whose root is the initramfs, where
 //! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
 //! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
@@ -46,6 +50,10 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use crate::caps::CapSets;
 use crate::seccomp;
 use crate::sys::{self, cstring};
+
+/// `clone3`'s flag to start the child in the cgroup `clone_args.cgroup`
+/// names (libc's constant has the wrong type).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Exit code when the program cannot be run (docker's 126).
 pub const EXIT_CANNOT_RUN: i32 = 126;
@@ -241,6 +249,9 @@ pub struct Plan {
     pub seccomp: Option<seccomp::Filter>,
     /// What to write to `/proc/self/oom_score_adj` (a decimal number).
     pub oom_score_adj: Option<String>,
+    /// The container's cgroup (a directory descriptor), which the child
+    /// is cloned into; `None`: the agent's own.
+    pub cgroup: Option<RawFd>,
 }
 
 /// A process just cloned; [`Started::result`] tells whether it reached
@@ -320,20 +331,18 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
             0
         }
     };
-    // SAFETY: clone without CLONE_VM and without a new stack behaves like
-    // fork: the child gets a copy of this address space and runs
-    // `child(plan)`, which only makes raw system calls on data prepared
-    // above and never returns. `pidfd` receives the child's pidfd.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            &mut pidfd as *mut libc::c_int,
-            0usize,
-            0usize,
-        )
-    };
+    // SAFETY: clone_args is plain integers; all-zero is valid.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = (flags | libc::CLONE_PIDFD) as u64 | plan.cgroup.map_or(0, |_| CLONE_INTO_CGROUP);
+    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    args.cgroup = plan.cgroup.map_or(0, |fd| fd as u64);
+    // SAFETY: clone3 without CLONE_VM and without a stack (0, size 0)
+    // behaves like fork: the child gets a copy of this address space and
+    // runs `child(plan)`, which only makes raw system calls on data
+    // prepared above and never returns. `pidfd` receives the child's
+    // pidfd; `args` outlives the call.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
     if pid == 0 {
         child(plan, err_w.as_raw_fd(), &argv, &envp);
     }

@@ -13,6 +13,10 @@
 //! - an `eventfd` through which worker threads (one per `CreateContainer`,
 //!   which unpacks for a while) hand back their results.
 //!
+//! Containers' cgroups (`cgroup.rs`, in a guest) are made at create and
+//! removed at remove, or, while processes of a removed container are still
+//! dying, once they are reaped; `Stats` reads them, `Update` changes them.
+//!
 //! A slow or silent host stalls only the processes whose output it does
 //! not read; nothing is buffered beyond one window per stream.
 
@@ -26,6 +30,7 @@ use vmrun_agent_protocol::{
     check_hello, AgentError, CreateContainer, Entropy, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
 };
 
+use crate::cgroup::{self, Cgroup, Hierarchy};
 use crate::container::{self, Container};
 use crate::process::{self, ChildStdio};
 use crate::settings::{Listen, Settings};
@@ -131,6 +136,13 @@ pub struct Server {
     own_pidfd: Option<OwnedFd>,
     devpts_ready: bool,
     shutdown: bool,
+    /// The cgroup2 hierarchy containers get cgroups in (in a guest).
+    hierarchy: Option<Hierarchy>,
+    /// Containers' cgroups, by container id.
+    cgroups: HashMap<String, Cgroup>,
+    /// Cgroups of removed containers whose processes were still dying:
+    /// removed once they are reaped.
+    stale_cgroups: Vec<Cgroup>,
 }
 
 fn owned(fd: libc::c_int) -> OwnedFd {
@@ -301,7 +313,8 @@ impl Server {
         let epfd = owned(sys::cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?);
         // SAFETY: as above.
         let wake = owned(sys::cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?);
-        let s = Self {
+        let hierarchy = settings.guest.then(|| Hierarchy::new(cgroup::ROOT));
+        let mut s = Self {
             settings,
             epfd,
             listener,
@@ -322,7 +335,11 @@ impl Server {
             own_pidfd: None,
             devpts_ready: false,
             shutdown: false,
+            hierarchy: None,
+            cgroups: HashMap::new(),
+            stale_cgroups: Vec::new(),
         };
+        s.hierarchy = hierarchy;
         s.watch(s.listener.as_raw_fd(), token(T_LISTEN, 0), libc::EPOLLIN as u32)?;
         s.watch(s.sigfd.as_raw_fd(), token(T_SIGNAL, 0), libc::EPOLLIN as u32)?;
         s.watch(s.wake.as_raw_fd(), token(T_WAKE, 0), libc::EPOLLIN as u32)?;
@@ -729,6 +746,8 @@ impl Server {
                 self.kill_all();
                 Ok(Some(Reply::Done))
             }
+            Request::Stats { container } => self.cgroup_of(&container).map(|cg| Some(Reply::Stats(cg.stats()))),
+            Request::Update { container, resources } => self.update(&container, &resources).map(|()| Some(Reply::Done)),
         };
         match result {
             Ok(Some(reply)) => self.respond(conn, req, Ok(reply)),
@@ -775,6 +794,7 @@ impl Server {
         if self.containers.contains_key(&c.id) || self.creating.contains(&c.id) {
             return Err(err(ErrorKind::AlreadyExists, format!("container {} already exists", c.id)));
         }
+        self.make_cgroup(&c.id, &c.config.resources)?;
         self.creating.insert(c.id.clone());
         let root = self.settings.root.clone();
         let done = Arc::clone(&self.done);
@@ -789,6 +809,7 @@ impl Server {
         });
         if let Err(e) = spawned {
             self.creating.remove(&id);
+            self.drop_cgroup(&id);
             return Err(err(ErrorKind::Internal, format!("cannot start a worker thread: {e}")));
         }
         Ok(())
@@ -809,7 +830,10 @@ impl Server {
                     self.containers.insert(c.id.clone(), ct);
                     Ok(Reply::Done)
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    self.drop_cgroup(&c.id);
+                    Err(e)
+                }
             };
             self.respond(c.conn, c.req, r);
         }
@@ -970,7 +994,8 @@ impl Server {
         };
         let (child_stdio, ours, resize) = self.stdio(conn, &stdio)?;
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
-        let plan = ct.plan(&spec, child_stdio, enter, &binds)?;
+        let mut plan = ct.plan(&spec, child_stdio, enter, &binds)?;
+        plan.cgroup = self.cgroups.get(id).map(Cgroup::fd);
         let ops = match &plan.enter {
             process::Enter::New { ops, .. } => ops.iter().map(|o| o.describe()).collect(),
             process::Enter::Existing { .. } => Vec::new(),
@@ -1080,6 +1105,7 @@ impl Server {
         if let Some(ct) = self.containers.remove(id) {
             container::remove_files(&ct.dir, &ct.rootfs);
         }
+        self.drop_cgroup(id);
         // Records of processes already reaped go; the others stay until
         // reaped, so their waiters are answered.
         self.procs.retain(|_, p| p.container != id || p.exit.is_none());
@@ -1138,6 +1164,50 @@ impl Server {
                 self.respond(conn, req, Ok(Reply::Exited { exit_code: code }));
             }
         }
+        self.stale_cgroups.retain(|cg| cg.remove().is_err());
+    }
+
+    // ---- Cgroups ----
+
+    /// Makes container `id`'s cgroup with `resources` (in a guest; on a
+    /// host, where the agent makes none, asking for limits is an error).
+    fn make_cgroup(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources) -> Result<(), AgentError> {
+        let Some(h) = self.hierarchy.as_mut() else {
+            if resources.is_empty() {
+                return Ok(());
+            }
+            let e = cgroup::CgroupError::Unavailable("linux.resources".into());
+            return Err(err(e.kind(), e.to_string()));
+        };
+        let cg = h.create(id, resources).map_err(|e| err(e.kind(), format!("container {id}: {e}")))?;
+        crate::log::debug(format_args!("container {id}: cgroup {}", cg.path().display()));
+        self.cgroups.insert(id.to_string(), cg);
+        Ok(())
+    }
+
+    /// Removes container `id`'s cgroup, or keeps it to remove once its
+    /// processes are reaped.
+    fn drop_cgroup(&mut self, id: &str) {
+        if let Some(cg) = self.cgroups.remove(id) {
+            if cg.remove().is_err() {
+                self.stale_cgroups.push(cg);
+            }
+        }
+    }
+
+    fn cgroup_of(&self, id: &str) -> Result<&Cgroup, AgentError> {
+        if !self.containers.contains_key(id) {
+            return Err(err(ErrorKind::NotFound, format!("no container {id}")));
+        }
+        self.cgroups.get(id).ok_or_else(|| err(ErrorKind::BadRequest, format!("container {id} has no cgroup (only a guest's agent makes cgroups)")))
+    }
+
+    fn update(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources) -> Result<(), AgentError> {
+        self.cgroup_of(id)?;
+        let (Some(h), Some(cg)) = (self.hierarchy.as_mut(), self.cgroups.get_mut(id)) else {
+            return Err(err(ErrorKind::BadRequest, format!("container {id} has no cgroup")));
+        };
+        h.update(cg, resources).map_err(|e| err(e.kind(), format!("container {id}: {e}")))
     }
 }
 
@@ -1154,6 +1224,8 @@ fn request_name(r: &Request) -> &'static str {
         Request::ConfigureNetwork(_) => "configure-network",
         Request::Shutdown => "shutdown",
         Request::WriteFiles(_) => "write-files",
+        Request::Stats { .. } => "stats",
+        Request::Update { .. } => "update",
     }
 }
 /// What `start` starts: a container's own process (with the overrides of

@@ -915,3 +915,37 @@ fn copied_mounts_reach_the_container_are_updated_in_place_and_bounded() {
     c.remove_container("cp", false).unwrap();
     assert!(!agent.root.join("cp").exists(), "the copies' tmpfs went with the container");
 }
+
+#[test]
+fn limits_need_a_guests_cgroups() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    // On a host the agent makes no cgroups: limits are refused before
+    // anything is unpacked, and there are no statistics to read.
+    let (disk, layers) = test_image(agent.dir.path());
+    let resources = vmrun_agent_client::Resources { pids: vmrun_agent_client::PidsResources { limit: Some(8) }, ..Default::default() };
+    let err = c
+        .create_container(&CreateContainer {
+            id: "limited".into(),
+            layers: LayerSource { disk: disk.display().to_string(), layers },
+            rootfs: Default::default(),
+            config: ImageConfig { resources: Box::new(resources), ..cmd(&["true"]) },
+            limits: UnpackLimits::default(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains("no cgroup v2 hierarchy")), "{err}");
+    assert!(!agent.root.join("limited").exists(), "nothing was unpacked");
+    create(&c, &agent, "free", cmd(&["true"]));
+    let err = c.stats("free").unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest && a.message.contains("no cgroup")), "{err}");
+    let err = c.stats("nope").unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::NotFound), "{err}");
+    let err = c.update("free", &Default::default()).unwrap_err();
+    assert!(matches!(err, Error::Agent(ref a) if a.kind == ErrorKind::BadRequest), "{err}");
+    // Its processes still start (clone3 without a cgroup).
+    let p = c.start("free", StdioMode::Null).unwrap();
+    assert_eq!(p.wait().unwrap(), 0);
+}

@@ -28,8 +28,8 @@ use vmrun_agent_protocol::frame::{self, Kind, MAX_PAYLOAD};
 use vmrun_agent_protocol::{check_hello, Entropy, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW};
 
 pub use vmrun_agent_protocol::{
-    AgentError, CreateContainer, Digest, ErrorKind, ExecProcess, HandshakeError, ImageConfig, LayerSource, Mount, Rlimit,
-    RootfsSpec, UnpackLimits,
+    AgentError, CgroupStats, CpuResources, CreateContainer, Digest, ErrorKind, ExecProcess, HandshakeError, ImageConfig, LayerSource,
+    MemoryResources, Mount, PidsResources, Resources, Rlimit, RootfsSpec, UnpackLimits,
 };
 
 /// The client's software string in its hello.
@@ -618,6 +618,24 @@ impl Client {
         match self.call(&Request::WriteFiles(part.clone()), Some(self.opts.request_timeout), "write-files")? {
             Reply::Done => Ok(()),
             r => Err(self.unexpected("write-files", r)),
+        }
+    }
+
+    /// A container's cgroup statistics.
+    pub fn stats(&self, container: &str) -> Result<CgroupStats, Error> {
+        match self.call(&Request::Stats { container: container.into() }, Some(self.opts.request_timeout), "stats")? {
+            Reply::Stats(s) => Ok(s),
+            r => Err(self.unexpected("stats", r)),
+        }
+    }
+
+    /// Applies new limits to a container's cgroup (what `resources` sets;
+    /// the rest is kept).
+    pub fn update(&self, container: &str, resources: &Resources) -> Result<(), Error> {
+        let req = Request::Update { container: container.into(), resources: resources.clone() };
+        match self.call(&req, Some(self.opts.request_timeout), "update")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("update", r)),
         }
     }
 

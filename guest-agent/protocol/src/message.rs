@@ -184,6 +184,21 @@ pub enum Request {
     /// host copies in (part by part: see [`WriteFiles`]). Answered with
     /// [`Reply::Done`].
     WriteFiles(WriteFiles),
+    /// Reads a container's cgroup statistics. Answered with
+    /// [`Reply::Stats`].
+    Stats {
+        /// The container.
+        container: String,
+    },
+    /// Applies new limits to a container's cgroup (the fields set in
+    /// `resources`; the others keep their values). Answered with
+    /// [`Reply::Done`].
+    Update {
+        /// The container.
+        container: String,
+        /// The limits to change.
+        resources: Resources,
+    },
 }
 
 /// An interface's IPv4 configuration.
@@ -347,6 +362,11 @@ pub struct ImageConfig {
     /// one disk, each in its own subdirectory).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disk_dirs: Vec<DiskDir>,
+    /// Limits of the container's cgroup (in a guest: a cgroup v2 of its
+    /// own, `/sys/fs/cgroup/vmrun/<id>`); empty: none. Boxed: most
+    /// containers have none, and requests stay small.
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub resources: Box<Resources>,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).
@@ -598,6 +618,178 @@ pub struct Rlimit {
     pub hard: u64,
 }
 
+/// A container's cgroup limits, as the OCI runtime spec's
+/// `linux.resources` has them (cgroup v1 units); the agent converts them
+/// to cgroup v2 as runc does. An unset field is left as it is (at creation:
+/// the kernel's default, no limit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Resources {
+    /// Memory.
+    #[serde(skip_serializing_if = "MemoryResources::is_empty")]
+    pub memory: MemoryResources,
+    /// CPU.
+    #[serde(skip_serializing_if = "CpuResources::is_empty")]
+    pub cpu: CpuResources,
+    /// Process numbers.
+    #[serde(skip_serializing_if = "PidsResources::is_empty")]
+    pub pids: PidsResources,
+    /// cgroup v2 files written as they are (`"memory.high": "100M"`): the
+    /// spec's `linux.resources.unified`. A key names a file of an enabled
+    /// controller (`controller.name`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unified: std::collections::BTreeMap<String, String>,
+}
+
+impl Resources {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_empty() && self.cpu.is_empty() && self.pids.is_empty() && self.unified.is_empty()
+    }
+}
+
+/// Memory limits, in bytes; -1 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct MemoryResources {
+    /// Hard limit (`memory.max`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// Soft limit, memory protected from reclaim (`memory.low`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<i64>,
+    /// Memory plus swap (`memory.swap.max` is this less `limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<i64>,
+}
+
+impl MemoryResources {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// CPU limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CpuResources {
+    /// Relative weight, cgroup v1's 2 to 262144 (`cpu.weight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u64>,
+    /// Microseconds of CPU time per period; -1 (or 0 with a period) is no
+    /// limit (`cpu.max`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<i64>,
+    /// The period of `quota`, in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<u64>,
+    /// The CPUs allowed (`0-1,3`; `cpuset.cpus`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    /// The memory nodes allowed (`cpuset.mems`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mems: Option<String>,
+}
+
+impl CpuResources {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Process number limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PidsResources {
+    /// Most tasks in the cgroup; 0 or -1: no limit (`pids.max`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+impl PidsResources {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A container's cgroup statistics (cgroup v2 units: microseconds, bytes).
+/// A limit of `None` is no limit (`max`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CgroupStats {
+    /// CPU time (`cpu.stat`).
+    pub cpu: CpuStats,
+    /// Memory (`memory.*`).
+    pub memory: MemoryStats,
+    /// Tasks (`pids.*`).
+    pub pids: PidsStats,
+}
+
+/// `cpu.stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CpuStats {
+    /// All CPU time, microseconds.
+    pub usage_usec: u64,
+    /// In user mode.
+    pub user_usec: u64,
+    /// In kernel mode.
+    pub system_usec: u64,
+    /// Periods with a quota that have passed.
+    pub nr_periods: u64,
+    /// Periods in which the quota ran out.
+    pub nr_throttled: u64,
+    /// Time spent throttled, microseconds.
+    pub throttled_usec: u64,
+}
+
+/// Memory use and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct MemoryStats {
+    /// Bytes in use (`memory.current`).
+    pub current: u64,
+    /// `memory.max`.
+    pub max: Option<u64>,
+    /// `memory.low`.
+    pub low: u64,
+    /// Swap in use (`memory.swap.current`; `None` without swap accounting).
+    pub swap_current: Option<u64>,
+    /// `memory.events`.
+    pub events: MemoryEvents,
+    /// `memory.stat` (`anon`, `file`, `kernel_stack`, ...).
+    pub stat: std::collections::BTreeMap<String, u64>,
+}
+
+/// `memory.events`: how often each happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct MemoryEvents {
+    /// Reclaimed below `memory.low`.
+    pub low: u64,
+    /// Throttled above `memory.high`.
+    pub high: u64,
+    /// About to go over `memory.max`.
+    pub max: u64,
+    /// Reached the limit with nothing left to reclaim.
+    pub oom: u64,
+    /// Processes killed by the OOM killer.
+    pub oom_kill: u64,
+}
+
+/// Tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PidsStats {
+    /// `pids.current`.
+    pub current: u64,
+    /// `pids.max`.
+    pub max: Option<u64>,
+}
+
 /// Another process in a running container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
@@ -697,6 +889,8 @@ pub enum Reply {
         /// or 128 + the signal that killed it.
         exit_code: i32,
     },
+    /// A container's cgroup statistics.
+    Stats(CgroupStats),
 }
 
 /// What kind of failure an error is.
@@ -908,6 +1102,16 @@ mod tests {
             Request::Wait { container: "c1".into(), exec_id: Some("e1".into()) },
             Request::RemoveContainer { container: "c1".into(), force: true },
             Request::Shutdown,
+            Request::Stats { container: "c1".into() },
+            Request::Update {
+                container: "c1".into(),
+                resources: Resources {
+                    memory: MemoryResources { limit: Some(64 << 20), ..Default::default() },
+                    cpu: CpuResources { quota: Some(50_000), period: Some(100_000), ..Default::default() },
+                    pids: PidsResources { limit: Some(-1) },
+                    unified: [("memory.high".to_string(), "32M".to_string())].into(),
+                },
+            },
         ];
         for r in reqs {
             let j = serde_json::to_vec(&r).unwrap();
@@ -917,6 +1121,12 @@ mod tests {
         let j = serde_json::to_string(&resp).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&j).unwrap(), resp);
         let ok: Response = Ok(Reply::Exited { exit_code: 137 });
+        assert_eq!(serde_json::from_slice::<Response>(&serde_json::to_vec(&ok).unwrap()).unwrap(), ok);
+        let mut stats = CgroupStats::default();
+        stats.memory.max = Some(1 << 26);
+        stats.memory.stat.insert("anon".into(), 4096);
+        stats.pids = PidsStats { current: 3, max: None };
+        let ok: Response = Ok(Reply::Stats(stats));
         assert_eq!(serde_json::from_slice::<Response>(&serde_json::to_vec(&ok).unwrap()).unwrap(), ok);
     }
 
@@ -931,6 +1141,9 @@ mod tests {
         assert_eq!(c.limits, UnpackLimits::default());
         assert!(c.config.entrypoint.is_empty());
         assert_eq!((c.config.capabilities, c.config.no_new_privileges), (None, None), "older callers keep today's behaviour");
+        assert!(c.config.resources.is_empty(), "no limits unless asked");
+        let j = serde_json::to_string(&ImageConfig::default()).unwrap();
+        assert!(!j.contains("resources"), "an empty set of limits is not sent: {j}");
     }
 
     #[test]

@@ -8,11 +8,27 @@
 //! read-only once the agent has made its mount points), `process` (args,
 //! env, cwd, user uid/gid/additionalGids, terminal, rlimits,
 //! `capabilities`, `noNewPrivileges`, `oomScoreAdj`),
-//! `hostname`, `mounts`, `linux.seccomp`, `linux.resources.memory.limit` and
-//! `linux.resources.cpu` quota/period (the VM's size) and the annotations
-//! `io.vmrun.memory` / `io.vmrun.cpus`, which override them;
+//! `hostname`, `mounts`, `linux.seccomp`,
+//! `linux.resources` (see below) and the annotations `io.vmrun.memory` /
+//! `io.vmrun.cpus`;
 //! `linux.maskedPaths`, `linux.readonlyPaths`, `linux.sysctl`,
 //! `linux.devices` and `linux.rootfsPropagation`.
+//!
+//! `linux.resources` does two things. It sizes the VM: the memory limit
+//! (rounded up to MiB, at least 128) is the guest's memory and the CPU
+//! quota over its period (rounded up) its vCPUs, unless the annotations
+//! `io.vmrun.memory` / `io.vmrun.cpus` say otherwise. And the guest agent
+//! applies it to the container's own cgroup v2 in the guest
+//! (`/sys/fs/cgroup/vmrun/<id>`, holding every process of the container),
+//! converted as runc converts for cgroup v2: `memory.limit` →
+//! `memory.max`, `reservation` → `memory.low`, `swap` → `memory.swap.max`
+//! (ignored: the guest has no swap), `cpu.shares` → `cpu.weight`,
+//! `quota`/`period` → `cpu.max`, `pids.limit` → `pids.max`, `unified` as
+//! written; `cpu.cpus`/`mems` are refused (the guest kernel has no cpuset
+//! controller). Kernel memory, swappiness, realtime CPU time, block I/O,
+//! huge pages, network classes and RDMA are not applied.
+//! `vmrun-oci events` reads the cgroup's statistics and `vmrun-oci update`
+//! changes its limits (within the VM's memory, which cannot change).
 //!
 //! Capabilities and `noNewPrivileges` are applied to the container's
 //! processes by the guest agent, as runc does: the bounding set dropped,
@@ -57,8 +73,8 @@
 //! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path
 //! included, though the path must be a namespace of the stated type),
-//! cgroups other than the VM's size (the device cgroup included: the
-//! guest's cgroup v2 would need BPF programs), the options of the standard
+//! the cgroup settings named above and the device cgroup (the guest's
+//! cgroup v2 would need BPF programs), the options of the standard
 //! mounts (the agent's own are used). Hooks are not run.
 //!
 //! Refused: a user namespace and uid/gid mappings (the agent does not map
@@ -70,8 +86,8 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator, Process, Spec};
 use serde::{Deserialize, Serialize};
 use vmrun_agent_protocol::{
-    Capabilities, Device, DeviceKind, Mount, Propagation, Rlimit, SeccompAction, SeccompArg, SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls,
-    SysctlNamespace,
+    Capabilities, CpuResources, Device, DeviceKind, MemoryResources, Mount, PidsResources, Propagation, Resources, Rlimit, SeccompAction, SeccompArg,
+    SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls, SysctlNamespace,
 };
 
 use crate::copies::{CopyPlan, Route};
@@ -189,6 +205,9 @@ pub struct Plan {
     /// `linux.rootfsPropagation`.
     #[serde(default)]
     pub rootfs_propagation: Option<Propagation>,
+    /// `linux.resources`, applied to the container's cgroup in the guest.
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -267,6 +286,7 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         sysctl: linux_plan.sysctl,
         devices: linux_plan.devices,
         rootfs_propagation: linux_plan.rootfs_propagation,
+        resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()).map(resources).unwrap_or_default(),
     })
 }
 
@@ -637,6 +657,35 @@ pub fn mounts(list: &[oci_spec::runtime::Mount]) -> Result<(Vec<Mount>, Vec<Volu
 /// MiB (`vmrun_runtime::size`).
 pub fn parse_size_mib(s: &str) -> Option<u64> {
     vmrun_runtime::size::mib(s).ok()
+}
+
+/// The spec's `linux.resources` as the agent applies them to the
+/// container's cgroup in the guest (converted to cgroup v2 there). What a
+/// cgroup v2 in the VM has no place for (kernel memory, swappiness,
+/// realtime CPU time, block I/O, huge pages, network classes, RDMA) is
+/// logged and left out; `devices` is not a cgroup v2 file either.
+pub fn resources(r: &oci_spec::runtime::LinuxResources) -> Resources {
+    let mut out = Resources::default();
+    if let Some(m) = r.memory() {
+        out.memory = MemoryResources { limit: m.limit(), reservation: m.reservation(), swap: m.swap() };
+        if m.kernel().is_some() || m.kernel_tcp().is_some() || m.swappiness().is_some() || m.disable_oom_killer().is_some() {
+            log::debug!("linux.resources.memory kernel, kernelTCP, swappiness and disableOOMKiller are not applied: cgroup v2 has none");
+        }
+    }
+    if let Some(c) = r.cpu() {
+        out.cpu = CpuResources { shares: c.shares(), quota: c.quota(), period: c.period(), cpus: c.cpus().clone(), mems: c.mems().clone() };
+        if c.realtime_runtime().is_some() || c.realtime_period().is_some() || c.idle().is_some() || c.burst().is_some() {
+            log::debug!("linux.resources.cpu realtime, idle and burst settings are not applied");
+        }
+    }
+    if let Some(p) = r.pids() {
+        out.pids = PidsResources { limit: Some(p.limit()) };
+    }
+    out.unified = r.unified().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if r.block_io().is_some() || r.hugepage_limits().is_some() || r.network().is_some() || r.rdma().is_some() {
+        log::warn!("linux.resources blockIO, hugepageLimits, network and rdma are not applied in the guest");
+    }
+    out
 }
 
 /// The VM's memory: the annotation, else the memory limit rounded up to
@@ -1053,6 +1102,34 @@ mod tests {
         assert!(memory_mib(&s, &bad_mem).is_err());
         let bad_cpu: BTreeMap<String, String> = [(ANNOTATION_CPUS.to_string(), "0".to_string())].into();
         assert!(cpus(&s, &bad_cpu).is_err());
+    }
+
+    #[test]
+    fn resources_pass_to_the_guest_cgroup() {
+        let b = bundle();
+        let mut v = default_spec();
+        v["linux"]["resources"] = serde_json::json!({
+            "memory": { "limit": 67_108_864, "reservation": 33_554_432, "swap": 134_217_728, "swappiness": 10 },
+            "cpu": { "shares": 512, "quota": 50_000, "period": 100_000 },
+            "pids": { "limit": 32 },
+            "unified": { "memory.high": "60M" },
+            "blockIO": { "weight": 100 }
+        });
+        let p = plan(b.path(), &spec_of(v.clone())).unwrap();
+        let want = Resources {
+            memory: MemoryResources { limit: Some(67_108_864), reservation: Some(33_554_432), swap: Some(134_217_728) },
+            cpu: CpuResources { shares: Some(512), quota: Some(50_000), period: Some(100_000), ..Default::default() },
+            pids: PidsResources { limit: Some(32) },
+            unified: [("memory.high".to_string(), "60M".to_string())].into(),
+        };
+        assert_eq!(p.resources, want);
+        assert_eq!((p.mem_mib, p.cpus), (MIN_MEMORY_MIB, 1), "the VM is still sized from them");
+        v["linux"].as_object_mut().unwrap().remove("resources");
+        assert!(plan(b.path(), &spec_of(v)).unwrap().resources.is_empty());
+        // A plan written before resources were passed on has none.
+        let mut old = serde_json::to_value(&p).unwrap();
+        old.as_object_mut().unwrap().remove("resources");
+        assert!(serde_json::from_value::<Plan>(old).unwrap().resources.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::cgroups::{self, UpdateArgs};
 use crate::error::{Error, Result};
 use crate::logger;
 use crate::ops::{self, CreateArgs, Ctx, ExecArgs};
@@ -26,7 +27,8 @@ struct Cli {
     /// The log's format: text or json.
     #[arg(long = "log-format", global = true, default_value = "text")]
     log_format: String,
-    /// Accepted for runc compatibility; cgroups are the VM's.
+    /// Accepted for runc compatibility; the container's cgroup is in its
+    /// VM.
     #[arg(long = "systemd-cgroup", global = true)]
     systemd_cgroup: bool,
     /// Accepted for runc compatibility (`--rootless[=true|false|auto]`).
@@ -149,6 +151,54 @@ enum Command {
         /// Accepted for runc compatibility (ps options).
         ps_args: Vec<String>,
     },
+    /// Print the container's cgroup statistics (in the guest) as runc's
+    /// events JSON: once with --stats, else every --interval.
+    Events {
+        /// Print the statistics once.
+        #[arg(long)]
+        stats: bool,
+        /// Time between statistics events.
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        /// The container's id.
+        id: String,
+    },
+    /// Change the container's cgroup limits in the guest (memory within
+    /// the VM's, which cannot change).
+    Update {
+        /// A JSON file of the spec's linux.resources ("-": standard input).
+        #[arg(short = 'r', long)]
+        resources: Option<PathBuf>,
+        /// Memory limit, bytes (512m, 1g; -1: none).
+        #[arg(long, allow_hyphen_values = true)]
+        memory: Option<String>,
+        /// Memory reservation (soft limit).
+        #[arg(long = "memory-reservation", allow_hyphen_values = true)]
+        memory_reservation: Option<String>,
+        /// Memory plus swap limit (-1: no swap limit).
+        #[arg(long = "memory-swap", allow_hyphen_values = true)]
+        memory_swap: Option<String>,
+        /// CPU shares (relative weight).
+        #[arg(long = "cpu-shares", visible_alias = "cpu-share")]
+        cpu_shares: Option<u64>,
+        /// CPU time per period, microseconds (-1: none).
+        #[arg(long = "cpu-quota", allow_hyphen_values = true)]
+        cpu_quota: Option<i64>,
+        /// The period of --cpu-quota, microseconds.
+        #[arg(long = "cpu-period")]
+        cpu_period: Option<u64>,
+        /// CPUs to use (0-1,3).
+        #[arg(long = "cpuset-cpus")]
+        cpuset_cpus: Option<String>,
+        /// Memory nodes to use.
+        #[arg(long = "cpuset-mems")]
+        cpuset_mems: Option<String>,
+        /// Most processes (0 or -1: no limit).
+        #[arg(long = "pids-limit", allow_hyphen_values = true)]
+        pids_limit: Option<i64>,
+        /// The container's id.
+        id: String,
+    },
     /// Print what this runtime supports, as JSON.
     Features,
     /// Write a default config.json.
@@ -194,6 +244,35 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
             ops::exec(ctx, &ExecArgs { id, process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, caps: cap, command })
         }
         Command::Ps { format, id, .. } => ops::ps(ctx, &id, &format),
+        Command::Events { stats, interval, id } => cgroups::events(ctx, &id, stats, cgroups::parse_interval(&interval)?),
+        Command::Update {
+            resources,
+            memory,
+            memory_reservation,
+            memory_swap,
+            cpu_shares,
+            cpu_quota,
+            cpu_period,
+            cpuset_cpus,
+            cpuset_mems,
+            pids_limit,
+            id,
+        } => cgroups::update(
+            ctx,
+            &UpdateArgs {
+                id,
+                resources,
+                memory,
+                memory_reservation,
+                memory_swap,
+                cpu_shares,
+                cpu_quota,
+                cpu_period,
+                cpuset_cpus,
+                cpuset_mems,
+                pids_limit,
+            },
+        ),
         Command::Features => ops::features(),
         Command::Spec { bundle } => ops::spec(bundle.as_deref()),
         Command::Supervise { id } => Ok(crate::supervisor::supervise(&ctx.root, &id)),
@@ -277,5 +356,11 @@ mod tests {
         let c = Cli::try_parse_from(["runc", "--rootless=false", "spec", "--bundle", "/b"]).unwrap();
         assert_eq!(c.rootless.as_deref(), Some("false"));
         assert_eq!(Cli::try_parse_from(["runc", "spec", "--rootless"]).unwrap().rootless.as_deref(), Some("true"));
+        let c = Cli::try_parse_from(["runc", "events", "--stats", "c1"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Events { stats: true, ref interval, .. }) if interval == "5s"));
+        let c = Cli::try_parse_from(["runc", "update", "--memory", "-1", "--cpu-share", "512", "--pids-limit", "-1", "-r", "-", "c1"]).unwrap();
+        let Some(Command::Update { memory, cpu_shares, pids_limit, resources, id, .. }) = c.command else { panic!("not an update") };
+        assert_eq!((memory.as_deref(), cpu_shares, pids_limit, id.as_str()), (Some("-1"), Some(512), Some(-1), "c1"));
+        assert_eq!(resources, Some(PathBuf::from("-")));
     }
 }

@@ -3,11 +3,14 @@
 //! containerd drive it through containerd's own runc shim.
 //!
 //! - [`cli`]: the command line (`create`, `start`, `state`, `kill`,
-//!   `delete`, `exec`, `ps`, `features`, `spec`) and runc's global flags;
+//!   `delete`, `exec`, `ps`, `events`, `update`, `features`, `spec`) and
+//!   runc's global flags;
 //! - [`bundle`]: a bundle's `config.json`, checked and turned into what the
 //!   VM and the guest agent need ([`bundle::Plan`]);
 //! - [`copies`]: bind mounts copied in through the guest agent and kept
 //!   up to date;
+//! - [`cgroups`]: `events` and `update`, the container's cgroup in the
+//!   guest;
 //! - [`state`]: a container's state directory under `--root`;
 //! - [`supervisor`]: the process that owns a container's VM (its pid is
 //!   the container's pid) and the one that owns an exec'd process;
@@ -17,6 +20,7 @@
 //! `docs/oci.md` explains the design.
 
 pub mod bundle;
+pub mod cgroups;
 pub mod cli;
 pub mod console;
 pub mod copies;

@@ -347,11 +347,14 @@ pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
     Ok(0)
 }
 
-fn connect(st: &State, dir: &Path) -> Result<Client> {
+/// A connection to the container's guest agent.
+pub(crate) fn connect(st: &State, dir: &Path) -> Result<Client> {
     Ok(vmrun_runtime::sandbox::reach(st, dir, Options::default())?)
 }
 
-fn not_running(e: vmrun_agent_client::Error) -> Error {
+/// An agent error, as "container not running" when the agent no longer
+/// knows the container.
+pub(crate) fn not_running(e: vmrun_agent_client::Error) -> Error {
     match &e {
         vmrun_agent_client::Error::Agent(a) if matches!(a.kind, ErrorKind::NotFound | ErrorKind::InvalidState) => {
             Error::State("container not running".into())
@@ -623,7 +626,7 @@ pub fn features_json() -> serde_json::Value {
         "linux": {
             "namespaces": ["mount", "pid", "uts", "ipc"],
             "capabilities": vmrun_agent_protocol::CAPABILITY_NAMES.as_slice(),
-            "cgroup": { "v1": false, "v2": false, "systemd": false, "systemdUser": false, "rdma": false },
+            "cgroup": { "v1": false, "v2": true, "systemd": false, "systemdUser": false, "rdma": false },
             "seccomp": { "enabled": false },
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false },

@@ -267,6 +267,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         devices: plan.devices.clone(),
         rootfs_propagation: plan.rootfs_propagation,
         disk_dirs,
+        resources: Box::new(plan.resources.clone()),
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
