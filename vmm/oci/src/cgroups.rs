@@ -15,31 +15,40 @@ use crate::state::{self, State, Status};
 use crate::supervisor::SupervisorPlan;
 
 /// `update`'s flags (runc's).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct UpdateArgs {
-    /// The container.
-    pub id: String,
-    /// `-r`: a JSON file of the spec's `linux.resources` (`-`: standard
-    /// input).
+    /// A JSON file of the spec's linux.resources ("-": standard input).
+    #[arg(short = 'r', long)]
     pub resources: Option<PathBuf>,
-    /// `--memory` (bytes, `512m`, or -1).
+    /// Memory limit, bytes (512m, 1g; -1: none).
+    #[arg(long, allow_hyphen_values = true)]
     pub memory: Option<String>,
-    /// `--memory-reservation`.
+    /// Memory reservation (soft limit).
+    #[arg(long = "memory-reservation", allow_hyphen_values = true)]
     pub memory_reservation: Option<String>,
-    /// `--memory-swap` (memory plus swap).
+    /// Memory plus swap limit (-1: no swap limit).
+    #[arg(long = "memory-swap", allow_hyphen_values = true)]
     pub memory_swap: Option<String>,
-    /// `--cpu-shares`.
+    /// CPU shares (relative weight).
+    #[arg(long = "cpu-shares", visible_alias = "cpu-share")]
     pub cpu_shares: Option<u64>,
-    /// `--cpu-quota`.
+    /// CPU time per period, microseconds (-1: none).
+    #[arg(long = "cpu-quota", allow_hyphen_values = true)]
     pub cpu_quota: Option<i64>,
-    /// `--cpu-period`.
+    /// The period of --cpu-quota, microseconds.
+    #[arg(long = "cpu-period")]
     pub cpu_period: Option<u64>,
-    /// `--cpuset-cpus`.
+    /// CPUs to use (0-1,3).
+    #[arg(long = "cpuset-cpus")]
     pub cpuset_cpus: Option<String>,
-    /// `--cpuset-mems`.
+    /// Memory nodes to use.
+    #[arg(long = "cpuset-mems")]
     pub cpuset_mems: Option<String>,
-    /// `--pids-limit`.
+    /// Most processes (0 or -1: no limit).
+    #[arg(long = "pids-limit", allow_hyphen_values = true)]
     pub pids_limit: Option<i64>,
+    /// The container's id.
+    pub id: String,
 }
 
 /// A memory flag's bytes: `-1` (no limit), or a size (`512m`, bytes when

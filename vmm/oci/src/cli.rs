@@ -165,40 +165,7 @@ enum Command {
     },
     /// Change the container's cgroup limits in the guest (memory within
     /// the VM's, which cannot change).
-    Update {
-        /// A JSON file of the spec's linux.resources ("-": standard input).
-        #[arg(short = 'r', long)]
-        resources: Option<PathBuf>,
-        /// Memory limit, bytes (512m, 1g; -1: none).
-        #[arg(long, allow_hyphen_values = true)]
-        memory: Option<String>,
-        /// Memory reservation (soft limit).
-        #[arg(long = "memory-reservation", allow_hyphen_values = true)]
-        memory_reservation: Option<String>,
-        /// Memory plus swap limit (-1: no swap limit).
-        #[arg(long = "memory-swap", allow_hyphen_values = true)]
-        memory_swap: Option<String>,
-        /// CPU shares (relative weight).
-        #[arg(long = "cpu-shares", visible_alias = "cpu-share")]
-        cpu_shares: Option<u64>,
-        /// CPU time per period, microseconds (-1: none).
-        #[arg(long = "cpu-quota", allow_hyphen_values = true)]
-        cpu_quota: Option<i64>,
-        /// The period of --cpu-quota, microseconds.
-        #[arg(long = "cpu-period")]
-        cpu_period: Option<u64>,
-        /// CPUs to use (0-1,3).
-        #[arg(long = "cpuset-cpus")]
-        cpuset_cpus: Option<String>,
-        /// Memory nodes to use.
-        #[arg(long = "cpuset-mems")]
-        cpuset_mems: Option<String>,
-        /// Most processes (0 or -1: no limit).
-        #[arg(long = "pids-limit", allow_hyphen_values = true)]
-        pids_limit: Option<i64>,
-        /// The container's id.
-        id: String,
-    },
+    Update(UpdateArgs),
     /// Print what this runtime supports, as JSON.
     Features,
     /// Write a default config.json.
@@ -245,34 +212,7 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
         }
         Command::Ps { format, id, .. } => ops::ps(ctx, &id, &format),
         Command::Events { stats, interval, id } => cgroups::events(ctx, &id, stats, cgroups::parse_interval(&interval)?),
-        Command::Update {
-            resources,
-            memory,
-            memory_reservation,
-            memory_swap,
-            cpu_shares,
-            cpu_quota,
-            cpu_period,
-            cpuset_cpus,
-            cpuset_mems,
-            pids_limit,
-            id,
-        } => cgroups::update(
-            ctx,
-            &UpdateArgs {
-                id,
-                resources,
-                memory,
-                memory_reservation,
-                memory_swap,
-                cpu_shares,
-                cpu_quota,
-                cpu_period,
-                cpuset_cpus,
-                cpuset_mems,
-                pids_limit,
-            },
-        ),
+        Command::Update(args) => cgroups::update(ctx, &args),
         Command::Features => ops::features(),
         Command::Spec { bundle } => ops::spec(bundle.as_deref()),
         Command::Supervise { id } => Ok(crate::supervisor::supervise(&ctx.root, &id)),
@@ -359,8 +299,8 @@ mod tests {
         let c = Cli::try_parse_from(["runc", "events", "--stats", "c1"]).unwrap();
         assert!(matches!(c.command, Some(Command::Events { stats: true, ref interval, .. }) if interval == "5s"));
         let c = Cli::try_parse_from(["runc", "update", "--memory", "-1", "--cpu-share", "512", "--pids-limit", "-1", "-r", "-", "c1"]).unwrap();
-        let Some(Command::Update { memory, cpu_shares, pids_limit, resources, id, .. }) = c.command else { panic!("not an update") };
-        assert_eq!((memory.as_deref(), cpu_shares, pids_limit, id.as_str()), (Some("-1"), Some(512), Some(-1), "c1"));
-        assert_eq!(resources, Some(PathBuf::from("-")));
+        let Some(Command::Update(u)) = c.command else { panic!("not an update") };
+        assert_eq!((u.memory.as_deref(), u.cpu_shares, u.pids_limit, u.id.as_str()), (Some("-1"), Some(512), Some(-1), "c1"));
+        assert_eq!(u.resources, Some(PathBuf::from("-")));
     }
 }
