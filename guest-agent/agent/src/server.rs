@@ -794,7 +794,7 @@ impl Server {
         if self.containers.contains_key(&c.id) || self.creating.contains(&c.id) {
             return Err(err(ErrorKind::AlreadyExists, format!("container {} already exists", c.id)));
         }
-        self.make_cgroup(&c.id, &c.config.resources)?;
+        self.make_cgroup(&c.id, &c.config.resources, c.config.cgroup)?;
         self.creating.insert(c.id.clone());
         let root = self.settings.root.clone();
         let done = Arc::clone(&self.done);
@@ -1169,9 +1169,13 @@ impl Server {
 
     // ---- Cgroups ----
 
-    /// Makes container `id`'s cgroup with `resources` (in a guest; on a
-    /// host, where the agent makes none, asking for limits is an error).
-    fn make_cgroup(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources) -> Result<(), AgentError> {
+    /// Makes container `id`'s cgroup with `resources`, when it has limits
+    /// or `wanted` says so (in a guest; on a host, where the agent makes
+    /// none, asking for limits is an error).
+    fn make_cgroup(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources, wanted: bool) -> Result<(), AgentError> {
+        if resources.is_empty() && !wanted {
+            return Ok(());
+        }
         let Some(h) = self.hierarchy.as_mut() else {
             if resources.is_empty() {
                 return Ok(());
@@ -1199,7 +1203,7 @@ impl Server {
         if !self.containers.contains_key(id) {
             return Err(err(ErrorKind::NotFound, format!("no container {id}")));
         }
-        self.cgroups.get(id).ok_or_else(|| err(ErrorKind::BadRequest, format!("container {id} has no cgroup (only a guest's agent makes cgroups)")))
+        self.cgroups.get(id).ok_or_else(|| err(ErrorKind::BadRequest, format!("container {id} has no cgroup (only a guest's agent makes them, for a container created with limits or asking for one)")))
     }
 
     fn update(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources) -> Result<(), AgentError> {

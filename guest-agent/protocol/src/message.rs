@@ -367,6 +367,14 @@ pub struct ImageConfig {
     /// containers have none, and requests stay small.
     #[serde(skip_serializing_if = "Resources::is_empty")]
     pub resources: Box<Resources>,
+    /// Whether the container gets a cgroup of its own in the guest even
+    /// without limits (for its statistics and later limits, as an OCI
+    /// runtime's containers do). A container with limits always gets one;
+    /// one without either has none: its processes stay in the guest's root
+    /// cgroup, which saves about a quarter of a process start's guest
+    /// instructions (memory accounting and the cgroup's own upkeep).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cgroup: bool,
 }
 
 /// The capability names the agent knows, by number (`CAP_CHOWN` is 0).

@@ -268,6 +268,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         rootfs_propagation: plan.rootfs_propagation,
         disk_dirs,
         resources: Box::new(plan.resources.clone()),
+        cgroup: true,
     };
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
