@@ -12,6 +12,7 @@
 
 pub mod caps;
 pub mod container;
+pub mod held;
 pub mod init;
 pub mod log;
 pub mod net;

@@ -131,6 +131,8 @@ pub struct Server {
     own_pidfd: Option<OwnedFd>,
     devpts_ready: bool,
     shutdown: bool,
+    /// Signals for inits that cannot take them yet.
+    held: crate::held::HeldSignals,
 }
 
 fn owned(fd: libc::c_int) -> OwnedFd {
@@ -322,6 +324,7 @@ impl Server {
             own_pidfd: None,
             devpts_ready: false,
             shutdown: false,
+            held: crate::held::HeldSignals::default(),
         };
         s.watch(s.listener.as_raw_fd(), token(T_LISTEN, 0), libc::EPOLLIN as u32)?;
         s.watch(s.sigfd.as_raw_fd(), token(T_SIGNAL, 0), libc::EPOLLIN as u32)?;
@@ -351,7 +354,7 @@ impl Server {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
         while !self.shutdown {
             // SAFETY: events has room for its length of entries.
-            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, self.held.timeout_ms()) };
             if n < 0 {
                 let e = sys::errno();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -374,6 +377,8 @@ impl Server {
                 }
             }
             self.close_dead_conns();
+            let procs = &self.procs;
+            self.held.retry(|pid| procs.get(&pid).is_some_and(|p| p.exit.is_none()));
         }
         Ok(())
     }
@@ -1013,7 +1018,9 @@ impl Server {
         }
         let pid = self.find_proc(container, exec_id)?;
         // Only this loop reaps: a process not yet reaped still owns its pid.
-        if self.procs.get(&pid).is_some_and(|p| p.exit.is_none()) {
+        // A container's init that cannot take the signal yet gets it once
+        // it can (`held`).
+        if self.procs.get(&pid).is_some_and(|p| p.exit.is_none()) && !(exec_id.is_none() && self.held.hold_if_needed(pid, sig)) {
             sys::kill(pid, sig).map_err(|e| err(ErrorKind::Internal, format!("kill: {e}")))?;
         }
         Ok(())
