@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use vmrun_agent_protocol::{AgentError, Capabilities, CreateContainer, ErrorKind, ImageConfig, Mount, Rlimit, RootfsSpec};
@@ -40,6 +40,9 @@ pub struct Container {
     pub init_pidfd: Option<OwnedFd>,
     /// Whether the first process has exited.
     pub stopped: bool,
+    /// Its devpts instance (a detached mount until the first process
+    /// attaches it on `/dev/pts`): its terminals come from it.
+    pub devpts: Option<OwnedFd>,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -161,6 +164,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             init_pid: None,
             init_pidfd: None,
             stopped: false,
+            devpts: None,
         })
     })();
     if result.is_err() {
@@ -229,8 +233,29 @@ fn abs(p: &str) -> Result<String, AgentError> {
     Ok(p.to_string())
 }
 
+/// The container's devpts instance, made by the agent ([`sys::new_devpts`])
+/// so that the terminals it opens there are the container's own, attached
+/// on `/dev/pts`.
+fn devpts_attach(devpts: BorrowedFd<'_>) -> Op {
+    Op::Attach { tree: devpts.as_raw_fd(), target: c"/dev/pts".to_owned(), mkdirs: Vec::new() }
+}
+
+/// Gives `ct` a devpts instance of its own before its first process starts
+/// (its terminal, and those of exec'd processes, come from it); without
+/// one (a kernel without `fsopen`), the first process mounts a new
+/// instance itself and terminals come from the agent's.
+pub fn make_devpts(ct: &mut Container) {
+    if ct.devpts.is_some() {
+        return;
+    }
+    match sys::new_devpts() {
+        Ok(fd) => ct.devpts = Some(fd),
+        Err(e) => crate::log::error(format_args!("container {}: a devpts instance of its own: {e}", ct.id)),
+    }
+}
+
 /// The file system setup of a new container, after `pivot_root`.
-fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<Op>, AgentError> {
+fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>], devpts: Option<BorrowedFd<'_>>) -> Result<Vec<Op>, AgentError> {
     let nosuid_dev_exec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mount = |src: &CStr, target: &str, fstype: &CStr, flags, data: Option<&CStr>| -> Result<Op, AgentError> {
         Ok(Op::Mount {
@@ -252,7 +277,10 @@ fn setup_ops(mounts: &[Mount], bind_sources: &[Option<OwnedFd>]) -> Result<Vec<O
         ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
     }
     ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
-    ops.push(mount(c"devpts", "/dev/pts", c"devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"))?);
+    ops.push(match devpts {
+        Some(fd) => devpts_attach(fd),
+        None => mount(c"devpts", "/dev/pts", c"devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"))?,
+    });
     ops.push(Op::Symlink { target: c"pts/ptmx".to_owned(), path: c"/dev/ptmx".to_owned() });
     ops.push(Op::Mkdir { path: c"/dev/shm".to_owned(), mode: 0o1777 });
     ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
@@ -500,7 +528,7 @@ impl Container {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
             None => Enter::New {
                 rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
-                ops: setup_ops(&self.config.mounts, bind_sources)?,
+                ops: setup_ops(&self.config.mounts, bind_sources, self.devpts.as_ref().map(AsFd::as_fd))?,
                 hostname: c(&self.hostname())?,
             },
         };
@@ -557,7 +585,7 @@ mod tests {
         ];
         let (r, w) = sys::pipe(0).unwrap();
         let sources = [None, Some(r), Some(w), None];
-        let ops = setup_ops(&mounts, &sources).unwrap();
+        let ops = setup_ops(&mounts, &sources, None).unwrap();
         let mut attached = 0;
         for (i, op) in ops.iter().enumerate() {
             match op {
@@ -580,7 +608,7 @@ mod tests {
 
     #[test]
     fn standard_mounts_in_runcs_order() {
-        let ops = setup_ops(&[], &[]).unwrap();
+        let ops = setup_ops(&[], &[], None).unwrap();
         let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
             .iter()
             .filter_map(|op| match op {
@@ -622,6 +650,6 @@ mod tests {
     #[test]
     fn setup_refuses_relative_mount_targets() {
         let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
-        assert!(setup_ops(&[m], &[None]).is_err());
+        assert!(setup_ops(&[m], &[None], None).is_err());
     }
 }

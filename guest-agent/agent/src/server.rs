@@ -827,9 +827,24 @@ impl Server {
         c"/dev/ptmx"
     }
 
+    /// The devpts instance of container `id` (a duplicate descriptor), made
+    /// first when its first process is about to start (`init`).
+    fn container_devpts(&mut self, id: &str, init: bool) -> Option<OwnedFd> {
+        let ct = self.containers.get_mut(id)?;
+        if init {
+            container::make_devpts(ct);
+        }
+        ct.devpts.as_ref().and_then(|fd| sys::dup(fd.as_fd()).ok())
+    }
+
     /// Builds the child's stdio and registers the agent's ends.
     #[allow(clippy::type_complexity)]
-    fn stdio(&mut self, conn: u64, stdio: &Stdio) -> Result<(ChildStdio, Vec<(u32, OwnedFd, bool)>, Option<OwnedFd>), AgentError> {
+    fn stdio(
+        &mut self,
+        conn: u64,
+        stdio: &Stdio,
+        devpts: Option<BorrowedFd<'_>>,
+    ) -> Result<(ChildStdio, Vec<(u32, OwnedFd, bool)>, Option<OwnedFd>), AgentError> {
         let ioerr = |e: io::Error| err(ErrorKind::Internal, format!("stdio: {e}"));
         let c = self.conns.get(&conn).ok_or_else(|| err(ErrorKind::Internal, "connection gone"))?;
         let used = |s: u32| c.outs.contains_key(&s) || c.ins.contains_key(&s);
@@ -872,8 +887,11 @@ impl Server {
                 if used(*stream) {
                     return Err(err(ErrorKind::BadRequest, "stream ids must be unique on the connection"));
                 }
-                let ptmx = self.ptmx();
-                let (master, slave) = sys::open_pty(ptmx).map_err(|e| err(ErrorKind::Internal, format!("cannot open a terminal: {e}")))?;
+                let pty = match devpts {
+                    Some(pts) => sys::open_pty_in(pts),
+                    None => sys::open_pty(self.ptmx()),
+                };
+                let (master, slave) = pty.map_err(|e| err(ErrorKind::Internal, format!("cannot open a terminal: {e}")))?;
                 let _ = sys::set_winsize(master.as_fd(), *rows, *cols);
                 let input = sys::dup(master.as_fd()).map_err(ioerr)?;
                 sys::set_fl(input.as_fd(), libc::O_NONBLOCK).map_err(ioerr)?;
@@ -949,7 +967,8 @@ impl Server {
                 (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
             }
         };
-        let (child_stdio, ours, resize) = self.stdio(conn, &stdio)?;
+        let pts = self.container_devpts(id, matches!(what, Start::Init(_)));
+        let (child_stdio, ours, resize) = self.stdio(conn, &stdio, pts.as_ref().map(AsFd::as_fd))?;
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
         let plan = ct.plan(&spec, child_stdio, enter, &binds)?;
         let ops = match &plan.enter {
