@@ -401,7 +401,11 @@ pub fn kill(ctx: &Ctx, id: &str, signal: Option<&str>, all: bool) -> Result<i32>
 /// Stops a container's processes on the host and waits until they are
 /// gone: exec supervisors are killed; the VMM is killed, then the
 /// supervisor is asked to end (SIGTERM), which lets it clean up after its
-/// VM, and killed if it has not ended within 10 s.
+/// VM, and killed if it has not ended within 10 s. Then whatever the VMM's
+/// jail left is collected: a supervisor that was killed (`kill KILL`
+/// before `start`, or the SIGKILL here) took its VMM with it
+/// (`PR_SET_PDEATHSIG`) before either could remove the jail's cgroups and
+/// root.
 fn kill_processes(dir: &Path, st: &State) {
     let kill = |p: ProcessRef, sig: i32| {
         if p.alive() {
@@ -423,6 +427,28 @@ fn kill_processes(dir: &Path, st: &State) {
     }
     let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).collect();
     wait_gone(&all, 10);
+    if let Some(vmm) = st.vmm {
+        collect_jail(vmm.pid);
+    }
+}
+
+/// Collects what the jail of the VMM `pid` left (its record, root and
+/// cgroups), once its processes are gone: up to 10 s while the jailed
+/// process, killed with its parent, is still dying in its cgroup.
+fn collect_jail(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match vmrun_jail::collect_record(pid) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                log::warn!("what the jail of VMM {pid} made is left: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// `delete`: removes a stopped (or created) container; `--force` kills a

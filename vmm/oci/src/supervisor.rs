@@ -245,7 +245,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let cancel = relay.cancel();
     let base = Sandbox::base_template(&home.templates(), &spec, &|m| log::info!("{m}"), cancel)?;
     let wait = AgentWait { timeout: Duration::from_secs(120), options: Options::default() };
-    let sandbox = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?.connect(wait)?;
+    let launched = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?;
+    // Recorded at once: a `delete` that has to kill this supervisor
+    // (SIGKILL: the VMM dies with it, its jail's cgroups and root left
+    // behind) collects what that jail left by the VMM's pid.
+    state.vmm = ProcessRef::of(launched.pid());
+    state.save(dir).map_err(io("writing the state"))?;
+    let sandbox = launched.connect(wait)?;
     log::debug!("VM {} restored, agent connected", sandbox.pid());
     let config = ImageConfig {
         entrypoint: Vec::new(),
@@ -274,7 +280,6 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         limits: UnpackLimits::default(),
     })?;
     state.status = Status::Created;
-    state.vmm = ProcessRef::of(sandbox.pid());
     state.save(dir).map_err(io("writing the state"))?;
     log::debug!("container {} created; waiting for start", state.id);
 
@@ -305,6 +310,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         }
     };
     log::debug!("process exited with {code}");
+    // Stopped as soon as the process has ended: a caller polling `state`
+    // for `stopped` does not wait for the VM's teardown.
+    state.status = Status::Exited;
+    state.exit_code = Some(code);
+    if let Err(e) = state.save(dir) {
+        log::warn!("container {}: cannot record its end: {e}", state.id);
+    }
     // The guest has nothing to save (the root is a throw-away copy): the
     // VM is killed, not shut down.
     sandbox.kill();
