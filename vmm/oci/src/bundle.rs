@@ -27,11 +27,20 @@
 //! a file is skipped with a warning; `tmpfs`, `proc`, `sysfs`, `mqueue` and
 //! `devpts` mounts elsewhere are made by the agent in the guest.
 //!
+//! Hooks ([`crate::hooks`]) run on the host: `prestart`, `createRuntime`
+//! and `createContainer` during `create`, `poststart` in `start`,
+//! `poststop` in `delete`; `startContainer` is not run (a warning).
+//!
 //! Accepted but not enforced (the VM boundary is the isolation): seccomp,
-//! AppArmor/SELinux labels, namespaces (joining a namespace by path
-//! included), cgroups other than the VM's size, `additionalGids`
-//! (supplementary groups come from the image's `/etc/group`), the options
-//! of the standard mounts (the agent's own are used). Hooks are not run.
+//! namespaces (joining a namespace by path included), cgroups other than
+//! the VM's size, `additionalGids` (supplementary groups come from the
+//! image's `/etc/group`), the options of the standard mounts (the agent's
+//! own are used). What else a config asks for and is not applied gets a
+//! warning with the reason ([`unapplied`]): `domainname`,
+//! `process.consoleSize`, AppArmor and SELinux labels (`apparmorProfile`,
+//! `selinuxLabel`, `mountLabel`), `ioPriority`, `scheduler`,
+//! `execCPUAffinity`, a umask other than 022, `rootfsPropagation`,
+//! `intelRdt`, `memoryPolicy`, `personality`, `timeOffsets`, `netDevices`.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -127,6 +136,9 @@ pub struct Plan {
     pub cpus: u8,
     /// The spec's annotations.
     pub annotations: BTreeMap<String, String>,
+    /// The hooks run on the host.
+    #[serde(default)]
+    pub hooks: crate::hooks::Hooks,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -173,9 +185,8 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
     let process = process_plan(spec.process().as_ref().ok_or_else(|| bad("config.json has no process"))?)?;
     let annotations: BTreeMap<String, String> = spec.annotations().clone().unwrap_or_default().into_iter().collect();
     let (mounts, volumes) = mounts(spec.mounts().as_deref().unwrap_or_default())?;
-    if spec.hooks().is_some() {
-        log::warn!("hooks are not run: vmrun-oci runs the container in a VM, where host hooks have nothing to act on");
-    }
+    let hooks = spec.hooks().as_ref().map(crate::hooks::from_spec).unwrap_or_default();
+    warn_unapplied(spec);
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().as_deref().unwrap_or_default() {
             if let Some(p) = ns.path() {
@@ -197,7 +208,76 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         mem_mib: memory_mib(spec, &annotations)?,
         cpus: cpus(spec, &annotations)?,
         annotations,
+        hooks,
     })
+}
+
+/// What a spec asks for that this runtime does not apply, each with the
+/// reason (docs/oci.md lists them). Parts of the spec
+/// handled elsewhere (seccomp, masked and read-only paths, sysctl, devices,
+/// groups, oomScoreAdj, cgroups and resources, user namespaces,
+/// namespaces to join, the standard mounts' options) are not repeated
+/// here.
+pub fn unapplied(spec: &Spec) -> Vec<(&'static str, &'static str)> {
+    let mut list = Vec::new();
+    let mut warn = |what: &'static str, why: &'static str| list.push((what, why));
+    const NO_LSM: &str = "the guest kernel has no AppArmor or SELinux (the VM boundary is the isolation)";
+    if spec.domainname().as_ref().is_some_and(|d| !d.is_empty()) {
+        warn("domainname", "the guest agent sets only the host name");
+    }
+    if let Some(p) = spec.process() {
+        if p.console_size().is_some() {
+            warn("process.consoleSize", "the terminal starts with the console socket's window size");
+        }
+        if p.apparmor_profile().as_ref().is_some_and(|a| !a.is_empty()) {
+            warn("process.apparmorProfile", NO_LSM);
+        }
+        if p.selinux_label().as_ref().is_some_and(|l| !l.is_empty()) {
+            warn("process.selinuxLabel", NO_LSM);
+        }
+        if p.io_priority().is_some() {
+            warn("process.ioPriority", "the guest agent does not set I/O priorities");
+        }
+        if p.scheduler().is_some() {
+            warn("process.scheduler", "the guest agent does not set scheduling policies");
+        }
+        if p.exec_cpu_affinity().is_some() {
+            warn("process.execCPUAffinity", "the VM's vCPUs are not the host's CPUs");
+        }
+        if p.user().umask().is_some_and(|u| u != 0o022) {
+            warn("process.user.umask", "the container's processes start with umask 022");
+        }
+    }
+    let Some(linux) = spec.linux() else { return list };
+    if linux.mount_label().as_ref().is_some_and(|l| !l.is_empty()) {
+        warn("linux.mountLabel", NO_LSM);
+    }
+    if linux.rootfs_propagation().as_ref().is_some_and(|p| !p.is_empty()) {
+        warn("linux.rootfsPropagation", "the root is a copy on a disk of the VM; no mount propagates to or from the host");
+    }
+    if linux.intel_rdt().is_some() {
+        warn("linux.intelRdt", "the VM has no resctrl");
+    }
+    if linux.memory_policy().is_some() {
+        warn("linux.memoryPolicy", "the guest's memory is not the host's NUMA nodes");
+    }
+    if linux.personality().is_some() {
+        warn("linux.personality", "the guest agent does not set execution domains");
+    }
+    if linux.time_offsets().as_ref().is_some_and(|t| !t.is_empty()) {
+        warn("linux.timeOffsets", "the guest has no time namespaces");
+    }
+    if linux.net_devices().as_ref().is_some_and(|d| !d.is_empty()) {
+        warn("linux.netDevices", "the VM has no network device of the host's");
+    }
+    list
+}
+
+/// Logs a warning for each part of `spec` that is not applied.
+fn warn_unapplied(spec: &Spec) {
+    for (what, why) in unapplied(spec) {
+        log::warn!("{what} is not applied: {why}");
+    }
 }
 
 /// The root file system: `path` relative to the bundle (and not escaping
@@ -611,4 +691,20 @@ mod tests {
         std::fs::write(b.path().join("config.json"), v.to_string()).unwrap();
         assert_eq!(load(b.path()).unwrap().oci_version, "1.0.2-dev");
     }
+
+    #[test]
+    fn what_is_not_applied_is_named() {
+        let mut spec: serde_json::Value = serde_json::to_value(default_spec()).unwrap();
+        assert_eq!(unapplied(&serde_json::from_value(spec.clone()).unwrap()), []);
+        spec["domainname"] = "example.org".into();
+        spec["process"]["apparmorProfile"] = "docker-default".into();
+        spec["process"]["user"]["umask"] = 0o077.into();
+        spec["linux"]["rootfsPropagation"] = "shared".into();
+        spec["linux"]["mountLabel"] = "system_u:object_r:svirt_sandbox_file_t:s0".into();
+        let names: Vec<&str> = unapplied(&serde_json::from_value(spec.clone()).unwrap()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["domainname", "process.apparmorProfile", "process.user.umask", "linux.mountLabel", "linux.rootfsPropagation"]);
+        spec["process"]["user"]["umask"] = 0o022.into();
+        assert!(!unapplied(&serde_json::from_value(spec).unwrap()).iter().any(|(n, _)| *n == "process.user.umask"), "022 is what is applied");
+    }
+
 }

@@ -321,11 +321,17 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
     loop {
         let now = State::load(&dir).map_err(io("reading the state"))?;
         match now.effective_status() {
-            Status::Running => return Ok(0),
+            Status::Running => {
+                run_poststart(&dir, &now);
+                return Ok(0);
+            }
             Status::Exited => {
                 return match now.error {
                     Some(e) => Err(Error::State(e)),
-                    None => Ok(0),
+                    None => {
+                        run_poststart(&dir, &now);
+                        Ok(0)
+                    }
                 }
             }
             _ if Instant::now() > deadline => return Err(Error::State(format!("container {id} did not start in time"))),
@@ -337,6 +343,23 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
             }
         }
     }
+}
+
+/// The `poststart` hooks, once the process runs (or has run), before
+/// `start` returns; their failures are logged. Their state is `running`
+/// with the container's pid, even when a short process has ended already.
+fn run_poststart(dir: &Path, st: &State) {
+    let sp = match SupervisorPlan::load(dir) {
+        Ok(sp) => sp,
+        Err(e) => return log::warn!("poststart hooks not run: {e}"),
+    };
+    if sp.plan.hooks.poststart.is_empty() {
+        return;
+    }
+    let mut json = state::oci_json(st);
+    json["status"] = state::status_word(Status::Running).into();
+    json["pid"] = st.owner.map_or(0, |o| o.pid).into();
+    crate::hooks::run_logged("poststart", &sp.plan.hooks.poststart, &json);
 }
 
 /// `state`: runc's JSON.
@@ -468,11 +491,16 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> Result<i32> {
     if matches!(status, Status::Running | Status::Creating) && !force {
         return Err(Error::State(format!("cannot delete container {id} that is not stopped: {}", state::status_word(status))));
     }
+    // The poststop hooks run once the container is gone, with its last
+    // state (`stopped`).
+    let poststop = SupervisorPlan::load(&dir).map(|sp| sp.plan.hooks.poststop).unwrap_or_default();
     kill_processes(&dir, &st);
-    remove_dirs(&dir, Some(&st));
+    let last = State::load(&dir).unwrap_or(st);
+    remove_dirs(&dir, Some(&last));
     if dir.exists() {
         return Err(Error::State(format!("cannot remove {}", dir.display())));
     }
+    crate::hooks::run_logged("poststop", &poststop, &state::oci_json(&last));
     Ok(0)
 }
 
@@ -539,9 +567,7 @@ fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
     if args.command.is_empty() {
         return Err(Error::Usage("exec needs a command or --process".into()));
     }
-    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
-        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
-    let mut plan = sp.plan.process;
+    let mut plan = SupervisorPlan::load(dir)?.plan.process;
     plan.args = args.command.clone();
     plan.env.extend(args.env.iter().cloned());
     if let Some(c) = &args.cwd {
@@ -644,7 +670,7 @@ pub fn features_json() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.1.0",
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "createContainer", "poststart", "poststop"],
         "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "newinstance"],
         "linux": {
             "namespaces": ["mount", "pid", "uts", "ipc"],
@@ -743,6 +769,7 @@ mod tests {
         let f = features_json();
         assert_eq!(f["ociVersionMin"], "1.0.0");
         assert_eq!(f["ociVersionMax"], "1.1.0");
-        assert!(f["hooks"].as_array().is_some_and(|h| h.is_empty()));
+        let hooks = f["hooks"].as_array().unwrap();
+        assert!(hooks.contains(&"poststop".into()) && !hooks.contains(&"startContainer".into()), "{hooks:?}");
     }
 }

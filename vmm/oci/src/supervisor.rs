@@ -57,6 +57,14 @@ pub struct SupervisorPlan {
     pub vmm_exe: PathBuf,
 }
 
+impl SupervisorPlan {
+    /// Reads the plan of the container whose state directory is `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
+            .map_err(|e| Error::Bundle(format!("plan.json: {e}")))
+    }
+}
+
 /// What `exec` hands an exec supervisor in `execs/<exec id>.plan.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecPlan {
@@ -205,8 +213,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
 }
 
 fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
-    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
-        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
+    let sp = SupervisorPlan::load(dir)?;
     let plan = &sp.plan;
     let tty = match (&sp.console_socket, plan.process.terminal) {
         (Some(socket), true) => Some(terminal(socket)?),
@@ -279,6 +286,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         config,
         limits: UnpackLimits::default(),
     })?;
+    run_create_hooks(plan, state)?;
     state.status = Status::Created;
     state.save(dir).map_err(io("writing the state"))?;
     log::debug!("container {} created; waiting for start", state.id);
@@ -322,6 +330,18 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
+}
+
+/// The hooks of `create`, once the container exists in its VM: `prestart`
+/// and `createRuntime`, then `createContainer` (on the host too), with the
+/// state (`creating`). One that fails fails the create.
+fn run_create_hooks(plan: &Plan, state: &State) -> Result<()> {
+    let json = state::oci_json(state);
+    let h = &plan.hooks;
+    crate::hooks::run("prestart", &h.prestart, &json)?;
+    crate::hooks::run("createRuntime", &h.create_runtime, &json)?;
+    crate::hooks::run("createContainer", &h.create_container, &json)?;
+    Ok(())
 }
 
 /// Waits until `start` opens `exec.fifo` for reading, and tells it with a
