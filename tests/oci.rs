@@ -400,6 +400,14 @@ fn bad_bundles_and_unknown_ids_are_refused() {
     assert_eq!((f["ociVersionMin"].as_str(), f["ociVersionMax"].as_str()), (Some("1.0.0"), Some("1.1.0")));
     let o = Command::new(OCI).arg("--version").output().unwrap();
     assert!(text(&o.stdout).starts_with("vmrun-oci version"));
+
+    // A reader that went away (`vmrun-oci state X | grep -q running`) gets
+    // an error, not a panic.
+    let mut child = Command::new(OCI).arg("features").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!text(&o.stderr).contains("panicked"), "{}", text(&o.stderr));
+    assert!(o.status.success() || text(&o.stderr).contains("Broken pipe"), "{:?}: {}", o.status, text(&o.stderr));
 }
 
 /// Finds `name` on PATH.

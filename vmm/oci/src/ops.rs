@@ -362,11 +362,19 @@ fn run_poststart(dir: &Path, st: &State) {
     crate::hooks::run_logged("poststart", &sp.plan.hooks.poststart, &json);
 }
 
+/// Writes `text` and a newline to standard output: a reader that went away
+/// (EPIPE) is an error, not a panic.
+fn print_line(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).map_err(io("writing to standard output"))
+}
+
 /// `state`: runc's JSON.
 pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
     let (_, st) = ctx.root.find(id)?;
     let text = serde_json::to_string_pretty(&state::oci_json(&st)).map_err(|e| Error::State(e.to_string()))?;
-    println!("{text}");
+    print_line(&text)?;
     Ok(0)
 }
 
@@ -651,14 +659,15 @@ pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
     }
     pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
     match format {
-        "json" => println!("{}", serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?),
+        "json" => print_line(&serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?)?,
         "table" => {
-            println!("PID     CMD");
+            let mut table = String::from("PID     CMD");
             for pid in pids {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmd: Vec<String> = cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                println!("{pid:<7} {}", cmd.join(" "));
+                table.push_str(&format!("\n{pid:<7} {}", cmd.join(" ")));
             }
+            print_line(&table)?;
         }
         other => return Err(Error::Usage(format!("invalid format {other:?} (table or json)"))),
     }
@@ -691,7 +700,7 @@ pub fn features_json() -> serde_json::Value {
 
 /// `features`.
 pub fn features() -> Result<i32> {
-    println!("{}", serde_json::to_string_pretty(&features_json()).map_err(|e| Error::State(e.to_string()))?);
+    print_line(&serde_json::to_string_pretty(&features_json()).map_err(|e| Error::State(e.to_string()))?)?;
     Ok(0)
 }
 
