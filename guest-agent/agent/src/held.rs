@@ -15,9 +15,9 @@
 use std::time::{Duration, Instant};
 
 /// How long a signal is held at most.
-pub const HOLD: Duration = Duration::from_secs(5);
+pub const HOLD: Duration = Duration::from_secs(30);
 /// How often a held signal's target is looked at.
-pub const POLL: Duration = Duration::from_millis(10);
+pub const POLL: Duration = Duration::from_millis(20);
 
 /// What a process does with a signal, from `/proc/PID/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
