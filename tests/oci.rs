@@ -468,7 +468,7 @@ fn oci_runtime_applies_the_specs_linux_settings() {
 fn oci_runtime_sends_a_terminal_to_the_console_socket() {
     let _turn = vm_turn();
     let root = support::scratch("oci-root-tty");
-    let b = bundle("bundle-tty", &["sh", "-c", "echo tty-ok; stty size; read line; echo got-$line; stty size"], |s| {
+    let b = bundle("bundle-tty", &["sh", "-c", "echo tty-ok; tty; stty size; read line; echo got-$line; stty size"], |s| {
         s["process"]["terminal"] = true.into()
     });
     let sock = support::scratch("console.sock");
@@ -512,6 +512,8 @@ fn oci_runtime_sends_a_terminal_to_the_console_socket() {
     };
     read_until("30 100", &mut seen);
     assert!(seen.contains("tty-ok\r\n"), "{seen:?}");
+    // The terminal is one of the container's own devpts instance.
+    assert!(seen.contains("tty-ok\r\n/dev/pts/0\r\n"), "{seen:?}");
     // A resize of the master reaches the guest's terminal (SIGWINCH to the
     // supervisor, whose controlling terminal the slave is).
     vmrun_oci::console::set_window_size(m.as_raw_fd(), 40, 120).unwrap();
@@ -686,6 +688,14 @@ fn bad_bundles_and_unknown_ids_are_refused() {
     assert_eq!((f["ociVersionMin"].as_str(), f["ociVersionMax"].as_str()), (Some("1.0.0"), Some("1.1.0")));
     let o = Command::new(OCI).arg("--version").output().unwrap();
     assert!(text(&o.stdout).starts_with("vmrun-oci version"));
+
+    // A reader that went away (`vmrun-oci state X | grep -q running`) gets
+    // an error, not a panic.
+    let mut child = Command::new(OCI).arg("features").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!text(&o.stderr).contains("panicked"), "{}", text(&o.stderr));
+    assert!(o.status.success() || text(&o.stderr).contains("Broken pipe"), "{:?}: {}", o.status, text(&o.stderr));
 }
 
 /// Finds `name` on PATH.
@@ -778,4 +788,153 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     assert!(!runc_root.join(&id).exists() && !runc_root.join(&id2).exists(), "state left in {}", runc_root.display());
     let _ = daemon.kill();
     let _ = daemon.wait();
+}
+
+/// The jail of a container's VMM, as its record lists it: its root
+/// directory and cgroups (empty once collected).
+fn jail_paths(vmm_pid: u64) -> Vec<PathBuf> {
+    let record = PathBuf::from(format!("/run/vmrun-jail/{vmm_pid}.json"));
+    let Ok(text) = std::fs::read(&record) else { return Vec::new() };
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    let mut paths = vec![record, PathBuf::from(v["root"].as_str().unwrap())];
+    paths.extend(v["cgroups"].as_array().unwrap().iter().map(|c| PathBuf::from(c.as_str().unwrap())));
+    paths
+}
+
+/// Whether process `pid` runs (a zombie does not: one this subreaper
+/// inherited, a VMM whose supervisor was killed, is reaped here).
+fn alive(pid: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')'.
+    if stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z') {
+        return true;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid of a zombie; WNOHANG, nothing else is touched.
+    unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    false
+}
+
+/// Whatever order a caller uses, nothing of a container is left on the
+/// host: its processes (supervisor, VMM), its state directory, its VMM's
+/// jail (record, root, cgroups). The jails' cgroups are made under a
+/// cgroup parent of this test's own, so that a jail whose pid the test
+/// never learns (a create that fails) is found too. The hooks run where
+/// the spec puts them, on the host, with the state on their standard
+/// input; a failing `createRuntime` hook fails the create.
+#[test]
+fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the jail needs root");
+        return;
+    }
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-leaks");
+    let parent = format!("vmrun-leaktest-{}", std::process::id());
+    let cmd = |args: &[&str]| {
+        let mut c = oci(&root, args);
+        c.env("VMRUN_CGROUP_PARENT", &parent);
+        c
+    };
+    let (out, err) = (support::scratch("leaks.out"), support::scratch("leaks.err"));
+    let hook_log = support::scratch("hooks.log");
+    // Each hook appends its kind and the status it was given.
+    let hook = |kind: &str| {
+        let script = format!("read -r s; echo \"{kind} $(echo \"$s\" | sed 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/')\" >> {}", hook_log.display());
+        serde_json::json!({ "path": "/bin/sh", "args": ["sh", "-c", script], "env": ["PATH=/usr/bin:/bin"], "timeout": 30 })
+    };
+    let b = bundle("bundle-leaks", &["sleep", "1000"], |s| {
+        s["hooks"] = serde_json::json!({
+            "prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+            "poststart": [hook("poststart")], "poststop": [hook("poststop")]
+        });
+    });
+    let create = |id: &str| -> (u64, u64) {
+        let pid_file = b.join(format!("{id}.pid"));
+        // The supervisor keeps create's standard streams: files, not pipes
+        // that would not end before it does.
+        let status = cmd(&["create", "--bundle", b.to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), id])
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "create {id}: {status:?}: {}", std::fs::read_to_string(&err).unwrap_or_default());
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).unwrap()).unwrap();
+        let vmm = s["vmm"]["pid"].as_u64().expect("the state names the VMM");
+        (std::fs::read_to_string(&pid_file).unwrap().parse().unwrap(), vmm)
+    };
+    // (The supervisor, this subreaper's orphan, reaped before.)
+    let assert_gone = |id: &str, supervisor: u64, vmm: u64, jail: &[PathBuf]| {
+        assert!(!alive(supervisor), "{id}: its supervisor {supervisor} runs on");
+        assert!(!root.join(id).exists(), "{id}: its state directory is left");
+        assert!(!alive(vmm), "{id}: its VMM {vmm} runs on");
+        let left: Vec<&PathBuf> = jail.iter().filter(|p| p.exists()).collect();
+        assert!(left.is_empty(), "{id}: its jail left {left:?}");
+    };
+    let hooks_seen = || std::fs::read_to_string(&hook_log).unwrap_or_default();
+
+    // create, delete.
+    let (sup, vmm) = create("l-created");
+    let jail = jail_paths(vmm);
+    assert!(jail.len() >= 3, "the VMM {vmm} is jailed: {jail:?}");
+    assert_eq!(hooks_seen(), "prestart creating\ncreateRuntime creating\n");
+    assert_ok(&cmd(&["delete", "l-created"]).output().unwrap());
+    assert_eq!(wait_pid(sup as i32, &root, "l-created"), 128 + libc::SIGTERM);
+    assert_gone("l-created", sup, vmm, &jail);
+    assert_eq!(hooks_seen(), "prestart creating\ncreateRuntime creating\npoststop stopped\n");
+
+    // create, kill KILL (the supervisor dies, and its VMM with it), delete.
+    let (sup, vmm) = create("l-killed");
+    let jail = jail_paths(vmm);
+    assert_ok(&cmd(&["kill", "l-killed", "KILL"]).output().unwrap());
+    assert_eq!(wait_pid(sup as i32, &root, "l-killed"), 128 + libc::SIGKILL);
+    assert_ok(&cmd(&["delete", "l-killed"]).output().unwrap());
+    assert_gone("l-killed", sup, vmm, &jail);
+
+    // create, start, kill KILL, delete: the poststart hook ran before
+    // start returned.
+    std::fs::remove_file(&hook_log).unwrap();
+    let (sup, vmm) = create("l-started");
+    let jail = jail_paths(vmm);
+    assert_ok(&cmd(&["start", "l-started"]).output().unwrap());
+    assert!(hooks_seen().ends_with("poststart running\n"), "{}", hooks_seen());
+    assert_ok(&cmd(&["kill", "l-started", "KILL"]).output().unwrap());
+    assert_eq!(wait_pid(sup as i32, &root, "l-started"), 128 + libc::SIGKILL);
+    assert_ok(&cmd(&["delete", "l-started"]).output().unwrap());
+    assert_gone("l-started", sup, vmm, &jail);
+    assert!(hooks_seen().ends_with("poststart running\npoststop stopped\n"), "{}", hooks_seen());
+
+    // create, start, delete --force of the running container.
+    let (sup, vmm) = create("l-forced");
+    let jail = jail_paths(vmm);
+    assert_ok(&cmd(&["start", "l-forced"]).output().unwrap());
+    assert_ok(&cmd(&["delete", "--force", "l-forced"]).output().unwrap());
+    assert_eq!(wait_pid(sup as i32, &root, "l-forced"), 128 + libc::SIGKILL);
+    assert_gone("l-forced", sup, vmm, &jail);
+
+    // A create whose createRuntime hook fails: the create fails, the VM
+    // it had started is stopped and everything removed.
+    let spec_path = b.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    spec["hooks"]["createRuntime"] = serde_json::json!([{ "path": "/bin/sh", "args": ["sh", "-c", "echo hook-says-no >&2; exit 1"] }]);
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let o = cmd(&["create", "--bundle", b.to_str().unwrap(), "l-failed"]).stdout(Stdio::null()).output().unwrap();
+    assert_fails(&o, "createRuntime hook /bin/sh failed");
+    assert!(text(&o.stderr).contains("hook-says-no"), "{}", text(&o.stderr));
+    assert!(!root.join("l-failed").exists());
+
+    // No jail cgroup is left under this test's parent, in any hierarchy.
+    let hierarchies: Vec<PathBuf> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        vec![PathBuf::from("/sys/fs/cgroup")]
+    } else {
+        ["memory", "cpu", "pids"].iter().map(|h| Path::new("/sys/fs/cgroup").join(h)).collect()
+    };
+    for h in hierarchies {
+        let dir = h.join(&parent);
+        let left: Vec<PathBuf> =
+            std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        assert!(left.is_empty(), "jail cgroups left: {left:?}");
+        let _ = std::fs::remove_dir(&dir);
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use vmrun_agent_protocol::{
@@ -47,6 +47,9 @@ pub struct Container {
     pub seccomp: Option<Filter>,
     /// Bind mounts the host copies in ([`crate::copy`]).
     pub copies: crate::copy::Copies,
+    /// Its devpts instance (a detached mount until the first process
+    /// attaches it on `/dev/pts`): its terminals come from it.
+    pub devpts: Option<OwnedFd>,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -171,6 +174,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             stopped: false,
             seccomp,
             copies: crate::copy::Copies::new(&dir),
+            devpts: None,
         })
     })();
     if result.is_err() {
@@ -240,13 +244,41 @@ fn abs(p: &str) -> Result<String, AgentError> {
     Ok(p.to_string())
 }
 
+/// The container's devpts instance, made by the agent ([`sys::new_devpts`])
+/// so that the terminals it opens there are the container's own, attached
+/// on `/dev/pts`.
+fn devpts_attach(devpts: BorrowedFd<'_>) -> Op {
+    Op::Attach { tree: devpts.as_raw_fd(), target: c"/dev/pts".to_owned(), mkdirs: Vec::new(), file: false }
+}
+
+/// Gives `ct` a devpts instance of its own before its first process starts
+/// (its terminal, and those of exec'd processes, come from it); without
+/// one (a kernel without `fsopen`), the first process mounts a new
+/// instance itself and terminals come from the agent's.
+pub fn make_devpts(ct: &mut Container) {
+    if ct.devpts.is_some() {
+        return;
+    }
+    match sys::new_devpts() {
+        Ok(fd) => ct.devpts = Some(fd),
+        Err(e) => crate::log::error(format_args!("container {}: a devpts instance of its own: {e}", ct.id)),
+    }
+}
+
 /// The file system setup of a new container, after `pivot_root`, in
 /// runc's order: the standard mounts and device nodes, the configured
 /// mounts (their destinations resolved in the image at `root`, created
 /// when missing), the spec's device nodes, the root's propagation, the
 /// kernel parameters, the root made read-only (after the working directory
-/// `cwd` is made), the read-only and the masked paths.
-fn setup_ops(config: &ImageConfig, root: &Path, cwd: &str, bind_sources: &[Option<OwnedFd>]) -> Result<Vec<Op>, AgentError> {
+/// `cwd` is made), the read-only and the masked paths. The container's
+/// devpts instance, when the agent made one, is attached on `/dev/pts`.
+fn setup_ops(
+    config: &ImageConfig,
+    root: &Path,
+    cwd: &str,
+    bind_sources: &[Option<OwnedFd>],
+    devpts: Option<BorrowedFd<'_>>,
+) -> Result<Vec<Op>, AgentError> {
     let mounts = &config.mounts;
     let devices = device_nodes(&config.devices)?;
     let nosuid_dev_exec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -274,7 +306,10 @@ fn setup_ops(config: &ImageConfig, root: &Path, cwd: &str, bind_sources: &[Optio
         ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
     }
     ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
-    ops.push(mount(c"devpts", "/dev/pts", c"devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"))?);
+    ops.push(match devpts {
+        Some(fd) => devpts_attach(fd),
+        None => mount(c"devpts", "/dev/pts", c"devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"))?,
+    });
     ops.push(Op::Symlink { target: c"pts/ptmx".to_owned(), path: c"/dev/ptmx".to_owned() });
     ops.push(Op::Mkdir { path: c"/dev/shm".to_owned(), mode: 0o1777 });
     ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
@@ -681,7 +716,7 @@ impl Container {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
             None => Enter::New {
                 rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
-                ops: setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources)?,
+                ops: setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, self.devpts.as_ref().map(AsFd::as_fd))?,
                 hostname: c(&self.hostname())?,
             },
         };
@@ -742,7 +777,7 @@ mod tests {
         let (r, w) = sys::pipe(0).unwrap();
         let sources = [None, Some(r), Some(w), None];
         let config = ImageConfig { mounts: mounts.to_vec(), ..Default::default() };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources, None).unwrap();
         let mut attached = 0;
         for (i, op) in ops.iter().enumerate() {
             match op {
@@ -765,7 +800,7 @@ mod tests {
 
     #[test]
     fn standard_mounts_in_runcs_order() {
-        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[]).unwrap();
+        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[], None).unwrap();
         let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
             .iter()
             .filter_map(|op| match op {
@@ -808,7 +843,7 @@ mod tests {
     fn setup_refuses_relative_mount_targets() {
         let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
         let config = ImageConfig { mounts: vec![m], ..Default::default() };
-        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None]).is_err());
+        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None], None).is_err());
     }
 
     #[test]
@@ -824,7 +859,7 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             ..Default::default()
         };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[]).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[], None).unwrap();
         let described: Vec<String> = ops.iter().map(Op::describe).collect();
         let at = |what: &str| described.iter().position(|d| d == what).unwrap_or_else(|| panic!("no {what} in {described:?}"));
         // The spec's /dev/null replaces the standard one.
@@ -843,11 +878,11 @@ mod tests {
         // Refused: nodes outside /dev, kernel parameters of the whole kernel.
         for path in ["/etc/tun", "/dev/../etc/x", "/dev/", "/devx"] {
             let c = ImageConfig { devices: vec![dev(path, DeviceKind::Block)], ..Default::default() };
-            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[]).unwrap_err();
+            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None).unwrap_err();
             assert!(e.kind == ErrorKind::BadRequest && e.message.contains("under /dev/"), "{path}: {e}");
         }
         let c = ImageConfig { sysctl: BTreeMap::from([("kernel.panic".to_string(), "1".to_string())]), ..Default::default() };
-        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[]).unwrap_err();
+        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None).unwrap_err();
         assert!(e.kind == ErrorKind::BadRequest && e.message.contains("not in a separate kernel namespace"), "{e}");
     }
 }

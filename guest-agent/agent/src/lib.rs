@@ -15,6 +15,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod container;
 pub mod copy;
+pub mod held;
 pub mod init;
 pub mod log;
 pub mod net;

@@ -143,6 +143,8 @@ pub struct Server {
     /// Cgroups of removed containers whose processes were still dying:
     /// removed once they are reaped.
     stale_cgroups: Vec<Cgroup>,
+    /// Signals for inits that cannot take them yet.
+    held: crate::held::HeldSignals,
 }
 
 fn owned(fd: libc::c_int) -> OwnedFd {
@@ -338,6 +340,7 @@ impl Server {
             hierarchy: None,
             cgroups: HashMap::new(),
             stale_cgroups: Vec::new(),
+            held: crate::held::HeldSignals::default(),
         };
         s.hierarchy = hierarchy;
         s.watch(s.listener.as_raw_fd(), token(T_LISTEN, 0), libc::EPOLLIN as u32)?;
@@ -368,7 +371,7 @@ impl Server {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
         while !self.shutdown {
             // SAFETY: events has room for its length of entries.
-            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, self.held.timeout_ms()) };
             if n < 0 {
                 let e = sys::errno();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -391,6 +394,8 @@ impl Server {
                 }
             }
             self.close_dead_conns();
+            let procs = &self.procs;
+            self.held.retry(|pid| procs.get(&pid).is_some_and(|p| p.exit.is_none()));
         }
         Ok(())
     }
@@ -867,9 +872,24 @@ impl Server {
         c"/dev/ptmx"
     }
 
+    /// The devpts instance of container `id` (a duplicate descriptor), made
+    /// first when its first process is about to start (`init`).
+    fn container_devpts(&mut self, id: &str, init: bool) -> Option<OwnedFd> {
+        let ct = self.containers.get_mut(id)?;
+        if init {
+            container::make_devpts(ct);
+        }
+        ct.devpts.as_ref().and_then(|fd| sys::dup(fd.as_fd()).ok())
+    }
+
     /// Builds the child's stdio and registers the agent's ends.
     #[allow(clippy::type_complexity)]
-    fn stdio(&mut self, conn: u64, stdio: &Stdio) -> Result<(ChildStdio, Vec<(u32, OwnedFd, bool)>, Option<OwnedFd>), AgentError> {
+    fn stdio(
+        &mut self,
+        conn: u64,
+        stdio: &Stdio,
+        devpts: Option<BorrowedFd<'_>>,
+    ) -> Result<(ChildStdio, Vec<(u32, OwnedFd, bool)>, Option<OwnedFd>), AgentError> {
         let ioerr = |e: io::Error| err(ErrorKind::Internal, format!("stdio: {e}"));
         let c = self.conns.get(&conn).ok_or_else(|| err(ErrorKind::Internal, "connection gone"))?;
         let used = |s: u32| c.outs.contains_key(&s) || c.ins.contains_key(&s);
@@ -912,8 +932,11 @@ impl Server {
                 if used(*stream) {
                     return Err(err(ErrorKind::BadRequest, "stream ids must be unique on the connection"));
                 }
-                let ptmx = self.ptmx();
-                let (master, slave) = sys::open_pty(ptmx).map_err(|e| err(ErrorKind::Internal, format!("cannot open a terminal: {e}")))?;
+                let pty = match devpts {
+                    Some(pts) => sys::open_pty_in(pts),
+                    None => sys::open_pty(self.ptmx()),
+                };
+                let (master, slave) = pty.map_err(|e| err(ErrorKind::Internal, format!("cannot open a terminal: {e}")))?;
                 let _ = sys::set_winsize(master.as_fd(), *rows, *cols);
                 let input = sys::dup(master.as_fd()).map_err(ioerr)?;
                 sys::set_fl(input.as_fd(), libc::O_NONBLOCK).map_err(ioerr)?;
@@ -992,7 +1015,8 @@ impl Server {
                 (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
             }
         };
-        let (child_stdio, ours, resize) = self.stdio(conn, &stdio)?;
+        let pts = self.container_devpts(id, matches!(what, Start::Init(_)));
+        let (child_stdio, ours, resize) = self.stdio(conn, &stdio, pts.as_ref().map(AsFd::as_fd))?;
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
         let mut plan = ct.plan(&spec, child_stdio, enter, &binds)?;
         plan.cgroup = self.cgroups.get(id).map(Cgroup::fd);
@@ -1062,7 +1086,9 @@ impl Server {
         }
         let pid = self.find_proc(container, exec_id)?;
         // Only this loop reaps: a process not yet reaped still owns its pid.
-        if self.procs.get(&pid).is_some_and(|p| p.exit.is_none()) {
+        // A container's init that cannot take the signal yet gets it once
+        // it can (`held`).
+        if self.procs.get(&pid).is_some_and(|p| p.exit.is_none()) && !(exec_id.is_none() && self.held.hold_if_needed(pid, sig)) {
             sys::kill(pid, sig).map_err(|e| err(ErrorKind::Internal, format!("kill: {e}")))?;
         }
         Ok(())

@@ -285,7 +285,44 @@ pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
 /// Opens a new pseudo-terminal from the `ptmx` at `ptmx`: (master, slave).
 /// The slave is opened through the master (`TIOCGPTPEER`), never by path.
 pub fn open_pty(ptmx: &CStr) -> io::Result<(OwnedFd, OwnedFd)> {
-    let master = open(ptmx, libc::O_RDWR | libc::O_NOCTTY, 0)?;
+    pty_pair(open(ptmx, libc::O_RDWR | libc::O_NOCTTY, 0)?)
+}
+
+/// A pseudo-terminal of the devpts instance whose root is `devpts` (from
+/// [`new_devpts`]): its `ptmx`, so that the terminal belongs to that
+/// instance (`tty` names it in a container that mounts it on `/dev/pts`).
+pub fn open_pty_in(devpts: BorrowedFd<'_>) -> io::Result<(OwnedFd, OwnedFd)> {
+    pty_pair(openat(devpts, c"ptmx", libc::O_RDWR | libc::O_NOCTTY, 0)?)
+}
+
+/// A new devpts instance as a detached mount (`fsopen`, `fsmount`: it is
+/// in no mount namespace until `move_mount` attaches it), `nosuid` and
+/// `noexec`, with runc's options `ptmxmode=0666,mode=0620,gid=5`.
+pub fn new_devpts() -> io::Result<OwnedFd> {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+    const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+    // SAFETY: the name is NUL-terminated; the result is checked.
+    let fs = cvt_long(unsafe { libc::syscall(libc::SYS_fsopen, c"devpts".as_ptr(), FSOPEN_CLOEXEC) })?;
+    let fs = owned(fs as RawFd);
+    for (key, value) in [(c"ptmxmode", c"0666"), (c"mode", c"0620"), (c"gid", c"5")] {
+        // SAFETY: key and value are NUL-terminated; fs is our descriptor.
+        cvt_long(unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0) })?;
+    }
+    // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
+    cvt_long(unsafe {
+        libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0)
+    })?;
+    // SAFETY: fsmount of a created file system context; the result is checked.
+    let m = cvt_long(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC) })?;
+    Ok(owned(m as RawFd))
+}
+
+/// The slave of the pty whose master is `master` (unlocked).
+fn pty_pair(master: OwnedFd) -> io::Result<(OwnedFd, OwnedFd)> {
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int.
     cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock as *const libc::c_int) })?;

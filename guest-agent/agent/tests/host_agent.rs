@@ -388,7 +388,7 @@ fn a_terminal_with_resize() {
     }
     let agent = Agent::start();
     let c = agent.client();
-    create(&c, &agent, "tty", cmd(&["sh", "-c", "stty size; read x; stty size; echo got:$x"]));
+    create(&c, &agent, "tty", cmd(&["sh", "-c", "tty; stty size; read x; stty size; echo got:$x"]));
     let mut p = c.start("tty", StdioMode::Tty { rows: 24, cols: 80 }).unwrap();
     let mut out = p.stdout.take().unwrap();
     let mut seen = Vec::new();
@@ -400,6 +400,14 @@ fn a_terminal_with_resize() {
         assert!(n > 0, "terminal closed early: {:?}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
+    // The terminal is one of the container's own devpts instance (its
+    // first), and so is an exec'd process's.
+    assert!(String::from_utf8_lossy(&seen).starts_with("/dev/pts/0\r\n"), "{:?}", String::from_utf8_lossy(&seen));
+    let mut e = c.exec("tty", "e1", &exec_args(&["sh", "-c", "tty; ls /dev/pts"]), StdioMode::Tty { rows: 24, cols: 80 }).unwrap();
+    let mut exec_out = String::new();
+    e.stdout.take().unwrap().read_to_string(&mut exec_out).unwrap();
+    assert_eq!(e.wait().unwrap(), 0);
+    assert!(exec_out.starts_with("/dev/pts/1\r\n") && exec_out.contains('0') && exec_out.contains("ptmx"), "{exec_out:?}");
     p.resize(50, 132).unwrap();
     let mut stdin = p.stdin.take().unwrap();
     stdin.write_all(b"typed\n").unwrap();

@@ -70,15 +70,26 @@
 //! destinations are made, inside the root (the image's links followed
 //! within it).
 //!
+//! Hooks ([`crate::hooks`]) run on the host: `prestart`, `createRuntime`
+//! and `createContainer` during `create`, `poststart` in `start`,
+//! `poststop` in `delete`; `startContainer` is not run (a warning).
+//!
 //! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path
 //! included, though the path must be a namespace of the stated type),
 //! the cgroup settings named above and the device cgroup (the guest's
 //! cgroup v2 would need BPF programs), the options of the standard
-//! mounts (the agent's own are used). Hooks are not run.
+//! mounts (the agent's own are used).
 //!
 //! Refused: a user namespace and uid/gid mappings (the agent does not map
 //! ids).
+//!
+//! What else a config asks for and is not applied gets a
+//! warning with the reason ([`unapplied`]): `domainname`,
+//! `process.consoleSize`, AppArmor and SELinux labels (`apparmorProfile`,
+//! `selinuxLabel`, `mountLabel`), `ioPriority`, `scheduler`,
+//! `execCPUAffinity`, a umask other than 022,
+//! `intelRdt`, `memoryPolicy`, `personality`, `timeOffsets`, `netDevices`.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -208,6 +219,9 @@ pub struct Plan {
     /// `linux.resources`, applied to the container's cgroup in the guest.
     #[serde(default)]
     pub resources: Resources,
+    /// The hooks run on the host.
+    #[serde(default)]
+    pub hooks: crate::hooks::Hooks,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -254,9 +268,8 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
     let process = process_plan(spec.process().as_ref().ok_or_else(|| bad("config.json has no process"))?)?;
     let annotations: BTreeMap<String, String> = spec.annotations().clone().unwrap_or_default().into_iter().collect();
     let (mounts, volumes, copies) = mounts(spec.mounts().as_deref().unwrap_or_default())?;
-    if spec.hooks().is_some() {
-        log::warn!("hooks are not run: vmrun-oci runs the container in a VM, where host hooks have nothing to act on");
-    }
+    let hooks = spec.hooks().as_ref().map(crate::hooks::from_spec).unwrap_or_default();
+    warn_unapplied(spec);
     let mut linux_plan = LinuxPlan::default();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().as_deref().unwrap_or_default() {
@@ -287,6 +300,7 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         devices: linux_plan.devices,
         rootfs_propagation: linux_plan.rootfs_propagation,
         resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()).map(resources).unwrap_or_default(),
+        hooks,
     })
 }
 
@@ -494,6 +508,71 @@ pub fn check_namespace_path(typ: oci_spec::runtime::LinuxNamespaceType, path: &P
         return Err(NamespacePathError::WrongType { path: path.to_path_buf(), want: typ.to_string(), found });
     }
     Ok(())
+}
+
+/// What a spec asks for that this runtime does not apply, each with the
+/// reason (docs/oci.md lists them). Parts of the spec
+/// handled elsewhere (seccomp, masked and read-only paths, sysctl, devices,
+/// groups, oomScoreAdj, cgroups and resources, user namespaces,
+/// namespaces to join, the standard mounts' options) are not repeated
+/// here.
+pub fn unapplied(spec: &Spec) -> Vec<(&'static str, &'static str)> {
+    let mut list = Vec::new();
+    let mut warn = |what: &'static str, why: &'static str| list.push((what, why));
+    const NO_LSM: &str = "the guest kernel has no AppArmor or SELinux (the VM boundary is the isolation)";
+    if spec.domainname().as_ref().is_some_and(|d| !d.is_empty()) {
+        warn("domainname", "the guest agent sets only the host name");
+    }
+    if let Some(p) = spec.process() {
+        if p.console_size().is_some() {
+            warn("process.consoleSize", "the terminal starts with the console socket's window size");
+        }
+        if p.apparmor_profile().as_ref().is_some_and(|a| !a.is_empty()) {
+            warn("process.apparmorProfile", NO_LSM);
+        }
+        if p.selinux_label().as_ref().is_some_and(|l| !l.is_empty()) {
+            warn("process.selinuxLabel", NO_LSM);
+        }
+        if p.io_priority().is_some() {
+            warn("process.ioPriority", "the guest agent does not set I/O priorities");
+        }
+        if p.scheduler().is_some() {
+            warn("process.scheduler", "the guest agent does not set scheduling policies");
+        }
+        if p.exec_cpu_affinity().is_some() {
+            warn("process.execCPUAffinity", "the VM's vCPUs are not the host's CPUs");
+        }
+        if p.user().umask().is_some_and(|u| u != 0o022) {
+            warn("process.user.umask", "the container's processes start with umask 022");
+        }
+    }
+    let Some(linux) = spec.linux() else { return list };
+    if linux.mount_label().as_ref().is_some_and(|l| !l.is_empty()) {
+        warn("linux.mountLabel", NO_LSM);
+    }
+    if linux.intel_rdt().is_some() {
+        warn("linux.intelRdt", "the VM has no resctrl");
+    }
+    if linux.memory_policy().is_some() {
+        warn("linux.memoryPolicy", "the guest's memory is not the host's NUMA nodes");
+    }
+    if linux.personality().is_some() {
+        warn("linux.personality", "the guest agent does not set execution domains");
+    }
+    if linux.time_offsets().as_ref().is_some_and(|t| !t.is_empty()) {
+        warn("linux.timeOffsets", "the guest has no time namespaces");
+    }
+    if linux.net_devices().as_ref().is_some_and(|d| !d.is_empty()) {
+        warn("linux.netDevices", "the VM has no network device of the host's");
+    }
+    list
+}
+
+/// Logs a warning for each part of `spec` that is not applied.
+fn warn_unapplied(spec: &Spec) {
+    for (what, why) in unapplied(spec) {
+        log::warn!("{what} is not applied: {why}");
+    }
 }
 
 /// The root file system: `path` relative to the bundle (and not escaping
@@ -1156,4 +1235,20 @@ mod tests {
         std::fs::write(b.path().join("config.json"), v.to_string()).unwrap();
         assert_eq!(load(b.path()).unwrap().oci_version, "1.0.2-dev");
     }
+
+    #[test]
+    fn what_is_not_applied_is_named() {
+        let mut spec: serde_json::Value = serde_json::to_value(default_spec()).unwrap();
+        assert_eq!(unapplied(&serde_json::from_value(spec.clone()).unwrap()), []);
+        spec["domainname"] = "example.org".into();
+        spec["process"]["apparmorProfile"] = "docker-default".into();
+        spec["process"]["user"]["umask"] = 0o077.into();
+        spec["linux"]["rootfsPropagation"] = "shared".into();
+        spec["linux"]["mountLabel"] = "system_u:object_r:svirt_sandbox_file_t:s0".into();
+        let names: Vec<&str> = unapplied(&serde_json::from_value(spec.clone()).unwrap()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["domainname", "process.apparmorProfile", "process.user.umask", "linux.mountLabel"], "rootfsPropagation is applied");
+        spec["process"]["user"]["umask"] = 0o022.into();
+        assert!(!unapplied(&serde_json::from_value(spec).unwrap()).iter().any(|(n, _)| *n == "process.user.umask"), "022 is what is applied");
+    }
+
 }

@@ -37,6 +37,9 @@ pub enum Error {
     /// The guest agent refused or failed.
     #[error(transparent)]
     Agent(#[from] vmrun_agent_client::Error),
+    /// A hook failed (`prestart`, `createRuntime`, `createContainer`).
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
     /// A host operation failed.
     #[error("{what}: {source}")]
     Io {

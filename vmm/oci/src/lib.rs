@@ -15,6 +15,7 @@
 //! - [`supervisor`]: the process that owns a container's VM (its pid is
 //!   the container's pid) and the one that owns an exec'd process;
 //! - [`console`]: pseudo-terminals and `--console-socket`;
+//! - [`hooks`]: the spec's hooks, run on the host;
 //! - [`shim`]: the containerd shim wrapper.
 //!
 //! `docs/oci.md` explains the design.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod console;
 pub mod copies;
 pub mod error;
+pub mod hooks;
 pub mod logger;
 pub mod ops;
 pub mod shim;

@@ -321,11 +321,17 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
     loop {
         let now = State::load(&dir).map_err(io("reading the state"))?;
         match now.effective_status() {
-            Status::Running => return Ok(0),
+            Status::Running => {
+                run_poststart(&dir, &now);
+                return Ok(0);
+            }
             Status::Exited => {
                 return match now.error {
                     Some(e) => Err(Error::State(e)),
-                    None => Ok(0),
+                    None => {
+                        run_poststart(&dir, &now);
+                        Ok(0)
+                    }
                 }
             }
             _ if Instant::now() > deadline => return Err(Error::State(format!("container {id} did not start in time"))),
@@ -339,11 +345,36 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32> {
     }
 }
 
+/// The `poststart` hooks, once the process runs (or has run), before
+/// `start` returns; their failures are logged. Their state is `running`
+/// with the container's pid, even when a short process has ended already.
+fn run_poststart(dir: &Path, st: &State) {
+    let sp = match SupervisorPlan::load(dir) {
+        Ok(sp) => sp,
+        Err(e) => return log::warn!("poststart hooks not run: {e}"),
+    };
+    if sp.plan.hooks.poststart.is_empty() {
+        return;
+    }
+    let mut json = state::oci_json(st);
+    json["status"] = state::status_word(Status::Running).into();
+    json["pid"] = st.owner.map_or(0, |o| o.pid).into();
+    crate::hooks::run_logged("poststart", &sp.plan.hooks.poststart, &json);
+}
+
+/// Writes `text` and a newline to standard output: a reader that went away
+/// (EPIPE) is an error, not a panic.
+fn print_line(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).map_err(io("writing to standard output"))
+}
+
 /// `state`: runc's JSON.
 pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
     let (_, st) = ctx.root.find(id)?;
     let text = serde_json::to_string_pretty(&state::oci_json(&st)).map_err(|e| Error::State(e.to_string()))?;
-    println!("{text}");
+    print_line(&text)?;
     Ok(0)
 }
 
@@ -404,7 +435,11 @@ pub fn kill(ctx: &Ctx, id: &str, signal: Option<&str>, all: bool) -> Result<i32>
 /// Stops a container's processes on the host and waits until they are
 /// gone: exec supervisors are killed; the VMM is killed, then the
 /// supervisor is asked to end (SIGTERM), which lets it clean up after its
-/// VM, and killed if it has not ended within 10 s.
+/// VM, and killed if it has not ended within 10 s. Then whatever the VMM's
+/// jail left is collected: a supervisor that was killed (`kill KILL`
+/// before `start`, or the SIGKILL here) took its VMM with it
+/// (`PR_SET_PDEATHSIG`) before either could remove the jail's cgroups and
+/// root.
 fn kill_processes(dir: &Path, st: &State) {
     let kill = |p: ProcessRef, sig: i32| {
         if p.alive() {
@@ -426,6 +461,28 @@ fn kill_processes(dir: &Path, st: &State) {
     }
     let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).collect();
     wait_gone(&all, 10);
+    if let Some(vmm) = st.vmm {
+        collect_jail(vmm.pid);
+    }
+}
+
+/// Collects what the jail of the VMM `pid` left (its record, root and
+/// cgroups), once its processes are gone: up to 10 s while the jailed
+/// process, killed with its parent, is still dying in its cgroup.
+fn collect_jail(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match vmrun_jail::collect_record(pid) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                log::warn!("what the jail of VMM {pid} made is left: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// `delete`: removes a stopped (or created) container; `--force` kills a
@@ -445,11 +502,16 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> Result<i32> {
     if matches!(status, Status::Running | Status::Creating) && !force {
         return Err(Error::State(format!("cannot delete container {id} that is not stopped: {}", state::status_word(status))));
     }
+    // The poststop hooks run once the container is gone, with its last
+    // state (`stopped`).
+    let poststop = SupervisorPlan::load(&dir).map(|sp| sp.plan.hooks.poststop).unwrap_or_default();
     kill_processes(&dir, &st);
-    remove_dirs(&dir, Some(&st));
+    let last = State::load(&dir).unwrap_or(st);
+    remove_dirs(&dir, Some(&last));
     if dir.exists() {
         return Err(Error::State(format!("cannot remove {}", dir.display())));
     }
+    crate::hooks::run_logged("poststop", &poststop, &state::oci_json(&last));
     Ok(0)
 }
 
@@ -516,9 +578,7 @@ fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
     if args.command.is_empty() {
         return Err(Error::Usage("exec needs a command or --process".into()));
     }
-    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
-        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
-    let mut plan = sp.plan.process;
+    let mut plan = SupervisorPlan::load(dir)?.plan.process;
     plan.args = args.command.clone();
     plan.env.extend(args.env.iter().cloned());
     if let Some(c) = &args.cwd {
@@ -602,14 +662,15 @@ pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
     }
     pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
     match format {
-        "json" => println!("{}", serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?),
+        "json" => print_line(&serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?)?,
         "table" => {
-            println!("PID     CMD");
+            let mut table = String::from("PID     CMD");
             for pid in pids {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmd: Vec<String> = cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                println!("{pid:<7} {}", cmd.join(" "));
+                table.push_str(&format!("\n{pid:<7} {}", cmd.join(" ")));
             }
+            print_line(&table)?;
         }
         other => return Err(Error::Usage(format!("invalid format {other:?} (table or json)"))),
     }
@@ -621,7 +682,7 @@ pub fn features_json() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.1",
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "createContainer", "poststart", "poststop"],
         "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind", "newinstance"],
         "linux": {
             "namespaces": ["mount", "pid", "uts", "ipc"],
@@ -642,7 +703,7 @@ pub fn features_json() -> serde_json::Value {
 
 /// `features`.
 pub fn features() -> Result<i32> {
-    println!("{}", serde_json::to_string_pretty(&features_json()).map_err(|e| Error::State(e.to_string()))?);
+    print_line(&serde_json::to_string_pretty(&features_json()).map_err(|e| Error::State(e.to_string()))?)?;
     Ok(0)
 }
 
@@ -720,6 +781,7 @@ mod tests {
         let f = features_json();
         assert_eq!(f["ociVersionMin"], "1.0.0");
         assert_eq!(f["ociVersionMax"], "1.2.1");
-        assert!(f["hooks"].as_array().is_some_and(|h| h.is_empty()));
+        let hooks = f["hooks"].as_array().unwrap();
+        assert!(hooks.contains(&"poststop".into()) && !hooks.contains(&"startContainer".into()), "{hooks:?}");
     }
 }

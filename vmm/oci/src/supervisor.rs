@@ -57,6 +57,14 @@ pub struct SupervisorPlan {
     pub vmm_exe: PathBuf,
 }
 
+impl SupervisorPlan {
+    /// Reads the plan of the container whose state directory is `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
+            .map_err(|e| Error::Bundle(format!("plan.json: {e}")))
+    }
+}
+
 /// What `exec` hands an exec supervisor in `execs/<exec id>.plan.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecPlan {
@@ -205,8 +213,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
 }
 
 fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
-    let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
-        .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
+    let sp = SupervisorPlan::load(dir)?;
     let plan = &sp.plan;
     let tty = match (&sp.console_socket, plan.process.terminal) {
         (Some(socket), true) => Some(terminal(socket)?),
@@ -244,7 +251,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let cancel = relay.cancel();
     let base = Sandbox::base_template(&home.templates(), &spec, &|m| log::info!("{m}"), cancel)?;
     let wait = AgentWait { timeout: Duration::from_secs(120), options: Options::default() };
-    let sandbox = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?.connect(wait)?;
+    let launched = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?;
+    // Recorded at once: a `delete` that has to kill this supervisor
+    // (SIGKILL: the VMM dies with it, its jail's cgroups and root left
+    // behind) collects what that jail left by the VMM's pid.
+    state.vmm = ProcessRef::of(launched.pid());
+    state.save(dir).map_err(io("writing the state"))?;
+    let sandbox = launched.connect(wait)?;
     log::debug!("VM {} restored, agent connected", sandbox.pid());
     let config = ImageConfig {
         entrypoint: Vec::new(),
@@ -287,8 +300,8 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         limits: UnpackLimits::default(),
     })?;
     let watcher = send_copies(&sandbox, &state.guest_id, plan)?;
+    run_create_hooks(plan, state)?;
     state.status = Status::Created;
-    state.vmm = ProcessRef::of(sandbox.pid());
     state.save(dir).map_err(io("writing the state"))?;
     log::debug!("container {} created; waiting for start", state.id);
 
@@ -320,6 +333,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     };
     log::debug!("process exited with {code}");
     drop(watcher);
+    // Stopped as soon as the process has ended: a caller polling `state`
+    // for `stopped` does not wait for the VM's teardown.
+    state.status = Status::Exited;
+    state.exit_code = Some(code);
+    if let Err(e) = state.save(dir) {
+        log::warn!("container {}: cannot record its end: {e}", state.id);
+    }
     // The guest has nothing to save (the root is a throw-away copy): the
     // VM is killed, not shut down.
     sandbox.kill();
@@ -362,6 +382,18 @@ fn send_copies(sandbox: &Sandbox, guest_id: &str, plan: &Plan) -> Result<Option<
     let sent = copies::send_all(sandbox.client(), guest_id, &plan.copies)?;
     log::debug!("{} copied mounts sent", plan.copies.len());
     Ok(Some(Watcher::start(sandbox.client().clone(), guest_id.to_string(), plan.copies.clone(), sent)))
+}
+
+/// The hooks of `create`, once the container exists in its VM: `prestart`
+/// and `createRuntime`, then `createContainer` (on the host too), with the
+/// state (`creating`). One that fails fails the create.
+fn run_create_hooks(plan: &Plan, state: &State) -> Result<()> {
+    let json = state::oci_json(state);
+    let h = &plan.hooks;
+    crate::hooks::run("prestart", &h.prestart, &json)?;
+    crate::hooks::run("createRuntime", &h.create_runtime, &json)?;
+    crate::hooks::run("createContainer", &h.create_container, &json)?;
+    Ok(())
 }
 
 /// Waits until `start` opens `exec.fifo` for reading, and tells it with a

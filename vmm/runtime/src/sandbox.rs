@@ -60,6 +60,11 @@ pub struct Launched {
 }
 
 impl Launched {
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
     /// Waits until the agent answers: the VMM's readiness, then the
     /// agent's hello (events, not polls; see `VmProcess::connect_agent`).
     pub fn connect(mut self, wait: AgentWait) -> Result<Sandbox> {
