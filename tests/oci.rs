@@ -685,7 +685,7 @@ fn bad_bundles_and_unknown_ids_are_refused() {
     let o = Command::new(OCI).arg("features").output().unwrap();
     assert_ok(&o);
     let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((f["ociVersionMin"].as_str(), f["ociVersionMax"].as_str()), (Some("1.0.0"), Some("1.1.0")));
+    assert_eq!((f["ociVersionMin"].as_str(), f["ociVersionMax"].as_str()), (Some("1.0.0"), Some("1.2.1")));
     let o = Command::new(OCI).arg("--version").output().unwrap();
     assert!(text(&o.stdout).starts_with("vmrun-oci version"));
 
