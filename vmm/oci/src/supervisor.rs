@@ -287,7 +287,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         id: state.guest_id.clone(),
         layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
         rootfs: RootfsSpec::Mount {
-            source: "/dev/vdb".into(),
+            source: vmrun_runtime::volume::guest_device(0),
             fstype: "ext4".into(),
             // noinit_itable: no kernel thread zeroing the copy's inode
             // tables in the background (guest kernel time, for a disk
@@ -357,13 +357,14 @@ fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout) -> Result<Option
     let path = layout.volume_disk(1);
     let hosts: Vec<PathBuf> = plan.volumes.iter().map(|v| v.host.clone()).collect();
     vmrun_runtime::volume::make_dirs_image(&hosts, &path, &layout.vm_dir().join("volumes.staging"))?;
-    // The disks after the layer disk (`/dev/vda`): the root copy, then this.
+    // The volume disks: the root copy in slot 0, then this.
+    let disk = vmrun_runtime::volume::guest_device(1);
     let dirs = plan
         .volumes
         .iter()
         .enumerate()
         .map(|(i, v)| DiskDir {
-            disk: "/dev/vdc".into(),
+            disk: disk.clone(),
             fstype: "ext4".into(),
             subdir: i.to_string(),
             destination: v.guest.clone(),

@@ -87,14 +87,19 @@ impl Volume {
     /// The mount the agent makes for it, from the disk in volume slot
     /// `slot`.
     pub fn mount(&self, slot: usize) -> vmrun_agent_protocol::Mount {
-        let letter = char::from(b'b' + slot as u8);
         vmrun_agent_protocol::Mount {
             destination: self.guest.clone(),
             fstype: "ext4".into(),
-            source: format!("/dev/vd{letter}"),
+            source: guest_device(slot),
             options: vec![if self.read_only { "ro" } else { "rw" }.into()],
         }
     }
+}
+
+/// The guest's device for the disk in volume slot `slot` (`/dev/vdb` for
+/// slot 0: `/dev/vda` is the layer disk).
+pub fn guest_device(slot: usize) -> String {
+    format!("/dev/vd{}", char::from(b'b' + slot as u8))
 }
 
 /// Makes an ext4 image at `out` holding a copy of the directory `dir`
