@@ -737,6 +737,7 @@ impl Container {
             seccomp: spec.seccomp.clone(),
             oom_score_adj: spec.oom_score_adj.map(|v| v.to_string()),
             cgroup: None,
+            gate: None,
         })
     }
 }

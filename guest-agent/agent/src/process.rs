@@ -32,6 +32,13 @@
 //! so before its capabilities and user change (the filter then applies to
 //! those calls too, as under runc).
 //!
+//! A container's first process may be held (OCI `create`): with a
+//! [`Plan::gate`], the child sets up the namespaces, root, mounts and host
+//! name, writes a "ready" record to the error pipe and blocks reading the
+//! gate; one byte from the agent (OCI `start`) lets it go on from the
+//! rlimits, and the gate's end makes it exit. The steps that depend on who
+//! runs the program (user, capabilities, seccomp) come after the gate.
+//!
 //! An exec'd process: the agent thread enters the container's PID
 //! namespace for its children (`setns(pidfd, CLONE_NEWPID)`), clones, and
 //! returns to its own; the child enters the mount, UTS and IPC namespaces
@@ -252,6 +259,19 @@ pub struct Plan {
     /// The container's cgroup (a directory descriptor), which the child
     /// is cloned into; `None`: the agent's own.
     pub cgroup: Option<RawFd>,
+    /// Hold the child once its container is set up, until a byte arrives
+    /// on this pipe (read end, write end: the child closes its copy of
+    /// the write end). Only for [`Enter::New`].
+    pub gate: Option<(RawFd, RawFd)>,
+}
+
+/// What the error pipe said so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The child reached its program (the pipe closed on `execve`).
+    Running,
+    /// The child is set up and waits at its gate.
+    Held,
 }
 
 /// A process just cloned; [`Started::result`] tells whether it reached
@@ -287,6 +307,10 @@ const STEP_CAPS: u32 = 9;
 const STEP_NO_NEW_PRIVS: u32 = 10;
 const STEP_SECCOMP: u32 = 11;
 const STEP_OOM_SCORE_ADJ: u32 = 12;
+/// Not a failure: the held child is ready (errno and code 0).
+const STEP_READY: u32 = 13;
+/// The gate closed without its byte: the start was called off.
+const STEP_GATE: u32 = 14;
 const STEP_OPS: u32 = 100;
 
 /// The `PATH` search: where `execve` is tried for `arg0`.
@@ -363,14 +387,17 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
 }
 
 /// Reads the child's verdict from the error pipe (once it is readable):
-/// `Ok(())` when it ran the program.
-pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> Result<(), StartFailure> {
+/// whether it ran the program or waits at its gate, or why it failed.
+pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> Result<Verdict, StartFailure> {
     let mut rec = [0u8; 12];
     let n = sys::read(errors, &mut rec).unwrap_or(0);
     if n < 12 {
-        return Ok(());
+        return Ok(Verdict::Running);
     }
     let step = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
+    if step == STEP_READY {
+        return Ok(Verdict::Held);
+    }
     let errno = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
     let exit_code = i32::from_ne_bytes([rec[8], rec[9], rec[10], rec[11]]);
     let err = io::Error::from_raw_os_error(errno);
@@ -390,6 +417,7 @@ pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> 
         STEP_NO_NEW_PRIVS => "setting no_new_privs".to_string(),
         STEP_SECCOMP => "installing the seccomp filter".to_string(),
         STEP_OOM_SCORE_ADJ => "setting oom_score_adj".to_string(),
+        STEP_GATE => "waiting to be started".to_string(),
         s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
         _ => "setup".to_string(),
     };
@@ -408,6 +436,30 @@ fn fail(errfd: RawFd, step: u32, errno: i32, code: i32) -> ! {
     unsafe {
         libc::write(errfd, rec.as_ptr().cast(), rec.len());
         libc::_exit(code)
+    }
+}
+
+/// The held child: says it is ready, then waits for the gate's byte.
+fn hold(errfd: RawFd, gate: RawFd, gate_w: RawFd) {
+    let mut rec = [0u8; 12];
+    rec[0..4].copy_from_slice(&STEP_READY.to_ne_bytes());
+    let mut b = 0u8;
+    // SAFETY: raw system calls in the child on descriptors it holds and a
+    // stack buffer.
+    unsafe {
+        libc::close(gate_w);
+        if libc::write(errfd, rec.as_ptr().cast(), rec.len()) != rec.len() as isize {
+            fail(errfd, STEP_GATE, last_errno(), EXIT_CANNOT_RUN);
+        }
+        loop {
+            match libc::read(gate, (&mut b as *mut u8).cast(), 1) {
+                1 => break,
+                n if n < 0 && last_errno() == libc::EINTR => {}
+                // The gate's end without its byte: called off.
+                _ => fail(errfd, STEP_GATE, libc::ECANCELED, EXIT_CANNOT_RUN),
+            }
+        }
+        libc::close(gate);
     }
 }
 
@@ -656,6 +708,9 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
                 }
                 let h = hostname.as_bytes();
                 check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
+                if let Some((gate, gate_w)) = plan.gate {
+                    hold(errfd, gate, gate_w);
+                }
             }
             Enter::Existing { pidfd, .. } => {
                 check(

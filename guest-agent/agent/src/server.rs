@@ -100,6 +100,8 @@ struct Proc {
     tty: Option<OwnedFd>,
     /// Until the start is answered: the connection and request.
     start: Option<(u64, u32)>,
+    /// A held first process's gate (the write end): one byte releases it.
+    gate: Option<OwnedFd>,
     arg0: String,
     ops: Vec<String>,
 }
@@ -734,9 +736,10 @@ impl Server {
         let result = match r {
             Request::Ping => Ok(Some(Reply::Pong { software: SOFTWARE.into() })),
             Request::CreateContainer(c) => self.create(conn, req, c).map(|()| None),
-            Request::StartContainer { container, stdio, process } => {
-                self.start(conn, req, &container, Start::Init(process), stdio).map(|()| None)
+            Request::StartContainer { container, stdio, process, hold } => {
+                self.start(conn, req, &container, Start::Init(process, hold), stdio).map(|()| None)
             }
+            Request::Release { container } => self.release(conn, req, &container).map(|()| None),
             Request::Exec(e) => self.exec(conn, req, e).map(|()| None),
             Request::Signal { container, exec_id, signal } => self.signal(&container, exec_id.as_deref(), signal).map(|()| Some(Reply::Done)),
             Request::Wait { container, exec_id } => self.wait(conn, req, &container, exec_id.as_deref()),
@@ -971,7 +974,7 @@ impl Server {
         let tty = matches!(stdio, Stdio::Tty { .. });
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
         let (spec, enter, exec_id, binds) = match &what {
-            Start::Init(overrides) => {
+            Start::Init(overrides, _) => {
                 if ct.init_pid.is_some() {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
                 }
@@ -1015,11 +1018,16 @@ impl Server {
                 (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
             }
         };
-        let pts = self.container_devpts(id, matches!(what, Start::Init(_)));
+        let pts = self.container_devpts(id, matches!(what, Start::Init(..)));
         let (child_stdio, ours, resize) = self.stdio(conn, &stdio, pts.as_ref().map(AsFd::as_fd))?;
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
         let mut plan = ct.plan(&spec, child_stdio, enter, &binds)?;
         plan.cgroup = self.cgroups.get(id).map(Cgroup::fd);
+        let gate = match what {
+            Start::Init(_, true) => Some(sys::pipe(0).map_err(|e| err(ErrorKind::Internal, format!("pipe: {e}")))?),
+            _ => None,
+        };
+        plan.gate = gate.as_ref().map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd()));
         let ops = match &plan.enter {
             process::Enter::New { ops, .. } => ops.iter().map(|o| o.describe()).collect(),
             process::Enter::Existing { .. } => Vec::new(),
@@ -1027,9 +1035,10 @@ impl Server {
         let started = process::spawn(&plan).map_err(|e| err(ErrorKind::Internal, format!("clone: {e}")))?;
         drop(plan);
         drop(binds);
+        let gate = gate.map(|(_, w)| w);
         let pid = started.pid;
         crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
-        if matches!(what, Start::Init(_)) {
+        if matches!(what, Start::Init(..)) {
             if let Some(ct) = self.containers.get_mut(id) {
                 ct.init_pid = Some(pid);
                 ct.init_pidfd = Some(started.pidfd);
@@ -1037,7 +1046,17 @@ impl Server {
         }
         self.procs.insert(
             pid,
-            Proc { container: id.to_string(), exec_id, exit: None, waiters: Vec::new(), tty: resize, start: Some((conn, req)), arg0: spec.args[0].clone(), ops },
+            Proc {
+                container: id.to_string(),
+                exec_id,
+                exit: None,
+                waiters: Vec::new(),
+                tty: resize,
+                start: Some((conn, req)),
+                gate,
+                arg0: spec.args[0].clone(),
+                ops,
+            },
         );
         self.register_streams(conn, ours);
         let key = self.new_id();
@@ -1051,16 +1070,47 @@ impl Server {
 
     fn start_verdict(&mut self, key: u64) {
         let Some((pid, fd)) = self.starts.remove(&key) else { return };
-        self.unwatch(fd.as_raw_fd());
-        let Some(p) = self.procs.get_mut(&pid) else { return };
+        let Some(p) = self.procs.get(&pid) else {
+            self.unwatch(fd.as_raw_fd());
+            return;
+        };
         let verdict = process::read_verdict(fd.as_fd(), &p.ops, &p.arg0);
-        p.ops = Vec::new();
+        let held = verdict == Ok(process::Verdict::Held);
+        if held {
+            // Set up and waiting: the pipe stays watched for the verdict
+            // on its program once released.
+            self.starts.insert(key, (pid, fd));
+        } else {
+            self.unwatch(fd.as_raw_fd());
+        }
+        let Some(p) = self.procs.get_mut(&pid) else { return };
+        if !held {
+            p.ops = Vec::new();
+            p.gate = None;
+        }
         let Some((conn, req)) = p.start.take() else { return };
         let r = match verdict {
-            Ok(()) => Ok(Reply::Started { pid: pid as u32 }),
+            Ok(process::Verdict::Running) => Ok(Reply::Started { pid: pid as u32 }),
+            Ok(process::Verdict::Held) => Ok(Reply::Prepared { pid: pid as u32 }),
             Err(f) => Err(AgentError { kind: ErrorKind::CannotRun, message: f.message, exit_code: Some(f.exit_code) }),
         };
         self.respond(conn, req, r);
+    }
+
+    /// Lets a held first process go on to its program; its verdict
+    /// answers the request.
+    fn release(&mut self, conn: u64, req: u32, id: &str) -> Result<(), AgentError> {
+        let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+        let not_held = || err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start"));
+        let pid = ct.init_pid.ok_or_else(not_held)?;
+        let p = self.procs.get_mut(&pid).ok_or_else(not_held)?;
+        if p.exit.is_some() || p.start.is_some() {
+            return Err(not_held());
+        }
+        let gate = p.gate.take().ok_or_else(not_held)?;
+        sys::write(gate.as_fd(), &[1]).map_err(|e| err(ErrorKind::Internal, format!("releasing the process: {e}")))?;
+        p.start = Some((conn, req));
+        Ok(())
     }
 
     fn exec(&mut self, conn: u64, req: u32, e: Exec) -> Result<(), AgentError> {
@@ -1246,6 +1296,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Ping => "ping",
         Request::CreateContainer(_) => "create",
         Request::StartContainer { .. } => "start",
+        Request::Release { .. } => "release",
         Request::Exec(_) => "exec",
         Request::Signal { .. } => "signal",
         Request::Wait { .. } => "wait",
@@ -1261,7 +1312,8 @@ fn request_name(r: &Request) -> &'static str {
 /// What `start` starts: a container's own process (with the overrides of
 /// a prepared container) or another process in it.
 enum Start {
-    Init(Option<vmrun_agent_protocol::ExecProcess>),
+    /// The first process, with overrides; held before its program.
+    Init(Option<vmrun_agent_protocol::ExecProcess>, bool),
     Exec(Exec),
 }
 

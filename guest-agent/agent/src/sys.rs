@@ -308,7 +308,8 @@ pub fn new_devpts() -> io::Result<OwnedFd> {
     // SAFETY: the name is NUL-terminated; the result is checked.
     let fs = cvt_long(unsafe { libc::syscall(libc::SYS_fsopen, c"devpts".as_ptr(), FSOPEN_CLOEXEC) })?;
     let fs = owned(fs as RawFd);
-    for (key, value) in [(c"ptmxmode", c"0666"), (c"mode", c"0620"), (c"gid", c"5")] {
+    // "source" names it in mountinfo as a mount(2) of "devpts" would.
+    for (key, value) in [(c"source", c"devpts"), (c"ptmxmode", c"0666"), (c"mode", c"0620"), (c"gid", c"5")] {
         // SAFETY: key and value are NUL-terminated; fs is our descriptor.
         cvt_long(unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0) })?;
     }

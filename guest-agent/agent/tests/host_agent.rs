@@ -180,6 +180,8 @@ fn capabilities_no_new_privs_and_mqueue() {
     assert_eq!(privileges(&out), format!("0000000000000000 {d} {d} {d} 0000000000000000 1"));
     let mounts = String::from_utf8_lossy(&out.stdout);
     assert!(mounts.lines().any(|l| l.starts_with("mqueue /dev/mqueue mqueue rw,nosuid,nodev,noexec")), "{mounts}");
+    // The container's own devpts instance, named as a mount of "devpts".
+    assert!(mounts.lines().any(|l| l.starts_with("devpts /dev/pts devpts rw,nosuid,noexec")), "{mounts}");
 
     // A user other than root with an ambient capability, without
     // no_new_privs: CHOWN | KILL | NET_BIND_SERVICE bound, NET_BIND_SERVICE
@@ -956,4 +958,64 @@ fn limits_need_a_guests_cgroups() {
     // Its processes still start (clone3 without a cgroup).
     let p = c.start("free", StdioMode::Null).unwrap();
     assert_eq!(p.wait().unwrap(), 0);
+}
+
+#[test]
+fn a_held_process_runs_its_program_only_once_released() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "held", cmd(&["sh", "-c", "echo ran; cat /marker; exit 4"]));
+    let p = c.prepare("held", StdioMode::Piped { stdin: false }).unwrap();
+    assert!(p.pid > 0);
+    // Set up and waiting: still the agent's program, in its own mount
+    // namespace, with the container's root.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", p.pid)).unwrap();
+    let agent_exe = std::fs::read_link("/proc/self/exe").unwrap();
+    assert_ne!(exe.file_name(), Some(std::ffi::OsStr::new("busybox")), "{exe:?}");
+    let marker = std::fs::read_to_string(format!("/proc/{}/root/marker", p.pid)).unwrap();
+    assert_eq!(marker, "from the image\n", "not in the container's root");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{}/ns/mnt", p.pid)).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        "{agent_exe:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(std::fs::metadata(format!("/proc/{}", p.pid)).is_ok(), "the held process ended");
+    // Released: it runs, and its output is the program's alone.
+    assert_eq!(c.release("held").unwrap(), p.pid);
+    let out = p.output(LIMIT).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\nfrom the image\n");
+    assert_eq!(out.exit_code, 4);
+    // Once only; and never for a container that was not held.
+    let again = c.release("held").unwrap_err();
+    assert!(matches!(&again, Error::Agent(e) if e.kind == ErrorKind::InvalidState), "{again}");
+    create(&c, &agent, "plain", cmd(&["true"]));
+    let not_held = c.release("plain").unwrap_err();
+    assert!(matches!(&not_held, Error::Agent(e) if e.kind == ErrorKind::InvalidState), "{not_held}");
+
+    // A setup that fails fails the prepare (OCI create), naming the step.
+    let mut bad = cmd(&["true"]);
+    bad.mounts = vec![vmrun_agent_protocol::Mount {
+        destination: "/x".into(),
+        fstype: "no-such-fs".into(),
+        source: "none".into(),
+        options: Vec::new(),
+    }];
+    create(&c, &agent, "bad", bad);
+    let err = c.prepare("bad", StdioMode::Null).unwrap_err();
+    assert_eq!(err.exit_code(), Some(126), "{err}");
+    assert!(err.to_string().contains("mount no-such-fs on /x"), "{err}");
+
+    // A held process removed with force is killed.
+    create(&c, &agent, "gone", cmd(&["true"]));
+    let g = c.prepare("gone", StdioMode::Null).unwrap();
+    c.remove_container("gone", true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(format!("/proc/{}", g.pid)).is_ok() {
+        assert!(Instant::now() < deadline, "the held process outlived its container");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

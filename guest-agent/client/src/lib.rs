@@ -509,7 +509,7 @@ impl Client {
     fn process(&self, container: &str, exec_id: Option<&str>, req: Request, streams: Vec<(u32, bool, bool)>, mode: StdioMode) -> Result<Process, Error> {
         let r = self.call(&req, Some(self.opts.request_timeout), "start");
         let pid = match r {
-            Ok(Reply::Started { pid }) => pid,
+            Ok(Reply::Started { pid } | Reply::Prepared { pid }) => pid,
             Ok(other) => return Err(self.unexpected("start", other)),
             Err(e) => {
                 // The agent may still end the output streams: let them
@@ -555,8 +555,27 @@ impl Client {
     /// directory, user): for containers prepared ahead of the run.
     pub fn start_with(&self, container: &str, mode: StdioMode, overrides: Option<&ExecProcess>) -> Result<Process, Error> {
         let (stdio, streams) = self.open_streams(mode);
-        let req = Request::StartContainer { container: container.into(), stdio, process: overrides.cloned() };
+        let req = Request::StartContainer { container: container.into(), stdio, process: overrides.cloned(), hold: false };
         self.process(container, None, req, streams, mode)
+    }
+
+    /// Sets up a created container's process (namespaces, root, mounts)
+    /// and holds it before its program, as OCI `create` does; its streams
+    /// are open from here. [`Client::release`] lets it run.
+    pub fn prepare(&self, container: &str, mode: StdioMode) -> Result<Process, Error> {
+        let (stdio, streams) = self.open_streams(mode);
+        let req = Request::StartContainer { container: container.into(), stdio, process: None, hold: true };
+        self.process(container, None, req, streams, mode)
+    }
+
+    /// Lets a process held by [`Client::prepare`] run its program (OCI
+    /// `start`); an error of kind `CannotRun` when it cannot.
+    pub fn release(&self, container: &str) -> Result<u32, Error> {
+        let req = Request::Release { container: container.into() };
+        match self.call(&req, Some(self.opts.request_timeout), "release")? {
+            Reply::Started { pid } => Ok(pid),
+            r => Err(self.unexpected("release", r)),
+        }
     }
 
     /// Runs another process in a running container.

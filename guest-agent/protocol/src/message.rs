@@ -131,6 +131,18 @@ pub enum Request {
         /// environment, working directory, user.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         process: Option<ExecProcess>,
+        /// Set up the process's namespaces, root and mounts, then hold it
+        /// before its program (OCI `create`): answered with
+        /// [`Reply::Prepared`] once it waits, or with the setup's error;
+        /// [`Request::Release`] lets it run.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hold: bool,
+    },
+    /// Lets a container's process held by `StartContainer { hold: true }`
+    /// go on to its program (OCI `start`). Answered like `StartContainer`.
+    Release {
+        /// The container.
+        container: String,
     },
     /// Runs another process in a running container, like `docker exec`.
     /// Answered like `StartContainer`.
@@ -891,6 +903,12 @@ pub enum Reply {
         /// Its pid in the guest.
         pid: u32,
     },
+    /// The process is set up and held before its program (see
+    /// `StartContainer`'s `hold`).
+    Prepared {
+        /// Its pid in the guest.
+        pid: u32,
+    },
     /// The process ended.
     Exited {
         /// Its exit code as docker reports it: the status it exited with,
@@ -1099,7 +1117,9 @@ mod tests {
                 config: ImageConfig { cmd: vec!["sh".into()], env: vec!["A=b".into()], ..Default::default() },
                 limits: UnpackLimits::default(),
             }),
-            Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 }, process: None },
+            Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 }, process: None, hold: false },
+            Request::StartContainer { container: "c1".into(), stdio: Stdio::Null, process: None, hold: true },
+            Request::Release { container: "c1".into() },
             Request::Exec(Exec {
                 container: "c1".into(),
                 exec_id: "e1".into(),

@@ -300,6 +300,10 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         limits: UnpackLimits::default(),
     })?;
     let watcher = send_copies(&sandbox, &state.guest_id, plan)?;
+    // As runc's create: the process is set up (namespaces, root, mounts)
+    // and waits before its program; a setup that fails fails the create.
+    let mut process = sandbox.prepare_process(&state.guest_id, stdio_mode(tty.as_ref(), false))?;
+    log::debug!("process set up (guest pid {}), held before its program", process.pid);
     run_create_hooks(plan, state)?;
     state.status = Status::Created;
     state.save(dir).map_err(io("writing the state"))?;
@@ -311,7 +315,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     }
 
     log::debug!("starting the process");
-    let mut process = sandbox.start_process(&state.guest_id, stdio_mode(tty.as_ref(), false), None)?;
+    sandbox.release(&state.guest_id)?;
     log::debug!("process started (guest pid {})", process.pid);
     // Signals go to the process now; they no longer cancel the sandbox.
     relay.forward_to(Target {

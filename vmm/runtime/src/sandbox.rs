@@ -143,6 +143,18 @@ impl Sandbox {
         Ok(self.client.start_with(id, mode, overrides)?)
     }
 
+    /// Sets up a created container's process and holds it before its
+    /// program (OCI `create`); [`Sandbox::release`] lets it run.
+    pub fn prepare_process(&self, id: &str, mode: StdioMode) -> Result<Process> {
+        Ok(self.client.prepare(id, mode)?)
+    }
+
+    /// Lets the process held by [`Sandbox::prepare_process`] run (OCI
+    /// `start`); returns its guest pid.
+    pub fn release(&self, id: &str) -> Result<u32> {
+        Ok(self.client.release(id)?)
+    }
+
     /// Gives the guest its network interface's configuration.
     pub fn configure_network(&self, config: &vmrun_agent_protocol::NetworkConfig) -> Result<()> {
         Ok(self.client.configure_network(config)?)
