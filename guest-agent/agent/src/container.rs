@@ -50,6 +50,11 @@ pub struct Container {
     /// Its devpts instance (a detached mount until the first process
     /// attaches it on `/dev/pts`): its terminals come from it.
     pub devpts: Option<OwnedFd>,
+    /// Its mount namespace, held from its first process's start until the
+    /// container is removed: the first process's exit then does not
+    /// unmount everything before its end is reported (the guest is often
+    /// thrown away right after, and the work never done).
+    pub mnt_ns: Option<OwnedFd>,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -175,6 +180,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             seccomp,
             copies: crate::copy::Copies::new(&dir),
             devpts: None,
+            mnt_ns: None,
         })
     })();
     if result.is_err() {

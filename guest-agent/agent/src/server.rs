@@ -1039,7 +1039,10 @@ impl Server {
         let pid = started.pid;
         crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
         if matches!(what, Start::Init(..)) {
+            let ns = format!("/proc/{pid}/ns/mnt");
+            let mnt_ns = sys::cstring(ns.as_str()).and_then(|p| sys::open(&p, libc::O_RDONLY, 0));
             if let Some(ct) = self.containers.get_mut(id) {
+                ct.mnt_ns = mnt_ns.map_err(|e| crate::log::debug(format_args!("{ns}: {e}"))).ok();
                 ct.init_pid = Some(pid);
                 ct.init_pidfd = Some(started.pidfd);
             }
