@@ -362,12 +362,16 @@ fn run_poststart(dir: &Path, st: &State) {
     crate::hooks::run_logged("poststart", &sp.plan.hooks.poststart, &json);
 }
 
-/// Writes `text` and a newline to standard output: a reader that went away
-/// (EPIPE) is an error, not a panic.
+/// Writes `text` and a newline to standard output. A reader that went
+/// away (EPIPE: `state ID | grep -q running`) took what it wanted: not an
+/// error, and never a panic.
 fn print_line(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).map_err(io("writing to standard output"))
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(io("writing to standard output")),
+    }
 }
 
 /// `state`: runc's JSON.

@@ -315,6 +315,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     }
 
     log::debug!("starting the process");
+    // The terminal may have been resized since create (the relay forwards
+    // resizes from here on).
+    if let Some((rows, cols)) = tty.as_ref().and_then(|t| console::window_size(t.as_raw_fd())) {
+        if let Err(e) = sandbox.client().resize(&state.guest_id, None, rows, cols) {
+            log::warn!("resizing the container's terminal: {e}");
+        }
+    }
     sandbox.release(&state.guest_id)?;
     log::debug!("process started (guest pid {})", process.pid);
     // Signals go to the process now; they no longer cancel the sandbox.
