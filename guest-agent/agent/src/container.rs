@@ -588,6 +588,21 @@ pub struct ProcessSpec {
     pub oom_score_adj: Option<i32>,
 }
 
+/// What a process runs (see [`Container::exec_parts`]).
+#[derive(Debug)]
+pub struct ExecParts {
+    /// Where `execve` is tried, in order.
+    pub candidates: Vec<CString>,
+    /// argv.
+    pub argv: Vec<CString>,
+    /// envp.
+    pub envp: Vec<CString>,
+    /// Working directory.
+    pub cwd: CString,
+    /// Directories made, top down, when `cwd` is missing.
+    pub cwd_mkdirs: Vec<CString>,
+}
+
 /// Compiles the seccomp profile of a process of container `id`; a profile
 /// that cannot be is a bad request. Names that are not system calls are
 /// left out, and logged.
@@ -700,8 +715,10 @@ impl Container {
         Ok(ProcessSpec { args: p.args.clone(), env: merge_env(&self.config.env, &p.env), cwd, id, tty, caps, no_new_privs, seccomp, oom_score_adj })
     }
 
-    /// The plan for a process of this container.
-    pub fn plan(&self, spec: &ProcessSpec, stdio: ChildStdio, enter_existing: Option<(i32, i32)>, bind_sources: &[Option<OwnedFd>]) -> Result<Plan, AgentError> {
+    /// What a process of this container runs: its program's `PATH`
+    /// candidates, argv, envp (with the defaults added), working directory
+    /// and the directories above it.
+    pub fn exec_parts(&self, spec: &ProcessSpec) -> Result<ExecParts, AgentError> {
         let mut env = spec.env.clone();
         let has = |env: &[String], n: &str| env.iter().any(|e| env_name(e) == n);
         if !has(&env, "PATH") {
@@ -717,7 +734,18 @@ impl Container {
             env.push("TERM=xterm".into());
         }
         let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
-        let candidates = process::candidates(&spec.args[0], path).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        Ok(ExecParts {
+            candidates: process::candidates(&spec.args[0], path).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?,
+            argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+            envp: env.iter().map(|e| c(e)).collect::<Result<_, _>>()?,
+            cwd: c(&spec.cwd)?,
+            cwd_mkdirs: process::mkdirs_for(&spec.cwd).map_err(|e| internal("path", e))?,
+        })
+    }
+
+    /// The plan for a process of this container.
+    pub fn plan(&self, spec: &ProcessSpec, stdio: ChildStdio, enter_existing: Option<(i32, i32)>, bind_sources: &[Option<OwnedFd>]) -> Result<Plan, AgentError> {
+        let ExecParts { candidates, argv, envp, cwd, cwd_mkdirs } = self.exec_parts(spec)?;
         let enter = match enter_existing {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
             None => Enter::New {
@@ -730,10 +758,10 @@ impl Container {
             enter,
             stdio,
             candidates,
-            argv: spec.args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
-            envp: env.iter().map(|e| c(e)).collect::<Result<_, _>>()?,
-            cwd: c(&spec.cwd)?,
-            cwd_mkdirs: process::mkdirs_for(&spec.cwd).map_err(|e| internal("path", e))?,
+            argv,
+            envp,
+            cwd,
+            cwd_mkdirs,
             uid: spec.id.uid,
             gid: spec.id.gid,
             groups: spec.id.groups.clone(),

@@ -21,6 +21,7 @@ pub mod log;
 pub mod net;
 pub mod paths;
 pub mod process;
+pub mod release;
 pub mod seccomp;
 pub mod server;
 pub mod settings;

@@ -339,12 +339,60 @@ pub fn mkdirs_for(path: &str) -> io::Result<Vec<CString>> {
     Ok(v)
 }
 
+/// What the child does after its container is set up, as pointers made
+/// before `clone`; a held child may be released with another
+/// ([`crate::release`]).
+struct Tail<'a> {
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    candidates: &'a [*const libc::c_char],
+    cwd: *const libc::c_char,
+    cwd_mkdirs: &'a [*const libc::c_char],
+    uid: u32,
+    gid: u32,
+    groups: &'a [libc::gid_t],
+    caps: CapSets,
+    no_new_privs: bool,
+}
+
+/// A held child's gate and the buffers it decodes a release into.
+struct Gate {
+    read: RawFd,
+    write: RawFd,
+    buf: Vec<u8>,
+    ptrs: Vec<*const libc::c_char>,
+    groups: Vec<libc::gid_t>,
+}
+
 /// Clones the child of `plan` and returns at once in the parent.
 pub fn spawn(plan: &Plan) -> io::Result<Started> {
     let (err_r, err_w) = sys::pipe(0)?;
     // Pointer arrays for execve, built before clone.
     let argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let candidates: Vec<*const libc::c_char> = plan.candidates.iter().map(|c| c.as_ptr()).collect();
+    let cwd_mkdirs: Vec<*const libc::c_char> = plan.cwd_mkdirs.iter().map(|c| c.as_ptr()).collect();
+    let tail = Tail {
+        argv: &argv,
+        envp: &envp,
+        candidates: &candidates,
+        cwd: plan.cwd.as_ptr(),
+        cwd_mkdirs: &cwd_mkdirs,
+        uid: plan.uid,
+        gid: plan.gid,
+        groups: &plan.groups,
+        caps: plan.caps,
+        no_new_privs: plan.no_new_privs,
+    };
+    // Where a held child reads what it is released with (it may not
+    // allocate): only for a held child.
+    let mut gate = plan.gate.map(|(read, write)| Gate {
+        read,
+        write,
+        buf: vec![0u8; crate::release::MAX_BYTES],
+        ptrs: vec![std::ptr::null(); crate::release::MAX_STRINGS],
+        groups: vec![0; crate::release::MAX_GROUPS],
+    });
     let mut pidfd: libc::c_int = -1;
     let flags = match plan.enter {
         Enter::New { .. } => libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
@@ -368,7 +416,7 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
     // pidfd; `args` outlives the call.
     let pid = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
     if pid == 0 {
-        child(plan, err_w.as_raw_fd(), &argv, &envp);
+        child(plan, err_w.as_raw_fd(), &tail, gate.as_mut());
     }
     let clone_err = sys::errno();
     if let Enter::Existing { own_pidfd, .. } = plan.enter {
@@ -439,28 +487,58 @@ fn fail(errfd: RawFd, step: u32, errno: i32, code: i32) -> ! {
     }
 }
 
-/// The held child: says it is ready, then waits for the gate's byte.
-fn hold(errfd: RawFd, gate: RawFd, gate_w: RawFd) {
+/// Reads exactly `buf.len()` bytes from the gate; false at its end.
+fn read_gate(fd: RawFd, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unread part of `buf`.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        match n {
+            n if n > 0 => got += n as usize,
+            n if n < 0 && last_errno() == libc::EINTR => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The held child: says it is ready, then waits on the gate for its
+/// release: `1` (run as planned) or `2`, a length and a release
+/// ([`crate::release`]) to run instead. The gate's end without either
+/// calls the start off.
+fn hold(errfd: RawFd, gate: &mut Gate) -> Option<crate::release::View<'_>> {
     let mut rec = [0u8; 12];
     rec[0..4].copy_from_slice(&STEP_READY.to_ne_bytes());
-    let mut b = 0u8;
     // SAFETY: raw system calls in the child on descriptors it holds and a
     // stack buffer.
     unsafe {
-        libc::close(gate_w);
+        libc::close(gate.write);
         if libc::write(errfd, rec.as_ptr().cast(), rec.len()) != rec.len() as isize {
             fail(errfd, STEP_GATE, last_errno(), EXIT_CANNOT_RUN);
         }
-        loop {
-            match libc::read(gate, (&mut b as *mut u8).cast(), 1) {
-                1 => break,
-                n if n < 0 && last_errno() == libc::EINTR => {}
-                // The gate's end without its byte: called off.
-                _ => fail(errfd, STEP_GATE, libc::ECANCELED, EXIT_CANNOT_RUN),
+    }
+    let mut kind = [0u8; 1];
+    if !read_gate(gate.read, &mut kind) {
+        fail(errfd, STEP_GATE, libc::ECANCELED, EXIT_CANNOT_RUN);
+    }
+    let released = match kind[0] {
+        1 => None,
+        2 => {
+            let mut len = [0u8; 4];
+            let n = if read_gate(gate.read, &mut len) { u32::from_ne_bytes(len) as usize } else { usize::MAX };
+            if n > gate.buf.len() || !read_gate(gate.read, &mut gate.buf[..n]) {
+                fail(errfd, STEP_GATE, libc::EINVAL, EXIT_CANNOT_RUN);
+            }
+            match crate::release::decode(&gate.buf[..n], &mut gate.ptrs, &mut gate.groups) {
+                Some(v) => Some(v),
+                None => fail(errfd, STEP_GATE, libc::EINVAL, EXIT_CANNOT_RUN),
             }
         }
-        libc::close(gate);
-    }
+        _ => fail(errfd, STEP_GATE, libc::EINVAL, EXIT_CANNOT_RUN),
+    };
+    // SAFETY: closing the gate, which this child holds.
+    unsafe { libc::close(gate.read) };
+    released
 }
 
 fn last_errno() -> i32 {
@@ -666,7 +744,8 @@ fn set_caps(caps: &CapSets, errfd: RawFd) {
     }
 }
 
-fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
+fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) -> ! {
+    let mut released = None;
     // SAFETY: the whole child makes raw system calls on descriptors and
     // strings prepared by the parent before clone; this single-threaded
     // child never returns (it execs or exits).
@@ -708,8 +787,8 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
                 }
                 let h = hostname.as_bytes();
                 check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
-                if let Some((gate, gate_w)) = plan.gate {
-                    hold(errfd, gate, gate_w);
+                if let Some(gate) = gate {
+                    released = hold(errfd, gate);
                 }
             }
             Enter::Existing { pidfd, .. } => {
@@ -721,6 +800,25 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
             }
         }
 
+        let released_tail;
+        let tail = match released {
+            Some(v) => {
+                released_tail = Tail {
+                    argv: v.argv,
+                    envp: v.envp,
+                    candidates: v.candidates,
+                    cwd: v.cwd,
+                    cwd_mkdirs: v.cwd_mkdirs,
+                    uid: v.uid,
+                    gid: v.gid,
+                    groups: v.groups,
+                    caps: v.caps,
+                    no_new_privs: v.no_new_privs,
+                };
+                &released_tail
+            }
+            None => tail,
+        };
         libc::umask(0o022);
         for (res, lim) in &plan.rlimits {
             check(libc::syscall(libc::SYS_prlimit64, 0, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()), errfd, STEP_RLIMIT);
@@ -732,29 +830,31 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
             check(libc::write(fd, adj.as_ptr().cast(), adj.len()) as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
             libc::close(fd);
         }
-        if libc::chdir(plan.cwd.as_ptr()) < 0 {
+        if libc::chdir(tail.cwd) < 0 {
             if last_errno() != libc::ENOENT {
                 fail(errfd, STEP_CWD, last_errno(), EXIT_CANNOT_RUN);
             }
-            mkdirs(&plan.cwd_mkdirs);
-            check(libc::chdir(plan.cwd.as_ptr()) as libc::c_long, errfd, STEP_CWD);
+            for d in tail.cwd_mkdirs {
+                libc::mkdir(*d, 0o755);
+            }
+            check(libc::chdir(tail.cwd) as libc::c_long, errfd, STEP_CWD);
         }
         // Without no_new_privs, installing a filter takes CAP_SYS_ADMIN:
         // before the capabilities change (runc's order).
-        if let (Some(filter), false) = (&plan.seccomp, plan.no_new_privs) {
+        if let (Some(filter), false) = (&plan.seccomp, tail.no_new_privs) {
             check(filter.install(), errfd, STEP_SECCOMP);
         }
         // Raw system calls: glibc's wrappers would try to change the
         // credentials of the agent's other threads, which this child does
         // not have.
-        drop_bounding(&plan.caps, errfd);
+        drop_bounding(&tail.caps, errfd);
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_CAPS);
-        check(libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()), errfd, STEP_USER);
-        check(libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid), errfd, STEP_USER);
-        check(libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid), errfd, STEP_USER);
+        check(libc::syscall(libc::SYS_setgroups, tail.groups.len(), tail.groups.as_ptr()), errfd, STEP_USER);
+        check(libc::syscall(libc::SYS_setresgid, tail.gid, tail.gid, tail.gid), errfd, STEP_USER);
+        check(libc::syscall(libc::SYS_setresuid, tail.uid, tail.uid, tail.uid), errfd, STEP_USER);
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) as libc::c_long, errfd, STEP_CAPS);
-        set_caps(&plan.caps, errfd);
-        if plan.no_new_privs {
+        set_caps(&tail.caps, errfd);
+        if tail.no_new_privs {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_NO_NEW_PRIVS);
             // As late as possible: the fewest calls under the filter.
             if let Some(filter) = &plan.seccomp {
@@ -766,8 +866,8 @@ fn child(plan: &Plan, errfd: RawFd, argv: &[*const libc::c_char], envp: &[*const
         // remember a permission error.
         let mut denied = 0;
         let mut last = libc::ENOENT;
-        for c in &plan.candidates {
-            libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        for c in tail.candidates {
+            libc::execve(*c, tail.argv.as_ptr(), tail.envp.as_ptr());
             let e = last_errno();
             match e {
                 libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}

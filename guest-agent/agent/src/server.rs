@@ -102,6 +102,9 @@ struct Proc {
     start: Option<(u64, u32)>,
     /// A held first process's gate (the write end): one byte releases it.
     gate: Option<OwnedFd>,
+    /// Keys of its output streams (stdout, then stderr), for a held
+    /// process whose release moves them to another connection.
+    outs: Vec<u64>,
     arg0: String,
     ops: Vec<String>,
 }
@@ -739,7 +742,7 @@ impl Server {
             Request::StartContainer { container, stdio, process, hold } => {
                 self.start(conn, req, &container, Start::Init(process, hold), stdio).map(|()| None)
             }
-            Request::Release { container } => self.release(conn, req, &container).map(|()| None),
+            Request::Release { container, process, stdio } => self.release(conn, req, &container, process, stdio).map(|()| None),
             Request::Exec(e) => self.exec(conn, req, e).map(|()| None),
             Request::Signal { container, exec_id, signal } => self.signal(&container, exec_id.as_deref(), signal).map(|()| Some(Reply::Done)),
             Request::Wait { container, exec_id } => self.wait(conn, req, &container, exec_id.as_deref()),
@@ -951,7 +954,10 @@ impl Server {
         }
     }
 
-    fn register_streams(&mut self, conn: u64, ours: Vec<(u32, OwnedFd, bool)>) {
+    /// Registers the agent's ends of a process's streams on `conn`;
+    /// returns the keys of the output ones, in order.
+    fn register_streams(&mut self, conn: u64, ours: Vec<(u32, OwnedFd, bool)>) -> Vec<u64> {
+        let mut out_keys = Vec::new();
         for (stream, fd, is_input) in ours {
             let key = self.new_id();
             if is_input {
@@ -966,8 +972,10 @@ impl Server {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.outs.insert(stream, key);
                 }
+                out_keys.push(key);
             }
         }
+        out_keys
     }
 
     fn start(&mut self, conn: u64, req: u32, id: &str, what: Start, stdio: Stdio) -> Result<(), AgentError> {
@@ -975,6 +983,10 @@ impl Server {
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
         let (spec, enter, exec_id, binds) = match &what {
             Start::Init(overrides, _) => {
+                if self.discard_held(id) {
+                    crate::log::debug(format_args!("container {id}: its held process was discarded for a fresh start"));
+                }
+                let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
                 if ct.init_pid.is_some() {
                     return Err(err(ErrorKind::InvalidState, format!("container {id} was already started")));
                 }
@@ -1057,11 +1069,15 @@ impl Server {
                 tty: resize,
                 start: Some((conn, req)),
                 gate,
+                outs: Vec::new(),
                 arg0: spec.args[0].clone(),
                 ops,
             },
         );
-        self.register_streams(conn, ours);
+        let out_keys = self.register_streams(conn, ours);
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.outs = out_keys;
+        }
         let key = self.new_id();
         let raw = started.errors.as_raw_fd();
         self.starts.insert(key, (pid, started.errors));
@@ -1100,19 +1116,130 @@ impl Server {
         self.respond(conn, req, r);
     }
 
-    /// Lets a held first process go on to its program; its verdict
-    /// answers the request.
-    fn release(&mut self, conn: u64, req: u32, id: &str) -> Result<(), AgentError> {
-        let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
-        let not_held = || err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start"));
-        let pid = ct.init_pid.ok_or_else(not_held)?;
-        let p = self.procs.get_mut(&pid).ok_or_else(not_held)?;
-        if p.exit.is_some() || p.start.is_some() {
-            return Err(not_held());
+    /// The pid of container `id`'s first process when it is held (set up,
+    /// not yet released).
+    fn held_init(&self, id: &str) -> Option<i32> {
+        let pid = self.containers.get(id)?.init_pid?;
+        let p = self.procs.get(&pid)?;
+        (p.gate.is_some() && p.exit.is_none() && p.start.is_none()).then_some(pid)
+    }
+
+    /// Kills container `id`'s held first process and forgets it, so that
+    /// another can start (a run that cannot use the prepared one). True
+    /// when there was one.
+    fn discard_held(&mut self, id: &str) -> bool {
+        let Some(pid) = self.held_init(id) else { return false };
+        let _ = sys::kill(pid, libc::SIGKILL);
+        if let Some(p) = self.procs.remove(&pid) {
+            for key in p.outs {
+                if let Some(o) = self.outs.remove(&key) {
+                    self.unwatch(o.fd.as_raw_fd());
+                    if let Some(c) = o.conn.and_then(|c| self.conns.get_mut(&c)) {
+                        c.outs.remove(&o.stream);
+                    }
+                }
+            }
         }
-        let gate = p.gate.take().ok_or_else(not_held)?;
-        sys::write(gate.as_fd(), &[1]).map_err(|e| err(ErrorKind::Internal, format!("releasing the process: {e}")))?;
+        let starts: Vec<u64> = self.starts.iter().filter(|(_, (p, _))| *p == pid).map(|(k, _)| *k).collect();
+        for key in starts {
+            if let Some((_, fd)) = self.starts.remove(&key) {
+                self.unwatch(fd.as_raw_fd());
+            }
+        }
+        if let Some(ct) = self.containers.get_mut(id) {
+            ct.init_pid = None;
+            ct.init_pidfd = None;
+            ct.mnt_ns = None;
+            // Its devpts instance went with its mount namespace.
+            ct.devpts = None;
+        }
+        true
+    }
+
+    /// Lets a held first process go on to its program, as planned or with
+    /// `overrides`, its output on new streams of `conn` when `stdio` says;
+    /// its verdict answers the request.
+    fn release(
+        &mut self,
+        conn: u64,
+        req: u32,
+        id: &str,
+        overrides: Option<vmrun_agent_protocol::ExecProcess>,
+        stdio: Option<Stdio>,
+    ) -> Result<(), AgentError> {
+        let pid = self.held_init(id).ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
+        let message = match &overrides {
+            Some(o) => {
+                if !o.mounts.is_empty() || o.seccomp.is_some() || o.oom_score_adj.is_some() {
+                    return Err(err(ErrorKind::BadRequest, "mounts, seccomp and oom_score_adj are set up before the hold: they cannot change at release"));
+                }
+                let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+                let spec = ct.init_spec(false, Some(o))?;
+                let parts = ct.exec_parts(&spec)?;
+                let blob = crate::release::encode(&crate::release::Exec {
+                    argv: &parts.argv,
+                    envp: &parts.envp,
+                    candidates: &parts.candidates,
+                    cwd: &parts.cwd,
+                    cwd_mkdirs: &parts.cwd_mkdirs,
+                    uid: spec.id.uid,
+                    gid: spec.id.gid,
+                    groups: &spec.id.groups,
+                    caps: spec.caps,
+                    no_new_privs: spec.no_new_privs,
+                })
+                .map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+                let mut m = vec![2u8];
+                m.extend_from_slice(&(blob.len() as u32).to_ne_bytes());
+                m.extend_from_slice(&blob);
+                (m, Some(spec.args[0].clone()))
+            }
+            None => (vec![1u8], None),
+        };
+        if let Some(stdio) = &stdio {
+            self.rehome_outputs(conn, pid, stdio)?;
+        }
+        let p = self.procs.get_mut(&pid).ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
+        let gate = p.gate.take().ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
+        if let Some(arg0) = message.1 {
+            p.arg0 = arg0;
+        }
         p.start = Some((conn, req));
+        // The child reads as the agent writes (at most a release's bytes).
+        sys::write_all(gate.as_fd(), &message.0).map_err(|e| err(ErrorKind::Internal, format!("releasing the process: {e}")))?;
+        Ok(())
+    }
+
+    /// Moves held process `pid`'s output streams to new ids on `conn`: it
+    /// was held with pipes for stdout and stderr; `stdio` must ask for
+    /// the same, without input.
+    fn rehome_outputs(&mut self, conn: u64, pid: i32, stdio: &Stdio) -> Result<(), AgentError> {
+        let Stdio::Pipes { stdin: None, stdout: Some(o), stderr: Some(e) } = stdio else {
+            return Err(err(ErrorKind::BadRequest, "a held process's output can only move to new stdout and stderr streams, without input"));
+        };
+        let keys = self.procs.get(&pid).map(|p| p.outs.clone()).unwrap_or_default();
+        let c = self.conns.get(&conn).ok_or_else(|| err(ErrorKind::Internal, "connection gone"))?;
+        if keys.len() != 2 || o == e || c.outs.contains_key(o) || c.outs.contains_key(e) || c.ins.contains_key(o) || c.ins.contains_key(e) {
+            return Err(err(ErrorKind::BadRequest, "the held process's streams do not match (or the stream ids are in use)"));
+        }
+        for (key, new) in keys.into_iter().zip([*o, *e]) {
+            let Some(out) = self.outs.get_mut(&key) else { continue };
+            let (old_conn, old_stream) = (out.conn, out.stream);
+            out.conn = Some(conn);
+            out.stream = new;
+            out.credit = u64::from(STREAM_WINDOW);
+            let (fd, rewatch) = (out.fd.as_raw_fd(), !out.watching);
+            out.watching = true;
+            if rewatch {
+                let _ = self.watch(fd, token(T_OUT, key), libc::EPOLLIN as u32);
+            }
+            if let Some(c) = old_conn.and_then(|c| self.conns.get_mut(&c)) {
+                c.outs.remove(&old_stream);
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.outs.insert(new, key);
+            }
+        }
         Ok(())
     }
 

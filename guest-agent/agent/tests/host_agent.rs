@@ -1019,3 +1019,58 @@ fn a_held_process_runs_its_program_only_once_released() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_held_process_is_released_with_overrides_on_another_connection_or_discarded() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let first = agent.client();
+    create(&first, &agent, "tmpl", cmd(&["sh", "-c", "echo default"]));
+    let held = first.prepare("tmpl", StdioMode::Piped { stdin: false }).unwrap();
+    // The connection that prepared it goes (as a template's does once
+    // snapshotted); a new one releases it with the run's overrides.
+    drop(held);
+    first.close();
+    let c = agent.client();
+    let overrides = ExecProcess {
+        args: names(&["sh", "-c", "echo $X; pwd; id -u; id -g"]),
+        env: names(&["X=over"]),
+        working_dir: Some("/made/here".into()),
+        user: Some("1000:1001".into()),
+        ..Default::default()
+    };
+    // Only pipes without input can take the held process's output.
+    let e = c.release_with("tmpl", Some(&overrides), StdioMode::Piped { stdin: true }).unwrap_err();
+    assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest), "{e}");
+    let mounts = ExecProcess {
+        mounts: vec![vmrun_agent_protocol::Mount { destination: "/m".into(), fstype: "tmpfs".into(), source: "tmpfs".into(), options: Vec::new() }],
+        ..overrides.clone()
+    };
+    let e = c.release_with("tmpl", Some(&mounts), StdioMode::Piped { stdin: false }).unwrap_err();
+    assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest), "{e}");
+    let out = c.release_with("tmpl", Some(&overrides), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!((String::from_utf8_lossy(&out.stdout).as_ref(), out.exit_code), ("over\n/made/here\n1000\n1001\n", 0));
+
+    // A plain start (a run that cannot use the held process, one with a
+    // terminal or input) starts afresh: the held one is killed.
+    create(&c, &agent, "fresh", cmd(&["sh", "-c", "echo default"]));
+    let h = c.prepare("fresh", StdioMode::Piped { stdin: false }).unwrap();
+    let p = c.start("fresh", StdioMode::Piped { stdin: false }).unwrap();
+    assert_ne!(p.pid, h.pid);
+    let out = p.output(LIMIT).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "default\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(format!("/proc/{}", h.pid)).is_ok() {
+        assert!(Instant::now() < deadline, "the discarded held process lives on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A bad release blob never reaches a child: the agent refuses what it
+    // cannot encode.
+    create(&c, &agent, "big", cmd(&["true"]));
+    let _h = c.prepare("big", StdioMode::Piped { stdin: false }).unwrap();
+    let huge = ExecProcess { args: vec!["x".repeat(300 * 1024)], ..Default::default() };
+    let e = c.release_with("big", Some(&huge), StdioMode::Piped { stdin: false }).unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
+}

@@ -571,11 +571,24 @@ impl Client {
     /// Lets a process held by [`Client::prepare`] run its program (OCI
     /// `start`); an error of kind `CannotRun` when it cannot.
     pub fn release(&self, container: &str) -> Result<u32, Error> {
-        let req = Request::Release { container: container.into() };
+        let req = Request::Release { container: container.into(), process: None, stdio: None };
         match self.call(&req, Some(self.opts.request_timeout), "release")? {
             Reply::Started { pid } => Ok(pid),
             r => Err(self.unexpected("release", r)),
         }
+    }
+
+    /// Lets a process held by [`Client::prepare`] (on this connection or
+    /// another, e.g. before a snapshot) run with `overrides` (arguments
+    /// when not empty, extra environment, working directory, user), its
+    /// output on new streams of this connection. `mode` must be pipes
+    /// without input, as the held process's were; an error of kind
+    /// `InvalidState` (nothing held) or `BadRequest` (what cannot change
+    /// at release) leaves the held process as it was.
+    pub fn release_with(&self, container: &str, overrides: Option<&ExecProcess>, mode: StdioMode) -> Result<Process, Error> {
+        let (stdio, streams) = self.open_streams(mode);
+        let req = Request::Release { container: container.into(), process: overrides.cloned(), stdio: Some(stdio) };
+        self.process(container, None, req, streams, mode)
     }
 
     /// Runs another process in a running container.

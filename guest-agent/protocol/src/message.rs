@@ -143,6 +143,17 @@ pub enum Request {
     Release {
         /// The container.
         container: String,
+        /// Overrides of the program, environment, working directory and
+        /// user (a container prepared in a warm-start template); what is
+        /// set up before the hold (mounts, seccomp, `oom_score_adj`)
+        /// cannot change here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        process: Option<ExecProcess>,
+        /// New stream ids on this connection for the held process's
+        /// output (it was held with pipes for stdout and stderr, on a
+        /// connection that may be gone); its input stays closed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stdio: Option<Stdio>,
     },
     /// Runs another process in a running container, like `docker exec`.
     /// Answered like `StartContainer`.
@@ -1119,7 +1130,12 @@ mod tests {
             }),
             Request::StartContainer { container: "c1".into(), stdio: Stdio::Tty { stream: 1, rows: 24, cols: 80 }, process: None, hold: false },
             Request::StartContainer { container: "c1".into(), stdio: Stdio::Null, process: None, hold: true },
-            Request::Release { container: "c1".into() },
+            Request::Release { container: "c1".into(), process: None, stdio: None },
+            Request::Release {
+                container: "c1".into(),
+                process: Some(ExecProcess { args: vec!["ls".into()], ..Default::default() }),
+                stdio: Some(Stdio::Pipes { stdin: None, stdout: Some(4), stderr: Some(5) }),
+            },
             Request::Exec(Exec {
                 container: "c1".into(),
                 exec_id: "e1".into(),
