@@ -155,6 +155,12 @@ impl Sandbox {
         Ok(self.client.release(id)?)
     }
 
+    /// Lets a process held before this VM's snapshot run with `overrides`
+    /// (see [`vmrun_agent_client::Client::release_with`]).
+    pub fn release_with(&self, id: &str, overrides: Option<&ExecProcess>, mode: StdioMode) -> Result<Process> {
+        Ok(self.client.release_with(id, overrides, mode)?)
+    }
+
     /// Gives the guest its network interface's configuration.
     pub fn configure_network(&self, config: &vmrun_agent_protocol::NetworkConfig) -> Result<()> {
         Ok(self.client.configure_network(config)?)

@@ -636,6 +636,8 @@ fn run_container_inner(
             if preparable {
                 unpacked(home, &image, sandbox.create(&create(PREPARED_ID, image_defaults)))?;
                 phases.mark_vm("unpack", &sandbox);
+                hold_ready(&sandbox);
+                phases.mark_vm("container set up and held", &sandbox);
                 sandbox.save_prepared(&prepared_dir);
                 phases.mark_vm("prepared template saved", &sandbox);
                 (sandbox, PREPARED_ID.to_string(), true)
@@ -655,7 +657,9 @@ fn run_container_inner(
     let terminal = matches!(sink, Sink::Terminal);
     let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
     let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
-    let mut process = match sandbox.start_process(&guest_id, mode, prepared.then_some(&overrides)) {
+    let started = if prepared { release_held(&sandbox, &guest_id, &overrides, mode) } else { None };
+    let started = started.unwrap_or_else(|| sandbox.start_process(&guest_id, mode, prepared.then_some(&overrides)));
+    let mut process = match started {
         Ok(p) => p,
         Err(e) => {
             sandbox.stop();
@@ -687,6 +691,45 @@ fn run_container_inner(
     sandbox.stop();
     phases.mark("teardown");
     Ok(code)
+}
+
+/// The output a prepared template's held process has: pipes for stdout
+/// and stderr, no input (a run with a terminal or input starts afresh).
+const HELD_STDIO: vmrun_agent_client::StdioMode = vmrun_agent_client::StdioMode::Piped { stdin: false };
+
+/// Sets up the prepared container's process (namespaces, root, mounts)
+/// and holds it before its program, so that a run restored from the
+/// template only hands over its own program, environment, directory and
+/// user, and the process execs. An image the guest cannot set up that way
+/// (no default command, ...) gets a template without one: runs start the
+/// process afresh.
+fn hold_ready(sandbox: &Sandbox) {
+    if let Err(e) = sandbox.prepare_process(PREPARED_ID, HELD_STDIO) {
+        log::info!("the prepared template holds no process ({e}): runs set the container up themselves");
+    }
+}
+
+/// Starts a prepared container's process by releasing the one its
+/// template holds, when the run can use it: output on pipes, no input,
+/// no volume. `None`: start it afresh (the agent then drops the held one).
+fn release_held(
+    sandbox: &Sandbox,
+    guest_id: &str,
+    overrides: &vmrun_agent_client::ExecProcess,
+    mode: vmrun_agent_client::StdioMode,
+) -> Option<vmrun_runtime::Result<vmrun_agent_client::Process>> {
+    if mode != HELD_STDIO || !overrides.mounts.is_empty() {
+        return None;
+    }
+    match sandbox.release_with(guest_id, Some(overrides), mode) {
+        Err(vmrun_runtime::Error::Agent(vmrun_agent_client::Error::Agent(e)))
+            if matches!(e.kind, vmrun_agent_protocol::ErrorKind::InvalidState | vmrun_agent_protocol::ErrorKind::BadRequest) =>
+        {
+            log::debug!("no held process to release ({}): starting afresh", e.message);
+            None
+        }
+        r => Some(r),
+    }
 }
 
 /// Records in the container's state the template its VM is restored from
