@@ -31,12 +31,13 @@ use std::time::Instant;
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
 /// The phases `vmrun run` reports with `VMRUN_LOG=debug`, in order.
-const PHASES: [&str; 9] = [
+const PHASES: [&str; 10] = [
     "store lookup",
     "layer disk",
     "VM start",
     "guest to agent ready",
     "unpack",
+    "container set up and held",
     "prepared template saved",
     "process run",
     "teardown",

@@ -205,8 +205,9 @@ pub fn prepared_suffix(manifest_digest: &str) -> String {
 
 /// Where the prepared template of an image lives: a snapshot of the base
 /// template's guest after its agent unpacked the image (container
-/// [`PREPARED_ID`], created with the image's own configuration), so that
-/// later runs of the image start its process at once.
+/// [`PREPARED_ID`], created with the image's own configuration) and set
+/// its process up, held before its program, so that later runs of the
+/// image only release it with their own program.
 pub fn prepared_dir(base: &Path, manifest_digest: &str) -> PathBuf {
     let hex = prepared_suffix(manifest_digest);
     let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
