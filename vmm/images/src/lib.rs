@@ -60,4 +60,9 @@ pub mod fuzzing {
             let _ = crate::spec::check_config_platform(&c);
         }
     }
+
+    /// Parses a registry's `WWW-Authenticate` challenge.
+    pub fn challenge(bytes: &[u8]) {
+        let _ = crate::pull::client::parse_challenge(&String::from_utf8_lossy(bytes));
+    }
 }

@@ -343,7 +343,7 @@ fn error_detail_of(bytes: &[u8]) -> String {
 }
 
 /// `scheme k1="v1",k2=v2` → (`scheme`, [(k1, v1), (k2, v2)]).
-fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
+pub(crate) fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
     let s = s.trim();
     let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
     let mut params = Vec::new();
@@ -377,16 +377,11 @@ fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
     (scheme.to_owned(), params)
 }
 
+/// A query parameter's value, percent-encoded but for RFC 3986's
+/// unreserved characters.
 fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
 }
 
 fn basic(c: &Credentials) -> String {
@@ -414,5 +409,6 @@ mod tests {
     fn encodes() {
         assert_eq!(basic(&Credentials::new("user", "pass")), "Basic dXNlcjpwYXNz");
         assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+        assert_eq!(urlencode("a-b_c.d~e é"), "a-b_c.d~e%20%C3%A9");
     }
 }

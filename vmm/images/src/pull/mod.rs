@@ -13,7 +13,7 @@
 //! `certs.d` directory), with the credentials [`PullOptions`] carries
 //! (see [`crate::auth`] for docker's `config.json`).
 
-mod client;
+pub(crate) mod client;
 pub mod pace;
 pub mod tls;
 
