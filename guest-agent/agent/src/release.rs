@@ -235,7 +235,7 @@ mod tests {
         let mut longer = buf.clone();
         longer.push(b'x');
         assert!(decode(&longer, &mut ptrs, &mut groups).is_none());
-        assert!(decode(&buf, &mut vec![std::ptr::null(); 8], &mut groups).is_none());
+        assert!(decode(&buf, &mut [std::ptr::null(); 8], &mut groups).is_none());
         assert!(decode(&buf, &mut ptrs, &mut [0; 1]).is_none());
         // Counts that overflow.
         let mut bad = buf.clone();
