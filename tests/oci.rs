@@ -323,12 +323,24 @@ fn oci_runtime_applies_resources_in_a_guest_cgroup() {
         "cpu": { "quota": 1_000_000, "period": 100_000 },
         "pids": { "limit": 10 }
     });
+    // The VM's cgroup on the host is the spec's cgroupsPath.
+    let cgroups_path = format!("/vmrun-test-{}/c-cg", std::process::id());
     let b = bundle("bundle-cgroup", &["sh", "-c", "trap 'exit 0' TERM; sleep 100000 & wait"], |s| {
         s["annotations"] = serde_json::json!({ "io.vmrun.memory": "512m", "io.vmrun.cpus": "1" });
         s["linux"]["resources"] = limits.clone();
+        s["linux"]["cgroupsPath"] = cgroups_path.clone().into();
     });
     let (out, err) = (support::scratch("cgroup.out"), support::scratch("cgroup.err"));
     let pid = create(&root, &b, "c-cg", &out, &err);
+    let host_dirs = host_cgroup_dirs(&cgroups_path);
+    assert!(!host_dirs.is_empty() && host_dirs.iter().all(|d| d.is_dir()), "{host_dirs:?}");
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(own.contains(&cgroups_path), "the supervisor is in the VM's host cgroup: {own}");
+    // The CPU quota holds for the whole VM on the host; the pids and
+    // memory limits, below what the VM itself needs, only in the guest.
+    let (quota, pids) = host_cgroup_files(&host_dirs);
+    assert_eq!(quota.as_deref(), Some("1000000"), "{host_dirs:?}");
+    assert_eq!(pids.as_deref(), Some("max"), "{host_dirs:?}");
     let s = stats(&root, "c-cg");
     assert_eq!((s["memory"]["usage"]["limit"].as_u64(), s["pids"]["limit"].as_u64()), (Some(64 << 20), Some(10)), "{s}");
     // As under runc: the process is set up at create, held before its
@@ -386,6 +398,7 @@ fn oci_runtime_applies_resources_in_a_guest_cgroup() {
     assert_eq!(wait_pid(pid, &root, "c-cg"), 0);
     assert_fails(&run(&root, &["events", "--stats", "c-cg"]), "not running");
     assert_ok(&run(&root, &["delete", "c-cg"]));
+    assert!(host_dirs.iter().all(|d| !d.exists() && !d.parent().unwrap().exists()), "delete removes what it made: {host_dirs:?}");
 
     // A limit whose controller the guest kernel lacks is refused.
     let b = bundle("bundle-cpuset", &["true"], |s| {
@@ -697,6 +710,26 @@ fn bad_bundles_and_unknown_ids_are_refused() {
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success() && o.stderr.is_empty(), "{:?}: {}", o.status, text(&o.stderr));
+}
+
+/// The host cgroup directories of OCI `cgroupsPath` `path` (absolute).
+fn host_cgroup_dirs(path: &str) -> Vec<PathBuf> {
+    let v2 = vmrun_oci::host_cgroup::is_v2();
+    let hierarchies = vmrun_oci::host_cgroup::hierarchies(v2).unwrap();
+    vmrun_oci::host_cgroup::plan(Path::new(vmrun_oci::host_cgroup::CGROUP_ROOT), v2, &hierarchies, path).unwrap()
+}
+
+/// The CPU quota (microseconds per period) and pids limit in host cgroup
+/// directories `dirs` (v1: in their hierarchies; v2: `cpu.max`).
+fn host_cgroup_files(dirs: &[PathBuf]) -> (Option<String>, Option<String>) {
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    if vmrun_oci::host_cgroup::is_v2() {
+        let d = &dirs[0];
+        return (read(d.join("cpu.max")).and_then(|m| m.split(' ').next().map(str::to_string)), read(d.join("pids.max")));
+    }
+    let quota = dirs.iter().find_map(|d| read(d.join("cpu.cfs_quota_us")));
+    let pids = dirs.iter().find_map(|d| read(d.join("pids.max")));
+    (quota, pids)
 }
 
 /// Finds `name` on PATH.

@@ -481,7 +481,12 @@ impl Cgroup {
             } else {
                 match dir.strip_prefix(CGROUP_ROOT).ok().and_then(|r| r.iter().next()).and_then(|c| c.to_str()) {
                     Some("memory") => vec![("memory.limit_in_bytes", memory.to_string())],
-                    Some("cpu") => vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())],
+                    Some("cpu") => {
+                        // v1 refuses a quota above the parent's (an OCI
+                        // container's host cgroup may have one).
+                        let quota = dir.parent().and_then(parent_quota_for(period)).map_or(quota, |p| p.min(quota));
+                        vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())]
+                    }
                     Some("pids") => vec![("pids.max", MAX_PIDS.to_string())],
                     _ => Vec::new(),
                 }
@@ -723,6 +728,16 @@ fn plan_cgroups(root: &Path, v2: bool, proc_cgroup: &str, parent: Option<&str>, 
     ["memory", "cpu", "pids"].iter().map(|c| (root.join(c), *c)).filter(|(h, _)| h.is_dir()).map(|(h, c)| under(h, c)).collect()
 }
 
+/// A v1 cpu cgroup's quota (none: `-1` or unreadable) over `period`
+/// microseconds: what a child's quota may be at most.
+fn parent_quota_for(period: u64) -> impl Fn(&Path) -> Option<u64> {
+    move |parent: &Path| {
+        let read = |f: &str| std::fs::read_to_string(parent.join(f)).ok()?.trim().parse::<i64>().ok();
+        let (quota, parent_period) = (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?);
+        (quota > 0 && parent_period > 0).then(|| (quota as u64).saturating_mul(period) / parent_period as u64)
+    }
+}
+
 /// Enables the memory, cpu and pids controllers for the children of v2
 /// cgroup `dir` (and, as v2 requires, of its ancestors below the root).
 fn enable_controllers(dir: &Path) -> Result<(), Error> {
@@ -822,6 +837,18 @@ mod tests {
         assert_eq!(uid_for(1), 10_000_001);
         assert_ne!(uid_for(4_194_304), uid_for(4_194_303));
         assert!(uid_for(4_194_304) < u32::MAX);
+    }
+
+    #[test]
+    fn a_quota_stays_within_the_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = parent_quota_for(100_000);
+        assert_eq!(q(dir.path()), None, "no parent quota files");
+        std::fs::write(dir.path().join("cpu.cfs_quota_us"), "50000\n").unwrap();
+        std::fs::write(dir.path().join("cpu.cfs_period_us"), "200000\n").unwrap();
+        assert_eq!(q(dir.path()), Some(25_000));
+        std::fs::write(dir.path().join("cpu.cfs_quota_us"), "-1\n").unwrap();
+        assert_eq!(q(dir.path()), None, "unlimited");
     }
 
     #[test]

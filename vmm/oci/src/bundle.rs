@@ -25,7 +25,8 @@
 //! (ignored: the guest has no swap), `cpu.shares` → `cpu.weight`,
 //! `quota`/`period` → `cpu.max`, `pids.limit` → `pids.max`, `unified` as
 //! written; `cpu.cpus`/`mems` are refused (the guest kernel has no cpuset
-//! controller). Kernel memory, swappiness, realtime CPU time, block I/O,
+//! controller) unless `linux.cgroupsPath` is given: the VM's cgroup on the
+//! host (`crate::host_cgroup`), which applies them. Kernel memory, swappiness, realtime CPU time, block I/O,
 //! huge pages, network classes and RDMA are not applied.
 //! `vmrun-oci events` reads the cgroup's statistics and `vmrun-oci update`
 //! changes its limits (within the VM's memory, which cannot change).
@@ -216,9 +217,13 @@ pub struct Plan {
     /// `linux.rootfsPropagation`.
     #[serde(default)]
     pub rootfs_propagation: Option<Propagation>,
-    /// `linux.resources`, applied to the container's cgroup in the guest.
+    /// `linux.resources`, applied to the container's cgroup in the guest
+    /// (and partly to the VM's host cgroup, see `host_cgroup`).
     #[serde(default)]
     pub resources: Resources,
+    /// `linux.cgroupsPath`: the VM's cgroup on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroups_path: Option<String>,
     /// The hooks run on the host.
     #[serde(default)]
     pub hooks: crate::hooks::Hooks,
@@ -300,6 +305,12 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         devices: linux_plan.devices,
         rootfs_propagation: linux_plan.rootfs_propagation,
         resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()).map(resources).unwrap_or_default(),
+        cgroups_path: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty()),
         hooks,
     })
 }

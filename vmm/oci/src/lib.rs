@@ -27,6 +27,7 @@ pub mod console;
 pub mod copies;
 pub mod error;
 pub mod hooks;
+pub mod host_cgroup;
 pub mod logger;
 pub mod ops;
 pub mod shim;

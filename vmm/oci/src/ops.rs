@@ -146,6 +146,9 @@ fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
 
 /// Removes a container's directories.
 fn remove_dirs(dir: &Path, st: Option<&State>) {
+    if let Some(s) = st {
+        crate::host_cgroup::remove(&s.host_cgroups);
+    }
     if let Some(vm_dir) = st.and_then(|s| s.vm_dir.as_deref()).filter(|d| *d != dir) {
         vmrun_runtime::vm::remove_dir(vm_dir);
     }

@@ -250,6 +250,9 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     };
     let cancel = relay.cancel();
     let base = Sandbox::base_template(&home.templates(), &spec, &|m| log::info!("{m}"), cancel)?;
+    // The VM's cgroup on the host: this supervisor joins it, and the VMM's
+    // jail cgroup is made under it.
+    let host_cpuset = join_host_cgroup(dir, state, plan)?;
     let wait = AgentWait { timeout: Duration::from_secs(120), options: Options::default() };
     let launched = Sandbox::launch(&spec, Origin::Template(&base), None, cancel)?;
     // Recorded at once: a `delete` that has to kill this supervisor
@@ -280,7 +283,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         devices: plan.devices.clone(),
         rootfs_propagation: plan.rootfs_propagation,
         disk_dirs,
-        resources: Box::new(plan.resources.clone()),
+        resources: Box::new(guest_resources(plan, host_cpuset)),
         cgroup: true,
     };
     sandbox.create(&CreateContainer {
@@ -356,6 +359,40 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
+}
+
+/// Makes the spec's `linux.cgroupsPath` on the host, with the host's share
+/// of its limits, and moves this supervisor into it (before the VMM
+/// starts, so that the VMM's jail cgroup is made under it); the
+/// directories made are recorded in the state at once, for `delete`.
+/// Whether the host applies `cpus` and `mems`.
+fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> {
+    let Some(path) = plan.cgroups_path.as_deref() else { return Ok(false) };
+    if path.contains(':') {
+        log::warn!("linux.cgroupsPath {path:?} is in systemd's form (slice:prefix:name), which vmrun-oci does not support: the VM stays in vmrun-oci's cgroup");
+        return Ok(false);
+    }
+    let v2 = crate::host_cgroup::is_v2();
+    let dirs = crate::host_cgroup::plan(Path::new(crate::host_cgroup::CGROUP_ROOT), v2, &crate::host_cgroup::hierarchies(v2)?, path)?;
+    let mut made = Vec::new();
+    let joined = crate::host_cgroup::create_and_join(&dirs, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib), &mut made);
+    state.host_cgroups = made;
+    state.save(dir).map_err(io("writing the state"))?;
+    joined?;
+    log::debug!("the VM's host cgroup: {path}");
+    Ok(true)
+}
+
+/// What the guest's cgroup of the container applies: all of the spec's
+/// limits but `cpus` and `mems` when the host applies them (the guest's
+/// CPUs are the VM's vCPUs).
+fn guest_resources(plan: &Plan, host_cpuset: bool) -> vmrun_agent_protocol::Resources {
+    let mut r = plan.resources.clone();
+    if host_cpuset {
+        r.cpu.cpus = None;
+        r.cpu.mems = None;
+    }
+    r
 }
 
 /// The volume disk of the plan's large bind-mounted directories, all on

@@ -162,6 +162,10 @@ pub struct State {
     /// What an OCI runtime's container adds: its bundle.
     #[serde(default)]
     pub oci: Option<OciBundle>,
+    /// Host cgroup directories made for the container's VM (an OCI
+    /// container's `linux.cgroupsPath`), top down: removed with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_cgroups: Vec<PathBuf>,
 }
 
 /// The bundle an OCI container was created from (`vmrun-oci`).
@@ -211,6 +215,7 @@ impl State {
             ip: None,
             ports: Vec::new(),
             oci: None,
+            host_cgroups: Vec::new(),
         }
     }
 

@@ -1,0 +1,293 @@
+//! The spec's `linux.cgroupsPath` on the host: the cgroup the container's
+//! VM lives in (its supervisor, and under it the VMM's jail cgroup), where
+//! containerd and kubelet expect a container's processes, so that the
+//! node's accounting sees the VM.
+//!
+//! An absolute path is taken from each hierarchy's root, a relative one
+//! from the cgroup `vmrun-oci` runs in (as runc's cgroupfs driver does);
+//! systemd's `slice:prefix:name` form is not supported (a warning). On a
+//! v1 host the directory is made in every mounted hierarchy, on v2 once.
+//!
+//! Which of `linux.resources` hold on the host, for the whole VM: the CPU
+//! ones (shares or weight, quota and period, `cpus` and `mems`), which
+//! only slow the VM or pin it; `pids` and memory limits only when they
+//! leave the VM room (its VMM's threads, its guest memory and the VMM's
+//! own), since below that they would kill the VM rather than limit the
+//! container. Inside the guest the container's own cgroup applies them all
+//! (but `cpus` and `mems`: the guest's CPUs are the VM's vCPUs).
+//!
+//! The directories this makes are recorded in the container's state and
+//! removed by `delete` once the VM's processes are gone.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmrun_agent_protocol::Resources;
+
+use crate::error::{Error, Result};
+
+/// Where the hierarchies are mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// What the VM needs: host limits below it are not applied on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct VmNeeds {
+    /// Guest memory plus the VMM's own, in bytes.
+    pub memory: u64,
+    /// Tasks (threads) of the supervisor and the VMM.
+    pub pids: i64,
+}
+
+impl VmNeeds {
+    /// For a VM of `mem_mib` MiB.
+    pub fn for_vm(mem_mib: u32) -> Self {
+        // The supervisor's threads (a few) beside the jail's allowance.
+        Self { memory: (u64::from(mem_mib) << 20) + vmrun_jail::MEMORY_OVERHEAD, pids: i64::from(vmrun_jail::MAX_PIDS) + 32 }
+    }
+}
+
+fn bad(msg: String) -> Error {
+    Error::Bundle(msg)
+}
+
+/// The cgroup directories of `cgroups_path` under `root`: one per v1
+/// hierarchy (`hierarchies`: their directory names, each with this
+/// process's path in it from `/proc/self/cgroup`), or one under the v2
+/// root.
+pub fn plan(root: &Path, v2: bool, hierarchies: &[(String, String)], cgroups_path: &str) -> Result<Vec<PathBuf>> {
+    if cgroups_path.contains(':') {
+        return Err(bad(format!("linux.cgroupsPath {cgroups_path:?}: the systemd form (slice:prefix:name) is not supported; give a path")));
+    }
+    let p = Path::new(cgroups_path);
+    if p.components().any(|c| matches!(c, Component::ParentDir)) || cgroups_path.trim_matches('/').is_empty() {
+        return Err(bad(format!("linux.cgroupsPath {cgroups_path:?}: not a cgroup below the hierarchy's root")));
+    }
+    let rel = cgroups_path.trim_start_matches('/');
+    let at = |hierarchy: PathBuf, own: &str| {
+        if p.is_absolute() {
+            hierarchy.join(rel)
+        } else {
+            hierarchy.join(own.trim_start_matches('/')).join(rel)
+        }
+    };
+    if v2 {
+        let own = hierarchies.iter().find(|(h, _)| h.is_empty()).map_or("/", |(_, o)| o.as_str());
+        return Ok(vec![at(root.to_path_buf(), own)]);
+    }
+    Ok(hierarchies.iter().filter(|(h, _)| !h.is_empty()).map(|(h, own)| at(root.join(h), own)).collect())
+}
+
+/// The v1 hierarchies mounted under [`CGROUP_ROOT`] (directory names, a
+/// combined one once) with this process's path in each; on v2 the unified
+/// one (an empty name).
+pub fn hierarchies(v2: bool) -> Result<Vec<(String, String)>> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(crate::error::io("reading /proc/self/cgroup"))?;
+    let mut out = Vec::new();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else { continue };
+        if v2 {
+            if ctrls.is_empty() {
+                out.push((String::new(), path.to_string()));
+            }
+            continue;
+        }
+        // "cpu,cpuacct" is mounted as such (or under one of its names);
+        // "name=systemd" as "systemd".
+        let names: Vec<&str> = ctrls.split(',').map(|c| c.trim_start_matches("name=")).collect();
+        let dir = std::iter::once(ctrls.to_string())
+            .chain(names.iter().map(|n| n.to_string()))
+            .find(|d| !d.is_empty() && Path::new(CGROUP_ROOT).join(d).join("cgroup.procs").is_file());
+        if let Some(d) = dir {
+            out.push((d, path.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the host has the unified (v2) hierarchy.
+pub fn is_v2() -> bool {
+    Path::new(CGROUP_ROOT).join("cgroup.controllers").exists()
+}
+
+/// The files written in the directory of hierarchy `hierarchy` (a v1
+/// directory name; empty for v2).
+pub fn files(hierarchy: &str, r: &Resources, vm: VmNeeds) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let c = &r.cpu;
+    let memory = r.memory.limit.filter(|l| *l > 0 && *l as u64 >= vm.memory);
+    let pids = r.pids.limit.filter(|l| *l > 0 && *l >= vm.pids);
+    let has = |name: &str| hierarchy.split(',').any(|h| h == name);
+    if hierarchy.is_empty() {
+        if let Some(s) = c.shares {
+            // runc's conversion of shares to a v2 weight.
+            out.push(("cpu.weight", (1 + (s.clamp(2, 262_144) - 2) * 9999 / 262_142).to_string()));
+        }
+        if c.quota.is_some() || c.period.is_some() {
+            let quota = c.quota.filter(|q| *q > 0).map_or("max".to_string(), |q| q.to_string());
+            out.push(("cpu.max", format!("{quota} {}", c.period.unwrap_or(100_000))));
+        }
+        push_cpuset(&mut out, c);
+        if let Some(l) = memory {
+            out.push(("memory.max", l.to_string()));
+        }
+        if let Some(l) = pids {
+            out.push(("pids.max", l.to_string()));
+        }
+        return out;
+    }
+    if has("cpu") {
+        if let Some(s) = c.shares {
+            out.push(("cpu.shares", s.to_string()));
+        }
+        // The period first: a quota is checked against it.
+        if let Some(p) = c.period {
+            out.push(("cpu.cfs_period_us", p.to_string()));
+        }
+        if let Some(q) = c.quota {
+            out.push(("cpu.cfs_quota_us", q.to_string()));
+        }
+    }
+    if has("cpuset") {
+        push_cpuset(&mut out, c);
+    }
+    if has("memory") {
+        if let Some(l) = memory {
+            out.push(("memory.limit_in_bytes", l.to_string()));
+        }
+    }
+    if has("pids") {
+        if let Some(l) = pids {
+            out.push(("pids.max", l.to_string()));
+        }
+    }
+    out
+}
+
+fn push_cpuset(out: &mut Vec<(&'static str, String)>, c: &vmrun_agent_protocol::CpuResources) {
+    if let Some(cpus) = c.cpus.as_deref().filter(|s| !s.is_empty()) {
+        out.push(("cpuset.cpus", cpus.to_string()));
+    }
+    if let Some(mems) = c.mems.as_deref().filter(|s| !s.is_empty()) {
+        out.push(("cpuset.mems", mems.to_string()));
+    }
+}
+
+/// Makes the cgroup `dirs` (the ones made are added to `made`, top down,
+/// so that they can be removed even when this fails midway), writes the
+/// host's share of `resources` and moves this process into them.
+pub fn create_and_join(dirs: &[PathBuf], r: &Resources, vm: VmNeeds, made: &mut Vec<PathBuf>) -> Result<()> {
+    let root = Path::new(CGROUP_ROOT);
+    for dir in dirs {
+        let hierarchy = dir.strip_prefix(root).ok().and_then(|r| r.iter().next()).map(|c| c.to_string_lossy().into_owned());
+        let hierarchy = if is_v2() { String::new() } else { hierarchy.unwrap_or_default() };
+        let top = if hierarchy.is_empty() { root.to_path_buf() } else { root.join(&hierarchy) };
+        // Each missing level in turn: a v1 cpuset cgroup starts with no
+        // CPUs and memory nodes, and takes its parent's.
+        let mut missing: Vec<&Path> = dir.ancestors().take_while(|a| *a != top && !a.exists()).collect();
+        missing.reverse();
+        for d in missing {
+            std::fs::create_dir(d).map_err(crate::error::io(format!("making cgroup {}", d.display())))?;
+            made.push(d.to_path_buf());
+            if hierarchy.split(',').any(|h| h == "cpuset") {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let parent = d.parent().unwrap_or(&top);
+                    let v = std::fs::read_to_string(parent.join(f)).unwrap_or_default();
+                    std::fs::write(d.join(f), v.trim()).map_err(crate::error::io(format!("cgroup {}/{f}", d.display())))?;
+                }
+            }
+        }
+        let files = files(&hierarchy, r, vm);
+        if hierarchy.is_empty() {
+            enable_controllers(&top, dir, &files);
+        }
+        for (f, v) in files {
+            std::fs::write(dir.join(f), &v).map_err(crate::error::io(format!("setting {f} to {v} in cgroup {}", dir.display())))?;
+        }
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(crate::error::io(format!("joining cgroup {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// On v2: enables the controllers of the `files` to write for the
+/// children of each cgroup from `top` down to `dir`'s parent (best effort:
+/// a cgroup that holds processes cannot; the write of the file then says
+/// what failed).
+fn enable_controllers(top: &Path, dir: &Path, files: &[(&'static str, String)]) {
+    let wanted: Vec<&str> = ["cpu", "cpuset", "memory", "pids"].into_iter().filter(|c| files.iter().any(|(f, _)| f.starts_with(&format!("{c}.")))).collect();
+    let mut chain: Vec<&Path> = dir.ancestors().skip(1).take_while(|a| a.starts_with(top)).collect();
+    chain.reverse();
+    for d in chain {
+        let enabled = std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap_or_default();
+        let missing: Vec<String> = wanted.iter().filter(|c| !enabled.split_whitespace().any(|e| e == **c)).map(|c| format!("+{c}")).collect();
+        if !missing.is_empty() {
+            if let Err(e) = std::fs::write(d.join("cgroup.subtree_control"), missing.join(" ")) {
+                log::debug!("enabling {} in {}: {e}", missing.join(" "), d.display());
+            }
+        }
+    }
+}
+
+/// Removes the cgroup directories `made` (deepest first), waiting up to
+/// 5 s for tasks that are still dying to leave them. What cannot be
+/// removed is logged.
+pub fn remove(made: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for d in made.iter().rev() {
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    log::warn!("cannot remove cgroup {}: {e}", d.display());
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_planned_per_hierarchy_and_bad_ones_refused() {
+        let root = Path::new("/cg");
+        let v1 = vec![("cpu,cpuacct".to_string(), "/".to_string()), ("memory".to_string(), "/jobs/1".to_string())];
+        assert_eq!(plan(root, false, &v1, "/test/c1").unwrap(), vec![PathBuf::from("/cg/cpu,cpuacct/test/c1"), PathBuf::from("/cg/memory/test/c1")]);
+        assert_eq!(plan(root, false, &v1, "pod/c1").unwrap(), vec![PathBuf::from("/cg/cpu,cpuacct/pod/c1"), PathBuf::from("/cg/memory/jobs/1/pod/c1")]);
+        let v2 = vec![(String::new(), "/user.slice".to_string())];
+        assert_eq!(plan(root, true, &v2, "/k8s/pod1/c1").unwrap(), vec![PathBuf::from("/cg/k8s/pod1/c1")]);
+        assert_eq!(plan(root, true, &v2, "c1").unwrap(), vec![PathBuf::from("/cg/user.slice/c1")]);
+        for bad in ["/a/../../etc", "system.slice:docker:c1", "/", ""] {
+            assert!(plan(root, false, &v1, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_limits_that_leave_the_vm_room_hold_on_the_host() {
+        let vm = VmNeeds::for_vm(512);
+        let mut r = Resources::default();
+        r.cpu.shares = Some(2048);
+        r.cpu.quota = Some(50_000);
+        r.cpu.period = Some(100_000);
+        r.cpu.cpus = Some("0".into());
+        r.memory.limit = Some(64 << 20);
+        r.pids.limit = Some(10);
+        let names = |h: &str, r: &Resources| files(h, r, vm).into_iter().map(|(f, v)| format!("{f}={v}")).collect::<Vec<_>>();
+        assert_eq!(names("cpu,cpuacct", &r), ["cpu.shares=2048", "cpu.cfs_period_us=100000", "cpu.cfs_quota_us=50000"]);
+        assert_eq!(names("cpuset", &r), ["cpuset.cpus=0"]);
+        assert!(names("memory", &r).is_empty() && names("pids", &r).is_empty(), "below what the VM needs");
+        r.memory.limit = Some(2 << 30);
+        r.pids.limit = Some(1000);
+        assert_eq!(names("memory", &r), [format!("memory.limit_in_bytes={}", 2u64 << 30)]);
+        assert_eq!(names("pids", &r), ["pids.max=1000"]);
+        assert_eq!(names("", &r), ["cpu.weight=79", "cpu.max=50000 100000", "cpuset.cpus=0", &format!("memory.max={}", 2u64 << 30), "pids.max=1000"]);
+        assert!(names("devices", &r).is_empty());
+    }
+}
