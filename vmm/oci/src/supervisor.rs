@@ -403,18 +403,27 @@ fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout) -> Result<Option
         return Ok(None);
     }
     let path = layout.volume_disk(1);
-    let hosts: Vec<PathBuf> = plan.volumes.iter().map(|v| v.host.clone()).collect();
-    vmrun_runtime::volume::make_dirs_image(&hosts, &path, &layout.vm_dir().join("volumes.staging"))?;
+    // A host directory bound several times is copied once, and bound from
+    // that copy each time (writes through one show through the others, as
+    // on the host).
+    let mut hosts: Vec<PathBuf> = Vec::new();
+    for v in &plan.volumes {
+        if !hosts.contains(&v.host) {
+            hosts.push(v.host.clone());
+        }
+    }
+    let names = vmrun_runtime::volume::disk_dir_names(&hosts);
+    let named: Vec<(PathBuf, String)> = hosts.iter().cloned().zip(names.iter().cloned()).collect();
+    vmrun_runtime::volume::make_dirs_image(&named, &path, &layout.vm_dir().join("volumes.staging"))?;
     // The volume disks: the root copy in slot 0, then this.
     let disk = vmrun_runtime::volume::guest_device(1);
     let dirs = plan
         .volumes
         .iter()
-        .enumerate()
-        .map(|(i, v)| DiskDir {
+        .map(|v| DiskDir {
             disk: disk.clone(),
             fstype: "ext4".into(),
-            subdir: i.to_string(),
+            subdir: named.iter().find(|(h, _)| *h == v.host).map(|(_, n)| n.clone()).unwrap_or_default(),
             destination: v.guest.clone(),
             read_only: v.read_only,
         })

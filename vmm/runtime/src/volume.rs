@@ -132,17 +132,38 @@ pub fn make_dir_image(dir: &Path, out: &Path, what: &str, label: &str, min_bytes
     }
 }
 
+/// The names of host directories `dirs` (all different) on a disk of
+/// several ([`make_dirs_image`]): each its own base name where that is a
+/// plain name no other has, as a bind mount's root reads in the
+/// container's mountinfo under runc; else its index (with a suffix should
+/// a base name already be that number).
+pub fn disk_dir_names(dirs: &[PathBuf]) -> Vec<String> {
+    let base = |d: &PathBuf| d.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty() && n != "." && n != "..");
+    let count = |n: &str| dirs.iter().filter(|d| base(d).as_deref() == Some(n)).count();
+    let mut names: Vec<Option<String>> = dirs.iter().map(|d| base(d).filter(|n| count(n) == 1)).collect();
+    for i in 0..names.len() {
+        if names[i].is_none() {
+            let mut name = i.to_string();
+            while names.iter().any(|n| n.as_deref() == Some(name.as_str())) {
+                name.push('_');
+            }
+            names[i] = Some(name);
+        }
+    }
+    names.into_iter().flatten().collect()
+}
+
 /// Makes one ext4 image at `out` holding copies of several host
-/// directories, `dirs[i]` in the subdirectory named `i` of its root (how
-/// the OCI runtime gives a container any number of bind-mounted
+/// directories, each `(dir, name)` in the subdirectory `name` of its root
+/// (how the OCI runtime gives a container any number of bind-mounted
 /// directories on one disk slot). The directories are first copied under
 /// `staging` (`cp -a --reflink=auto`: a clone where the file system can),
 /// which is removed afterwards.
-pub fn make_dirs_image(dirs: &[PathBuf], out: &Path, staging: &Path) -> Result<()> {
+pub fn make_dirs_image(dirs: &[(PathBuf, String)], out: &Path, staging: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(staging);
     std::fs::create_dir_all(staging)?;
     let result = (|| {
-        for (i, dir) in dirs.iter().enumerate() {
+        for (dir, name) in dirs {
             let meta = std::fs::metadata(dir).map_err(|e| Error::Volume(format!("volume {}: {e}", dir.display())))?;
             if !meta.is_dir() {
                 return Err(Error::Volume(format!("volume {}: not a directory", dir.display())));
@@ -150,7 +171,7 @@ pub fn make_dirs_image(dirs: &[PathBuf], out: &Path, staging: &Path) -> Result<(
             let o = Command::new("cp")
                 .args(["-a", "--reflink=auto", "--no-target-directory"])
                 .arg(dir)
-                .arg(staging.join(i.to_string()))
+                .arg(staging.join(name))
                 .output()
                 .map_err(|e| Error::Volume(format!("cannot run cp: {e}")))?;
             if !o.status.success() {
@@ -177,6 +198,13 @@ mod tests {
         for bad in ["data:/data", "/a", "/a:b", "/a:/", "/a:/b:rx", "/a:/b/../etc", "/a:/b:ro:x", ""] {
             assert!(bad.parse::<Volume>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn directories_on_one_disk_are_named_by_their_base_names_when_unique() {
+        let p = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(disk_dir_names(&p(&["/etc", "/srv/data", "/a/x", "/b/x", "/"])), ["etc", "data", "2", "3", "4"]);
+        assert_eq!(disk_dir_names(&p(&["/a/1", "/b/c", "/d/c"])), ["1", "1_", "2"]);
     }
 
     #[test]
@@ -213,13 +241,15 @@ mod tests {
         std::fs::write(other.join("file"), b"other").unwrap();
         let staging = d.path().join("staging");
         let many = d.path().join("many.img");
-        make_dirs_image(&[d.path().join("src"), other.clone()], &many, &staging).unwrap();
-        for (path, want) in [("/0/sub/file", &b"hello"[..]), ("/1/file", b"other")] {
+        let dirs = [d.path().join("src"), other.clone()];
+        let named: Vec<(PathBuf, String)> = dirs.iter().cloned().zip(disk_dir_names(&dirs)).collect();
+        make_dirs_image(&named, &many, &staging).unwrap();
+        for (path, want) in [("/src/sub/file", &b"hello"[..]), ("/other/file", b"other")] {
             let out = Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(&many).output().unwrap();
             assert_eq!(out.stdout, want, "{path}");
         }
         assert!(!staging.exists(), "the staging copy is removed");
-        let e = make_dirs_image(&[other.join("file")], &many, &staging).unwrap_err().to_string();
+        let e = make_dirs_image(&[(other.join("file"), "f".into())], &many, &staging).unwrap_err().to_string();
         assert!(e.contains("not a directory"), "{e}");
     }
 }
