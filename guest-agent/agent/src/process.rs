@@ -513,6 +513,16 @@ fn hold(errfd: RawFd, gate: &mut Gate) -> Option<crate::release::View<'_>> {
     // stack buffer.
     unsafe {
         libc::close(gate.write);
+        // It may wait long (in a template's snapshot): it keeps none of the
+        // agent's descriptors (they close at execve otherwise), least of
+        // all its vsock sockets, which a restored guest must free for the
+        // host's next connection.
+        let (a, b) = (errfd.min(gate.read) as libc::c_uint, errfd.max(gate.read) as libc::c_uint);
+        for (first, last) in [(3, a.wrapping_sub(1)), (a + 1, b.wrapping_sub(1)), (b + 1, libc::c_uint::MAX)] {
+            if first <= last && last >= 3 {
+                libc::syscall(libc::SYS_close_range, first, last, 0);
+            }
+        }
         if libc::write(errfd, rec.as_ptr().cast(), rec.len()) != rec.len() as isize {
             fail(errfd, STEP_GATE, last_errno(), EXIT_CANNOT_RUN);
         }

@@ -984,6 +984,10 @@ fn a_held_process_runs_its_program_only_once_released() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert!(std::fs::metadata(format!("/proc/{}", p.pid)).is_ok(), "the held process ended");
+    // It keeps none of the agent's descriptors (its sockets above all):
+    // its standard streams, its error pipe and its gate.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.pid)).unwrap().count();
+    assert_eq!(fds, 5, "the held process's descriptors");
     // Released: it runs, and its output is the program's alone.
     assert_eq!(c.release("held").unwrap(), p.pid);
     let out = p.output(LIMIT).unwrap();

@@ -74,6 +74,17 @@ pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// transport reset (from the first one held). It stays under the host's
 /// usual handshake timeouts, so a host learns why rather than timing out.
 pub const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first host port a restored VMM allocates from: somewhere in the
+/// upper half of the host's port range, picked from the clock, so that it
+/// is not where the snapshot's VMM started (`muxer::FIRST_LOCAL_PORT`) nor,
+/// but by a chance of one in 2^28 per connection, where a VMM restored
+/// before was.
+pub fn restored_first_port(now: std::time::SystemTime) -> u32 {
+    let t = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mix = (t.as_secs() as u32).wrapping_mul(0x9e37_79b9) ^ t.subsec_nanos();
+    muxer::FIRST_LOCAL_PORT + (1 << 29) + (mix & ((1 << 29) - 1)) / 2
+}
+
 /// What a host connection refused after [`RESET_ACK_TIMEOUT`] reads.
 pub const RESET_ACK_REFUSAL: &str = "the guest did not handle the vsock transport reset in time";
 
@@ -499,7 +510,11 @@ impl VirtioDevice for Vsock {
 
     fn after_restore(&mut self) {
         // The host streams of the snapshot's VM are gone: the guest must
-        // drop its connections and listen afresh.
+        // drop its connections and listen afresh. Until its processes have
+        // closed their sockets, a new connection on an old one's ports
+        // would be refused: this VMM's host ports start elsewhere than the
+        // snapshot's VMM's did.
+        self.muxer.start_local_ports_at(restored_first_port(std::time::SystemTime::now()));
         self.transport_reset();
     }
 

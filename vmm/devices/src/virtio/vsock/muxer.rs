@@ -409,6 +409,11 @@ impl Muxer {
         self.touch(key);
     }
 
+    /// Where the next host connection's local port is allocated from.
+    pub fn start_local_ports_at(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         // At most MAX_CONNECTIONS ports are taken, so this ends quickly.
         loop {

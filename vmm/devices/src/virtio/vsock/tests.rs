@@ -1314,3 +1314,28 @@ fn driver_reset_closes_held_host_connections() {
     assert_eq!(h.connections(), 0);
     assert!(!h.dev.holding_host_connections());
 }
+
+#[test]
+fn a_restored_device_takes_host_ports_away_from_the_snapshots() {
+    use crate::virtio::VirtioDevice;
+    let at = |s: u64, n: u32| restored_first_port(std::time::UNIX_EPOCH + Duration::new(s, n));
+    let range = FIRST_LOCAL_PORT + (1 << 29)..FIRST_LOCAL_PORT + (1 << 29) + (1 << 28);
+    for (s, n) in [(0, 0), (1_765_000_000, 123), (u32::MAX as u64, 999_999_999)] {
+        assert!(range.contains(&at(s, n)), "{s}.{n}: {}", at(s, n));
+    }
+    assert_ne!(at(1_765_000_000, 1000), at(1_765_000_000, 3000));
+
+    // After a restore, the first host connection's port is not the one a
+    // booted VMM's first connection had (which the snapshot's guest may
+    // still hold a socket of).
+    let mut h = H::new();
+    h.give_events(1);
+    h.give_rx(4);
+    h.dev.after_restore();
+    let _a = h.host_connect_line(1024, b"");
+    h.pump();
+    h.guest_handles_reset();
+    let p = h.take_rx();
+    assert_eq!(ops(&p), [OP_REQUEST]);
+    assert!(range.contains(&p[0].0.src_port), "{}", p[0].0.src_port);
+}
