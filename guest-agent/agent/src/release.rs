@@ -141,7 +141,8 @@ pub fn decode<'a>(buf: &'a [u8], ptrs: &'a mut [*const c_char], groups: &'a mut 
         ambient: set(4)?,
         last_cap: word(buf, 19)?,
     };
-    if ngroups > groups.len() || argc == 0 || argc.checked_add(envc)?.checked_add(ncand)?.checked_add(nmkdirs)?.checked_add(2)? > ptrs.len() {
+    if ngroups > groups.len() || argc == 0 || argc.checked_add(envc)?.checked_add(ncand)?.checked_add(nmkdirs)?.checked_add(2)? > ptrs.len()
+    {
         return None;
     }
     for (i, g) in groups.iter_mut().take(ngroups).enumerate() {
@@ -204,7 +205,8 @@ mod tests {
 
     #[test]
     fn a_release_round_trips_and_bad_ones_are_refused() {
-        let (argv, envp, cand, dirs) = (strings(&["sh", "-c", "echo hi"]), strings(&["A=1", "PATH=/bin"]), strings(&["/bin/sh"]), strings(&["/w"]));
+        let (argv, envp, cand, dirs) =
+            (strings(&["sh", "-c", "echo hi"]), strings(&["A=1", "PATH=/bin"]), strings(&["/bin/sh"]), strings(&["/w"]));
         let caps = CapSets { bounding: 1 << 40 | 5, effective: 5, permitted: 5, inheritable: 0, ambient: 1, last_cap: 40 };
         let e = Exec {
             argv: &argv,

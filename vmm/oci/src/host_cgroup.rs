@@ -215,12 +215,14 @@ pub fn create_and_join(dirs: &[PathBuf], r: &Resources, vm: VmNeeds, made: &mut 
 /// a cgroup that holds processes cannot; the write of the file then says
 /// what failed).
 fn enable_controllers(top: &Path, dir: &Path, files: &[(&'static str, String)]) {
-    let wanted: Vec<&str> = ["cpu", "cpuset", "memory", "pids"].into_iter().filter(|c| files.iter().any(|(f, _)| f.starts_with(&format!("{c}.")))).collect();
+    let wanted: Vec<&str> =
+        ["cpu", "cpuset", "memory", "pids"].into_iter().filter(|c| files.iter().any(|(f, _)| f.starts_with(&format!("{c}.")))).collect();
     let mut chain: Vec<&Path> = dir.ancestors().skip(1).take_while(|a| a.starts_with(top)).collect();
     chain.reverse();
     for d in chain {
         let enabled = std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap_or_default();
-        let missing: Vec<String> = wanted.iter().filter(|c| !enabled.split_whitespace().any(|e| e == **c)).map(|c| format!("+{c}")).collect();
+        let missing: Vec<String> =
+            wanted.iter().filter(|c| !enabled.split_whitespace().any(|e| e == **c)).map(|c| format!("+{c}")).collect();
         if !missing.is_empty() {
             if let Err(e) = std::fs::write(d.join("cgroup.subtree_control"), missing.join(" ")) {
                 log::debug!("enabling {} in {}: {e}", missing.join(" "), d.display());
@@ -259,8 +261,14 @@ mod tests {
     fn paths_are_planned_per_hierarchy_and_bad_ones_refused() {
         let root = Path::new("/cg");
         let v1 = vec![("cpu,cpuacct".to_string(), "/".to_string()), ("memory".to_string(), "/jobs/1".to_string())];
-        assert_eq!(plan(root, false, &v1, "/test/c1").unwrap(), vec![PathBuf::from("/cg/cpu,cpuacct/test/c1"), PathBuf::from("/cg/memory/test/c1")]);
-        assert_eq!(plan(root, false, &v1, "pod/c1").unwrap(), vec![PathBuf::from("/cg/cpu,cpuacct/pod/c1"), PathBuf::from("/cg/memory/jobs/1/pod/c1")]);
+        assert_eq!(
+            plan(root, false, &v1, "/test/c1").unwrap(),
+            vec![PathBuf::from("/cg/cpu,cpuacct/test/c1"), PathBuf::from("/cg/memory/test/c1")]
+        );
+        assert_eq!(
+            plan(root, false, &v1, "pod/c1").unwrap(),
+            vec![PathBuf::from("/cg/cpu,cpuacct/pod/c1"), PathBuf::from("/cg/memory/jobs/1/pod/c1")]
+        );
         let v2 = vec![(String::new(), "/user.slice".to_string())];
         assert_eq!(plan(root, true, &v2, "/k8s/pod1/c1").unwrap(), vec![PathBuf::from("/cg/k8s/pod1/c1")]);
         assert_eq!(plan(root, true, &v2, "c1").unwrap(), vec![PathBuf::from("/cg/user.slice/c1")]);
@@ -287,7 +295,10 @@ mod tests {
         r.pids.limit = Some(1000);
         assert_eq!(names("memory", &r), [format!("memory.limit_in_bytes={}", 2u64 << 30)]);
         assert_eq!(names("pids", &r), ["pids.max=1000"]);
-        assert_eq!(names("", &r), ["cpu.weight=79", "cpu.max=50000 100000", "cpuset.cpus=0", &format!("memory.max={}", 2u64 << 30), "pids.max=1000"]);
+        assert_eq!(
+            names("", &r),
+            ["cpu.weight=79", "cpu.max=50000 100000", "cpuset.cpus=0", &format!("memory.max={}", 2u64 << 30), "pids.max=1000"]
+        );
         assert!(names("devices", &r).is_empty());
     }
 }
