@@ -112,7 +112,8 @@ pub struct Options {
     pub handshake_timeout: Duration,
     /// For requests other than create and wait.
     pub request_timeout: Duration,
-    /// For `create_container` (unpacking in a slow guest takes minutes).
+    /// For `create_container` (unpacking in a slow guest takes minutes)
+    /// and for setting a held process up (`prepare`).
     pub create_timeout: Duration,
 }
 
@@ -507,7 +508,14 @@ impl Client {
     }
 
     fn process(&self, container: &str, exec_id: Option<&str>, req: Request, streams: Vec<(u32, bool, bool)>, mode: StdioMode) -> Result<Process, Error> {
-        let r = self.call(&req, Some(self.opts.request_timeout), "start");
+        // Setting a held process up is part of a create (namespaces,
+        // mounts): it gets create's time, for a guest whose VM may be held
+        // to a small CPU quota.
+        let timeout = match &req {
+            Request::StartContainer { hold: true, .. } => self.opts.create_timeout,
+            _ => self.opts.request_timeout,
+        };
+        let r = self.call(&req, Some(timeout), "start");
         let pid = match r {
             Ok(Reply::Started { pid } | Reply::Prepared { pid }) => pid,
             Ok(other) => return Err(self.unexpected("start", other)),
