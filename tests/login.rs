@@ -74,7 +74,13 @@ impl Setup {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        match stdin.write_all(input.as_bytes()) {
+            // It ended without reading its input (a refused login).
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.unwrap(),
+        }
+        drop(stdin);
         let out = child.wait_with_output().unwrap();
         self.stderr += &String::from_utf8_lossy(&out.stderr);
         self.stderr += &String::from_utf8_lossy(&out.stdout);
