@@ -1059,6 +1059,7 @@ impl Server {
                 ct.init_pidfd = Some(started.pidfd);
             }
         }
+        let outs = self.register_streams(conn, ours);
         self.procs.insert(
             pid,
             Proc {
@@ -1069,15 +1070,11 @@ impl Server {
                 tty: resize,
                 start: Some((conn, req)),
                 gate,
-                outs: Vec::new(),
+                outs,
                 arg0: spec.args[0].clone(),
                 ops,
             },
         );
-        let out_keys = self.register_streams(conn, ours);
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.outs = out_keys;
-        }
         let key = self.new_id();
         let raw = started.errors.as_raw_fd();
         self.starts.insert(key, (pid, started.errors));
@@ -1167,7 +1164,8 @@ impl Server {
         overrides: Option<vmrun_agent_protocol::ExecProcess>,
         stdio: Option<Stdio>,
     ) -> Result<(), AgentError> {
-        let pid = self.held_init(id).ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
+        let not_held = || err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start"));
+        let pid = self.held_init(id).ok_or_else(not_held)?;
         let message = match &overrides {
             Some(o) => {
                 if !o.mounts.is_empty() || o.seccomp.is_some() || o.oom_score_adj.is_some() {
@@ -1199,8 +1197,8 @@ impl Server {
         if let Some(stdio) = &stdio {
             self.rehome_outputs(conn, pid, stdio)?;
         }
-        let p = self.procs.get_mut(&pid).ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
-        let gate = p.gate.take().ok_or_else(|| err(ErrorKind::InvalidState, format!("container {id} has no process waiting to start")))?;
+        let p = self.procs.get_mut(&pid).ok_or_else(not_held)?;
+        let gate = p.gate.take().ok_or_else(not_held)?;
         if let Some(arg0) = message.1 {
             p.arg0 = arg0;
         }

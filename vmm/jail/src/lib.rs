@@ -58,7 +58,8 @@ pub const MAX_PIDS: u32 = 128;
 /// cgroups are made in, instead of the cgroup of the process that starts
 /// the VMM (docker's `--cgroup-parent`).
 pub const CGROUP_PARENT_ENV: &str = "VMRUN_CGROUP_PARENT";
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where the cgroup hierarchies are mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Errors entering the jail; each names the step.
 #[derive(Debug, thiserror::Error)]
@@ -684,7 +685,7 @@ impl Record {
 }
 
 /// Whether the host has the unified (v2) hierarchy at /sys/fs/cgroup.
-fn is_v2() -> bool {
+pub fn is_v2() -> bool {
     Path::new(CGROUP_ROOT).join("cgroup.controllers").exists()
 }
 

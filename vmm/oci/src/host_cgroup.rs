@@ -24,10 +24,9 @@ use std::time::{Duration, Instant};
 
 use vmrun_agent_protocol::Resources;
 
-use crate::error::{Error, Result};
+pub use vmrun_jail::{is_v2, CGROUP_ROOT};
 
-/// Where the hierarchies are mounted.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+use crate::error::{Error, Result};
 
 /// What the VM needs: host limits below it are not applied on the host.
 #[derive(Debug, Clone, Copy)]
@@ -105,11 +104,6 @@ pub fn hierarchies(v2: bool) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Whether the host has the unified (v2) hierarchy.
-pub fn is_v2() -> bool {
-    Path::new(CGROUP_ROOT).join("cgroup.controllers").exists()
-}
-
 /// The files written in the directory of hierarchy `hierarchy` (a v1
 /// directory name; empty for v2).
 pub fn files(hierarchy: &str, r: &Resources, vm: VmNeeds) -> Vec<(&'static str, String)> {
@@ -175,12 +169,13 @@ fn push_cpuset(out: &mut Vec<(&'static str, String)>, c: &vmrun_agent_protocol::
 
 /// Makes the cgroup `dirs` (the ones made are added to `made`, top down,
 /// so that they can be removed even when this fails midway), writes the
-/// host's share of `resources` and moves this process into them.
-pub fn create_and_join(dirs: &[PathBuf], r: &Resources, vm: VmNeeds, made: &mut Vec<PathBuf>) -> Result<()> {
+/// host's share of `resources` and moves this process into them; `v2`:
+/// the host has the unified hierarchy (`dirs` from [`plan`] for it).
+pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, made: &mut Vec<PathBuf>) -> Result<()> {
     let root = Path::new(CGROUP_ROOT);
     for dir in dirs {
         let hierarchy = dir.strip_prefix(root).ok().and_then(|r| r.iter().next()).map(|c| c.to_string_lossy().into_owned());
-        let hierarchy = if is_v2() { String::new() } else { hierarchy.unwrap_or_default() };
+        let hierarchy = if v2 { String::new() } else { hierarchy.unwrap_or_default() };
         let top = if hierarchy.is_empty() { root.to_path_buf() } else { root.join(&hierarchy) };
         // Each missing level in turn: a v1 cpuset cgroup starts with no
         // CPUs and memory nodes, and takes its parent's.

@@ -375,7 +375,7 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
     let v2 = crate::host_cgroup::is_v2();
     let dirs = crate::host_cgroup::plan(Path::new(crate::host_cgroup::CGROUP_ROOT), v2, &crate::host_cgroup::hierarchies(v2)?, path)?;
     let mut made = Vec::new();
-    let joined = crate::host_cgroup::create_and_join(&dirs, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib), &mut made);
+    let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib), &mut made);
     state.host_cgroups = made;
     state.save(dir).map_err(io("writing the state"))?;
     joined?;
