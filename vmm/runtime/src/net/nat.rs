@@ -348,7 +348,11 @@ mod tests {
         let port = held.local_addr().unwrap().port();
         assert!(check_ports(&[p(&format!("{port}:80"))], &[]).is_err(), "a port a host socket holds");
         drop(held);
-        assert!(check_ports(&[p(&format!("{port}:80"))], &others).is_ok());
+        // Once freed, the port may be taken again by any socket of the host
+        // before the check binds it: a free port passes on one of a few tries.
+        let free = |port: u16| check_ports(&[p(&format!("{port}:80"))], &others).is_ok();
+        let unused = || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap().local_addr().unwrap().port();
+        assert!(free(port) || (0..20).any(|_| free(unused())));
     }
 
     #[test]
