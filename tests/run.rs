@@ -813,7 +813,7 @@ fn devnodes_image(dir: &Path, disk: (u32, u32)) -> PathBuf {
 /// What a process in a container must not reach, whatever it runs as: the
 /// guest agent's vsock port (any CID from inside the guest), the devices
 /// of nodes its image brings, and the random state of the template it was
-/// restored from.
+/// restored from; above its root (a `chroot` escape) it finds nothing.
 #[test]
 fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomness() {
     let v = shared();
@@ -849,6 +849,16 @@ fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomne
         assert_eq!(exits.len(), 4, "user {user}: {out}");
         assert!(exits.iter().all(|e| *e == "3" || *e == "4"), "user {user}: the agent was reached from a container:\n{out}");
     }
+    // Above the container's root (root may chroot: docker's default
+    // capabilities): the classic escape climbs no higher than the
+    // container's own root (the directory it made there, its volume),
+    // nothing of the agent's (whose initramfs, the mount namespace's
+    // bottom, was emptied at boot anyway).
+    let o = v.run(&["run", "--rm", "-v", &volume, "busybox", "/probe/probe", "escape", "/x"]);
+    assert_code(&o, 0);
+    let out = text(&o.stdout);
+    let names: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("escaped:")).expect(&out).split_whitespace().collect();
+    assert!(names.contains(&"x") && names.contains(&"probe") && !names.contains(&"init"), "a container's escape from its root found {names:?}");
 
     // Device nodes: an image with world-readable nodes of the layer disk,
     // /dev/zero and /dev/mem outside /dev, and its own /dev/null and

@@ -17,6 +17,11 @@
  *                                (the agent was reached); 3: the connect
  *                                failed; 4: connected, but closed without
  *                                an answer (or none within 10 s)
+ *   probe escape DIR             the classic chroot escape: chroot into DIR
+ *                                (made if missing) keeping the working
+ *                                directory outside, climb with "..", chroot
+ *                                there, then print "escaped:" and the names
+ *                                in "/" (exit 5: a step was refused)
  *
  * Built by the tests with `cc -static`.
  */
@@ -25,7 +30,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <errno.h>
+#include <dirent.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <linux/vm_sockets.h>
 
@@ -101,7 +108,31 @@ static int agent(const char *cid_arg, unsigned port) {
     return 4;
 }
 
+static int escape(const char *dir) {
+    mkdir(dir, 0700);
+    if (chroot(dir) < 0) {
+        printf("chroot %s: %s\n", dir, strerror(errno));
+        return 5;
+    }
+    for (int i = 0; i < 64; i++)
+        if (chdir("..") < 0) return die("chdir ..");
+    if (chroot(".") < 0) {
+        printf("chroot .: %s\n", strerror(errno));
+        return 5;
+    }
+    DIR *d = opendir("/");
+    if (!d) return die("opendir /");
+    printf("escaped:");
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) printf(" %s", e->d_name);
+    printf("\n");
+    closedir(d);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "escape")) return escape(argv[2]);
     if (argc >= 4 && !strcmp(argv[1], "agent")) return agent(argv[2], atoi(argv[3]));
     if (argc >= 4 && !strcmp(argv[1], "connect")) {
         int fd = connect_host(atoi(argv[2]));

@@ -1,6 +1,7 @@
 //! PID 1 in the guest: the first system calls after the kernel hands over.
 //!
-//! Startup to "listening" is a handful of system calls: six mounts, at most
+//! Startup to "listening" is a handful of system calls: a tmpfs made the
+//! root (the initramfs left behind, empty), six mounts, at most
 //! one read of `/proc/cmdline` (none when the settings come as `vmrun_*`
 //! parameters), `umask`, `sigaction`, `sigprocmask`, `signalfd`, then
 //! `socket`, `bind`, `listen`. The Rust runtime's own setup (stack guard
@@ -17,6 +18,57 @@ pub fn monotonic_ms() -> u64 {
     // SAFETY: clock_gettime fills in `t`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}
+
+/// The directory of the initramfs the new root is mounted on, then moved
+/// from.
+const NEW_ROOT: &std::ffi::CStr = c"/root";
+
+/// Leaves the initramfs for a root of its own, as `switch_root` does: a
+/// tmpfs with the mount points, moved over `/`, the initramfs's files
+/// (this program, the console node, the mount points) deleted first. The initramfs stays
+/// the mount namespace's bottom mount (it cannot be unmounted), now empty:
+/// a container whose process gets above its root (`chroot` and `..`)
+/// finds nothing there. And every container's root can now be entered
+/// with `pivot_root` (it needs a root mount with a parent), which leaves
+/// none of the agent's mounts in the container's namespace.
+///
+/// A failure before the move leaves the agent on the initramfs; it is
+/// logged, and containers then cannot start (`pivot_root` is refused).
+pub fn leave_initramfs() {
+    let steps = || -> std::io::Result<()> {
+        // The kernel may have made it (an empty `/root`).
+        // SAFETY: mkdir of a constant path.
+        if unsafe { libc::mkdir(NEW_ROOT.as_ptr(), 0o755) } < 0 && sys::errno().raw_os_error() != Some(libc::EEXIST) {
+            return Err(sys::errno());
+        }
+        sys::mount(Some(c"tmpfs"), NEW_ROOT, Some(c"tmpfs"), libc::MS_NOSUID, Some(c"mode=0755"))?;
+        let root = sys::open(NEW_ROOT, libc::O_DIRECTORY | libc::O_PATH, 0)?;
+        for d in [c"dev", c"proc", c"sys", c"tmp", c"run"] {
+            sys::mkdirat(root.as_fd(), d, 0o755)?;
+        }
+        // What the initramfs holds (`rootfs/initramfs`); a file left over
+        // is logged, not fatal.
+        let top = sys::open(c"/", libc::O_DIRECTORY | libc::O_PATH, 0)?;
+        let files = [c"init", c"dev/console"].map(|f| (f, 0));
+        let dirs = [c"dev", c"proc", c"sys", c"tmp", c"run"].map(|d| (d, libc::AT_REMOVEDIR));
+        for (name, flags) in files.into_iter().chain(dirs) {
+            if let Err(e) = sys::unlinkat(top.as_fd(), name, flags) {
+                crate::log::error(format_args!("removing /{} from the initramfs: {e}", name.to_string_lossy()));
+            }
+        }
+        // SAFETY: plain system calls on constant paths; results checked.
+        unsafe {
+            sys::cvt(libc::chdir(NEW_ROOT.as_ptr()))?;
+            sys::cvt(libc::mount(c".".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()))?;
+            sys::cvt(libc::chroot(c".".as_ptr()))?;
+            sys::cvt(libc::chdir(c"/".as_ptr()))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = steps() {
+        crate::log::error(format_args!("leaving the initramfs: {e}"));
+    }
 }
 
 /// Mounts /proc, /sys, /dev (devtmpfs), /tmp, /run and the cgroup2

@@ -53,6 +53,7 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
     let guest = unsafe { libc::getpid() } == 1;
     let settings = if guest {
         init::tune_malloc();
+        init::leave_initramfs();
         init::mount_basics();
         match init::guest_settings() {
             Ok(s) => s,

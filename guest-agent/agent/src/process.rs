@@ -16,8 +16,7 @@
 //! A container's first process:
 //! `clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
 //! CLONE_PIDFD | CLONE_INTO_CGROUP)`, then in the child: standard streams, `pivot_root` into the
-//! unpacked root (in a guest whose root is the initramfs, where
-//! `pivot_root` is not allowed, `MS_MOVE` over `/` and `chroot`), `/proc`,
+//! unpacked root (the old root detached whole), `/proc`,
 //! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
 //! the configured mounts, the spec's device nodes, the root's propagation,
 //! kernel parameters, the root made read-only, read-only and masked paths
@@ -778,17 +777,11 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) ->
             Enter::New { rootfs, ops, hostname } => {
                 check(libc::chdir(rootfs.as_ptr()) as libc::c_long, errfd, STEP_ROOT);
                 let dot = c".".as_ptr();
-                if libc::syscall(libc::SYS_pivot_root, dot, dot) == 0 {
-                    check(libc::umount2(dot, libc::MNT_DETACH) as libc::c_long, errfd, STEP_ROOT);
-                } else if last_errno() == libc::EINVAL {
-                    // The agent's root is the initramfs (rootfs), which
-                    // pivot_root cannot move: move the container's root
-                    // over it instead.
-                    check(libc::mount(dot, c"/".as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) as libc::c_long, errfd, STEP_ROOT);
-                    check(libc::chroot(dot) as libc::c_long, errfd, STEP_ROOT);
-                } else {
-                    fail(errfd, STEP_ROOT, last_errno(), EXIT_CANNOT_RUN);
-                }
+                // The old root goes whole: nothing of the agent's mounts
+                // stays in the container's namespace (a guest's agent has
+                // left the initramfs, where pivot_root is refused, at boot).
+                check(libc::syscall(libc::SYS_pivot_root, dot, dot), errfd, STEP_ROOT);
+                check(libc::umount2(dot, libc::MNT_DETACH) as libc::c_long, errfd, STEP_ROOT);
                 check(libc::chdir(c"/".as_ptr()) as libc::c_long, errfd, STEP_ROOT);
                 for (i, op) in ops.iter().enumerate() {
                     if run_op(op) < 0 {
