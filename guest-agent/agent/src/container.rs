@@ -7,7 +7,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use vmrun_agent_protocol::{
-    AgentError, Capabilities, CreateContainer, Device, DeviceKind, ErrorKind, ImageConfig, Mount, Propagation, Rlimit, RootfsSpec, SeccompProfile,
+    AgentError, Capabilities, CreateContainer, Device, DeviceKind, ErrorKind, IdMapping, ImageConfig, Mount, Propagation, Rlimit, RootfsSpec,
+    SeccompProfile,
 };
 
 use crate::caps::{self, CapSets};
@@ -166,6 +167,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
         let group = read_in_root(&rootfs, c"etc/group");
         // Refuse a user that cannot be resolved now rather than at start.
         user::resolve(&req.config.user, &passwd, &group).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        id_maps(&req.config)?;
         let seccomp = req.config.seccomp.as_ref().map(|p| compile_seccomp(p, &req.id)).transpose()?;
         Ok(Container {
             id: req.id.clone(),
@@ -278,12 +280,19 @@ pub fn make_devpts(ct: &mut Container) {
 /// kernel parameters, the root made read-only (after the working directory
 /// `cwd` is made), the read-only and the masked paths. The container's
 /// devpts instance, when the agent made one, is attached on `/dev/pts`.
+///
+/// In a user namespace of its own (`user_ns`: the agent's trees), the
+/// container may make neither device nodes nor a `sysfs` of the guest's
+/// network namespace: `/dev` is a tmpfs the agent filled
+/// ([`user_ns_dev`]) and `/sys` the guest's, bound read-only, as runc
+/// does; `/proc` is made before `pivot_root` ([`Op::Fresh`]).
 fn setup_ops(
     config: &ImageConfig,
     root: &Path,
     cwd: &str,
     bind_sources: &[Option<OwnedFd>],
     devpts: Option<BorrowedFd<'_>>,
+    user_ns: Option<&UserNsTrees>,
 ) -> Result<Vec<Op>, AgentError> {
     let mounts = &config.mounts;
     let devices = device_nodes(&config.devices)?;
@@ -300,16 +309,26 @@ fn setup_ops(
     };
     // runc's order: proc, the /dev tmpfs (and its nodes), devpts, shm,
     // mqueue, sysfs.
-    let mut ops = vec![
-        mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
-        mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
-    ];
-    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
-        if config.devices.iter().any(|d| d.path == format!("/dev/{name}")) {
-            // The spec's own node takes its place, as in runc.
-            continue;
+    let mut ops = match user_ns {
+        None => vec![
+            mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
+            mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
+        ],
+        Some(trees) => vec![
+            Op::Fresh {
+                fstype: c"proc".to_owned(),
+                target: c"/proc".to_owned(),
+                attrs: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC,
+                mkdirs: process::mkdirs_for("/proc").map_err(|e| internal("path", e))?,
+                fd: std::sync::atomic::AtomicI32::new(-1),
+            },
+            Op::Attach { tree: trees.dev.as_raw_fd(), target: c"/dev".to_owned(), mkdirs: process::mkdirs_for("/dev").map_err(|e| internal("path", e))?, file: false },
+        ],
+    };
+    if user_ns.is_none() {
+        for (name, major, minor) in standard_nodes(config) {
+            ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
         }
-        ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
     }
     ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
     ops.push(match devpts {
@@ -321,7 +340,14 @@ fn setup_ops(
     ops.push(mount(c"shm", "/dev/shm", c"tmpfs", nosuid_dev_exec, Some(c"mode=1777,size=65536k"))?);
     ops.push(Op::Mkdir { path: c"/dev/mqueue".to_owned(), mode: 0o755 });
     ops.push(mount(c"mqueue", "/dev/mqueue", c"mqueue", nosuid_dev_exec, None)?);
-    ops.push(mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?);
+    match user_ns {
+        None => ops.push(mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?),
+        Some(trees) => {
+            let mkdirs = process::mkdirs_for("/sys").map_err(|e| internal("path", e))?;
+            ops.push(Op::Attach { tree: trees.sys.as_raw_fd(), target: c"/sys".to_owned(), mkdirs, file: false });
+            ops.push(Op::Remount { target: c"/sys".to_owned(), flags: libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nosuid_dev_exec });
+        }
+    }
     for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         ops.push(Op::Symlink { target: c(target)?, path: c(&format!("/dev/{name}"))? });
     }
@@ -375,7 +401,9 @@ fn setup_ops(
             });
         }
     }
-    ops.extend(devices);
+    if user_ns.is_none() {
+        ops.extend(devices);
+    }
     if let Some(p) = config.rootfs_propagation {
         ops.push(Op::Remount { target: c"/".to_owned(), flags: propagation_flags(p) });
     }
@@ -399,6 +427,91 @@ fn setup_ops(
     }
     Ok(ops)
 }
+
+/// The standard device nodes a container's `/dev` gets (name, major,
+/// minor), less those the spec gives itself (its own node takes the
+/// place, as in runc).
+fn standard_nodes(config: &ImageConfig) -> impl Iterator<Item = (&'static str, u32, u32)> + '_ {
+    [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
+        .into_iter()
+        .filter(|(name, _, _)| !config.devices.iter().any(|d| d.path.strip_prefix("/dev/") == Some(name)))
+}
+
+/// The trees the agent makes for a container in a user namespace of its
+/// own (see [`setup_ops`]).
+#[derive(Debug)]
+struct UserNsTrees {
+    /// The container's `/dev`: a tmpfs owned by the container's root,
+    /// with the standard and the spec's device nodes.
+    pub dev: OwnedFd,
+    /// The guest's `/sys`, with the mounts below it.
+    pub sys: OwnedFd,
+}
+
+/// The user namespace's maps of a container's configuration, checked:
+/// `None` without one.
+fn id_maps(config: &ImageConfig) -> Result<Option<process::IdMaps>, AgentError> {
+    let (uids, gids) = (&config.uid_mappings, &config.gid_mappings);
+    if uids.is_empty() && gids.is_empty() {
+        return Ok(None);
+    }
+    let text = |what: &str, map: &[IdMapping]| -> Result<String, AgentError> {
+        vmrun_agent_protocol::check_id_mappings(map).map_err(|e| err(ErrorKind::BadRequest, format!("user namespace: {what}: {e}")))?;
+        if vmrun_agent_protocol::map_id(map, 0).is_none() {
+            return Err(err(ErrorKind::BadRequest, format!("user namespace: {what} does not map the container's root (id 0)")));
+        }
+        Ok(map.iter().map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size)).collect())
+    };
+    Ok(Some(process::IdMaps { uid_map: text("the uid map", uids)?, gid_map: text("the gid map", gids)? }))
+}
+
+/// The guest's id of a container's id, for a node the agent makes.
+fn guest_id(map: &[IdMapping], id: u32, what: &str) -> Result<u32, AgentError> {
+    vmrun_agent_protocol::map_id(map, id).ok_or_else(|| err(ErrorKind::BadRequest, format!("{what} {id} is not in the user namespace's map")))
+}
+
+/// The `/dev` of a container in a user namespace (which may not make
+/// device nodes): a detached tmpfs owned by the container's root, with the
+/// standard nodes and the spec's (owned as the spec says), made here.
+fn user_ns_dev(config: &ImageConfig) -> Result<OwnedFd, AgentError> {
+    let (uids, gids) = (&config.uid_mappings, &config.gid_mappings);
+    let (root_uid, root_gid) = (guest_id(uids, 0, "uid")?, guest_id(gids, 0, "gid")?);
+    let owner = |id: u32| c(&id.to_string());
+    let (uid, gid) = (owner(root_uid)?, owner(root_gid)?);
+    let options = [(c"source", c"tmpfs"), (c"mode", c"755"), (c"size", c"65536k"), (c"uid", uid.as_c_str()), (c"gid", gid.as_c_str())];
+    let dev = sys::new_mount(c"tmpfs", &options, sys::MOUNT_ATTR_NOSUID | MOUNT_ATTR_STRICTATIME).map_err(|e| internal("the container's /dev", e))?;
+    let node = |name: &str, mode: u32, rdev: u64, uid: u32, gid: u32| -> Result<(), AgentError> {
+        let made = |e| internal(&format!("device node /dev/{name}"), e);
+        let mut parent = String::new();
+        let parts: Vec<&str> = name.split('/').collect();
+        for dir in &parts[..parts.len() - 1] {
+            parent.push_str(dir);
+            match sys::mkdirat(dev.as_fd(), &c(&parent)?, 0o755) {
+                Ok(()) => sys::lchownat(dev.as_fd(), &c(&parent)?, root_uid, root_gid).map_err(made)?,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(made(e)),
+            }
+            parent.push('/');
+        }
+        let path = c(name)?;
+        sys::mknodat(dev.as_fd(), &path, mode, rdev).map_err(made)?;
+        sys::fchmodat(dev.as_fd(), &path, mode & 0o7777).map_err(made)?;
+        sys::lchownat(dev.as_fd(), &path, uid, gid).map_err(made)
+    };
+    for (name, major, minor) in standard_nodes(config) {
+        node(name, libc::S_IFCHR | 0o666, libc::makedev(major, minor), 0, 0)?;
+    }
+    for op in device_nodes(&config.devices)? {
+        if let Op::Device { path, mode, dev: rdev, uid, gid, .. } = op {
+            let name = path.to_str().ok().and_then(|p| p.strip_prefix("/dev/")).unwrap_or_default().to_string();
+            node(&name, mode, rdev, guest_id(uids, uid, "device owner")?, guest_id(gids, gid, "device group")?)?;
+        }
+    }
+    Ok(dev)
+}
+
+/// `fsmount`'s attribute: `strictatime`.
+const MOUNT_ATTR_STRICTATIME: libc::c_uint = 0x20;
 
 /// Whether a detached tree (from `open_tree`) is a directory.
 fn is_dir_tree(fd: &OwnedFd) -> bool {
@@ -746,13 +859,29 @@ impl Container {
     /// The plan for a process of this container.
     pub fn plan(&self, spec: &ProcessSpec, stdio: ChildStdio, enter_existing: Option<(i32, i32)>, bind_sources: &[Option<OwnedFd>]) -> Result<Plan, AgentError> {
         let ExecParts { candidates, argv, envp, cwd, cwd_mkdirs } = self.exec_parts(spec)?;
+        let user_ns = id_maps(&self.config)?;
+        if user_ns.is_some() {
+            guest_id(&self.config.uid_mappings, spec.id.uid, "user")?;
+            for g in std::iter::once(&spec.id.gid).chain(&spec.id.groups) {
+                guest_id(&self.config.gid_mappings, *g, "group")?;
+            }
+        }
+        let mut keep = Vec::new();
         let enter = match enter_existing {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
-            None => Enter::New {
-                rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
-                ops: setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, self.devpts.as_ref().map(AsFd::as_fd))?,
-                hostname: c(&self.hostname())?,
-            },
+            None => {
+                let trees = match user_ns {
+                    Some(_) => Some(UserNsTrees {
+                        dev: user_ns_dev(&self.config)?,
+                        sys: sys::clone_tree(c"/sys", true).map_err(|e| internal("the guest's /sys", e))?,
+                    }),
+                    None => None,
+                };
+                let devpts = self.devpts.as_ref().map(AsFd::as_fd);
+                let ops = setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, devpts, trees.as_ref())?;
+                keep.extend(trees.into_iter().flat_map(|t| [t.dev, t.sys]));
+                Enter::New { rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?, ops, hostname: c(&self.hostname())? }
+            }
         };
         Ok(Plan {
             enter,
@@ -772,6 +901,8 @@ impl Container {
             oom_score_adj: spec.oom_score_adj.map(|v| v.to_string()),
             cgroup: None,
             gate: None,
+            user_ns,
+            keep,
         })
     }
 }
@@ -812,7 +943,7 @@ mod tests {
         let (r, w) = sys::pipe(0).unwrap();
         let sources = [None, Some(r), Some(w), None];
         let config = ImageConfig { mounts: mounts.to_vec(), ..Default::default() };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources, None).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources, None, None).unwrap();
         let mut attached = 0;
         for (i, op) in ops.iter().enumerate() {
             match op {
@@ -835,7 +966,7 @@ mod tests {
 
     #[test]
     fn standard_mounts_in_runcs_order() {
-        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[], None).unwrap();
+        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[], None, None).unwrap();
         let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
             .iter()
             .filter_map(|op| match op {
@@ -878,7 +1009,7 @@ mod tests {
     fn setup_refuses_relative_mount_targets() {
         let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
         let config = ImageConfig { mounts: vec![m], ..Default::default() };
-        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None], None).is_err());
+        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None], None, None).is_err());
     }
 
     #[test]
@@ -894,7 +1025,7 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             ..Default::default()
         };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[], None).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[], None, None).unwrap();
         let described: Vec<String> = ops.iter().map(Op::describe).collect();
         let at = |what: &str| described.iter().position(|d| d == what).unwrap_or_else(|| panic!("no {what} in {described:?}"));
         // The spec's /dev/null replaces the standard one.
@@ -913,11 +1044,11 @@ mod tests {
         // Refused: nodes outside /dev, kernel parameters of the whole kernel.
         for path in ["/etc/tun", "/dev/../etc/x", "/dev/", "/devx"] {
             let c = ImageConfig { devices: vec![dev(path, DeviceKind::Block)], ..Default::default() };
-            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None).unwrap_err();
+            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, None).unwrap_err();
             assert!(e.kind == ErrorKind::BadRequest && e.message.contains("under /dev/"), "{path}: {e}");
         }
         let c = ImageConfig { sysctl: BTreeMap::from([("kernel.panic".to_string(), "1".to_string())]), ..Default::default() };
-        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None).unwrap_err();
+        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, None).unwrap_err();
         assert!(e.kind == ErrorKind::BadRequest && e.message.contains("not in a separate kernel namespace"), "{e}");
     }
 }

@@ -51,7 +51,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::caps::CapSets;
 use crate::seccomp;
@@ -168,6 +168,24 @@ pub enum Op {
         /// Path.
         path: CString,
     },
+    /// A new instance of a kernel file system (`proc`), made before
+    /// `pivot_root` (`fsopen`, `fsmount`) and attached at `target` with
+    /// the other steps. In a user namespace of its own, a container may
+    /// mount `proc` only while a fully visible one is in its mount
+    /// namespace: the agent's, until `pivot_root` detaches it.
+    Fresh {
+        /// File system type.
+        fstype: CString,
+        /// Target.
+        target: CString,
+        /// `MOUNT_ATTR_*` flags.
+        attrs: libc::c_uint,
+        /// Directories to create (top down) if the target is missing.
+        mkdirs: Vec<CString>,
+        /// The detached mount, once the child made it (in the child's
+        /// copy of the plan).
+        fd: std::sync::atomic::AtomicI32,
+    },
 }
 
 impl Op {
@@ -186,6 +204,7 @@ impl Op {
             Op::Write { path, .. } => format!("writing {}", path.to_string_lossy()),
             Op::ReadOnly { path } => format!("read-only path {}", path.to_string_lossy()),
             Op::Mask { path } => format!("masked path {}", path.to_string_lossy()),
+            Op::Fresh { fstype, target, .. } => format!("mount {} on {}", fstype.to_string_lossy(), target.to_string_lossy()),
         }
     }
 }
@@ -262,6 +281,24 @@ pub struct Plan {
     /// on this pipe (read end, write end: the child closes its copy of
     /// the write end). Only for [`Enter::New`].
     pub gate: Option<(RawFd, RawFd)>,
+    /// The container's user namespace: made with these maps
+    /// ([`Enter::New`]: the agent writes them, and the rlimits and
+    /// `oom_score_adj`, which need the guest's privileges, before the
+    /// child goes on), or joined ([`Enter::Existing`], limits set before).
+    pub user_ns: Option<IdMaps>,
+    /// Descriptors the steps refer to (detached mount trees), held until
+    /// the child is cloned.
+    pub keep: Vec<OwnedFd>,
+}
+
+/// A user namespace's maps, as written to `/proc/PID/uid_map` and
+/// `gid_map` (`container-id guest-id count` lines).
+#[derive(Debug, Clone)]
+pub struct IdMaps {
+    /// The uid map.
+    pub uid_map: String,
+    /// The gid map.
+    pub gid_map: String,
 }
 
 /// What the error pipe said so far.
@@ -310,6 +347,7 @@ const STEP_OOM_SCORE_ADJ: u32 = 12;
 const STEP_READY: u32 = 13;
 /// The gate closed without its byte: the start was called off.
 const STEP_GATE: u32 = 14;
+const STEP_USER_NS: u32 = 15;
 const STEP_OPS: u32 = 100;
 
 /// The `PATH` search: where `execve` is tried for `arg0`.
@@ -393,8 +431,19 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
         groups: vec![0; crate::release::MAX_GROUPS],
     });
     let mut pidfd: libc::c_int = -1;
+    // A new user namespace's child waits for its maps on this pipe.
+    let user_ns_sync = match (&plan.enter, &plan.user_ns) {
+        (Enter::New { .. }, Some(_)) => Some(sys::pipe(0)?),
+        _ => None,
+    };
     let flags = match plan.enter {
-        Enter::New { .. } => libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+        Enter::New { .. } => {
+            libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
+        }
         Enter::Existing { pidfd, .. } => {
             // SAFETY: setns on a pidfd we hold; it changes only which PID
             // namespace this thread's next child is created in.
@@ -415,7 +464,7 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
     // pidfd; `args` outlives the call.
     let pid = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
     if pid == 0 {
-        child(plan, err_w.as_raw_fd(), &tail, gate.as_mut());
+        child(plan, err_w.as_raw_fd(), &tail, gate.as_mut(), user_ns_sync.as_ref().map(|(r, _)| r.as_raw_fd()));
     }
     let clone_err = sys::errno();
     if let Enter::Existing { own_pidfd, .. } = plan.enter {
@@ -430,7 +479,44 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
     drop(err_w);
     // SAFETY: CLONE_PIDFD stored a new descriptor that we now own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    if let (Some((_, go)), Some(maps)) = (&user_ns_sync, &plan.user_ns) {
+        if let Err(e) = set_up_user_ns(pid as i32, maps, plan, go.as_fd()) {
+            // It waits for its maps: it never ran anything of its own.
+            let _ = sys::kill(pid as i32, libc::SIGKILL);
+            return Err(e);
+        }
+    }
     Ok(Started { pid: pid as i32, pidfd, errors: err_r })
+}
+
+/// From the agent, for a child in a new user namespace: its maps, then
+/// what only the guest's root may do (raise hard rlimits, lower
+/// `oom_score_adj`), then the byte that lets it go on.
+fn set_up_user_ns(pid: i32, maps: &IdMaps, plan: &Plan, go: BorrowedFd<'_>) -> io::Result<()> {
+    let write = |file: &str, data: &[u8]| -> io::Result<()> {
+        let path = cstring(format!("/proc/{pid}/{file}"))?;
+        let fd = sys::open(&path, libc::O_WRONLY, 0)?;
+        // One write: the kernel takes a map in a single write only.
+        match sys::write(fd.as_fd(), data) {
+            Ok(n) if n == data.len() => Ok(()),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::WriteZero, format!("{file}: short write"))),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{file}: {e}"))),
+        }
+    };
+    write("uid_map", maps.uid_map.as_bytes())?;
+    write("gid_map", maps.gid_map.as_bytes())?;
+    for (res, lim) in &plan.rlimits {
+        // SAFETY: prlimit64 of our child, reading one rlimit.
+        let r = unsafe { libc::syscall(libc::SYS_prlimit64, pid, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()) };
+        if r < 0 {
+            let e = sys::errno();
+            return Err(io::Error::new(e.kind(), format!("rlimit {res}: {e}")));
+        }
+    }
+    if let Some(adj) = &plan.oom_score_adj {
+        write("oom_score_adj", adj.as_bytes())?;
+    }
+    sys::write_all(go, &[1])
 }
 
 /// Reads the child's verdict from the error pipe (once it is readable):
@@ -465,6 +551,7 @@ pub fn read_verdict(errors: BorrowedFd<'_>, plan_ops: &[String], arg0: &str) -> 
         STEP_SECCOMP => "installing the seccomp filter".to_string(),
         STEP_OOM_SCORE_ADJ => "setting oom_score_adj".to_string(),
         STEP_GATE => "waiting to be started".to_string(),
+        STEP_USER_NS => "becoming root of the user namespace".to_string(),
         s if s >= STEP_OPS => plan_ops.get((s - STEP_OPS) as usize).cloned().unwrap_or_else(|| "container setup".into()),
         _ => "setup".to_string(),
     };
@@ -568,6 +655,31 @@ fn mkdirs(dirs: &[CString]) {
     }
 }
 
+/// Attaches the detached mount `tree` at `target` (`move_mount`); a
+/// missing target is made first (an empty file when `file`).
+fn attach(tree: libc::c_int, target: &CStr, dirs: &[CString], file: bool) -> libc::c_int {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_long = 4;
+    // SAFETY: raw system calls on a descriptor and NUL-terminated paths
+    // prepared before clone.
+    unsafe {
+        let m = || libc::syscall(libc::SYS_move_mount, tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) as libc::c_int;
+        let mut r = m();
+        if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
+            if file {
+                mkdirs(&dirs[..dirs.len() - 1]);
+                let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o644);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            } else {
+                mkdirs(dirs);
+            }
+            r = m();
+        }
+        r
+    }
+}
+
 fn run_op(op: &Op) -> libc::c_int {
     let p = |s: &Option<CString>| s.as_deref().map_or(std::ptr::null(), CStr::as_ptr);
     // SAFETY: in every arm, each pointer is a NUL-terminated string
@@ -583,24 +695,8 @@ fn run_op(op: &Op) -> libc::c_int {
                 }
                 r
             }
-            Op::Attach { tree, target, mkdirs: dirs, file } => {
-                const MOVE_MOUNT_F_EMPTY_PATH: libc::c_long = 4;
-                let m = || libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) as libc::c_int;
-                let mut r = m();
-                if r < 0 && last_errno() == libc::ENOENT && !dirs.is_empty() {
-                    if *file {
-                        mkdirs(&dirs[..dirs.len() - 1]);
-                        let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o644);
-                        if fd >= 0 {
-                            libc::close(fd);
-                        }
-                    } else {
-                        mkdirs(dirs);
-                    }
-                    r = m();
-                }
-                r
-            }
+            Op::Attach { tree, target, mkdirs: dirs, file } => attach(*tree, target, dirs, *file),
+            Op::Fresh { target, mkdirs: dirs, fd, .. } => attach(fd.load(std::sync::atomic::Ordering::Relaxed), target, dirs, false),
             Op::Remount { target, flags } => libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()),
             // Into the fresh tmpfs on /dev: a node already there is not
             // ours, so it is an error, not taken as the one asked for.
@@ -753,7 +849,54 @@ fn set_caps(caps: &CapSets, errfd: RawFd) {
     }
 }
 
-fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) -> ! {
+/// Makes an [`Op::Fresh`]'s detached mount (in the child, before
+/// `pivot_root`); -1 with errno set on failure.
+fn make_fresh(op: &Op) -> libc::c_int {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    let Op::Fresh { fstype, attrs, fd, .. } = op else { return 0 };
+    // SAFETY: raw system calls on NUL-terminated strings prepared before
+    // clone and on the descriptor fsopen returned, closed on every path.
+    unsafe {
+        let fs = libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) as libc::c_int;
+        if fs < 0 {
+            return -1;
+        }
+        let source = libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_SET_STRING, c"source".as_ptr(), fstype.as_ptr(), 0);
+        let created = source >= 0
+            && libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0) >= 0;
+        let m = if created { libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, *attrs) as libc::c_int } else { -1 };
+        let e = last_errno();
+        libc::close(fs);
+        if m < 0 {
+            *libc::__errno_location() = e;
+            return -1;
+        }
+        fd.store(m, std::sync::atomic::Ordering::Relaxed);
+        0
+    }
+}
+
+/// The rlimits and `oom_score_adj` of the plan, set on this process.
+fn set_limits(plan: &Plan, errfd: RawFd) {
+    // SAFETY: raw system calls on data prepared before clone.
+    unsafe {
+        for (res, lim) in &plan.rlimits {
+            check(libc::syscall(libc::SYS_prlimit64, 0, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()), errfd, STEP_RLIMIT);
+        }
+        // Before the uid changes: lowering it takes CAP_SYS_RESOURCE.
+        if let Some(adj) = &plan.oom_score_adj {
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            check(fd as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
+            check(libc::write(fd, adj.as_ptr().cast(), adj.len()) as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
+            libc::close(fd);
+        }
+    }
+}
+
+fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, user_ns_sync: Option<RawFd>) -> ! {
     let mut released = None;
     // SAFETY: the whole child makes raw system calls on descriptors and
     // strings prepared by the parent before clone; this single-threaded
@@ -775,7 +918,31 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) ->
 
         match &plan.enter {
             Enter::New { rootfs, ops, hostname } => {
+                if let Some(sync) = user_ns_sync {
+                    let mut go = [0u8; 1];
+                    if !read_gate(sync, &mut go) {
+                        fail(errfd, STEP_USER_NS, libc::ECANCELED, EXIT_CANNOT_RUN);
+                    }
+                    libc::close(sync);
+                    // The root, as copied into a namespace of a user
+                    // namespace of its own, is locked to its place, and
+                    // pivot_root refuses it: a bind of it made here is not.
+                    let bind = libc::MS_BIND | libc::MS_REC;
+                    check(libc::mount(rootfs.as_ptr(), rootfs.as_ptr(), std::ptr::null(), bind, std::ptr::null()) as libc::c_long, errfd, STEP_ROOT);
+                }
+                // Still the guest's root (the maps may not map it): the
+                // path to the root is the agent's.
                 check(libc::chdir(rootfs.as_ptr()) as libc::c_long, errfd, STEP_ROOT);
+                if user_ns_sync.is_some() {
+                    // Root of the new user namespace (its maps are written).
+                    check(libc::syscall(libc::SYS_setresgid, 0, 0, 0), errfd, STEP_USER_NS);
+                    check(libc::syscall(libc::SYS_setresuid, 0, 0, 0), errfd, STEP_USER_NS);
+                }
+                for (i, op) in ops.iter().enumerate() {
+                    if make_fresh(op) < 0 {
+                        fail(errfd, STEP_OPS + i as u32, last_errno(), EXIT_CANNOT_RUN);
+                    }
+                }
                 let dot = c".".as_ptr();
                 // The old root goes whole: nothing of the agent's mounts
                 // stays in the container's namespace (a guest's agent has
@@ -795,11 +962,13 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) ->
                 }
             }
             Enter::Existing { pidfd, .. } => {
-                check(
-                    libc::setns(*pidfd, libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as libc::c_long,
-                    errfd,
-                    STEP_NAMESPACES,
-                );
+                let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+                if plan.user_ns.is_some() {
+                    // With the guest's privileges, which it then leaves.
+                    set_limits(plan, errfd);
+                    flags |= libc::CLONE_NEWUSER;
+                }
+                check(libc::setns(*pidfd, flags) as libc::c_long, errfd, STEP_NAMESPACES);
             }
         }
 
@@ -823,15 +992,10 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>) ->
             None => tail,
         };
         libc::umask(0o022);
-        for (res, lim) in &plan.rlimits {
-            check(libc::syscall(libc::SYS_prlimit64, 0, *res, lim as *const libc::rlimit, std::ptr::null_mut::<libc::rlimit>()), errfd, STEP_RLIMIT);
-        }
-        // Before the uid changes: lowering it takes CAP_SYS_RESOURCE.
-        if let Some(adj) = &plan.oom_score_adj {
-            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            check(fd as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
-            check(libc::write(fd, adj.as_ptr().cast(), adj.len()) as libc::c_long, errfd, STEP_OOM_SCORE_ADJ);
-            libc::close(fd);
+        // In a user namespace, the agent (a new one) or the step before
+        // entering it (an existing one) set them.
+        if plan.user_ns.is_none() {
+            set_limits(plan, errfd);
         }
         if libc::chdir(tail.cwd) < 0 {
             if last_errno() != libc::ENOENT {

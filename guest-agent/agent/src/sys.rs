@@ -299,17 +299,30 @@ pub fn open_pty_in(devpts: BorrowedFd<'_>) -> io::Result<(OwnedFd, OwnedFd)> {
 /// in no mount namespace until `move_mount` attaches it), `nosuid` and
 /// `noexec`, with runc's options `ptmxmode=0666,mode=0620,gid=5`.
 pub fn new_devpts() -> io::Result<OwnedFd> {
+    // "source" names it in mountinfo as a mount(2) of "devpts" would.
+    let options = [(c"source", c"devpts"), (c"ptmxmode", c"0666"), (c"mode", c"0620"), (c"gid", c"5")];
+    new_mount(c"devpts", &options, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
+}
+
+/// `fsmount`'s attribute: `nosuid`.
+pub const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+/// `fsmount`'s attribute: `nodev`.
+pub const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+/// `fsmount`'s attribute: `noexec`.
+pub const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// A new instance of the file system `fstype` with string `options`, as a
+/// detached mount with the attributes `attrs` (`MOUNT_ATTR_*`): a
+/// directory descriptor of its root, which `move_mount` can attach.
+pub fn new_mount(fstype: &CStr, options: &[(&CStr, &CStr)], attrs: libc::c_uint) -> io::Result<OwnedFd> {
     const FSOPEN_CLOEXEC: libc::c_uint = 1;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-    const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
     // SAFETY: the name is NUL-terminated; the result is checked.
-    let fs = cvt_long(unsafe { libc::syscall(libc::SYS_fsopen, c"devpts".as_ptr(), FSOPEN_CLOEXEC) })?;
+    let fs = cvt_long(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })?;
     let fs = owned(fs as RawFd);
-    // "source" names it in mountinfo as a mount(2) of "devpts" would.
-    for (key, value) in [(c"source", c"devpts"), (c"ptmxmode", c"0666"), (c"mode", c"0620"), (c"gid", c"5")] {
+    for (key, value) in options {
         // SAFETY: key and value are NUL-terminated; fs is our descriptor.
         cvt_long(unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0) })?;
     }
@@ -318,7 +331,7 @@ pub fn new_devpts() -> io::Result<OwnedFd> {
         libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0)
     })?;
     // SAFETY: fsmount of a created file system context; the result is checked.
-    let m = cvt_long(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC) })?;
+    let m = cvt_long(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
     Ok(owned(m as RawFd))
 }
 

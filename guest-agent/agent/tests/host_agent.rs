@@ -1078,3 +1078,94 @@ fn a_held_process_is_released_with_overrides_on_another_connection_or_discarded(
     let e = c.release_with("big", Some(&huge), StdioMode::Piped { stdin: false }).unwrap_err();
     assert!(e.to_string().contains("too large"), "{e}");
 }
+
+/// A container with a user namespace of its own: its ids are the map's
+/// (root inside, 100000 outside), its `/dev` (the standard nodes and the
+/// spec's, owned as the map says) and `/proc` work, `/sys` is the
+/// guest's read-only, an rlimit holds, an exec'd process joins the same
+/// namespace, and maps the kernel would refuse are refused first.
+#[test]
+fn a_user_namespace_maps_ids_and_keeps_the_standard_mounts() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let map = || vec![vmrun_agent_protocol::IdMapping { container_id: 0, host_id: 100000, size: 65536 }];
+    let dev = |path: &str, major, minor, mode, uid, gid| vmrun_agent_protocol::Device {
+        path: path.into(),
+        kind: vmrun_agent_protocol::DeviceKind::Char,
+        major,
+        minor,
+        file_mode: mode,
+        uid,
+        gid,
+    };
+    let script = "echo uid_map: $(cat /proc/self/uid_map); echo gid_map: $(cat /proc/self/gid_map); \
+                  echo id: $(id -u):$(id -g); echo dev: $(stat -c '%u:%g %a' /dev); \
+                  echo null: $(echo x > /dev/null && echo ok) $(stat -c '%t:%T' /dev/null); \
+                  echo mynull: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c); \
+                  echo tun: $(stat -c '%F %t:%T' /dev/net/tun); \
+                  echo sys: $(ls /sys | grep -c class) $(touch /sys/x 2>&1 | grep -o 'Read-only file system'); \
+                  echo marker: $(stat -c %u /marker); echo pid1: $(cat /proc/1/comm); \
+                  echo nofile: $(ulimit -n); echo mknod: $(mknod /tmp/n c 1 3 2>&1 | grep -o 'not permitted')";
+    let config = ImageConfig {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: "0:0".into(),
+        uid_mappings: map(),
+        gid_mappings: map(),
+        devices: vec![dev("/dev/mynull", 1, 3, Some(0o640), Some(1000), Some(10)), dev("/dev/net/tun", 10, 200, None, None, None)],
+        rlimits: vec![vmrun_agent_protocol::Rlimit { resource: "RLIMIT_NOFILE".into(), soft: 123, hard: 456 }],
+        ..Default::default()
+    };
+    // Mount points in the image: the container's root (100000 in the guest)
+    // may not make them in a root the guest's root owns (as with runc).
+    let layer = {
+        let mut l = applets(&["stat", "touch", "grep", "mkdir", "mknod"]);
+        l.dir("proc", 0o755).dir("dev", 0o755).dir("sys", 0o755).dir("tmp", 0o1777);
+        l.finish()
+    };
+    let text = run_to_end(&c, &agent, "userns", vec![layer.clone()], config.clone());
+    assert_eq!(line(&text, "uid_map"), "0 100000 65536", "{text}");
+    assert_eq!(line(&text, "gid_map"), "0 100000 65536");
+    assert_eq!(line(&text, "id"), "0:0");
+    assert_eq!(line(&text, "dev"), "0:0 755", "the container's root owns its /dev");
+    assert_eq!(line(&text, "null"), "ok 1:3");
+    assert_eq!(line(&text, "mynull"), "character special file 1:3 640 1000:10 0");
+    assert_eq!(line(&text, "tun"), "character special file a:c8");
+    assert_eq!(line(&text, "sys"), "1 Read-only file system", "the guest's /sys, read-only");
+    assert_eq!(line(&text, "marker"), "65534", "the guest's root is no one inside");
+    assert_eq!(line(&text, "pid1"), "sh", "its own PID namespace and /proc");
+    assert_eq!(line(&text, "nofile"), "123");
+    assert_eq!(line(&text, "mknod"), "not permitted", "no device nodes of its own");
+
+    // An exec'd process joins the namespace; seen from outside, its uid is
+    // the map's.
+    let (disk, layers) = test_image_plus(agent.dir.path(), vec![layer]);
+    let mut long = config;
+    long.cmd = vec!["sleep".into(), "100".into()];
+    let spec = CreateContainer { id: "userns-long".into(), layers: LayerSource { disk: disk.display().to_string(), layers }, rootfs: Default::default(), config: long, limits: UnpackLimits::default() };
+    c.create_container(&spec).unwrap();
+    let init = c.start("userns-long", StdioMode::Piped { stdin: false }).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", init.pid)).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Uid:\t100000\t")), "{status}");
+    let mut e = exec_args(&["sh", "-c", "cat /proc/self/uid_map; id -u"]);
+    e.user = Some("1000:1000".into());
+    let out = c.exec("userns-long", "e1", &e, StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["0", "100000", "65536", "1000"]);
+    c.remove_container("userns-long", true).unwrap();
+
+    // Maps the kernel would refuse, or without the container's root.
+    let m = |container_id, host_id, size| vmrun_agent_protocol::IdMapping { container_id, host_id, size };
+    for (uids, gids, want) in [
+        (vec![m(1, 100000, 10)], map(), "does not map the container's root"),
+        (map(), vec![], "the gid map: the map is empty"),
+        (vec![m(0, 100000, 10), m(5, 0, 1)], map(), "overlap"),
+    ] {
+        let (disk, layers) = test_image(agent.dir.path());
+        let config = ImageConfig { cmd: vec!["true".into()], uid_mappings: uids, gid_mappings: gids, ..Default::default() };
+        let spec = CreateContainer { id: "bad-map".into(), layers: LayerSource { disk: disk.display().to_string(), layers }, rootfs: Default::default(), config, limits: UnpackLimits::default() };
+        let e = c.create_container(&spec).unwrap_err();
+        assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest && a.message.contains(want)), "{want}: {e}");
+    }
+}

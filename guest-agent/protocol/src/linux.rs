@@ -71,6 +71,69 @@ impl Propagation {
     }
 }
 
+/// One range of a user namespace's id map (`linux.uidMappings`,
+/// `linux.gidMappings`): ids `container_id..container_id + size` in the
+/// container are `host_id..host_id + size` in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// First id inside the container.
+    pub container_id: u32,
+    /// First id in the guest.
+    pub host_id: u32,
+    /// Number of ids.
+    pub size: u32,
+}
+
+/// The most ranges one id map may have (the kernel's limit).
+pub const MAX_ID_MAPPINGS: usize = 340;
+
+/// Why an id map cannot be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdMapError {
+    /// No range at all.
+    #[error("the map is empty")]
+    Empty,
+    /// More ranges than the kernel takes.
+    #[error("{0} ranges (at most {MAX_ID_MAPPINGS})")]
+    TooMany(usize),
+    /// A range of no ids, or one past the last id (4294967295 is not an id).
+    #[error("the range {0} {1} {2} is empty or goes past the last id")]
+    Range(u32, u32, u32),
+    /// Two ranges share ids, inside the container or in the guest.
+    #[error("the ranges starting at container id {0} and {1} overlap")]
+    Overlap(u32, u32),
+}
+
+/// Checks an id map as the kernel would before it takes it.
+pub fn check_id_mappings(map: &[IdMapping]) -> Result<(), IdMapError> {
+    if map.is_empty() {
+        return Err(IdMapError::Empty);
+    }
+    if map.len() > MAX_ID_MAPPINGS {
+        return Err(IdMapError::TooMany(map.len()));
+    }
+    let end = |start: u32, size: u32| u64::from(start) + u64::from(size);
+    for m in map {
+        if m.size == 0 || end(m.container_id, m.size) > u64::from(u32::MAX) || end(m.host_id, m.size) > u64::from(u32::MAX) {
+            return Err(IdMapError::Range(m.container_id, m.host_id, m.size));
+        }
+    }
+    let overlap = |a: u32, b: u32, size_a: u32, size_b: u32| u64::from(a) < end(b, size_b) && u64::from(b) < end(a, size_a);
+    for (i, a) in map.iter().enumerate() {
+        for b in &map[i + 1..] {
+            if overlap(a.container_id, b.container_id, a.size, b.size) || overlap(a.host_id, b.host_id, a.size, b.size) {
+                return Err(IdMapError::Overlap(a.container_id, b.container_id));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The guest's id of `id` inside the container, if the map has it.
+pub fn map_id(map: &[IdMapping], id: u32) -> Option<u32> {
+    map.iter().find(|m| id >= m.container_id && u64::from(id) < u64::from(m.container_id) + u64::from(m.size)).map(|m| m.host_id + (id - m.container_id))
+}
+
 /// The kernel namespace a kernel parameter belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SysctlNamespace {
@@ -130,6 +193,20 @@ pub fn sysctl_path(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_maps_are_checked_as_the_kernel_does() {
+        let m = |container_id, host_id, size| IdMapping { container_id, host_id, size };
+        let map = [m(0, 100000, 1000), m(1000, 1000, 1)];
+        assert_eq!(check_id_mappings(&map), Ok(()));
+        assert_eq!((map_id(&map, 0), map_id(&map, 999), map_id(&map, 1000), map_id(&map, 1001)), (Some(100000), Some(100999), Some(1000), None));
+        assert_eq!(check_id_mappings(&[]), Err(IdMapError::Empty));
+        assert_eq!(check_id_mappings(&[m(0, 0, 0)]), Err(IdMapError::Range(0, 0, 0)));
+        assert_eq!(check_id_mappings(&[m(1, 0, u32::MAX)]), Err(IdMapError::Range(1, 0, u32::MAX)));
+        assert_eq!(check_id_mappings(&[m(0, 0, 10), m(5, 100, 1)]), Err(IdMapError::Overlap(0, 5)));
+        assert_eq!(check_id_mappings(&[m(0, 0, 10), m(10, 5, 1)]), Err(IdMapError::Overlap(0, 10)));
+        assert_eq!(check_id_mappings(&vec![m(0, 0, 1); 341]), Err(IdMapError::TooMany(341)));
+    }
 
     #[test]
     fn namespaced_sysctls_only() {

@@ -381,6 +381,15 @@ pub struct ImageConfig {
     /// namespace has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rootfs_propagation: Option<crate::Propagation>,
+    /// The user namespace's uid map (`linux.uidMappings`); with
+    /// `gid_mappings`, the container gets a user namespace of its own
+    /// (both or neither). Ids of the other fields (user, groups, device
+    /// owners) are the container's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub uid_mappings: Vec<crate::IdMapping>,
+    /// The user namespace's gid map (`linux.gidMappings`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gid_mappings: Vec<crate::IdMapping>,
     /// Directories on a volume disk bound into the container (several on
     /// one disk, each in its own subdirectory).
     #[serde(skip_serializing_if = "Vec::is_empty")]
