@@ -82,8 +82,11 @@
 //! cgroup v2 would need BPF programs), the options of the standard
 //! mounts (the agent's own are used).
 //!
-//! Refused: a user namespace and uid/gid mappings (the agent does not map
-//! ids).
+//! A user namespace (`linux.uidMappings`, `gidMappings`) is made in the
+//! guest: the maps take guest ids (the container's root, 1000 in a map
+//! `0 1000 N`, is user 1000 of the guest, not of the host); the image's
+//! files stay owned by the guest's root, so the container's root sees them
+//! as `nobody` (no idmapped root, as with runc).
 //!
 //! What else a config asks for and is not applied gets a
 //! warning with the reason ([`unapplied`]): `domainname`,
@@ -98,7 +101,7 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator, Process, Spec};
 use serde::{Deserialize, Serialize};
 use vmrun_agent_protocol::{
-    Capabilities, CpuResources, Device, DeviceKind, MemoryResources, Mount, PidsResources, Propagation, Resources, Rlimit, SeccompAction, SeccompArg,
+    Capabilities, CpuResources, Device, DeviceKind, IdMapping, MemoryResources, Mount, PidsResources, Propagation, Resources, Rlimit, SeccompAction, SeccompArg,
     SeccompFlag, SeccompOp, SeccompProfile, SeccompSyscalls, SysctlNamespace,
 };
 
@@ -217,6 +220,13 @@ pub struct Plan {
     /// `linux.rootfsPropagation`.
     #[serde(default)]
     pub rootfs_propagation: Option<Propagation>,
+    /// `linux.uidMappings` of the container's user namespace (made in
+    /// the guest; empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uid_mappings: Vec<IdMapping>,
+    /// `linux.gidMappings`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gid_mappings: Vec<IdMapping>,
     /// `linux.resources`, applied to the container's cgroup in the guest
     /// (and partly to the VM's host cgroup, see `host_cgroup`).
     #[serde(default)]
@@ -304,6 +314,8 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
         sysctl: linux_plan.sysctl,
         devices: linux_plan.devices,
         rootfs_propagation: linux_plan.rootfs_propagation,
+        uid_mappings: linux_plan.uid_mappings,
+        gid_mappings: linux_plan.gid_mappings,
         resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()).map(resources).unwrap_or_default(),
         cgroups_path: spec
             .linux()
@@ -401,27 +413,42 @@ struct LinuxPlan {
     sysctl: BTreeMap<String, String>,
     devices: Vec<Device>,
     rootfs_propagation: Option<Propagation>,
+    uid_mappings: Vec<IdMapping>,
+    gid_mappings: Vec<IdMapping>,
 }
 
-/// Checks and translates the parts of `linux` the agent applies: user
-/// namespaces are refused (not implemented: the agent would have to map
-/// ids), kernel parameters must belong to a namespace the container has
-/// (runc's validator), device nodes must be of a kind and under `/dev`.
+/// Checks and translates the parts of `linux` the agent applies: a new
+/// user namespace needs both maps, which must map the container's root and
+/// be maps the kernel takes (one joined by path gets none: the container
+/// gets its own VM), kernel parameters must belong to a namespace the
+/// container has (runc's validator), device nodes must be of a kind and
+/// under `/dev`.
 fn linux_plan_of(linux: &oci_spec::runtime::Linux) -> Result<LinuxPlan> {
     use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType};
     let namespaces = linux.namespaces().as_deref().unwrap_or_default();
     let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
-    let mappings = linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty());
-    if has(LinuxNamespaceType::User) {
-        return Err(bad(if mappings {
-            "a user namespace (with linux.uidMappings/gidMappings) is not supported: vmrun-oci does not map ids; the VM is the isolation"
-        } else {
-            "a user namespace needs linux.uidMappings and linux.gidMappings, and vmrun-oci does not support user namespaces"
-        }));
+    let map = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| -> Vec<IdMapping> {
+        let m = m.as_deref().unwrap_or_default();
+        m.iter().map(|m| IdMapping { container_id: m.container_id(), host_id: m.host_id(), size: m.size() }).collect()
+    };
+    let (uid_mappings, gid_mappings) = (map(linux.uid_mappings()), map(linux.gid_mappings()));
+    let new_user_ns = namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::User && n.path().is_none());
+    match (new_user_ns, uid_mappings.is_empty() && gid_mappings.is_empty()) {
+        (true, _) => {
+            for (what, m) in [("uidMappings", &uid_mappings), ("gidMappings", &gid_mappings)] {
+                vmrun_agent_protocol::check_id_mappings(m).map_err(|e| bad(format!("a user namespace: linux.{what}: {e}")))?;
+                if vmrun_agent_protocol::map_id(m, 0).is_none() {
+                    return Err(bad(format!("a user namespace: linux.{what} does not map the container's root (id 0)")));
+                }
+            }
+        }
+        (false, false) if !has(LinuxNamespaceType::User) => {
+            return Err(bad("linux.uidMappings/gidMappings are set but the spec has no user namespace"))
+        }
+        // Joined by path (not joined: a warning said so), its maps unused.
+        (false, _) => {}
     }
-    if mappings {
-        return Err(bad("linux.uidMappings/gidMappings are set but the spec has no user namespace"));
-    }
+    let (uid_mappings, gid_mappings) = if new_user_ns { (uid_mappings, gid_mappings) } else { (Vec::new(), Vec::new()) };
     let mut sysctl = BTreeMap::new();
     for (key, value) in linux.sysctl().clone().unwrap_or_default() {
         let ns = vmrun_agent_protocol::sysctl_namespace(&key).map_err(|e| bad(e.to_string()))?;
@@ -468,6 +495,8 @@ fn linux_plan_of(linux: &oci_spec::runtime::Linux) -> Result<LinuxPlan> {
         sysctl,
         devices,
         rootfs_propagation,
+        uid_mappings,
+        gid_mappings,
     })
 }
 
@@ -1117,15 +1146,31 @@ mod tests {
         refused(&|v| v["linux"]["devices"] = serde_json::json!([{ "path": "/dev/x", "type": "c", "major": -1, "minor": 3 }]), "major");
         refused(&|v| v["linux"]["rootfsPropagation"] = "sideways".into(), "rootfsPropagation");
         refused(&|v| v["linux"]["maskedPaths"] = serde_json::json!(["proc/kcore"]), "absolute");
-        refused(
-            &|v| {
-                v["linux"]["namespaces"] = serde_json::json!([{ "type": "user" }, { "type": "mount" }]);
-                v["linux"]["uidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
-                v["linux"]["gidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
-            },
-            "user namespace (with linux.uidMappings/gidMappings) is not supported",
-        );
         refused(&|v| v["linux"]["uidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 1, "size": 1 }]), "no user namespace");
+        // A user namespace: both maps, mapping the container's root, as the
+        // kernel takes them.
+        let user_ns = |uids: serde_json::Value, gids: serde_json::Value| {
+            move |v: &mut serde_json::Value| {
+                v["linux"]["namespaces"] = serde_json::json!([{ "type": "user" }, { "type": "mount" }]);
+                v["linux"]["uidMappings"] = uids.clone();
+                v["linux"]["gidMappings"] = gids.clone();
+            }
+        };
+        let full = serde_json::json!([{ "containerID": 0, "hostID": 100000, "size": 65536 }]);
+        let mut v = default_spec();
+        user_ns(full.clone(), serde_json::json!([{ "containerID": 0, "hostID": 1000, "size": 1 }]))(&mut v);
+        let p = plan(b.path(), &spec_of(v)).unwrap();
+        assert_eq!(p.uid_mappings, [IdMapping { container_id: 0, host_id: 100000, size: 65536 }]);
+        assert_eq!(p.gid_mappings, [IdMapping { container_id: 0, host_id: 1000, size: 1 }]);
+        refused(&user_ns(full.clone(), serde_json::json!([])), "gidMappings: the map is empty");
+        refused(&user_ns(serde_json::json!([{ "containerID": 1, "hostID": 1000, "size": 5 }]), full.clone()), "does not map the container's root");
+        let overlapping = serde_json::json!([{ "containerID": 0, "hostID": 0, "size": 10 }, { "containerID": 5, "hostID": 100, "size": 1 }]);
+        refused(&user_ns(overlapping, full.clone()), "overlap");
+        // Joined by path: not joined (the container gets its own VM), and
+        // its maps unused.
+        let mut v = default_spec();
+        v["linux"]["namespaces"] = serde_json::json!([{ "type": "user", "path": "/proc/self/ns/user" }, { "type": "mount" }]);
+        assert!(plan(b.path(), &spec_of(v)).unwrap().uid_mappings.is_empty());
     }
 
     #[test]

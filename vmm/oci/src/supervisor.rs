@@ -282,6 +282,8 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         sysctl: plan.sysctl.clone(),
         devices: plan.devices.clone(),
         rootfs_propagation: plan.rootfs_propagation,
+        uid_mappings: plan.uid_mappings.clone(),
+        gid_mappings: plan.gid_mappings.clone(),
         disk_dirs,
         resources: Box::new(guest_resources(plan, host_cpuset)),
         cgroup: true,
