@@ -10,9 +10,7 @@
 //! digests the store can name files by: `Blob`); the image config
 //! (`ConfigFile`, which says why).
 
-use std::collections::BTreeMap;
-
-use oci_spec::image::{Arch, Descriptor, ImageIndex, ImageManifest, ImageManifestBuilder, MediaType, Os, Platform, SCHEMA_VERSION};
+use oci_spec::image::{Arch, Config, Descriptor, ImageIndex, ImageManifest, ImageManifestBuilder, MediaType, Os, Platform, SCHEMA_VERSION};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -330,7 +328,8 @@ fn platform_name(p: &Platform) -> String {
 /// `os` and `rootfs`, and in `rootfs` both `type` and `diff_ids`, which
 /// images in use leave out (Docker omits an empty `diff_ids`; some builders
 /// write no `type`), so it would refuse images vmrun runs; and its
-/// `diff_ids` are strings, where vmrun wants digests.
+/// `diff_ids` are strings, where vmrun wants digests. Its `config` member
+/// is `oci-spec`'s [`Config`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct ConfigFile {
     #[serde(default)]
@@ -340,33 +339,9 @@ pub(crate) struct ConfigFile {
     #[serde(default)]
     pub created: Option<String>,
     #[serde(default)]
-    pub config: Option<ContainerConfig>,
+    pub config: Option<Config>,
     #[serde(default)]
     pub rootfs: Option<RootFs>,
-}
-
-/// The `config` member of an image config.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub(crate) struct ContainerConfig {
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub env: Option<Vec<String>>,
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub stop_signal: Option<String>,
 }
 
 /// The `rootfs` member of an image config.
@@ -519,6 +494,9 @@ mod tests {
         for doc in [&br#"{"architecture":"amd64","os":"linux","rootfs":{"diff_ids":[]}}"#[..], br#"{"rootfs":{"type":"layers"}}"#, b"{}"] {
             check_config_platform(&serde_json::from_slice(doc).unwrap()).unwrap();
         }
+        // `oci-spec` reads `ExposedPorts` and `Volumes` as Go's sets (each
+        // value `{}`, as a `map[string]struct{}` is written); others fail.
+        assert!(serde_json::from_slice::<ConfigFile>(br#"{"config":{"Volumes":{"/v":null}}}"#).is_err());
         let arm: ConfigFile = serde_json::from_slice(br#"{"architecture":"arm64","os":"linux"}"#).unwrap();
         assert_eq!(check_config_platform(&arm).unwrap_err().to_string(), "the image is for linux/arm64; vmrun runs linux/amd64 guests");
     }
