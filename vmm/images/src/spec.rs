@@ -497,6 +497,11 @@ mod tests {
         // `oci-spec` reads `ExposedPorts` and `Volumes` as Go's sets (each
         // value `{}`, as a `map[string]struct{}` is written); others fail.
         assert!(serde_json::from_slice::<ConfigFile>(br#"{"config":{"Volumes":{"/v":null}}}"#).is_err());
+        // Go's nil maps and slices, as docker writes them, are none.
+        let docker = br#"{"architecture":"amd64","os":"linux","config":{"Hostname":"","Env":null,"Cmd":["sh"],"Entrypoint":null,"Volumes":null,"ExposedPorts":null,"OnBuild":null,"Labels":null,"WorkingDir":""},"rootfs":{"type":"layers","diff_ids":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}"#;
+        let c: ConfigFile = serde_json::from_slice(docker).unwrap();
+        let i = c.config.unwrap_or_default();
+        assert!(i.volumes().is_none() && i.exposed_ports().is_none() && i.env().is_none() && i.labels().is_none());
         let arm: ConfigFile = serde_json::from_slice(br#"{"architecture":"arm64","os":"linux"}"#).unwrap();
         assert_eq!(check_config_platform(&arm).unwrap_err().to_string(), "the image is for linux/arm64; vmrun runs linux/amd64 guests");
     }
