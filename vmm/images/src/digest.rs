@@ -63,6 +63,20 @@ impl Digest {
     pub fn short(&self) -> &str {
         &self.hex[..12]
     }
+
+    /// The digest `oci-spec` parsed in a descriptor, if it is a sha256 one
+    /// (`oci-spec` takes any algorithm; the store keeps blobs by sha256).
+    pub(crate) fn from_oci(d: &oci_spec::image::Digest) -> Result<Self, DigestError> {
+        d.as_ref().parse()
+    }
+
+    /// The digest as `oci-spec`'s type, for a descriptor vmrun writes. A
+    /// parsed digest is always one `oci-spec` takes, but it has no
+    /// infallible way to make one.
+    pub(crate) fn to_oci(&self) -> Result<oci_spec::image::Digest, DigestError> {
+        oci_spec::image::Digest::try_from(self.to_string())
+            .map_err(|_| DigestError { input: self.to_string(), reason: "oci-spec does not take it" })
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -167,6 +181,19 @@ mod tests {
         assert!("sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855".parse::<Digest>().is_err());
         assert!("sha256:../../etc/passwd".parse::<Digest>().is_err());
         assert!("e3b0".parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn converts_from_and_to_oci_spec() {
+        let d = Digest::of(b"x");
+        let oci = d.to_oci().unwrap();
+        assert_eq!(oci.as_ref(), d.to_string());
+        assert_eq!(Digest::from_oci(&oci).unwrap(), d);
+        // Digests oci-spec takes but the store cannot name files by.
+        let sha512: oci_spec::image::Digest = format!("sha512:{}", "a".repeat(128)).parse().unwrap();
+        assert!(Digest::from_oci(&sha512).unwrap_err().to_string().contains("only sha256"));
+        let other: oci_spec::image::Digest = "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8".parse().unwrap();
+        assert!(Digest::from_oci(&other).unwrap_err().to_string().contains("only sha256"));
     }
 
     #[test]

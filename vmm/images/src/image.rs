@@ -83,19 +83,26 @@ pub struct ImageConfig {
 impl From<ConfigFile> for ImageConfig {
     fn from(c: ConfigFile) -> Self {
         let cc = c.config.unwrap_or_default();
+        let list = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+        // `oci-spec` keeps these maps' keys as they come out of a hash map.
+        let sorted = |v: &Option<Vec<String>>| {
+            let mut v = list(v);
+            v.sort();
+            v
+        };
         Self {
             architecture: c.architecture,
             os: c.os,
             created: c.created,
-            entrypoint: cc.entrypoint.unwrap_or_default(),
-            cmd: cc.cmd.unwrap_or_default(),
-            env: cc.env.unwrap_or_default(),
-            working_dir: cc.working_dir.filter(|w| !w.is_empty()),
-            user: cc.user.filter(|u| !u.is_empty()),
-            labels: cc.labels.unwrap_or_default(),
-            exposed_ports: cc.exposed_ports.unwrap_or_default().into_keys().collect(),
-            volumes: cc.volumes.unwrap_or_default().into_keys().collect(),
-            stop_signal: cc.stop_signal.filter(|s| !s.is_empty()),
+            entrypoint: list(cc.entrypoint()),
+            cmd: list(cc.cmd()),
+            env: list(cc.env()),
+            working_dir: cc.working_dir().clone().filter(|w| !w.is_empty()),
+            user: cc.user().clone().filter(|u| !u.is_empty()),
+            labels: cc.labels().clone().unwrap_or_default().into_iter().collect(),
+            exposed_ports: sorted(cc.exposed_ports()),
+            volumes: sorted(cc.volumes()),
+            stop_signal: cc.stop_signal().clone().filter(|s| !s.is_empty()),
             diff_ids: c.rootfs.unwrap_or_default().diff_ids,
         }
     }

@@ -47,9 +47,14 @@ pub use store::{default_home, default_store_dir, GcReport, Removed, Store};
 /// registry or an archive sends. Not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    /// Parses a manifest or index, with and without a claimed media type.
+    /// Parses a manifest or index, with and without a claimed media type;
+    /// picks an index's linux/amd64 entry and checks its digest.
     pub fn manifest(bytes: &[u8]) {
-        let _ = crate::spec::parse_manifest(bytes, None);
+        if let Ok(crate::spec::Parsed::Index(entries)) = crate::spec::parse_manifest(bytes, None) {
+            if let Ok(d) = crate::spec::select_platform(&entries) {
+                let _ = crate::spec::Blob::of(d, "entry");
+            }
+        }
         let _ = crate::spec::parse_manifest(bytes, Some("application/vnd.oci.image.index.v1+json"));
         let _ = crate::spec::parse_manifest(bytes, Some("application/vnd.docker.distribution.manifest.v2+json"));
     }

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Component, Path};
 
+use oci_spec::image::{Descriptor, ImageIndex};
 use serde::Deserialize;
 
 use crate::digest::Digest;
@@ -23,7 +24,7 @@ use crate::image::Image;
 use crate::progress::{Progress, ProgressReader};
 use crate::pull::needed_blobs;
 use crate::reference::Reference;
-use crate::spec::{self, ConfigFile, Descriptor, Index, Manifest, Parsed, MAX_DOCUMENT_SIZE};
+use crate::spec::{self, Blob, ConfigFile, Manifest, Parsed, MAX_DOCUMENT_SIZE};
 use crate::store::staging::{StageError, Staging};
 use crate::store::{IndexEntry, Store};
 
@@ -120,16 +121,8 @@ impl Store {
         for f in &found {
             needed.extend(needed_blobs(&f.manifest_digest, &f.manifest));
             for name in &f.names {
-                entries.push(IndexEntry {
-                    reference: name.clone(),
-                    descriptor: Descriptor {
-                        media_type: f.manifest.media_type.clone(),
-                        digest: f.manifest_digest.clone(),
-                        size: f.manifest_size,
-                        platform: None,
-                        annotations: BTreeMap::new(),
-                    },
-                });
+                let manifest = Blob { media_type: f.manifest.media_type.into(), digest: f.manifest_digest.clone(), size: f.manifest_size };
+                entries.push(IndexEntry::new(name.clone(), manifest).map_err(|e| loader.bad(e.to_string()))?);
             }
         }
         loader.staging.commit(&needed, entries)?;
@@ -224,7 +217,7 @@ impl Loader<'_, '_> {
     }
 
     /// A blob the archive must contain (or the store already has).
-    fn require(&self, d: &Descriptor, what: &str) -> Result<()> {
+    fn require(&self, d: &Blob, what: &str) -> Result<()> {
         if self.staging.have(&d.digest, d.size) {
             Ok(())
         } else if self.staging.is_staged(&d.digest) {
@@ -245,11 +238,12 @@ impl Loader<'_, '_> {
     /// An OCI archive: `index.json` names manifests (or indexes) by digest.
     fn oci(&mut self) -> Result<Vec<Found>> {
         let bytes = self.document("index.json")?;
-        let index: Index =
+        let index: ImageIndex =
             serde_json::from_slice(&bytes).map_err(|e| self.bad(format!("index.json is not an OCI index: {e}")))?;
         let mut found: Vec<Found> = Vec::new();
-        for top in &index.manifests {
-            let name = self.oci_name(top)?;
+        for (i, entry) in index.manifests().iter().enumerate() {
+            let name = self.oci_name(entry)?;
+            let top = Blob::of(entry, &format!("entry {}", i + 1)).map_err(|e| self.bad(format!("index.json: {e}")))?;
             let mut d = top.clone();
             let manifest = loop {
                 if !self.staging.is_staged(&d.digest) {
@@ -268,7 +262,12 @@ impl Loader<'_, '_> {
                     Parsed::Manifest(m) => break m,
                     Parsed::Index(entries) if d.digest == top.digest => {
                         let platform = |problem| Error::Platform { image: format!("index {}", d.digest), problem };
-                        d = spec::select_platform(&entries).map_err(platform)?.clone();
+                        let ours = spec::select_platform(&entries).map_err(platform)?;
+                        d = Blob::of(ours, "its linux/amd64 entry").map_err(|problem| Error::ArchiveManifest {
+                            path: self.path.to_owned(),
+                            digest: d.digest.clone(),
+                            problem,
+                        })?;
                     }
                     Parsed::Index(_) => return Err(self.bad(format!("index {} is nested too deep", d.digest))),
                 }
@@ -290,10 +289,11 @@ impl Loader<'_, '_> {
     /// name, else a `ref.name` that is a whole reference (a bare tag such
     /// as `latest` names no repository, so the image stays unnamed).
     fn oci_name(&self, d: &Descriptor) -> Result<Option<Reference>> {
-        if let Some(n) = d.annotations.get(spec::ANNOTATION_IMAGE_NAME) {
+        let annotation = |key| d.annotations().as_ref().and_then(|a| a.get(key));
+        if let Some(n) = annotation(spec::ANNOTATION_IMAGE_NAME) {
             return n.parse().map(Some).map_err(|e| self.bad(format!("image name in index.json: {e}")));
         }
-        match d.annotations.get(spec::ANNOTATION_REF_NAME) {
+        match annotation(spec::ANNOTATION_REF_NAME) {
             Some(n) if n.contains(['/', ':', '@']) => {
                 n.parse().map(Some).map_err(|e| self.bad(format!("image name in index.json: {e}")))
             }
@@ -344,21 +344,14 @@ impl Loader<'_, '_> {
                         i + 1
                     )));
                 }
-                layers.push(Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: BTreeMap::new() });
+                layers.push(Blob { media_type: media_type.into(), digest, size });
             }
             let manifest = Manifest {
-                schema_version: 2,
-                media_type: spec::OCI_MANIFEST.into(),
-                config: Descriptor {
-                    media_type: spec::OCI_CONFIG.into(),
-                    digest: config_digest,
-                    size: config_size as u64,
-                    platform: None,
-                    annotations: BTreeMap::new(),
-                },
+                media_type: spec::OCI_MANIFEST,
+                config: Blob { media_type: spec::OCI_CONFIG.into(), digest: config_digest, size: config_size as u64 },
                 layers,
             };
-            let doc = serde_json::to_vec(&manifest).map_err(|e| self.bad(e.to_string()))?;
+            let doc = manifest.to_document().map_err(|e| self.bad(e.to_string()))?;
             let manifest_digest = self.staging.write_bytes(&doc)?;
             let mut names = Vec::new();
             for t in e.repo_tags.unwrap_or_default() {

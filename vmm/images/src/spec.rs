@@ -1,11 +1,20 @@
 //! The JSON documents of OCI images and Docker's v2 schema 2, as far as
 //! vmrun reads or writes them.
+//!
+//! Manifests, indexes (Docker's manifest lists too) and their descriptors
+//! are `oci-spec`'s types ([`ImageManifest`], [`ImageIndex`],
+//! [`Descriptor`]); Docker's media types are [`MediaType::Other`] there,
+//! kept as sent. Written here: the first look at a document that tells an
+//! index from a manifest and refuses Docker schema 1 (`parse_manifest`);
+//! the checks that make a manifest one vmrun can use (`Manifest`, with
+//! digests the store can name files by: `Blob`); the image config
+//! (`ConfigFile`, which says why).
 
-use std::collections::BTreeMap;
+use oci_spec::image::{Arch, Config, Descriptor, ImageIndex, ImageManifest, ImageManifestBuilder, MediaType, Os, Platform, SCHEMA_VERSION};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 
-use serde::{Deserialize, Serialize};
-
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestError};
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -56,90 +65,113 @@ pub fn is_config(media_type: &str) -> bool {
     matches!(media_type, OCI_CONFIG | DOCKER_CONFIG)
 }
 
-/// A content descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
+/// A blob a checked [`Manifest`] names (its config or a layer), or the
+/// manifest an index entry names: the parts of its [`Descriptor`] vmrun
+/// uses, its digest made a store key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Blob {
     /// What the content is.
     pub media_type: String,
-    /// Its digest.
+    /// Its digest: the blob's name in the store.
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
-    /// The platform, in an index.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    /// Annotations.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
 }
 
-/// A platform in an index.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    /// CPU architecture (`amd64`).
-    #[serde(default)]
-    pub architecture: String,
-    /// Operating system (`linux`).
-    #[serde(default)]
-    pub os: String,
-    /// CPU variant (`v8`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
+impl Blob {
+    /// The blob `d` describes; `what` names it in the error (`layer 2`).
+    /// `oci-spec` takes a digest of any algorithm; vmrun keeps blobs by
+    /// sha256 only.
+    pub(crate) fn of(d: &Descriptor, what: &str) -> Result<Self, ManifestError> {
+        let digest = Digest::from_oci(d.digest()).map_err(|source| ManifestError::Digest { what: what.into(), source })?;
+        Ok(Self { media_type: d.media_type().as_ref().to_owned(), digest, size: d.size() })
+    }
 
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
+    /// Its descriptor, for a document vmrun writes.
+    pub(crate) fn descriptor(&self) -> Result<Descriptor, DigestError> {
+        Ok(Descriptor::new(MediaType::from(self.media_type.as_str()), self.size, self.digest.to_oci()?))
     }
 }
 
-/// Either kind of manifest document, before we know which it is.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct AnyManifest {
-    #[serde(default)]
-    pub schema_version: u32,
-    #[serde(default)]
-    pub media_type: Option<String>,
-    #[serde(default)]
-    pub manifests: Option<Vec<Descriptor>>,
-    #[serde(default)]
-    pub config: Option<Descriptor>,
-    #[serde(default)]
-    pub layers: Option<Vec<Descriptor>>,
-}
-
-/// An image manifest.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    /// Always 2.
-    pub schema_version: u32,
+/// An image manifest vmrun can use: the document, parsed as `oci-spec`'s
+/// [`ImageManifest`], with an image config, layers vmrun can unpack, and
+/// digests it can keep blobs by. Only this is kept of it; the store keeps
+/// the document's bytes as they were sent.
+#[derive(Debug, Clone)]
+pub(crate) struct Manifest {
     /// `OCI_MANIFEST` or `DOCKER_MANIFEST`.
-    pub media_type: String,
+    pub media_type: &'static str,
     /// The config blob.
-    pub config: Descriptor,
+    pub config: Blob,
     /// The layer blobs, bottom first.
-    pub layers: Vec<Descriptor>,
+    pub layers: Vec<Blob>,
 }
 
-/// An image index or manifest list.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+impl Manifest {
+    /// Checks a manifest document: every digest first, then the config's
+    /// and the layers' media types.
+    fn check(doc: &ImageManifest, media_type: &'static str) -> Result<Self, ManifestError> {
+        let config = Blob::of(doc.config(), "config")?;
+        let layers =
+            doc.layers().iter().enumerate().map(|(i, l)| Blob::of(l, &format!("layer {}", i + 1))).collect::<Result<Vec<_>, _>>()?;
+        if !is_config(&config.media_type) {
+            return Err(ManifestError::ConfigMediaType(config.media_type));
+        }
+        if let Some(l) = layers.iter().find(|l| !is_layer(&l.media_type)) {
+            let (digest, media_type) = (l.digest.clone(), l.media_type.clone());
+            return Err(ManifestError::LayerMediaType { digest, media_type });
+        }
+        Ok(Self { media_type, config, layers })
+    }
+
+    /// The manifest as a document (compact JSON), for an image vmrun puts
+    /// together itself (from a `docker save` archive).
+    pub(crate) fn to_document(&self) -> Result<Vec<u8>, WriteError> {
+        let layers = self.layers.iter().map(Blob::descriptor).collect::<Result<Vec<_>, _>>()?;
+        let doc = ImageManifestBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .media_type(MediaType::from(self.media_type))
+            .config(self.config.descriptor()?)
+            .layers(layers)
+            .build()?;
+        Ok(serde_json::to_vec(&doc)?)
+    }
+}
+
+/// Why a document vmrun writes could not be made. With digests vmrun
+/// parsed, none of these happens; `oci-spec` has no infallible way to make
+/// its digest and manifest types.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    /// A digest `oci-spec` refused.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    /// A manifest `oci-spec` would not build.
+    #[error("cannot make a manifest: {0}")]
+    Build(#[from] oci_spec::OciSpecError),
+    /// The document could not be serialized.
+    #[error("cannot write a manifest: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The first look at a manifest document: which kind it is and its schema
+/// version. `oci-spec` has no type for "a manifest or an index", and would
+/// refuse a Docker schema 1 manifest only for a missing field; so this
+/// decides, and the document is then parsed as [`ImageManifest`] or
+/// [`ImageIndex`].
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Index {
-    /// Always 2.
-    pub schema_version: u32,
-    /// `OCI_INDEX` (absent in old layouts).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    /// The manifests.
+struct Probe {
     #[serde(default)]
-    pub manifests: Vec<Descriptor>,
+    schema_version: u32,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<IgnoredAny>,
+    #[serde(default)]
+    config: Option<IgnoredAny>,
+    #[serde(default)]
+    layers: Option<IgnoredAny>,
 }
 
 /// What a parsed manifest document is.
@@ -147,7 +179,8 @@ pub struct Index {
 pub(crate) enum Parsed {
     /// An image manifest.
     Manifest(Manifest),
-    /// An index or manifest list.
+    /// An index or manifest list: its entries, as sent (their digests are
+    /// checked when one is used: [`Blob::of`]).
     Index(Vec<Descriptor>),
 }
 
@@ -158,7 +191,7 @@ pub enum ManifestError {
     #[error("not a manifest: not a JSON object")]
     NotObject,
     /// The document is not valid JSON or has fields of the wrong type.
-    #[error("not a manifest: {0}")]
+    #[error("not a manifest: {}", one_line(.0))]
     Json(#[source] serde_json::Error),
     /// A Docker schema 1 manifest.
     #[error("Docker schema 1 manifests are not supported (re-push the image with a current client)")]
@@ -176,6 +209,15 @@ pub enum ManifestError {
         digest: Digest,
         /// Its media type.
         media_type: String,
+    },
+    /// A descriptor's digest is not one vmrun can keep a blob by (sha256
+    /// only).
+    #[error("{what}: {source}")]
+    Digest {
+        /// Which descriptor (`config`, `layer 2`).
+        what: String,
+        /// What is wrong with its digest.
+        source: DigestError,
     },
     /// Neither `manifests` nor `config` and `layers`.
     #[error("neither an image manifest nor an index")]
@@ -201,6 +243,18 @@ pub enum PlatformError {
     },
 }
 
+/// A parser's message as one short line: `oci-spec`'s messages quote a
+/// refused digest whole, control characters and all.
+pub(crate) fn one_line(e: &serde_json::Error) -> String {
+    const MAX: usize = 300;
+    let msg = e.to_string();
+    let mut line: String = msg.chars().take(MAX).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if msg.chars().nth(MAX).is_some() {
+        line.push_str("...");
+    }
+    line
+}
+
 fn have_list(have: &[String]) -> String {
     if have.is_empty() {
         "none".into()
@@ -216,26 +270,23 @@ pub(crate) fn parse_manifest(bytes: &[u8], header_type: Option<&str>) -> Result<
     if !bytes.trim_ascii_start().starts_with(b"{") {
         return Err(ManifestError::NotObject);
     }
-    let m: AnyManifest = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
-    let media_type = m.media_type.clone().or_else(|| header_type.map(str::to_owned)).unwrap_or_default();
-    if media_type.starts_with("application/vnd.docker.distribution.manifest.v1") || m.schema_version == 1 {
+    let probe: Probe = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
+    let media_type = probe.media_type.as_deref().or(header_type).unwrap_or_default();
+    if media_type.starts_with("application/vnd.docker.distribution.manifest.v1") || probe.schema_version == 1 {
         return Err(ManifestError::SchemaOne);
     }
-    if m.schema_version != 2 {
-        return Err(ManifestError::SchemaVersion(m.schema_version));
+    if probe.schema_version != 2 {
+        return Err(ManifestError::SchemaVersion(probe.schema_version));
     }
-    match (m.manifests, m.config, m.layers) {
-        (Some(manifests), None, _) => Ok(Parsed::Index(manifests)),
-        (None, Some(config), Some(layers)) => {
-            if !is_config(&config.media_type) {
-                return Err(ManifestError::ConfigMediaType(config.media_type));
-            }
-            if let Some(l) = layers.iter().find(|l| !is_layer(&l.media_type)) {
-                let (digest, media_type) = (l.digest.clone(), l.media_type.clone());
-                return Err(ManifestError::LayerMediaType { digest, media_type });
-            }
+    match (probe.manifests.is_some(), probe.config.is_some(), probe.layers.is_some()) {
+        (true, false, _) => {
+            let index: ImageIndex = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
+            Ok(Parsed::Index(index.manifests().clone()))
+        }
+        (false, true, true) => {
+            let doc: ImageManifest = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
             let media_type = if media_type == DOCKER_MANIFEST { DOCKER_MANIFEST } else { OCI_MANIFEST };
-            Ok(Parsed::Manifest(Manifest { schema_version: 2, media_type: media_type.into(), config, layers }))
+            Manifest::check(&doc, media_type).map(Parsed::Manifest)
         }
         _ => Err(ManifestError::Neither),
     }
@@ -248,20 +299,37 @@ pub const OS: &str = "linux";
 
 /// Picks the linux/amd64 manifest from an index.
 pub(crate) fn select_platform(manifests: &[Descriptor]) -> Result<&Descriptor, PlatformError> {
-    let is_ours = |d: &&Descriptor| d.platform.as_ref().is_some_and(|p| p.os == OS && p.architecture == ARCH);
+    let is_ours = |p: &Platform| *p.os() == Os::from(OS) && *p.architecture() == Arch::from(ARCH);
     // Attestations (`unknown/unknown`) and other platforms are skipped.
-    manifests.iter().find(is_ours).ok_or_else(|| {
+    manifests.iter().find(|d| d.platform().as_ref().is_some_and(is_ours)).ok_or_else(|| {
         let have = manifests
             .iter()
-            .filter_map(|d| d.platform.as_ref())
-            .filter(|p| p.os != "unknown")
-            .map(ToString::to_string)
+            .filter_map(|d| d.platform().as_ref())
+            .filter(|p| !matches!(p.os(), Os::Other(os) if os == "unknown"))
+            .map(platform_name)
             .collect();
         PlatformError::NotInIndex { have }
     })
 }
 
+/// `os/architecture[/variant]`, as docker names a platform.
+fn platform_name(p: &Platform) -> String {
+    let mut name = format!("{}/{}", p.os(), p.architecture());
+    if let Some(v) = p.variant() {
+        name.push('/');
+        name.push_str(v);
+    }
+    name
+}
+
 /// An image config document (only the fields vmrun uses).
+///
+/// Not `oci-spec`'s `ImageConfiguration`: that requires `architecture`,
+/// `os` and `rootfs`, and in `rootfs` both `type` and `diff_ids`, which
+/// images in use leave out (Docker omits an empty `diff_ids`; some builders
+/// write no `type`), so it would refuse images vmrun runs; and its
+/// `diff_ids` are strings, where vmrun wants digests. Its `config` member
+/// is `oci-spec`'s [`Config`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct ConfigFile {
     #[serde(default)]
@@ -271,33 +339,9 @@ pub(crate) struct ConfigFile {
     #[serde(default)]
     pub created: Option<String>,
     #[serde(default)]
-    pub config: Option<ContainerConfig>,
+    pub config: Option<Config>,
     #[serde(default)]
     pub rootfs: Option<RootFs>,
-}
-
-/// The `config` member of an image config.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub(crate) struct ContainerConfig {
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub env: Option<Vec<String>>,
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub stop_signal: Option<String>,
 }
 
 /// The `rootfs` member of an image config.
@@ -330,12 +374,12 @@ mod tests {
             r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"{DOCKER_CONFIG}","digest":"{D}","size":1}},"layers":[{{"mediaType":"{DOCKER_LAYER_GZIP}","digest":"{D}","size":2}}]}}"#
         );
         let Parsed::Manifest(m) = parse_manifest(m.as_bytes(), None).unwrap() else { panic!() };
-        assert_eq!((m.media_type.as_str(), m.layers.len()), (DOCKER_MANIFEST, 1));
+        assert_eq!((m.media_type, m.layers.len()), (DOCKER_MANIFEST, 1));
         let i = format!(
             r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{D}","size":3,"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},{{"mediaType":"{OCI_MANIFEST}","digest":"{D}","size":4,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
         );
         let Parsed::Index(ms) = parse_manifest(i.as_bytes(), Some(OCI_INDEX)).unwrap() else { panic!() };
-        assert_eq!(select_platform(&ms).unwrap().size, 4);
+        assert_eq!(select_platform(&ms).unwrap().size(), 4);
         let err = select_platform(&ms[..1]).unwrap_err().to_string();
         assert!(err.contains("linux/arm64/v8"), "{err}");
     }
@@ -350,5 +394,115 @@ mod tests {
             r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","digest":"{D}","size":1}},"layers":[{{"mediaType":"application/x-foreign","digest":"{D}","size":2}}]}}"#
         );
         assert!(parse_manifest(m.as_bytes(), None).unwrap_err().to_string().contains("cannot unpack"));
+    }
+
+    #[test]
+    fn docker_media_types_and_manifest_lists() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"{DOCKER_CONFIG}","digest":"{D}","size":1}},"layers":[{{"mediaType":"{DOCKER_LAYER_TAR}","digest":"{D}","size":2}},{{"mediaType":"{OCI_LAYER_ZSTD}","digest":"{D}","size":3}}]}}"#
+        );
+        let Parsed::Manifest(m) = parse_manifest(m.as_bytes(), None).unwrap() else { panic!() };
+        assert_eq!((m.media_type, m.config.media_type.as_str()), (DOCKER_MANIFEST, DOCKER_CONFIG));
+        let types: Vec<_> = m.layers.iter().map(|l| (l.media_type.as_str(), l.size)).collect();
+        assert_eq!(types, [(DOCKER_LAYER_TAR, 2), (OCI_LAYER_ZSTD, 3)]);
+        assert_eq!(m.config.digest.to_string(), D);
+
+        // A manifest list with an attestation and another platform only.
+        let entry = |media_type: &str, size: u32, platform: &str| {
+            format!(r#"{{"mediaType":"{media_type}","digest":"{D}","size":{size},"platform":{platform}}}"#)
+        };
+        let list = |entries: &[String]| {
+            format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[{}]}}"#, entries.join(","))
+        };
+        let attestation = entry(OCI_MANIFEST, 5, r#"{"architecture":"unknown","os":"unknown"}"#);
+        let arm = entry(DOCKER_MANIFEST, 6, r#"{"architecture":"arm","os":"linux","variant":"v7","features":["sse4"]}"#);
+        let Parsed::Index(ms) = parse_manifest(list(&[attestation.clone(), arm.clone()]).as_bytes(), None).unwrap() else { panic!() };
+        assert_eq!(select_platform(&ms).unwrap_err(), PlatformError::NotInIndex { have: vec!["linux/arm/v7".into()] });
+        let amd64 = entry(DOCKER_MANIFEST, 7, r#"{"architecture":"amd64","os":"linux"}"#);
+        let Parsed::Index(ms) = parse_manifest(list(&[attestation, arm, amd64]).as_bytes(), None).unwrap() else { panic!() };
+        let ours = Blob::of(select_platform(&ms).unwrap(), "entry").unwrap();
+        assert_eq!((ours.media_type.as_str(), ours.size), (DOCKER_MANIFEST, 7));
+    }
+
+    #[test]
+    fn digests_are_sha256_and_errors_one_short_line() {
+        let manifest = |config: &str, layer: &str| {
+            format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","digest":"{config}","size":1}},"layers":[{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{D}","size":2}},{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{layer}","size":2}}]}}"#
+            )
+        };
+        // Well formed, but not sha256: oci-spec takes them, the store cannot.
+        let sha512 = format!("sha512:{}", "ab".repeat(64));
+        let e = parse_manifest(manifest(D, &sha512).as_bytes(), None).unwrap_err();
+        assert!(matches!(&e, ManifestError::Digest { what, .. } if what == "layer 2"), "{e:?}");
+        assert!(e.to_string().starts_with("layer 2: invalid digest \"sha512:abab") && e.to_string().contains("only sha256"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = parse_manifest(manifest("blake3:0123", D).as_bytes(), None).unwrap_err();
+        assert!(e.to_string().starts_with("config: invalid digest \"blake3:0123\""), "{e}");
+        // Malformed: oci-spec's parser refuses them, and its message (which
+        // quotes the digest whole) is cut to one short line.
+        let hostile = format!("sha256:{}\\n{}", "!".repeat(10_000), "x");
+        let e = parse_manifest(manifest(D, &hostile).as_bytes(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ManifestError::Json(_)) && !msg.contains('\n') && msg.len() < 400, "{msg}");
+        assert!(parse_manifest(manifest(D, "sha256:e3b0").as_bytes(), None).unwrap_err().to_string().starts_with("not a manifest"));
+
+        // In an index, only the entry used must be sha256.
+        let index = |amd64: &str| {
+            format!(
+                r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{sha512}","size":3,"platform":{{"architecture":"arm64","os":"linux"}}}},{{"mediaType":"{OCI_MANIFEST}","digest":"{amd64}","size":4,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+            )
+        };
+        let Parsed::Index(ms) = parse_manifest(index(D).as_bytes(), None).unwrap() else { panic!() };
+        assert_eq!(Blob::of(select_platform(&ms).unwrap(), "entry").unwrap().digest.to_string(), D);
+        let Parsed::Index(ms) = parse_manifest(index(&sha512).as_bytes(), None).unwrap() else { panic!() };
+        let e = Blob::of(select_platform(&ms).unwrap(), "its linux/amd64 entry").unwrap_err();
+        assert!(e.to_string().starts_with("its linux/amd64 entry: invalid digest"), "{e}");
+    }
+
+    #[test]
+    fn writes_manifests_as_before() {
+        let blob = |media_type: &str, size| Blob { media_type: media_type.into(), digest: D.parse().unwrap(), size };
+        let layers = vec![blob(OCI_LAYER_TAR, 2), blob(OCI_LAYER_GZIP, 3)];
+        let m = Manifest { media_type: OCI_MANIFEST, config: blob(OCI_CONFIG, 1), layers };
+        let doc = String::from_utf8(m.to_document().unwrap()).unwrap();
+        assert_eq!(
+            doc,
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"{OCI_CONFIG}","digest":"{D}","size":1}},"layers":[{{"mediaType":"{OCI_LAYER_TAR}","digest":"{D}","size":2}},{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{D}","size":3}}]}}"#
+            )
+        );
+        let Parsed::Manifest(again) = parse_manifest(doc.as_bytes(), None).unwrap() else { panic!() };
+        assert_eq!((again.config, again.layers), (m.config, m.layers));
+    }
+
+    #[test]
+    fn config_fields() {
+        let c: ConfigFile = serde_json::from_slice(
+            br#"{"architecture":"amd64","os":"linux","config":{"User":"1:2","Env":["A=1"],"Entrypoint":["/e"],"Cmd":null,"WorkingDir":"","Labels":{"b":"2","a":"1"},"ExposedPorts":{"80/tcp":{},"53/udp":{}},"Volumes":{"/v":{}},"StopSignal":"SIGINT","Hostname":"h"}}"#,
+        )
+        .unwrap();
+        check_config_platform(&c).unwrap();
+        let i = crate::ImageConfig::from(c);
+        assert_eq!((i.user.as_deref(), i.env, i.entrypoint), (Some("1:2"), vec!["A=1".to_owned()], vec!["/e".to_owned()]));
+        assert!(i.cmd.is_empty() && i.working_dir.is_none() && i.diff_ids.is_empty());
+        assert_eq!((i.exposed_ports, i.volumes), (vec!["53/udp".to_owned(), "80/tcp".to_owned()], vec!["/v".to_owned()]));
+        assert_eq!(i.stop_signal.as_deref(), Some("SIGINT"));
+        assert_eq!(i.labels.into_iter().collect::<Vec<_>>(), [("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())]);
+        // What images in use leave out (no rootfs type or diff_ids, no
+        // rootfs, no platform) is taken as before; another platform is not.
+        for doc in [&br#"{"architecture":"amd64","os":"linux","rootfs":{"diff_ids":[]}}"#[..], br#"{"rootfs":{"type":"layers"}}"#, b"{}"] {
+            check_config_platform(&serde_json::from_slice(doc).unwrap()).unwrap();
+        }
+        // `oci-spec` reads `ExposedPorts` and `Volumes` as Go's sets (each
+        // value `{}`, as a `map[string]struct{}` is written); others fail.
+        assert!(serde_json::from_slice::<ConfigFile>(br#"{"config":{"Volumes":{"/v":null}}}"#).is_err());
+        // Go's nil maps and slices, as docker writes them, are none.
+        let docker = br#"{"architecture":"amd64","os":"linux","config":{"Hostname":"","Env":null,"Cmd":["sh"],"Entrypoint":null,"Volumes":null,"ExposedPorts":null,"OnBuild":null,"Labels":null,"WorkingDir":""},"rootfs":{"type":"layers","diff_ids":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}"#;
+        let c: ConfigFile = serde_json::from_slice(docker).unwrap();
+        let i = c.config.unwrap_or_default();
+        assert!(i.volumes().is_none() && i.exposed_ports().is_none() && i.env().is_none() && i.labels().is_none());
+        let arm: ConfigFile = serde_json::from_slice(br#"{"architecture":"arm64","os":"linux"}"#).unwrap();
+        assert_eq!(check_config_platform(&arm).unwrap_err().to_string(), "the image is for linux/arm64; vmrun runs linux/amd64 guests");
     }
 }

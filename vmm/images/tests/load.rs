@@ -56,6 +56,18 @@ fn loads_docker_save_archive_plain_and_gzipped() {
     assert_eq!(image.layers[0].digest, img.digest("DIFF_ID"));
     assert_eq!(image.layers[0].media_type, spec::OCI_LAYER_TAR);
     store.verify(&image).unwrap();
+    // The manifest made for it, byte for byte as vmrun has always written
+    // it (its digest names the image in stores that have it).
+    let config_size = fs::metadata(store.blob_path(&image.config_digest)).unwrap().len();
+    let (layer, layer_size) = (&image.layers[0].digest, image.layers[0].size);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{}","size":{config_size}}},"layers":[{{"mediaType":"{}","digest":"{layer}","size":{layer_size}}}]}}"#,
+        spec::OCI_MANIFEST,
+        spec::OCI_CONFIG,
+        image.config_digest,
+        spec::OCI_LAYER_TAR,
+    );
+    assert_eq!(fs::read_to_string(store.blob_path(&image.manifest_digest)).unwrap(), manifest);
     // By image ID, as `docker run ID` would.
     assert_eq!(store.resolve(&img.var("CONFIG_DIGEST")[7..19]).unwrap().manifest_digest, image.manifest_digest);
 

@@ -196,3 +196,111 @@ fn failed_operations_leave_the_store_as_it_was() {
     assert!(store.load(&dir.path().join("nothere.tar"), &mut NoProgress).is_err());
     assert_eq!(snapshot(store.root()), before);
 }
+
+/// A store as vmrun has written it so far, byte for byte: `index.json`
+/// pretty-printed with one `ref.name` annotation per named entry, the
+/// manifest `load` makes for a `docker save` archive, and a manifest with
+/// Docker's media types as a registry sends it. It must stay readable, and
+/// rewriting `index.json` must keep its format.
+#[test]
+fn a_store_in_the_format_written_so_far_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let blobs = root.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        fs::write(blobs.join(d.hex()), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let (layer, layer_size) = put(b"not a tar: resolve checks a layer's size only");
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","created":"2024-01-02T03:04:05Z","config":{{"Cmd":["sh"],"Env":["A=1"],"ExposedPorts":{{"80/tcp":{{}},"53/udp":{{}}}},"Labels":{{"b":"2","a":"1"}},"WorkingDir":"/w"}},"rootfs":{{"type":"layers","diff_ids":["{layer}"]}}}}"#
+    );
+    let (config_d, config_size) = put(config.as_bytes());
+    let loaded = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_d}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{layer_size}}}]}}"#
+    );
+    let (loaded_d, loaded_size) = put(loaded.as_bytes());
+    let pulled = format!(
+        r#"{{
+   "schemaVersion": 2,
+   "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+   "config": {{
+      "mediaType": "application/vnd.docker.container.image.v1+json",
+      "size": {config_size},
+      "digest": "{config_d}"
+   }},
+   "layers": [
+      {{
+         "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+         "size": {layer_size},
+         "digest": "{layer}"
+      }}
+   ]
+}}"#
+    );
+    let (pulled_d, pulled_size) = put(pulled.as_bytes());
+    let index = format!(
+        r#"{{
+  "schemaVersion": 2,
+  "mediaType": "application/vnd.oci.image.index.v1+json",
+  "manifests": [
+    {{
+      "mediaType": "application/vnd.oci.image.manifest.v1+json",
+      "digest": "{loaded_d}",
+      "size": {loaded_size},
+      "annotations": {{
+        "org.opencontainers.image.ref.name": "docker.io/library/busybox:latest"
+      }}
+    }},
+    {{
+      "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+      "digest": "{pulled_d}",
+      "size": {pulled_size},
+      "annotations": {{
+        "org.opencontainers.image.ref.name": "localhost:5000/app:1"
+      }}
+    }},
+    {{
+      "mediaType": "application/vnd.oci.image.manifest.v1+json",
+      "digest": "{loaded_d}",
+      "size": {loaded_size}
+    }}
+  ]
+}}
+"#
+    );
+    fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(root.join("index.json"), &index).unwrap();
+
+    let store = Store::open(root).unwrap();
+    let image = store.resolve("busybox").unwrap();
+    assert_eq!((&image.manifest_digest, &image.config_digest), (&loaded_d, &config_d));
+    assert_eq!(image.layers.len(), 1);
+    assert_eq!((&image.layers[0].digest, image.layers[0].size), (&layer, layer_size as u64));
+    assert_eq!(image.layers[0].media_type, "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!((image.config.os.as_str(), image.config.architecture.as_str()), ("linux", "amd64"));
+    assert_eq!(image.config.created.as_deref(), Some("2024-01-02T03:04:05Z"));
+    assert_eq!((image.config.cmd.as_slice(), image.config.env.as_slice()), (&["sh".to_owned()][..], &["A=1".to_owned()][..]));
+    assert_eq!(image.config.working_dir.as_deref(), Some("/w"));
+    assert_eq!(image.config.exposed_ports, ["53/udp", "80/tcp"]);
+    assert_eq!(image.config.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["a=1", "b=2"]);
+    assert_eq!(image.config.diff_ids, std::slice::from_ref(&layer));
+
+    let pulled_image = store.resolve("localhost:5000/app:1").unwrap();
+    assert_eq!((&pulled_image.manifest_digest, &pulled_image.config_digest), (&pulled_d, &config_d));
+    assert_eq!(pulled_image.layers[0].media_type, "application/vnd.docker.image.rootfs.diff.tar.gzip");
+    assert_eq!(pulled_image.config, image.config);
+
+    let list = store.list().unwrap();
+    let names: Vec<_> = list.iter().map(|s| s.reference.as_ref().map(ToString::to_string)).collect();
+    assert_eq!(names, [Some("docker.io/library/busybox:latest".to_owned()), Some("localhost:5000/app:1".to_owned()), None]);
+    assert!(list.iter().all(|s| s.config_digest.as_ref() == Some(&config_d)));
+    assert!(store.gc().unwrap().removed.is_empty());
+
+    // A rewrite of index.json (a tag, then its removal) writes it as it was.
+    store.tag("busybox", &"x:y".parse().unwrap()).unwrap();
+    assert_eq!(store.remove("x:y").unwrap().len(), 1);
+    assert_eq!(fs::read_to_string(root.join("index.json")).unwrap(), index);
+}

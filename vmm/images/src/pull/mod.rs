@@ -17,7 +17,7 @@ pub(crate) mod client;
 pub mod pace;
 pub mod tls;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::progress::{Progress, ProgressReader};
 use crate::reference::Reference;
-use crate::spec::{self, ConfigFile, Descriptor, Manifest, Parsed, MAX_DOCUMENT_SIZE};
+use crate::spec::{self, Blob, ConfigFile, Manifest, Parsed, MAX_DOCUMENT_SIZE};
 use crate::store::staging::{StageError, Staging};
 use crate::store::{IndexEntry, Store};
 
@@ -134,6 +134,7 @@ impl Store {
             Parsed::Manifest(m) => (top, m),
             Parsed::Index(entries) => {
                 let d = spec::select_platform(&entries).map_err(platform)?;
+                let d = Blob::of(d, "its linux/amd64 entry").map_err(bad_manifest(format!("manifest of {reference}")))?;
                 let doc = fetch_manifest(&mut client, reference, &d.digest.to_string(), Some(&d.digest), Some(d.size))?;
                 let header = doc.content_type.clone().unwrap_or_else(|| d.media_type.clone());
                 match spec::parse_manifest(&doc.bytes, Some(&header))
@@ -166,16 +167,12 @@ impl Store {
         let stored = staging.write_bytes(&manifest_doc.bytes)?;
         debug_assert_eq!(stored, manifest_doc.digest);
         let needed = needed_blobs(&manifest_doc.digest, &manifest);
-        let entry = IndexEntry {
-            reference: Some(reference.clone()),
-            descriptor: Descriptor {
-                media_type: manifest.media_type.clone(),
-                digest: manifest_doc.digest.clone(),
-                size: manifest_doc.bytes.len() as u64,
-                platform: None,
-                annotations: BTreeMap::new(),
-            },
+        let manifest_blob = Blob {
+            media_type: manifest.media_type.into(),
+            digest: manifest_doc.digest.clone(),
+            size: manifest_doc.bytes.len() as u64,
         };
+        let entry = IndexEntry::new(Some(reference.clone()), manifest_blob).map_err(|e| bad(e.to_string()))?;
         staging.commit(&needed, vec![entry])?;
         self.image(&manifest_doc.digest, Some(reference.clone()))
     }
@@ -269,7 +266,7 @@ fn fetch_manifest(
 fn fetch_blob(
     client: &mut Client,
     staging: &mut Staging<'_>,
-    d: &Descriptor,
+    d: &Blob,
     what: &str,
     progress: &mut dyn Progress,
 ) -> Result<()> {

@@ -29,11 +29,13 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::digest::{digest_reader, Digest};
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
+
+use crate::digest::{digest_reader, Digest, DigestError};
 use crate::error::{Error, Result};
 use crate::image::{Image, ImageConfig, ImageSummary, Layer};
 use crate::reference::Reference;
-use crate::spec::{self, ConfigFile, Descriptor, Index, Manifest, Parsed, MAX_DOCUMENT_SIZE};
+use crate::spec::{self, Blob, ConfigFile, Manifest, Parsed, MAX_DOCUMENT_SIZE};
 use fsutil::{write_atomic, TEMP_PREFIX};
 use lock::{FileLock, Mode};
 
@@ -69,7 +71,19 @@ pub fn default_store_dir() -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub(crate) struct IndexEntry {
     pub reference: Option<Reference>,
+    /// The manifest's digest: the descriptor's, as the store's key.
+    pub digest: Digest,
+    /// The entry as `index.json` has it (its `ref.name` annotation is
+    /// rewritten from `reference` when the index is written).
     pub descriptor: Descriptor,
+}
+
+impl IndexEntry {
+    /// An entry for a manifest vmrun stored.
+    pub(crate) fn new(reference: Option<Reference>, manifest: Blob) -> Result<Self, DigestError> {
+        let descriptor = manifest.descriptor()?;
+        Ok(Self { reference, digest: manifest.digest, descriptor })
+    }
 }
 
 /// What [`Store::remove`] untagged.
@@ -179,15 +193,18 @@ impl Store {
         if bytes.len() as u64 > MAX_INDEX_SIZE {
             return Err(bad(format!("larger than {MAX_INDEX_SIZE} bytes")));
         }
-        let index: Index = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not an OCI index: {e}")))?;
-        Ok(index
-            .manifests
-            .into_iter()
-            .map(|descriptor| IndexEntry {
-                reference: descriptor.annotations.get(spec::ANNOTATION_REF_NAME).and_then(|n| n.parse().ok()),
-                descriptor,
+        let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not an OCI index: {}", spec::one_line(&e))))?;
+        index
+            .manifests()
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, descriptor)| {
+                let digest = Digest::from_oci(descriptor.digest()).map_err(|e| bad(format!("entry {}: {e}", i + 1)))?;
+                let name = descriptor.annotations().as_ref().and_then(|a| a.get(spec::ANNOTATION_REF_NAME));
+                Ok(IndexEntry { reference: name.and_then(|n| n.parse().ok()), digest, descriptor })
             })
-            .collect())
+            .collect()
     }
 
     /// Rewrites `index.json`; the caller holds the index lock.
@@ -196,14 +213,17 @@ impl Store {
             .iter()
             .map(|e| {
                 let mut d = e.descriptor.clone();
-                d.annotations.remove(spec::ANNOTATION_REF_NAME);
+                let mut annotations = d.annotations().clone().unwrap_or_default();
+                annotations.remove(spec::ANNOTATION_REF_NAME);
                 if let Some(r) = &e.reference {
-                    d.annotations.insert(spec::ANNOTATION_REF_NAME.into(), r.to_string());
+                    annotations.insert(spec::ANNOTATION_REF_NAME.into(), r.to_string());
                 }
+                d.set_annotations(Some(annotations).filter(|a| !a.is_empty()));
                 d
             })
             .collect();
-        let index = Index { schema_version: 2, media_type: Some(spec::OCI_INDEX.into()), manifests };
+        let mut index = ImageIndex::default();
+        index.set_media_type(Some(MediaType::ImageIndex)).set_manifests(manifests);
         let mut bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::BadStore {
             path: self.index_path(),
             reason: e.to_string(),
@@ -260,7 +280,7 @@ impl Store {
                 Parsed::Index(ms) => {
                     let platform = |problem| Error::Platform { image: format!("index {digest}"), problem };
                     let d = spec::select_platform(&ms).map_err(platform)?;
-                    digest = d.digest.clone();
+                    digest = Blob::of(d, "its linux/amd64 entry").map_err(bad)?.digest;
                 }
             }
         }
@@ -326,7 +346,7 @@ impl Store {
         let entries = self.read_index()?;
         if let Some(i) = self.find(&entries, name)?.first() {
             let e = &entries[*i];
-            return self.image(&e.descriptor.digest, e.reference.clone());
+            return self.image(&e.digest, e.reference.clone());
         }
         Err(Error::NotFound(name.into()))
     }
@@ -355,7 +375,7 @@ impl Store {
         let mut ids = BTreeSet::new();
         let mut hits = Vec::new();
         for (i, e) in entries.iter().enumerate() {
-            let Ok((_, m)) = self.read_manifest(&e.descriptor.digest) else { continue };
+            let Ok((_, m)) = self.read_manifest(&e.digest) else { continue };
             if m.config.digest.hex().starts_with(hex) {
                 ids.insert(m.config.digest.clone());
                 hits.push(i);
@@ -398,11 +418,11 @@ impl Store {
         Ok(entries
             .into_iter()
             .map(|e| {
-                let found = self.read_manifest(&e.descriptor.digest).ok();
+                let found = self.read_manifest(&e.digest).ok();
                 let created = found.as_ref().and_then(|(_, m)| self.read_config(m).ok()).and_then(|c| c.created);
                 ImageSummary {
                     reference: e.reference,
-                    manifest_digest: e.descriptor.digest,
+                    manifest_digest: e.digest,
                     config_digest: found.as_ref().map(|(_, m)| m.config.digest.clone()),
                     size: found.map_or(0, |(_, m)| m.layers.iter().map(|l| l.size).sum()),
                     created,
@@ -424,7 +444,7 @@ impl Store {
         let mut removed = Vec::new();
         for i in hits.into_iter().rev() {
             let e = entries.remove(i);
-            removed.push(Removed { reference: e.reference, manifest_digest: e.descriptor.digest });
+            removed.push(Removed { reference: e.reference, manifest_digest: e.digest });
         }
         removed.reverse();
         self.write_index(&entries)?;
@@ -439,9 +459,9 @@ impl Store {
         let mut entries = self.read_index()?;
         let mut removed = Vec::new();
         entries.retain(|e| {
-            let hit = &e.descriptor.digest == digest;
+            let hit = &e.digest == digest;
             if hit {
-                removed.push(Removed { reference: e.reference.clone(), manifest_digest: e.descriptor.digest.clone() });
+                removed.push(Removed { reference: e.reference.clone(), manifest_digest: e.digest.clone() });
             }
             !hit
         });
@@ -457,12 +477,13 @@ impl Store {
         let _gc = self.lock_gc(Mode::Shared)?;
         let _index = self.lock_index(Mode::Exclusive)?;
         let mut entries = self.read_index()?;
-        let descriptor = match self.find(&entries, name)?.first() {
-            Some(&i) => entries[i].descriptor.clone(),
+        let mut entry = match self.find(&entries, name)?.first() {
+            Some(&i) => entries[i].clone(),
             None => return Err(Error::NotFound(name.into())),
         };
         entries.retain(|e| e.reference.as_ref() != Some(new));
-        entries.push(IndexEntry { reference: Some(new.clone()), descriptor });
+        entry.reference = Some(new.clone());
+        entries.push(entry);
         self.write_index(&entries)
     }
 
@@ -487,7 +508,7 @@ impl Store {
     fn reachable(&self) -> Result<BTreeSet<Digest>> {
         let mut keep = BTreeSet::new();
         for e in self.read_index()? {
-            let mut todo = vec![e.descriptor.digest];
+            let mut todo = vec![e.digest];
             while let Some(d) = todo.pop() {
                 if !keep.insert(d.clone()) {
                     continue;
@@ -499,7 +520,8 @@ impl Store {
                         keep.insert(m.config.digest);
                         keep.extend(m.layers.into_iter().map(|l| l.digest));
                     }
-                    Ok(Parsed::Index(ms)) => todo.extend(ms.into_iter().map(|m| m.digest)),
+                    // An entry whose digest is not sha256 names no blob here.
+                    Ok(Parsed::Index(ms)) => todo.extend(ms.iter().filter_map(|m| Digest::from_oci(m.digest()).ok())),
                     Err(_) => {}
                 }
             }
@@ -577,7 +599,7 @@ fn matches_reference(e: &IndexEntry, r: &Reference) -> bool {
     // `name@digest` also finds the image pulled by tag whose manifest (or
     // the index it came from) has that digest.
     match r.digest() {
-        Some(d) => er.name() == r.name() && (&e.descriptor.digest == d || er.digest() == Some(d)),
+        Some(d) => er.name() == r.name() && (&e.digest == d || er.digest() == Some(d)),
         None => false,
     }
 }

@@ -190,7 +190,7 @@ impl<'s> Staging<'s> {
             match &e.reference {
                 Some(r) => index.retain(|old| old.reference.as_ref() != Some(r)),
                 None => {
-                    if index.iter().any(|old| old.descriptor.digest == e.descriptor.digest) {
+                    if index.iter().any(|old| old.digest == e.digest) {
                         continue;
                     }
                 }
