@@ -459,14 +459,35 @@ fn oci_runtime_applies_the_specs_linux_settings() {
     assert_eq!(line("device"), "character special file 1:3 640 1000:10 0");
     assert_ok(&run(&root, &["delete", "c-linux"]));
 
+    // A user namespace, made in the guest: the container's root is the
+    // guest's user 1000, the image's files (the guest root's) are nobody's,
+    // and its /dev and /proc work.
+    let script = "echo uid_map: $(cat /proc/self/uid_map); echo gid_map: $(cat /proc/self/gid_map); echo id: $(id -u); \
+                  echo owner: $(stat -c %u /bin/busybox); echo null: $(echo x > /dev/null && echo ok); echo pid1: $(cat /proc/1/comm)";
+    let b = bundle("bundle-userns-run", &["sh", "-c", script], |s| {
+        s["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({ "type": "user" }));
+        s["linux"]["uidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 1000, "size": 2000 }]);
+        s["linux"]["gidMappings"] = serde_json::json!([{ "containerID": 0, "hostID": 1000, "size": 3000 }]);
+    });
+    let (out, err) = (support::scratch("userns.out"), support::scratch("userns.err"));
+    let pid = create(&root, &b, "c-userns", &out, &err);
+    assert_ok(&run(&root, &["start", "c-userns"]));
+    assert_eq!(wait_pid(pid, &root, "c-userns"), 0, "{}", std::fs::read_to_string(&err).unwrap_or_default());
+    let text = std::fs::read_to_string(&out).unwrap();
+    for want in ["uid_map: 0 1000 2000", "gid_map: 0 1000 3000", "id: 0", "owner: 65534", "null: ok", "pid1: sh"] {
+        assert!(text.lines().any(|l| l == want), "{want:?} in:\n{text}");
+    }
+    assert_ok(&run(&root, &["delete", "c-userns"]));
+
     // Refused at create: a kernel parameter of the whole kernel, a user
-    // namespace, a namespace path of another type.
+    // namespace whose map leaves out the container's root, a namespace
+    // path of another type.
     for (name, edit, needle) in [
         ("bundle-sysctl", serde_json::json!({ "sysctl": { "kernel.panic": "1" } }), "not in a separate kernel namespace"),
         (
             "bundle-userns",
-            serde_json::json!({ "namespaces": [{ "type": "user" }], "uidMappings": [{ "containerID": 0, "hostID": 1000, "size": 1 }], "gidMappings": [{ "containerID": 0, "hostID": 1000, "size": 1 }] }),
-            "user namespace",
+            serde_json::json!({ "namespaces": [{ "type": "user" }], "uidMappings": [{ "containerID": 1, "hostID": 1000, "size": 1 }], "gidMappings": [{ "containerID": 0, "hostID": 1000, "size": 1 }] }),
+            "does not map the container's root",
         ),
         ("bundle-nspath", serde_json::json!({ "namespaces": [{ "type": "network", "path": "/proc/self/ns/ipc" }] }), "is not a net namespace"),
     ] {
