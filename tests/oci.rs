@@ -390,6 +390,7 @@ fn oci_runtime_applies_resources_in_a_guest_cgroup() {
     let busy = "(i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done) >/dev/null 2>&1 &";
     assert_ok(&run(&root, &["exec", "c-cg", "sh", "-c", busy]));
     assert_ok(&run(&root, &["update", "--cpu-quota", "20000", "c-cg"]));
+    assert_eq!(host_cgroup_files(&host_dirs).0.as_deref(), Some("20000"), "the VM's host cgroup is updated too: {host_dirs:?}");
     std::thread::sleep(Duration::from_secs(3));
     let s = stats(&root, "c-cg");
     assert!(s["cpu"]["throttling"]["throttledPeriods"].as_u64().unwrap() > 0, "{s}");

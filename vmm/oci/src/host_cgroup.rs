@@ -174,9 +174,7 @@ fn push_cpuset(out: &mut Vec<(&'static str, String)>, c: &vmrun_agent_protocol::
 pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, made: &mut Vec<PathBuf>) -> Result<()> {
     let root = Path::new(CGROUP_ROOT);
     for dir in dirs {
-        let hierarchy = dir.strip_prefix(root).ok().and_then(|r| r.iter().next()).map(|c| c.to_string_lossy().into_owned());
-        let hierarchy = if v2 { String::new() } else { hierarchy.unwrap_or_default() };
-        let top = if hierarchy.is_empty() { root.to_path_buf() } else { root.join(&hierarchy) };
+        let (hierarchy, top) = hierarchy_of(root, dir, v2);
         // Each missing level in turn: a v1 cpuset cgroup starts with no
         // CPUs and memory nodes, and takes its parent's.
         let mut missing: Vec<&Path> = dir.ancestors().take_while(|a| *a != top && !a.exists()).collect();
@@ -196,13 +194,62 @@ pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, m
         if hierarchy.is_empty() {
             enable_controllers(&top, dir, &files);
         }
-        for (f, v) in files {
-            std::fs::write(dir.join(f), &v).map_err(crate::error::io(format!("setting {f} to {v} in cgroup {}", dir.display())))?;
-        }
+        write_files(dir, files)?;
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
             .map_err(crate::error::io(format!("joining cgroup {}", dir.display())))?;
     }
     Ok(())
+}
+
+/// The hierarchy (a v1 directory name, empty on v2) of the cgroup `dir`
+/// under `root`, and that hierarchy's top directory.
+fn hierarchy_of(root: &Path, dir: &Path, v2: bool) -> (String, PathBuf) {
+    let hierarchy = dir.strip_prefix(root).ok().and_then(|r| r.iter().next()).map(|c| c.to_string_lossy().into_owned());
+    let hierarchy = if v2 { String::new() } else { hierarchy.unwrap_or_default() };
+    let top = if hierarchy.is_empty() { root.to_path_buf() } else { root.join(&hierarchy) };
+    (hierarchy, top)
+}
+
+fn write_files(dir: &Path, files: Vec<(&'static str, String)>) -> Result<()> {
+    for (f, v) in files {
+        std::fs::write(dir.join(f), &v).map_err(crate::error::io(format!("setting {f} to {v} in cgroup {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// The VM's cgroup directories for the plan's `linux.cgroupsPath`, and
+/// whether the host has cgroup v2; `None` without a path, or with one in
+/// systemd's form (a warning: not supported).
+pub fn of_plan(plan: &crate::bundle::Plan) -> Result<Option<(bool, Vec<PathBuf>)>> {
+    let Some(path) = plan.cgroups_path.as_deref() else { return Ok(None) };
+    if path.contains(':') {
+        log::warn!("linux.cgroupsPath {path:?} is in systemd's form (slice:prefix:name), which vmrun-oci does not support: the VM stays in vmrun-oci's cgroup");
+        return Ok(None);
+    }
+    let v2 = is_v2();
+    Ok(Some((v2, self::plan(Path::new(CGROUP_ROOT), v2, &hierarchies(v2)?, path)?)))
+}
+
+/// `update`: writes the host's share of the new limits `r` (only the
+/// fields set) in the VM's cgroup directories `dirs` under `root`.
+pub fn update(root: &Path, dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds) -> Result<()> {
+    for dir in dirs {
+        let (hierarchy, _) = hierarchy_of(root, dir, v2);
+        write_files(dir, files(&hierarchy, r, vm))?;
+    }
+    Ok(())
+}
+
+/// What the guest's cgroup of the container applies of `r`: everything
+/// but `cpus` and `mems` when the host applies them (`host_cpuset`: the
+/// guest's CPUs are the VM's vCPUs).
+pub fn guest_share(r: &Resources, host_cpuset: bool) -> Resources {
+    let mut r = r.clone();
+    if host_cpuset {
+        r.cpu.cpus = None;
+        r.cpu.mems = None;
+    }
+    r
 }
 
 /// On v2: enables the controllers of the `files` to write for the
@@ -295,5 +342,32 @@ mod tests {
             ["cpu.weight=79", "cpu.max=50000 100000", "cpuset.cpus=0", &format!("memory.max={}", 2u64 << 30), "pids.max=1000"]
         );
         assert!(names("devices", &r).is_empty());
+    }
+
+    #[test]
+    fn an_update_writes_the_hosts_share_of_the_fields_set_and_the_guest_gets_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let v1 = [root.path().join("cpu,cpuacct/vm"), root.path().join("pids/vm")];
+        for d in &v1 {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut r = Resources::default();
+        r.cpu.quota = Some(20_000);
+        r.cpu.cpus = Some("1".into());
+        r.pids.limit = Some(5);
+        update(root.path(), &v1, false, &r, VmNeeds::for_vm(512)).unwrap();
+        assert_eq!(std::fs::read_to_string(v1[0].join("cpu.cfs_quota_us")).unwrap(), "20000");
+        assert!(!v1[0].join("cpu.shares").exists(), "a field not set is left as it is");
+        assert!(!v1[1].join("pids.max").exists(), "a pids limit below the VM's needs is the guest's alone");
+        let v2 = [root.path().join("vm2")];
+        std::fs::create_dir_all(&v2[0]).unwrap();
+        update(root.path(), &v2, true, &r, VmNeeds::for_vm(512)).unwrap();
+        assert_eq!(std::fs::read_to_string(v2[0].join("cpu.max")).unwrap(), "20000 100000");
+        assert_eq!(std::fs::read_to_string(v2[0].join("cpuset.cpus")).unwrap(), "1");
+        let guest = guest_share(&r, true);
+        assert_eq!((guest.cpu.quota, guest.cpu.cpus, guest.pids.limit), (Some(20_000), None, Some(5)));
+        assert_eq!(guest_share(&r, false).cpu.cpus.as_deref(), Some("1"));
+        let gone = [root.path().join("missing/vm")];
+        assert!(update(root.path(), &gone, true, &r, VmNeeds::for_vm(512)).unwrap_err().to_string().contains("missing/vm"));
     }
 }

@@ -285,7 +285,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         uid_mappings: plan.uid_mappings.clone(),
         gid_mappings: plan.gid_mappings.clone(),
         disk_dirs,
-        resources: Box::new(guest_resources(plan, host_cpuset)),
+        resources: Box::new(crate::host_cgroup::guest_share(&plan.resources, host_cpuset)),
         cgroup: true,
     };
     sandbox.create(&CreateContainer {
@@ -369,13 +369,8 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
 /// directories made are recorded in the state at once, for `delete`.
 /// Whether the host applies `cpus` and `mems`.
 fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> {
-    let Some(path) = plan.cgroups_path.as_deref() else { return Ok(false) };
-    if path.contains(':') {
-        log::warn!("linux.cgroupsPath {path:?} is in systemd's form (slice:prefix:name), which vmrun-oci does not support: the VM stays in vmrun-oci's cgroup");
-        return Ok(false);
-    }
-    let v2 = crate::host_cgroup::is_v2();
-    let dirs = crate::host_cgroup::plan(Path::new(crate::host_cgroup::CGROUP_ROOT), v2, &crate::host_cgroup::hierarchies(v2)?, path)?;
+    let Some((v2, dirs)) = crate::host_cgroup::of_plan(plan)? else { return Ok(false) };
+    let path = plan.cgroups_path.as_deref().unwrap_or_default();
     let mut made = Vec::new();
     let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib), &mut made);
     state.host_cgroups = made;
@@ -383,18 +378,6 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
     joined?;
     log::debug!("the VM's host cgroup: {path}");
     Ok(true)
-}
-
-/// What the guest's cgroup of the container applies: all of the spec's
-/// limits but `cpus` and `mems` when the host applies them (the guest's
-/// CPUs are the VM's vCPUs).
-fn guest_resources(plan: &Plan, host_cpuset: bool) -> vmrun_agent_protocol::Resources {
-    let mut r = plan.resources.clone();
-    if host_cpuset {
-        r.cpu.cpus = None;
-        r.cpu.mems = None;
-    }
-    r
 }
 
 /// The volume disk of the plan's large bind-mounted directories, all on
