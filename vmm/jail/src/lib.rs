@@ -54,6 +54,15 @@ pub const MEMORY_OVERHEAD: u64 = 128 << 20;
 /// Most tasks (threads) in the cgroup: the event loop, vCPUs, device and
 /// port threads.
 pub const MAX_PIDS: u32 = 128;
+
+/// The CPU bandwidth period of the VMM's cgroup, in microseconds.
+pub const CPU_PERIOD: u64 = 100_000;
+
+/// The VMM's CPU quota per [`CPU_PERIOD`] for `cpus` vCPUs: that many
+/// CPUs' worth of time, plus one for its own threads.
+pub fn cpu_quota(cpus: u32) -> u64 {
+    CPU_PERIOD * u64::from(cpus + 1)
+}
 /// Names the cgroup (a path relative to each hierarchy's root) that jails'
 /// cgroups are made in, instead of the cgroup of the process that starts
 /// the VMM (docker's `--cgroup-parent`).
@@ -469,8 +478,8 @@ impl Cgroup {
     /// limits `l`.
     fn create(dirs: Vec<PathBuf>, l: Limits) -> Result<Self, Error> {
         let memory = l.guest_memory + MEMORY_OVERHEAD;
-        let period = 100_000u64;
-        let quota = period * u64::from(l.cpus + 1);
+        let period = CPU_PERIOD;
+        let quota = cpu_quota(l.cpus);
         let v2 = is_v2();
         let mut made = Self { dirs: Vec::new() };
         for dir in dirs {

@@ -130,7 +130,7 @@ pub fn update(ctx: &Ctx, args: &UpdateArgs) -> Result<i32> {
     // its share first (CPU time and CPUs for the whole VM), as at create.
     let host = match crate::host_cgroup::of_plan(&sp.plan)? {
         Some((v2, dirs)) if !st.host_cgroups.is_empty() => {
-            let vm = crate::host_cgroup::VmNeeds::for_vm(sp.plan.mem_mib);
+            let vm = crate::host_cgroup::VmNeeds::for_vm(sp.plan.mem_mib, sp.plan.cpus);
             crate::host_cgroup::update(std::path::Path::new(crate::host_cgroup::CGROUP_ROOT), &dirs, v2, &r, vm)?;
             true
         }

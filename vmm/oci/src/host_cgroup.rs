@@ -35,13 +35,20 @@ pub struct VmNeeds {
     pub memory: u64,
     /// Tasks (threads) of the supervisor and the VMM.
     pub pids: i64,
+    /// The CPU quota the VMM's jail cgroup gives itself (per
+    /// `vmrun_jail::CPU_PERIOD`).
+    pub cpu_quota: u64,
 }
 
 impl VmNeeds {
-    /// For a VM of `mem_mib` MiB.
-    pub fn for_vm(mem_mib: u32) -> Self {
+    /// For a VM of `mem_mib` MiB and `cpus` vCPUs.
+    pub fn for_vm(mem_mib: u32, cpus: u8) -> Self {
         // The supervisor's threads (a few) beside the jail's allowance.
-        Self { memory: (u64::from(mem_mib) << 20) + vmrun_jail::MEMORY_OVERHEAD, pids: i64::from(vmrun_jail::MAX_PIDS) + 32 }
+        Self {
+            memory: (u64::from(mem_mib) << 20) + vmrun_jail::MEMORY_OVERHEAD,
+            pids: i64::from(vmrun_jail::MAX_PIDS) + 32,
+            cpu_quota: vmrun_jail::cpu_quota(u32::from(cpus)),
+        }
     }
 }
 
@@ -235,9 +242,64 @@ pub fn of_plan(plan: &crate::bundle::Plan) -> Result<Option<(bool, Vec<PathBuf>)
 pub fn update(root: &Path, dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds) -> Result<()> {
     for dir in dirs {
         let (hierarchy, _) = hierarchy_of(root, dir, v2);
-        write_files(dir, files(&hierarchy, r, vm))?;
+        let files = files(&hierarchy, r, vm);
+        let quota = files.iter().find(|(f, _)| *f == "cpu.cfs_quota_us").and_then(|(_, q)| q.parse::<i64>().ok());
+        match quota {
+            Some(q) => update_v1_cpu(dir, files, q, r.cpu.period, vm)?,
+            None => write_files(dir, files)?,
+        }
     }
     Ok(())
+}
+
+/// v1 refuses a cgroup a CPU quota below one of its children's (in CPUs'
+/// worth), and the VMM's jail cgroup below the VM's has one (the jail's
+/// own, capped to the VM's at its start): the cgroups below take the new
+/// quota, or the jail's when that is smaller (the jail's when the new one
+/// is unlimited), before `dir` when its current quota allows theirs, after
+/// it otherwise.
+fn update_v1_cpu(dir: &Path, files: Vec<(&'static str, String)>, quota: i64, period: Option<u64>, vm: VmNeeds) -> Result<()> {
+    let period = period.filter(|p| *p > 0).or_else(|| read_number(dir, "cpu.cfs_period_us").map(|p| p as u64)).unwrap_or(vmrun_jail::CPU_PERIOD);
+    let mut below = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(crate::error::io(format!("reading cgroup {}", d.display())))?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+                below.push(e.path());
+            }
+        }
+    }
+    let (now, now_period) = (read_number(dir, "cpu.cfs_quota_us").unwrap_or(-1), read_number(dir, "cpu.cfs_period_us").unwrap_or(0));
+    let children: Vec<(PathBuf, String, bool)> = below
+        .into_iter()
+        .filter_map(|d| {
+            let child_period = read_number(&d, "cpu.cfs_period_us").filter(|p| *p > 0)? as u64;
+            let jail = vm.cpu_quota.saturating_mul(child_period) / vmrun_jail::CPU_PERIOD;
+            let target = match u64::try_from(quota) {
+                Ok(q) if q > 0 => jail.min(q.saturating_mul(child_period) / period),
+                _ => jail,
+            };
+            let allowed_now = match (u64::try_from(now), u64::try_from(now_period)) {
+                (Ok(q), Ok(p)) if q > 0 && p > 0 => target <= q.saturating_mul(child_period) / p,
+                _ => true,
+            };
+            Some((d, target.to_string(), allowed_now))
+        })
+        .collect();
+    let set = |d: &Path, q: &str| write_files(d, vec![("cpu.cfs_quota_us", q.to_string())]);
+    for (d, q, _) in children.iter().filter(|c| c.2) {
+        set(d, q)?;
+    }
+    write_files(dir, files)?;
+    for (d, q, _) in children.iter().filter(|c| !c.2) {
+        set(d, q)?;
+    }
+    Ok(())
+}
+
+fn read_number(dir: &Path, file: &str) -> Option<i64> {
+    std::fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
 }
 
 /// What the guest's cgroup of the container applies of `r`: everything
@@ -321,7 +383,7 @@ mod tests {
 
     #[test]
     fn only_limits_that_leave_the_vm_room_hold_on_the_host() {
-        let vm = VmNeeds::for_vm(512);
+        let vm = VmNeeds::for_vm(512, 1);
         let mut r = Resources::default();
         r.cpu.shares = Some(2048);
         r.cpu.quota = Some(50_000);
@@ -355,19 +417,34 @@ mod tests {
         r.cpu.quota = Some(20_000);
         r.cpu.cpus = Some("1".into());
         r.pids.limit = Some(5);
-        update(root.path(), &v1, false, &r, VmNeeds::for_vm(512)).unwrap();
+        update(root.path(), &v1, false, &r, VmNeeds::for_vm(512, 1)).unwrap();
         assert_eq!(std::fs::read_to_string(v1[0].join("cpu.cfs_quota_us")).unwrap(), "20000");
         assert!(!v1[0].join("cpu.shares").exists(), "a field not set is left as it is");
         assert!(!v1[1].join("pids.max").exists(), "a pids limit below the VM's needs is the guest's alone");
         let v2 = [root.path().join("vm2")];
         std::fs::create_dir_all(&v2[0]).unwrap();
-        update(root.path(), &v2, true, &r, VmNeeds::for_vm(512)).unwrap();
+        update(root.path(), &v2, true, &r, VmNeeds::for_vm(512, 1)).unwrap();
         assert_eq!(std::fs::read_to_string(v2[0].join("cpu.max")).unwrap(), "20000 100000");
         assert_eq!(std::fs::read_to_string(v2[0].join("cpuset.cpus")).unwrap(), "1");
         let guest = guest_share(&r, true);
         assert_eq!((guest.cpu.quota, guest.cpu.cpus, guest.pids.limit), (Some(20_000), None, Some(5)));
         assert_eq!(guest_share(&r, false).cpu.cpus.as_deref(), Some("1"));
+        // v1: the jail's cgroup below takes the new quota when it is
+        // smaller than its own (1 vCPU: two CPUs' worth), its own otherwise.
+        let jail = v1[0].join("vmrun/vmrun-1");
+        std::fs::create_dir_all(&jail).unwrap();
+        for (d, quota) in [(&v1[0], "1000000"), (&jail, "200000")] {
+            std::fs::write(d.join("cpu.cfs_period_us"), "100000").unwrap();
+            std::fs::write(d.join("cpu.cfs_quota_us"), quota).unwrap();
+        }
+        update(root.path(), &v1, false, &r, VmNeeds::for_vm(512, 1)).unwrap();
+        assert_eq!(std::fs::read_to_string(jail.join("cpu.cfs_quota_us")).unwrap(), "20000");
+        let mut unlimited = Resources::default();
+        unlimited.cpu.quota = Some(-1);
+        update(root.path(), &v1, false, &unlimited, VmNeeds::for_vm(512, 1)).unwrap();
+        assert_eq!(std::fs::read_to_string(v1[0].join("cpu.cfs_quota_us")).unwrap(), "-1");
+        assert_eq!(std::fs::read_to_string(jail.join("cpu.cfs_quota_us")).unwrap(), "200000");
         let gone = [root.path().join("missing/vm")];
-        assert!(update(root.path(), &gone, true, &r, VmNeeds::for_vm(512)).unwrap_err().to_string().contains("missing/vm"));
+        assert!(update(root.path(), &gone, true, &r, VmNeeds::for_vm(512, 1)).unwrap_err().to_string().contains("missing/vm"));
     }
 }

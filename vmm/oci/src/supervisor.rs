@@ -372,7 +372,7 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
     let Some((v2, dirs)) = crate::host_cgroup::of_plan(plan)? else { return Ok(false) };
     let path = plan.cgroups_path.as_deref().unwrap_or_default();
     let mut made = Vec::new();
-    let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib), &mut made);
+    let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib, plan.cpus), &mut made);
     state.host_cgroups = made;
     state.save(dir).map_err(io("writing the state"))?;
     joined?;
