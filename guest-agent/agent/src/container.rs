@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use vmrun_agent_protocol::{
@@ -281,21 +281,29 @@ pub fn make_devpts(ct: &mut Container) {
 /// `cwd` is made), the read-only and the masked paths. The container's
 /// devpts instance, when the agent made one, is attached on `/dev/pts`.
 ///
-/// In a user namespace of its own (`user_ns`: the agent's trees), the
-/// container may make neither device nodes nor a `sysfs` of the guest's
-/// network namespace: `/dev` is a tmpfs the agent filled
-/// ([`user_ns_dev`]) and `/sys` the guest's, bound read-only, as runc
-/// does; `/proc` is made before `pivot_root` ([`Op::Fresh`]).
+/// Device nodes: `/dev` is a `nodev` tmpfs, and each node the container
+/// may use (the standard ones, the spec's) is a file bound to a node the
+/// agent made in a tree of its own (`trees.nodes`, [`device_tree`]),
+/// attached below `/dev` for the time of the binds. A node the container
+/// makes itself (root may, with `CAP_MKNOD`) cannot be opened anywhere:
+/// what a device cgroup denies, without one (the guest kernel has no
+/// cgroup BPF).
+///
+/// In a user namespace of its own (`trees.sys`), the container may not
+/// mount a `sysfs` of the guest's network namespace: `/sys` is the
+/// guest's, bound read-only, as runc does; `/proc` is made before
+/// `pivot_root` ([`Op::Fresh`]).
 fn setup_ops(
     config: &ImageConfig,
     root: &Path,
     cwd: &str,
     bind_sources: &[Option<OwnedFd>],
     devpts: Option<BorrowedFd<'_>>,
-    user_ns: Option<&UserNsTrees>,
+    trees: Trees,
 ) -> Result<Vec<Op>, AgentError> {
     let mounts = &config.mounts;
     let devices = device_nodes(&config.devices)?;
+    let user_ns = trees.sys;
     let nosuid_dev_exec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mount = |src: &CStr, target: &str, fstype: &CStr, flags, data: Option<&CStr>| -> Result<Op, AgentError> {
         Ok(Op::Mount {
@@ -309,26 +317,25 @@ fn setup_ops(
     };
     // runc's order: proc, the /dev tmpfs (and its nodes), devpts, shm,
     // mqueue, sysfs.
-    let mut ops = match user_ns {
-        None => vec![
-            mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
-            mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?,
-        ],
-        Some(trees) => vec![
-            Op::Fresh {
-                fstype: c"proc".to_owned(),
-                target: c"/proc".to_owned(),
-                attrs: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC,
-                mkdirs: process::mkdirs_for("/proc").map_err(|e| internal("path", e))?,
-                fd: std::sync::atomic::AtomicI32::new(-1),
-            },
-            Op::Attach { tree: trees.dev.as_raw_fd(), target: c"/dev".to_owned(), mkdirs: process::mkdirs_for("/dev").map_err(|e| internal("path", e))?, file: false },
-        ],
+    let mut ops = vec![match user_ns {
+        None => mount(c"proc", "/proc", c"proc", nosuid_dev_exec, None)?,
+        Some(_) => Op::Fresh {
+            fstype: c"proc".to_owned(),
+            target: c"/proc".to_owned(),
+            attrs: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC,
+            mkdirs: process::mkdirs_for("/proc").map_err(|e| internal("path", e))?,
+            fd: std::sync::atomic::AtomicI32::new(-1),
+        },
+    }];
+    ops.push(mount(c"tmpfs", "/dev", c"tmpfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?);
+    ops.push(Op::Mkdir { path: c(NODES)?, mode: 0o755 });
+    ops.push(Op::Attach { tree: trees.nodes, target: c(NODES)?, mkdirs: Vec::new(), file: false });
+    let bind_node = |rel: &str| -> Result<Op, AgentError> {
+        let target = format!("/dev/{rel}");
+        Ok(Op::BindNode { source: c(&format!("{NODES}/{rel}"))?, target: c(&target)?, mkdirs: process::mkdirs_for(&target).map_err(|e| internal("path", e))? })
     };
-    if user_ns.is_none() {
-        for (name, major, minor) in standard_nodes(config) {
-            ops.push(Op::Mknod { path: c(&format!("/dev/{name}"))?, mode: libc::S_IFCHR | 0o666, dev: libc::makedev(major, minor) });
-        }
+    for (name, _, _) in standard_nodes(config) {
+        ops.push(bind_node(name)?);
     }
     ops.push(Op::Mkdir { path: c"/dev/pts".to_owned(), mode: 0o755 });
     ops.push(match devpts {
@@ -342,9 +349,9 @@ fn setup_ops(
     ops.push(mount(c"mqueue", "/dev/mqueue", c"mqueue", nosuid_dev_exec, None)?);
     match user_ns {
         None => ops.push(mount(c"sysfs", "/sys", c"sysfs", nosuid_dev_exec | libc::MS_RDONLY, None)?),
-        Some(trees) => {
+        Some(sys_tree) => {
             let mkdirs = process::mkdirs_for("/sys").map_err(|e| internal("path", e))?;
-            ops.push(Op::Attach { tree: trees.sys.as_raw_fd(), target: c"/sys".to_owned(), mkdirs, file: false });
+            ops.push(Op::Attach { tree: sys_tree, target: c"/sys".to_owned(), mkdirs, file: false });
             ops.push(Op::Remount { target: c"/sys".to_owned(), flags: libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nosuid_dev_exec });
         }
     }
@@ -401,9 +408,10 @@ fn setup_ops(
             });
         }
     }
-    if user_ns.is_none() {
-        ops.extend(devices);
+    for d in &devices {
+        ops.push(bind_node(&d.rel)?);
     }
+    ops.push(Op::Unmount { target: c(NODES)? });
     if let Some(p) = config.rootfs_propagation {
         ops.push(Op::Remount { target: c"/".to_owned(), flags: propagation_flags(p) });
     }
@@ -437,15 +445,19 @@ fn standard_nodes(config: &ImageConfig) -> impl Iterator<Item = (&'static str, u
         .filter(|(name, _, _)| !config.devices.iter().any(|d| d.path.strip_prefix("/dev/") == Some(name)))
 }
 
-/// The trees the agent makes for a container in a user namespace of its
-/// own (see [`setup_ops`]).
-#[derive(Debug)]
-struct UserNsTrees {
-    /// The container's `/dev`: a tmpfs owned by the container's root,
-    /// with the standard and the spec's device nodes.
-    pub dev: OwnedFd,
-    /// The guest's `/sys`, with the mounts below it.
-    pub sys: OwnedFd,
+/// Where the agent's tree of device nodes is attached in the container
+/// while they are bound (see [`setup_ops`]).
+const NODES: &str = "/dev/.vmrun-nodes";
+
+/// The detached trees the container's setup attaches (descriptors the
+/// plan holds).
+#[derive(Debug, Clone, Copy)]
+struct Trees {
+    /// The device nodes ([`device_tree`]).
+    nodes: RawFd,
+    /// The guest's `/sys` for a container in a user namespace of its own;
+    /// `None` without one.
+    sys: Option<RawFd>,
 }
 
 /// The user namespace's maps of a container's configuration, checked:
@@ -470,48 +482,42 @@ fn guest_id(map: &[IdMapping], id: u32, what: &str) -> Result<u32, AgentError> {
     vmrun_agent_protocol::map_id(map, id).ok_or_else(|| err(ErrorKind::BadRequest, format!("{what} {id} is not in the user namespace's map")))
 }
 
-/// The `/dev` of a container in a user namespace (which may not make
-/// device nodes): a detached tmpfs owned by the container's root, with the
-/// standard nodes and the spec's (owned as the spec says), made here.
-fn user_ns_dev(config: &ImageConfig) -> Result<OwnedFd, AgentError> {
+/// The device nodes a container may use, made by the agent in a detached
+/// tmpfs of their own (not `nodev`): the standard ones and the spec's,
+/// with the spec's owners (the guest's ids of them in a user namespace).
+fn device_tree(config: &ImageConfig) -> Result<OwnedFd, AgentError> {
     let (uids, gids) = (&config.uid_mappings, &config.gid_mappings);
-    let (root_uid, root_gid) = (guest_id(uids, 0, "uid")?, guest_id(gids, 0, "gid")?);
-    let owner = |id: u32| c(&id.to_string());
-    let (uid, gid) = (owner(root_uid)?, owner(root_gid)?);
-    let options = [(c"source", c"tmpfs"), (c"mode", c"755"), (c"size", c"65536k"), (c"uid", uid.as_c_str()), (c"gid", gid.as_c_str())];
-    let dev = sys::new_mount(c"tmpfs", &options, sys::MOUNT_ATTR_NOSUID | MOUNT_ATTR_STRICTATIME).map_err(|e| internal("the container's /dev", e))?;
-    let node = |name: &str, mode: u32, rdev: u64, uid: u32, gid: u32| -> Result<(), AgentError> {
-        let made = |e| internal(&format!("device node /dev/{name}"), e);
+    let user_ns = !uids.is_empty();
+    let guest = |map: &[IdMapping], id: u32, what: &str| if user_ns { guest_id(map, id, what) } else { Ok(id) };
+    let (root_uid, root_gid) = (guest(uids, 0, "uid")?, guest(gids, 0, "gid")?);
+    let options = [(c"source", c"tmpfs"), (c"mode", c"755"), (c"size", c"64k")];
+    let tree = sys::new_mount(c"tmpfs", &options, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC).map_err(|e| internal("device nodes", e))?;
+    let node = |rel: &str, mode: u32, rdev: u64, uid: u32, gid: u32| -> Result<(), AgentError> {
+        let made = |e| internal(&format!("device node /dev/{rel}"), e);
         let mut parent = String::new();
-        let parts: Vec<&str> = name.split('/').collect();
+        let parts: Vec<&str> = rel.split('/').collect();
         for dir in &parts[..parts.len() - 1] {
             parent.push_str(dir);
-            match sys::mkdirat(dev.as_fd(), &c(&parent)?, 0o755) {
-                Ok(()) => sys::lchownat(dev.as_fd(), &c(&parent)?, root_uid, root_gid).map_err(made)?,
+            match sys::mkdirat(tree.as_fd(), &c(&parent)?, 0o755) {
+                Ok(()) => sys::lchownat(tree.as_fd(), &c(&parent)?, root_uid, root_gid).map_err(made)?,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(made(e)),
             }
             parent.push('/');
         }
-        let path = c(name)?;
-        sys::mknodat(dev.as_fd(), &path, mode, rdev).map_err(made)?;
-        sys::fchmodat(dev.as_fd(), &path, mode & 0o7777).map_err(made)?;
-        sys::lchownat(dev.as_fd(), &path, uid, gid).map_err(made)
+        let path = c(rel)?;
+        sys::mknodat(tree.as_fd(), &path, mode, rdev).map_err(made)?;
+        sys::fchmodat(tree.as_fd(), &path, mode & 0o7777).map_err(made)?;
+        sys::lchownat(tree.as_fd(), &path, uid, gid).map_err(made)
     };
     for (name, major, minor) in standard_nodes(config) {
-        node(name, libc::S_IFCHR | 0o666, libc::makedev(major, minor), 0, 0)?;
+        node(name, libc::S_IFCHR | 0o666, libc::makedev(major, minor), root_uid, root_gid)?;
     }
-    for op in device_nodes(&config.devices)? {
-        if let Op::Device { path, mode, dev: rdev, uid, gid, .. } = op {
-            let name = path.to_str().ok().and_then(|p| p.strip_prefix("/dev/")).unwrap_or_default().to_string();
-            node(&name, mode, rdev, guest_id(uids, uid, "device owner")?, guest_id(gids, gid, "device group")?)?;
-        }
+    for d in device_nodes(&config.devices)? {
+        node(&d.rel, d.mode, d.dev, guest(uids, d.uid, "device owner")?, guest(gids, d.gid, "device group")?)?;
     }
-    Ok(dev)
+    Ok(tree)
 }
-
-/// `fsmount`'s attribute: `strictatime`.
-const MOUNT_ATTR_STRICTATIME: libc::c_uint = 0x20;
 
 /// Whether a detached tree (from `open_tree`) is a directory.
 fn is_dir_tree(fd: &OwnedFd) -> bool {
@@ -539,7 +545,22 @@ fn propagation_flags(p: Propagation) -> libc::c_ulong {
 /// The spec's device nodes as setup steps. They go in the container's own
 /// `/dev` (the only place devices can be opened: the root and every other
 /// mount are `nodev`), so a path elsewhere is refused.
-fn device_nodes(devices: &[Device]) -> Result<Vec<Op>, AgentError> {
+/// A device node of the spec, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Node {
+    /// Its path under `/dev/`.
+    rel: String,
+    /// File type and permission bits.
+    mode: u32,
+    /// Device number.
+    dev: u64,
+    /// Owner, in the container.
+    uid: u32,
+    /// Group, in the container.
+    gid: u32,
+}
+
+fn device_nodes(devices: &[Device]) -> Result<Vec<Node>, AgentError> {
     devices
         .iter()
         .map(|d| {
@@ -557,14 +578,8 @@ fn device_nodes(devices: &[Device]) -> Result<Vec<Op>, AgentError> {
                 return Err(err(ErrorKind::BadRequest, format!("device {}: file mode {perm:#o} has bits other than permissions", d.path)));
             }
             let dev = if d.kind == DeviceKind::Fifo { 0 } else { libc::makedev(d.major, d.minor) };
-            Ok(Op::Device {
-                path: c(&d.path)?,
-                mode: kind | perm,
-                dev,
-                uid: d.uid.unwrap_or(0),
-                gid: d.gid.unwrap_or(0),
-                mkdirs: process::mkdirs_for(&d.path).map_err(|e| internal("path", e))?,
-            })
+            c(&d.path)?;
+            Ok(Node { rel: d.path["/dev/".len()..].to_string(), mode: kind | perm, dev, uid: d.uid.unwrap_or(0), gid: d.gid.unwrap_or(0) })
         })
         .collect()
 }
@@ -870,16 +885,16 @@ impl Container {
         let enter = match enter_existing {
             Some((pidfd, own_pidfd)) => Enter::Existing { pidfd, own_pidfd },
             None => {
-                let trees = match user_ns {
-                    Some(_) => Some(UserNsTrees {
-                        dev: user_ns_dev(&self.config)?,
-                        sys: sys::clone_tree(c"/sys", true).map_err(|e| internal("the guest's /sys", e))?,
-                    }),
+                let nodes = device_tree(&self.config)?;
+                let sys_tree = match user_ns {
+                    Some(_) => Some(sys::clone_tree(c"/sys", true).map_err(|e| internal("the guest's /sys", e))?),
                     None => None,
                 };
+                let trees = Trees { nodes: nodes.as_raw_fd(), sys: sys_tree.as_ref().map(AsRawFd::as_raw_fd) };
                 let devpts = self.devpts.as_ref().map(AsFd::as_fd);
-                let ops = setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, devpts, trees.as_ref())?;
-                keep.extend(trees.into_iter().flat_map(|t| [t.dev, t.sys]));
+                let ops = setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, devpts, trees)?;
+                keep.push(nodes);
+                keep.extend(sys_tree);
                 Enter::New { rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?, ops, hostname: c(&self.hostname())? }
             }
         };
@@ -910,6 +925,9 @@ impl Container {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Trees for plans that are only looked at.
+    const NO_TREES: Trees = Trees { nodes: -1, sys: None };
 
     #[test]
     fn env_merging_replaces_by_name() {
@@ -943,20 +961,27 @@ mod tests {
         let (r, w) = sys::pipe(0).unwrap();
         let sources = [None, Some(r), Some(w), None];
         let config = ImageConfig { mounts: mounts.to_vec(), ..Default::default() };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources, None, None).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/", &sources, None, NO_TREES).unwrap();
         let mut attached = 0;
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::Mount { target, fstype, flags, .. } => {
-                    let own_dev = target.as_c_str() == c"/dev" || fstype.as_deref() == Some(c"devpts");
-                    assert_eq!(flags & libc::MS_NODEV == 0, own_dev, "{}", op.describe());
+                Op::Mount { fstype, flags, .. } => {
+                    // Even the container's /dev: its nodes are bound there.
+                    assert_eq!(flags & libc::MS_NODEV == 0, fstype.as_deref() == Some(c"devpts"), "{}", op.describe());
+                }
+                Op::Attach { target, .. } if target.to_str() == Ok(NODES) => {
+                    // The agent's nodes, attached for their binds only.
+                    assert!(ops[i + 1..].iter().any(|o| matches!(o, Op::Unmount { target: t } if t == target)), "{NODES} stays");
                 }
                 Op::Attach { target, .. } => {
                     attached += 1;
                     let Some(Op::Remount { target: t, flags }) = ops.get(i + 1) else { panic!("{} is not remounted", op.describe()) };
                     assert!(t == target && flags & libc::MS_NODEV != 0, "{}", op.describe());
                 }
-                Op::Mknod { path, .. } => assert!(path.to_bytes().starts_with(b"/dev/"), "{}", op.describe()),
+                Op::BindNode { source, target, .. } => {
+                    let rel = target.to_str().unwrap().strip_prefix("/dev/").unwrap();
+                    assert_eq!(source.to_str().unwrap(), format!("{NODES}/{rel}"));
+                }
                 _ => {}
             }
         }
@@ -966,7 +991,7 @@ mod tests {
 
     #[test]
     fn standard_mounts_in_runcs_order() {
-        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[], None, None).unwrap();
+        let ops = setup_ops(&ImageConfig::default(), Path::new("/nonexistent"), "/", &[], None, NO_TREES).unwrap();
         let mounts: Vec<(&str, &str, libc::c_ulong)> = ops
             .iter()
             .filter_map(|op| match op {
@@ -1009,7 +1034,7 @@ mod tests {
     fn setup_refuses_relative_mount_targets() {
         let m = Mount { destination: "data".into(), fstype: "tmpfs".into(), source: String::new(), options: vec![] };
         let config = ImageConfig { mounts: vec![m], ..Default::default() };
-        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None], None, None).is_err());
+        assert!(setup_ops(&config, Path::new("/nonexistent"), "/", &[None], None, NO_TREES).is_err());
     }
 
     #[test]
@@ -1025,30 +1050,31 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             ..Default::default()
         };
-        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[], None, None).unwrap();
+        let ops = setup_ops(&config, Path::new("/nonexistent"), "/work/dir", &[], None, NO_TREES).unwrap();
         let described: Vec<String> = ops.iter().map(Op::describe).collect();
         let at = |what: &str| described.iter().position(|d| d == what).unwrap_or_else(|| panic!("no {what} in {described:?}"));
         // The spec's /dev/null replaces the standard one.
-        assert_eq!(described.iter().filter(|d| *d == "mknod /dev/null").count(), 0);
-        let order = ["mount sysfs on /sys", "device node /dev/net/tun", "device node /dev/null", "device node /dev/fifo", "remount /",
-            "writing /proc/sys/kernel/shmmax", "mkdir /work/dir", "read-only path /proc/sys", "masked path /proc/kcore"];
+        assert_eq!(described.iter().filter(|d| *d == "device node /dev/null").count(), 1);
+        let order = ["device node /dev/zero", "mount sysfs on /sys", "device node /dev/net/tun", "device node /dev/null", "device node /dev/fifo",
+            "unmount /dev/.vmrun-nodes", "remount /", "writing /proc/sys/kernel/shmmax", "mkdir /work/dir", "read-only path /proc/sys",
+            "masked path /proc/kcore"];
         let positions: Vec<usize> = order.iter().map(|w| at(w)).collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{described:?}");
         let remounts: Vec<libc::c_ulong> = ops.iter().filter_map(|o| if let Op::Remount { flags, .. } = o { Some(*flags) } else { None }).collect();
         assert_eq!(remounts, [libc::MS_SLAVE | libc::MS_REC, libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | ROOTFS_FLAGS]);
-        let Some(Op::Device { mode, dev: number, uid, gid, .. }) = ops.iter().find(|o| o.describe() == "device node /dev/net/tun") else { unreachable!() };
-        assert_eq!((*mode, *number, *uid, *gid), (libc::S_IFCHR | 0o666, libc::makedev(10, 200), 7, 0));
-        let Some(Op::Device { mode, dev: number, .. }) = ops.iter().find(|o| o.describe() == "device node /dev/fifo") else { unreachable!() };
-        assert_eq!((*mode, *number), (libc::S_IFIFO | 0o666, 0));
+        let nodes = device_nodes(&config.devices).unwrap();
+        let node = |rel: &str, mode, dev, uid, gid| Node { rel: rel.into(), mode, dev, uid, gid };
+        assert_eq!(nodes[0], node("net/tun", libc::S_IFCHR | 0o666, libc::makedev(10, 200), 7, 0));
+        assert_eq!(nodes[2], node("fifo", libc::S_IFIFO | 0o666, 0, 7, 0));
 
         // Refused: nodes outside /dev, kernel parameters of the whole kernel.
         for path in ["/etc/tun", "/dev/../etc/x", "/dev/", "/devx"] {
             let c = ImageConfig { devices: vec![dev(path, DeviceKind::Block)], ..Default::default() };
-            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, None).unwrap_err();
+            let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, NO_TREES).unwrap_err();
             assert!(e.kind == ErrorKind::BadRequest && e.message.contains("under /dev/"), "{path}: {e}");
         }
         let c = ImageConfig { sysctl: BTreeMap::from([("kernel.panic".to_string(), "1".to_string())]), ..Default::default() };
-        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, None).unwrap_err();
+        let e = setup_ops(&c, Path::new("/nonexistent"), "/", &[], None, NO_TREES).unwrap_err();
         assert!(e.kind == ErrorKind::BadRequest && e.message.contains("not in a separate kernel namespace"), "{e}");
     }
 }

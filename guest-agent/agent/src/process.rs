@@ -107,14 +107,21 @@ pub enum Op {
         /// Flags (`MS_REMOUNT | MS_BIND | ...`).
         flags: libc::c_ulong,
     },
-    /// `mknod(2)` (mode includes the file type); the node must not exist.
-    Mknod {
-        /// Path.
-        path: CString,
-        /// Mode.
-        mode: u32,
-        /// Device.
-        dev: u64,
+    /// A device node: an empty file made at `target` (it must not exist;
+    /// directories above it are made when missing), and the agent's node at
+    /// `source` bound onto it.
+    BindNode {
+        /// The agent's node.
+        source: CString,
+        /// Where, in the container.
+        target: CString,
+        /// Directories to create (top down; the last is the target's).
+        mkdirs: Vec<CString>,
+    },
+    /// Detaches the mount at `target` and removes its directory.
+    Unmount {
+        /// Target.
+        target: CString,
     },
     /// `mkdir(2)` (an existing directory is fine).
     Mkdir {
@@ -129,23 +136,6 @@ pub enum Op {
         target: CString,
         /// Link path.
         path: CString,
-    },
-    /// A device node of the spec (`linux.devices`): `mknod(2)`, then its
-    /// permissions (whatever the umask) and owner; directories above it
-    /// are made when missing.
-    Device {
-        /// Path.
-        path: CString,
-        /// File type and permission bits.
-        mode: u32,
-        /// Device.
-        dev: u64,
-        /// Owner.
-        uid: u32,
-        /// Group.
-        gid: u32,
-        /// Directories to create (top down) if the parent is missing.
-        mkdirs: Vec<CString>,
     },
     /// Writes `data` to an existing file (a kernel parameter under
     /// `/proc/sys`).
@@ -197,10 +187,10 @@ impl Op {
             }
             Op::Attach { target, .. } => format!("bind on {}", target.to_string_lossy()),
             Op::Remount { target, .. } => format!("remount {}", target.to_string_lossy()),
-            Op::Mknod { path, .. } => format!("mknod {}", path.to_string_lossy()),
+            Op::BindNode { target, .. } => format!("device node {}", target.to_string_lossy()),
+            Op::Unmount { target } => format!("unmount {}", target.to_string_lossy()),
             Op::Mkdir { path, .. } => format!("mkdir {}", path.to_string_lossy()),
             Op::Symlink { path, .. } => format!("symlink {}", path.to_string_lossy()),
-            Op::Device { path, .. } => format!("device node {}", path.to_string_lossy()),
             Op::Write { path, .. } => format!("writing {}", path.to_string_lossy()),
             Op::ReadOnly { path } => format!("read-only path {}", path.to_string_lossy()),
             Op::Mask { path } => format!("masked path {}", path.to_string_lossy()),
@@ -698,9 +688,25 @@ fn run_op(op: &Op) -> libc::c_int {
             Op::Attach { tree, target, mkdirs: dirs, file } => attach(*tree, target, dirs, *file),
             Op::Fresh { target, mkdirs: dirs, fd, .. } => attach(fd.load(std::sync::atomic::Ordering::Relaxed), target, dirs, false),
             Op::Remount { target, flags } => libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()),
-            // Into the fresh tmpfs on /dev: a node already there is not
-            // ours, so it is an error, not taken as the one asked for.
-            Op::Mknod { path, mode, dev } => libc::mknod(path.as_ptr(), *mode, *dev),
+            // Into the fresh tmpfs on /dev: a file already there is not
+            // ours, so it is an error, not taken as the node asked for.
+            Op::BindNode { source, target, mkdirs: dirs } => {
+                if !dirs.is_empty() {
+                    mkdirs(&dirs[..dirs.len() - 1]);
+                }
+                let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o600);
+                if fd < 0 {
+                    return -1;
+                }
+                libc::close(fd);
+                libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+            }
+            Op::Unmount { target } => {
+                if libc::umount2(target.as_ptr(), libc::MNT_DETACH) < 0 {
+                    return -1;
+                }
+                libc::rmdir(target.as_ptr())
+            }
             Op::Mkdir { path, mode } => {
                 let r = libc::mkdir(path.as_ptr(), *mode);
                 if r < 0 && last_errno() == libc::EEXIST {
@@ -716,15 +722,6 @@ fn run_op(op: &Op) -> libc::c_int {
                 } else {
                     r
                 }
-            }
-            Op::Device { path, mode, dev, uid, gid, mkdirs: dirs } => {
-                if !dirs.is_empty() {
-                    mkdirs(&dirs[..dirs.len() - 1]);
-                }
-                if libc::mknod(path.as_ptr(), *mode, *dev) < 0 || libc::chmod(path.as_ptr(), *mode & 0o7777) < 0 {
-                    return -1;
-                }
-                libc::lchown(path.as_ptr(), *uid, *gid)
             }
             Op::Write { path, data } => {
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC);

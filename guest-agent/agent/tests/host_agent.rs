@@ -664,6 +664,8 @@ fn masked_and_readonly_paths_sysctl_oom_score_groups_and_devices() {
                   echo mynull: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c); \
                   echo tun: $(stat -c '%F %t:%T %a' /dev/net/tun); echo fifo: $(stat -c '%F %a' /dev/fifo); \
                   echo null: $(stat -c '%t:%T' /dev/null); \
+                  mknod /dev/mine c 1 3 && (head -c 1 /dev/mine 2>&1 | grep -o 'Permission denied' | sed 's/^/own-node: /'); \
+                  echo dev-mount: $(grep ' /dev ' /proc/self/mountinfo | cut -d' ' -f6); echo dev: $(ls -A /dev | tr '\n' ' '); \
                   echo root: $(grep ' / / ' /proc/self/mountinfo | grep -c shared:)";
     let config = ImageConfig {
         cmd: vec!["sh".into(), "-c".into(), script.into()],
@@ -683,7 +685,7 @@ fn masked_and_readonly_paths_sysctl_oom_score_groups_and_devices() {
     };
     let extra_layer = {
         let mut l = extra;
-        l.symlink("bin/cut", "busybox").symlink("bin/sed", "busybox");
+        l.symlink("bin/cut", "busybox").symlink("bin/sed", "busybox").symlink("bin/mknod", "busybox");
         l.finish()
     };
     let text = run_to_end(&c, &agent, "spec", vec![extra_layer], config);
@@ -706,6 +708,9 @@ fn masked_and_readonly_paths_sysctl_oom_score_groups_and_devices() {
     assert_eq!(line(&text, "tun"), "character special file a:c8 666");
     assert_eq!(line(&text, "fifo"), "fifo 600");
     assert_eq!(line(&text, "null"), "1:3");
+    assert_eq!(line(&text, "own-node"), "Permission denied", "a node the container makes cannot be opened:\n{text}");
+    assert!(line(&text, "dev-mount").split(',').any(|o| o == "nodev"), "{text}");
+    assert!(!line(&text, "dev").contains(".vmrun-nodes"), "the agent's nodes stay attached: {text}");
     assert_eq!(line(&text, "root"), "0", "rootfsPropagation private");
 }
 
