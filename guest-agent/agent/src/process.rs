@@ -17,8 +17,9 @@
 //! `clone3(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
 //! CLONE_PIDFD | CLONE_INTO_CGROUP)`, then in the child: standard streams, `pivot_root` into the
 //! unpacked root (the old root detached whole), `/proc`,
-//! `/sys`, a small `/dev` (null, zero, full, random, urandom, tty, pts, shm),
-//! the configured mounts, the spec's device nodes, the root's propagation,
+//! `/sys`, a small `nodev` `/dev` (null, zero, full, random, urandom, tty
+//! bound from the agent's own nodes; pts, shm), the configured mounts, the
+//! spec's device nodes (bound the same way), the root's propagation,
 //! kernel parameters, the root made read-only, read-only and masked paths
 //! (see [`Op`]), host name, umask 022, rlimits, `oom_score_adj`, working
 //! directory, capabilities and user as runc sets them (the bounding set dropped with
