@@ -862,29 +862,36 @@ fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomne
 
     // Device nodes: an image with world-readable nodes of the layer disk,
     // /dev/zero and /dev/mem outside /dev, and its own /dev/null and
-    // /dev/vda. None opens, for root or another user; the container's /dev
-    // is the agent's, and its standard nodes work.
+    // /dev/vda, and a node of the layer disk the container makes in its
+    // /dev. None opens, for root or another user; the container's /dev is
+    // the agent's, and its standard nodes work.
     let o = v.run(&["run", "--rm", "busybox", "cat", "/sys/block/vda/dev"]);
     assert_code(&o, 0);
     let (major, minor) = text(&o.stdout).trim().split_once(':').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).unwrap();
     let image_dir = support::scratch("devnodes-image");
     std::fs::create_dir_all(&image_dir).unwrap();
     assert_code(&v.run(&["load", "-i", devnodes_image(&image_dir, (major, minor)).to_str().unwrap()]), 0);
-    let script = "for n in /nodes/disk /nodes/zero /nodes/mem /dev/vda; do \
+    let script = format!(
+        "mknod /dev/own b {major} {minor} 2>/dev/null; \
+                  for n in /nodes/disk /nodes/zero /nodes/mem /dev/vda /dev/own; do \
                     if head -c 1 $n >/dev/null 2>&1; then echo \"$n opened\"; else echo \"$n refused\"; fi; done; \
                   stat -c 'null %F %t:%T' /dev/null; \
                   echo discarded >/dev/null && echo null ok; \
                   echo zero $(head -c 4 /dev/zero | od -An -tx1); \
                   echo urandom $(head -c 16 /dev/urandom | wc -c); \
-                  echo dev $(ls /dev)";
+                  echo dev $(ls /dev | grep -vx own)"
+    );
     for user in ["1000", "0"] {
-        let o = v.run(&["run", "--rm", "-u", user, "devnodes", "sh", "-c", script]);
+        let o = v.run(&["run", "--rm", "-u", user, "devnodes", "sh", "-c", &script]);
         assert_code(&o, 0);
         let out = text(&o.stdout);
         for n in ["/nodes/disk", "/nodes/zero", "/nodes/mem"] {
             assert!(out.contains(&format!("{n} refused")), "user {user}: {n} from the image can be opened:\n{out}");
         }
         assert!(out.contains("/dev/vda refused"), "user {user}: {out}");
+        // Root may make a node (CAP_MKNOD, as under docker), but /dev is
+        // nodev: only the nodes the agent bound there open.
+        assert!(out.contains("/dev/own refused"), "user {user}: a node the container made opens:\n{out}");
         assert!(out.contains("null character special file 1:3\n"), "user {user}: {out}");
         assert!(out.contains("null ok\n") && out.contains("zero 00 00 00 00\n") && out.contains("urandom 16\n"), "user {user}: {out}");
         let dev: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("dev ")).unwrap().split(' ').collect();
