@@ -490,8 +490,10 @@ fn device_tree(config: &ImageConfig) -> Result<OwnedFd, AgentError> {
     let user_ns = !uids.is_empty();
     let guest = |map: &[IdMapping], id: u32, what: &str| if user_ns { guest_id(map, id, what) } else { Ok(id) };
     let (root_uid, root_gid) = (guest(uids, 0, "uid")?, guest(gids, 0, "gid")?);
-    let options = [(c"source", c"tmpfs"), (c"mode", c"755"), (c"size", c"64k")];
-    let tree = sys::new_mount(c"tmpfs", &options, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC).map_err(|e| internal("device nodes", e))?;
+    // Few system calls: each costs much where guest kernel mode is
+    // emulated (the tree is never seen in a mount table, and holds a few
+    // empty nodes).
+    let tree = sys::new_mount(c"tmpfs", &[(c"mode", c"755")], sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC).map_err(|e| internal("device nodes", e))?;
     let node = |rel: &str, mode: u32, rdev: u64, uid: u32, gid: u32| -> Result<(), AgentError> {
         let made = |e| internal(&format!("device node /dev/{rel}"), e);
         let mut parent = String::new();
@@ -506,9 +508,13 @@ fn device_tree(config: &ImageConfig) -> Result<OwnedFd, AgentError> {
             parent.push('/');
         }
         let path = c(rel)?;
+        // The agent's umask is 0 and it is root: the mode is exact, and
+        // root's nodes need no chown.
         sys::mknodat(tree.as_fd(), &path, mode, rdev).map_err(made)?;
-        sys::fchmodat(tree.as_fd(), &path, mode & 0o7777).map_err(made)?;
-        sys::lchownat(tree.as_fd(), &path, uid, gid).map_err(made)
+        if (uid, gid) != (0, 0) {
+            sys::lchownat(tree.as_fd(), &path, uid, gid).map_err(made)?;
+        }
+        Ok(())
     };
     for (name, major, minor) in standard_nodes(config) {
         node(name, libc::S_IFCHR | 0o666, libc::makedev(major, minor), root_uid, root_gid)?;

@@ -695,11 +695,11 @@ fn run_op(op: &Op) -> libc::c_int {
                 if !dirs.is_empty() {
                     mkdirs(&dirs[..dirs.len() - 1]);
                 }
-                let fd = libc::open(target.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o600);
-                if fd < 0 {
+                // mknod of a regular file: one call where open and close
+                // are two; it fails on anything already there.
+                if libc::mknod(target.as_ptr(), libc::S_IFREG | 0o600, 0) < 0 {
                     return -1;
                 }
-                libc::close(fd);
                 libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
             }
             Op::Unmount { target } => {
