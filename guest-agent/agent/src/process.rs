@@ -52,7 +52,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::caps::CapSets;
 use crate::seccomp;
@@ -848,32 +848,20 @@ fn set_caps(caps: &CapSets, errfd: RawFd) {
 }
 
 /// Makes an [`Op::Fresh`]'s detached mount (in the child, before
-/// `pivot_root`); -1 with errno set on failure.
+/// `pivot_root`); -1 with errno set on failure. `sys::new_mount` makes raw
+/// system calls only, and its errors are errno values: nothing allocated.
 fn make_fresh(op: &Op) -> libc::c_int {
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
     let Op::Fresh { fstype, attrs, fd, .. } = op else { return 0 };
-    // SAFETY: raw system calls on NUL-terminated strings prepared before
-    // clone and on the descriptor fsopen returned, closed on every path.
-    unsafe {
-        let fs = libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) as libc::c_int;
-        if fs < 0 {
-            return -1;
+    match sys::new_mount(fstype, &[(c"source", fstype)], *attrs) {
+        Ok(m) => {
+            fd.store(m.into_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+            0
         }
-        let source = libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_SET_STRING, c"source".as_ptr(), fstype.as_ptr(), 0);
-        let created = source >= 0
-            && libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0) >= 0;
-        let m = if created { libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, *attrs) as libc::c_int } else { -1 };
-        let e = last_errno();
-        libc::close(fs);
-        if m < 0 {
-            *libc::__errno_location() = e;
-            return -1;
+        Err(e) => {
+            // SAFETY: sets this thread's errno.
+            unsafe { *libc::__errno_location() = e.raw_os_error().unwrap_or(libc::EIO) };
+            -1
         }
-        fd.store(m, std::sync::atomic::Ordering::Relaxed);
-        0
     }
 }
 
