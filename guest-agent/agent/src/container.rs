@@ -468,10 +468,7 @@ fn id_maps(config: &ImageConfig) -> Result<Option<process::IdMaps>, AgentError> 
         return Ok(None);
     }
     let text = |what: &str, map: &[IdMapping]| -> Result<String, AgentError> {
-        vmrun_agent_protocol::check_id_mappings(map).map_err(|e| err(ErrorKind::BadRequest, format!("user namespace: {what}: {e}")))?;
-        if vmrun_agent_protocol::map_id(map, 0).is_none() {
-            return Err(err(ErrorKind::BadRequest, format!("user namespace: {what} does not map the container's root (id 0)")));
-        }
+        vmrun_agent_protocol::check_user_ns_map(map).map_err(|e| err(ErrorKind::BadRequest, format!("user namespace: {what}: {e}")))?;
         Ok(map.iter().map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size)).collect())
     };
     Ok(Some(process::IdMaps { uid_map: text("the uid map", uids)?, gid_map: text("the gid map", gids)? }))

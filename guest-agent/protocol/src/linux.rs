@@ -102,6 +102,10 @@ pub enum IdMapError {
     /// Two ranges share ids, inside the container or in the guest.
     #[error("the ranges starting at container id {0} and {1} overlap")]
     Overlap(u32, u32),
+    /// The container's root is not in the map (a user namespace's process
+    /// becomes its root first).
+    #[error("it does not map the container's root (id 0)")]
+    NoRoot,
 }
 
 /// Checks an id map as the kernel would before it takes it.
@@ -127,6 +131,13 @@ pub fn check_id_mappings(map: &[IdMapping]) -> Result<(), IdMapError> {
         }
     }
     Ok(())
+}
+
+/// Checks an id map of a container's user namespace: one the kernel takes
+/// ([`check_id_mappings`]) that maps the container's root.
+pub fn check_user_ns_map(map: &[IdMapping]) -> Result<(), IdMapError> {
+    check_id_mappings(map)?;
+    map_id(map, 0).map(drop).ok_or(IdMapError::NoRoot)
 }
 
 /// The guest's id of `id` inside the container, if the map has it.
@@ -206,6 +217,9 @@ mod tests {
         assert_eq!(check_id_mappings(&[m(0, 0, 10), m(5, 100, 1)]), Err(IdMapError::Overlap(0, 5)));
         assert_eq!(check_id_mappings(&[m(0, 0, 10), m(10, 5, 1)]), Err(IdMapError::Overlap(0, 10)));
         assert_eq!(check_id_mappings(&vec![m(0, 0, 1); 341]), Err(IdMapError::TooMany(341)));
+        assert_eq!(check_user_ns_map(&map), Ok(()));
+        assert_eq!(check_user_ns_map(&[m(1, 100000, 10)]), Err(IdMapError::NoRoot));
+        assert_eq!(check_user_ns_map(&[]), Err(IdMapError::Empty));
     }
 
     #[test]

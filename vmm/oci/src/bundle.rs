@@ -436,10 +436,7 @@ fn linux_plan_of(linux: &oci_spec::runtime::Linux) -> Result<LinuxPlan> {
     match (new_user_ns, uid_mappings.is_empty() && gid_mappings.is_empty()) {
         (true, _) => {
             for (what, m) in [("uidMappings", &uid_mappings), ("gidMappings", &gid_mappings)] {
-                vmrun_agent_protocol::check_id_mappings(m).map_err(|e| bad(format!("a user namespace: linux.{what}: {e}")))?;
-                if vmrun_agent_protocol::map_id(m, 0).is_none() {
-                    return Err(bad(format!("a user namespace: linux.{what} does not map the container's root (id 0)")));
-                }
+                vmrun_agent_protocol::check_user_ns_map(m).map_err(|e| bad(format!("a user namespace: linux.{what}: {e}")))?;
             }
         }
         (false, false) if !has(LinuxNamespaceType::User) => {
