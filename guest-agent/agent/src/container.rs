@@ -545,9 +545,6 @@ fn propagation_flags(p: Propagation) -> libc::c_ulong {
     }
 }
 
-/// The spec's device nodes as setup steps. They go in the container's own
-/// `/dev` (the only place devices can be opened: the root and every other
-/// mount are `nodev`), so a path elsewhere is refused.
 /// A device node of the spec, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Node {
@@ -563,6 +560,9 @@ struct Node {
     gid: u32,
 }
 
+/// The spec's device nodes, checked. They go in the container's own
+/// `/dev` (bound there from the agent's nodes), so a path elsewhere is
+/// refused.
 fn device_nodes(devices: &[Device]) -> Result<Vec<Node>, AgentError> {
     devices
         .iter()

@@ -243,7 +243,8 @@ pub fn update(root: &Path, dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeed
     for dir in dirs {
         let (hierarchy, _) = hierarchy_of(root, dir, v2);
         let files = files(&hierarchy, r, vm);
-        let quota = files.iter().find(|(f, _)| *f == "cpu.cfs_quota_us").and_then(|(_, q)| q.parse::<i64>().ok());
+        // A v1 cpu hierarchy that gets a new quota.
+        let quota = r.cpu.quota.filter(|_| files.iter().any(|(f, _)| *f == "cpu.cfs_quota_us"));
         match quota {
             Some(q) => update_v1_cpu(dir, files, q, r.cpu.period, vm)?,
             None => write_files(dir, files)?,
