@@ -56,6 +56,10 @@ pub struct Container {
     /// unmount everything before its end is reported (the guest is often
     /// thrown away right after, and the work never done).
     pub mnt_ns: Option<OwnedFd>,
+    /// The upper layer of an overlay root ([`crate::changes`]).
+    pub upper: Option<PathBuf>,
+    /// Its changes, listed at the first `ReadChanges` part.
+    pub changes: Option<Vec<crate::changes::Piece>>,
 }
 
 fn err(kind: ErrorKind, m: impl Into<String>) -> AgentError {
@@ -95,7 +99,9 @@ use std::ffi::CStr;
 /// agent fills with the standard nodes) allows devices.
 pub const ROOTFS_FLAGS: libc::c_ulong = libc::MS_NODEV;
 
-fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
+/// Mounts the container's root at `rootfs`; for an overlay root, returns
+/// its upper layer.
+fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<Option<PathBuf>, AgentError> {
     let target = cstring(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs path", e))?;
     let r = match spec {
         RootfsSpec::Tmpfs { size_mib } => {
@@ -116,8 +122,23 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<(), AgentError> {
             let o = cstring(options.as_str()).map_err(bad)?;
             sys::mount(Some(&s), &target, Some(&t), ROOTFS_FLAGS, if options.is_empty() { None } else { Some(&o) })
         }
+        RootfsSpec::Overlay { source, fstype, options } => {
+            let disk = disk_dir(rootfs);
+            std::fs::create_dir(&disk).map_err(|e| internal("creating the root disk's mount point", e))?;
+            let spec = RootfsSpec::Mount { source: source.clone(), fstype: fstype.clone(), options: options.clone() };
+            mount_rootfs(&disk, &spec)?;
+            let upper = crate::changes::layer(&disk, rootfs)
+                .map_err(|e| err(ErrorKind::Internal, format!("layering the container root over {source}: {e}")))?;
+            return Ok(Some(upper));
+        }
     };
-    r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))
+    r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))?;
+    Ok(None)
+}
+
+/// Where an overlay root's disk is mounted: beside the root.
+fn disk_dir(rootfs: &Path) -> PathBuf {
+    rootfs.with_file_name("disk")
 }
 
 /// Whether `source` names a disk the host attached (`/dev/vdX`).
@@ -156,7 +177,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
     let rootfs = dir.join("rootfs");
     let result = (|| {
         std::fs::create_dir(&rootfs).map_err(|e| internal("creating the root directory", e))?;
-        mount_rootfs(&rootfs, &req.rootfs)?;
+        let upper = mount_rootfs(&rootfs, &req.rootfs)?;
         let stats = unpack::unpack_from_disk(Path::new(&req.layers.disk), &req.layers.layers, &rootfs, req.limits)
             .map_err(|e| err(ErrorKind::Image, e.to_string()))?;
         crate::log::debug(format_args!(
@@ -183,6 +204,8 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             copies: crate::copy::Copies::new(&dir),
             devpts: None,
             mnt_ns: None,
+            upper,
+            changes: None,
         })
     })();
     if result.is_err() {
@@ -200,6 +223,13 @@ pub fn remove_files(dir: &Path, rootfs: &Path) {
     }
     if std::fs::remove_dir(rootfs).is_err() {
         let _ = unpack::remove_tree(rootfs);
+    }
+    // An overlay root's disk (the layers go with it).
+    let disk = disk_dir(rootfs);
+    if let Ok(c) = cstring(disk.as_os_str().as_encoded_bytes()) {
+        if sys::umount2(&c, libc::MNT_DETACH).is_ok() {
+            let _ = std::fs::remove_dir(&disk);
+        }
     }
     crate::copy::remove(dir);
     let _ = std::fs::remove_dir(dir);

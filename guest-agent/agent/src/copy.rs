@@ -35,13 +35,11 @@ use vmrun_agent_protocol::{
 };
 
 use crate::sys::{self, cstring};
-use crate::unpack::apply::remove_all;
+use vmrun_tree::remove_all;
 
 /// Mount data of a container's copies tmpfs: what all its copies (and one
 /// update being staged) may take together.
 pub const TMPFS_OPTIONS: &CStr = c"mode=0700,size=64m,nr_inodes=65536";
-/// Longest path of an entry, and longest symbolic link target.
-const MAX_PATH: usize = 4096;
 /// Deepest directory tree merged.
 const MAX_DEPTH: usize = 128;
 /// The name of a copied file in its directory.
@@ -88,18 +86,11 @@ pub struct Copies {
 
 /// Checks an entry's path: plain names separated by `/` (`""`: the root).
 pub fn check_path(path: &str) -> Result<(), AgentError> {
-    if path.is_empty() {
-        return Ok(());
-    }
-    let plain = |c: &str| !c.is_empty() && c != "." && c != ".." && c.len() <= 255 && !c.contains('\0');
-    if path.len() > MAX_PATH || !path.split('/').all(plain) {
-        return Err(bad(format!("copied path {path:?} must be relative, of plain names (no /, ., .. or empty parts)")));
-    }
-    Ok(())
+    vmrun_tree::check_path(path).map_err(|e| bad(format!("copied {e}")))
 }
 
 fn check_destination(d: &str) -> Result<(), AgentError> {
-    if !d.starts_with('/') || d.split('/').any(|c| c == "..") || d.contains('\0') || d.len() > MAX_PATH {
+    if !d.starts_with('/') || d.split('/').any(|c| c == "..") || d.contains('\0') || d.len() > vmrun_agent_protocol::MAX_PATH {
         return Err(bad(format!("copy destination {d:?} must be an absolute path without ..")));
     }
     Ok(())
@@ -113,56 +104,16 @@ fn errno_is(e: &io::Error, n: i32) -> bool {
     e.raw_os_error() == Some(n)
 }
 
-/// Opens the directory `rel` (plain names) beneath `root`, following no
-/// symbolic link.
-fn open_dir_beneath(root: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
-    if rel.is_empty() {
-        return sys::dup(root);
-    }
-    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
-    sys::openat2(root, &cstring(rel)?, libc::O_RDONLY | libc::O_DIRECTORY, 0, resolve)
-}
-
 /// Writes one entry beneath the staging directory `root`.
 fn write_entry(root: BorrowedFd<'_>, kind: CopyKind, e: &CopyEntry) -> io::Result<()> {
-    let (parent, name) = match (kind, e.path.rsplit_once('/')) {
-        (CopyKind::File, _) => (sys::dup(root)?, FILE_NAME.to_owned()),
-        (CopyKind::Directory, _) if e.path.is_empty() => {
-            // The root itself.
+    match kind {
+        CopyKind::File => vmrun_tree::put_at(root, FILE_NAME, e),
+        // The root itself.
+        CopyKind::Directory if e.path.is_empty() => {
             sys::fchown(root, e.uid, e.gid)?;
-            return sys::fchmod(root, e.mode);
+            sys::fchmod(root, e.mode)
         }
-        (CopyKind::Directory, Some((p, n))) => (open_dir_beneath(root, p)?, cstring(n)?),
-        (CopyKind::Directory, None) => (sys::dup(root)?, cstring(e.path.as_str())?),
-    };
-    let dir = parent.as_fd();
-    match &e.content {
-        CopyContent::Directory => {
-            match sys::mkdirat(dir, &name, 0o700) {
-                Err(err) if errno_is(&err, libc::EEXIST) => {}
-                r => r?,
-            }
-            let d = sys::openat(dir, &name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-            sys::fchown(d.as_fd(), e.uid, e.gid)?;
-            sys::fchmod(d.as_fd(), e.mode)
-        }
-        CopyContent::File { data, append } => {
-            let how = if *append { libc::O_APPEND } else { libc::O_CREAT | libc::O_TRUNC };
-            let f = sys::openat(dir, &name, libc::O_WRONLY | libc::O_NOFOLLOW | how, 0o600)?;
-            sys::write_all(f.as_fd(), data)?;
-            sys::fchown(f.as_fd(), e.uid, e.gid)?;
-            sys::fchmod(f.as_fd(), e.mode)
-        }
-        CopyContent::Symlink { target } => {
-            match sys::symlinkat(&cstring(target.as_str())?, dir, &name) {
-                Err(err) if errno_is(&err, libc::EEXIST) => {
-                    sys::unlinkat(dir, &name, 0)?;
-                    sys::symlinkat(&cstring(target.as_str())?, dir, &name)?;
-                }
-                r => r?,
-            }
-            sys::lchownat(dir, &name, e.uid, e.gid)
-        }
+        CopyKind::Directory => vmrun_tree::put(root, e, false),
     }
 }
 
@@ -304,9 +255,7 @@ impl Copies {
                 return Err(bad(format!("copied entry {:?} does not fit a copy of a {:?}", e.path, w.kind)));
             }
             if let CopyContent::Symlink { target } = &e.content {
-                if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
-                    return Err(bad(format!("copied link {:?}: invalid target", e.path)));
-                }
+                vmrun_tree::check_target(target).map_err(|err| bad(format!("copied link {:?}: {err}", e.path)))?;
             }
         }
         self.ensure_tmpfs()?;

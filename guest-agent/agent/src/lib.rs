@@ -13,6 +13,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod changes;
 pub mod container;
 pub mod copy;
 pub mod held;

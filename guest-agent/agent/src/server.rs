@@ -757,6 +757,9 @@ impl Server {
                 self.kill_all();
                 Ok(Some(Reply::Done))
             }
+            Request::ReadChanges { container, from } => {
+                self.read_changes(&container, from).map(|(changes, next)| Some(Reply::Changes { changes, next }))
+            }
             Request::Stats { container } => self.cgroup_of(&container).map(|cg| Some(Reply::Stats(cg.stats()))),
             Request::Update { container, resources } => self.update(&container, &resources).map(|()| Some(Reply::Done)),
         };
@@ -796,6 +799,20 @@ impl Server {
         }
         let started = ct.init_pid.is_some();
         ct.copies.write(w, started)
+    }
+
+    /// A part of what a container changed in its overlay root (the list
+    /// made at the first part).
+    fn read_changes(&mut self, id: &str, from: u64) -> Result<(Vec<vmrun_agent_protocol::Change>, Option<u64>), AgentError> {
+        let ct = self.containers.get_mut(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
+        let Some(upper) = ct.upper.clone() else {
+            return Err(err(ErrorKind::BadRequest, format!("container {id}'s root is not an overlay: it has no changes to read")));
+        };
+        let fail = |e: std::io::Error| err(ErrorKind::Internal, format!("reading container {id}'s changes: {e}"));
+        if from == 0 || ct.changes.is_none() {
+            ct.changes = Some(crate::changes::list(&upper).map_err(fail)?);
+        }
+        crate::changes::part(&upper, ct.changes.as_deref().unwrap_or_default(), from).map_err(fail)
     }
 
     fn create(&mut self, conn: u64, req: u32, c: CreateContainer) -> Result<(), AgentError> {
@@ -1433,6 +1450,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::ConfigureNetwork(_) => "configure-network",
         Request::Shutdown => "shutdown",
         Request::WriteFiles(_) => "write-files",
+        Request::ReadChanges { .. } => "read-changes",
         Request::Stats { .. } => "stats",
         Request::Update { .. } => "update",
     }

@@ -661,6 +661,17 @@ impl Client {
         }
     }
 
+    /// One part of what a container with an overlay root changed in it,
+    /// from change `from` (0 first), and where the next part starts (see
+    /// [`Request::ReadChanges`]).
+    pub fn read_changes(&self, container: &str, from: u64) -> Result<(Vec<vmrun_agent_protocol::Change>, Option<u64>), Error> {
+        let req = Request::ReadChanges { container: container.into(), from };
+        match self.call(&req, Some(self.opts.request_timeout), "read-changes")? {
+            Reply::Changes { changes, next } => Ok((changes, next)),
+            r => Err(self.unexpected("read-changes", r)),
+        }
+    }
+
     /// A container's cgroup statistics.
     pub fn stats(&self, container: &str) -> Result<CgroupStats, Error> {
         match self.call(&Request::Stats { container: container.into() }, Some(self.opts.request_timeout), "stats")? {

@@ -207,6 +207,16 @@ pub enum Request {
     /// host copies in (part by part: see [`WriteFiles`]). Answered with
     /// [`Reply::Done`].
     WriteFiles(WriteFiles),
+    /// Reads what a container with a [`RootfsSpec::Overlay`] root changed
+    /// in it, in parts: from the change numbered `from` (0 at first) on.
+    /// Answered with [`Reply::Changes`]; the list is made at the first
+    /// part (`from: 0`) and kept for the later ones.
+    ReadChanges {
+        /// The container.
+        container: String,
+        /// The first change of this part: 0, then the last answer's `next`.
+        from: u64,
+    },
     /// Reads a container's cgroup statistics. Answered with
     /// [`Reply::Stats`].
     Stats {
@@ -288,6 +298,50 @@ pub enum RootfsSpec {
         /// Mount data (`""` for none).
         #[serde(default)]
         options: String,
+    },
+    /// A disk the host made from the image's root (`source`, mounted like
+    /// [`RootfsSpec::Mount`]), left as it is: the container's root is an
+    /// overlay whose upper layer, on the same disk, holds what the
+    /// container changes ([`Request::ReadChanges`] reads it). The agent
+    /// moves the disk's entries into `.vmrun/lower` first; a root that
+    /// has its own `.vmrun` is refused.
+    Overlay {
+        /// The device.
+        source: String,
+        /// Its file system type.
+        fstype: String,
+        /// Mount data (`""` for none).
+        #[serde(default)]
+        options: String,
+    },
+}
+
+/// Most bytes of file content in one [`Reply::Changes`] part (a file
+/// larger than that comes in pieces).
+pub const CHANGES_PART_BYTES: usize = COPY_PART_BYTES;
+/// Most changes in one [`Reply::Changes`] part.
+pub const CHANGES_PART_ENTRIES: usize = 1024;
+
+/// One change a container made in its root, relative to the image it was
+/// created from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// A directory, file or symbolic link made or changed: written as
+    /// [`WriteFiles`] writes one (a directory that exists keeps its
+    /// entries, its owner and mode set).
+    Put {
+        /// What is written (`path` is relative to the root; never `""`).
+        entry: CopyEntry,
+        /// Whatever the path held is removed first (a directory the
+        /// container removed and made again: the old entries are gone).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        replace: bool,
+    },
+    /// A path the container removed (a directory with all it held).
+    Remove {
+        /// Relative to the root, of plain names.
+        path: String,
     },
 }
 
@@ -937,6 +991,15 @@ pub enum Reply {
     },
     /// A container's cgroup statistics.
     Stats(CgroupStats),
+    /// A part of what a container changed in its root
+    /// ([`Request::ReadChanges`]).
+    Changes {
+        /// Changes in order: parents before their children.
+        changes: Vec<Change>,
+        /// Where the next part starts; `None`: this was the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
+    },
 }
 
 /// What kind of failure an error is.
@@ -1012,6 +1075,17 @@ pub const COPY_MAX_MOUNTS: usize = 256;
 /// (base64 in JSON: a part stays well under a frame's
 /// [`crate::frame::MAX_PAYLOAD`]).
 pub const COPY_PART_BYTES: usize = 512 << 10;
+
+/// Longest path in a copied tree or a change.
+pub const MAX_PATH: usize = 4096;
+
+/// Whether `path` is a relative path of plain names separated by `/`
+/// (none empty, `.` or `..`, longer than 255 bytes or holding a NUL), or
+/// `""` (the root): how copied trees and changes name their entries.
+pub fn plain_path(path: &str) -> bool {
+    let plain = |c: &str| !c.is_empty() && c != "." && c != ".." && c.len() <= 255 && !c.contains('\0');
+    path.is_empty() || (path.len() <= MAX_PATH && path.split('/').all(plain))
+}
 
 /// Files copied into a container for one bind mount, in parts: the host
 /// sends the whole tree of the mount's source, in one or more requests

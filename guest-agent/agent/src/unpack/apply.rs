@@ -24,7 +24,6 @@ use crate::sys;
 
 const RESOLVE: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
 const CACHE: usize = 16;
-const MAX_DEPTH: usize = 1024;
 
 /// Why an entry could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -64,35 +63,7 @@ fn errno_is(e: &io::Error, n: i32) -> bool {
     e.raw_os_error() == Some(n)
 }
 
-/// Removes `name` in `dir`, recursively if it is a directory. `name` must
-/// be a plain entry name (`.`, `..` and paths are refused).
-pub fn remove_all(dir: BorrowedFd<'_>, name: &std::ffi::CStr, depth: usize) -> io::Result<()> {
-    if !is_plain_name(name.to_bytes()) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("refusing to remove {name:?}")));
-    }
-    match sys::unlinkat(dir, name, 0) {
-        Ok(()) => return Ok(()),
-        Err(e) if errno_is(&e, libc::ENOENT) => return Ok(()),
-        Err(e) if errno_is(&e, libc::EISDIR) || errno_is(&e, libc::EPERM) => {}
-        Err(e) => return Err(e),
-    }
-    if depth > MAX_DEPTH {
-        return Err(io::Error::other("directory tree too deep"));
-    }
-    let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    for (child, dtype) in sys::read_dir_names(d.as_fd())? {
-        if dtype == libc::DT_DIR {
-            remove_all(d.as_fd(), &child, depth + 1)?;
-        } else {
-            match sys::unlinkat(d.as_fd(), &child, 0) {
-                Err(e) if errno_is(&e, libc::EISDIR) => remove_all(d.as_fd(), &child, depth + 1)?,
-                r => r?,
-            }
-        }
-    }
-    drop(d);
-    sys::unlinkat(dir, name, libc::AT_REMOVEDIR)
-}
+pub use vmrun_tree::remove_all;
 
 /// Applies the entries of one image's layers to a root directory.
 #[derive(Debug)]
