@@ -198,6 +198,58 @@ fn oci_runtime_runs_a_container_like_runc() {
     assert_fails(&run(&root, &["state", "c-echo"]), "does not exist");
 }
 
+/// As under runc, where the container writes into the bundle's root
+/// itself: what it made, changed and removed there is in the bundle once
+/// it is stopped (its root in the guest is an overlay of a copy, whose
+/// changes are written back when its process ends).
+#[test]
+fn oci_runtime_writes_the_containers_changes_back_into_the_bundle() {
+    use std::os::unix::fs::PermissionsExt;
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-writeback");
+    let script = "set -e; echo new > /new; chmod 604 /new; mkdir -p /made/deep; echo deep > /made/deep/f; ln -s new /link; \
+                  echo more >> /kept; rm -r /gone-dir; rm /gone-file; rm -r /again; mkdir /again; echo fresh > /again/f; \
+                  dd if=/dev/urandom of=/big bs=64k count=20 2>/dev/null; sha256sum /big > /big.sum; rm /bin/ls";
+    let b = bundle("bundle-writeback", &["sh", "-c", script], |_| {});
+    let r = b.join("rootfs");
+    std::fs::create_dir_all(r.join("gone-dir/a")).unwrap();
+    std::fs::write(r.join("gone-dir/a/f"), "x").unwrap();
+    std::fs::write(r.join("gone-file"), "x").unwrap();
+    std::fs::create_dir_all(r.join("again")).unwrap();
+    std::fs::write(r.join("again/old"), "old").unwrap();
+    std::fs::write(r.join("kept"), "kept\n").unwrap();
+    // A link in the bundle the container sees as a plain name: nothing is
+    // written through it.
+    let outside = support::scratch("writeback-outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, r.join("out")).unwrap();
+
+    let (out, err) = (support::scratch("writeback.out"), support::scratch("writeback.err"));
+    let pid = create(&root, &b, "c-wb", &out, &err);
+    assert!(!r.join("new").exists(), "nothing is written back before the process runs");
+    assert_ok(&run(&root, &["start", "c-wb"]));
+    assert_eq!(wait_pid(pid, &root, "c-wb"), 0, "{}", std::fs::read_to_string(&err).unwrap());
+    assert_eq!(state(&root, "c-wb")["status"], "stopped");
+
+    let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("new"), "new\n");
+    assert_eq!(std::fs::metadata(r.join("new")).unwrap().permissions().mode() & 0o7777, 0o604);
+    assert_eq!(read("made/deep/f"), "deep\n");
+    assert_eq!(std::fs::read_link(r.join("link")).unwrap().to_str(), Some("new"));
+    assert_eq!(read("kept"), "kept\nmore\n");
+    assert!(!r.join("gone-dir").exists() && !r.join("gone-file").exists() && !r.join("bin/ls").exists());
+    assert!(r.join("bin/sh").exists(), "what the container left alone stays");
+    let again: Vec<_> = std::fs::read_dir(r.join("again")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(again, ["f"], "a directory removed and made again holds only its new entries");
+    // 1.25 MiB: written back in several parts, whole.
+    let big = std::fs::read(r.join("big")).unwrap();
+    assert_eq!(big.len(), 20 << 16);
+    let sum = Command::new("sha256sum").arg(r.join("big")).output().unwrap();
+    assert_eq!(text(&sum.stdout).split_whitespace().next(), read("big.sum").split_whitespace().next());
+    assert!(std::fs::read_link(r.join("out")).is_ok() && std::fs::read_dir(&outside).unwrap().count() == 0);
+    assert_ok(&run(&root, &["delete", "c-wb"]));
+}
+
 #[test]
 fn oci_runtime_signals_execs_and_force_deletes() {
     let _turn = vm_turn();

@@ -35,5 +35,6 @@ pub mod signals;
 pub mod state;
 pub mod supervisor;
 pub mod time;
+pub mod writeback;
 
 pub use error::{Error, Result};

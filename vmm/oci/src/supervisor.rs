@@ -229,7 +229,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
     let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
     vmrun_runtime::volume::make_dir_image(&plan.rootfs, &rootfs_disk, "rootfs", "vmrun-rootfs", crate::bundle::MIN_ROOTFS_BYTES)?;
-    let mut disks = vec![rootfs_disk];
+    let mut disks = vec![rootfs_disk.clone()];
     let disk_dirs = match volume_disk(plan, &layout)? {
         Some((path, dirs)) => {
             disks.push(path);
@@ -291,13 +291,16 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     sandbox.create(&CreateContainer {
         id: state.guest_id.clone(),
         layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
-        rootfs: RootfsSpec::Mount {
+        // The copy stays as it is, under an overlay whose upper layer
+        // (on the same disk) holds what the container changes: written
+        // back into the bundle when the process ends.
+        rootfs: RootfsSpec::Overlay {
             source: vmrun_runtime::volume::guest_device(0),
             fstype: "ext4".into(),
             // noinit_itable: no kernel thread zeroing the copy's inode
             // tables in the background (guest kernel time, for a disk
-            // thrown away with the container). Mounted read-write even
-            // for `root.readonly`: the agent makes the missing mount points
+            // thrown away with the container). Writable even for
+            // `root.readonly`: the agent makes the missing mount points
             // first, then the container's root read-only (as runc does).
             options: "noinit_itable".into(),
         },
@@ -339,16 +342,19 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     state.status = Status::Running;
     state.save(dir).map_err(io("writing the state"))?;
     let code = match pump(&mut process, tty) {
-        Ok(c) => c,
+        Ok(c) => {
+            log::debug!("process exited with {c}");
+            drop(watcher);
+            write_back(&sandbox, &state.guest_id, plan, &rootfs_disk);
+            c
+        }
         Err(e) => {
             // Its VMM was killed (`delete --force`) or died: the container
-            // ends as if killed.
+            // ends as if killed, and what it wrote in its root is lost.
             log::error!("lost the container's VM ({e}); its console is in {}", sandbox.layout().console().display());
             128 + libc::SIGKILL
         }
     };
-    log::debug!("process exited with {code}");
-    drop(watcher);
     // Stopped as soon as the process has ended: a caller polling `state`
     // for `stopped` does not wait for the VM's teardown.
     state.status = Status::Exited;
@@ -356,11 +362,28 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     if let Err(e) = state.save(dir) {
         log::warn!("container {}: cannot record its end: {e}", state.id);
     }
-    // The guest has nothing to save (the root is a throw-away copy): the
-    // VM is killed, not shut down.
+    // The guest has nothing more to save (what the container wrote in its
+    // root is written back): the VM is killed, not shut down.
     sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
+}
+
+/// Writes what the container changed in its root back into the bundle's
+/// root (as it would be under runc), before the container is reported
+/// stopped. A failure is logged: the process's exit stands.
+fn write_back(sandbox: &Sandbox, guest_id: &str, plan: &Plan, disk: &Path) {
+    let limit = std::fs::metadata(disk).map(|m| m.len()).unwrap_or(0);
+    match crate::writeback::write_back(sandbox.client(), guest_id, &plan.rootfs, limit) {
+        Ok(w) if w.failed > 0 => log::warn!(
+            "{} changes of the container's root written back into {}, {} could not be",
+            w.changes,
+            plan.rootfs.display(),
+            w.failed
+        ),
+        Ok(w) => log::debug!("{} changes ({} bytes) of the container's root written back", w.changes, w.bytes),
+        Err(e) => log::error!("cannot write the container's changes back into {}: {e}", plan.rootfs.display()),
+    }
 }
 
 /// Makes the spec's `linux.cgroupsPath` on the host, with the host's share
