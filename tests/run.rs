@@ -929,6 +929,7 @@ fn each_restore_answers_the_first_agent_connection() {
         cpus: 1,
         layer_disk: layer_disk.clone(),
         volumes: Vec::new(),
+        read_only_volumes: Vec::new(),
         tap: None,
         dir: dir.join(format!("vm-{i}")),
         vmm_exe: support::build_vmm(VMRUN),

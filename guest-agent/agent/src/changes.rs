@@ -32,9 +32,9 @@ const MAX_DEPTH: usize = 1024;
 /// (JSON, file content in base64), well under a frame.
 const PART_BUDGET: usize = 960 << 10;
 
-/// Makes the layers on the disk mounted at `disk` and mounts the overlay
-/// at `rootfs` (`nodev`, as every container root); returns the upper
-/// layer's path.
+/// Makes the layers on the disk mounted at `disk` (its entries moved
+/// into `.vmrun/lower`) and mounts the overlay at `rootfs`; returns the
+/// upper layer's path.
 pub fn layer(disk: &Path, rootfs: &Path) -> io::Result<PathBuf> {
     let layers = disk.join(LAYERS);
     match std::fs::create_dir(&layers) {
@@ -43,23 +43,28 @@ pub fn layer(disk: &Path, rootfs: &Path) -> io::Result<PathBuf> {
         }
         r => r?,
     }
-    let (lower, upper, work) = (layers.join("lower"), layers.join("upper"), layers.join("work"));
-    for d in [&lower, &upper, &work] {
-        std::fs::create_dir(d)?;
-    }
+    let lower = layers.join("lower");
+    std::fs::create_dir(&lower)?;
     for e in std::fs::read_dir(disk)? {
         let name = e?.file_name();
         if name != LAYERS {
             std::fs::rename(disk.join(&name), lower.join(&name))?;
         }
     }
+    same_owner_and_mode(disk, &lower)?;
+    over(&lower, &layers, rootfs)
+}
+
+/// Mounts at `rootfs` (`nodev`, as every container root) an overlay of
+/// `lower`, left as it is, and an upper layer made in `layers` (`upper`
+/// and `work`); returns the upper layer's path.
+pub fn over(lower: &Path, layers: &Path, rootfs: &Path) -> io::Result<PathBuf> {
+    let (upper, work) = (layers.join("upper"), layers.join("work"));
+    std::fs::create_dir(&upper)?;
+    std::fs::create_dir(&work)?;
     // The root's owner and mode are the container's `/`: an overlay's
     // root takes its upper layer's.
-    let root = std::fs::metadata(disk)?;
-    for d in [&lower, &upper] {
-        std::os::unix::fs::chown(d, Some(root.uid()), Some(root.gid()))?;
-        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(root.mode() & 0o7777))?;
-    }
+    same_owner_and_mode(lower, &upper)?;
     let data = format!(
         "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off,xino=off",
         lower.display(),
@@ -69,6 +74,13 @@ pub fn layer(disk: &Path, rootfs: &Path) -> io::Result<PathBuf> {
     let target = cstring(rootfs.as_os_str().as_bytes())?;
     sys::mount(Some(c"overlay"), &target, Some(c"overlay"), crate::container::ROOTFS_FLAGS, Some(&cstring(data)?))?;
     Ok(upper)
+}
+
+/// Gives directory `to` the owner and mode of directory `from`.
+fn same_owner_and_mode(from: &Path, to: &Path) -> io::Result<()> {
+    let m = std::fs::metadata(from)?;
+    std::os::unix::fs::chown(to, Some(m.uid()), Some(m.gid()))?;
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777))
 }
 
 /// One step of a container's changes: a whole directory, link or

@@ -112,24 +112,21 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<Option<PathBuf>, Age
             let data = cstring(data).map_err(|e| internal("tmpfs options", e))?;
             sys::mount(Some(c"tmpfs"), &target, Some(c"tmpfs"), ROOTFS_FLAGS, Some(&data))
         }
-        RootfsSpec::Mount { source, fstype, options } => {
-            let bad = |e| err(ErrorKind::BadRequest, format!("rootfs mount: {e}"));
-            let s = cstring(source.as_str()).map_err(bad)?;
-            if is_host_disk(source) {
-                wait_for_disk(&s).map_err(|e| err(ErrorKind::BadRequest, format!("rootfs disk {source}: {e}")))?;
-            }
-            let t = cstring(fstype.as_str()).map_err(bad)?;
-            let o = cstring(options.as_str()).map_err(bad)?;
-            sys::mount(Some(&s), &target, Some(&t), ROOTFS_FLAGS, if options.is_empty() { None } else { Some(&o) })
-        }
-        RootfsSpec::Overlay { source, fstype, options } => {
+        RootfsSpec::Mount { source, fstype, options } => return mount_root_disk(rootfs, source, fstype, options, 0).map(|()| None),
+        RootfsSpec::Overlay { source, fstype, options, upper } => {
             let disk = disk_dir(rootfs);
             std::fs::create_dir(&disk).map_err(|e| internal("creating the root disk's mount point", e))?;
-            let spec = RootfsSpec::Mount { source: source.clone(), fstype: fstype.clone(), options: options.clone() };
-            mount_rootfs(&disk, &spec)?;
-            let upper = crate::changes::layer(&disk, rootfs)
-                .map_err(|e| err(ErrorKind::Internal, format!("layering the container root over {source}: {e}")))?;
-            return Ok(Some(upper));
+            let layering = |e| err(ErrorKind::Internal, format!("layering the container root over {source}: {e}"));
+            let Some(upper) = upper else {
+                mount_root_disk(&disk, source, fstype, options, 0)?;
+                return crate::changes::layer(&disk, rootfs).map(Some).map_err(layering);
+            };
+            // A copy other VMs share: read-only, as it is.
+            mount_root_disk(&disk, source, fstype, options, libc::MS_RDONLY)?;
+            let layers = upper_disk_dir(rootfs);
+            std::fs::create_dir(&layers).map_err(|e| internal("creating the upper disk's mount point", e))?;
+            mount_root_disk(&layers, upper, fstype, options, 0)?;
+            return crate::changes::over(&disk, &layers, rootfs).map(Some).map_err(layering);
         }
     };
     r.map_err(|e| err(ErrorKind::Internal, format!("mounting the container root at {}: {e}", rootfs.display())))?;
@@ -139,6 +136,26 @@ fn mount_rootfs(rootfs: &Path, spec: &RootfsSpec) -> Result<Option<PathBuf>, Age
 /// Where an overlay root's disk is mounted: beside the root.
 fn disk_dir(rootfs: &Path) -> PathBuf {
     rootfs.with_file_name("disk")
+}
+
+/// Where an overlay root's upper disk is mounted, when it has one.
+fn upper_disk_dir(rootfs: &Path) -> PathBuf {
+    rootfs.with_file_name("upper-disk")
+}
+
+/// Mounts the file system of disk `source` at `target` (`nodev`, and
+/// `flags`), once the disk has a size.
+fn mount_root_disk(target: &Path, source: &str, fstype: &str, options: &str, flags: libc::c_ulong) -> Result<(), AgentError> {
+    let bad = |e| err(ErrorKind::BadRequest, format!("rootfs mount: {e}"));
+    let s = cstring(source).map_err(bad)?;
+    if is_host_disk(source) {
+        wait_for_disk(&s).map_err(|e| err(ErrorKind::BadRequest, format!("rootfs disk {source}: {e}")))?;
+    }
+    let t = cstring(fstype).map_err(bad)?;
+    let o = cstring(options).map_err(bad)?;
+    let dir = cstring(target.as_os_str().as_encoded_bytes()).map_err(|e| internal("mount point", e))?;
+    sys::mount(Some(&s), &dir, Some(&t), ROOTFS_FLAGS | flags, if options.is_empty() { None } else { Some(&o) })
+        .map_err(|e| err(ErrorKind::Internal, format!("mounting {source} at {}: {e}", target.display())))
 }
 
 /// Whether `source` names a disk the host attached (`/dev/vdX`).
@@ -224,11 +241,12 @@ pub fn remove_files(dir: &Path, rootfs: &Path) {
     if std::fs::remove_dir(rootfs).is_err() {
         let _ = unpack::remove_tree(rootfs);
     }
-    // An overlay root's disk (the layers go with it).
-    let disk = disk_dir(rootfs);
-    if let Ok(c) = cstring(disk.as_os_str().as_encoded_bytes()) {
-        if sys::umount2(&c, libc::MNT_DETACH).is_ok() {
-            let _ = std::fs::remove_dir(&disk);
+    // An overlay root's disks (the layers go with them).
+    for disk in [disk_dir(rootfs), upper_disk_dir(rootfs)] {
+        if let Ok(c) = cstring(disk.as_os_str().as_encoded_bytes()) {
+            if sys::umount2(&c, libc::MNT_DETACH).is_ok() {
+                let _ = std::fs::remove_dir(&disk);
+            }
         }
     }
     crate::copy::remove(dir);
@@ -659,13 +677,7 @@ fn mount_disk(m: &Mount) -> Result<String, AgentError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let bad = |what: &str, e: std::io::Error| err(ErrorKind::BadRequest, format!("volume {} on {}: {what}: {e}", m.source, m.destination));
     let dev = c(&m.source)?;
-    for _ in 0..200 {
-        let map = sys::Mapping::open(&dev).map_err(|e| bad("open", e))?;
-        if !map.bytes().is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_disk(&dev).map_err(|e| bad("open", e))?;
     let dir = format!("/run/vmrun-volumes/{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     std::fs::create_dir_all(&dir).map_err(|e| bad("staging directory", e))?;
     let readonly = m.options.iter().any(|o| o == "ro");

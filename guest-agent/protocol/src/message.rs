@@ -301,10 +301,8 @@ pub enum RootfsSpec {
     },
     /// A disk the host made from the image's root (`source`, mounted like
     /// [`RootfsSpec::Mount`]), left as it is: the container's root is an
-    /// overlay whose upper layer, on the same disk, holds what the
-    /// container changes ([`Request::ReadChanges`] reads it). The agent
-    /// moves the disk's entries into `.vmrun/lower` first; a root that
-    /// has its own `.vmrun` is refused.
+    /// overlay of it and an upper layer that holds what the container
+    /// changes ([`Request::ReadChanges`] reads it).
     Overlay {
         /// The device.
         source: String,
@@ -313,6 +311,14 @@ pub enum RootfsSpec {
         /// Mount data (`""` for none).
         #[serde(default)]
         options: String,
+        /// A disk of its own for the upper layer (an empty file system of
+        /// the same type, mounted with the same data): `source` is then
+        /// mounted read-only, as it is (a copy several VMs share). `None`:
+        /// the upper layer is on `source`, whose entries the agent first
+        /// moves into `.vmrun/lower` (a root that has its own `.vmrun` is
+        /// refused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upper: Option<String>,
     },
 }
 

@@ -410,12 +410,16 @@ pub struct RestoreDisk {
     /// Rate limits are not part of a snapshot: a restore sets its own.
     #[serde(default)]
     pub limit: RateLimit,
+    /// Opened read-only even where the snapshot's slot is writable: the
+    /// guest's writes to it fail (an image several VMs share).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 impl RestoreDisk {
     /// The image at `path`, unlimited.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), limit: RateLimit::default() }
+        Self { path: path.into(), limit: RateLimit::default(), read_only: false }
     }
 }
 
@@ -522,7 +526,11 @@ mod tests {
     fn a_restore_carries_rate_limits() {
         let mut r = RestoreConfig::new("/t/template");
         r.disks = vec![
-            RestoreDisk { path: "/l/layers.disk".into(), limit: RateLimit { bytes_per_sec: Some(1 << 20), ops_per_sec: Some(100) } },
+            RestoreDisk {
+                path: "/l/layers.disk".into(),
+                limit: RateLimit { bytes_per_sec: Some(1 << 20), ops_per_sec: Some(100) },
+                read_only: false,
+            },
             RestoreDisk::new("/dev/null"),
         ];
         r.nets = vec![RestoreNet {

@@ -154,7 +154,7 @@ fn build(work: &Path, spec: &VmSpec, vmm: &dyn Fn(Option<u32>)) -> Result<PathBu
     File::create(&placeholder)?.set_len(4096)?;
     // Volume slots stay empty; a network slot is built on the TAP device of
     // the container that needs the template first.
-    let template_spec = VmSpec { layer_disk: placeholder, volumes: Vec::new(), dir: work.join("vm"), ..spec.clone() };
+    let template_spec = VmSpec { layer_disk: placeholder, volumes: Vec::new(), read_only_volumes: Vec::new(), dir: work.join("vm"), ..spec.clone() };
     let mut vm: VmProcess = template_spec.boot()?;
     vmm(Some(vm.pid()));
     let result = snapshot_booted(&mut vm);
@@ -300,6 +300,7 @@ mod tests {
             cpus: 1,
             layer_disk: d.join("layers.disk"),
             volumes: Vec::new(),
+            read_only_volumes: Vec::new(),
             tap: None,
             dir: d.join("container"),
             vmm_exe: fake.clone(),

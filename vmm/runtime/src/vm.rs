@@ -42,6 +42,9 @@ pub struct VmSpec {
     /// Disk images for the volume slots (`/dev/vdb`...), at most
     /// [`crate::volume::SLOTS`]; the other slots are empty.
     pub volumes: Vec<PathBuf>,
+    /// The volume slots (indexes into `volumes`) opened read-only: the
+    /// guest's writes to them fail (an image several VMs share).
+    pub read_only_volumes: Vec<usize>,
     /// The host's TAP device: the VM gets a network interface on it.
     pub tap: Option<String>,
     /// The VM's directory ([`Layout`]).
@@ -207,7 +210,8 @@ impl VmSpec {
                 limit: Default::default(),
             }];
             for (i, v) in self.volume_slots().into_iter().enumerate() {
-                disks.push(DiskConfig { id: Some(format!("vol{i}")), ..DiskConfig::new(v) });
+                let read_only = self.read_only_volumes.contains(&i);
+                disks.push(DiskConfig { id: Some(format!("vol{i}")), read_only, ..DiskConfig::new(v) });
             }
             VmmConfig::boot(VmConfig {
                 kernel: self.artifacts.kernel.clone(),
@@ -240,7 +244,12 @@ impl VmProcess {
     /// slot.
     pub fn restore(template: &Path, spec: &VmSpec) -> Result<Self> {
         Self::spawn(spec, |layout| {
-            let disks = std::iter::once(spec.layer_disk.clone()).chain(spec.volume_slots()).map(RestoreDisk::new).collect();
+            let volumes = spec
+                .volume_slots()
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| RestoreDisk { read_only: spec.read_only_volumes.contains(&i), ..RestoreDisk::new(v) });
+            let disks = std::iter::once(RestoreDisk::new(&spec.layer_disk)).chain(volumes).collect();
             VmmConfig::restore(RestoreConfig {
                 disks,
                 nets: spec.tap.iter().map(RestoreNet::new).collect(),

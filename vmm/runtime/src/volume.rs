@@ -115,17 +115,30 @@ pub fn make_dir_image(dir: &Path, out: &Path, what: &str, label: &str, min_bytes
     }
     let (bytes, count) = usage(dir).map_err(|e| Error::Volume(format!("{what} {}: {e}", dir.display())))?;
     let size = (bytes + bytes / 4 + count * 4096).max(min_bytes).div_ceil(1 << 20) << 20;
+    mkfs_ext4(out, label, size, Some(dir))
+}
+
+/// Makes an empty sparse ext4 image of `bytes` (rounded up to MiB) at
+/// `out`, labelled `label`: a disk for a guest to write on.
+pub fn make_empty_image(out: &Path, label: &str, bytes: u64) -> Result<()> {
+    mkfs_ext4(out, label, bytes.div_ceil(1 << 20) << 20, None)
+}
+
+/// `mkfs.ext4` of a new sparse file `out` of `size` bytes, with the files
+/// of `dir` in it.
+fn mkfs_ext4(out: &Path, label: &str, size: u64, dir: Option<&Path>) -> Result<()> {
     std::fs::File::create(out)?.set_len(size)?;
-    let result = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", label, "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
-        .arg(dir)
-        .arg(out)
-        .output();
-    match result {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", label, "-E", "lazy_itable_init=1,lazy_journal_init=1"]);
+    if let Some(dir) = dir {
+        cmd.arg("-d").arg(dir);
+    }
+    match cmd.arg(out).output() {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(Error::Volume(format!(
-            "cannot make a disk of {}: mkfs.ext4: {}",
-            dir.display(),
+            "cannot make the disk {}{}: mkfs.ext4: {}",
+            out.display(),
+            dir.map(|d| format!(" of {}", d.display())).unwrap_or_default(),
             String::from_utf8_lossy(&o.stderr).trim()
         ))),
         Err(e) => Err(Error::Volume(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}"))),

@@ -429,7 +429,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 let disk = disks.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
                 })?;
-                let block = Block::open(&disk.path, *read_only, id)?;
+                let block = Block::open(&disk.path, *read_only || disk.read_only, id)?;
                 Box::new(block.with_rate_limiter(disk_limiter(&disk.path, &disk.limit)?))
             }
             DeviceKind::Net { mac } => {

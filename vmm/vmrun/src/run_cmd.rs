@@ -574,6 +574,7 @@ fn run_container_inner(
         cpus: checked.cpus,
         layer_disk,
         volumes: volume_disks,
+        read_only_volumes: Vec::new(),
         tap: network.as_ref().map(|n| n.link.tap.clone()),
         dir: dir.to_path_buf(),
         vmm_exe: vmrun_runtime::vm::find_vmm()?,
