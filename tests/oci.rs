@@ -250,6 +250,63 @@ fn oci_runtime_writes_the_containers_changes_back_into_the_bundle() {
     assert_ok(&run(&root, &["delete", "c-wb"]));
 }
 
+/// Roots laid out as containerd's overlay snapshotter makes them (an
+/// overlay of the image's snapshot and the container's own empty upper
+/// directory): the image's root is copied once, the copy shared by the
+/// containers of that snapshot, and each container's changes reach its
+/// own upper directory, not the snapshot or the other container.
+#[test]
+fn oci_roots_of_one_snapshot_share_one_copy() {
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-shared");
+    let lower = support::scratch("shared-snapshot");
+    unpack_busybox(&lower);
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for m in &self.0 {
+                let _ = Command::new("umount").arg(m).status();
+            }
+        }
+    }
+    let mut mounted = Unmount(Vec::new());
+    let copies = shared().home.join("rootfs-copies");
+    let disks = || -> Vec<(String, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut d: Vec<_> = std::fs::read_dir(&copies)
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".disk")).map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().ino())).collect())
+            .unwrap_or_default();
+        d.sort();
+        d
+    };
+    let before = disks();
+    let (mut made, mut uppers) = (Vec::new(), Vec::new());
+    for name in ["a", "b"] {
+        let b = bundle(&format!("bundle-shared-{name}"), &["sh", "-c", &format!("echo {name} > /{name}-file; rm /bin/ls")], |_| {});
+        let (upper, work) = (b.join("upper"), b.join("work"));
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+        support::run_ok(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(b.join("rootfs")));
+        mounted.0.push(b.join("rootfs"));
+        let (out, err) = (support::scratch(&format!("shared-{name}.out")), support::scratch(&format!("shared-{name}.err")));
+        let id = format!("c-shared-{name}");
+        let pid = create(&root, &b, &id, &out, &err);
+        made.push(disks());
+        assert_ok(&run(&root, &["start", &id]));
+        assert_eq!(wait_pid(pid, &root, &id), 0, "{}", std::fs::read_to_string(&err).unwrap());
+        assert_ok(&run(&root, &["delete", &id]));
+        assert_eq!(std::fs::read_to_string(upper.join(format!("{name}-file"))).unwrap(), format!("{name}\n"), "written back into the container's snapshot");
+        assert!(upper.join("bin/ls").exists() && !b.join("rootfs/bin/ls").exists(), "a removal is a whiteout in the upper directory");
+        uppers.push(upper);
+    }
+    let new: Vec<_> = made[0].iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(new.len(), 1, "one copy of the snapshot: {before:?} then {:?}", made[0]);
+    assert_eq!(made[0], made[1], "the second container of the snapshot uses the first one's copy");
+    assert!(!uppers[1].join("a-file").exists() && !lower.join("a-file").exists(), "changes stay with their container");
+    assert!(lower.join("bin/ls").exists(), "the snapshot is left as it was");
+}
+
 #[test]
 fn oci_runtime_signals_execs_and_force_deletes() {
     let _turn = vm_turn();
@@ -890,6 +947,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     let o = ctr_cmd(&["run", "--rm", "--runtime", "io.containerd.vmrun.v2", image, &id2, "sh", "-c", "echo out; exit 3"]).output().unwrap();
     assert_eq!(o.status.code(), Some(3), "ctr run: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
     assert_eq!(text(&o.stdout).trim_end(), "out");
+    // Both containers' roots were the image's snapshot (containerd's
+    // overlay snapshotter): one copy of it, shared.
+    let of_containerd: Vec<_> = std::fs::read_dir(shared().home.join("rootfs-copies"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter(|e| std::fs::read_to_string(e.path()).unwrap().contains("io.containerd.snapshotter.v1.overlayfs"))
+        .collect();
+    assert_eq!(of_containerd.len(), 1, "{of_containerd:?}");
     // containerd's shim keeps the runtime's state under its runc root; the
     // deletes removed it.
     let runc_root = Path::new("/run/containerd/runc").join(ns);

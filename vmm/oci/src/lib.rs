@@ -29,6 +29,7 @@ pub mod error;
 pub mod hooks;
 pub mod host_cgroup;
 pub mod logger;
+pub mod rootcopy;
 pub mod ops;
 pub mod shim;
 pub mod signals;

@@ -37,8 +37,6 @@ pub const STATE_FILE: &str = "state.json";
 pub const PLAN_FILE: &str = "plan.json";
 /// The FIFO `start` opens.
 pub const FIFO: &str = "exec.fifo";
-/// The ext4 copy of the root file system.
-pub const ROOTFS_DISK: &str = "rootfs.disk";
 /// The supervisors' log when the caller gave no `--log`.
 pub const LOG_FILE: &str = "vmrun-oci.log";
 /// Exec'd processes.

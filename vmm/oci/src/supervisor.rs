@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmrun_agent_client::{Options, Process, StdioMode};
-use vmrun_agent_protocol::{CreateContainer, DiskDir, ExecProcess, ImageConfig, LayerSource, RootfsSpec, UnpackLimits};
+use vmrun_agent_protocol::{CreateContainer, DiskDir, ExecProcess, ImageConfig, LayerSource, UnpackLimits};
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::container::ProcessRef;
 use vmrun_runtime::home::Home;
@@ -227,10 +227,9 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     let layout = state.layout(dir);
     let disk_dir = layout.vm_dir();
     std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
-    let rootfs_disk = disk_dir.join(state::ROOTFS_DISK);
-    vmrun_runtime::volume::make_dir_image(&plan.rootfs, &rootfs_disk, "rootfs", "vmrun-rootfs", crate::bundle::MIN_ROOTFS_BYTES)?;
-    let mut disks = vec![rootfs_disk.clone()];
-    let disk_dirs = match volume_disk(plan, &layout)? {
+    let root_copy = crate::rootcopy::make(&home, &plan.rootfs, &disk_dir)?;
+    let mut disks = root_copy.disks();
+    let disk_dirs = match volume_disk(plan, &layout, disks.len())? {
         Some((path, dirs)) => {
             disks.push(path);
             dirs
@@ -244,6 +243,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         cpus: plan.cpus,
         layer_disk,
         volumes: disks,
+        read_only_volumes: root_copy.read_only_slots(),
         tap: None,
         dir: layout.dir().to_path_buf(),
         vmm_exe: sp.vmm_exe.clone(),
@@ -292,18 +292,11 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         id: state.guest_id.clone(),
         layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
         // The copy stays as it is, under an overlay whose upper layer
-        // (on the same disk) holds what the container changes: written
-        // back into the bundle when the process ends.
-        rootfs: RootfsSpec::Overlay {
-            source: vmrun_runtime::volume::guest_device(0),
-            fstype: "ext4".into(),
-            // noinit_itable: no kernel thread zeroing the copy's inode
-            // tables in the background (guest kernel time, for a disk
-            // thrown away with the container). Writable even for
-            // `root.readonly`: the agent makes the missing mount points
-            // first, then the container's root read-only (as runc does).
-            options: "noinit_itable".into(),
-        },
+        // holds what the container changes: written back into the bundle
+        // when the process ends. Writable even for `root.readonly`: the
+        // agent makes the missing mount points first, then the
+        // container's root read-only (as runc does).
+        rootfs: root_copy.rootfs_spec(),
         config,
         limits: UnpackLimits::default(),
     })?;
@@ -345,7 +338,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         Ok(c) => {
             log::debug!("process exited with {c}");
             drop(watcher);
-            write_back(&sandbox, &state.guest_id, plan, &rootfs_disk);
+            write_back(&sandbox, &state.guest_id, plan, root_copy.writable());
             c
         }
         Err(e) => {
@@ -404,13 +397,13 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
 }
 
 /// The volume disk of the plan's large bind-mounted directories, all on
-/// one disk (the slot after the root copy's), each in its own
+/// one disk (slot `slot`, after the root's), each in its own
 /// subdirectory; and where the agent binds them. `None` without any.
-fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout) -> Result<Option<(PathBuf, Vec<DiskDir>)>> {
+fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout, slot: usize) -> Result<Option<(PathBuf, Vec<DiskDir>)>> {
     if plan.volumes.is_empty() {
         return Ok(None);
     }
-    let path = layout.volume_disk(1);
+    let path = layout.volume_disk(slot);
     // A host directory bound several times is copied once, and bound from
     // that copy each time (writes through one show through the others, as
     // on the host).
@@ -423,8 +416,8 @@ fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout) -> Result<Option
     let names = vmrun_runtime::volume::disk_dir_names(&hosts);
     let named: Vec<(PathBuf, String)> = hosts.iter().cloned().zip(names.iter().cloned()).collect();
     vmrun_runtime::volume::make_dirs_image(&named, &path, &layout.vm_dir().join("volumes.staging"))?;
-    // The volume disks: the root copy in slot 0, then this.
-    let disk = vmrun_runtime::volume::guest_device(1);
+    // The volume disks: the root's first, then this.
+    let disk = vmrun_runtime::volume::guest_device(slot);
     let dirs = plan
         .volumes
         .iter()
