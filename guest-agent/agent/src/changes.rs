@@ -213,7 +213,15 @@ pub fn part(upper: &Path, pieces: &[Piece], from: u64) -> io::Result<(Vec<Change
             return Ok((out, Some(i as u64)));
         }
         budget += cost;
-        out.push(change(upper, p)?);
+        match change(upper, p) {
+            Ok(c) => out.push(c),
+            // Gone or replaced since the walk (by a process of the
+            // container that still ran): left out.
+            Err(e) if [libc::ENOENT, libc::ENOTDIR, libc::ELOOP, libc::EXDEV].contains(&e.raw_os_error().unwrap_or(0)) => {
+                crate::log::info(format_args!("changes: {path}: {e}, left out"));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok((out, None))
 }
