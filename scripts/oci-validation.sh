@@ -12,9 +12,14 @@
 # the checkout's vendored modules, offline) and rebuilt when their sources
 # change. Environment:
 #   RUNTIME   the runtime's command (default runc)
-#   TIMEOUT   seconds one test may take (default 300; vmrun-oci boots a VM
-#             per container, minutes where guest kernel mode is emulated)
+#   TIMEOUT   seconds one test may take (default 300, times WAIT_SCALE up
+#             to 900: tests that make many containers, such as
+#             linux_cgroups_cpus, take ten minutes where guest kernel mode
+#             is emulated)
 #   TESTS     an extended regex: only the tests whose name matches
+#   STATE_ROOT  the runtime's state directory, where a test killed at its
+#             timeout left its container (default /run/runc for runc,
+#             /run/vmrun-oci otherwise): those are deleted
 #   OUT       the markdown table (default /tmp/oci-validation-<runtime>.md);
 #             each test's TAP output goes to $OUT.d/<test>.tap
 #   WAIT_SCALE  a whole number (default 1: the suite as published). The
@@ -60,7 +65,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 RUNTIME=${RUNTIME:-runc}
-TIMEOUT=${TIMEOUT:-300}
+if [ -z "${TIMEOUT:-}" ]; then
+    TIMEOUT=$((300 * ${WAIT_SCALE:-1}))
+    if [ "$TIMEOUT" -gt 900 ]; then TIMEOUT=900; fi
+fi
+STATE_ROOT=${STATE_ROOT:-$([ "$(basename "$RUNTIME")" = runc ] && echo /run/runc || echo /run/vmrun-oci)}
 TESTS=${TESTS:-.}
 name=$(basename "$RUNTIME")
 OUT=${OUT:-/tmp/oci-validation-$name.md}
@@ -126,7 +135,15 @@ for src in "${sources[@]}"; do
     [[ $test =~ $TESTS ]] || continue
     tap=$taps/$test.tap
     rc=0
+    before=$(ls "$STATE_ROOT" 2>/dev/null || true)
     timeout -k 10 "$TIMEOUT" "./${src%.go}.$suffix" >"$tap" 2>&1 </dev/null || rc=$?
+    # A test killed at its timeout leaves its container: deleted, so that
+    # it does not get in the next test's way (its cgroup path, its id).
+    if [ "$rc" -eq 124 ]; then
+        for id in $(ls "$STATE_ROOT" 2>/dev/null || true); do
+            grep -qxF "$id" <<<"$before" || "$RUNTIME" delete --force "$id" >/dev/null 2>&1 || true
+        done
+    fi
     ok=$(grep -c '^ok ' "$tap" || true)
     notok=$(grep -c '^not ok ' "$tap" || true)
     # A YAML diagnostic with an "error" that belongs to no test line is how
