@@ -13,8 +13,8 @@
 # change. Environment:
 #   RUNTIME   the runtime's command (default runc)
 #   TIMEOUT   seconds one test may take (default 300, times WAIT_SCALE up
-#             to 900: tests that make many containers, such as
-#             linux_cgroups_cpus, take ten minutes where guest kernel mode
+#             to 1800: tests that make many containers, such as
+#             linux_cgroups_cpus, take twenty minutes where guest kernel mode
 #             is emulated)
 #   TESTS     an extended regex: only the tests whose name matches
 #   STATE_ROOT  the runtime's state directory, where a test killed at its
@@ -67,7 +67,7 @@ fi
 RUNTIME=${RUNTIME:-runc}
 if [ -z "${TIMEOUT:-}" ]; then
     TIMEOUT=$((300 * ${WAIT_SCALE:-1}))
-    if [ "$TIMEOUT" -gt 900 ]; then TIMEOUT=900; fi
+    if [ "$TIMEOUT" -gt 1800 ]; then TIMEOUT=1800; fi
 fi
 STATE_ROOT=${STATE_ROOT:-$([ "$(basename "$RUNTIME")" = runc ] && echo /run/runc || echo /run/vmrun-oci)}
 TESTS=${TESTS:-.}
