@@ -53,14 +53,7 @@ fuzz_target!(|data: &[u8]| {
     set_up(&root, &outside);
     let fd: OwnedFd = std::fs::File::open(&root).expect("open root").into();
     for op in data.chunks_exact(3).take(64) {
-        match change(op) {
-            Change::Put { entry, replace } => {
-                let _ = vmrun_tree::put(fd.as_fd(), &entry, replace);
-            }
-            Change::Remove { path } => {
-                let _ = vmrun_tree::remove(fd.as_fd(), &path);
-            }
-        }
+        let _ = vmrun_tree::apply(fd.as_fd(), &change(op));
     }
     let names: Vec<_> = std::fs::read_dir(&outside).expect("outside").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, ["victim"], "something was made or removed outside the root");

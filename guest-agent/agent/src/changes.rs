@@ -322,10 +322,7 @@ mod tests {
             let json = serde_json::to_vec(&vmrun_agent_protocol::Reply::Changes { changes: changes.clone(), next }).unwrap();
             assert!(json.len() < vmrun_agent_protocol::frame::MAX_PAYLOAD, "a part fits a frame");
             for c in changes {
-                match c {
-                    Change::Put { entry, replace } => vmrun_tree::put(root.as_fd(), &entry, replace).unwrap(),
-                    Change::Remove { path } => vmrun_tree::remove(root.as_fd(), &path).unwrap(),
-                }
+                vmrun_tree::apply(root.as_fd(), &c).unwrap();
             }
             parts += 1;
             match next {

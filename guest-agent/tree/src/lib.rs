@@ -15,7 +15,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use vmrun_agent_protocol::{plain_path, CopyContent, CopyEntry, MAX_PATH};
+use vmrun_agent_protocol::{plain_path, Change, CopyContent, CopyEntry, MAX_PATH};
 
 use sys::cstring;
 
@@ -76,6 +76,18 @@ pub fn put(root: BorrowedFd<'_>, e: &CopyEntry, replace: bool) -> io::Result<()>
         remove_all(dir.as_fd(), &name, 0)?;
     }
     put_at(dir.as_fd(), &name, e)
+}
+
+/// Makes one change a container listed ([`Change`]) beneath `root`: a
+/// mode with bits other than permissions is refused, not masked.
+pub fn apply(root: BorrowedFd<'_>, change: &Change) -> io::Result<()> {
+    match change {
+        Change::Put { entry, .. } if entry.mode & !0o7777 != 0 => {
+            Err(invalid(format!("{:?}: mode {:o} has bits other than permissions", entry.path, entry.mode)))
+        }
+        Change::Put { entry, replace } => put(root, entry, *replace),
+        Change::Remove { path } => remove(root, path),
+    }
 }
 
 /// Removes `path` beneath `root`, a directory with everything in it (a

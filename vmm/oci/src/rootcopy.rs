@@ -17,7 +17,6 @@
 //! wrote in) is copied for the container alone, onto a disk that holds
 //! its upper layer too.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vmrun_agent_protocol::RootfsSpec;
 use vmrun_runtime::home::Home;
+use vmrun_runtime::lock::Lock;
 use vmrun_runtime::volume::{guest_device, make_dir_image, make_empty_image};
 
 use crate::bundle::MIN_ROOTFS_BYTES;
@@ -155,15 +155,10 @@ fn key(lowers: &[PathBuf]) -> std::io::Result<String> {
     Ok(h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
 }
 
-/// An exclusive `flock` on `path` (made if missing), held while the
-/// returned file is open.
-fn lock(path: &Path) -> Result<std::fs::File> {
-    let f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io(format!("locking {}", path.display()))(std::io::Error::last_os_error()));
-    }
-    Ok(f)
+/// The lock of shared copy `key` in `dir`, waited for and taken.
+fn lock(dir: &Path, key: &str) -> Result<Lock> {
+    let path = dir.join(format!("{key}.lock"));
+    Lock::take(&path).map_err(io(format!("locking {}", path.display())))
 }
 
 /// The shared copy of the snapshots `lowers` (merged at `rootfs`), made
@@ -172,7 +167,7 @@ fn shared_copy(dir: &Path, rootfs: &Path, lowers: &[PathBuf]) -> Result<PathBuf>
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let key = key(lowers).map_err(io(format!("reading the snapshots of {}", rootfs.display())))?;
     let disk = dir.join(format!("{key}.disk"));
-    let _lock = lock(&dir.join(format!("{key}.lock")))?;
+    let _lock = lock(dir, &key)?;
     if disk.exists() {
         log::debug!("the image's root: the shared copy {}", disk.display());
         return Ok(disk);
@@ -211,7 +206,7 @@ fn remove_unused(dir: &Path) {
         let Ok(record) = std::fs::read(e.path()).map(|b| serde_json::from_slice::<Record>(&b)) else { continue };
         let gone = record.map_or(true, |r| r.lowers.iter().any(|l| !l.exists()));
         if gone {
-            let Ok(_lock) = lock(&dir.join(format!("{key}.lock"))) else { continue };
+            let Ok(_lock) = lock(dir, key) else { continue };
             let _ = std::fs::remove_file(dir.join(format!("{key}.disk")));
             let _ = std::fs::remove_file(e.path());
             let _ = std::fs::remove_file(dir.join(format!("{key}.lock")));

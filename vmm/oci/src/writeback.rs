@@ -61,25 +61,20 @@ pub fn write_back(client: &Client, guest_id: &str, rootfs: &Path, limit: u64) ->
 
 /// Writes one change (a failure is logged and counted).
 fn apply(root: std::os::fd::BorrowedFd<'_>, c: &Change, written: &mut Written) {
-    let (path, result) = match c {
-        Change::Put { entry, replace } => {
-            let r = if entry.mode & !0o7777 != 0 {
-                Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("mode {:o} has bits other than permissions", entry.mode)))
-            } else {
-                vmrun_tree::put(root, entry, *replace)
-            };
-            if let (Ok(()), CopyContent::File { data, .. }) = (&r, &entry.content) {
+    match vmrun_tree::apply(root, c) {
+        Ok(()) => {
+            written.changes += 1;
+            if let Change::Put { entry: vmrun_agent_protocol::CopyEntry { content: CopyContent::File { data, .. }, .. }, .. } = c {
                 written.bytes += data.len() as u64;
             }
-            (&entry.path, r)
         }
-        Change::Remove { path } => (path, vmrun_tree::remove(root, path)),
-    };
-    match result {
-        Ok(()) => written.changes += 1,
         Err(e) => {
             written.failed += 1;
             if written.failed <= MAX_LOGGED {
+                let path = match c {
+                    Change::Put { entry, .. } => &entry.path,
+                    Change::Remove { path } => path,
+                };
                 log::warn!("writing back {path:?} into the bundle's root: {e}");
             }
         }
