@@ -529,7 +529,10 @@ fn oci_runtime_applies_the_specs_linux_settings() {
                   (echo 1 > /proc/sys/kernel/shmmni) 2>&1 | grep -o 'Read-only file system' | sed 's/^/proc-sys: /'; \
                   echo sysctl: $(cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_forward); \
                   echo oom: $(cat /proc/self/oom_score_adj); echo groups: $(grep Groups /proc/self/status | cut -f2); \
-                  echo device: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c)";
+                  echo device: $(stat -c '%F %t:%T %a %u:%g' /dev/mynull) $(head -c 1 /dev/mynull | wc -c); \
+                  echo devcg: $(dd if=/dev/rkmsg count=0 2>/dev/null && echo read-ok) \
+                      $( (echo x > /dev/rkmsg) 2>&1 | grep -o 'Operation not permitted') \
+                      $(dd if=/dev/myloop count=0 2>&1 | grep -o 'Operation not permitted') $(echo x > /dev/mynull && echo null-ok)";
     let b = bundle("bundle-linux", &["sh", "-c", script], |s| {
         s["root"]["readonly"] = true.into();
         s["process"]["cwd"] = "/made/here".into();
@@ -538,7 +541,18 @@ fn oci_runtime_applies_the_specs_linux_settings() {
         s["linux"]["maskedPaths"] = serde_json::json!(["/etc/motd", "/secret", "/no/such/path"]);
         s["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys"]);
         s["linux"]["sysctl"] = serde_json::json!({ "kernel.shmmax": "123456789", "net.ipv4.ip_forward": "1" });
-        s["linux"]["devices"] = serde_json::json!([{ "path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 416, "uid": 1000, "gid": 10 }]);
+        s["linux"]["devices"] = serde_json::json!([
+            { "path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 416, "uid": 1000, "gid": 10 },
+            { "path": "/dev/rkmsg", "type": "c", "major": 1, "minor": 11 },
+            { "path": "/dev/myloop", "type": "b", "major": 7, "minor": 0 }
+        ]);
+        // The device cgroup: kmsg may be read, not written; the loop
+        // device's node exists but may not be opened (EPERM, not the
+        // driver's ENXIO); /dev/null stays usable (runc's defaults).
+        s["linux"]["resources"] = serde_json::json!({ "devices": [
+            { "allow": false, "access": "rwm" },
+            { "allow": true, "type": "c", "major": 1, "minor": 11, "access": "r" }
+        ] });
         s["linux"]["rootfsPropagation"] = "rprivate".into();
     });
     // As a pause image: no /proc, /dev or /sys to mount on, and a
@@ -567,6 +581,7 @@ fn oci_runtime_applies_the_specs_linux_settings() {
     assert_eq!(line("oom"), "-500");
     assert_eq!(line("groups"), "5 6");
     assert_eq!(line("device"), "character special file 1:3 640 1000:10 0");
+    assert_eq!(line("devcg"), "read-ok Operation not permitted Operation not permitted null-ok");
     assert_ok(&run(&root, &["delete", "c-linux"]));
 
     // A user namespace, made in the guest: the container's root is the

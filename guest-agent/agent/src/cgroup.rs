@@ -29,6 +29,8 @@
 //! vmrun's kernel) is refused with an error naming both. A swap limit
 //! where the kernel has no swap accounting (vmrun's guest has no swap at
 //! all) is ignored: memory plus swap cannot exceed the memory limit then.
+//!
+//! `devices` becomes a BPF program attached to the cgroup (`devcg.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
@@ -71,6 +73,9 @@ pub enum CgroupError {
     /// that id whose processes have not all ended).
     #[error("the cgroup {} exists already", .0.display())]
     Exists(PathBuf),
+    /// The device rules could not be applied.
+    #[error(transparent)]
+    Devices(#[from] crate::devcg::DevCgroupError),
     /// A file system operation on the hierarchy failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -89,6 +94,8 @@ impl CgroupError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Io { .. } => ErrorKind::Internal,
+            Self::Devices(crate::devcg::DevCgroupError::Invalid(_)) => ErrorKind::BadRequest,
+            Self::Devices(_) => ErrorKind::Internal,
             Self::Exists(_) => ErrorKind::AlreadyExists,
             _ => ErrorKind::BadRequest,
         }
@@ -259,6 +266,9 @@ pub fn merge(old: &Resources, new: &Resources) -> Resources {
     r.cpu.mems = c.mems.clone().or(r.cpu.mems.take());
     r.pids.limit = new.pids.limit.or(r.pids.limit);
     r.unified.extend(new.unified.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if !new.devices.is_empty() {
+        r.devices = new.devices.clone();
+    }
     r
 }
 
@@ -348,6 +358,9 @@ impl Hierarchy {
             let dir = std::fs::File::open(&path).map_err(io_err("opening", &path))?;
             let cg = Cgroup { path: path.clone(), dir: OwnedFd::from(dir), applied: Resources::default() };
             cg.apply(&writes)?;
+            if !resources.devices.is_empty() {
+                crate::devcg::apply(cg.fd(), &resources.devices)?;
+            }
             Ok(Cgroup { applied: resources.clone(), ..cg })
         })();
         if made.is_err() {
@@ -362,6 +375,9 @@ impl Hierarchy {
         let writes = writes(&merged)?;
         Self::check(self.setup()?, &writes)?;
         cg.apply(&writes)?;
+        if !resources.devices.is_empty() {
+            crate::devcg::apply(cg.fd(), &resources.devices)?;
+        }
         cg.applied = merged;
         Ok(())
     }
@@ -516,6 +532,7 @@ mod tests {
             cpu: CpuResources { shares: Some(512), quota: Some(50_000), period: Some(100_000), cpus: Some("0-1".into()), mems: None },
             pids: PidsResources { limit: Some(16) },
             unified: [("memory.high".to_string(), "48M".to_string())].into(),
+            devices: vec![],
         };
         assert_eq!(
             files(&r),

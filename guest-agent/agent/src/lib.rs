@@ -15,6 +15,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod changes;
 pub mod container;
+pub mod devcg;
 pub mod copy;
 pub mod held;
 pub mod init;

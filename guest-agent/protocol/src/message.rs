@@ -739,13 +739,41 @@ pub struct Resources {
     /// controller (`controller.name`).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unified: std::collections::BTreeMap<String, String>,
+    /// The device cgroup's rules (`linux.resources.devices`), in order:
+    /// for each access asked, the last rule that matches the device and
+    /// names that access decides; none: denied. runc's default rules are
+    /// added after them (the standard nodes, ptys, `mknod` of any node).
+    /// Empty: no device program (the container's mounts are `nodev`
+    /// anyway, but for its own `/dev`'s nodes). An update that sets rules
+    /// replaces the old ones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceRule>,
 }
 
 impl Resources {
     /// Whether nothing is set.
     pub fn is_empty(&self) -> bool {
-        self.memory.is_empty() && self.cpu.is_empty() && self.pids.is_empty() && self.unified.is_empty()
+        self.memory.is_empty() && self.cpu.is_empty() && self.pids.is_empty() && self.unified.is_empty() && self.devices.is_empty()
     }
+}
+
+/// One rule of a device cgroup (the spec's `LinuxDeviceCgroup`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRule {
+    /// Whether the rule allows (else denies).
+    pub allow: bool,
+    /// `c` (character), `b` (block); `None`: both (`a`). A FIFO is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::DeviceKind>,
+    /// The major number; `None`: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major: Option<u32>,
+    /// The minor number; `None`: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor: Option<u32>,
+    /// Which of `r` (read), `w` (write), `m` (mknod) it names; empty: all.
+    #[serde(default)]
+    pub access: String,
 }
 
 /// Memory limits, in bytes; -1 is no limit.
@@ -1243,6 +1271,10 @@ mod tests {
                     cpu: CpuResources { quota: Some(50_000), period: Some(100_000), ..Default::default() },
                     pids: PidsResources { limit: Some(-1) },
                     unified: [("memory.high".to_string(), "32M".to_string())].into(),
+                    devices: vec![
+                        DeviceRule { allow: false, kind: None, major: None, minor: None, access: "rwm".into() },
+                        DeviceRule { allow: true, kind: Some(crate::DeviceKind::Char), major: Some(1), minor: None, access: "r".into() },
+                    ],
                 },
             },
         ];

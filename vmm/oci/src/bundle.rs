@@ -24,7 +24,8 @@
 //! `memory.max`, `reservation` → `memory.low`, `swap` → `memory.swap.max`
 //! (ignored: the guest has no swap), `cpu.shares` → `cpu.weight`,
 //! `quota`/`period` → `cpu.max`, `pids.limit` → `pids.max`, `unified` as
-//! written; `cpu.cpus`/`mems` are refused (the guest kernel has no cpuset
+//! written, `devices` → a device program (BPF) attached to that cgroup;
+//! `cpu.cpus`/`mems` are refused (the guest kernel has no cpuset
 //! controller) unless `linux.cgroupsPath` is given: the VM's cgroup on the
 //! host (`crate::host_cgroup`), which applies them. Kernel memory, swappiness, realtime CPU time, block I/O,
 //! huge pages, network classes and RDMA are not applied.
@@ -78,9 +79,8 @@
 //! Accepted but not enforced (the VM boundary is the isolation):
 //! AppArmor/SELinux labels, namespaces (joining a namespace by path
 //! included, though the path must be a namespace of the stated type),
-//! the cgroup settings named above and the device cgroup (the guest's
-//! cgroup v2 would need BPF programs), the options of the standard
-//! mounts (the agent's own are used).
+//! the cgroup settings named above, the options of the standard mounts
+//! (the agent's own are used).
 //!
 //! A user namespace (`linux.uidMappings`, `gidMappings`) is made in the
 //! guest: the maps take guest ids (the container's root, 1000 in a map
@@ -779,9 +779,31 @@ pub fn parse_size_mib(s: &str) -> Option<u64> {
 /// container's cgroup in the guest (converted to cgroup v2 there). What a
 /// cgroup v2 in the VM has no place for (kernel memory, swappiness,
 /// realtime CPU time, block I/O, huge pages, network classes, RDMA) is
-/// logged and left out; `devices` is not a cgroup v2 file either.
+/// logged and left out. `devices` becomes the guest cgroup's device
+/// program (a negative major or minor, as some callers write, is any).
 pub fn resources(r: &oci_spec::runtime::LinuxResources) -> Resources {
-    let mut out = Resources::default();
+    let devices = r
+        .devices()
+        .iter()
+        .flatten()
+        .map(|d| {
+            use oci_spec::runtime::LinuxDeviceType as T;
+            let number = |n: Option<i64>| n.and_then(|n| u32::try_from(n).ok());
+            vmrun_agent_protocol::DeviceRule {
+                allow: d.allow(),
+                kind: match d.typ() {
+                    None | Some(T::A) => None,
+                    Some(T::C | T::U) => Some(DeviceKind::Char),
+                    Some(T::B) => Some(DeviceKind::Block),
+                    Some(T::P) => Some(DeviceKind::Fifo),
+                },
+                major: number(d.major()),
+                minor: number(d.minor()),
+                access: d.access().clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    let mut out = Resources { devices, ..Default::default() };
     if let Some(m) = r.memory() {
         out.memory = MemoryResources { limit: m.limit(), reservation: m.reservation(), swap: m.swap() };
         if m.kernel().is_some() || m.kernel_tcp().is_some() || m.swappiness().is_some() || m.disable_oom_killer().is_some() {
@@ -885,7 +907,7 @@ pub fn default_spec() -> serde_json::Value {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use vmrun_agent_protocol::CopyKind;
+    use vmrun_agent_protocol::{CopyKind, DeviceRule};
 
     fn spec_of(v: serde_json::Value) -> Spec {
         serde_json::from_value(v).unwrap()
@@ -1245,7 +1267,12 @@ mod tests {
             "cpu": { "shares": 512, "quota": 50_000, "period": 100_000 },
             "pids": { "limit": 32 },
             "unified": { "memory.high": "60M" },
-            "blockIO": { "weight": 100 }
+            "blockIO": { "weight": 100 },
+            "devices": [
+                { "allow": false, "access": "rwm" },
+                { "allow": true, "type": "c", "major": 10, "minor": 229, "access": "rw" },
+                { "allow": false, "type": "b", "major": -1, "minor": 0, "access": "m" }
+            ]
         });
         let p = plan(b.path(), &spec_of(v.clone())).unwrap();
         let want = Resources {
@@ -1253,6 +1280,11 @@ mod tests {
             cpu: CpuResources { shares: Some(512), quota: Some(50_000), period: Some(100_000), ..Default::default() },
             pids: PidsResources { limit: Some(32) },
             unified: [("memory.high".to_string(), "60M".to_string())].into(),
+            devices: vec![
+                DeviceRule { allow: false, kind: None, major: None, minor: None, access: "rwm".into() },
+                DeviceRule { allow: true, kind: Some(DeviceKind::Char), major: Some(10), minor: Some(229), access: "rw".into() },
+                DeviceRule { allow: false, kind: Some(DeviceKind::Block), major: None, minor: Some(0), access: "m".into() },
+            ],
         };
         assert_eq!(p.resources, want);
         assert_eq!((p.mem_mib, p.cpus), (MIN_MEMORY_MIB, 1), "the VM is still sized from them");
