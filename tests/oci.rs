@@ -166,8 +166,20 @@ fn create(root: &Path, bundle: &Path, id: &str, out: &Path, err: &Path) -> i32 {
 fn oci_runtime_runs_a_container_like_runc() {
     let _turn = vm_turn();
     let root = support::scratch("oci-root-lifecycle");
+    // A network namespace to join by path.
+    let mut netns = Command::new("unshare").args(["--net", "sleep", "1000"]).spawn().unwrap();
+    let netns_path = format!("/proc/{}/ns/net", netns.id());
+    let ns_of = |pid: &str, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns_of(&netns.id().to_string(), "net") == ns_of("self", "net") {
+        assert!(Instant::now() < deadline, "unshare --net made no network namespace");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // linux.seccomp fails mkdir with ENOSPC.
     let b = bundle("bundle-echo", &["sh", "-c", "echo hello-oci; echo to-stderr >&2; mkdir /tmp/blocked || exit 3"], |s| {
+        s["linux"]["namespaces"] = serde_json::json!([
+            { "type": "pid" }, { "type": "network", "path": netns_path }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }
+        ]);
         s["annotations"] = serde_json::json!({ "org.example.note": "kept" });
         s["linux"]["seccomp"] = serde_json::json!({
             "defaultAction": "SCMP_ACT_ALLOW",
@@ -177,14 +189,29 @@ fn oci_runtime_runs_a_container_like_runc() {
     let (out, err) = (support::scratch("echo.out"), support::scratch("echo.err"));
     let pid = create(&root, &b, "c-echo", &out, &err);
     assert_eq!(state(&root, "c-echo")["annotations"]["org.example.note"], "kept");
+    // The container's pid on the host is in the spec's namespaces: the
+    // network one joined, new ones of the other types it names, the
+    // host's of those it does not.
+    let p = pid.to_string();
+    assert_eq!(ns_of(&p, "net"), ns_of(&netns.id().to_string(), "net"), "joined by path");
+    for ns in ["pid", "ipc", "uts", "mnt"] {
+        assert_ne!(ns_of(&p, ns), ns_of("self", ns), "a new {ns} namespace");
+    }
+    for ns in ["user", "cgroup"] {
+        assert_eq!(ns_of(&p, ns), ns_of("self", ns), "the host's {ns} namespace");
+    }
+    let supervisor = serde_json::from_slice::<serde_json::Value>(&std::fs::read(root.join("c-echo/state.json")).unwrap()).unwrap()["owner"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert_eq!(ns_of(&supervisor.to_string(), "net"), ns_of("self", "net"), "the supervisor stays in the host's namespaces");
     let ps = run(&root, &["ps", "--format", "json", "c-echo"]);
     assert_ok(&ps);
-    assert_eq!(serde_json::from_slice::<Vec<i32>>(&ps.stdout).unwrap(), [pid]);
+    assert_eq!(serde_json::from_slice::<Vec<i32>>(&ps.stdout).unwrap(), [pid, supervisor]);
 
     let t = Instant::now();
     assert_ok(&run(&root, &["start", "c-echo"]));
     assert_fails(&run(&root, &["start", "c-echo"]), "cannot start");
-    assert_eq!(wait_pid(pid, &root, "c-echo"), 3, "the supervisor exits with the process's code");
+    assert_eq!(wait_pid(pid, &root, "c-echo"), 3, "the container's pid exits with the process's code");
     eprintln!("oci test: start to exit: {:.1} s", t.elapsed().as_secs_f64());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello-oci\n");
     let stderr = std::fs::read_to_string(&err).unwrap();
@@ -196,6 +223,8 @@ fn oci_runtime_runs_a_container_like_runc() {
     assert_ok(&run(&root, &["delete", "c-echo"]));
     assert!(!root.join("c-echo").exists(), "delete leaves nothing");
     assert_fails(&run(&root, &["state", "c-echo"]), "does not exist");
+    let _ = netns.kill();
+    let _ = netns.wait();
 }
 
 /// As under runc, where the container writes into the bundle's root
@@ -371,17 +400,30 @@ fn oci_runtime_signals_execs_and_force_deletes() {
     assert_eq!(wait_pid(epid, &root, "c-long"), 4);
 
     assert_fails(&run(&root, &["delete", "c-long"]), "not stopped");
-    assert_ok(&run(&root, &["kill", "c-long", "SIGTERM"]));
+    // A signal sent to the container's pid (its holder) reaches the
+    // process.
+    // SAFETY: kill of the container's pid, this test's orphan.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     assert_eq!(wait_pid(pid, &root, "c-long"), 7);
     assert_eq!(state(&root, "c-long")["status"], "stopped");
     assert_ok(&run(&root, &["delete", "c-long"]));
 
-    // SIGKILL through the agent: 128+9.
+    // SIGKILL of the container's pid kills the container: its supervisor
+    // and VMM end, the state says stopped.
     let b = bundle("bundle-sleep", &["sleep", "1000"], |_| {});
     let pid = create(&root, &b, "c-kill", &out, &err);
     assert_ok(&run(&root, &["start", "c-kill"]));
-    assert_ok(&run(&root, &["kill", "c-kill", "9"]));
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("c-kill/state.json")).unwrap()).unwrap();
+    let (supervisor, vmm) = (st["owner"]["pid"].as_u64().unwrap(), st["vmm"]["pid"].as_u64().unwrap());
+    // SAFETY: kill of the container's pid, this test's orphan.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     assert_eq!(wait_pid(pid, &root, "c-kill"), 137);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(supervisor) || alive(vmm) {
+        assert!(Instant::now() < deadline, "the supervisor {supervisor} or VMM {vmm} outlived the container's pid");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state(&root, "c-kill")["status"], "stopped");
     assert_ok(&run(&root, &["delete", "c-kill"]));
 
     // delete --force of a running container kills it.
@@ -444,7 +486,7 @@ fn oci_runtime_applies_resources_in_a_guest_cgroup() {
     let host_dirs = host_cgroup_dirs(&cgroups_path);
     assert!(!host_dirs.is_empty() && host_dirs.iter().all(|d| d.is_dir()), "{host_dirs:?}");
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(own.contains(&cgroups_path), "the supervisor is in the VM's host cgroup: {own}");
+    assert!(own.contains(&cgroups_path), "the container's pid is in the VM's host cgroup: {own}");
     // The CPU quota holds for the whole VM on the host; the pids and
     // memory limits, below what the VM itself needs, only in the guest.
     let (quota, pids) = host_cgroup_files(&host_dirs);
@@ -1039,7 +1081,7 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
             "poststart": [hook("poststart")], "poststop": [hook("poststop")]
         });
     });
-    let create = |id: &str| -> (u64, u64) {
+    let create = |id: &str| -> (u64, u64, u64) {
         let pid_file = b.join(format!("{id}.pid"));
         // The supervisor keeps create's standard streams: files, not pipes
         // that would not end before it does.
@@ -1051,10 +1093,13 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
         assert!(status.success(), "create {id}: {status:?}: {}", std::fs::read_to_string(&err).unwrap_or_default());
         let s: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).unwrap()).unwrap();
         let vmm = s["vmm"]["pid"].as_u64().expect("the state names the VMM");
-        (std::fs::read_to_string(&pid_file).unwrap().parse().unwrap(), vmm)
+        let supervisor = s["owner"]["pid"].as_u64().expect("the state names the supervisor");
+        (std::fs::read_to_string(&pid_file).unwrap().parse().unwrap(), supervisor, vmm)
     };
-    // (The supervisor, this subreaper's orphan, reaped before.)
-    let assert_gone = |id: &str, supervisor: u64, vmm: u64, jail: &[PathBuf]| {
+    // (The container's pid, its holder, this subreaper's orphan, reaped
+    // before.)
+    let assert_gone = |id: &str, (pid, supervisor): (u64, u64), vmm: u64, jail: &[PathBuf]| {
+        assert!(!alive(pid), "{id}: its pid {pid} runs on");
         assert!(!alive(supervisor), "{id}: its supervisor {supervisor} runs on");
         assert!(!root.join(id).exists(), "{id}: its state directory is left");
         assert!(!alive(vmm), "{id}: its VMM {vmm} runs on");
@@ -1064,43 +1109,43 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
     let hooks_seen = || std::fs::read_to_string(&hook_log).unwrap_or_default();
 
     // create, delete.
-    let (sup, vmm) = create("l-created");
+    let (sup, owner, vmm) = create("l-created");
     let jail = jail_paths(vmm);
     assert!(jail.len() >= 3, "the VMM {vmm} is jailed: {jail:?}");
     assert_eq!(hooks_seen(), "prestart creating\ncreateRuntime creating\n");
     assert_ok(&cmd(&["delete", "l-created"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-created"), 128 + libc::SIGTERM);
-    assert_gone("l-created", sup, vmm, &jail);
+    assert_gone("l-created", (sup, owner), vmm, &jail);
     assert_eq!(hooks_seen(), "prestart creating\ncreateRuntime creating\npoststop stopped\n");
 
     // create, kill KILL (the supervisor dies, and its VMM with it), delete.
-    let (sup, vmm) = create("l-killed");
+    let (sup, owner, vmm) = create("l-killed");
     let jail = jail_paths(vmm);
     assert_ok(&cmd(&["kill", "l-killed", "KILL"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-killed"), 128 + libc::SIGKILL);
     assert_ok(&cmd(&["delete", "l-killed"]).output().unwrap());
-    assert_gone("l-killed", sup, vmm, &jail);
+    assert_gone("l-killed", (sup, owner), vmm, &jail);
 
     // create, start, kill KILL, delete: the poststart hook ran before
     // start returned.
     std::fs::remove_file(&hook_log).unwrap();
-    let (sup, vmm) = create("l-started");
+    let (sup, owner, vmm) = create("l-started");
     let jail = jail_paths(vmm);
     assert_ok(&cmd(&["start", "l-started"]).output().unwrap());
     assert!(hooks_seen().ends_with("poststart running\n"), "{}", hooks_seen());
     assert_ok(&cmd(&["kill", "l-started", "KILL"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-started"), 128 + libc::SIGKILL);
     assert_ok(&cmd(&["delete", "l-started"]).output().unwrap());
-    assert_gone("l-started", sup, vmm, &jail);
+    assert_gone("l-started", (sup, owner), vmm, &jail);
     assert!(hooks_seen().ends_with("poststart running\npoststop stopped\n"), "{}", hooks_seen());
 
     // create, start, delete --force of the running container.
-    let (sup, vmm) = create("l-forced");
+    let (sup, owner, vmm) = create("l-forced");
     let jail = jail_paths(vmm);
     assert_ok(&cmd(&["start", "l-forced"]).output().unwrap());
     assert_ok(&cmd(&["delete", "--force", "l-forced"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-forced"), 128 + libc::SIGKILL);
-    assert_gone("l-forced", sup, vmm, &jail);
+    assert_gone("l-forced", (sup, owner), vmm, &jail);
 
     // A create whose createRuntime hook fails: the create fails, the VM
     // it had started is stopped and everything removed.
@@ -1126,4 +1171,68 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
         assert!(left.is_empty(), "jail cgroups left: {left:?}");
         let _ = std::fs::remove_dir(&dir);
     }
+}
+
+/// The container's pid on the host (its holder, `vmm/oci/src/holder.rs`)
+/// is put in the namespaces asked for, passes the signals it is sent on,
+/// and exits with the code it is given, or with 137 when its supervisor's
+/// end closes without one. No VM: the supervisor's end is this test's.
+#[test]
+fn the_containers_pid_holds_its_namespaces_and_passes_signals_on() {
+    use std::io::Write;
+    use vmrun_oci::holder::{self, HostNamespace, NsKind};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: namespaces need root");
+        return;
+    }
+    let ns_of = |pid: &str, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    let new = |kind| HostNamespace { kind, path: None };
+    let maps = [vmrun_agent_protocol::IdMapping { container_id: 0, host_id: 1000, size: 10 }];
+    let mut cmd = Command::new(OCI);
+    cmd.arg("hold");
+    let mut h = holder::start(cmd, &[new(NsKind::Pid), new(NsKind::Network), new(NsKind::User)], &maps, &maps).unwrap();
+    let pid = h.child.id().to_string();
+    for ns in ["pid", "net", "user"] {
+        assert_ne!(ns_of(&pid, ns), ns_of("self", ns), "a new {ns} namespace");
+    }
+    for ns in ["ipc", "uts", "mnt", "cgroup"] {
+        assert_eq!(ns_of(&pid, ns), ns_of("self", ns), "the host's {ns} namespace");
+    }
+    assert_eq!(ns_of("thread-self", "pid_for_children"), ns_of("self", "pid"), "this process's children stay in its pid namespace");
+    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap().split_whitespace().collect::<Vec<_>>(), ["0", "1000", "10"]);
+    // A signal at once (blocked from before its exec: not lost, and it
+    // does not kill it), then another.
+    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: kill of this test's child.
+        assert_eq!(unsafe { libc::kill(h.child.id() as i32, sig) }, 0);
+        let mut buf = [0u8; 4];
+        h.socket.read_exact(&mut buf).unwrap();
+        assert_eq!(i32::from_le_bytes(buf), sig);
+    }
+    h.socket.write_all(&42i32.to_le_bytes()).unwrap();
+    assert_eq!(h.child.wait().unwrap().code(), Some(42));
+
+    // Joined by path: the first holder's network namespace is gone with
+    // it, so a second one's.
+    let mut cmd = Command::new(OCI);
+    cmd.arg("hold");
+    let mut first = holder::start(cmd, &[new(NsKind::Network), new(NsKind::Uts)], &[], &[]).unwrap();
+    let path = PathBuf::from(format!("/proc/{}/ns/net", first.child.id()));
+    let mut cmd = Command::new(OCI);
+    cmd.arg("hold");
+    let mut second = holder::start(cmd, &[HostNamespace { kind: NsKind::Network, path: Some(path) }], &[], &[]).unwrap();
+    assert_eq!(ns_of(&second.child.id().to_string(), "net"), ns_of(&first.child.id().to_string(), "net"));
+    assert_eq!(ns_of(&second.child.id().to_string(), "uts"), ns_of("self", "uts"));
+    // Its supervisor's end closed without an exit code: 137.
+    drop(second.socket);
+    assert_eq!(second.child.wait().unwrap().code(), Some(137));
+    drop(first.socket);
+    assert_eq!(first.child.wait().unwrap().code(), Some(137));
+    // A namespace that cannot be joined fails the start, saying which.
+    let mut cmd = Command::new(OCI);
+    cmd.arg("hold");
+    let bad = HostNamespace { kind: NsKind::Network, path: Some(PathBuf::from("/proc/self/ns/uts")) };
+    let e = holder::start(cmd, &[bad], &[], &[]).unwrap_err().to_string();
+    assert!(e.contains("namespaces it asks for") && e.contains("/proc/self/ns/uts"), "{e}");
 }

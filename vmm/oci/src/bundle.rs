@@ -237,6 +237,10 @@ pub struct Plan {
     /// The hooks run on the host.
     #[serde(default)]
     pub hooks: crate::hooks::Hooks,
+    /// The namespaces the container's pid on the host is put in
+    /// (`crate::holder`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_namespaces: Vec<crate::holder::HostNamespace>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -286,11 +290,16 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
     let hooks = spec.hooks().as_ref().map(crate::hooks::from_spec).unwrap_or_default();
     warn_unapplied(spec);
     let mut linux_plan = LinuxPlan::default();
+    let mut host_namespaces = Vec::new();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().as_deref().unwrap_or_default() {
             if let Some(p) = ns.path() {
                 check_namespace_path(ns.typ(), p)?;
-                log::warn!("namespace {:?} at {} is not joined: the container gets its own VM", ns.typ(), p.display());
+                log::debug!("namespace {:?} at {}: the container's pid on the host joins it; the container runs in its VM", ns.typ(), p.display());
+            }
+            match crate::holder::NsKind::of(ns.typ()) {
+                Some(kind) => host_namespaces.push(crate::holder::HostNamespace { kind, path: ns.path().clone() }),
+                None => log::debug!("namespace {:?}: the container's pid on the host is not put in one", ns.typ()),
             }
         }
         linux_plan = linux_plan_of(linux)?;
@@ -324,6 +333,7 @@ pub fn plan(bundle: &Path, spec: &Spec) -> Result<Plan> {
             .map(|p| p.to_string_lossy().into_owned())
             .filter(|p| !p.is_empty()),
         hooks,
+        host_namespaces,
     })
 }
 

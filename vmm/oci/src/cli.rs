@@ -180,6 +180,10 @@ enum Command {
         /// The container's id.
         id: String,
     },
+    /// (internal) Hold the container's pid in its namespaces: started by
+    /// `create`.
+    #[command(hide = true)]
+    Hold,
     /// (internal) Own an exec'd process: started by `exec --detach`.
     #[command(hide = true)]
     ExecSupervise {
@@ -215,6 +219,7 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
         Command::Update(args) => cgroups::update(ctx, &args),
         Command::Features => ops::features(),
         Command::Spec { bundle } => ops::spec(bundle.as_deref()),
+        Command::Hold => Ok(crate::holder::hold()),
         Command::Supervise { id } => Ok(crate::supervisor::supervise(&ctx.root, &id)),
         Command::ExecSupervise { id, exec_id } => Ok(crate::supervisor::exec_supervise(&ctx.root, &id, &exec_id)),
     }
@@ -242,6 +247,11 @@ pub fn main() -> ExitCode {
     if cli.version {
         print!("{}", version());
         return ExitCode::SUCCESS;
+    }
+    // The holder touches nothing of the root or the log: it may be in
+    // another mount namespace, or a user namespace that owns neither.
+    if matches!(cli.command, Some(Command::Hold)) {
+        return ExitCode::from(u8::try_from(crate::holder::hold()).unwrap_or(255));
     }
     let format = match cli.log_format.parse::<logger::Format>() {
         Ok(f) => f,

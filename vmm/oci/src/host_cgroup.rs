@@ -176,9 +176,10 @@ fn push_cpuset(out: &mut Vec<(&'static str, String)>, c: &vmrun_agent_protocol::
 
 /// Makes the cgroup `dirs` (the ones made are added to `made`, top down,
 /// so that they can be removed even when this fails midway), writes the
-/// host's share of `resources` and moves this process into them; `v2`:
-/// the host has the unified hierarchy (`dirs` from [`plan`] for it).
-pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, made: &mut Vec<PathBuf>) -> Result<()> {
+/// host's share of `resources` and moves this process (and the processes
+/// `others`) into them; `v2`: the host has the unified hierarchy (`dirs`
+/// from [`plan`] for it).
+pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, others: &[u32], made: &mut Vec<PathBuf>) -> Result<()> {
     let root = Path::new(CGROUP_ROOT);
     for dir in dirs {
         let (hierarchy, top) = hierarchy_of(root, dir, v2);
@@ -202,8 +203,10 @@ pub fn create_and_join(dirs: &[PathBuf], v2: bool, r: &Resources, vm: VmNeeds, m
             enable_controllers(&top, dir, &files);
         }
         write_files(dir, files)?;
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(crate::error::io(format!("joining cgroup {}", dir.display())))?;
+        for pid in std::iter::once(std::process::id()).chain(others.iter().copied()) {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .map_err(crate::error::io(format!("moving process {pid} into cgroup {}", dir.display())))?;
+        }
     }
     Ok(())
 }

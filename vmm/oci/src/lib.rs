@@ -12,8 +12,10 @@
 //! - [`cgroups`]: `events` and `update`, the container's cgroup in the
 //!   guest;
 //! - [`state`]: a container's state directory under `--root`;
-//! - [`supervisor`]: the process that owns a container's VM (its pid is
-//!   the container's pid) and the one that owns an exec'd process;
+//! - [`supervisor`]: the process that owns a container's VM and the one
+//!   that owns an exec'd process;
+//! - [`holder`]: the container's pid on the host, in the spec's
+//!   namespaces;
 //! - [`console`]: pseudo-terminals and `--console-socket`;
 //! - [`hooks`]: the spec's hooks, run on the host;
 //! - [`shim`]: the containerd shim wrapper.
@@ -27,6 +29,7 @@ pub mod console;
 pub mod copies;
 pub mod error;
 pub mod hooks;
+pub mod holder;
 pub mod host_cgroup;
 pub mod logger;
 pub mod rootcopy;

@@ -77,16 +77,27 @@ fn guest_id(id: &str) -> String {
 }
 
 /// Starts `cmd` in a new session (not reaped: when this process exits, the
-/// caller's subreaper inherits it and gets its exit status).
-fn spawn_session(mut cmd: Command, quiet: bool) -> Result<Child> {
+/// caller's subreaper inherits it and gets its exit status), handing it
+/// `holder`'s socket (`crate::holder::FD_ENV`).
+fn spawn_session(mut cmd: Command, quiet: bool, holder: Option<&std::os::unix::net::UnixStream>) -> Result<Child> {
     if quiet {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     }
-    // SAFETY: setsid is async-signal-safe; the supervisor leaves the
-    // caller's session and process group.
+    let fd = holder.map(std::os::fd::AsRawFd::as_raw_fd);
+    if let Some(fd) = fd {
+        cmd.env(crate::holder::FD_ENV, fd.to_string());
+    }
+    // SAFETY: setsid and fcntl are async-signal-safe; the supervisor
+    // leaves the caller's session and process group, and keeps the
+    // holder's socket across exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if let Some(fd) = fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         })
     };
@@ -211,6 +222,12 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
         return Err(io("creating exec.fifo")(std::io::Error::last_os_error()));
     }
     let terminal = plan.process.terminal;
+    // The container's pid on the host: a holder in the spec's namespaces.
+    let exe = std::env::current_exe().map_err(io("finding the vmrun-oci executable"))?;
+    let mut hold = Command::new(exe);
+    hold.arg("hold").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let holder = crate::holder::start(hold, &plan.host_namespaces, &plan.uid_mappings, &plan.gid_mappings)?;
+    let holder_pid = holder.child.id();
     let st = State {
         status: Status::Creating,
         creator: ProcessRef::current(),
@@ -223,6 +240,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
             rootfs: plan.rootfs.clone(),
             created: crate::time::now(true),
             annotations: plan.annotations.clone(),
+            holder: ProcessRef::of(holder_pid),
         }),
         ..State::new(&args.id, &args.id, "", "")
     };
@@ -238,7 +256,9 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     // With a terminal the process's streams are the pty: the supervisor
     // keeps none of the caller's (a caller reading create's output to its
     // end would wait for the container otherwise).
-    let mut child = spawn_session(cmd, terminal)?;
+    let mut child = spawn_session(cmd, terminal, Some(&holder.socket))?;
+    // The supervisor has its end; the holder ends when it does.
+    drop(holder.socket);
     let pid = child.id();
     // The supervisor recording its state, or ending, wakes the wait.
     let mut waiter = Waiter::new();
@@ -265,13 +285,13 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
         waiter.wait(None);
     }
     if let Some(p) = &args.pid_file {
-        if let Err(e) = write_pid_file(p, pid) {
+        if let Err(e) = write_pid_file(p, holder_pid) {
             let _ = child.kill();
             reap(&mut child);
             return Err(e);
         }
     }
-    log::debug!("container {} created, supervisor {pid}", args.id);
+    log::debug!("container {} created, supervisor {pid}, pid {holder_pid}", args.id);
     Ok(0)
 }
 
@@ -466,7 +486,9 @@ fn kill_processes(dir: &Path, st: &State) {
         wait_gone(&[s], 10);
         kill(s, libc::SIGKILL);
     }
-    let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).collect();
+    // The holder ends once its supervisor has.
+    let holder = st.oci.as_ref().and_then(|o| o.holder);
+    let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).chain(holder).collect();
     wait_gone(&all, 10);
     if let Some(vmm) = st.vmm {
         collect_jail(vmm.pid);
@@ -628,7 +650,7 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
     let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
     let mut cmd = ctx.self_command(&log)?;
     cmd.arg("exec-supervise").arg(&args.id).arg(&exec_id);
-    let mut child = spawn_session(cmd, terminal)?;
+    let mut child = spawn_session(cmd, terminal, None)?;
     let pid = child.id();
     // The exec supervisor recording its process, or ending, wakes the wait.
     let mut waiter = Waiter::new();
@@ -665,7 +687,9 @@ pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
     let (dir, st) = ctx.root.find(id)?;
     let mut pids = Vec::new();
     if st.effective_status() != Status::Exited {
-        pids.extend(st.owner.map(|s| s.pid));
+        // The container's pid first (its holder), then its supervisor.
+        pids.push(state::pid(&st));
+        pids.extend(st.owner.map(|s| s.pid).filter(|p| !pids.contains(p)));
     }
     pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
     match format {

@@ -54,12 +54,12 @@ pub fn status_word(s: Status) -> &'static str {
     }
 }
 
-/// The container's pid: its supervisor's (the state's owner), or 0 once
-/// stopped.
+/// The container's pid: its holder's (`crate::holder`), else its
+/// supervisor's (the state's owner), or 0 once stopped.
 pub fn pid(st: &State) -> u32 {
     match st.effective_status() {
         Status::Exited => 0,
-        _ => st.owner.map_or(0, |s| s.pid),
+        _ => st.oci.as_ref().and_then(|o| o.holder).or(st.owner).map_or(0, |s| s.pid),
     }
 }
 
@@ -207,6 +207,7 @@ mod tests {
             guest_id: "c1".into(),
             vm_dir: Some("/b".into()),
             oci: Some(OciBundle {
+                holder: None,
                 oci_version: "1.0.2".into(),
                 bundle: "/b".into(),
                 rootfs: "/b/rootfs".into(),

@@ -10,9 +10,10 @@
 //! init does (a signal meanwhile cancels, through the sandbox's `Cancel`).
 //! Then it starts the process, pumps its streams to its own standard
 //! streams (or between the host pty and the guest's terminal),
-//! forwards the signals it receives (SIGWINCH as a resize), and exits with
-//! the process's exit code (128+N for signal N): its pid is the
-//! container's pid, the one containerd's shim reaps to learn how the
+//! forwards the signals it receives (SIGWINCH as a resize; the holder's
+//! too, see `holder.rs`), and exits with the process's exit code (128+N
+//! for signal N), which it sends the holder first: the holder's pid is
+//! the container's pid, the one containerd's shim reaps to learn how the
 //! container ended. The VMM is its child and dies with it
 //! (`PR_SET_PDEATHSIG`).
 //!
@@ -173,7 +174,26 @@ fn failure_code(e: &Error) -> i32 {
 /// `vmrun-oci supervise ID`: owns the container's VM until its process
 /// ends; returns the exit status.
 pub fn supervise(root: &Root, id: &str) -> i32 {
+    // Taken while this process has one thread (its environment changes).
+    let holder = crate::holder::inherited();
     let relay = Relay::start(signals::FORWARDED, None);
+    // The holder's signals become this process's, once the relay takes
+    // them.
+    let link = holder.and_then(|s| match crate::holder::Link::start(s) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::error!("container {id}: {e}");
+            None
+        }
+    });
+    let code = supervise_container(root, id, &relay);
+    if let Some(l) = link {
+        l.finish(code);
+    }
+    code
+}
+
+fn supervise_container(root: &Root, id: &str, relay: &Relay) -> i32 {
     let dir = match root.dir(id) {
         Ok(d) => d,
         Err(e) => {
@@ -193,7 +213,7 @@ pub fn supervise(root: &Root, id: &str) -> i32 {
         log::error!("container {id}: cannot write its state: {e}");
         return FAILED;
     }
-    let result = run_container(&dir, &mut state, &relay);
+    let result = run_container(&dir, &mut state, relay);
     relay.stop_forwarding();
     let code = match (&result, relay.cancel().cancelled()) {
         (Ok(code), _) => *code,
@@ -380,7 +400,7 @@ fn write_back(sandbox: &Sandbox, guest_id: &str, plan: &Plan, disk: &Path) {
 }
 
 /// Makes the spec's `linux.cgroupsPath` on the host, with the host's share
-/// of its limits, and moves this supervisor into it (before the VMM
+/// of its limits, and moves this supervisor and the holder into it (before the VMM
 /// starts, so that the VMM's jail cgroup is made under it); the
 /// directories made are recorded in the state at once, for `delete`.
 /// Whether the host applies `cpus` and `mems`.
@@ -388,7 +408,11 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
     let Some((v2, dirs)) = crate::host_cgroup::of_plan(plan)? else { return Ok(false) };
     let path = plan.cgroups_path.as_deref().unwrap_or_default();
     let mut made = Vec::new();
-    let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib, plan.cpus), &mut made);
+    // The container's pid (its holder) is in the cgroup too, as the pid
+    // runc reports is: callers find the container's cgroup from it.
+    let holder: Vec<u32> = state.oci.as_ref().and_then(|o| o.holder).filter(|h| h.alive()).map(|h| h.pid).into_iter().collect();
+    let needs = crate::host_cgroup::VmNeeds::for_vm(plan.mem_mib, plan.cpus);
+    let joined = crate::host_cgroup::create_and_join(&dirs, v2, &plan.resources, needs, &holder, &mut made);
     state.host_cgroups = made;
     state.save(dir).map_err(io("writing the state"))?;
     joined?;

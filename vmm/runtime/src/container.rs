@@ -182,6 +182,10 @@ pub struct OciBundle {
     /// The bundle's annotations.
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// The process in the spec's namespaces on the host whose pid is the
+    /// container's (`vmrun-oci hold`); `None`: the supervisor's pid is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<ProcessRef>,
 }
 
 /// Seconds since the epoch.
