@@ -75,6 +75,66 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives `iface` the MAC address `mac` (virtio-net takes a new address
+/// while up).
+pub fn set_mac(iface: &str, mac: [u8; 6]) -> io::Result<()> {
+    let s = socket()?;
+    let mut r = ifreq(iface);
+    // SAFETY: sockaddr is a plain C struct; all-zero is valid.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (d, b) in addr.sa_data.iter_mut().zip(mac) {
+        *d = b as libc::c_char;
+    }
+    r.ifr_ifru.ifru_hwaddr = addr;
+    ioctl(&s, libc::SIOCSIFHWADDR, &mut r)
+}
+
+/// Sets `iface`'s MTU.
+pub fn set_mtu(iface: &str, mtu: u32) -> io::Result<()> {
+    let s = socket()?;
+    let mut r = ifreq(iface);
+    r.ifr_ifru.ifru_mtu = i32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    ioctl(&s, libc::SIOCSIFMTU, &mut r)
+}
+
+/// Adds a route to `dst`/`prefix` through `iface`, by `gateway` or on the
+/// link.
+pub fn add_route(iface: &str, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> io::Result<()> {
+    let s = socket()?;
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+    let mut dev: Vec<libc::c_char> = iface.bytes().map(|b| b as libc::c_char).chain(std::iter::once(0)).collect();
+    // SAFETY: rtentry is a plain C struct; all-zero is valid.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(Ipv4Addr::from(u32::from(dst) & mask));
+    rt.rt_genmask = sockaddr_in(Ipv4Addr::from(mask));
+    rt.rt_flags = libc::RTF_UP;
+    if prefix == 32 {
+        rt.rt_flags |= libc::RTF_HOST;
+    }
+    if let Some(gw) = gateway {
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags |= libc::RTF_GATEWAY;
+    }
+    // The kernel copies the name in during the call.
+    rt.rt_dev = dev.as_mut_ptr();
+    ioctl(&s, libc::SIOCADDRT, &mut rt)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; a multicast address is refused.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
 /// A resolv.conf naming `servers`, which must be IP addresses.
 pub fn resolv_conf(servers: &[String]) -> io::Result<String> {
     let mut text = String::new();
@@ -111,6 +171,14 @@ mod tests {
         assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
         // sa_data: port (2 bytes), then the address.
         assert_eq!(&sa.sa_data[2..6], &[10, 0, 0, 2]);
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:5f"), Some([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]));
+        for bad in ["", "0a:1b:2c:3d:4e", "0a:1b:2c:3d:4e:5f:60", "01:00:5e:00:00:01", "0a:1b:2c:3d:4e:zz", "0a:1b:2c:3d:4e:5"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

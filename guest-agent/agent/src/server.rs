@@ -777,8 +777,35 @@ impl Server {
         if n.interface.is_empty() || n.interface.len() >= libc::IFNAMSIZ || n.interface.contains('/') {
             return Err(err(ErrorKind::BadRequest, format!("invalid interface name {:?}", n.interface)));
         }
-        let c = crate::settings::parse_net(&n.address, n.gateway.as_deref()).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
-        crate::net::configure(&n.interface, &c).map_err(|e| err(ErrorKind::Internal, format!("configuring {}: {e}", n.interface)))?;
+        let bad = |e: String| err(ErrorKind::BadRequest, e);
+        let c = crate::settings::parse_net(&n.address, n.gateway.as_deref()).map_err(|e| bad(e.to_string()))?;
+        let mac = match &n.mac {
+            Some(m) => Some(crate::net::parse_mac(m).ok_or_else(|| bad(format!("invalid MAC address {m:?}")))?),
+            None => None,
+        };
+        let mut routes = Vec::new();
+        for r in &n.routes {
+            let dst = crate::settings::parse_net(&r.destination, r.gateway.as_deref()).map_err(|e| bad(format!("route: {e}")))?;
+            routes.push(dst);
+        }
+        let fail = |what: &str, e: std::io::Error| err(ErrorKind::Internal, format!("{what} of {}: {e}", n.interface));
+        if let Some(mtu) = n.mtu {
+            crate::net::set_mtu(&n.interface, mtu).map_err(|e| fail("setting the MTU", e))?;
+        }
+        if let Some(mac) = mac {
+            crate::net::set_mac(&n.interface, mac).map_err(|e| fail("setting the MAC address", e))?;
+        }
+        // Routes on the link first: a gateway may be reachable only by one
+        // (an address of prefix 32 and a route to its gateway).
+        crate::net::configure(&n.interface, &crate::settings::NetConfig { gateway: None, ..c })
+            .map_err(|e| fail("configuring the address", e))?;
+        routes.sort_by_key(|r| r.gateway.is_some());
+        let default = c.gateway.map(|gw| crate::settings::NetConfig { addr: std::net::Ipv4Addr::UNSPECIFIED, prefix: 0, gateway: Some(gw) });
+        let at = routes.iter().position(|r| r.gateway.is_some()).unwrap_or(routes.len());
+        routes.splice(at..at, default);
+        for r in routes {
+            crate::net::add_route(&n.interface, r.addr, r.prefix, r.gateway).map_err(|e| fail("adding a route", e))?;
+        }
         if n.nameservers.is_empty() {
             return Ok(());
         }

@@ -248,6 +248,27 @@ pub struct NetworkConfig {
     /// none: the containers' own file is left as it is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<String>,
+    /// The interface's MAC address (`aa:bb:cc:dd:ee:ff`), when it must be
+    /// another's (a pod's interface, whose traffic the host mirrors to the
+    /// VM); none: the one it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The interface's MTU; none: the one it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Routes through the interface besides the default one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A route through the configured interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    /// `A.B.C.D/PREFIX`.
+    pub destination: String,
+    /// The next hop; none: the destination is on the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// A new container.
