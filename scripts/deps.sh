@@ -11,8 +11,10 @@ set -euo pipefail
 # the Debian test image; containerd: the OCI runtime's containerd test (ctr
 # and containerd-shim-runc-v2, which containerd-shim-vmrun-v2 drives);
 # apache2-utils and openssl: the htpasswd file and the CA of the TLS
-# registry of the login tests.
-pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 nftables debootstrap containerd apache2-utils openssl)
+# registry of the login tests; containernetworking-plugins and curl: the
+# pod network test (CNI's bridge and host-local plugins, requests to the
+# pod).
+pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 nftables debootstrap containerd apache2-utils openssl curl containernetworking-plugins)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -1236,3 +1236,119 @@ fn the_containers_pid_holds_its_namespaces_and_passes_signals_on() {
     let e = holder::start(cmd, &[bad], &[], &[]).unwrap_err().to_string();
     assert!(e.contains("namespaces it asks for") && e.contains("/proc/self/ns/uts"), "{e}");
 }
+
+/// `ip netns exec NS sh -c SCRIPT`: its output, and whether it succeeded.
+fn in_netns(ns: &str, script: &str) -> (bool, String) {
+    let o = Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]).output().unwrap();
+    (o.status.success(), format!("{}{}", text(&o.stdout), text(&o.stderr)))
+}
+
+/// Runs CNI plugin `plugin` (Debian's containernetworking-plugins) with
+/// `command` for network namespace `netns`; returns its result.
+fn cni(command: &str, plugin: &str, conf: &serde_json::Value, netns: &str) -> serde_json::Value {
+    use std::io::Write;
+    let dir = Path::new("/usr/lib/cni");
+    assert!(dir.join(plugin).is_file(), "no CNI plugin {plugin} in {}: install containernetworking-plugins (scripts/deps.sh)", dir.display());
+    let mut child = Command::new(dir.join(plugin))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "c-cni")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "CNI {command} {plugin}: {}{}", text(&o.stdout), text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_default()
+}
+
+/// A pod's network as containerd's CRI makes one: Debian's CNI `bridge`
+/// plugin with `host-local` addresses puts a veth with the pod's address,
+/// MAC and MTU in a network namespace, which the container's spec names by
+/// path. The VM's `eth0` takes the veth's place: the pod's address answers
+/// from the host, the container reaches the host's end of the bridge, and
+/// once it has stopped the namespace is as CNI left it.
+#[test]
+fn oci_containers_get_the_cni_network_of_their_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let _turn = vm_turn();
+    let id = std::process::id();
+    let (pod, bridge) = (format!("vmrun-test-pod-{id}"), format!("vmrunbr{}", id % 100_000));
+    let net = format!("10.252.{}", id % 250);
+    let (gateway, pod_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let netns = format!("/run/netns/{pod}");
+    support::run_ok(Command::new("ip").args(["netns", "add", &pod]));
+    let conf = serde_json::json!({
+        "cniVersion": "0.4.0", "name": format!("vmrun-test-{id}"), "type": "bridge", "bridge": bridge,
+        "isGateway": true, "ipMasq": false, "mtu": 1400,
+        "ipam": { "type": "host-local", "ranges": [[{ "subnet": format!("{net}.0/24") }]], "routes": [{ "dst": "0.0.0.0/0" }],
+                  "dataDir": support::scratch("cni-ipam") }
+    });
+    let result = cni("ADD", "bridge", &conf, &netns);
+    let mac = result["interfaces"].as_array().unwrap().iter().find(|i| i["sandbox"] == netns.as_str()).unwrap()["mac"].as_str().unwrap().to_string();
+    assert_eq!(result["ips"][0]["address"], format!("{pod_ip}/24"), "{result}");
+    // The host serves a page on the bridge's address.
+    let www = support::scratch("pod-host-www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "from-the-host\n").unwrap();
+    let mut host_httpd = Command::new("busybox").args(["httpd", "-f", "-p", &format!("{gateway}:8081"), "-h"]).arg(&www).spawn().unwrap();
+
+    let root = support::scratch("oci-root-pod-network");
+    let script = format!(
+        "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ifconfig eth0; ip route; \
+         printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {gateway} 8081; mkdir -p /tmp/www; echo from-the-pod > /tmp/www/index.html; \
+         exec httpd -f -p 8080 -h /tmp/www"
+    );
+    let b = bundle("bundle-pod-network", &["sh", "-c", &script], |s| {
+        s["linux"]["namespaces"] = serde_json::json!([
+            { "type": "pid" }, { "type": "network", "path": netns }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }
+        ]);
+    });
+    let (out, err) = (support::scratch("pod.out"), support::scratch("pod.err"));
+    let pid = create(&root, &b, "c-pod", &out, &err);
+    let (_, links) = in_netns(&pod, "ip -o link");
+    let (_, filters) = in_netns(&pod, "tc filter show dev eth0 parent ffff:");
+    assert_ok(&run(&root, &["start", "c-pod"]));
+    // The pod's address answers from the host, once the container serves.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let served = loop {
+        let o = Command::new("curl").args(["-sS", "-m", "5", &format!("http://{pod_ip}:8080/")]).output().unwrap();
+        if o.status.success() || Instant::now() > deadline {
+            break format!("{}{}", text(&o.stdout), text(&o.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let ping = Command::new("busybox").args(["ping", "-c", "1", "-W", "10", &pod_ip]).output().unwrap();
+    assert_ok(&run(&root, &["kill", "c-pod", "KILL"]));
+    let code = wait_pid(pid, &root, "c-pod");
+    let (_, links_after) = in_netns(&pod, "ip -o link");
+    let (_, qdiscs_after) = in_netns(&pod, "tc qdisc show dev eth0");
+    let log = std::fs::read_to_string(root.join("c-pod/vmrun-oci.log")).unwrap_or_default();
+    assert_ok(&run(&root, &["delete", "c-pod"]));
+    let _ = host_httpd.kill();
+    let _ = host_httpd.wait();
+    cni("DEL", "bridge", &conf, &netns);
+    let _ = Command::new("ip").args(["netns", "del", &pod]).output();
+    let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+
+    let stdout = std::fs::read_to_string(&out).unwrap();
+    let context = format!("stdout:\n{stdout}\nstderr:\n{}\nlog:\n{log}", std::fs::read_to_string(&err).unwrap_or_default());
+    assert!(links.contains("tap0_vmrun") && filters.contains("Redirect to device tap0_vmrun"), "{links}\n{filters}");
+    assert_eq!(served.trim(), "from-the-pod", "{context}");
+    assert!(ping.status.success(), "{}", text(&ping.stdout));
+    assert_eq!(code, 128 + libc::SIGKILL);
+    let mut lines = stdout.lines();
+    assert_eq!((lines.next(), lines.next()), (Some(mac.as_str()), Some("1400")), "{context}");
+    assert!(stdout.contains(&format!("inet addr:{pod_ip} ")) && stdout.contains("Mask:255.255.255.0"), "{context}");
+    assert!(stdout.contains(&format!("default via {gateway} dev eth0")), "{context}");
+    assert!(stdout.contains("from-the-host"), "the container reaches the host: {context}");
+    assert!(!links_after.contains("tap0_vmrun") && !qdiscs_after.contains("ingress"), "{links_after}\n{qdiscs_after}");
+}

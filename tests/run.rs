@@ -931,6 +931,7 @@ fn each_restore_answers_the_first_agent_connection() {
         volumes: Vec::new(),
         read_only_volumes: Vec::new(),
         tap: None,
+        netns: None,
         dir: dir.join(format!("vm-{i}")),
         vmm_exe: support::build_vmm(VMRUN),
     };

@@ -159,6 +159,10 @@ fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
 fn remove_dirs(dir: &Path, st: Option<&State>) {
     if let Some(s) = st {
         crate::host_cgroup::remove(&s.host_cgroups);
+        // Its supervisor died before it detached the VM from a pod network.
+        if let Some(link) = s.oci.as_ref().and_then(|o| o.network.as_ref()) {
+            vmrun_runtime::net::pod::detach(link);
+        }
     }
     if let Some(vm_dir) = st.and_then(|s| s.vm_dir.as_deref()).filter(|d| *d != dir) {
         vmrun_runtime::vm::remove_dir(vm_dir);
@@ -241,6 +245,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
             created: crate::time::now(true),
             annotations: plan.annotations.clone(),
             holder: ProcessRef::of(holder_pid),
+            network: None,
         }),
         ..State::new(&args.id, &args.id, "", "")
     };

@@ -208,6 +208,7 @@ mod tests {
             vm_dir: Some("/b".into()),
             oci: Some(OciBundle {
                 holder: None,
+                network: None,
                 oci_version: "1.0.2".into(),
                 bundle: "/b".into(),
                 rootfs: "/b/rootfs".into(),

@@ -215,6 +215,10 @@ fn supervise_container(root: &Root, id: &str, relay: &Relay) -> i32 {
     }
     let result = run_container(&dir, &mut state, relay);
     relay.stop_forwarding();
+    // The VM is gone: the pod's network namespace is left as it was found.
+    if let Some(link) = state.oci.as_mut().and_then(|o| o.network.take()) {
+        vmrun_runtime::net::pod::detach(&link);
+    }
     let code = match (&result, relay.cancel().cancelled()) {
         (Ok(code), _) => *code,
         (Err(_), Some(sig)) => 128 + sig,
@@ -257,6 +261,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         None => Vec::new(),
     };
     log::debug!("disks made");
+    let network = attach_network(dir, state, plan)?;
     let spec = VmSpec {
         artifacts,
         mem_mib: plan.mem_mib,
@@ -264,7 +269,8 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         layer_disk,
         volumes: disks,
         read_only_volumes: root_copy.read_only_slots(),
-        tap: None,
+        tap: network.as_ref().map(|_| vmrun_runtime::net::pod::TAP.to_string()),
+        netns: network.as_ref().map(|n| n.netns.clone()),
         dir: layout.dir().to_path_buf(),
         vmm_exe: sp.vmm_exe.clone(),
     };
@@ -282,6 +288,10 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     state.save(dir).map_err(io("writing the state"))?;
     let sandbox = launched.connect(wait)?;
     log::debug!("VM {} restored, agent connected", sandbox.pid());
+    if let Some(n) = &network {
+        sandbox.configure_network(&n.guest_config())?;
+        log::debug!("eth0 has the address of {} ({}/{})", n.interface, n.address, n.prefix);
+    }
     let config = ImageConfig {
         entrypoint: Vec::new(),
         cmd: plan.process.args.clone(),
@@ -380,6 +390,25 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     sandbox.kill();
     log::debug!("VM stopped");
     Ok(code)
+}
+
+/// The network namespace the spec names by path (a pod's, which CNI set
+/// up): its interface is mirrored to the VM, recorded in the state at once
+/// (for `delete`, should this supervisor die). A new namespace, or none
+/// (the host's), gives the VM no network interface: the host's own network
+/// is never the guest's.
+fn attach_network(dir: &Path, state: &mut State, plan: &Plan) -> Result<Option<vmrun_runtime::net::pod::PodLink>> {
+    let path = plan.host_namespaces.iter().find(|n| n.kind == crate::holder::NsKind::Network).and_then(|n| n.path.as_deref());
+    let Some(link) = path.map(vmrun_runtime::net::pod::attach).transpose()?.flatten() else { return Ok(None) };
+    if let Some(o) = state.oci.as_mut() {
+        o.network = Some(link.clone());
+    }
+    if let Err(e) = state.save(dir) {
+        vmrun_runtime::net::pod::detach(&link);
+        return Err(io("writing the state")(e));
+    }
+    log::debug!("attached to {} of {}: {}/{}", link.interface, link.netns.display(), link.address, link.prefix);
+    Ok(Some(link))
 }
 
 /// Writes what the container changed in its root back into the bundle's

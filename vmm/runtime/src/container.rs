@@ -186,6 +186,10 @@ pub struct OciBundle {
     /// container's (`vmrun-oci hold`); `None`: the supervisor's pid is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<ProcessRef>,
+    /// The pod network the VM is attached to (its namespace's interface
+    /// mirrored to a TAP device there), until it is detached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::net::pod::PodLink>,
 }
 
 /// Seconds since the epoch.

@@ -302,6 +302,7 @@ mod tests {
             volumes: Vec::new(),
             read_only_volumes: Vec::new(),
             tap: None,
+            netns: None,
             dir: d.join("container"),
             vmm_exe: fake.clone(),
         };

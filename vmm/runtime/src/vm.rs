@@ -47,6 +47,9 @@ pub struct VmSpec {
     pub read_only_volumes: Vec<usize>,
     /// The host's TAP device: the VM gets a network interface on it.
     pub tap: Option<String>,
+    /// The network namespace the VMM runs in (and finds `tap` in): a
+    /// pod's ([`crate::net::pod`]); none: the caller's.
+    pub netns: Option<PathBuf>,
     /// The VM's directory ([`Layout`]).
     pub dir: PathBuf,
     /// The `vmrun-vmm` executable that runs the VMM ([`find_vmm`]).
@@ -287,6 +290,20 @@ impl VmProcess {
             })
         };
         no_inherited_fds(&mut cmd);
+        if let Some(path) = &spec.netns {
+            let ns = File::open(path).map_err(|e| Error::Network(format!("cannot open the network namespace {}: {e}", path.display())))?;
+            // SAFETY: setns is async-signal-safe; it moves the child alone
+            // into the namespace `ns` (open in the parent, copied into the
+            // child, closed at its exec) before it execs the VMM.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
         // The readiness pipe's write end goes to the VMM, and only there.
         let (ready_r, ready_w) = pipe()?;
         let ready_fd = ready_w.as_raw_fd();

@@ -576,6 +576,7 @@ fn run_container_inner(
         volumes: volume_disks,
         read_only_volumes: Vec::new(),
         tap: network.as_ref().map(|n| n.link.tap.clone()),
+        netns: None,
         dir: dir.to_path_buf(),
         vmm_exe: vmrun_runtime::vm::find_vmm()?,
     };

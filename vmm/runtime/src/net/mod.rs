@@ -26,6 +26,7 @@
 
 pub mod nat;
 pub mod netlink;
+pub mod pod;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -112,6 +113,9 @@ impl Link {
             address: format!("{}/30", self.guest),
             gateway: Some(self.host.to_string()),
             nameservers: nameservers.iter().map(Ipv4Addr::to_string).collect(),
+            mac: None,
+            mtu: None,
+            routes: Vec::new(),
         }
     }
 
