@@ -165,22 +165,7 @@ impl Rtnl {
 
     /// The IPv4 addresses of link `index`, with their prefix lengths.
     pub fn ipv4_addresses_of(&mut self, index: u32) -> io::Result<Vec<(Ipv4Addr, u8)>> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet && a.header.index == index => {
-                    let prefix = a.header.prefix_len;
-                    a.attributes.iter().find_map(|attr| match attr {
-                        AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, prefix)),
-                        _ => None,
-                    })
-                }
-                _ => None,
-            })
-            .collect())
+        self.ipv4_addresses_where(Some(index))
     }
 
     /// The unicast IPv4 routes of the main table.
@@ -269,13 +254,18 @@ impl Rtnl {
 
     /// Every IPv4 address on the host's links, with its prefix length.
     pub fn ipv4_addresses(&mut self) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+        self.ipv4_addresses_where(None)
+    }
+
+    /// The IPv4 addresses of link `index`, or of every link.
+    fn ipv4_addresses_where(&mut self, index: Option<u32>) -> io::Result<Vec<(Ipv4Addr, u8)>> {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet;
         let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet => {
+                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet && index.is_none_or(|i| i == a.header.index) => {
                     let prefix = a.header.prefix_len;
                     a.attributes.iter().find_map(|attr| match attr {
                         AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, prefix)),
