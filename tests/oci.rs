@@ -1352,3 +1352,78 @@ fn oci_containers_get_the_cni_network_of_their_namespace() {
     assert!(stdout.contains("from-the-host"), "the container reaches the host: {context}");
     assert!(!links_after.contains("tap0_vmrun") && !qdiscs_after.contains("ingress"), "{links_after}\n{qdiscs_after}");
 }
+
+/// Debian's podman with `vmrun-oci` as its runtime (`--runtime`), on
+/// podman's own CNI bridge network: a container runs and prints, one
+/// publishes a port that answers on the host's loopback address (podman's
+/// `portmap` rules to the pod's address, which the VM holds), `exec`
+/// reaches it, and `stop` and `rm` leave no VM behind. Podman's images
+/// and containers are kept in a scratch store.
+#[test]
+fn podman_runs_containers_with_vmrun_oci() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: podman's bridge network needs root");
+        return;
+    }
+    assert!(which("podman").is_some(), "no podman: install it (scripts/deps.sh)");
+    let e = shared();
+    let _turn = vm_turn();
+    let store = support::scratch("podman-store");
+    let podman = |args: &[&str]| {
+        let mut c = Command::new("podman");
+        c.arg("--root")
+            .arg(store.join("root"))
+            .arg("--runroot")
+            .arg(store.join("run"))
+            .args(["--runtime", OCI])
+            .args(args)
+            .env("VMRUN_HOME", &e.home)
+            .env("VMRUN_KERNEL", &e.kernel)
+            .env("VMRUN_AGENT_INITRD", &e.initrd)
+            .stdin(Stdio::null());
+        c.output().unwrap()
+    };
+    let archive = support::busybox_image().join("busybox-docker.tar");
+    assert_ok(&podman(&["load", "-q", "-i", archive.to_str().unwrap()]));
+
+    let o = podman(&["run", "--rm", "localhost/busybox", "sh", "-c", "echo hello-podman; ip route"]);
+    assert_ok(&o);
+    let out = text(&o.stdout);
+    assert!(out.starts_with("hello-podman\n") && out.contains("default via") && out.contains("dev eth0"), "{out}");
+
+    let name = format!("vmrun-test-web-{}", std::process::id());
+    let port = 18000 + std::process::id() % 1000;
+    let o = podman(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-p",
+        &format!("127.0.0.1:{port}:8080"),
+        "localhost/busybox",
+        "sh",
+        "-c",
+        "mkdir /w; echo served-by-vmrun > /w/index.html; exec httpd -f -p 8080 -h /w",
+    ]);
+    assert_ok(&o);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let served = loop {
+        let o = Command::new("curl").args(["-sS", "-m", "5", &format!("http://127.0.0.1:{port}/")]).output().unwrap();
+        if o.status.success() || Instant::now() > deadline {
+            break format!("{}{}", text(&o.stdout), text(&o.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let exec = podman(&["exec", &name, "sh", "-c", "echo exec-ok"]);
+    let stop = podman(&["stop", "-t", "5", &name]);
+    let rm = podman(&["rm", "-f", &name]);
+    assert_eq!(served.trim(), "served-by-vmrun");
+    assert_ok(&exec);
+    assert_eq!(text(&exec.stdout), "exec-ok\n");
+    assert_ok(&stop);
+    assert_ok(&rm);
+    // This test's VMs were the only ones (tests that start VMs take turns).
+    let vmms = Command::new("pgrep").args(["-x", "vmrun-vmm"]).output().unwrap();
+    assert!(vmms.stdout.is_empty(), "VMMs left: {}", text(&vmms.stdout));
+}
