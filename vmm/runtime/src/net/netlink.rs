@@ -20,10 +20,10 @@ use netlink_packet_route::tc::{
     TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// `RT_TABLE_MAIN`.
 const RT_TABLE_MAIN: u8 = 254;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// `_IOW('T', 202, int)` and `_IOW('T', 203, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -119,17 +119,7 @@ impl Rtnl {
 
     /// Every link, with its name.
     pub fn links(&mut self) -> io::Result<Vec<Link>> {
-        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(Link { index: l.header.index, name: n.clone() }),
-                    _ => None,
-                }),
-                _ => None,
-            })
-            .collect())
+        Ok(self.link_details()?.into_iter().filter(|d| !d.name.is_empty()).map(|d| Link { index: d.index, name: d.name }).collect())
     }
 
     /// The link named `name`, if there is one.
@@ -286,8 +276,7 @@ impl Rtnl {
         msg.attributes.push(AddressAttribute::Local(addr.into()));
         msg.attributes.push(AddressAttribute::Address(addr.into()));
         if prefix < 31 {
-            let host_bits = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
-            msg.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | host_bits)));
+            msg.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | !super::netmask(prefix))));
         }
         self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(drop)
     }

@@ -57,13 +57,12 @@ type Addressed = (netlink::LinkDetails, Vec<(Ipv4Addr, u8)>);
 impl PodLink {
     /// What the agent is told: `eth0` becomes the pod's interface.
     pub fn guest_config(&self) -> vmrun_agent_protocol::NetworkConfig {
-        let m = self.mac;
         vmrun_agent_protocol::NetworkConfig {
             interface: "eth0".into(),
             address: format!("{}/{}", self.address, self.prefix),
             gateway: self.gateway.map(|g| g.to_string()),
             nameservers: Vec::new(),
-            mac: Some(format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])),
+            mac: Some(vmrun_vmm_api::Mac(self.mac).to_string()),
             mtu: Some(self.mtu),
             routes: self
                 .routes
@@ -116,8 +115,7 @@ fn pod_interface(nl: &mut Rtnl) -> std::io::Result<Option<Addressed>> {
 /// routes through `index`, less the one the kernel makes for the address
 /// itself.
 fn guest_routes(routes: &[netlink::Route4], index: u32, address: Ipv4Addr, prefix: u8) -> (Option<Ipv4Addr>, Vec<PodRoute>) {
-    let mask = |p: u8| u32::MAX.checked_shl(32 - u32::from(p.min(32))).unwrap_or(0);
-    let own_subnet = Ipv4Addr::from(u32::from(address) & mask(prefix));
+    let own_subnet = Ipv4Addr::from(u32::from(address) & super::netmask(prefix));
     let mut gateway = None;
     let mut out = Vec::new();
     for r in routes.iter().filter(|r| r.oif == Some(index)) {
