@@ -55,8 +55,7 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
     let mut r = ifreq(iface);
     r.ifr_ifru.ifru_addr = sockaddr_in(c.addr);
     ioctl(&s, libc::SIOCSIFADDR, &mut r)?;
-    let mask = if c.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(c.prefix)) };
-    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
+    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(netmask(c.prefix)));
     ioctl(&s, libc::SIOCSIFNETMASK, &mut r)?;
     ioctl(&s, libc::SIOCGIFFLAGS, &mut r)?;
     // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
@@ -64,15 +63,14 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
     r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
     ioctl(&s, libc::SIOCSIFFLAGS, &mut r)?;
     if let Some(gw) = c.gateway {
-        // SAFETY: rtentry is a plain C struct; all-zero is valid.
-        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_gateway = sockaddr_in(gw);
-        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-        ioctl(&s, libc::SIOCADDRT, &mut rt)?;
+        add_route_on(&s, None, Ipv4Addr::UNSPECIFIED, 0, Some(gw))?;
     }
     Ok(())
+}
+
+/// The netmask of a prefix length (over 32 counts as 32).
+fn netmask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
 }
 
 /// Gives `iface` the MAC address `mac` (virtio-net takes a new address
@@ -101,9 +99,14 @@ pub fn set_mtu(iface: &str, mtu: u32) -> io::Result<()> {
 /// Adds a route to `dst`/`prefix` through `iface`, by `gateway` or on the
 /// link.
 pub fn add_route(iface: &str, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> io::Result<()> {
-    let s = socket()?;
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
-    let mut dev: Vec<libc::c_char> = iface.bytes().map(|b| b as libc::c_char).chain(std::iter::once(0)).collect();
+    add_route_on(&socket()?, Some(iface), dst, prefix, gateway)
+}
+
+/// Adds a route with socket `s`, bound to `iface` if given (else the
+/// kernel finds the interface by the gateway).
+fn add_route_on(s: &OwnedFd, iface: Option<&str>, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> io::Result<()> {
+    let mask = netmask(prefix);
+    let mut dev: Option<Vec<libc::c_char>> = iface.map(|i| i.bytes().map(|b| b as libc::c_char).chain(std::iter::once(0)).collect());
     // SAFETY: rtentry is a plain C struct; all-zero is valid.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
     rt.rt_dst = sockaddr_in(Ipv4Addr::from(u32::from(dst) & mask));
@@ -117,8 +120,10 @@ pub fn add_route(iface: &str, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Add
         rt.rt_flags |= libc::RTF_GATEWAY;
     }
     // The kernel copies the name in during the call.
-    rt.rt_dev = dev.as_mut_ptr();
-    ioctl(&s, libc::SIOCADDRT, &mut rt)
+    if let Some(d) = dev.as_mut() {
+        rt.rt_dev = d.as_mut_ptr();
+    }
+    ioctl(s, libc::SIOCADDRT, &mut rt)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`; a multicast address is refused.

@@ -783,11 +783,11 @@ impl Server {
             Some(m) => Some(crate::net::parse_mac(m).ok_or_else(|| bad(format!("invalid MAC address {m:?}")))?),
             None => None,
         };
-        let mut routes = Vec::new();
-        for r in &n.routes {
-            let dst = crate::settings::parse_net(&r.destination, r.gateway.as_deref()).map_err(|e| bad(format!("route: {e}")))?;
-            routes.push(dst);
-        }
+        let routes = n
+            .routes
+            .iter()
+            .map(|r| crate::settings::parse_net(&r.destination, r.gateway.as_deref()).map_err(|e| bad(format!("route: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         let fail = |what: &str, e: std::io::Error| err(ErrorKind::Internal, format!("{what} of {}: {e}", n.interface));
         if let Some(mtu) = n.mtu {
             crate::net::set_mtu(&n.interface, mtu).map_err(|e| fail("setting the MTU", e))?;
@@ -799,11 +799,9 @@ impl Server {
         // (an address of prefix 32 and a route to its gateway).
         crate::net::configure(&n.interface, &crate::settings::NetConfig { gateway: None, ..c })
             .map_err(|e| fail("configuring the address", e))?;
-        routes.sort_by_key(|r| r.gateway.is_some());
+        let (on_link, via): (Vec<_>, Vec<_>) = routes.into_iter().partition(|r| r.gateway.is_none());
         let default = c.gateway.map(|gw| crate::settings::NetConfig { addr: std::net::Ipv4Addr::UNSPECIFIED, prefix: 0, gateway: Some(gw) });
-        let at = routes.iter().position(|r| r.gateway.is_some()).unwrap_or(routes.len());
-        routes.splice(at..at, default);
-        for r in routes {
+        for r in on_link.into_iter().chain(default).chain(via) {
             crate::net::add_route(&n.interface, r.addr, r.prefix, r.gateway).map_err(|e| fail("adding a route", e))?;
         }
         if n.nameservers.is_empty() {
