@@ -43,6 +43,7 @@ fn assert_clean_error(o: &Output, needle: &str) {
 fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
     let console = scratch("console.log");
     let report = scratch("report.json");
+    let profile = scratch("profile.json");
     let started = Instant::now();
     let out = vmrun(&[
         "boot",
@@ -58,6 +59,8 @@ fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
         console.to_str().unwrap(),
         "--report",
         report.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
     ]);
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     eprintln!("guest ran for {:.1} s", started.elapsed().as_secs_f64());
@@ -74,6 +77,22 @@ fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
     assert!(t("first_instruction") < t("run_init"), "{r}");
     assert!(t("run_init") < t("boot_marker"), "{r}");
     assert!(t("boot_marker") <= t("end"), "{r}");
+
+    // The profile: both vCPUs' samples, most of them in the guest kernel,
+    // whose boot runs through start_kernel.
+    let p: vmrun_vmm_api::profile::Profile = serde_json::from_slice(&std::fs::read(&profile).expect("profile")).unwrap();
+    let kernel_samples: u64 = p.samples.iter().filter(|s| s.kernel).map(|s| s.count).sum();
+    assert!(kernel_samples >= 100, "too few samples of the guest kernel: {kernel_samples}");
+    let map = scratch("System.map");
+    let nm = Command::new("nm").arg(kernel()).output().expect("run nm");
+    assert!(nm.status.success(), "nm failed: {}", stderr_of(&nm));
+    std::fs::write(&map, &nm.stdout).unwrap();
+    let shown = vmrun(&["profile", profile.to_str().unwrap(), "--system-map", map.to_str().unwrap(), "--top", "100000"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "vmrun profile failed: {}", stderr_of(&shown));
+    assert!(text.starts_with(&format!("{} samples", p.samples.iter().map(|s| s.count).sum::<u64>())), "{text}");
+    let inclusive = text.split("inclusive").nth(1).unwrap_or_default();
+    assert!(inclusive.lines().any(|l| l.ends_with(" start_kernel")), "start_kernel is on no stack:\n{text}");
 }
 
 #[test]

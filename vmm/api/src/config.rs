@@ -326,6 +326,10 @@ pub struct ProcessOptions {
     /// root).
     #[serde(default)]
     pub jail: bool,
+    /// Sample where the guest's vCPUs are and write the samples here as
+    /// JSON ([`crate::profile::Profile`]) when the VM ends.
+    #[serde(default)]
+    pub profile: Option<PathBuf>,
 }
 
 impl Default for ProcessOptions {
@@ -344,6 +348,7 @@ impl Default for ProcessOptions {
             control: None,
             seccomp: SeccompMode::On,
             jail: false,
+            profile: None,
         }
     }
 }

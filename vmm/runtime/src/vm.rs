@@ -168,6 +168,9 @@ pub struct VmProcess {
     /// layer disk), held until its agent answers (by then the VMM has read
     /// the snapshot), so that nothing removes them meanwhile.
     in_use: Vec<crate::lock::Lock>,
+    /// It writes a guest profile when it ends ([`guest_profile`]): it is
+    /// asked to stop rather than killed.
+    profiled: bool,
 }
 
 /// The VMM's configuration, in the directory of the VM (beside its log).
@@ -183,6 +186,21 @@ pub fn jail_wanted() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     root && std::env::var("VMRUN_JAIL").map_or(true, |v| v != "off")
+}
+
+/// `$VMRUN_GUEST_PROFILE`: where VMs write their guest profiles, if set.
+fn profile_dir() -> Option<PathBuf> {
+    std::env::var_os("VMRUN_GUEST_PROFILE").map(PathBuf::from)
+}
+
+/// Where a VM's guest profile goes (`vmm/vmm/src/profile.rs`): with
+/// `VMRUN_GUEST_PROFILE=DIR` (for development), `DIR/NAME-START.json`,
+/// NAME the sandbox directory's name and START `boot` or `restore`. A
+/// jailed VMM runs as a uid of its own: DIR must be writable to it.
+fn guest_profile(dir: &Path, start: &str) -> Option<PathBuf> {
+    let out = profile_dir()?;
+    let name = dir.file_name().map_or_else(|| "vm".into(), |n| n.to_string_lossy().into_owned());
+    Some(out.join(format!("{name}-{start}.json")))
 }
 
 impl VmSpec {
@@ -231,6 +249,7 @@ impl VmSpec {
                     control: Some(layout.control()),
                     seccomp: SeccompMode::On,
                     jail: jail_wanted(),
+                    profile: guest_profile(&self.dir, "boot"),
                 },
                 disks,
                 rng: true,
@@ -262,6 +281,7 @@ impl VmProcess {
                     console_input: false,
                     control: Some(layout.control()),
                     jail: jail_wanted(),
+                    profile: guest_profile(&spec.dir, "restore"),
                     ..Default::default()
                 },
                 ..RestoreConfig::new(template)
@@ -335,6 +355,7 @@ impl VmProcess {
             pidfd,
             ready: Some(File::from(ready_r)),
             connect_attempts: 0,
+            profiled: profile_dir().is_some(),
             layout,
             in_use: Vec::new(),
         })
@@ -489,6 +510,12 @@ impl VmProcess {
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
+        if self.profiled && matches!(self.child.try_wait(), Ok(None)) {
+            let stop = vmrun_vmm_api::request(&self.layout.control(), &vmrun_vmm_api::Request::Stop, Duration::from_secs(10));
+            if stop.is_ok() {
+                let _ = self.wait_exit(Instant::now() + Duration::from_secs(10));
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -66,13 +66,13 @@ pub fn restore_needs(c: &RestoreConfig, mem_mib: u32, vcpus: usize) -> Needs {
 }
 
 /// The files the process options name that the VMM writes: the console
-/// file, the report, the control socket.
+/// file, the report, the control socket, the profile.
 fn process_outputs(o: &ProcessOptions) -> impl Iterator<Item = PathBuf> {
     let console = match &o.console {
         ConsoleOutput::File(p) => Some(p.clone()),
         _ => None,
     };
-    [console, o.report.clone(), o.control.clone()].into_iter().flatten()
+    [console, o.report.clone(), o.control.clone(), o.profile.clone()].into_iter().flatten()
 }
 
 fn enter_jail(mut needs: Needs, ready: Option<&File>) -> Result<(), LaunchError> {

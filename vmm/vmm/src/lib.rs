@@ -16,6 +16,7 @@ pub mod launch;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod profile;
 pub mod report;
 pub mod seccomp;
 pub mod snapshot;

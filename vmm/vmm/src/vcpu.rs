@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 use crate::host_compat::{assist, syscall_trap, HostCompat};
+use crate::profile::{Profiler, SampleTimer};
 use crate::seccomp;
 use crate::vm::ExitReason;
 use vmrun_arch::gdt::{self, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
@@ -230,6 +231,8 @@ pub struct VcpuShared {
     pub seccomp: Option<Arc<seccomp::Filter>>,
     /// Where the threads wait until every filter is in place.
     pub start: Arc<StartGate>,
+    /// Samples where the guest is, when profiling.
+    pub profiler: Option<Arc<Profiler>>,
 }
 
 /// A snapshot's MSRs as KVM_SET_MSRS entries, the TSC deadline last (after
@@ -253,6 +256,8 @@ pub struct Vcpu {
 /// vCPU fd has ended.
 enum Next {
     Continue,
+    /// A signal interrupted KVM_RUN (a kick, or the profile's timer).
+    Interrupted,
     Exit(ExitReason),
     InternalError(u32),
     LstarWritten,
@@ -354,6 +359,13 @@ impl Vcpu {
     /// thread's seccomp filter goes on first, before its first `KVM_RUN`;
     /// then it waits at the start gate.
     pub fn run(mut self, shared: VcpuShared, on_first_run: Option<Box<dyn FnOnce() + Send>>) {
+        // The sampling timer is armed before the filter, which does not
+        // allow timer_create.
+        let _timer = shared.profiler.as_ref().and_then(|_| {
+            SampleTimer::arm(vmm_sys_util::signal::SIGRTMIN())
+                .map_err(|e| log::warn!("vCPU {}: cannot arm the profile's timer: {e}", self.id))
+                .ok()
+        });
         let filtered = match &shared.seccomp {
             Some(filter) => filter.install(),
             None => Ok(()),
@@ -374,6 +386,12 @@ impl Vcpu {
             let next = self.run_once(&shared);
             let outcome = match next {
                 Next::Continue => Ok(()),
+                Next::Interrupted => {
+                    if let Some(p) = &shared.profiler {
+                        p.sample(&self.fd, &shared.mem);
+                    }
+                    Ok(())
+                }
                 Next::Exit(reason) => Err(reason),
                 Next::InternalError(suberror) => self.handle_internal_error(&shared, suberror),
                 Next::LstarWritten => self.arm_syscall_trap(&shared),
@@ -549,7 +567,8 @@ impl Vcpu {
                 log::warn!("vCPU {}: unexpected exit {other:?}", self.id);
                 Next::Continue
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) if e.errno() == libc::EINTR => Next::Interrupted,
+            Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
             Err(e) => Next::Exit(ExitReason::Crash(format!("vCPU {}: KVM_RUN failed: {e}", self.id))),
         }
     }

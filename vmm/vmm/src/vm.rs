@@ -27,6 +27,7 @@ use crate::console::{BoundedWriter, ConsoleSink};
 use crate::controller::{event_loop, ControlSocket, Controller, SnapshotSource};
 use crate::error::{Error, Result};
 use crate::host_compat::HostCompat;
+use crate::profile::Profiler;
 use crate::report::{resident_kib, BootReport, Smaps, Timeline};
 use crate::seccomp;
 use crate::snapshot::{self, DeviceKind};
@@ -185,6 +186,9 @@ pub struct RunOptions {
     /// Seccomp filters on the VMM's threads (see [`crate::seccomp`]; the
     /// VMM thread's filter stays on the calling thread after the VM ends).
     pub seccomp: SeccompMode,
+    /// Sample where the vCPUs are ([`crate::profile`]) and write the
+    /// samples here at the end.
+    pub profile: Option<PathBuf>,
     /// Gets one byte once the control socket and the vsock socket listen
     /// and the event loop is about to serve them (before the guest runs):
     /// whoever started the VMM may connect from then on, without polling
@@ -358,6 +362,7 @@ pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>
         report: config.options.report.clone(),
         control: config.options.control.clone(),
         seccomp: config.options.seccomp,
+        profile: config.options.profile.clone(),
         ready,
     })
 }
@@ -501,6 +506,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
         report: config.options.report.clone(),
         control: config.options.control.clone(),
         seccomp: config.options.seccomp,
+        profile: config.options.profile.clone(),
         ready,
     })
 }
@@ -546,6 +552,7 @@ impl Machine {
             control: Arc::new(VcpuControl::default()),
             seccomp: filters.vcpu.clone(),
             start: Arc::new(StartGate::default()),
+            profiler: opts.profile.as_ref().map(|_| Arc::new(Profiler::default())),
         };
         let vcpu_count = self.vcpus.len();
         let mut threads = Vec::new();
@@ -639,6 +646,9 @@ impl Machine {
                 }
             }
         });
+        if let (Some(path), Some(profiler)) = (&opts.profile, &shared.profiler) {
+            profiler.write(path).map_err(|source| Error::Report { path: path.clone(), source })?;
+        }
         let report = self.probe.timeline.report();
         if let Some(path) = &opts.report {
             let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other);

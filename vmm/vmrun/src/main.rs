@@ -5,6 +5,7 @@ mod containers_cmd;
 mod device_args;
 mod images_cmd;
 mod login_cmd;
+mod profile_cmd;
 mod run_cmd;
 mod system_cmd;
 
@@ -43,6 +44,9 @@ enum Command {
     /// The snapshot fixes the guest; the files and devices behind its
     /// device slots are chosen here. Exit status as for `boot`.
     Restore(RestoreArgs),
+    /// Show a guest profile (`boot --profile`): where the guest kernel
+    /// spent its time, by function.
+    Profile(profile_cmd::ProfileArgs),
     /// Run a command in a new container, in its own microVM.
     Run(run_cmd::RunArgs),
     /// Pull an image from a registry into the local store.
@@ -73,7 +77,6 @@ enum Command {
     /// Disk usage, and collecting what nothing uses.
     #[command(subcommand)]
     System(SystemCommand),
-    /// Snapshots of running VMs.
     /// List containers.
     Ps {
         /// Show exited ones too.
@@ -274,6 +277,11 @@ struct ProcessArgs {
     /// Serve a control socket here (pause, resume, snapshot, stop, stats).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Sample where the guest's vCPUs are (every millisecond of a vCPU
+    /// thread's CPU time) and write the samples here as JSON when the VM
+    /// ends; `vmrun profile` reads them.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 impl ProcessArgs {
@@ -288,6 +296,7 @@ impl ProcessArgs {
             control: self.control,
             seccomp: self.seccomp.into(),
             jail: self.jail == JailArg::On,
+            profile: self.profile,
         }
     }
 }
@@ -443,6 +452,7 @@ fn main() -> ExitCode {
         Command::Login(args) => login_cmd::login(args),
         Command::Logout(args) => login_cmd::logout(args),
         Command::Load { input } => images_cmd::default_store_dir().and_then(|d| images_cmd::load(&d, &input)).map(|()| 0),
+        Command::Profile(args) => profile_cmd::run(args),
         Command::Images => images_cmd::default_store_dir().and_then(|d| images_cmd::images(&d)).map(|()| 0),
         Command::Rmi { names } => images_cmd::default_store_dir().and_then(|d| images_cmd::rmi(&d, &names)).map(|()| 0),
         Command::System(SystemCommand::Df) => system_cmd::df(),

@@ -196,7 +196,10 @@ pub const COMMON: &[Allowed] = &[
 /// virtio-net, set the TAP offloads), the host compatibility layer reads
 /// and writes registers and MSRs to complete instructions the host cannot
 /// emulate and the guest's system calls, and a pause for a snapshot saves
-/// the vCPU's state.
+/// the vCPU's state. When profiling, the kick signal also comes from a
+/// timer on the thread's CPU-time clock, and each interrupted `KVM_RUN`
+/// reads the registers and the kernel stack (`KVM_GET_REGS`,
+/// `KVM_TRANSLATE` above).
 pub const VCPU: &[Allowed] = &[
     when!(SYS_ioctl, "KVM_RUN, exit handling, host compatibility assists, snapshot save, TUNSETOFFLOAD", [
         req!(KVM_RUN),
@@ -223,6 +226,7 @@ pub const VCPU: &[Allowed] = &[
         // virtio-net activation (an MMIO write of DRIVER_OK).
         req!(TUNSETOFFLOAD),
     ]),
+    any!(SYS_timer_delete, "the profile's sampling timer is deleted when the thread ends (armed before the filter)"),
 ];
 
 // ---------------------------------------------------------------------------
