@@ -43,8 +43,9 @@ fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
 
 /// How the VMM boots a template's guest, beyond its spec: bumped when that
 /// changes, so that templates booted the older way are not restored
-/// (2: the guest's TSC frequency on the command line of emulating hosts).
-const BOOT_REVISION: u32 = 2;
+/// (2: the guest's TSC frequency on the command line of emulating hosts;
+/// 3: there, no SMP alternatives patched and no `rep movsb` string copies).
+const BOOT_REVISION: u32 = 3;
 
 /// The file in a base template that records what it was made from
 /// ([`Inputs`]), for `vmrun system prune` to tell a stale template.
