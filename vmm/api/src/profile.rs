@@ -1,6 +1,9 @@
 //! The guest profile the VMM writes when asked
 //! ([`crate::ProcessOptions::profile`]): samples of where the vCPUs were,
 //! taken every `interval_us` microseconds of a vCPU thread's CPU time.
+//! Each `stats` request on the control socket ends an epoch, so that the
+//! samples of a run's phases (which ask for the statistics at their ends)
+//! can be told apart: epoch N is what came after the Nth request.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,9 @@ pub struct Profile {
 pub struct Sample {
     /// How many samples.
     pub count: u64,
+    /// How many `stats` requests the VMM had answered before them.
+    #[serde(default)]
+    pub epoch: u32,
     /// The guest was in kernel mode.
     pub kernel: bool,
     /// The instruction pointer, then (in kernel mode) the words of the

@@ -84,6 +84,9 @@ pub struct SnapshotSource<'a> {
     pub stats: Arc<OnceLock<Vec<Stats>>>,
     /// Where guest memory is in the VMM's address space.
     pub guest_ranges: Vec<(u64, u64)>,
+    /// The guest profile, if one is taken: each `stats` request ends one
+    /// of its epochs.
+    pub profiler: Option<Arc<crate::profile::Profiler>>,
 }
 
 impl std::fmt::Debug for SnapshotSource<'_> {
@@ -228,6 +231,9 @@ impl Controller {
                 }
                 Request::Stats => {
                     stats = Some(source.stats());
+                    if let Some(p) = &source.profiler {
+                        p.next_epoch();
+                    }
                     Ok(())
                 }
             });

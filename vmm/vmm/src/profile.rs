@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,7 +38,8 @@ const MAX_FRAMES: usize = 48;
 /// The samples of all vCPUs, counted by stack.
 #[derive(Debug, Default)]
 pub struct Profiler {
-    samples: Mutex<HashMap<(bool, Vec<u64>), u64>>,
+    samples: Mutex<HashMap<(u32, bool, Vec<u64>), u64>>,
+    epoch: AtomicU32,
 }
 
 impl Profiler {
@@ -50,16 +52,24 @@ impl Profiler {
         if kernel {
             stack.extend(kernel_return_addresses(fd, mem, regs.rsp));
         }
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        *samples.entry((kernel, stack)).or_default() += 1;
+        *samples.entry((epoch, kernel, stack)).or_default() += 1;
+    }
+
+    /// Ends the current epoch (a `stats` request was answered).
+    pub fn next_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The samples so far, the most frequent first.
     pub fn profile(&self) -> Profile {
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<Sample> =
-            samples.iter().map(|((kernel, stack), &count)| Sample { count, kernel: *kernel, stack: stack.clone() }).collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.stack.cmp(&b.stack)));
+        let mut v: Vec<Sample> = samples
+            .iter()
+            .map(|((epoch, kernel, stack), &count)| Sample { count, epoch: *epoch, kernel: *kernel, stack: stack.clone() })
+            .collect();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| (a.epoch, &a.stack).cmp(&(b.epoch, &b.stack))));
         Profile { interval_us: INTERVAL.as_micros() as u64, samples: v }
     }
 
@@ -156,12 +166,14 @@ mod tests {
         let p = Profiler::default();
         {
             let mut s = p.samples.lock().unwrap();
-            *s.entry((true, vec![1, 2])).or_default() += 1;
-            *s.entry((false, vec![7])).or_default() += 3;
+            *s.entry((0, true, vec![1, 2])).or_default() += 1;
+            *s.entry((0, false, vec![7])).or_default() += 3;
         }
+        p.next_epoch();
+        assert_eq!(p.epoch.load(Ordering::Relaxed), 1);
         let profile = p.profile();
-        assert_eq!(profile.samples[0], Sample { count: 3, kernel: false, stack: vec![7] });
-        assert_eq!(profile.samples[1], Sample { count: 1, kernel: true, stack: vec![1, 2] });
+        assert_eq!(profile.samples[0], Sample { count: 3, epoch: 0, kernel: false, stack: vec![7] });
+        assert_eq!(profile.samples[1], Sample { count: 1, epoch: 0, kernel: true, stack: vec![1, 2] });
         assert_eq!(profile.interval_us, 1000);
     }
 

@@ -594,6 +594,7 @@ impl Machine {
             kick: Box::new(move || kick_threads(&pthreads)),
             stats: self.probe.stats.clone(),
             guest_ranges: guest_ranges.clone(),
+            profiler: shared.profiler.clone(),
         };
         let controller = Arc::new(Mutex::new(Controller::new(
             shared.exit_evt.clone(),

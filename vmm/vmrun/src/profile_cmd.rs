@@ -24,6 +24,12 @@ pub struct ProfileArgs {
     /// Also list this many of the most frequent stacks, symbolised.
     #[arg(long, default_value_t = 0)]
     stacks: usize,
+    /// Only the samples of this epoch: what came after the VMM had
+    /// answered N `stats` requests (`vmrun run` asks at the end of each
+    /// phase in which a VM runs: after a restore, epoch 0 is the phase
+    /// "guest to agent ready" and epoch 1 "process run").
+    #[arg(long, value_name = "N")]
+    epoch: Option<u32>,
 }
 
 /// The kernel's symbols, by address.
@@ -104,8 +110,11 @@ fn print_table(out: &mut dyn Write, title: &str, counts: &BTreeMap<String, u64>,
 
 pub fn run(args: ProfileArgs) -> anyhow::Result<i32> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
-    let profile: Profile =
+    let mut profile: Profile =
         serde_json::from_str(&read(&args.profile)?).with_context(|| format!("{} is not a guest profile", args.profile.display()))?;
+    if let Some(e) = args.epoch {
+        profile.samples.retain(|s| s.epoch == e);
+    }
     let symbols = Symbols::parse(&read(&args.system_map)?);
     anyhow::ensure!(symbols.has_text(), "{} names no text symbols: give the output of `nm vmlinux`", args.system_map.display());
     let t = tables(&profile, &symbols);
@@ -169,9 +178,9 @@ ffffffff82000100 B _end
         let profile = Profile {
             interval_us: 1000,
             samples: vec![
-                Sample { count: 3, kernel: true, stack: vec![0xffffffff81000210, 0xffffffff81000110, 0xffffffff81000120] },
-                Sample { count: 2, kernel: true, stack: vec![0xffffffff81000110] },
-                Sample { count: 4, kernel: false, stack: vec![0x401000] },
+                Sample { count: 3, epoch: 0, kernel: true, stack: vec![0xffffffff81000210, 0xffffffff81000110, 0xffffffff81000120] },
+                Sample { count: 2, epoch: 0, kernel: true, stack: vec![0xffffffff81000110] },
+                Sample { count: 4, epoch: 1, kernel: false, stack: vec![0x401000] },
             ],
         };
         let t = tables(&profile, &s);
