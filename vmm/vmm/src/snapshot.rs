@@ -62,7 +62,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceKind {
-    Block { read_only: bool, id: String },
+    Block {
+        read_only: bool,
+        id: String,
+        /// The disk's size in sectors when the snapshot was taken (none in
+        /// older snapshots): a restore onto a disk of another size tells
+        /// the guest to read it again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capacity: Option<u64>,
+    },
     Net { mac: String },
     Vsock { cid: u64 },
     Rng,
@@ -375,7 +383,9 @@ mod tests {
 
     #[test]
     fn device_kinds_serialise_readably() {
-        let k = DeviceKind::Block { read_only: true, id: "layers".into() };
-        assert_eq!(serde_json::to_string(&k).unwrap(), r#"{"kind":"block","read_only":true,"id":"layers"}"#);
+        let k = DeviceKind::Block { read_only: true, id: "layers".into(), capacity: Some(8) };
+        assert_eq!(serde_json::to_string(&k).unwrap(), r#"{"kind":"block","read_only":true,"id":"layers","capacity":8}"#);
+        let old: DeviceKind = serde_json::from_str(r#"{"kind":"block","read_only":true,"id":"layers"}"#).unwrap();
+        assert_eq!(old, DeviceKind::Block { read_only: true, id: "layers".into(), capacity: None });
     }
 }

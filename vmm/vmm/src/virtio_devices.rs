@@ -95,25 +95,18 @@ impl VirtioDevices {
     /// Tells the restored devices that the guest runs again, once the
     /// interrupt controllers and vCPUs have their snapshot's state (an
     /// interrupt raised before would be lost): vsock resets its transport,
-    /// and every active disk raises a configuration-change interrupt so the
-    /// guest reads its capacity again (it may be restored onto other
-    /// images).
-    pub fn after_restore(&self) {
-        for slot in &self.slots {
-            slot.transport.lock().unwrap_or_else(|e| e.into_inner()).after_restore();
-        }
-        self.notify_block_config_changed();
-    }
-
-    /// Raises a configuration-change interrupt on every active disk, so the
-    /// guest reads its capacity again (after a restore onto other images).
-    fn notify_block_config_changed(&self) {
-        for slot in &self.slots {
-            if matches!(slot.kind, DeviceKind::Block { .. }) {
-                let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
-                if t.device().is_active() {
-                    t.interrupt().trigger(INT_CONFIG);
-                }
+    /// and the disks in the slots `resized` (restored onto images of
+    /// another size) raise a configuration-change interrupt, so that the
+    /// guest reads their capacity again. Only those: the guest's handler
+    /// formats and logs a line for each disk it is told about, a fifth of
+    /// the work from a restore to the agent's answer where guest kernel
+    /// mode is emulated.
+    pub fn after_restore(&self, resized: &[usize]) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+            t.after_restore();
+            if resized.contains(&i) && matches!(slot.kind, DeviceKind::Block { .. }) && t.device().is_active() {
+                t.interrupt().trigger(INT_CONFIG);
             }
         }
     }

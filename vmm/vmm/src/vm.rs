@@ -374,7 +374,8 @@ fn cold_devices(config: &VmConfig) -> Result<Vec<(DeviceKind, Box<dyn VirtioDevi
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let limiter = disk_limiter(&disk.path, &disk.limit)?;
         let block = Block::open(&disk.path, disk.read_only, &id)?.with_rate_limiter(limiter);
-        devices.push((DeviceKind::Block { read_only: disk.read_only, id }, Box::new(block)));
+        let capacity = Some(block.capacity());
+        devices.push((DeviceKind::Block { read_only: disk.read_only, id, capacity }, Box::new(block)));
     }
     for net in &config.nets {
         let tap = Tap::open(&net.tap)?;
@@ -428,13 +429,21 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     // Rate limits are not part of a snapshot: each slot gets the
     // configuration's (unlimited when it gives none).
     let (mut disks, mut taps) = (config.disks.iter(), config.nets.iter());
+    // The disks whose size is not what the guest saw when the snapshot
+    // was taken.
+    let mut resized = Vec::new();
     for (slot, dev) in state.devices.iter().enumerate() {
-        let device: Box<dyn VirtioDevice> = match &dev.kind {
-            DeviceKind::Block { read_only, id } => {
+        let mut kind = dev.kind.clone();
+        let device: Box<dyn VirtioDevice> = match &mut kind {
+            DeviceKind::Block { read_only, id, capacity } => {
                 let disk = disks.next().ok_or_else(|| {
                     Error::Snapshot(format!("the snapshot has a disk in slot {slot}: give a disk image for it"))
                 })?;
                 let block = Block::open(&disk.path, *read_only || disk.read_only, id)?;
+                if *capacity != Some(block.capacity()) {
+                    resized.push(slot);
+                    *capacity = Some(block.capacity());
+                }
                 Box::new(block.with_rate_limiter(disk_limiter(&disk.path, &disk.limit)?))
             }
             DeviceKind::Net { mac } => {
@@ -456,7 +465,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
                 Box::new(Vsock::new(*cid, uds)?)
             }
         };
-        virtio.attach(&vm, &mem, &mut mmio, dev.kind.clone(), device, Some(&dev.transport))?;
+        virtio.attach(&vm, &mem, &mut mmio, kind, device, Some(&dev.transport))?;
     }
     if disks.next().is_some() || taps.next().is_some() {
         return Err(Error::Snapshot("more disks or TAP devices given than the snapshot has slots for".into()));
@@ -498,8 +507,8 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     )?;
     // Now that the interrupt controllers and vCPUs have their state, the
     // devices may raise interrupts: vsock's transport reset, and disks that
-    // may have other sizes than when the snapshot was taken.
-    virtio.after_restore();
+    // have other sizes than when the snapshot was taken.
+    virtio.after_restore(&resized);
     let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
     machine.run(&RunOptions {
         console_input: config.options.console_input,
