@@ -10,9 +10,11 @@
 //! in it (the VMM's stats, read by `vmrun run` at each phase's end: on a
 //! host that emulates guest kernel mode, the guest kernel's work, a count
 //! that does not depend on the machine's speed; "-" where no VM of the run
-//! ran, or after it stopped), and last, `runc run` of a busybox `true` on
-//! the same machine when runc is installed, the baseline of a container
-//! without a VM.
+//! ran, or after it stopped), then the host CPU a run spent from its start
+//! until its VM's vCPUs ran (vmrun's and its VMM's, taken when the VMM says
+//! it is ready; a first warm run's includes the base template's boot), and
+//! last, `runc run` of a busybox `true` on the same machine when runc is
+//! installed, the baseline of a container without a VM.
 //!
 //! `cargo bench -p vmrun --bench run`. Uses `VMRUN_TEST_KERNEL` /
 //! `VMRUN_AGENT_INITRD` like the tests (built when unset) and a scratch
@@ -53,8 +55,20 @@ struct Phase {
 }
 
 /// One run: its phases (the last is the wall-clock total, with the guest's
-/// instructions summed over the phases).
-type Timing = [Phase; PHASES.len()];
+/// instructions summed over the phases), and the host CPU milliseconds
+/// spent from its start until its VM's vCPUs ran (`host CPU until the guest
+/// ran N ms` on the line of the phase that reached the agent: vmrun's and
+/// the VMM's).
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    phases: [Phase; PHASES.len()],
+    host_cpu_ms: Option<f64>,
+}
+
+/// Reads the `host CPU until the guest ran N ms` of a phase line.
+fn parse_host_cpu(line: &str) -> Option<f64> {
+    line.split("; host CPU until the guest ran ").nth(1)?.split(' ').next()?.parse().ok()
+}
 
 /// Reads `phase NAME: MS ms[; N guest instructions emulated, M exits]`.
 fn parse_phase(line: &str) -> Option<(&str, f64, Option<u64>)> {
@@ -84,7 +98,8 @@ fn run(home: &Path, args: &[&str]) -> Timing {
     let total = t.elapsed().as_secs_f64() * 1000.0;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "vmrun {args:?}: {err}");
-    let mut timing: Timing = [Phase::default(); PHASES.len()];
+    let mut timing = [Phase::default(); PHASES.len()];
+    let host_cpu_ms = err.lines().find_map(parse_host_cpu);
     for (name, ms, insns) in err.lines().filter_map(parse_phase) {
         if let Some(i) = PHASES.iter().position(|p| *p == name) {
             let p = &mut timing[i];
@@ -97,7 +112,7 @@ fn run(home: &Path, args: &[&str]) -> Timing {
     let last = PHASES.len() - 1;
     let guest: Vec<u64> = timing[..last].iter().filter_map(|p| p.insns).collect();
     timing[last] = Phase { ms: Some(total), insns: (!guest.is_empty()).then(|| guest.iter().sum()) };
-    timing
+    Timing { phases: timing, host_cpu_ms }
 }
 
 fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
@@ -110,8 +125,8 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
 
 fn median_phase(runs: &[Timing], phase: usize) -> Phase {
     Phase {
-        ms: median(runs.iter().filter_map(|r| r[phase].ms).collect()),
-        insns: median(runs.iter().filter_map(|r| r[phase].insns).collect()),
+        ms: median(runs.iter().filter_map(|r| r.phases[phase].ms).collect()),
+        insns: median(runs.iter().filter_map(|r| r.phases[phase].insns).collect()),
     }
 }
 
@@ -149,10 +164,19 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
     println!("{:<26}{:>18}{:>18}{:>18}", "phase", "cold", "first warm", "warm");
     let warm_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&warm, i)).collect();
     for (i, p) in PHASES.iter().enumerate() {
-        println!("{p:<26}{:>18}{:>18}{:>18}", cell(cold[i]), cell(first[i]), cell(warm_median[i]));
+        println!("{p:<26}{:>18}{:>18}{:>18}", cell(cold.phases[i]), cell(first.phases[i]), cell(warm_median[i]));
     }
+    let cpu = |ms: Option<f64>| ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
+    let warm_cpu = median(warm.iter().filter_map(|r| r.host_cpu_ms).collect());
+    println!(
+        "{:<26}{:>18}{:>18}{:>18}",
+        "host CPU to the guest",
+        cpu(cold.host_cpu_ms),
+        cpu(first.host_cpu_ms),
+        cpu(warm_cpu)
+    );
     let last = PHASES.len() - 1;
-    if let (Some(c), Some(w)) = (cold[last].ms, warm_median[last].ms) {
+    if let (Some(c), Some(w)) = (cold.phases[last].ms, warm_median[last].ms) {
         println!("\nwarm is {:.1} times faster than cold end to end", c / w);
     }
     if label == "busybox" {

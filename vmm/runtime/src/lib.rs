@@ -18,6 +18,7 @@
 
 pub mod artifacts;
 pub mod container;
+pub mod cpu;
 pub mod home;
 pub mod layer_disk;
 pub mod lock;

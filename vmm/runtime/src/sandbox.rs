@@ -121,6 +121,12 @@ impl Sandbox {
         self.vm.layout()
     }
 
+    /// The host CPU spent until its VMM was ready to run the guest: this
+    /// process's and the VMM's (measured with debug logging only).
+    pub fn ready_cpu(&self) -> Option<crate::cpu::HostCpu> {
+        self.vm.ready_cpu()
+    }
+
     /// What the VMM counts of its VM: guest instructions KVM emulated and
     /// exits per vCPU since the VM started (a restore starts from zero),
     /// and its resident memory.

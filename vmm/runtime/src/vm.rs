@@ -171,6 +171,9 @@ pub struct VmProcess {
     /// It writes a guest profile when it ends ([`guest_profile`]): it is
     /// asked to stop rather than killed.
     profiled: bool,
+    /// The host CPU spent when the VMM said it was ready, its vCPUs about
+    /// to run (measured only with debug logging, for `vmrun run`'s phases).
+    ready_cpu: Option<crate::cpu::HostCpu>,
 }
 
 /// The VMM's configuration, in the directory of the VM (beside its log).
@@ -365,6 +368,7 @@ impl VmProcess {
             ready: Some(File::from(ready_r)),
             connect_attempts: 0,
             profiled: profile_dir().is_some(),
+            ready_cpu: None,
             layout,
             in_use: Vec::new(),
         })
@@ -430,6 +434,9 @@ impl VmProcess {
         };
         if n == 1 {
             self.ready = None;
+            if log::log_enabled!(log::Level::Debug) {
+                self.ready_cpu = Some(crate::cpu::HostCpu::now(self.child.id()));
+            }
             return Ok(true);
         }
         // End of file: the VMM closed it by ending.
@@ -469,6 +476,12 @@ impl VmProcess {
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The host CPU spent until the VMM was ready to run the guest
+    /// (measured with debug logging only).
+    pub fn ready_cpu(&self) -> Option<crate::cpu::HostCpu> {
+        self.ready_cpu
     }
 
     /// Waits for the VMM to end, up to `timeout`; kills it after that.

@@ -235,8 +235,31 @@ impl Phases {
         self.at = std::time::Instant::now();
     }
 
+    /// Ends the phase in which `sandbox`'s guest started and its agent
+    /// answered: [`Phases::mark_vm`], with the host CPU spent until the
+    /// VMM was ready to run the guest, this process's (since it started)
+    /// and the VMM's (its process tree, the jail's included), as
+    /// `...; host CPU until the guest ran N ms (vmrun A ms, VMM B ms)`.
+    fn mark_ready(&mut self, phase: &str, sandbox: &Sandbox) {
+        let cpu_ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let host = sandbox.ready_cpu().map(|c| {
+            format!(
+                "; host CPU until the guest ran {:.1} ms (vmrun {:.1} ms, VMM {:.1} ms)",
+                cpu_ms(c.own + c.vmm),
+                cpu_ms(c.own),
+                cpu_ms(c.vmm)
+            )
+        });
+        self.mark_vm_with(phase, sandbox, &host.unwrap_or_default());
+    }
+
     /// Ends a phase in which `sandbox` ran.
     fn mark_vm(&mut self, phase: &str, sandbox: &Sandbox) {
+        self.mark_vm_with(phase, sandbox, "");
+    }
+
+    /// [`Phases::mark_vm`], `extra` appended to its line.
+    fn mark_vm_with(&mut self, phase: &str, sandbox: &Sandbox, extra: &str) {
         if !log::log_enabled!(log::Level::Debug) {
             return;
         }
@@ -246,12 +269,12 @@ impl Phases {
             Some((insns, exits)) => {
                 let (i0, e0) = std::mem::replace(&mut self.guest, (insns, exits));
                 log::debug!(
-                    "phase {phase}: {ms:.1} ms; {} guest instructions emulated, {} exits",
+                    "phase {phase}: {ms:.1} ms; {} guest instructions emulated, {} exits{extra}",
                     insns.saturating_sub(i0),
                     exits.saturating_sub(e0)
                 );
             }
-            None => log::debug!("phase {phase}: {ms:.1} ms"),
+            None => log::debug!("phase {phase}: {ms:.1} ms{extra}"),
         }
         self.at = std::time::Instant::now();
     }
@@ -616,7 +639,7 @@ fn run_container_inner(
         let launched = Sandbox::launch(&spec, origin, hold.take(), cancel)?;
         phases.mark("VM start");
         let sandbox = launched.connect(AgentWait { timeout: Duration::from_secs(900), options: agent_options() })?;
-        phases.mark_vm(ready, &sandbox);
+        phases.mark_ready(ready, &sandbox);
         Ok(sandbox)
     };
     let (sandbox, guest_id, prepared) = if args.cold {
