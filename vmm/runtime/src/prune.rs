@@ -64,7 +64,9 @@ impl Usage {
             })
             .collect();
         let current_artifacts =
-            Artifacts::find(home, None, None).ok().and_then(|a| template::artifacts_hash(&a).ok());
+            Artifacts::find(home, None, None).ok().and_then(|a| {
+                template::artifacts_hash(&a, &template::FileHashes::of_templates(&home.templates())).ok()
+            });
         let mut usage = Self { images, containers, current_artifacts, ..Self::default() };
         usage.tally();
         Ok(usage)

@@ -28,16 +28,66 @@ pub struct TemplateKey {
     pub hash: String,
 }
 
-fn hash_file(h: u64, path: &Path) -> std::io::Result<u64> {
+/// The XXH3 hash of `path`'s contents.
+fn xxh3_file(path: &Path) -> std::io::Result<u64> {
+    use std::hash::Hasher;
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut h = h;
+    let mut xxh = twox_hash::XxHash3_64::new();
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            return Ok(h);
+            return Ok(xxh.finish());
         }
-        h = fnv1a_continue(h, &buf[..n]);
+        xxh.write(&buf[..n]);
+    }
+}
+
+/// The hashes of the files templates depend on (the kernel and the agent,
+/// about 20 MB, which every warm run's template key covers), remembered in
+/// a directory by the file's identity and stamps (device, inode, size,
+/// modification and change times): a run reads them again only when one
+/// of those changed. Writing a file changes its change time, which no
+/// one can set back.
+#[derive(Debug, Clone)]
+pub struct FileHashes {
+    dir: PathBuf,
+}
+
+impl FileHashes {
+    /// The hashes remembered for the templates under `templates`.
+    pub fn of_templates(templates: &Path) -> Self {
+        Self { dir: templates.join("file-hashes") }
+    }
+
+    /// Continues `h` with the hash of `path`'s contents.
+    fn continue_with(&self, h: u64, path: &Path) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let id = format!("{}-{}", m.dev(), m.ino());
+        let stamp = format!("{} {}.{} {}.{}", m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+        let entry = self.dir.join(&id);
+        let remembered = std::fs::read_to_string(&entry).ok().and_then(|s| {
+            let (st, hash) = s.trim_end().rsplit_once(' ')?;
+            (st == stamp).then(|| u64::from_str_radix(hash, 16).ok()).flatten()
+        });
+        let hash = match remembered {
+            Some(hash) => hash,
+            None => {
+                let hash = xxh3_file(path)?;
+                // At worst the next run hashes the file again.
+                let tmp = self.dir.join(format!(".{id}.{}.tmp", std::process::id()));
+                let saved = std::fs::create_dir_all(&self.dir)
+                    .and_then(|()| std::fs::write(&tmp, format!("{stamp} {hash:016x}\n")))
+                    .and_then(|()| std::fs::rename(&tmp, &entry));
+                if let Err(e) = saved {
+                    let _ = std::fs::remove_file(&tmp);
+                    log::debug!("cannot remember the hash of {}: {e}", path.display());
+                }
+                hash
+            }
+        };
+        Ok(fnv1a_continue(h, &hash.to_le_bytes()))
     }
 }
 
@@ -62,20 +112,20 @@ pub struct Inputs {
 /// A hash of the kernel, the agent initramfs (their contents) and vmrun's
 /// version and boot revision: what every template key depends on, whatever
 /// the VM's size.
-pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts) -> std::io::Result<String> {
+pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts, hashes: &FileHashes) -> std::io::Result<String> {
     let mut h = FNV_OFFSET;
-    h = hash_file(h, &artifacts.kernel)?;
-    h = hash_file(h, &artifacts.agent_initrd)?;
+    h = hashes.continue_with(h, &artifacts.kernel)?;
+    h = hashes.continue_with(h, &artifacts.agent_initrd)?;
     h = fnv1a_continue(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes());
     Ok(format!("{h:016x}"))
 }
 
 impl TemplateKey {
     /// The key of a VM made as `spec` describes (the layer disk aside).
-    pub fn of(spec: &VmSpec) -> std::io::Result<Self> {
+    pub fn of(spec: &VmSpec, hashes: &FileHashes) -> std::io::Result<Self> {
         let mut h = FNV_OFFSET;
-        h = hash_file(h, &spec.artifacts.kernel)?;
-        h = hash_file(h, &spec.artifacts.agent_initrd)?;
+        h = hashes.continue_with(h, &spec.artifacts.kernel)?;
+        h = hashes.continue_with(h, &spec.artifacts.agent_initrd)?;
         let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
         let version = format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION"));
         h = fnv1a_continue(h, format!("{} {} {} {version} {slots}", spec.mem_mib, spec.cpus, spec.cmdline()).as_bytes());
@@ -89,7 +139,8 @@ impl TemplateKey {
 /// ended): a caller that kills it (on a signal) makes the build fail and
 /// clean up after itself.
 pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(Option<u32>)) -> Result<PathBuf> {
-    let key = TemplateKey::of(spec)?;
+    let hashes = FileHashes::of_templates(dir);
+    let key = TemplateKey::of(spec, &hashes)?;
     let path = dir.join(&key.hash);
     if path.join("vmstate.json").is_file() {
         return Ok(path);
@@ -109,7 +160,7 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
     let result = build(&work, spec, vmm);
     match result {
         Ok(snapshot) => {
-            let inputs = Inputs { artifacts: artifacts_hash(&spec.artifacts)? };
+            let inputs = Inputs { artifacts: artifacts_hash(&spec.artifacts, &hashes)? };
             std::fs::write(snapshot.join(INPUTS_FILE), serde_json::to_vec(&inputs).map_err(std::io::Error::other)?)?;
             own_by_root(&snapshot)?;
             std::fs::rename(&snapshot, &path)?;
@@ -265,6 +316,33 @@ pub fn restore(template: &Path, spec: &VmSpec) -> Result<VmProcess> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn file_hashes_are_remembered_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vmlinux");
+        std::fs::write(&file, b"kernel one").unwrap();
+        let hashes = FileHashes::of_templates(&dir.path().join("templates"));
+        let first = hashes.continue_with(FNV_OFFSET, &file).unwrap();
+        assert_eq!(first, fnv1a_continue(FNV_OFFSET, &xxh3_file(&file).unwrap().to_le_bytes()));
+        let remembered: Vec<_> = std::fs::read_dir(dir.path().join("templates/file-hashes")).unwrap().collect();
+        assert_eq!(remembered.len(), 1, "one entry, no temporary file left");
+        assert_eq!(hashes.continue_with(FNV_OFFSET, &file).unwrap(), first);
+
+        // The same size, another content: its change time moves, and the
+        // hash is taken again.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, b"kernel two").unwrap();
+        let second = hashes.continue_with(FNV_OFFSET, &file).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, fnv1a_continue(FNV_OFFSET, &xxh3_file(&file).unwrap().to_le_bytes()));
+
+        // A remembered hash that does not parse is taken again.
+        let entry = std::fs::read_dir(dir.path().join("templates/file-hashes")).unwrap().next().unwrap().unwrap().path();
+        let stamp = std::fs::read_to_string(&entry).unwrap();
+        std::fs::write(&entry, format!("{} zz\n", stamp.trim_end().rsplit_once(' ').unwrap().0)).unwrap();
+        assert_eq!(hashes.continue_with(FNV_OFFSET, &file).unwrap(), second);
+    }
 
     #[test]
     fn stale_build_directories_of_a_template_go() {

@@ -122,7 +122,8 @@ fn prune_rmi_and_df_remove_exactly_what_nothing_uses() {
     let home = Home::at(tmp.path());
     write(&home.boot().join("vmlinux"), 3000);
     write(&home.boot().join("agent.cpio"), 2000);
-    let current = template::artifacts_hash(&Artifacts::find(&home, None, None).unwrap()).unwrap();
+    let hashes = template::FileHashes::of_templates(&home.templates());
+    let current = template::artifacts_hash(&Artifacts::find(&home, None, None).unwrap(), &hashes).unwrap();
 
     // Images: a in the store; b in the store and run by a running
     // container; c gone from the store, recorded by an exited container;
@@ -223,6 +224,9 @@ fn prune_rmi_and_df_remove_exactly_what_nothing_uses() {
         format!("templates/{k3}"),
         format!("templates/{k1}-image-{}", hex(&b)),
         format!("templates/{k1}.build-{}", std::process::id()),
+        // The remembered hashes of the kernel and agent (the prune hashed
+        // them to tell stale templates).
+        "templates/file-hashes".into(),
     ]
     .into();
     assert_eq!(tree(&home), kept);
