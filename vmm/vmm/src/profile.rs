@@ -35,10 +35,14 @@ const KERNEL_STACK: u64 = 16 << 10;
 /// The most return addresses kept per sample.
 const MAX_FRAMES: usize = 48;
 
+/// Where a sample found the guest: the epoch, kernel mode or not, and the
+/// stack (see [`Sample`]).
+type Place = (u32, bool, Vec<u64>);
+
 /// The samples of all vCPUs, counted by stack.
 #[derive(Debug, Default)]
 pub struct Profiler {
-    samples: Mutex<HashMap<(u32, bool, Vec<u64>), u64>>,
+    samples: Mutex<HashMap<Place, u64>>,
     epoch: AtomicU32,
 }
 
