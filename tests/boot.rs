@@ -82,7 +82,8 @@ fn boots_to_user_space_with_two_vcpus_and_exits_cleanly() {
     // whose boot runs through start_kernel.
     let p: vmrun_vmm_api::profile::Profile = serde_json::from_slice(&std::fs::read(&profile).expect("profile")).unwrap();
     let kernel_samples: u64 = p.samples.iter().filter(|s| s.kernel).map(|s| s.count).sum();
-    assert!(kernel_samples >= 100, "too few samples of the guest kernel: {kernel_samples}");
+    // (Hundreds where guest kernel mode is emulated; fewer on hardware.)
+    assert!(kernel_samples >= 20, "too few samples of the guest kernel: {kernel_samples}");
     let map = scratch("System.map");
     let nm = Command::new("nm").arg(kernel()).output().expect("run nm");
     assert!(nm.status.success(), "nm failed: {}", stderr_of(&nm));

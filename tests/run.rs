@@ -131,10 +131,31 @@ fn run_containers_from_a_registry_and_an_archive() {
     assert_code(&o, 127);
 
     // With debug logging, each phase a VM runs in says how much guest work
-    // it took: the instructions KVM emulated and the exits, from the VMM.
-    let o = v.cmd(&["run", "--rm", &reference, "true"]).env("VMRUN_LOG", "debug").output().unwrap();
+    // it took: the instructions KVM emulated and the exits, from the VMM;
+    // and the phase that reaches the agent, the host CPU spent until the
+    // guest ran. With VMRUN_GUEST_PROFILE, the VM writes a guest profile
+    // whose epochs are those phases.
+    let profiles = support::scratch("run-profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    // The jailed VMM runs as a uid of its own.
+    std::fs::set_permissions(&profiles, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let o = v
+        .cmd(&["run", "--rm", &reference, "true"])
+        .env("VMRUN_LOG", "debug")
+        .env("VMRUN_GUEST_PROFILE", &profiles)
+        .output()
+        .unwrap();
     assert_code(&o, 0);
     let log = text(&o.stderr);
+    assert!(
+        log.lines().any(|l| l.contains("phase guest to agent ready") && l.contains("; host CPU until the guest ran ")),
+        "{log}"
+    );
+    let written: Vec<PathBuf> = std::fs::read_dir(&profiles).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(written.len(), 1, "one VM, one profile: {written:?}");
+    let profile: vmrun_vmm_api::profile::Profile = serde_json::from_slice(&std::fs::read(&written[0]).unwrap()).unwrap();
+    let in_epoch = |e: u32| profile.samples.iter().filter(|s| s.epoch == e && s.kernel).map(|s| s.count).sum::<u64>();
+    assert!(in_epoch(0) > 0 && in_epoch(1) > 0, "samples of the agent's start and of the process run: {:?}", (in_epoch(0), in_epoch(1)));
     let counted = |phase: &str| {
         log.lines().filter_map(|l| l.split(&format!("phase {phase}")).nth(1)).any(|rest| {
             let guest = rest.split("; ").nth(1).unwrap_or_default();
