@@ -168,8 +168,8 @@ pub struct VmProcess {
     /// layer disk), held until its agent answers (by then the VMM has read
     /// the snapshot), so that nothing removes them meanwhile.
     in_use: Vec<crate::lock::Lock>,
-    /// It writes a guest profile when it ends ([`guest_profile`]): it is
-    /// asked to stop rather than killed.
+    /// Its configuration names a guest profile ([`guest_profile`]), which
+    /// the VMM writes when it ends: it is asked to stop rather than killed.
     profiled: bool,
     /// The host CPU spent when the VMM said it was ready, its vCPUs about
     /// to run (measured only with debug logging, for `vmrun run`'s phases).
@@ -191,17 +191,12 @@ pub fn jail_wanted() -> bool {
     root && std::env::var("VMRUN_JAIL").map_or(true, |v| v != "off")
 }
 
-/// `$VMRUN_GUEST_PROFILE`: where VMs write their guest profiles, if set.
-fn profile_dir() -> Option<PathBuf> {
-    std::env::var_os("VMRUN_GUEST_PROFILE").map(PathBuf::from)
-}
-
 /// Where a VM's guest profile goes (`vmm/vmm/src/profile.rs`): with
 /// `VMRUN_GUEST_PROFILE=DIR` (for development), `DIR/NAME-START.json`,
 /// NAME the sandbox directory's name and START `boot` or `restore`. A
 /// jailed VMM runs as a uid of its own: DIR must be writable to it.
 fn guest_profile(dir: &Path, start: &str) -> Option<PathBuf> {
-    let out = profile_dir()?;
+    let out = PathBuf::from(std::env::var_os("VMRUN_GUEST_PROFILE")?);
     let name = dir.file_name().map_or_else(|| "vm".into(), |n| n.to_string_lossy().into_owned());
     Some(out.join(format!("{name}-{start}.json")))
 }
@@ -308,7 +303,8 @@ impl VmProcess {
         let layout = spec.layout();
         std::fs::create_dir_all(layout.vm_dir())?;
         let config_path = layout.config();
-        std::fs::write(&config_path, config(&layout).to_json()?)?;
+        let config = config(&layout);
+    std::fs::write(&config_path, config.to_json()?)?;
         let log = std::fs::File::create(layout.vmm_log())?;
         let mut cmd = Command::new(&spec.vmm_exe);
         cmd.arg("--config").arg(&config_path);
@@ -367,7 +363,7 @@ impl VmProcess {
             pidfd,
             ready: Some(File::from(ready_r)),
             connect_attempts: 0,
-            profiled: profile_dir().is_some(),
+            profiled: config.options().profile.is_some(),
             ready_cpu: None,
             layout,
             in_use: Vec::new(),
