@@ -113,22 +113,24 @@ pub struct Inputs {
 /// version and boot revision: what every template key depends on, whatever
 /// the VM's size.
 pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts, hashes: &FileHashes) -> std::io::Result<String> {
+    Ok(format!("{:016x}", artifacts_fnv(artifacts, hashes)?))
+}
+
+/// [`artifacts_hash`], as the number both it and [`TemplateKey`] build on.
+fn artifacts_fnv(artifacts: &crate::artifacts::Artifacts, hashes: &FileHashes) -> std::io::Result<u64> {
     let mut h = FNV_OFFSET;
     h = hashes.continue_with(h, &artifacts.kernel)?;
     h = hashes.continue_with(h, &artifacts.agent_initrd)?;
-    h = fnv1a_continue(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes());
-    Ok(format!("{h:016x}"))
+    Ok(fnv1a_continue(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes()))
 }
 
 impl TemplateKey {
-    /// The key of a VM made as `spec` describes (the layer disk aside).
+    /// The key of a VM made as `spec` describes (the layer disk aside):
+    /// [`artifacts_hash`], continued with the VM's shape.
     pub fn of(spec: &VmSpec, hashes: &FileHashes) -> std::io::Result<Self> {
-        let mut h = FNV_OFFSET;
-        h = hashes.continue_with(h, &spec.artifacts.kernel)?;
-        h = hashes.continue_with(h, &spec.artifacts.agent_initrd)?;
         let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
-        let version = format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION"));
-        h = fnv1a_continue(h, format!("{} {} {} {version} {slots}", spec.mem_mib, spec.cpus, spec.cmdline()).as_bytes());
+        let shape = format!("{} {} {} {slots}", spec.mem_mib, spec.cpus, spec.cmdline());
+        let h = fnv1a_continue(artifacts_fnv(&spec.artifacts, hashes)?, shape.as_bytes());
         Ok(Self { hash: format!("{h:016x}") })
     }
 }
