@@ -55,7 +55,7 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
     let mut r = ifreq(iface);
     r.ifr_ifru.ifru_addr = sockaddr_in(c.addr);
     ioctl(&s, libc::SIOCSIFADDR, &mut r)?;
-    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(netmask(c.prefix)));
+    r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(vmrun_agent_protocol::ipv4_netmask(c.prefix)));
     ioctl(&s, libc::SIOCSIFNETMASK, &mut r)?;
     ioctl(&s, libc::SIOCGIFFLAGS, &mut r)?;
     // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
@@ -66,11 +66,6 @@ pub fn configure(iface: &str, c: &NetConfig) -> io::Result<()> {
         add_route_on(&s, None, Ipv4Addr::UNSPECIFIED, 0, Some(gw))?;
     }
     Ok(())
-}
-
-/// The netmask of a prefix length (over 32 counts as 32).
-fn netmask(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
 }
 
 /// Gives `iface` the MAC address `mac` (virtio-net takes a new address
@@ -105,7 +100,7 @@ pub fn add_route(iface: &str, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Add
 /// Adds a route with socket `s`, bound to `iface` if given (else the
 /// kernel finds the interface by the gateway).
 fn add_route_on(s: &OwnedFd, iface: Option<&str>, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> io::Result<()> {
-    let mask = netmask(prefix);
+    let mask = vmrun_agent_protocol::ipv4_netmask(prefix);
     let mut dev: Option<Vec<libc::c_char>> = iface.map(|i| i.bytes().map(|b| b as libc::c_char).chain(std::iter::once(0)).collect());
     // SAFETY: rtentry is a plain C struct; all-zero is valid.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };

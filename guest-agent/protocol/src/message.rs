@@ -261,6 +261,12 @@ pub struct NetworkConfig {
     pub routes: Vec<RouteConfig>,
 }
 
+/// The IPv4 netmask of a `/PREFIX` (of a [`NetworkConfig`]'s address or a
+/// [`RouteConfig`]'s destination); a prefix over 32 counts as 32.
+pub fn ipv4_netmask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
+}
+
 /// A route through the configured interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteConfig {
@@ -1254,6 +1260,14 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netmasks_of_prefixes() {
+        assert_eq!(ipv4_netmask(0), 0);
+        assert_eq!(ipv4_netmask(24), 0xffff_ff00);
+        assert_eq!(ipv4_netmask(32), u32::MAX);
+        assert_eq!(ipv4_netmask(40), u32::MAX);
+    }
 
     #[test]
     fn requests_round_trip_through_json() {

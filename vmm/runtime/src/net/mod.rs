@@ -269,15 +269,10 @@ fn host_used_indexes_with(nl: &mut netlink::Rtnl) -> Result<Vec<u32>> {
     Ok(used)
 }
 
-/// The netmask of a prefix length (over 32 counts as 32).
-pub fn netmask(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
-}
-
 /// The subnet numbers of ours that `addr`/`prefix` overlaps.
 fn indexes_covered(addr: Ipv4Addr, prefix: u8) -> std::ops::Range<u32> {
     let ours = u32::from(Ipv4Addr::new(10, 213, 0, 0));
-    let mask = netmask(prefix);
+    let mask = vmrun_agent_protocol::ipv4_netmask(prefix);
     let addr = u32::from(addr);
     let first = addr & mask;
     let last = first | !mask;

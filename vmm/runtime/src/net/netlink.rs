@@ -276,7 +276,7 @@ impl Rtnl {
         msg.attributes.push(AddressAttribute::Local(addr.into()));
         msg.attributes.push(AddressAttribute::Address(addr.into()));
         if prefix < 31 {
-            msg.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | !super::netmask(prefix))));
+            msg.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | !vmrun_agent_protocol::ipv4_netmask(prefix))));
         }
         self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(drop)
     }

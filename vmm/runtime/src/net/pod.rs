@@ -115,7 +115,7 @@ fn pod_interface(nl: &mut Rtnl) -> std::io::Result<Option<Addressed>> {
 /// routes through `index`, less the one the kernel makes for the address
 /// itself.
 fn guest_routes(routes: &[netlink::Route4], index: u32, address: Ipv4Addr, prefix: u8) -> (Option<Ipv4Addr>, Vec<PodRoute>) {
-    let own_subnet = Ipv4Addr::from(u32::from(address) & super::netmask(prefix));
+    let own_subnet = Ipv4Addr::from(u32::from(address) & vmrun_agent_protocol::ipv4_netmask(prefix));
     let mut gateway = None;
     let mut out = Vec::new();
     for r in routes.iter().filter(|r| r.oif == Some(index)) {
