@@ -43,7 +43,8 @@ install_deps
 [ -f "$tarball" ] || die "$tarball not found after installing linux-source-6.1"
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$( { cat "$fragment" "$here/build.sh"; echo "$src_version"; } | sha256sum | cut -c1-16)
+patches=("$here"/patches/*.patch)
+key=$( { cat "$fragment" "$here/build.sh" "${patches[@]}"; echo "$src_version"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$key"
 if [ -f "$out/vmlinux" ]; then
     log "cached: $out/vmlinux (config $key)"
@@ -58,6 +59,10 @@ trap 'rm -rf "$work"' EXIT
 log "[1/4] unpacking linux-source-6.1 ($src_version)"
 tar -C "$work" -xf "$tarball"
 cd "$work/linux-source-6.1"
+for p in "${patches[@]}"; do
+    log "      patch: $(basename "$p")"
+    patch -p1 --quiet --forward <"$p" >&2 || die "$(basename "$p") does not apply to linux-source-6.1 ($src_version)"
+done
 
 log "[2/4] configuring: tinyconfig + $(basename "$fragment")"
 make -s ARCH=x86_64 tinyconfig >"$work/merge.log" 2>&1 \
