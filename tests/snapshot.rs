@@ -1,7 +1,10 @@
 //! Snapshots: a guest is booted once, snapshotted while its init waits for
-//! a disk to say "go", and restored twice at the same time onto two
-//! different disks (of different sizes): each copy must see its own disk
-//! and end cleanly. Broken snapshots must be refused with a clear error.
+//! a disk to say "go", and restored twice at the same time: one onto a disk
+//! of another size, one onto an empty disk slot that gets its image
+//! through the control socket while the guest runs (read-only). Each copy
+//! must see its own disk, writes must reach only the writable one, and
+//! both must see their disk detached before they end cleanly. Broken
+//! snapshots must be refused with a clear error.
 
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
@@ -27,6 +30,9 @@ while true; do
   busybox sleep 1
 done
 echo "CHECK disk=$(busybox head -c 8 /dev/vda) sectors=$(busybox cat /sys/block/vda/size)"
+if busybox dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then echo "WRITE=ok"; else echo "WRITE=refused"; fi
+while [ "$(busybox cat /sys/block/vda/size)" != 0 ]; do busybox sleep 1; done
+echo "DETACHED"
 busybox reboot -f
 "#;
 
@@ -91,12 +97,15 @@ fn snapshot_restores_twice_at_once_onto_other_disks() {
     assert!(template.wait().unwrap().success());
     assert!(!control.exists(), "the control socket should be gone with the VMM");
 
-    // Two restores at once, each onto its own disk.
-    let runs: Vec<(Reaped, PathBuf)> = [("a", 4096usize), ("b", 8192)]
+    // Two restores at once: "a" onto an empty slot (its image is attached
+    // once it runs, read-only), "b" onto a bigger disk of its own.
+    let image_a = disk(&dir, "a-image.raw", b"go-aaaaa", 4096);
+    let runs: Vec<(Reaped, PathBuf, PathBuf)> = [("a", 0usize), ("b", 8192)]
         .iter()
         .map(|(name, size)| {
-            let d = disk(&dir, &format!("{name}.raw"), format!("go-{name}{name}{name}{name}{name}").as_bytes(), *size);
+            let d = disk(&dir, &format!("{name}.raw"), if *size == 0 { b"" } else { b"go-bbbbb" }, *size);
             let log = dir.join(format!("restore-{name}.log"));
+            let control = dir.join(format!("{name}.sock"));
             let child = Reaped(
                 Command::new(support::with_vmm(VMRUN))
                     .args(["restore", "--snapshot"])
@@ -105,14 +114,53 @@ fn snapshot_restores_twice_at_once_onto_other_disks() {
                     .arg(&d)
                     .arg("--console")
                     .arg(&log)
+                    .arg("--control")
+                    .arg(&control)
                     .stdin(Stdio::null())
                     .spawn()
                     .unwrap(),
             );
-            (child, log)
+            (child, log, control)
         })
         .collect();
-    for ((mut child, log), (name, sectors)) in runs.into_iter().zip([("a", 8), ("b", 16)]) {
+    let vm = |control: &Path, args: &[&str]| {
+        let mut all = vec!["vm", "--control", control.to_str().unwrap()];
+        all.extend_from_slice(args);
+        vmrun(&all)
+    };
+    let wait_socket = |control: &Path| {
+        let t = Instant::now();
+        while !control.exists() {
+            assert!(t.elapsed() < Duration::from_secs(60), "{} never appeared", control.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (control_a, control_b) = (runs[0].2.clone(), runs[1].2.clone());
+    wait_socket(&control_a);
+    wait_socket(&control_b);
+    // A slot that holds a disk takes no other; there is no slot 1.
+    assert_error(&vm(&control_b, &["attach-disk", "--disk", "0", "--image", image_a.to_str().unwrap()]), "detach it first");
+    assert_error(&vm(&control_a, &["attach-disk", "--disk", "1", "--image", image_a.to_str().unwrap()]), "has 1 disk slots");
+    let o = vm(&control_a, &["attach-disk", "--disk", "0", "--read-only", "--image", image_a.to_str().unwrap()]);
+    assert!(o.status.success(), "attach-disk: {}", String::from_utf8_lossy(&o.stderr));
+
+    for (mut child, log, control) in runs {
+        let name = if control == control_a { "a" } else { "b" };
+        let (sectors, write) = if name == "a" { (8, "WRITE=refused") } else { (16, "WRITE=ok") };
+        let expect = format!("CHECK disk=go-{name}{name}{name}{name}{name} sectors={sectors}");
+        let t = Instant::now();
+        loop {
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
+            if out.contains(write) {
+                assert!(out.contains(&expect), "restore {name} should print {expect:?}:\n{out}");
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "restore {name} ended early:\n{out}");
+            assert!(t.elapsed() < Duration::from_secs(300), "restore {name} never wrote {write:?}:\n{out}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let o = vm(&control, &["detach-disk", "--disk", "0"]);
+        assert!(o.status.success(), "detach-disk {name}: {}", String::from_utf8_lossy(&o.stderr));
         let t = Instant::now();
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -123,9 +171,11 @@ fn snapshot_restores_twice_at_once_onto_other_disks() {
         };
         let out = std::fs::read_to_string(&log).unwrap();
         assert!(status.success(), "restore {name}: {status}\n{out}");
-        let expect = format!("CHECK disk=go-{name}{name}{name}{name}{name} sectors={sectors}");
-        assert!(out.contains(&expect), "restore {name} should print {expect:?}:\n{out}");
+        assert!(out.contains("DETACHED"), "restore {name} should see its disk go:\n{out}");
     }
+    // The read-only image is as it was; the writable disk took the write.
+    assert_eq!(&std::fs::read(&image_a).unwrap()[..8], b"go-aaaaa");
+    assert!(std::fs::read(dir.join("b.raw")).unwrap()[..512].iter().all(|&b| b == 0), "b's first sector was zeroed");
 
     // Broken snapshots.
     let broken = |name: &str, edit: &dyn Fn(&Path)| {

@@ -4,13 +4,21 @@
 //! A request is an [`Envelope`]: the protocol's [`CONTROL_VERSION`] and
 //! the request, `{"version":1,"request":{"op":"ping"}}`; the request is
 //! `{"op":"ping"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}` or
-//! `{"op":"stats"}`. The VMM reads the version first and refuses any other
-//! (naming both), then the request, refusing unknown fields. The answer is
-//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"op":"snapshot","dir":"/path","resume":true}`, `{"op":"stop"}`,
+//! `{"op":"stats"}`, `{"op":"attach_disk","disk":2,"read_only":true}` or
+//! `{"op":"detach_disk","disk":2}`. The VMM reads the version first and
+//! refuses any other (naming both), then the request, refusing unknown
+//! fields. The answer is `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//!
+//! `attach_disk` carries the disk image's open descriptor with its line
+//! (`SCM_RIGHTS`, [`request_with_fd`]): the VMM runs jailed and opens no
+//! host path itself, so whoever may open the image hands it over.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -91,6 +99,18 @@ pub enum Request {
     Stop,
     /// What the VMM knows of the VM's work and memory ([`VmmStats`]).
     Stats,
+    /// Puts the image whose descriptor comes with the request into the
+    /// empty disk slot `disk` (0 is the VM's first disk, the guest's
+    /// `/dev/vda`) and tells the guest its new size. With `read_only` the
+    /// VMM refuses the guest's writes to it, whatever the slot was.
+    AttachDisk {
+        disk: usize,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Empties disk slot `disk`: the VMM closes its image and the guest
+    /// sees a disk of size 0 (unmount it first: its further requests fail).
+    DetachDisk { disk: usize },
 }
 
 /// A control answer.
@@ -170,13 +190,34 @@ pub enum ControlError {
 /// the read) for the answer. An answer that is
 /// not `ok` is [`ControlError::Refused`] with the VMM's reason.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    send(path, req, None, timeout)
+}
+
+/// [`request`] with `fd` passed along with the request's line
+/// (`SCM_RIGHTS`), as [`Request::AttachDisk`] needs.
+pub fn request_with_fd(path: &Path, req: &Request, fd: BorrowedFd<'_>, timeout: Duration) -> Result<Response, ControlError> {
+    send(path, req, Some(fd), timeout)
+}
+
+fn send(path: &Path, req: &Request, fd: Option<BorrowedFd<'_>>, timeout: Duration) -> Result<Response, ControlError> {
     let io = |source| ControlError::Io { path: path.to_path_buf(), source };
     let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(&Envelope::new(req.clone())).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
-    s.write_all(&line).map_err(io)?;
+    match fd {
+        None => s.write_all(&line).map_err(io)?,
+        Some(fd) => {
+            // The descriptor rides on the first bytes; the rest of the
+            // line (if the kernel took only part of it) follows plainly.
+            let fds = [fd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let n = sendmsg::<()>(s.as_raw_fd(), &[IoSlice::new(&line)], &cmsg, MsgFlags::empty(), None)
+                .map_err(|e| io(std::io::Error::from(e)))?;
+            s.write_all(&line[n..]).map_err(io)?;
+        }
+    }
     let mut answer = String::new();
     BufReader::new(s.take(MAX_MESSAGE)).read_line(&mut answer).map_err(io)?;
     let response: Response =
@@ -186,6 +227,44 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     } else {
         Err(ControlError::Refused(response.error.unwrap_or_else(|| "the VM refused the request".into())))
     }
+}
+
+/// Reads one request line from `stream` (at most [`MAX_MESSAGE`] bytes),
+/// with the descriptors that came with it (`SCM_RIGHTS`, received
+/// close-on-exec). The line is not parsed: see [`Envelope::parse`].
+pub fn read_line_with_fds(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        if line.len() as u64 >= MAX_MESSAGE {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the control request is too long"));
+        }
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        let n = msg.bytes;
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: SCM_RIGHTS installed these descriptors in this
+                // process for us; each is owned once, here.
+                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        if truncated {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "too many descriptors came with the control request"));
+        }
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    let end = line.iter().position(|&b| b == b'\n').map_or(line.len(), |i| i + 1);
+    line.truncate(end);
+    let line = String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok((line, fds))
 }
 
 #[cfg(test)]
@@ -287,5 +366,46 @@ mod tests {
         drop(l);
         let _ = std::fs::remove_dir_all(&dir);
         assert!(matches!(request(&sock, &Request::Ping, Duration::from_secs(1)), Err(ControlError::Connect { .. })));
+    }
+
+    #[test]
+    fn a_descriptor_travels_with_its_request() {
+        let dir = std::env::temp_dir().join(format!("vmm-api-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("c.sock");
+        let image = dir.join("disk.img");
+        std::fs::write(&image, b"the disk's first bytes").unwrap();
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let (line, fds) = read_line_with_fds(&s).unwrap();
+            (&s).write_all(b"{\"ok\":true}\n").unwrap();
+            (line, fds)
+        });
+        let file = std::fs::File::open(&image).unwrap();
+        let req = Request::AttachDisk { disk: 2, read_only: true };
+        request_with_fd(&sock, &req, std::os::fd::AsFd::as_fd(&file), Duration::from_secs(5)).unwrap();
+        let (line, mut fds) = server.join().unwrap();
+        assert_eq!(Envelope::parse(&line).unwrap(), req);
+        assert_eq!(line, "{\"version\":1,\"request\":{\"op\":\"attach_disk\",\"disk\":2,\"read_only\":true}}\n");
+        assert_eq!(fds.len(), 1, "one descriptor");
+        let mut got = String::new();
+        std::fs::File::from(fds.remove(0)).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "the disk's first bytes", "the descriptor is the image's");
+
+        // A plain request brings none; a detach needs none.
+        let l = UnixListener::bind(dir.join("d.sock")).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let got = read_line_with_fds(&s).unwrap();
+            (&s).write_all(b"{\"ok\":true}\n").unwrap();
+            got
+        });
+        request(&dir.join("d.sock"), &Request::DetachDisk { disk: 0 }, Duration::from_secs(5)).unwrap();
+        let (line, fds) = server.join().unwrap();
+        assert_eq!(Envelope::parse(&line).unwrap(), Request::DetachDisk { disk: 0 });
+        assert!(fds.is_empty());
+        assert!(Envelope::parse(r#"{"version":1,"request":{"op":"attach_disk","disk":1,"fd":3}}"#).is_err(), "unknown field");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

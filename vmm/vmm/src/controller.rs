@@ -10,8 +10,8 @@
 //! [`Error`]'s message.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -26,17 +26,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 use crate::host_compat::HostCompat;
-use crate::snapshot::{self, DeviceSnapshot, VmState};
+use crate::snapshot::{self, DeviceKind, DeviceSnapshot, VmState};
 use crate::stats::Stats;
 use crate::vcpu::VcpuControl;
 use crate::virtio_devices::DeviceHandle;
 use crate::vm::ExitReason;
 use vmrun_devices::legacy::{Cmos, SerialConsole};
 use vmrun_devices::virtio::handler::VirtioEventHandler;
+use vmrun_devices::virtio::INT_CONFIG;
 
-pub use vmrun_vmm_api::control::{
-    Envelope, Request, Response, VcpuStats, VmmStats, CONTROL_VERSION, MAX_MESSAGE as MAX_REQUEST,
-};
+pub use vmrun_vmm_api::control::{Envelope, Request, Response, VcpuStats, VmmStats, CONTROL_VERSION};
 
 /// How long the vCPUs get to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +115,36 @@ impl SnapshotSource<'_> {
         result
     }
 
+    /// Puts `file` into disk slot `disk` (the VM's disks in order, 0 the
+    /// guest's `/dev/vda`), or empties it (`None`), and raises the slot's
+    /// configuration-change interrupt so that the guest reads the new
+    /// size. An image goes only into an empty slot: one the guest may
+    /// still use is not swapped under it.
+    pub fn replace_disk(&self, disk: usize, file: Option<File>, read_only: bool) -> Result<()> {
+        let slot_err = |reason: &str| Error::DiskSlot { disk, reason: reason.to_string() };
+        let handle = self
+            .devices
+            .iter()
+            .filter(|d| matches!(d.kind, DeviceKind::Block { .. }))
+            .nth(disk)
+            .ok_or_else(|| slot_err(&format!("the VM has {} disk slots", self.disk_count())))?;
+        let mut t = handle.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let block = t.device_mut().as_block_mut().ok_or_else(|| slot_err("not a disk"))?;
+        if file.is_some() && block.capacity() != 0 {
+            return Err(slot_err("it holds a disk: detach it first"));
+        }
+        let sectors = block.replace(file, read_only)?;
+        log::info!("disk slot {disk}: {} ({sectors} sectors)", if sectors == 0 { "emptied" } else { "image attached" });
+        if t.device().is_active() {
+            t.interrupt().trigger(INT_CONFIG);
+        }
+        Ok(())
+    }
+
+    fn disk_count(&self) -> usize {
+        self.devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).count()
+    }
+
     /// KVM's counters per vCPU and the VMM's resident memory.
     pub fn stats(&self) -> VmmStats {
         let vcpus = self
@@ -147,7 +176,16 @@ impl SnapshotSource<'_> {
         let devices = self
             .devices
             .iter()
-            .map(|d| DeviceSnapshot { kind: d.kind.clone(), transport: d.save() })
+            .map(|d| {
+                let mut kind = d.kind.clone();
+                // A disk's size is its image's now (one may have been
+                // attached or detached since the VM started).
+                if let DeviceKind::Block { capacity, .. } = &mut kind {
+                    let mut t = d.transport.lock().unwrap_or_else(|e| e.into_inner());
+                    *capacity = t.device_mut().as_block_mut().map(|b| b.capacity());
+                }
+                DeviceSnapshot { kind, transport: d.save() }
+            })
             .collect();
         let (format, version, vmrun_version) = VmState::header();
         let state = VmState {
@@ -217,7 +255,7 @@ impl Controller {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             let start = Instant::now();
             let mut stats = None;
-            let result = read_request(&stream).and_then(|request| match request {
+            let result = read_request(&stream).and_then(|(request, mut fds)| match request {
                 Request::Ping => Ok(()),
                 Request::Pause => source.pause(false),
                 Request::Resume => {
@@ -236,6 +274,11 @@ impl Controller {
                     }
                     Ok(())
                 }
+                Request::AttachDisk { disk, read_only } => match (fds.pop(), fds.is_empty()) {
+                    (Some(fd), true) => source.replace_disk(disk, Some(File::from(fd)), read_only),
+                    _ => Err(Error::DiskSlot { disk, reason: "attach_disk needs exactly one descriptor, its image's".into() }),
+                },
+                Request::DetachDisk { disk } => source.replace_disk(disk, None, false),
             });
             let response = respond(result, start.elapsed(), stats);
             if let Ok(mut bytes) = serde_json::to_vec(&response) {
@@ -246,12 +289,13 @@ impl Controller {
     }
 }
 
-/// Reads one request line from `stream`: refused if it is not of this
-/// VMM's protocol version ([`CONTROL_VERSION`]) or not a request.
-fn read_request(stream: &UnixStream) -> Result<Request> {
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut line).map_err(Error::ControlRead)?;
-    Ok(Envelope::parse(&line)?)
+/// Reads one request line from `stream`, with the descriptors that came
+/// with it: refused if it is not of this VMM's protocol version
+/// ([`CONTROL_VERSION`]) or not a request. Descriptors a request does not
+/// use are closed when they are dropped.
+fn read_request(stream: &UnixStream) -> Result<(Request, Vec<OwnedFd>)> {
+    let (line, fds) = vmrun_vmm_api::read_line_with_fds(stream).map_err(Error::ControlRead)?;
+    Ok((Envelope::parse(&line)?, fds))
 }
 
 /// The answer to a request that took `took`: on failure, the error's
@@ -371,7 +415,7 @@ mod tests {
     fn read(line: &str) -> Result<Request> {
         let (client, server) = UnixStream::pair().unwrap();
         (&client).write_all(line.as_bytes()).unwrap();
-        read_request(&server)
+        read_request(&server).map(|(r, _)| r)
     }
 
     #[test]

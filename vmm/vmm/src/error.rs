@@ -61,6 +61,8 @@ pub enum Error {
     ControlRead(#[source] std::io::Error),
     #[error(transparent)]
     ControlRequest(#[from] vmrun_vmm_api::RequestError),
+    #[error("disk slot {disk}: {reason}")]
+    DiskSlot { disk: usize, reason: String },
     #[error("the vCPUs did not pause within {0:?} (the host may be overloaded): try again")]
     PauseTimeout(Duration),
     #[error("only {saved} of {expected} vCPUs saved their state: try again")]

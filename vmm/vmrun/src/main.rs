@@ -132,7 +132,7 @@ enum Command {
         /// The VM's control socket (`boot --control`).
         #[arg(long)]
         control: PathBuf,
-        #[arg(value_enum)]
+        #[command(subcommand)]
         action: VmAction,
     },
 }
@@ -171,13 +171,36 @@ enum SnapshotCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Subcommand, Debug)]
 enum VmAction {
+    /// Pause the vCPUs.
     Pause,
+    /// Let paused vCPUs run again.
     Resume,
+    /// End the VM.
     Stop,
     /// Print KVM's counters per vCPU and the VMM's resident memory (JSON).
     Stats,
+    /// Put a raw disk image into an empty disk slot of the running VM
+    /// (the guest sees the disk's size change from 0).
+    AttachDisk {
+        /// The disk slot: 0 is the VM's first disk (`/dev/vda`).
+        #[arg(long)]
+        disk: usize,
+        /// The image (opened here, handed to the VMM).
+        #[arg(long)]
+        image: PathBuf,
+        /// Refuse the guest's writes to it.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Empty a disk slot of the running VM (the guest should have stopped
+    /// using the disk: its further requests fail).
+    DetachDisk {
+        /// The disk slot: 0 is the VM's first disk (`/dev/vda`).
+        #[arg(long)]
+        disk: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -409,6 +432,22 @@ fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Opens `image` (read-only or read-write) and hands it to the VMM for
+/// disk slot `disk`.
+fn attach_disk(path: &std::path::Path, disk: usize, image: &std::path::Path, read_only: bool) -> anyhow::Result<i32> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(image)
+        .map_err(|e| anyhow::anyhow!("cannot open the disk image {}: {e}", image.display()))?;
+    let req = Request::AttachDisk { disk, read_only };
+    let answer = vmrun_vmm_api::request_with_fd(path, &req, std::os::fd::AsFd::as_fd(&file), Duration::from_secs(120))?;
+    if let Some(ms) = answer.ms {
+        log::info!("done in {ms:.1} ms");
+    }
+    Ok(0)
+}
+
 /// `vmrun run` exits with the container's code, or 125 when vmrun itself
 /// failed (as docker does).
 fn run_exit(result: anyhow::Result<i32>) -> ExitCode {
@@ -460,15 +499,14 @@ fn main() -> ExitCode {
         Command::Snapshot(SnapshotCommand::Create { control: c, dir, resume }) => {
             control(&c, Request::Snapshot { dir, resume })
         }
-        Command::Vm { control: c, action } => control(
-            &c,
-            match action {
-                VmAction::Pause => Request::Pause,
-                VmAction::Resume => Request::Resume,
-                VmAction::Stop => Request::Stop,
-                VmAction::Stats => Request::Stats,
-            },
-        ),
+        Command::Vm { control: c, action } => match action {
+            VmAction::AttachDisk { disk, image, read_only } => attach_disk(&c, disk, &image, read_only),
+            VmAction::DetachDisk { disk } => control(&c, Request::DetachDisk { disk }),
+            VmAction::Pause => control(&c, Request::Pause),
+            VmAction::Resume => control(&c, Request::Resume),
+            VmAction::Stop => control(&c, Request::Stop),
+            VmAction::Stats => control(&c, Request::Stats),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

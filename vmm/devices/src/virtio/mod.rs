@@ -146,6 +146,12 @@ pub trait VirtioDevice: Send {
     /// descriptors the device added itself while active. (The descriptors
     /// of [`VirtioDevice::watched_fds`] are removed by the caller.)
     fn release_fds(&mut self, _ops: &mut EventOps) {}
+
+    /// The device as a disk, if it is one (a disk slot's image can be
+    /// replaced while the VM runs).
+    fn as_block_mut(&mut self) -> Option<&mut block::Block> {
+        None
+    }
 }
 
 /// Serves every request the driver queued: each chain goes to `handle`,

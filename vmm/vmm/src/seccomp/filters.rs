@@ -238,7 +238,8 @@ pub const VCPU: &[Allowed] = &[
 /// The event loop serves the virtio devices (block: disk reads and
 /// writes; net: the TAP; vsock: Unix sockets; rng: getrandom), console
 /// input, the end of the VM (eventfds, signalfd), the control socket
-/// (pause, resume, snapshot, stop) and snapshots (files, directories,
+/// (pause, resume, snapshot, stop, stats, attaching and detaching disk
+/// images) and snapshots (files, directories,
 /// VM-wide KVM state); then it stops the vCPU threads and writes the
 /// boot report.
 pub const VMM: &[Allowed] = &[
@@ -268,6 +269,9 @@ pub const VMM: &[Allowed] = &[
     any!(SYS_connect, "vsock: a guest connects to a host port"),
     when!(SYS_sendto, "vsock and control answers, on connected sockets only", [&[eq64(4, 0)]]),
     any!(SYS_recvfrom, "vsock (MSG_PEEK for the handshake) and control requests"),
+    when!(SYS_recvmsg, "control requests, with the disk image descriptor an attach_disk brings", [&[
+        eq32(2, libc::MSG_CMSG_CLOEXEC as u64)
+    ]]),
     any!(SYS_shutdown, "vsock: a half-closed stream"),
     when!(SYS_setsockopt, "a read timeout on control connections", [&[
         eq32(1, libc::SOL_SOCKET as u64),

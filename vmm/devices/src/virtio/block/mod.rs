@@ -32,6 +32,10 @@ pub enum Error {
     Open { path: PathBuf, source: std::io::Error },
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
     Size { path: PathBuf, size: u64 },
+    #[error("cannot read the size of the disk image handed over: {0}")]
+    HandedStat(#[source] std::io::Error),
+    #[error("the disk image handed over is {0} bytes, not a multiple of 512")]
+    HandedSize(u64),
 }
 
 struct Active {
@@ -51,7 +55,11 @@ struct Active {
 /// are): a restored device starts with full buckets, and with whatever
 /// limiter its restorer gives it.
 pub struct Block {
-    file: File,
+    /// The image; `None` in an empty slot (capacity 0).
+    file: Option<File>,
+    /// Whether the guest was offered a read-only disk in this slot (the
+    /// feature it negotiated once).
+    offered_read_only: bool,
     info: DiskInfo,
     active: Option<Active>,
     buf: Vec<u8>,
@@ -81,7 +89,8 @@ impl Block {
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Self {
-            file,
+            file: Some(file),
+            offered_read_only: read_only,
             info: DiskInfo { capacity: size / SECTOR_SIZE, read_only, id: id_bytes },
             active: None,
             buf: Vec::new(),
@@ -105,13 +114,39 @@ impl Block {
         self.info.capacity
     }
 
+    /// Puts `file` in this slot in place of its image (`None`: no image,
+    /// capacity 0) and returns the new capacity in sectors. The guest's
+    /// requests are served from the new image from the next one on; the
+    /// caller tells the guest with a configuration-change interrupt. With
+    /// `read_only` (or a slot offered read-only) writes are refused.
+    pub fn replace(&mut self, file: Option<File>, read_only: bool) -> Result<u64, Error> {
+        let size = match &file {
+            Some(f) => f.metadata().map_err(Error::HandedStat)?.len(),
+            None => 0,
+        };
+        if size % SECTOR_SIZE != 0 {
+            return Err(Error::HandedSize(size));
+        }
+        self.file = file;
+        self.info.capacity = size / SECTOR_SIZE;
+        self.info.read_only = self.offered_read_only || read_only;
+        Ok(self.info.capacity)
+    }
+
     fn process(&mut self) {
         let Some(a) = self.active.as_mut() else { return };
         // Throttled: the limiter's timer brings the device back.
         if self.limiter.is_blocked() {
             return;
         }
-        let (file, info, buf, limiter) = (&mut self.file, &self.info, &mut self.buf, &mut self.limiter);
+        // An empty slot: a disk of no bytes, on which every read and write
+        // is out of bounds.
+        let mut nothing: Vec<u8> = Vec::new();
+        let file: &mut dyn request::Disk = match self.file.as_mut() {
+            Some(f) => f,
+            None => &mut nothing,
+        };
+        let (info, buf, limiter) = (&self.info, &mut self.buf, &mut self.limiter);
         let mem = &a.mem;
         drain_queue_until(&mut a.queue, mem, &a.interrupt, |chain| {
             let Some(req) = Request::parse(chain, mem) else { return Some(0) };
@@ -129,7 +164,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.info.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        let ro = if self.offered_read_only { VIRTIO_BLK_F_RO } else { 0 };
         VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_EVENT_IDX | ro
     }
 
@@ -175,6 +210,10 @@ impl VirtioDevice for Block {
             self.limiter.on_timer();
             self.process();
         }
+    }
+
+    fn as_block_mut(&mut self) -> Option<&mut Block> {
+        Some(self)
     }
 }
 
@@ -520,5 +559,32 @@ mod tests {
         assert!(matches!(Block::open(&dir, true, "x"), Err(Error::Size { .. })));
         std::fs::remove_file(&dir).unwrap();
         assert!(matches!(Block::open(&dir, true, "x"), Err(Error::Open { .. })));
+    }
+
+    #[test]
+    fn a_slots_image_is_replaced_emptied_and_made_read_only() {
+        let dir = std::env::temp_dir().join(format!("vmrun-blk-replace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        let mut b = Block::open(&empty, false, "slot").unwrap();
+        assert_eq!(b.capacity(), 0);
+        let image = dir.join("image.img");
+        std::fs::write(&image, vec![7u8; 4096]).unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&image).unwrap();
+        assert_eq!(b.replace(Some(file), true).unwrap(), 8);
+        assert!(b.info.read_only, "handed over read-only: writes refused");
+        assert_eq!(b.features() & VIRTIO_BLK_F_RO, 0, "the slot's offer stays what the guest negotiated");
+        let mut cfg = [0u8; 8];
+        b.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 8, "the guest reads the new capacity");
+        assert_eq!(b.replace(None, false).unwrap(), 0);
+        assert!(b.file.is_none() && !b.info.read_only);
+        let odd = dir.join("odd.img");
+        std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+        let e = b.replace(Some(File::open(&odd).unwrap()), false).unwrap_err();
+        assert!(matches!(e, Error::HandedSize(1000)), "{e}");
+        assert_eq!(b.capacity(), 0, "a refused image changes nothing");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
