@@ -56,6 +56,10 @@ pub struct Container {
     /// unmount everything before its end is reported (the guest is often
     /// thrown away right after, and the work never done).
     pub mnt_ns: Option<OwnedFd>,
+    /// Its IPC namespace, held likewise: freeing one (its message queue
+    /// file system unmounted, an RCU grace period waited for) is work the
+    /// guest would otherwise do while the exit is being reported.
+    pub ipc_ns: Option<OwnedFd>,
     /// The upper layer of an overlay root ([`crate::changes`]).
     pub upper: Option<PathBuf>,
     /// Its changes, listed at the first `ReadChanges` part.
@@ -221,6 +225,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             copies: crate::copy::Copies::new(&dir),
             devpts: None,
             mnt_ns: None,
+            ipc_ns: None,
             upper,
             changes: None,
         })

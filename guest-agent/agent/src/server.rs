@@ -1093,10 +1093,17 @@ impl Server {
         let pid = started.pid;
         crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
         if matches!(what, Start::Init(..)) {
-            let ns = format!("/proc/{pid}/ns/mnt");
-            let mnt_ns = sys::cstring(ns.as_str()).and_then(|p| sys::open(&p, libc::O_RDONLY, 0));
+            let ns_of = |kind: &str| {
+                let ns = format!("/proc/{pid}/ns/{kind}");
+                sys::cstring(ns.as_str())
+                    .and_then(|p| sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0))
+                    .map_err(|e| crate::log::debug(format_args!("{ns}: {e}")))
+                    .ok()
+            };
+            let (mnt_ns, ipc_ns) = (ns_of("mnt"), ns_of("ipc"));
             if let Some(ct) = self.containers.get_mut(id) {
-                ct.mnt_ns = mnt_ns.map_err(|e| crate::log::debug(format_args!("{ns}: {e}"))).ok();
+                ct.mnt_ns = mnt_ns;
+                ct.ipc_ns = ipc_ns;
                 ct.init_pid = Some(pid);
                 ct.init_pidfd = Some(started.pidfd);
             }
@@ -1189,6 +1196,7 @@ impl Server {
             ct.init_pid = None;
             ct.init_pidfd = None;
             ct.mnt_ns = None;
+            ct.ipc_ns = None;
             // Its devpts instance went with its mount namespace.
             ct.devpts = None;
         }

@@ -965,6 +965,44 @@ fn limits_need_a_guests_cgroups() {
     assert_eq!(p.wait().unwrap(), 0);
 }
 
+/// The namespaces of the agent's process `pid` held open (`/proc/PID/fd`
+/// links such as `ipc:[4026532001]`).
+fn held_namespaces(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("ipc:[") || l.starts_with("mnt:["))
+        .collect()
+}
+
+#[test]
+fn a_containers_mount_and_ipc_namespaces_outlive_its_process_until_it_is_removed() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    create(&c, &agent, "ns", cmd(&["sh", "-c", "readlink /proc/self/ns/ipc; readlink /proc/self/ns/mnt"]));
+    let out = c.start("ns", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let own: Vec<&str> = text.lines().collect();
+    assert_eq!(own.len(), 2, "{text}");
+    assert_ne!(own[0], std::fs::read_link("/proc/self/ns/ipc").unwrap().to_string_lossy(), "an IPC namespace of its own");
+    // Its process has ended: the agent still holds both, so that their
+    // teardown is not part of the end being reported.
+    let held = held_namespaces(agent.child.id());
+    for ns in &own {
+        assert!(held.iter().any(|h| h == ns), "{ns} not held by the agent: {held:?}");
+    }
+    c.remove_container("ns", false).unwrap();
+    let held = held_namespaces(agent.child.id());
+    for ns in &own {
+        assert!(!held.iter().any(|h| h == ns), "{ns} still held after the removal: {held:?}");
+    }
+}
+
 #[test]
 fn a_held_process_runs_its_program_only_once_released() {
     if !require_root() {
