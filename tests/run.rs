@@ -950,6 +950,7 @@ fn each_restore_answers_the_first_agent_connection() {
         cpus: 1,
         layer_disk: layer_disk.clone(),
         volumes: Vec::new(),
+        volume_slots: vmrun_runtime::volume::SLOTS,
         read_only_volumes: Vec::new(),
         tap: None,
         netns: None,

@@ -34,6 +34,7 @@ pub mod host_cgroup;
 pub mod logger;
 pub mod rootcopy;
 pub mod ops;
+pub mod pod;
 pub mod shim;
 pub mod signals;
 pub mod state;

@@ -164,7 +164,9 @@ fn remove_dirs(dir: &Path, st: Option<&State>) {
             vmrun_runtime::net::pod::detach(link);
         }
     }
-    if let Some(vm_dir) = st.and_then(|s| s.vm_dir.as_deref()).filter(|d| *d != dir) {
+    // A pod member's VM directory is its sandbox's, not its to remove.
+    let own_vm = st.is_some_and(|s| s.oci.as_ref().is_none_or(|o| o.pod_sandbox.is_none()));
+    if let Some(vm_dir) = st.and_then(|s| s.vm_dir.as_deref()).filter(|d| *d != dir && own_vm) {
         vmrun_runtime::vm::remove_dir(vm_dir);
     }
     vmrun_runtime::vm::remove_dir(dir);
@@ -225,6 +227,16 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     if unsafe { libc::mkfifo(cfifo.as_ptr(), 0o622) } != 0 {
         return Err(io("creating exec.fifo")(std::io::Error::last_os_error()));
     }
+    // A pod's container other than its sandbox is made in the sandbox's
+    // VM: its state names that VM (exec, kill and ps reach its agent).
+    let (pod_sandbox, vm_dir) = match crate::pod::role(&plan.annotations) {
+        crate::pod::PodRole::Member(sandbox) => {
+            let (sdir, sst) = crate::pod::sandbox_of(&ctx.root, &sandbox)?;
+            let vm = sst.vm_dir.clone().unwrap_or(sdir);
+            (Some(sandbox), vm)
+        }
+        _ => (None, state::vm_dir_for(dir)),
+    };
     let terminal = plan.process.terminal;
     // The container's pid on the host: a holder in the spec's namespaces.
     let exe = std::env::current_exe().map_err(io("finding the vmrun-oci executable"))?;
@@ -235,7 +247,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     let st = State {
         status: Status::Creating,
         creator: ProcessRef::current(),
-        vm_dir: Some(state::vm_dir_for(dir)),
+        vm_dir: Some(vm_dir),
         guest_id: guest_id(&args.id),
         tty: terminal,
         oci: Some(OciBundle {
@@ -246,6 +258,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
             annotations: plan.annotations.clone(),
             holder: ProcessRef::of(holder_pid),
             network: None,
+            pod_sandbox,
         }),
         ..State::new(&args.id, &args.id, "", "")
     };
@@ -541,6 +554,11 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> Result<i32> {
     let poststop = SupervisorPlan::load(&dir).map(|sp| sp.plan.hooks.poststop).unwrap_or_default();
     kill_processes(&dir, &st);
     let last = State::load(&dir).unwrap_or(st);
+    // A pod member whose supervisor was killed left its container and
+    // disks in the sandbox's VM.
+    if let Some(sandbox) = last.oci.as_ref().and_then(|o| o.pod_sandbox.clone()) {
+        crate::supervisor::leave_pod(&ctx.root, &sandbox, &last);
+    }
     remove_dirs(&dir, Some(&last));
     if dir.exists() {
         return Err(Error::State(format!("cannot remove {}", dir.display())));

@@ -85,10 +85,18 @@ impl RootCopy {
         }
     }
 
-    /// How the agent makes the container's root of these disks.
+    /// How the agent makes the container's root of these disks, in the
+    /// VM's first volume slots.
     pub fn rootfs_spec(&self) -> RootfsSpec {
+        self.rootfs_spec_in(&[0, 1])
+    }
+
+    /// How the agent makes the container's root of these disks, in the
+    /// volume slots `slots` (in the order of [`RootCopy::disks`]).
+    pub fn rootfs_spec_in(&self, slots: &[usize]) -> RootfsSpec {
+        let slot = |i: usize| slots.get(i).copied().unwrap_or(i);
         RootfsSpec::Overlay {
-            source: guest_device(0),
+            source: guest_device(slot(0)),
             fstype: "ext4".into(),
             // noinit_itable: no kernel thread zeroing the disks' inode
             // tables in the background (guest kernel time, for disks
@@ -96,7 +104,7 @@ impl RootCopy {
             options: "noinit_itable".into(),
             upper: match self {
                 Self::Own(_) => None,
-                Self::Shared { .. } => Some(guest_device(1)),
+                Self::Shared { .. } => Some(guest_device(slot(1))),
             },
         }
     }

@@ -209,6 +209,7 @@ mod tests {
             oci: Some(OciBundle {
                 holder: None,
                 network: None,
+                pod_sandbox: None,
                 oci_version: "1.0.2".into(),
                 bundle: "/b".into(),
                 rootfs: "/b/rootfs".into(),

@@ -243,17 +243,26 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         (Some(socket), true) => Some(terminal(socket)?),
         _ => None,
     };
-
     let home = Home::from_env().map_err(io("the data directory"))?;
-    let artifacts = Artifacts::find(&home, None, None)?;
+    match state.oci.as_ref().and_then(|o| o.pod_sandbox.clone()) {
+        Some(sandbox) => run_member(dir, state, relay, &sp, tty, &home, &sandbox),
+        None => run_own_vm(dir, state, relay, &sp, tty, &home),
+    }
+}
+
+/// A container in a VM of its own (a pod's sandbox makes the pod's VM).
+fn run_own_vm(dir: &Path, state: &mut State, relay: &Relay, sp: &SupervisorPlan, tty: Option<File>, home: &Home) -> Result<i32> {
+    let plan = &sp.plan;
+    let artifacts = Artifacts::find(home, None, None)?;
     let layer_disk = vmrun_runtime::layer_disk::empty(&home.layer_disks())?;
     // The disks the guest writes go where the VMM may write.
     let layout = state.layout(dir);
     let disk_dir = layout.vm_dir();
     std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
-    let root_copy = crate::rootcopy::make(&home, &plan.rootfs, &disk_dir)?;
+    let root_copy = crate::rootcopy::make(home, &plan.rootfs, &disk_dir)?;
     let mut disks = root_copy.disks();
-    let disk_dirs = match volume_disk(plan, &layout, disks.len())? {
+    let staging = layout.vm_dir().join("volumes.staging");
+    let disk_dirs = match volume_disk(plan, layout.volume_disk(disks.len()), &staging, disks.len())? {
         Some((path, dirs)) => {
             disks.push(path);
             dirs
@@ -261,6 +270,11 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         None => Vec::new(),
     };
     log::debug!("disks made");
+    let pod_sandbox = crate::pod::role(&plan.annotations) == crate::pod::PodRole::Sandbox;
+    if pod_sandbox {
+        // The pod's other containers' disks go in the slots after these.
+        crate::pod::reserve(dir, disks.len())?;
+    }
     let network = attach_network(dir, state, plan)?;
     let spec = VmSpec {
         artifacts,
@@ -268,6 +282,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         cpus: plan.cpus,
         layer_disk,
         volumes: disks,
+        volume_slots: if pod_sandbox { crate::pod::POD_SLOTS } else { vmrun_runtime::volume::SLOTS },
         read_only_volumes: root_copy.read_only_slots(),
         tap: network.as_ref().map(|_| vmrun_runtime::net::pod::TAP.to_string()),
         netns: network.as_ref().map(|n| n.netns.clone()),
@@ -292,6 +307,106 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         sandbox.configure_network(&n.guest_config())?;
         log::debug!("eth0 has the address of {} ({}/{})", n.interface, n.address, n.prefix);
     }
+    let guest = Guest { client: sandbox.client(), console: sandbox.layout().console() };
+    let code = run_process(dir, state, relay, sp, tty, &guest, root_copy.rootfs_spec(), disk_dirs, host_cpuset, root_copy.writable())?;
+    // The guest has nothing more to save (what the container wrote in its
+    // root is written back): the VM is killed, not shut down.
+    sandbox.kill();
+    log::debug!("VM stopped");
+    Ok(code)
+}
+
+/// A pod's container other than its sandbox: made in the sandbox's VM,
+/// its root's disks attached to free slots of it while it runs, then
+/// removed from the guest and detached.
+fn run_member(
+    dir: &Path,
+    state: &mut State,
+    relay: &Relay,
+    sp: &SupervisorPlan,
+    tty: Option<File>,
+    home: &Home,
+    sandbox: &str,
+) -> Result<i32> {
+    let plan = &sp.plan;
+    let root = Root::new(dir.parent().unwrap_or(dir))?;
+    let (sandbox_dir, _) = crate::pod::sandbox_of(&root, sandbox)?;
+    // The sandbox's VM.
+    let layout = state.layout(dir);
+    // This container's own disks: in its own directory (the jailed VMM
+    // is handed them open, it never opens them by path).
+    let disk_dir = dir.join("disks");
+    std::fs::create_dir_all(&disk_dir).map_err(io(format!("creating {}", disk_dir.display())))?;
+    let root_copy = crate::rootcopy::make(home, &plan.rootfs, &disk_dir)?;
+    let disks = root_copy.disks();
+    let count = disks.len() + usize::from(!plan.volumes.is_empty());
+    let slots = crate::pod::allocate(&root, &sandbox_dir, &layout, &state.id, count)?;
+    let result = (|| {
+        let mut disk_dirs = Vec::new();
+        let mut attach = disks.iter().cloned().enumerate().map(|(i, d)| (d, root_copy.read_only_slots().contains(&i))).collect::<Vec<_>>();
+        if let Some(&slot) = slots.get(disks.len()) {
+            if let Some((path, dirs)) = volume_disk(plan, disk_dir.join("volumes.disk"), &disk_dir.join("volumes.staging"), slot)? {
+                attach.push((path, false));
+                disk_dirs = dirs;
+            }
+        }
+        for ((disk, read_only), slot) in attach.iter().zip(&slots) {
+            vmrun_runtime::sandbox::attach_volume(&layout, *slot, disk, *read_only)?;
+        }
+        log::debug!("disks attached to slots {slots:?} of the pod's VM");
+        let host_cpuset = join_host_cgroup(dir, state, plan)?;
+        let client = vmrun_runtime::sandbox::reach(state, dir, Options::default())?;
+        let guest = Guest { client: &client, console: layout.console() };
+        run_process(dir, state, relay, sp, tty, &guest, root_copy.rootfs_spec_in(&slots), disk_dirs, host_cpuset, root_copy.writable())
+    })();
+    leave_pod(&root, sandbox, state);
+    result
+}
+
+/// Takes a pod member out of its sandbox's VM: its container removed from
+/// the guest (unmounting its disks), its slots emptied and freed. Best
+/// effort: a VM that is gone took all of it along.
+pub fn leave_pod(root: &Root, sandbox: &str, state: &State) {
+    let Ok(dir) = root.dir(&state.id) else { return };
+    let layout = state.layout(&dir);
+    match vmrun_runtime::sandbox::reach(state, &dir, Options::default()) {
+        Ok(client) => {
+            if let Err(e) = client.remove_container(&state.guest_id, true) {
+                log::debug!("removing container {} from the pod's VM: {e}", state.guest_id);
+            }
+            client.close();
+        }
+        Err(e) => log::debug!("the pod's VM is not there: {e}"),
+    }
+    if let Ok(sandbox_dir) = root.dir(sandbox) {
+        crate::pod::release(&sandbox_dir, &layout, &state.id);
+    }
+}
+
+/// Where a container's process runs: the agent of its VM, and the VM's
+/// console (named when the VM is lost).
+struct Guest<'a> {
+    client: &'a vmrun_agent_client::Client,
+    console: PathBuf,
+}
+
+/// Creates the container in the guest, holds its process until `start`,
+/// runs it and reports its end; returns its exit code.
+#[allow(clippy::too_many_arguments)]
+fn run_process(
+    dir: &Path,
+    state: &mut State,
+    relay: &Relay,
+    sp: &SupervisorPlan,
+    tty: Option<File>,
+    guest: &Guest<'_>,
+    rootfs: vmrun_agent_protocol::RootfsSpec,
+    disk_dirs: Vec<DiskDir>,
+    host_cpuset: bool,
+    writable: &Path,
+) -> Result<i32> {
+    let plan = &sp.plan;
+    let cancel = relay.cancel();
     let config = ImageConfig {
         entrypoint: Vec::new(),
         cmd: plan.process.args.clone(),
@@ -318,7 +433,7 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         resources: Box::new(crate::host_cgroup::guest_share(&plan.resources, host_cpuset)),
         cgroup: true,
     };
-    sandbox.create(&CreateContainer {
+    guest.client.create_container(&CreateContainer {
         id: state.guest_id.clone(),
         layers: LayerSource { disk: "/dev/vda".into(), layers: Vec::new() },
         // The copy stays as it is, under an overlay whose upper layer
@@ -326,14 +441,14 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         // when the process ends. Writable even for `root.readonly`: the
         // agent makes the missing mount points first, then the
         // container's root read-only (as runc does).
-        rootfs: root_copy.rootfs_spec(),
+        rootfs,
         config,
         limits: UnpackLimits::default(),
     })?;
-    let watcher = send_copies(&sandbox, &state.guest_id, plan)?;
+    let watcher = send_copies(guest.client, &state.guest_id, plan)?;
     // As runc's create: the process is set up (namespaces, root, mounts)
     // and waits before its program; a setup that fails fails the create.
-    let mut process = sandbox.prepare_process(&state.guest_id, stdio_mode(tty.as_ref(), false))?;
+    let mut process = guest.client.prepare(&state.guest_id, stdio_mode(tty.as_ref(), false))?;
     log::debug!("process set up (guest pid {}), held before its program", process.pid);
     run_create_hooks(plan, state)?;
     state.status = Status::Created;
@@ -349,15 +464,15 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     // The terminal may have been resized since create (the relay forwards
     // resizes from here on).
     if let Some((rows, cols)) = tty.as_ref().and_then(|t| console::window_size(t.as_raw_fd())) {
-        if let Err(e) = sandbox.client().resize(&state.guest_id, None, rows, cols) {
+        if let Err(e) = guest.client.resize(&state.guest_id, None, rows, cols) {
             log::warn!("resizing the container's terminal: {e}");
         }
     }
-    sandbox.release(&state.guest_id)?;
+    guest.client.release(&state.guest_id)?;
     log::debug!("process started (guest pid {})", process.pid);
     // Signals go to the process now; they no longer cancel the sandbox.
     relay.forward_to(Target {
-        client: sandbox.client().clone(),
+        client: guest.client.clone(),
         id: state.guest_id.clone(),
         exec_id: None,
         terminal: tty.as_ref().map(AsRawFd::as_raw_fd),
@@ -368,13 +483,13 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
         Ok(c) => {
             log::debug!("process exited with {c}");
             drop(watcher);
-            write_back(&sandbox, &state.guest_id, plan, root_copy.writable());
+            write_back(guest.client, &state.guest_id, plan, writable);
             c
         }
         Err(e) => {
             // Its VMM was killed (`delete --force`) or died: the container
             // ends as if killed, and what it wrote in its root is lost.
-            log::error!("lost the container's VM ({e}); its console is in {}", sandbox.layout().console().display());
+            log::error!("lost the container's VM ({e}); its console is in {}", guest.console.display());
             128 + libc::SIGKILL
         }
     };
@@ -385,10 +500,6 @@ fn run_container(dir: &Path, state: &mut State, relay: &Relay) -> Result<i32> {
     if let Err(e) = state.save(dir) {
         log::warn!("container {}: cannot record its end: {e}", state.id);
     }
-    // The guest has nothing more to save (what the container wrote in its
-    // root is written back): the VM is killed, not shut down.
-    sandbox.kill();
-    log::debug!("VM stopped");
     Ok(code)
 }
 
@@ -414,9 +525,9 @@ fn attach_network(dir: &Path, state: &mut State, plan: &Plan) -> Result<Option<v
 /// Writes what the container changed in its root back into the bundle's
 /// root (as it would be under runc), before the container is reported
 /// stopped. A failure is logged: the process's exit stands.
-fn write_back(sandbox: &Sandbox, guest_id: &str, plan: &Plan, disk: &Path) {
+fn write_back(client: &vmrun_agent_client::Client, guest_id: &str, plan: &Plan, disk: &Path) {
     let limit = std::fs::metadata(disk).map(|m| m.len()).unwrap_or(0);
-    match crate::writeback::write_back(sandbox.client(), guest_id, &plan.rootfs, limit) {
+    match crate::writeback::write_back(client, guest_id, &plan.rootfs, limit) {
         Ok(w) if w.failed > 0 => log::warn!(
             "{} changes of the container's root written back into {}, {} could not be",
             w.changes,
@@ -452,11 +563,10 @@ fn join_host_cgroup(dir: &Path, state: &mut State, plan: &Plan) -> Result<bool> 
 /// The volume disk of the plan's large bind-mounted directories, all on
 /// one disk (slot `slot`, after the root's), each in its own
 /// subdirectory; and where the agent binds them. `None` without any.
-fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout, slot: usize) -> Result<Option<(PathBuf, Vec<DiskDir>)>> {
+fn volume_disk(plan: &Plan, path: PathBuf, staging: &Path, slot: usize) -> Result<Option<(PathBuf, Vec<DiskDir>)>> {
     if plan.volumes.is_empty() {
         return Ok(None);
     }
-    let path = layout.volume_disk(slot);
     // A host directory bound several times is copied once, and bound from
     // that copy each time (writes through one show through the others, as
     // on the host).
@@ -468,7 +578,7 @@ fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout, slot: usize) -> 
     }
     let names = vmrun_runtime::volume::disk_dir_names(&hosts);
     let named: Vec<(PathBuf, String)> = hosts.iter().cloned().zip(names.iter().cloned()).collect();
-    vmrun_runtime::volume::make_dirs_image(&named, &path, &layout.vm_dir().join("volumes.staging"))?;
+    vmrun_runtime::volume::make_dirs_image(&named, &path, staging)?;
     // The volume disks: the root's first, then this.
     let disk = vmrun_runtime::volume::guest_device(slot);
     let dirs = plan
@@ -487,13 +597,13 @@ fn volume_disk(plan: &Plan, layout: &vmrun_runtime::vm::Layout, slot: usize) -> 
 
 /// Sends the plan's copied mounts to the created container and starts
 /// keeping them up to date (until the returned watcher is dropped).
-fn send_copies(sandbox: &Sandbox, guest_id: &str, plan: &Plan) -> Result<Option<Watcher>> {
+fn send_copies(client: &vmrun_agent_client::Client, guest_id: &str, plan: &Plan) -> Result<Option<Watcher>> {
     if plan.copies.is_empty() {
         return Ok(None);
     }
-    let sent = copies::send_all(sandbox.client(), guest_id, &plan.copies)?;
+    let sent = copies::send_all(client, guest_id, &plan.copies)?;
     log::debug!("{} copied mounts sent", plan.copies.len());
-    Ok(Some(Watcher::start(sandbox.client().clone(), guest_id.to_string(), plan.copies.clone(), sent)))
+    Ok(Some(Watcher::start(client.clone(), guest_id.to_string(), plan.copies.clone(), sent)))
 }
 
 /// The hooks of `create`, once the container exists in its VM: `prestart`

@@ -190,6 +190,11 @@ pub struct OciBundle {
     /// mirrored to a TAP device there), until it is detached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::net::pod::PodLink>,
+    /// The pod's sandbox container, for a container made in its VM (a
+    /// pod's other containers): the VM ([`State::vm_dir`]) is the
+    /// sandbox's, and not this container's to remove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_sandbox: Option<String>,
 }
 
 /// Seconds since the epoch.

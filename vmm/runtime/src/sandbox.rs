@@ -32,8 +32,9 @@ use crate::template;
 use crate::vm::{VmProcess, VmSpec};
 use crate::Result;
 
-/// How long the VMM may take to answer a stats request.
-const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VMM may take to answer a control request (stats, a disk
+/// attached or detached).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a sandbox's VM starts.
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +132,7 @@ impl Sandbox {
     /// exits per vCPU since the VM started (a restore starts from zero),
     /// and its resident memory.
     pub fn stats(&self) -> Result<vmrun_vmm_api::control::VmmStats> {
-        let answer = vmrun_vmm_api::control::request(&self.vm.layout().control(), &vmrun_vmm_api::control::Request::Stats, STATS_TIMEOUT)?;
+        let answer = vmrun_vmm_api::control::request(&self.vm.layout().control(), &vmrun_vmm_api::control::Request::Stats, CONTROL_TIMEOUT)?;
         answer.stats.ok_or_else(|| {
             crate::Error::Control(vmrun_vmm_api::ControlError::Refused("the VMM answered the stats request without stats".into()))
         })
@@ -201,6 +202,30 @@ impl Sandbox {
         self.client.close();
         drop(self.vm);
     }
+}
+
+/// Attaches the disk image `image` to the empty volume slot `slot` of the
+/// running VM whose directory's layout is `layout` (the guest's
+/// `/dev/vd{b+slot}`; its size changes from 0). The image is opened here
+/// and its descriptor handed to the (jailed) VMM; with `read_only` the
+/// VMM refuses the guest's writes to it.
+pub fn attach_volume(layout: &crate::vm::Layout, slot: usize, image: &Path, read_only: bool) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(image)
+        .map_err(|e| crate::Error::Volume(format!("cannot open the disk image {}: {e}", image.display())))?;
+    let req = vmrun_vmm_api::control::Request::AttachDisk { disk: 1 + slot, read_only };
+    vmrun_vmm_api::control::request_with_fd(&layout.control(), &req, std::os::fd::AsFd::as_fd(&file), CONTROL_TIMEOUT)?;
+    Ok(())
+}
+
+/// Empties volume slot `slot` of the running VM of `layout` (the guest
+/// should have unmounted its disk).
+pub fn detach_volume(layout: &crate::vm::Layout, slot: usize) -> Result<()> {
+    let req = vmrun_vmm_api::control::Request::DetachDisk { disk: 1 + slot };
+    vmrun_vmm_api::control::request(&layout.control(), &req, CONTROL_TIMEOUT)?;
+    Ok(())
 }
 
 /// A connection to the agent of a sandbox another process owns (for `exec`,

@@ -128,7 +128,7 @@ impl TemplateKey {
     /// The key of a VM made as `spec` describes (the layer disk aside):
     /// [`artifacts_hash`], continued with the VM's shape.
     pub fn of(spec: &VmSpec, hashes: &FileHashes) -> std::io::Result<Self> {
-        let slots = format!("volumes={} net={}", crate::volume::SLOTS, spec.tap.is_some());
+        let slots = format!("volumes={} net={}", spec.volume_slots, spec.tap.is_some());
         let shape = format!("{} {} {} {slots}", spec.mem_mib, spec.cpus, spec.cmdline());
         let h = fnv1a_continue(artifacts_fnv(&spec.artifacts, hashes)?, shape.as_bytes());
         Ok(Self { hash: format!("{h:016x}") })
@@ -381,6 +381,7 @@ mod tests {
             cpus: 1,
             layer_disk: d.join("layers.disk"),
             volumes: Vec::new(),
+            volume_slots: crate::volume::SLOTS,
             read_only_volumes: Vec::new(),
             tap: None,
             netns: None,

@@ -40,8 +40,11 @@ pub struct VmSpec {
     /// The layer disk: the guest's `/dev/vda`, read-only.
     pub layer_disk: PathBuf,
     /// Disk images for the volume slots (`/dev/vdb`...), at most
-    /// [`crate::volume::SLOTS`]; the other slots are empty.
+    /// `volume_slots`; the other slots are empty.
     pub volumes: Vec<PathBuf>,
+    /// How many volume slots the VM has ([`crate::volume::SLOTS`], or
+    /// [`crate::volume::POD_SLOTS`] for a pod's).
+    pub volume_slots: usize,
     /// The volume slots (indexes into `volumes`) opened read-only: the
     /// guest's writes to them fail (an image several VMs share).
     pub read_only_volumes: Vec<usize>,
@@ -219,7 +222,7 @@ impl VmSpec {
 
     /// The disks of the volume slots, the empty ones included.
     pub fn volume_slots(&self) -> Vec<PathBuf> {
-        (0..crate::volume::SLOTS).map(|i| self.volumes.get(i).cloned().unwrap_or_else(|| PathBuf::from(EMPTY_DISK))).collect()
+        (0..self.volume_slots.max(self.volumes.len())).map(|i| self.volumes.get(i).cloned().unwrap_or_else(|| PathBuf::from(EMPTY_DISK))).collect()
     }
 
     /// The guest's kernel command line: quiet, the agent's port, and two

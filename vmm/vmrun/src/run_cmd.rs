@@ -597,6 +597,7 @@ fn run_container_inner(
         cpus: checked.cpus,
         layer_disk,
         volumes: volume_disks,
+        volume_slots: vmrun_runtime::volume::SLOTS,
         read_only_volumes: Vec::new(),
         tap: network.as_ref().map(|n| n.link.tap.clone()),
         netns: None,
