@@ -60,6 +60,9 @@ pub struct Container {
     /// file system unmounted, an RCU grace period waited for) is work the
     /// guest would otherwise do while the exit is being reported.
     pub ipc_ns: Option<OwnedFd>,
+    /// Its UTS namespace, held likewise (a pod's other containers may join
+    /// it, and its IPC namespace: `ImageConfig::share_ipc_uts_with`).
+    pub uts_ns: Option<OwnedFd>,
     /// The upper layer of an overlay root ([`crate::changes`]).
     pub upper: Option<PathBuf>,
     /// Its changes, listed at the first `ReadChanges` part.
@@ -226,6 +229,7 @@ pub fn create(root: &Path, req: &CreateContainer) -> Result<Container, AgentErro
             devpts: None,
             mnt_ns: None,
             ipc_ns: None,
+            uts_ns: None,
             upper,
             changes: None,
         })
@@ -922,7 +926,14 @@ impl Container {
     }
 
     /// The plan for a process of this container.
-    pub fn plan(&self, spec: &ProcessSpec, stdio: ChildStdio, enter_existing: Option<(i32, i32)>, bind_sources: &[Option<OwnedFd>]) -> Result<Plan, AgentError> {
+    pub fn plan(
+        &self,
+        spec: &ProcessSpec,
+        stdio: ChildStdio,
+        enter_existing: Option<(i32, i32)>,
+        join: Option<process::Join>,
+        bind_sources: &[Option<OwnedFd>],
+    ) -> Result<Plan, AgentError> {
         let ExecParts { candidates, argv, envp, cwd, cwd_mkdirs } = self.exec_parts(spec)?;
         let user_ns = id_maps(&self.config)?;
         if user_ns.is_some() {
@@ -945,7 +956,12 @@ impl Container {
                 let ops = setup_ops(&self.config, &self.rootfs, &spec.cwd, bind_sources, devpts, trees)?;
                 keep.push(nodes);
                 keep.extend(sys_tree);
-                Enter::New { rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?, ops, hostname: c(&self.hostname())? }
+                Enter::New {
+                    rootfs: cstring(self.rootfs.as_os_str().as_encoded_bytes()).map_err(|e| internal("rootfs", e))?,
+                    ops,
+                    hostname: c(&self.hostname())?,
+                    join,
+                }
             }
         };
         Ok(Plan {

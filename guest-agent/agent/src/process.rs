@@ -220,8 +220,10 @@ pub enum Enter {
         rootfs: CString,
         /// File system setup after `pivot_root`.
         ops: Vec<Op>,
-        /// Host name.
+        /// Host name (not set when `join` gives the UTS namespace).
         hostname: CString,
+        /// Another container's IPC and UTS namespaces to share.
+        join: Option<Join>,
     },
     /// An existing container, through a pidfd of its first process.
     Existing {
@@ -230,6 +232,32 @@ pub enum Enter {
         /// The agent's own pidfd, to return to its PID namespace.
         own_pidfd: RawFd,
     },
+}
+
+/// The IPC and UTS namespaces a new container shares with another (a pod's
+/// sandbox): the agent enters them for the `clone` and returns to its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Join {
+    /// The other container's IPC namespace.
+    pub ipc: RawFd,
+    /// The other container's UTS namespace.
+    pub uts: RawFd,
+    /// The agent's own IPC namespace.
+    pub own_ipc: RawFd,
+    /// The agent's own UTS namespace.
+    pub own_uts: RawFd,
+}
+
+impl Join {
+    /// The calling thread enters `ipc` and `uts` (the agent's own after a
+    /// clone).
+    fn enter(ipc: RawFd, uts: RawFd) -> io::Result<()> {
+        // SAFETY: setns on descriptors of namespaces; it changes only this
+        // thread's IPC and UTS namespaces.
+        sys::cvt(unsafe { libc::setns(ipc, libc::CLONE_NEWIPC) })?;
+        // SAFETY: as above.
+        sys::cvt(unsafe { libc::setns(uts, libc::CLONE_NEWUTS) }).map(drop)
+    }
 }
 
 /// Everything the child needs, prepared before `clone`.
@@ -428,7 +456,18 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
         _ => None,
     };
     let flags = match plan.enter {
-        Enter::New { .. } => {
+        Enter::New { join: Some(j), .. } => {
+            // Its child is created in the other container's IPC and UTS
+            // namespaces; the agent goes back to its own right after.
+            if let Err(e) = Join::enter(j.ipc, j.uts) {
+                if let Err(back) = Join::enter(j.own_ipc, j.own_uts) {
+                    crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {back}"));
+                }
+                return Err(e);
+            }
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
+        }
+        Enter::New { join: None, .. } => {
             libc::CLONE_NEWNS
                 | libc::CLONE_NEWPID
                 | libc::CLONE_NEWUTS
@@ -467,6 +506,11 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
         child(plan, err_w.as_raw_fd(), &tail, gate.as_mut(), user_ns_sync.as_ref().map(|(r, _)| r.as_raw_fd()));
     }
     let clone_err = sys::errno();
+    if let Enter::New { join: Some(j), .. } = plan.enter {
+        if let Err(e) = Join::enter(j.own_ipc, j.own_uts) {
+            crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {e}"));
+        }
+    }
     if let Enter::Existing { own_pidfd, .. } = plan.enter {
         // SAFETY: back to this process's own PID namespace for children.
         if unsafe { libc::setns(own_pidfd, libc::CLONE_NEWPID) } != 0 {
@@ -912,7 +956,7 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
         }
 
         match &plan.enter {
-            Enter::New { rootfs, ops, hostname } => {
+            Enter::New { rootfs, ops, hostname, join } => {
                 if let Some(sync) = user_ns_sync {
                     let mut go = [0u8; 1];
                     if !read_gate(sync, &mut go) {
@@ -950,8 +994,11 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
                         fail(errfd, STEP_OPS + i as u32, last_errno(), EXIT_CANNOT_RUN);
                     }
                 }
-                let h = hostname.as_bytes();
-                check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
+                // A shared UTS namespace keeps its own host name.
+                if join.is_none() {
+                    let h = hostname.as_bytes();
+                    check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
+                }
                 if let Some(gate) = gate {
                     released = hold(errfd, gate);
                 }

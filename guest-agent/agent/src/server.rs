@@ -1075,7 +1075,23 @@ impl Server {
         let pts = self.container_devpts(id, matches!(what, Start::Init(..)));
         let (child_stdio, ours, resize) = self.stdio(conn, &stdio, pts.as_ref().map(AsFd::as_fd))?;
         let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
-        let mut plan = ct.plan(&spec, child_stdio, enter, &binds)?;
+        // A container that shares another's IPC and UTS namespaces (a
+        // pod's, its sandbox's): the descriptors live until the clone.
+        let mut join_fds = Vec::new();
+        let join = match (&what, &ct.config.share_ipc_uts_with) {
+            (Start::Init(..), Some(other)) => {
+                let gone = || err(ErrorKind::InvalidState, format!("container {other}, whose IPC and UTS namespaces {id} shares, has no running process"));
+                let o = self.containers.get(other).ok_or_else(gone)?;
+                let (Some(ipc), Some(uts)) = (o.ipc_ns.as_ref(), o.uts_ns.as_ref()) else { return Err(gone()) };
+                for kind in ["ipc", "uts"] {
+                    let path = sys::cstring(format!("/proc/self/ns/{kind}").as_str()).map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
+                    join_fds.push(sys::open(&path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| err(ErrorKind::Internal, format!("the agent's {kind} namespace: {e}")))?);
+                }
+                Some(process::Join { ipc: ipc.as_raw_fd(), uts: uts.as_raw_fd(), own_ipc: join_fds[0].as_raw_fd(), own_uts: join_fds[1].as_raw_fd() })
+            }
+            _ => None,
+        };
+        let mut plan = ct.plan(&spec, child_stdio, enter, join, &binds)?;
         plan.cgroup = self.cgroups.get(id).map(Cgroup::fd);
         let gate = match what {
             Start::Init(_, true) => Some(sys::pipe(0).map_err(|e| err(ErrorKind::Internal, format!("pipe: {e}")))?),
@@ -1088,6 +1104,7 @@ impl Server {
         };
         let started = process::spawn(&plan).map_err(|e| err(ErrorKind::Internal, format!("clone: {e}")))?;
         drop(plan);
+        drop(join_fds);
         drop(binds);
         let gate = gate.map(|(_, w)| w);
         let pid = started.pid;
@@ -1100,10 +1117,11 @@ impl Server {
                     .map_err(|e| crate::log::debug(format_args!("{ns}: {e}")))
                     .ok()
             };
-            let (mnt_ns, ipc_ns) = (ns_of("mnt"), ns_of("ipc"));
+            let (mnt_ns, ipc_ns, uts_ns) = (ns_of("mnt"), ns_of("ipc"), ns_of("uts"));
             if let Some(ct) = self.containers.get_mut(id) {
                 ct.mnt_ns = mnt_ns;
                 ct.ipc_ns = ipc_ns;
+                ct.uts_ns = uts_ns;
                 ct.init_pid = Some(pid);
                 ct.init_pidfd = Some(started.pidfd);
             }
@@ -1197,6 +1215,7 @@ impl Server {
             ct.init_pidfd = None;
             ct.mnt_ns = None;
             ct.ipc_ns = None;
+            ct.uts_ns = None;
             // Its devpts instance went with its mount namespace.
             ct.devpts = None;
         }

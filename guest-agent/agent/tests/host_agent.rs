@@ -1004,6 +1004,38 @@ fn a_containers_mount_and_ipc_namespaces_outlive_its_process_until_it_is_removed
 }
 
 #[test]
+fn a_pods_container_shares_its_sandboxs_ipc_and_uts_namespaces() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client();
+    let show = "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts; readlink /proc/self/ns/mnt; hostname";
+    // Not yet started: nothing to share.
+    create(&c, &agent, "sandbox", ImageConfig { hostname: "pod-host".into(), ..cmd(&["sleep", "1000"]) });
+    create(&c, &agent, "member", ImageConfig { hostname: "ignored".into(), share_ipc_uts_with: Some("sandbox".into()), ..cmd(&["sh", "-c", show]) });
+    let e = c.start("member", StdioMode::Null).unwrap_err();
+    assert!(e.to_string().contains("has no running process"), "{e}");
+    let _sandbox = c.start("sandbox", StdioMode::Null).unwrap();
+    let out = c.exec("sandbox", "s1", &exec_args(&["sh", "-c", show]), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    let sandbox_ns = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = c.start("member", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let member_ns = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (s, m): (Vec<&str>, Vec<&str>) = (sandbox_ns.lines().collect(), member_ns.lines().collect());
+    assert_eq!(s.len(), 4, "{sandbox_ns}");
+    assert_eq!(m.len(), 4, "{member_ns}");
+    assert_eq!((m[0], m[1], m[3]), (s[0], s[1], "pod-host"), "IPC, UTS and the host name are the sandbox's");
+    assert_ne!(m[2], s[2], "its own mount namespace");
+    // The agent is back in its own namespaces.
+    let own = |k: &str| std::fs::read_link(format!("/proc/{}/ns/{k}", agent.child.id())).unwrap().to_string_lossy().into_owned();
+    assert_ne!(own("ipc"), s[0]);
+    assert_ne!(own("uts"), s[1]);
+    c.remove_container("member", false).unwrap();
+    c.remove_container("sandbox", true).unwrap();
+}
+
+#[test]
 fn a_held_process_runs_its_program_only_once_released() {
     if !require_root() {
         return;

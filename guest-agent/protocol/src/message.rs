@@ -417,6 +417,12 @@ pub struct ImageConfig {
     pub user: String,
     /// The container's host name (empty: the container id).
     pub hostname: String,
+    /// A container whose IPC and UTS namespaces this one joins instead of
+    /// having its own (a pod's sandbox, for the pod's other containers);
+    /// the host name is then that container's. It must have a running
+    /// first process when this one's starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_ipc_uts_with: Option<String>,
     /// Mounts made in the container's root.
     pub mounts: Vec<Mount>,
     /// Resource limits of the container's processes.

@@ -307,7 +307,7 @@ fn run_own_vm(dir: &Path, state: &mut State, relay: &Relay, sp: &SupervisorPlan,
         sandbox.configure_network(&n.guest_config())?;
         log::debug!("eth0 has the address of {} ({}/{})", n.interface, n.address, n.prefix);
     }
-    let guest = Guest { client: sandbox.client(), console: sandbox.layout().console() };
+    let guest = Guest { client: sandbox.client(), console: sandbox.layout().console(), pod_sandbox: None };
     let code = run_process(dir, state, relay, sp, tty, &guest, root_copy.rootfs_spec(), disk_dirs, host_cpuset, root_copy.writable())?;
     // The guest has nothing more to save (what the container wrote in its
     // root is written back): the VM is killed, not shut down.
@@ -330,7 +330,7 @@ fn run_member(
 ) -> Result<i32> {
     let plan = &sp.plan;
     let root = Root::new(dir.parent().unwrap_or(dir))?;
-    let (sandbox_dir, _) = crate::pod::sandbox_of(&root, sandbox)?;
+    let (sandbox_dir, sandbox_state) = crate::pod::sandbox_of(&root, sandbox)?;
     // The sandbox's VM.
     let layout = state.layout(dir);
     // This container's own disks: in its own directory (the jailed VMM
@@ -356,7 +356,7 @@ fn run_member(
         log::debug!("disks attached to slots {slots:?} of the pod's VM");
         let host_cpuset = join_host_cgroup(dir, state, plan)?;
         let client = vmrun_runtime::sandbox::reach(state, dir, Options::default())?;
-        let guest = Guest { client: &client, console: layout.console() };
+        let guest = Guest { client: &client, console: layout.console(), pod_sandbox: Some(sandbox_state.guest_id.clone()) };
         run_process(dir, state, relay, sp, tty, &guest, root_copy.rootfs_spec_in(&slots), disk_dirs, host_cpuset, root_copy.writable())
     })();
     leave_pod(&root, sandbox, state);
@@ -383,11 +383,13 @@ pub fn leave_pod(root: &Root, sandbox: &str, state: &State) {
     }
 }
 
-/// Where a container's process runs: the agent of its VM, and the VM's
-/// console (named when the VM is lost).
+/// Where a container's process runs: the agent of its VM, the VM's
+/// console (named when the VM is lost), and for a pod's container the
+/// guest id of the pod's sandbox, whose IPC and UTS namespaces it shares.
 struct Guest<'a> {
     client: &'a vmrun_agent_client::Client,
     console: PathBuf,
+    pod_sandbox: Option<String>,
 }
 
 /// Creates the container in the guest, holds its process until `start`,
@@ -414,6 +416,7 @@ fn run_process(
         working_dir: plan.process.cwd.clone(),
         user: plan.process.user.clone(),
         hostname: plan.hostname.clone(),
+        share_ipc_uts_with: guest.pod_sandbox.clone(),
         mounts: plan.mounts.clone(),
         rlimits: plan.process.rlimits.clone(),
         capabilities: Some(plan.process.capabilities.clone()),
