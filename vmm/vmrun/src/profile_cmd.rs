@@ -128,7 +128,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<i32> {
 fn print(out: &mut dyn Write, profile: &Profile, symbols: &Symbols, t: &Tables, args: &ProfileArgs) -> std::io::Result<()> {
     writeln!(
         out,
-        "{} samples, one per {} µs of a vCPU thread's CPU time: {} in the guest kernel, {} in user mode",
+        "{} samples, asked for every {} µs of a vCPU thread's CPU time (taken at the host's ticks, so at most one per tick): {} in the guest kernel, {} in user mode",
         t.total,
         profile.interval_us,
         t.total - t.user,
