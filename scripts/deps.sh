@@ -13,8 +13,10 @@ set -euo pipefail
 # apache2-utils and openssl: the htpasswd file and the CA of the TLS
 # registry of the login tests; containernetworking-plugins and curl: the
 # pod network test (CNI's bridge and host-local plugins, requests to the
-# pod); podman: podman with vmrun-oci as its runtime.
-pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 nftables debootstrap containerd apache2-utils openssl curl containernetworking-plugins podman)
+# pod); podman: podman with vmrun-oci as its runtime; protobuf-compiler:
+# protoc, which the CRI test's gRPC client (the k8s-cri crate) is generated
+# with when the tests build.
+pkgs=(busybox-static build-essential e2fsprogs docker-registry iproute2 nftables debootstrap containerd apache2-utils openssl curl containernetworking-plugins podman protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -419,7 +419,7 @@ fn oci_runtime_signals_execs_and_force_deletes() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     assert_eq!(wait_pid(pid, &root, "c-kill"), 137);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while alive(supervisor) || alive(vmm) {
+    while support::alive(supervisor) || support::alive(vmm) {
         assert!(Instant::now() < deadline, "the supervisor {supervisor} or VMM {vmm} outlived the container's pid");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -728,24 +728,6 @@ fn oci_runtime_sends_a_terminal_to_the_console_socket() {
     assert_ok(&run(&root, &["delete", "c-tty"]));
 }
 
-/// Lays `dir` out as kubelet lays out a configmap volume: each key a link
-/// through `..data` to a timestamped directory, which an update swaps.
-fn configmap(dir: &Path, stamp: &str, keys: &[(&str, &str)]) {
-    std::fs::create_dir_all(dir.join(stamp)).unwrap();
-    for (k, v) in keys {
-        std::fs::write(dir.join(stamp).join(k), v).unwrap();
-        if dir.join(k).symlink_metadata().is_err() {
-            std::os::unix::fs::symlink(format!("..data/{k}"), dir.join(k)).unwrap();
-        }
-    }
-    let old = std::fs::read_link(dir.join("..data")).ok();
-    std::os::unix::fs::symlink(stamp, dir.join("..data_tmp")).unwrap();
-    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
-    if let Some(old) = old {
-        std::fs::remove_dir_all(dir.join(old)).unwrap();
-    }
-}
-
 #[test]
 fn oci_bind_mounts_of_files_and_directories_are_copied_and_kept_up_to_date() {
     let _turn = vm_turn();
@@ -762,7 +744,7 @@ fn oci_bind_mounts_of_files_and_directories_are_copied_and_kept_up_to_date() {
     let hostname = file("hostname", "pod-name\n");
     let termination = file("termination-log", "");
     let app = file("app.conf", "mode=one\n");
-    configmap(&src.join("configmap"), "..2024_a", &[("key", "v1"), ("other", "o1")]);
+    support::configmap(&src.join("configmap"), "..2024_a", &[("key", "v1"), ("other", "o1")]);
     file("secret/token", "s3cret");
     file("secret/nested/ca.crt", "CERT");
     file("plain/notes", "n1");
@@ -818,7 +800,7 @@ fn oci_bind_mounts_of_files_and_directories_are_copied_and_kept_up_to_date() {
 
     // Kubelet updates the configmap; a file is rewritten: the container sees
     // both within seconds.
-    configmap(&src.join("configmap"), "..2024_b", &[("key", "v2"), ("other", "o2")]);
+    support::configmap(&src.join("configmap"), "..2024_b", &[("key", "v2"), ("other", "o2")]);
     std::fs::write(&app, "mode=two\n").unwrap();
     let t = Instant::now();
     loop {
@@ -920,11 +902,6 @@ fn host_cgroup_files(dirs: &[PathBuf]) -> (Option<String>, Option<String>) {
     (quota, pids)
 }
 
-/// Finds `name` on PATH.
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
-}
-
 #[test]
 fn containerd_runs_containers_through_the_vmrun_shim() {
     // SAFETY: geteuid has no preconditions.
@@ -932,62 +909,32 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
         eprintln!("skipped: containerd needs root");
         return;
     }
-    let (Some(containerd), Some(ctr)) = (which("containerd"), which("ctr")) else {
+    let (Some(containerd), Some(ctr)) = (support::containerd::which("containerd"), support::containerd::which("ctr")) else {
         eprintln!("skipped: no containerd/ctr (scripts/deps.sh installs Debian's containerd)");
         return;
     };
     let _turn = vm_turn();
     let e = shared();
-    let dir = support::scratch("containerd");
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("c.sock");
-    let config = format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
-[grpc]
-  address = "{s}"
-[ttrpc]
-  address = "{s}.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-        d = dir.display(),
-        s = sock.display()
-    );
-    std::fs::write(dir.join("config.toml"), config).unwrap();
     // containerd finds containerd-shim-vmrun-v2 (and the shim vmrun-oci and
     // vmrun) in the directory cargo built them in.
     let bin = Path::new(SHIM).parent().unwrap();
-    let path = std::env::join_paths(std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap()))).unwrap();
-    let log = File::create(dir.join("containerd.log")).unwrap();
-    let mut daemon = support::Reaped(
-        Command::new(&containerd)
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env("PATH", &path)
-            .env("VMRUN_HOME", &e.home)
-            .env("VMRUN_KERNEL", &e.kernel)
-            .env("VMRUN_AGENT_INITRD", &e.initrd)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let daemon = support::containerd::Containerd::start(
+        &containerd,
+        &ctr,
+        &support::scratch("containerd"),
+        &[
+            "io.containerd.grpc.v1.cri",
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.zfs",
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.snapshotter.v1.devmapper",
+        ],
+        "",
+        bin,
+        &[("VMRUN_HOME", e.home.as_os_str()), ("VMRUN_KERNEL", e.kernel.as_os_str()), ("VMRUN_AGENT_INITRD", e.initrd.as_os_str())],
     );
     let ns = "vmrun-oci-test";
-    let ctr_cmd = |args: &[&str]| {
-        let mut c = Command::new(&ctr);
-        c.arg("--address").arg(&sock).arg("--namespace").arg(ns).args(args).stdin(Stdio::null());
-        c
-    };
-    let start = Instant::now();
-    while !ctr_cmd(&["version"]).output().unwrap().status.success() {
-        assert!(daemon.try_wait().unwrap().is_none(), "containerd ended: {}", std::fs::read_to_string(dir.join("containerd.log")).unwrap());
-        assert!(start.elapsed() < Duration::from_secs(60), "containerd did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let ctr_cmd = |args: &[&str]| daemon.ctr(ns, args);
     let archive = support::busybox_image().join("busybox-oci.tar");
     let o = ctr_cmd(&["images", "import", archive.to_str().unwrap()]).output().unwrap();
     assert_ok(&o);
@@ -995,7 +942,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     let id = format!("t1-{}", std::process::id());
     let t = Instant::now();
     let o = ctr_cmd(&["run", "--rm", "--runtime", "io.containerd.vmrun.v2", image, &id, "echo", "hello-from-containerd"]).output().unwrap();
-    let clog = || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+    let clog = || daemon.log();
     assert!(o.status.success(), "ctr run: {:?}\n{}\n{}\ncontainerd:\n{}", o.status, text(&o.stdout), text(&o.stderr), clog());
     assert_eq!(text(&o.stdout).trim_end(), "hello-from-containerd");
     eprintln!("oci test: ctr run echo: {:.1} s", t.elapsed().as_secs_f64());
@@ -1017,33 +964,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     // deletes removed it.
     let runc_root = Path::new("/run/containerd/runc").join(ns);
     assert!(!runc_root.join(&id).exists() && !runc_root.join(&id2).exists(), "state left in {}", runc_root.display());
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-}
-
-/// The jail of a container's VMM, as its record lists it: its root
-/// directory and cgroups (empty once collected).
-fn jail_paths(vmm_pid: u64) -> Vec<PathBuf> {
-    let record = PathBuf::from(format!("/run/vmrun-jail/{vmm_pid}.json"));
-    let Ok(text) = std::fs::read(&record) else { return Vec::new() };
-    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
-    let mut paths = vec![record, PathBuf::from(v["root"].as_str().unwrap())];
-    paths.extend(v["cgroups"].as_array().unwrap().iter().map(|c| PathBuf::from(c.as_str().unwrap())));
-    paths
-}
-
-/// Whether process `pid` runs (a zombie does not: one this subreaper
-/// inherited, a VMM whose supervisor was killed, is reaped here).
-fn alive(pid: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // "pid (comm) S ...": the state follows the last ')'.
-    if stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z') {
-        return true;
-    }
-    let mut status = 0;
-    // SAFETY: waitpid of a zombie; WNOHANG, nothing else is touched.
-    unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
-    false
+    drop(daemon);
 }
 
 /// Whatever order a caller uses, nothing of a container is left on the
@@ -1099,10 +1020,10 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
     // (The container's pid, its holder, this subreaper's orphan, reaped
     // before.)
     let assert_gone = |id: &str, (pid, supervisor): (u64, u64), vmm: u64, jail: &[PathBuf]| {
-        assert!(!alive(pid), "{id}: its pid {pid} runs on");
-        assert!(!alive(supervisor), "{id}: its supervisor {supervisor} runs on");
+        assert!(!support::alive(pid), "{id}: its pid {pid} runs on");
+        assert!(!support::alive(supervisor), "{id}: its supervisor {supervisor} runs on");
         assert!(!root.join(id).exists(), "{id}: its state directory is left");
-        assert!(!alive(vmm), "{id}: its VMM {vmm} runs on");
+        assert!(!support::alive(vmm), "{id}: its VMM {vmm} runs on");
         let left: Vec<&PathBuf> = jail.iter().filter(|p| p.exists()).collect();
         assert!(left.is_empty(), "{id}: its jail left {left:?}");
     };
@@ -1110,7 +1031,7 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
 
     // create, delete.
     let (sup, owner, vmm) = create("l-created");
-    let jail = jail_paths(vmm);
+    let jail = support::jail_paths(vmm);
     assert!(jail.len() >= 3, "the VMM {vmm} is jailed: {jail:?}");
     assert_eq!(hooks_seen(), "prestart creating\ncreateRuntime creating\n");
     assert_ok(&cmd(&["delete", "l-created"]).output().unwrap());
@@ -1120,7 +1041,7 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
 
     // create, kill KILL (the supervisor dies, and its VMM with it), delete.
     let (sup, owner, vmm) = create("l-killed");
-    let jail = jail_paths(vmm);
+    let jail = support::jail_paths(vmm);
     assert_ok(&cmd(&["kill", "l-killed", "KILL"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-killed"), 128 + libc::SIGKILL);
     assert_ok(&cmd(&["delete", "l-killed"]).output().unwrap());
@@ -1130,7 +1051,7 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
     // start returned.
     std::fs::remove_file(&hook_log).unwrap();
     let (sup, owner, vmm) = create("l-started");
-    let jail = jail_paths(vmm);
+    let jail = support::jail_paths(vmm);
     assert_ok(&cmd(&["start", "l-started"]).output().unwrap());
     assert!(hooks_seen().ends_with("poststart running\n"), "{}", hooks_seen());
     assert_ok(&cmd(&["kill", "l-started", "KILL"]).output().unwrap());
@@ -1141,7 +1062,7 @@ fn oci_runtime_leaves_nothing_behind_and_runs_hooks() {
 
     // create, start, delete --force of the running container.
     let (sup, owner, vmm) = create("l-forced");
-    let jail = jail_paths(vmm);
+    let jail = support::jail_paths(vmm);
     assert_ok(&cmd(&["start", "l-forced"]).output().unwrap());
     assert_ok(&cmd(&["delete", "--force", "l-forced"]).output().unwrap());
     assert_eq!(wait_pid(sup as i32, &root, "l-forced"), 128 + libc::SIGKILL);
@@ -1366,7 +1287,7 @@ fn podman_runs_containers_with_vmrun_oci() {
         eprintln!("skipped: podman's bridge network needs root");
         return;
     }
-    assert!(which("podman").is_some(), "no podman: install it (scripts/deps.sh)");
+    assert!(support::containerd::which("podman").is_some(), "no podman: install it (scripts/deps.sh)");
     let e = shared();
     let _turn = vm_turn();
     let store = support::scratch("podman-store");
@@ -1434,4 +1355,86 @@ fn podman_runs_containers_with_vmrun_oci() {
     };
     let running: Vec<&str> = pids.lines().filter(|pid| running(pid)).collect();
     assert!(running.is_empty(), "VMMs left: {running:?}");
+}
+
+/// The annotations containerd's CRI gives a pod's containers.
+fn in_pod(spec: &mut serde_json::Value, kind: &str, sandbox: &str) {
+    spec["annotations"] = serde_json::json!({
+        "io.kubernetes.cri.container-type": kind,
+        "io.kubernetes.cri.sandbox-id": sandbox,
+    });
+}
+
+#[test]
+fn oci_a_pods_containers_share_its_sandboxs_vm() {
+    let _turn = vm_turn();
+    let root = support::scratch("oci-pod-root");
+    // The sandbox (where a pod has its pause process) serves a page on the
+    // VM's loopback.
+    let sandbox = bundle(
+        "oci-pod-sandbox",
+        &["sh", "-c", "mkdir -p /www && echo from-the-sandbox > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www"],
+        |s| {
+            in_pod(s, "sandbox", "pod-sb");
+            s["hostname"] = "pod-host".into();
+        },
+    );
+    let (out, err) = (sandbox.join("out"), sandbox.join("err"));
+    let sandbox_pid = create(&root, &sandbox, "pod-sb", &out, &err);
+    assert_ok(&run(&root, &["start", "pod-sb"]));
+    let state_json = |id: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).unwrap()).unwrap()
+    };
+
+    // A container of the pod fetches it over localhost: it runs in the
+    // sandbox's VM, not in one of its own.
+    let fetch = "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/ && exit 0; sleep 1; done; exit 9";
+    let member = bundle("oci-pod-member", &["sh", "-c", fetch], |s| in_pod(s, "container", "pod-sb"));
+    let (mout, merr) = (member.join("out"), member.join("err"));
+    let member_pid = create(&root, &member, "pod-m1", &mout, &merr);
+    let (sb, m1) = (state_json("pod-sb"), state_json("pod-m1"));
+    assert_eq!(m1["vm_dir"], sb["vm_dir"], "the member's VM is the sandbox's: {m1}");
+    assert!(m1["vmm"].is_null() && !sb["vmm"].is_null(), "no VMM of its own: {m1}");
+    assert_ok(&run(&root, &["start", "pod-m1"]));
+    assert_eq!(wait_pid(member_pid, &root, "pod-m1"), 0, "stderr: {}", std::fs::read_to_string(&merr).unwrap_or_default());
+    assert_eq!(std::fs::read_to_string(&mout).unwrap(), "from-the-sandbox\n");
+    assert_ok(&run(&root, &["delete", "pod-m1"]));
+    assert!(!root.join("pod-m1").exists());
+
+    // Another takes the slots the first freed; exec reaches it in the
+    // pod's VM; a member refused without its sandbox.
+    let member2 = bundle("oci-pod-member2", &["sleep", "1000"], |s| {
+        in_pod(s, "container", "pod-sb");
+        s["hostname"] = "member-host".into();
+    });
+    let m2_pid = create(&root, &member2, "pod-m2", &member2.join("out"), &member2.join("err"));
+    assert_ok(&run(&root, &["start", "pod-m2"]));
+    let o = run(&root, &["exec", "pod-m2", "sh", "-c", "wget -qO- http://127.0.0.1:8080/; hostname; readlink /proc/self/ns/ipc"]);
+    assert_ok(&o);
+    let lines: Vec<String> = text(&o.stdout).lines().map(String::from).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!((lines[0].as_str(), lines[1].as_str()), ("from-the-sandbox", "pod-host"), "the pod's UTS namespace");
+    let o = run(&root, &["exec", "pod-sb", "readlink", "/proc/self/ns/ipc"]);
+    assert_ok(&o);
+    assert_eq!(text(&o.stdout).trim(), lines[2], "the pod's IPC namespace");
+    let orphan = bundle("oci-pod-orphan", &["true"], |s| in_pod(s, "container", "pod-none"));
+    assert_fails(&run(&root, &["create", "--bundle", orphan.to_str().unwrap(), "pod-orphan"]), "does not exist");
+    assert!(!root.join("pod-orphan").exists(), "a refused create leaves nothing");
+
+    assert_ok(&run(&root, &["kill", "pod-m2", "KILL"]));
+    assert_eq!(wait_pid(m2_pid, &root, "pod-m2"), 137);
+    assert_ok(&run(&root, &["delete", "pod-m2"]));
+    let slots: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("pod-sb").join("pod-slots.json")).unwrap()).unwrap();
+    assert_eq!(slots["members"], serde_json::json!({}), "the members' slots are free: {slots}");
+
+    // The sandbox ends the pod: its VM goes with it.
+    let vmm = sb["vmm"]["pid"].as_u64().unwrap();
+    assert_ok(&run(&root, &["kill", "pod-sb", "KILL"]));
+    assert_eq!(wait_pid(sandbox_pid, &root, "pod-sb"), 137);
+    assert_ok(&run(&root, &["delete", "pod-sb"]));
+    let t = Instant::now();
+    while support::alive(vmm) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the pod's VMM {vmm} outlived its sandbox");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod sandboxes;
 
 use std::path::{Path, PathBuf};
@@ -216,4 +217,54 @@ pub fn build_vmm(exe: &str) -> PathBuf {
         vmm
     })
     .clone()
+}
+
+/// Lays `dir` out as kubelet lays out a configmap volume: each key a link
+/// through `..data` to a timestamped directory, which an update swaps.
+pub fn configmap(dir: &Path, stamp: &str, keys: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir.join(stamp)).expect("configmap dir");
+    for (k, v) in keys {
+        std::fs::write(dir.join(stamp).join(k), v).expect("configmap key");
+        if dir.join(k).symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(format!("..data/{k}"), dir.join(k)).expect("configmap link");
+        }
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(stamp, dir.join("..data_tmp")).expect("configmap ..data_tmp");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("configmap ..data");
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).expect("configmap's old data");
+    }
+}
+
+/// The jail of a container's VMM, as its record lists it: its root
+/// directory and cgroups (empty once collected).
+pub fn jail_paths(vmm_pid: u64) -> Vec<PathBuf> {
+    let record = PathBuf::from(format!("/run/vmrun-jail/{vmm_pid}.json"));
+    let Ok(text) = std::fs::read(&record) else { return Vec::new() };
+    let v: serde_json::Value = serde_json::from_slice(&text).expect("a jail record is JSON");
+    let mut paths = vec![record, PathBuf::from(v["root"].as_str().expect("a jail record names its root"))];
+    paths.extend(
+        v["cgroups"]
+            .as_array()
+            .expect("a jail record lists its cgroups")
+            .iter()
+            .map(|c| PathBuf::from(c.as_str().expect("a jail cgroup is a path"))),
+    );
+    paths
+}
+
+/// Whether process `pid` runs (a zombie does not: one this process
+/// inherited as a subreaper, a VMM whose supervisor was killed, is reaped
+/// here).
+pub fn alive(pid: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')'.
+    if stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z') {
+        return true;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid of a zombie; WNOHANG, nothing else is touched.
+    unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    false
 }
