@@ -149,6 +149,11 @@ pub fn host_setup() -> std::io::Result<()> {
 /// Ends the guest: flush file systems the host gave us, then reboot (which
 /// `reboot=k` turns into the reset that ends the VMM).
 pub fn end_guest() -> ! {
+    // What the agent wrote last (the answer to `Shutdown`) leaves through
+    // the vsock transport's work item, which runs only once this process
+    // lets go of the (often single) vCPU: give it the moment, or the reset
+    // can come first and the host never sees the answer.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     // SAFETY: sync and reboot; PID 1 may call them.
     unsafe {
         libc::sync();
