@@ -960,10 +960,34 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
         .filter(|e| std::fs::read_to_string(e.path()).unwrap().contains("io.containerd.snapshotter.v1.overlayfs"))
         .collect();
     assert_eq!(of_containerd.len(), 1, "{of_containerd:?}");
+    // Pause and resume through containerd's task API (its runc shim runs
+    // the runtime's `pause` and `resume`).
+    let id3 = format!("t3-{}", std::process::id());
+    let o = ctr_cmd(&["run", "-d", "--runtime", "io.containerd.vmrun.v2", image, &id3, "sleep", "1000"]).output().unwrap();
+    assert!(o.status.success(), "ctr run -d: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
+    let task_status = || {
+        let o = ctr_cmd(&["task", "ls"]).output().unwrap();
+        text(&o.stdout).lines().find(|l| l.starts_with(id3.as_str())).and_then(|l| l.split_whitespace().last()).unwrap_or("").to_string()
+    };
+    assert_eq!(task_status(), "RUNNING");
+    assert_ok(&ctr_cmd(&["task", "pause", &id3]).output().unwrap());
+    assert_eq!(task_status(), "PAUSED");
+    assert_ok(&ctr_cmd(&["task", "resume", &id3]).output().unwrap());
+    assert_eq!(task_status(), "RUNNING");
+    assert_ok(&ctr_cmd(&["task", "kill", "-s", "SIGKILL", &id3]).output().unwrap());
+    let t = Instant::now();
+    while task_status() != "STOPPED" {
+        assert!(t.elapsed() < Duration::from_secs(60), "task {id3} did not stop: {}", task_status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ok(&ctr_cmd(&["task", "delete", &id3]).output().unwrap());
+    assert_ok(&ctr_cmd(&["container", "delete", &id3]).output().unwrap());
     // containerd's shim keeps the runtime's state under its runc root; the
     // deletes removed it.
     let runc_root = Path::new("/run/containerd/runc").join(ns);
-    assert!(!runc_root.join(&id).exists() && !runc_root.join(&id2).exists(), "state left in {}", runc_root.display());
+    for i in [&id, &id2, &id3] {
+        assert!(!runc_root.join(i).exists(), "state of {i} left in {}", runc_root.display());
+    }
     drop(daemon);
 }
 
@@ -1437,4 +1461,39 @@ fn oci_a_pods_containers_share_its_sandboxs_vm() {
         assert!(t.elapsed() < Duration::from_secs(30), "the pod's VMM {vmm} outlived its sandbox");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn oci_runtime_pauses_and_resumes_a_container() {
+    let _turn = vm_turn();
+    let root = support::scratch("oci-root-pause");
+    let b = bundle("oci-pause", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done"], |_| {});
+    let (out, err) = (b.join("out"), b.join("err"));
+    let pid = create(&root, &b, "c-pause", &out, &err);
+    assert_fails(&run(&root, &["resume", "c-pause"]), "is not paused");
+    assert_ok(&run(&root, &["start", "c-pause"]));
+    let size = || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let grows_past = |n: u64| {
+        let t = Instant::now();
+        while size() <= n {
+            assert!(t.elapsed() < Duration::from_secs(60), "the container does not count on: {} bytes", size());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    grows_past(0);
+    assert_ok(&run(&root, &["pause", "c-pause"]));
+    assert_eq!(state(&root, "c-pause")["status"], "paused");
+    assert_fails(&run(&root, &["pause", "c-pause"]), "already paused");
+    assert_fails(&run(&root, &["exec", "c-pause", "true"]), "paused");
+    // What was on its way out has arrived; then nothing more comes.
+    std::thread::sleep(Duration::from_secs(1));
+    let frozen = size();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(size(), frozen, "the paused container went on counting");
+    assert_ok(&run(&root, &["resume", "c-pause"]));
+    assert_eq!(state(&root, "c-pause")["status"], "running");
+    grows_past(frozen);
+    assert_ok(&run(&root, &["kill", "c-pause", "KILL"]));
+    assert_eq!(wait_pid(pid, &root, "c-pause"), 137);
+    assert_ok(&run(&root, &["delete", "c-pause"]));
 }

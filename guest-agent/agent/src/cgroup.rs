@@ -462,6 +462,27 @@ impl Cgroup {
         }
     }
 
+    /// Freezes or thaws its processes (`cgroup.freeze`) and waits up to
+    /// `limit` for `cgroup.events` to say they are.
+    pub fn freeze(&self, frozen: bool, limit: std::time::Duration) -> io::Result<()> {
+        write_file(&self.path.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        let want = if frozen { 1 } else { 0 };
+        let start = std::time::Instant::now();
+        loop {
+            let events = self.read("cgroup.events").map(|t| flat_keyed(&t)).unwrap_or_default();
+            if events.get("frozen") == Some(&want) {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("its processes were not {} within {limit:?}", if frozen { "frozen" } else { "thawed" }),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Removes the cgroup. While processes of it remain (dying), they are
     /// killed (`cgroup.kill`) and the error says so: try again once they
     /// are reaped.

@@ -762,6 +762,7 @@ impl Server {
             }
             Request::Stats { container } => self.cgroup_of(&container).map(|cg| Some(Reply::Stats(cg.stats()))),
             Request::Update { container, resources } => self.update(&container, &resources).map(|()| Some(Reply::Done)),
+            Request::Freeze { container, frozen } => self.freeze(&container, frozen).map(|()| Some(Reply::Done)),
         };
         match result {
             Ok(Some(reply)) => self.respond(conn, req, Ok(reply)),
@@ -1479,6 +1480,13 @@ impl Server {
         self.cgroups.get(id).ok_or_else(|| err(ErrorKind::BadRequest, format!("container {id} has no cgroup (only a guest's agent makes them, for a container created with limits or asking for one)")))
     }
 
+    /// Freezes or thaws container `id`'s processes (a paused container):
+    /// briefly blocks the agent, until the kernel reports it done.
+    fn freeze(&mut self, id: &str, frozen: bool) -> Result<(), AgentError> {
+        let cg = self.cgroup_of(id)?;
+        cg.freeze(frozen, FREEZE_LIMIT).map_err(|e| err(ErrorKind::Internal, format!("container {id}: {e}")))
+    }
+
     fn update(&mut self, id: &str, resources: &vmrun_agent_protocol::Resources) -> Result<(), AgentError> {
         self.cgroup_of(id)?;
         let (Some(h), Some(cg)) = (self.hierarchy.as_mut(), self.cgroups.get_mut(id)) else {
@@ -1487,6 +1495,9 @@ impl Server {
         h.update(cg, resources).map_err(|e| err(e.kind(), format!("container {id}: {e}")))
     }
 }
+
+/// How long freezing or thawing a container may take.
+const FREEZE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn request_name(r: &Request) -> &'static str {
     match r {
@@ -1505,6 +1516,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::ReadChanges { .. } => "read-changes",
         Request::Stats { .. } => "stats",
         Request::Update { .. } => "update",
+        Request::Freeze { .. } => "freeze",
     }
 }
 /// What `start` starts: a container's own process (with the overrides of

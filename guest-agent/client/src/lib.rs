@@ -680,6 +680,16 @@ impl Client {
         }
     }
 
+    /// Freezes (`frozen`) or thaws a container's processes (its cgroup's
+    /// freezer), returning once the guest's kernel says it is done.
+    pub fn freeze(&self, container: &str, frozen: bool) -> Result<(), Error> {
+        let req = Request::Freeze { container: container.into(), frozen };
+        match self.call(&req, Some(self.opts.request_timeout), "freeze")? {
+            Reply::Done => Ok(()),
+            r => Err(self.unexpected("freeze", r)),
+        }
+    }
+
     /// Applies new limits to a container's cgroup (what `resources` sets;
     /// the rest is kept).
     pub fn update(&self, container: &str, resources: &Resources) -> Result<(), Error> {

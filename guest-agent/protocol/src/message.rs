@@ -232,6 +232,15 @@ pub enum Request {
         /// The limits to change.
         resources: Resources,
     },
+    /// Freezes (`frozen: true`) or thaws a container's processes, its
+    /// exec'd ones included (its cgroup's `cgroup.freeze`). Answered with
+    /// [`Reply::Done`] once the kernel reports them frozen (or thawed).
+    Freeze {
+        /// The container.
+        container: String,
+        /// Freeze, or thaw.
+        frozen: bool,
+    },
 }
 
 /// An interface's IPv4 configuration.

@@ -166,6 +166,16 @@ enum Command {
     /// Change the container's cgroup limits in the guest (memory within
     /// the VM's, which cannot change).
     Update(UpdateArgs),
+    /// Freeze the container's processes (its cgroup in the guest).
+    Pause {
+        /// The container's id.
+        id: String,
+    },
+    /// Let a paused container's processes run again.
+    Resume {
+        /// The container's id.
+        id: String,
+    },
     /// Print what this runtime supports, as JSON.
     Features,
     /// Write a default config.json.
@@ -217,6 +227,8 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
         Command::Ps { format, id, .. } => ops::ps(ctx, &id, &format),
         Command::Events { stats, interval, id } => cgroups::events(ctx, &id, stats, cgroups::parse_interval(&interval)?),
         Command::Update(args) => cgroups::update(ctx, &args),
+        Command::Pause { id } => ops::pause(ctx, &id, true),
+        Command::Resume { id } => ops::pause(ctx, &id, false),
         Command::Features => ops::features(),
         Command::Spec { bundle } => ops::spec(bundle.as_deref()),
         Command::Hold => Ok(crate::holder::hold()),

@@ -417,9 +417,39 @@ fn print_line(text: &str) -> Result<()> {
 
 /// `state`: runc's JSON.
 pub fn state(ctx: &Ctx, id: &str) -> Result<i32> {
-    let (_, st) = ctx.root.find(id)?;
-    let text = serde_json::to_string_pretty(&state::oci_json(&st)).map_err(|e| Error::State(e.to_string()))?;
+    let (dir, st) = ctx.root.find(id)?;
+    let mut json = state::oci_json(&st);
+    if st.effective_status() != Status::Exited && state::paused(&dir) {
+        json["status"] = "paused".into();
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::State(e.to_string()))?;
     print_line(&text)?;
+    Ok(0)
+}
+
+/// `pause` (`freeze`) or `resume`: freezes or thaws the container's
+/// processes in the guest (its cgroup's freezer, exec'd processes
+/// included); the state says `paused` in between.
+pub fn pause(ctx: &Ctx, id: &str, freeze: bool) -> Result<i32> {
+    let (dir, st) = ctx.root.find(id)?;
+    if !matches!(st.effective_status(), Status::Created | Status::Running) {
+        return Err(Error::State("container not running".into()));
+    }
+    match (freeze, state::paused(&dir)) {
+        (true, true) => return Err(Error::State(format!("container {id} is already paused"))),
+        (false, false) => return Err(Error::State(format!("container {id} is not paused"))),
+        _ => {}
+    }
+    let client = connect(&st, &dir)?;
+    let r = client.freeze(&st.guest_id, freeze).map_err(not_running);
+    client.close();
+    r?;
+    let marker = dir.join(state::PAUSED_FILE);
+    if freeze {
+        std::fs::write(&marker, b"").map_err(io("recording the pause"))?;
+    } else {
+        std::fs::remove_file(&marker).map_err(io("recording the resume"))?;
+    }
     Ok(0)
 }
 
@@ -650,6 +680,9 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
     let (dir, st) = ctx.root.find(&args.id)?;
     if st.effective_status() != Status::Running {
         return Err(Error::State(format!("cannot exec in container {}: it is not running", args.id)));
+    }
+    if state::paused(&dir) {
+        return Err(Error::State(format!("cannot exec in container {}: it is paused (resume it first)", args.id)));
     }
     let process = exec_process(&dir, args)?;
     if process.terminal && args.detach && args.console_socket.is_none() {

@@ -41,6 +41,13 @@ pub const FIFO: &str = "exec.fifo";
 pub const LOG_FILE: &str = "vmrun-oci.log";
 /// Exec'd processes.
 pub const EXECS: &str = "execs";
+/// There while the container is paused (`pause`, until `resume`).
+pub const PAUSED_FILE: &str = "paused";
+
+/// Whether the container whose state directory is `dir` is paused.
+pub fn paused(dir: &Path) -> bool {
+    dir.join(PAUSED_FILE).exists()
+}
 
 pub use vmrun_runtime::container::{write_atomic, OciBundle, State, Status};
 
