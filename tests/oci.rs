@@ -1445,11 +1445,27 @@ fn oci_a_pods_containers_share_its_sandboxs_vm() {
     assert_fails(&run(&root, &["create", "--bundle", orphan.to_str().unwrap(), "pod-orphan"]), "does not exist");
     assert!(!root.join("pod-orphan").exists(), "a refused create leaves nothing");
 
-    assert_ok(&run(&root, &["kill", "pod-m2", "KILL"]));
-    assert_eq!(wait_pid(m2_pid, &root, "pod-m2"), 137);
-    assert_ok(&run(&root, &["delete", "pod-m2"]));
-    let slots: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("pod-sb").join("pod-slots.json")).unwrap()).unwrap();
-    assert_eq!(slots["members"], serde_json::json!({}), "the members' slots are free: {slots}");
+    // Its supervisor killed (kill -9): its container and disks stay in the
+    // pod's VM until its delete takes them out.
+    let supervisor = state_json("pod-m2")["owner"]["pid"].as_u64().unwrap();
+    // SAFETY: kill of the member's supervisor, a process this test started.
+    assert_eq!(unsafe { libc::kill(supervisor as i32, libc::SIGKILL) }, 0);
+    wait_pid(m2_pid, &root, "pod-m2");
+    let slots_now = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(root.join("pod-sb").join("pod-slots.json")).unwrap()).unwrap()
+    };
+    assert!(slots_now()["members"]["pod-m2"].is_array(), "{}", slots_now());
+    assert_ok(&run(&root, &["delete", "--force", "pod-m2"]));
+    assert_eq!(slots_now()["members"], serde_json::json!({}), "the members' slots are free: {}", slots_now());
+    // The slots serve the next member.
+    let member3 = bundle("oci-pod-member3", &["sh", "-c", "wget -qO- http://127.0.0.1:8080/"], |s| in_pod(s, "container", "pod-sb"));
+    let (m3out, m3err) = (member3.join("out"), member3.join("err"));
+    let m3_pid = create(&root, &member3, "pod-m3", &m3out, &m3err);
+    assert_ok(&run(&root, &["start", "pod-m3"]));
+    assert_eq!(wait_pid(m3_pid, &root, "pod-m3"), 0, "stderr: {}", std::fs::read_to_string(&m3err).unwrap_or_default());
+    assert_eq!(std::fs::read_to_string(&m3out).unwrap(), "from-the-sandbox\n");
+    assert_ok(&run(&root, &["delete", "pod-m3"]));
+    assert_eq!(slots_now()["members"], serde_json::json!({}), "the members' slots are free: {}", slots_now());
 
     // The sandbox ends the pod: its VM goes with it.
     let vmm = sb["vmm"]["pid"].as_u64().unwrap();

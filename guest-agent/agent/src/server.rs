@@ -1375,6 +1375,18 @@ impl Server {
                 // Killing the namespace's init kills everything in it.
                 let _ = sys::kill(pid, libc::SIGKILL);
             }
+            // Its end releases its namespaces, and with them its mounts:
+            // wait for it, so that its disks are let go of when the
+            // answer says it is removed (the host may give the disk slots
+            // to another container then).
+            if let Some(pidfd) = &ct.init_pidfd {
+                let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: poll of one pollfd we own, for at most the limit.
+                let n = unsafe { libc::poll(&mut p, 1, REMOVE_LIMIT.as_millis() as libc::c_int) };
+                if n <= 0 {
+                    return Err(err(ErrorKind::Internal, format!("container {id}: its processes did not end within {REMOVE_LIMIT:?}")));
+                }
+            }
         }
         if let Some(ct) = self.containers.remove(id) {
             container::remove_files(&ct.dir, &ct.rootfs);
@@ -1495,6 +1507,10 @@ impl Server {
         h.update(cg, resources).map_err(|e| err(e.kind(), format!("container {id}: {e}")))
     }
 }
+
+/// How long the processes of a container removed with `force` may take
+/// to end.
+const REMOVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long freezing or thawing a container may take.
 const FREEZE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -66,7 +66,7 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// The container's id in the guest: the characters the agent accepts, at
 /// most 64.
-fn guest_id(id: &str) -> String {
+pub(crate) fn guest_id(id: &str) -> String {
     let s: String = id.chars().filter(|c| c.is_ascii_alphanumeric() || "_.-".contains(*c)).take(64).collect();
     let s = s.trim_start_matches(['.', '-']).to_string();
     if s.is_empty() {

@@ -9,7 +9,9 @@
 //! are recorded in the sandbox's state directory (`pod-slots.json`, under
 //! a lock): the sandbox's own first, then each member's; a member's are
 //! freed when it ends or is deleted, and those of a member whose
-//! supervisor is gone are taken back by the next member that needs room.
+//! supervisor is gone are taken back by the next member that needs room,
+//! once its container is out of the guest (a disk is never swapped under
+//! a file system still mounted on it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,10 +100,43 @@ pub fn sandbox_of(root: &Root, sandbox: &str) -> Result<(PathBuf, State)> {
     Ok((dir, st))
 }
 
+/// Removes container `guest_id` from the pod's VM of `layout` (its
+/// processes killed, its disks unmounted); true once the agent says it is
+/// gone.
+pub fn remove_from_guest(layout: &vmrun_runtime::vm::Layout, guest_id: &str) -> bool {
+    let options = vmrun_agent_client::Options::default();
+    let client = match vmrun_agent_client::Client::connect_hybrid_vsock(layout.vsock(), vmrun_runtime::vm::AGENT_PORT, options) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("cannot reach the pod's agent to remove {guest_id}: {e}");
+            return false;
+        }
+    };
+    let r = client.remove_container(guest_id, true);
+    client.close();
+    match r {
+        Ok(()) => true,
+        Err(vmrun_agent_client::Error::Agent(a)) if a.kind == vmrun_agent_protocol::ErrorKind::NotFound => true,
+        Err(e) => {
+            log::warn!("cannot remove {guest_id} from the pod's VM: {e}");
+            false
+        }
+    }
+}
+
 /// Takes `count` free slots of the pod's VM for `member` (whose state
 /// directories are in `root`). Slots of members that no longer exist, or
-/// whose supervisor is gone, are detached and taken back first.
-pub fn allocate(root: &Root, sandbox_dir: &Path, layout: &vmrun_runtime::vm::Layout, member: &str, count: usize) -> Result<Vec<usize>> {
+/// whose supervisor is gone, are taken back first, once `remove` (given a
+/// member's id; [`remove_from_guest`] of its guest id) has taken its
+/// container out of the guest; they are detached then.
+pub fn allocate(
+    root: &Root,
+    sandbox_dir: &Path,
+    layout: &vmrun_runtime::vm::Layout,
+    member: &str,
+    count: usize,
+    remove: &dyn Fn(&str) -> bool,
+) -> Result<Vec<usize>> {
     let _l = lock(sandbox_dir)?;
     let mut r = load(sandbox_dir);
     let gone: Vec<String> = r
@@ -111,6 +146,9 @@ pub fn allocate(root: &Root, sandbox_dir: &Path, layout: &vmrun_runtime::vm::Lay
         .cloned()
         .collect();
     for m in gone {
+        if !remove(&m) {
+            continue;
+        }
         for slot in r.members.remove(&m).unwrap_or_default() {
             if let Err(e) = vmrun_runtime::sandbox::detach_volume(layout, slot) {
                 log::warn!("slot {slot} of {m}, a member gone: {e}");
@@ -189,16 +227,20 @@ mod tests {
         for m in ["m1", "m2", "m3", "m4", "m5"] {
             member(m);
         }
-        assert_eq!(allocate(&root, &sandbox, &layout, "m1", 2).unwrap(), vec![3, 4]);
-        assert_eq!(allocate(&root, &sandbox, &layout, "m2", 2).unwrap(), vec![5, 6]);
+        let yes = |_: &str| true;
+        assert_eq!(allocate(&root, &sandbox, &layout, "m1", 2, &yes).unwrap(), vec![3, 4]);
+        assert_eq!(allocate(&root, &sandbox, &layout, "m2", 2, &yes).unwrap(), vec![5, 6]);
         release(&sandbox, &layout, "m1");
-        assert_eq!(allocate(&root, &sandbox, &layout, "m3", 1).unwrap(), vec![3], "m1's slots are free again");
+        assert_eq!(allocate(&root, &sandbox, &layout, "m3", 1, &yes).unwrap(), vec![3], "m1's slots are free again");
         // m2 disappears without releasing: its slots come back when
         // another member needs room.
         std::fs::remove_dir_all(root.dir("m2").unwrap()).unwrap();
-        let all = allocate(&root, &sandbox, &layout, "m4", POD_SLOTS - 4).unwrap();
+        // Not while its container cannot be taken out of the guest.
+        let e = allocate(&root, &sandbox, &layout, "m4", POD_SLOTS - 4, &|_| false).unwrap_err();
+        assert!(e.to_string().contains("no room"), "{e}");
+        let all = allocate(&root, &sandbox, &layout, "m4", POD_SLOTS - 4, &|m| m == "m2").unwrap();
         assert_eq!(all, (4..POD_SLOTS).collect::<Vec<_>>());
-        let e = allocate(&root, &sandbox, &layout, "m5", 1).unwrap_err();
+        let e = allocate(&root, &sandbox, &layout, "m5", 1, &yes).unwrap_err();
         assert!(e.to_string().contains("no room"), "{e}");
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -340,7 +340,8 @@ fn run_member(
     let root_copy = crate::rootcopy::make(home, &plan.rootfs, &disk_dir)?;
     let disks = root_copy.disks();
     let count = disks.len() + usize::from(!plan.volumes.is_empty());
-    let slots = crate::pod::allocate(&root, &sandbox_dir, &layout, &state.id, count)?;
+    let remove = |m: &str| crate::pod::remove_from_guest(&layout, &crate::ops::guest_id(m));
+    let slots = crate::pod::allocate(&root, &sandbox_dir, &layout, &state.id, count, &remove)?;
     let result = (|| {
         let mut disk_dirs = Vec::new();
         let mut attach = disks.iter().cloned().enumerate().map(|(i, d)| (d, root_copy.read_only_slots().contains(&i))).collect::<Vec<_>>();
@@ -364,19 +365,14 @@ fn run_member(
 }
 
 /// Takes a pod member out of its sandbox's VM: its container removed from
-/// the guest (unmounting its disks), its slots emptied and freed. Best
-/// effort: a VM that is gone took all of it along.
+/// the guest (unmounting its disks), then its slots emptied and freed.
+/// Slots whose container could not be removed stay taken (the next member
+/// that needs room tries again); a VM that is gone took all of it along.
 pub fn leave_pod(root: &Root, sandbox: &str, state: &State) {
     let Ok(dir) = root.dir(&state.id) else { return };
     let layout = state.layout(&dir);
-    match vmrun_runtime::sandbox::reach(state, &dir, Options::default()) {
-        Ok(client) => {
-            if let Err(e) = client.remove_container(&state.guest_id, true) {
-                log::debug!("removing container {} from the pod's VM: {e}", state.guest_id);
-            }
-            client.close();
-        }
-        Err(e) => log::debug!("the pod's VM is not there: {e}"),
+    if !crate::pod::remove_from_guest(&layout, &state.guest_id) {
+        return;
     }
     if let Ok(sandbox_dir) = root.dir(sandbox) {
         crate::pod::release(&sandbox_dir, &layout, &state.id);
