@@ -1389,10 +1389,28 @@ fn in_pod(spec: &mut serde_json::Value, kind: &str, sandbox: &str) {
     });
 }
 
+/// Force-deletes a test's containers if it fails (a pod's sandbox would
+/// leave its VM running otherwise, which later tests see).
+struct DeleteOnPanic<'a> {
+    root: &'a Path,
+    ids: &'a [&'a str],
+}
+
+impl Drop for DeleteOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in self.ids.iter().rev() {
+                let _ = run(self.root, &["delete", "--force", id]);
+            }
+        }
+    }
+}
+
 #[test]
 fn oci_a_pods_containers_share_its_sandboxs_vm() {
     let _turn = vm_turn();
     let root = support::scratch("oci-pod-root");
+    let _cleanup = DeleteOnPanic { root: &root, ids: &["pod-sb", "pod-m1", "pod-m2", "pod-m3"] };
     // The sandbox (where a pod has its pause process) serves a page on the
     // VM's loopback.
     let sandbox = bundle(
