@@ -183,6 +183,8 @@ pub enum ControlError {
     BadAnswer { answer: String, source: serde_json::Error },
     #[error("{0}")]
     Refused(String),
+    #[error("cannot open the disk image {path}: {source}")]
+    Image { path: PathBuf, source: std::io::Error },
 }
 
 /// Sends `req` (in an [`Envelope`] of the current version) to the control
@@ -197,6 +199,18 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
 /// (`SCM_RIGHTS`), as [`Request::AttachDisk`] needs.
 pub fn request_with_fd(path: &Path, req: &Request, fd: BorrowedFd<'_>, timeout: Duration) -> Result<Response, ControlError> {
     send(path, req, Some(fd), timeout)
+}
+
+/// Opens the disk image `image` (read-only, or for reading and writing)
+/// and hands it to the VMM of the control socket `path` for disk slot
+/// `disk` ([`Request::AttachDisk`]).
+pub fn attach_disk(path: &Path, disk: usize, image: &Path, read_only: bool, timeout: Duration) -> Result<Response, ControlError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(image)
+        .map_err(|source| ControlError::Image { path: image.to_path_buf(), source })?;
+    request_with_fd(path, &Request::AttachDisk { disk, read_only }, std::os::fd::AsFd::as_fd(&file), timeout)
 }
 
 fn send(path: &Path, req: &Request, fd: Option<BorrowedFd<'_>>, timeout: Duration) -> Result<Response, ControlError> {

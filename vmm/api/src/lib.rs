@@ -17,5 +17,5 @@ pub use config::{
     RestoreConfig, RestoreDisk, RestoreNet, SeccompMode, Start, VmConfig, VmmConfig, VsockConfig, DEFAULT_CMDLINE, VERSION,
 };
 pub use control::{
-    read_line_with_fds, request, request_with_fd, ControlError, Envelope, Request, RequestError, Response, VcpuStats, VmmStats, CONTROL_VERSION,
+    attach_disk, read_line_with_fds, request, request_with_fd, ControlError, Envelope, Request, RequestError, Response, VcpuStats, VmmStats, CONTROL_VERSION,
 };

@@ -210,13 +210,7 @@ impl Sandbox {
 /// and its descriptor handed to the (jailed) VMM; with `read_only` the
 /// VMM refuses the guest's writes to it.
 pub fn attach_volume(layout: &crate::vm::Layout, slot: usize, image: &Path, read_only: bool) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(image)
-        .map_err(|e| crate::Error::Volume(format!("cannot open the disk image {}: {e}", image.display())))?;
-    let req = vmrun_vmm_api::control::Request::AttachDisk { disk: 1 + slot, read_only };
-    vmrun_vmm_api::control::request_with_fd(&layout.control(), &req, std::os::fd::AsFd::as_fd(&file), CONTROL_TIMEOUT)?;
+    vmrun_vmm_api::control::attach_disk(&layout.control(), 1 + slot, image, read_only, CONTROL_TIMEOUT)?;
     Ok(())
 }
 

@@ -435,13 +435,7 @@ fn control(path: &std::path::Path, req: Request) -> anyhow::Result<i32> {
 /// Opens `image` (read-only or read-write) and hands it to the VMM for
 /// disk slot `disk`.
 fn attach_disk(path: &std::path::Path, disk: usize, image: &std::path::Path, read_only: bool) -> anyhow::Result<i32> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(image)
-        .map_err(|e| anyhow::anyhow!("cannot open the disk image {}: {e}", image.display()))?;
-    let req = Request::AttachDisk { disk, read_only };
-    let answer = vmrun_vmm_api::request_with_fd(path, &req, std::os::fd::AsFd::as_fd(&file), Duration::from_secs(120))?;
+    let answer = vmrun_vmm_api::attach_disk(path, disk, image, read_only, Duration::from_secs(120))?;
     if let Some(ms) = answer.ms {
         log::info!("done in {ms:.1} ms");
     }
