@@ -104,8 +104,7 @@ pub fn sandbox_of(root: &Root, sandbox: &str) -> Result<(PathBuf, State)> {
 /// processes killed, its disks unmounted); true once the agent says it is
 /// gone.
 pub fn remove_from_guest(layout: &vmrun_runtime::vm::Layout, guest_id: &str) -> bool {
-    let options = vmrun_agent_client::Options::default();
-    let client = match vmrun_agent_client::Client::connect_hybrid_vsock(layout.vsock(), vmrun_runtime::vm::AGENT_PORT, options) {
+    let client = match vmrun_runtime::sandbox::reach_vm(layout, vmrun_agent_client::Options::default()) {
         Ok(c) => c,
         Err(e) => {
             log::warn!("cannot reach the pod's agent to remove {guest_id}: {e}");

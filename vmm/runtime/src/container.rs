@@ -255,12 +255,6 @@ impl State {
         }
     }
 
-    /// Where the agent of the container's VM is reached (its hybrid vsock
-    /// socket), the container's directory being `dir`.
-    pub fn agent_socket(&self, dir: &Path) -> PathBuf {
-        self.layout(dir).vsock()
-    }
-
     /// The layout of the container's sandbox, whose directory is `dir`
     /// (the container's) unless [`State::vm_dir`] names another.
     pub fn layout(&self, dir: &Path) -> crate::vm::Layout {

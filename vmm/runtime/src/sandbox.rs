@@ -226,7 +226,13 @@ pub fn detach_volume(layout: &crate::vm::Layout, slot: usize) -> Result<()> {
 /// `kill`, `stop` and the like in a running container): the container's
 /// state says where its VM's vsock socket is, its directory being `dir`.
 pub fn reach(state: &crate::container::State, dir: &Path, options: Options) -> Result<Client> {
-    Ok(Client::connect_hybrid_vsock(state.agent_socket(dir), crate::vm::AGENT_PORT, options)?)
+    reach_vm(&state.layout(dir), options)
+}
+
+/// A connection to the agent of the running VM whose directory's layout
+/// is `layout`.
+pub fn reach_vm(layout: &crate::vm::Layout, options: Options) -> Result<Client> {
+    Ok(Client::connect_hybrid_vsock(layout.vsock(), crate::vm::AGENT_PORT, options)?)
 }
 
 /// The one way to cancel the start of a sandbox: a signal before the
