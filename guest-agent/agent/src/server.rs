@@ -1085,8 +1085,7 @@ impl Server {
                 let o = self.containers.get(other).ok_or_else(gone)?;
                 let (Some(ipc), Some(uts)) = (o.ipc_ns.as_ref(), o.uts_ns.as_ref()) else { return Err(gone()) };
                 for kind in ["ipc", "uts"] {
-                    let path = sys::cstring(format!("/proc/self/ns/{kind}").as_str()).map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
-                    join_fds.push(sys::open(&path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| err(ErrorKind::Internal, format!("the agent's {kind} namespace: {e}")))?);
+                    join_fds.push(open_ns("self", kind).map_err(|e| err(ErrorKind::Internal, format!("the agent's {kind} namespace: {e}")))?);
                 }
                 Some(process::Join { ipc: ipc.as_raw_fd(), uts: uts.as_raw_fd(), own_ipc: join_fds[0].as_raw_fd(), own_uts: join_fds[1].as_raw_fd() })
             }
@@ -1112,11 +1111,7 @@ impl Server {
         crate::log::debug(format_args!("container {id}: started {:?} as pid {pid}", spec.args));
         if matches!(what, Start::Init(..)) {
             let ns_of = |kind: &str| {
-                let ns = format!("/proc/{pid}/ns/{kind}");
-                sys::cstring(ns.as_str())
-                    .and_then(|p| sys::open(&p, libc::O_RDONLY | libc::O_CLOEXEC, 0))
-                    .map_err(|e| crate::log::debug(format_args!("{ns}: {e}")))
-                    .ok()
+                open_ns(&pid.to_string(), kind).map_err(|e| crate::log::debug(format_args!("/proc/{pid}/ns/{kind}: {e}"))).ok()
             };
             let (mnt_ns, ipc_ns, uts_ns) = (ns_of("mnt"), ns_of("ipc"), ns_of("uts"));
             if let Some(ct) = self.containers.get_mut(id) {
@@ -1506,6 +1501,12 @@ impl Server {
         };
         h.update(cg, resources).map_err(|e| err(e.kind(), format!("container {id}: {e}")))
     }
+}
+
+/// Opens `/proc/PROC/ns/KIND` (`PROC` a pid or `self`): a namespace held,
+/// or entered with `setns`.
+fn open_ns(proc: &str, kind: &str) -> io::Result<OwnedFd> {
+    sys::open(&sys::cstring(format!("/proc/{proc}/ns/{kind}").as_str())?, libc::O_RDONLY | libc::O_CLOEXEC, 0)
 }
 
 /// How long the processes of a container removed with `force` may take
