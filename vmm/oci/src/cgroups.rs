@@ -118,11 +118,19 @@ fn running(ctx: &Ctx, id: &str) -> Result<(PathBuf, State)> {
 
 /// `update`: applies new limits to the container's cgroup in the guest.
 pub fn update(ctx: &Ctx, args: &UpdateArgs) -> Result<i32> {
-    let (dir, st) = running(ctx, &args.id)?;
     let r = update_resources(args)?;
     if r.is_empty() {
         return Err(Error::Usage("nothing to update: give -r or a limit flag".into()));
     }
+    update_limits(ctx, &args.id, &r)?;
+    Ok(0)
+}
+
+/// Applies `r` to container `id`'s cgroup in the guest (and the VM's host
+/// cgroup's share); limits the VM's fixed memory cannot hold are refused.
+pub fn update_limits(ctx: &Ctx, id: &str, r: &Resources) -> Result<()> {
+    let (dir, st) = running(ctx, id)?;
+    let r = r.clone();
     let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
         .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
     check_memory(&r, sp.plan.mem_mib)?;
@@ -139,8 +147,16 @@ pub fn update(ctx: &Ctx, args: &UpdateArgs) -> Result<i32> {
     let client = ops::connect(&st, &dir)?;
     let result = client.update(&st.guest_id, &crate::host_cgroup::guest_share(&r, host)).map_err(ops::not_running);
     client.close();
-    result?;
-    Ok(0)
+    result
+}
+
+/// The statistics of container `id`'s cgroup in the guest.
+pub fn stats(ctx: &Ctx, id: &str) -> Result<CgroupStats> {
+    let (dir, st) = running(ctx, id)?;
+    let client = ops::connect(&st, &dir)?;
+    let result = client.stats(&st.guest_id).map_err(ops::not_running);
+    client.close();
+    result
 }
 
 /// runc's `events` stats object (`types.Stats`) for the guest cgroup's

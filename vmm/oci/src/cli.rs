@@ -215,14 +215,14 @@ fn run(cli: Cli, ctx: &Ctx) -> Result<i32> {
     };
     match command {
         Command::Create { bundle, pid_file, console_socket, id, .. } => {
-            ops::create(ctx, &CreateArgs { id, bundle, pid_file, console_socket })
+            ops::create(ctx, &CreateArgs { id, bundle, pid_file, console_socket, streams: None })
         }
         Command::Start { id } => ops::start(ctx, &id),
         Command::State { id } => ops::state(ctx, &id),
         Command::Kill { all, id, signal } => ops::kill(ctx, &id, signal.as_deref(), all),
         Command::Delete { force, id } => ops::delete(ctx, &id, force),
         Command::Exec { process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, cap, id, command, .. } => {
-            ops::exec(ctx, &ExecArgs { id, process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, caps: cap, command })
+            ops::exec(ctx, &ExecArgs { id, process, detach, pid_file, console_socket, tty, cwd, env, user, no_new_privs, caps: cap, command, ..Default::default() })
         }
         Command::Ps { format, id, .. } => ops::ps(ctx, &id, &format),
         Command::Events { stats, interval, id } => cgroups::events(ctx, &id, stats, cgroups::parse_interval(&interval)?),
@@ -280,7 +280,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let ctx = Ctx { root, log: cli.log.clone(), log_format: format, debug: cli.debug };
+    let ctx = Ctx { root, log: cli.log.clone(), log_format: format, debug: cli.debug, exe: None };
     match run(cli, &ctx) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {

@@ -35,13 +35,23 @@ pub struct Ctx {
     pub log_format: logger::Format,
     /// `--debug`.
     pub debug: bool,
+    /// The `vmrun-oci` executable that runs supervisors and holders
+    /// (`None`: this one).
+    pub exe: Option<PathBuf>,
 }
 
 impl Ctx {
+    /// The `vmrun-oci` executable.
+    fn exe(&self) -> Result<PathBuf> {
+        match &self.exe {
+            Some(e) => Ok(e.clone()),
+            None => std::env::current_exe().map_err(io("finding the vmrun-oci executable")),
+        }
+    }
+
     /// `vmrun-oci` itself with the global flags, its log going to `log`.
     fn self_command(&self, log: &Path) -> Result<Command> {
-        let exe = std::env::current_exe().map_err(io("finding the vmrun-oci executable"))?;
-        let mut c = Command::new(exe);
+        let mut c = Command::new(self.exe()?);
         c.arg("--root").arg(self.root.path()).arg("--log").arg(log).arg("--log-format").arg(match self.log_format {
             logger::Format::Json => "json",
             logger::Format::Text => "text",
@@ -122,8 +132,10 @@ fn reap(child: &mut Child) {
     let mut waiter = Waiter::new();
     waiter.child(child.id());
     loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        match child.try_wait() {
+            // ECHILD: the caller's reaper (a shim's) has reaped it.
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) => {}
         }
         if Instant::now() >= deadline {
             break;
@@ -183,11 +195,39 @@ pub struct CreateArgs {
     pub pid_file: Option<PathBuf>,
     /// Where to send the terminal's master.
     pub console_socket: Option<PathBuf>,
+    /// The supervisor's standard streams (default: this process's).
+    pub streams: Option<Streams>,
+}
+
+/// Standard input, output and error for a supervisor, the process's own
+/// streams (without a terminal).
+#[derive(Debug, Clone)]
+pub struct Streams {
+    /// Standard input.
+    pub stdin: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Standard output.
+    pub stdout: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Standard error.
+    pub stderr: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl Streams {
+    /// Gives `cmd` copies of the streams.
+    fn apply(&self, cmd: &mut Command) -> Result<()> {
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from).map_err(io("duplicating a standard stream"));
+        cmd.stdin(dup(&self.stdin)?).stdout(dup(&self.stdout)?).stderr(dup(&self.stderr)?);
+        Ok(())
+    }
 }
 
 /// `create`: checks the bundle, starts the supervisor and waits until the
 /// container is created (its VM runs, the guest has mounted its root).
 pub fn create(ctx: &Ctx, args: &CreateArgs) -> Result<i32> {
+    create_container(ctx, args).map(|_| 0)
+}
+
+/// [`create`], returning the container's pid (its holder's).
+pub fn create_container(ctx: &Ctx, args: &CreateArgs) -> Result<u32> {
     let dir = ctx.root.dir(&args.id)?;
     let bundle = std::path::absolute(args.bundle.as_deref().unwrap_or(Path::new("."))).map_err(io("the bundle path"))?;
     let plan = bundle::load(&bundle)?;
@@ -220,7 +260,7 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> Result<i32> {
     result
 }
 
-fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bundle::Plan, vmm_exe: PathBuf) -> Result<i32> {
+fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bundle::Plan, vmm_exe: PathBuf) -> Result<u32> {
     let fifo = dir.join(state::FIFO);
     let cfifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|_| Error::Usage("a NUL in the --root path".into()))?;
     // SAFETY: mkfifo of a NUL-terminated path.
@@ -239,8 +279,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     };
     let terminal = plan.process.terminal;
     // The container's pid on the host: a holder in the spec's namespaces.
-    let exe = std::env::current_exe().map_err(io("finding the vmrun-oci executable"))?;
-    let mut hold = Command::new(exe);
+    let mut hold = Command::new(ctx.exe()?);
     hold.arg("hold").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let holder = crate::holder::start(hold, &plan.host_namespaces, &plan.uid_mappings, &plan.gid_mappings)?;
     let holder_pid = holder.child.id();
@@ -271,6 +310,9 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
     let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
     let mut cmd = ctx.self_command(&log)?;
     cmd.arg("supervise").arg(&args.id);
+    if let Some(s) = &args.streams {
+        s.apply(&mut cmd)?;
+    }
     // With a terminal the process's streams are the pty: the supervisor
     // keeps none of the caller's (a caller reading create's output to its
     // end would wait for the container otherwise).
@@ -310,7 +352,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
         }
     }
     log::debug!("container {} created, supervisor {pid}, pid {holder_pid}", args.id);
-    Ok(0)
+    Ok(holder_pid)
 }
 
 /// `start`: lets the created container's process run.
@@ -625,6 +667,10 @@ pub struct ExecArgs {
     pub caps: Vec<String>,
     /// The command, without `--process`.
     pub command: Vec<String>,
+    /// The process, instead of `--process` or the command.
+    pub process_plan: Option<ProcessPlan>,
+    /// The exec supervisor's standard streams (default: this process's).
+    pub streams: Option<Streams>,
 }
 
 /// The exec'd process: from `--process`, else the container's own process
@@ -646,6 +692,9 @@ fn exec_process(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
 }
 
 fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
+    if let Some(plan) = &args.process_plan {
+        return Ok(plan.clone());
+    }
     if let Some(path) = &args.process {
         let text = std::fs::read(path).map_err(|e| Error::Usage(format!("cannot read the process file {}: {e}", path.display())))?;
         let raw: serde_json::Value =
@@ -677,6 +726,35 @@ fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
 /// (returns its exit code) or with `--detach` (an exec supervisor whose pid
 /// goes to `--pid-file` and whose exit status is the process's).
 pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
+    match exec_process_in(ctx, args)? {
+        Exec::Foreground(code) => Ok(code),
+        Exec::Detached(pid) => {
+            if let Some(p) = &args.pid_file {
+                write_pid_file(p, pid)?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// An exec'd process, as [`exec_process_in`] leaves it.
+enum Exec {
+    /// It ran in the foreground and exited with this code.
+    Foreground(i32),
+    /// It runs under the exec supervisor of this pid.
+    Detached(u32),
+}
+
+/// [`exec`] with `detach`: the pid of the exec supervisor, whose exit
+/// status is the process's.
+pub fn exec_detached(ctx: &Ctx, args: &ExecArgs) -> Result<u32> {
+    match exec_process_in(ctx, &ExecArgs { detach: true, ..args.clone() })? {
+        Exec::Detached(pid) => Ok(pid),
+        Exec::Foreground(_) => Err(Error::State("the exec ran in the foreground".into())),
+    }
+}
+
+fn exec_process_in(ctx: &Ctx, args: &ExecArgs) -> Result<Exec> {
     let (dir, st) = ctx.root.find(&args.id)?;
     if st.effective_status() != Status::Running {
         return Err(Error::State(format!("cannot exec in container {}: it is not running", args.id)));
@@ -701,11 +779,14 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
     let rec = ExecRecord { exec_id: exec_id.clone(), supervisor: None, status: ExecStatus::Starting, exit_code: None, error: None };
     supervisor::save_exec(&dir, &rec).map_err(io("writing the exec record"))?;
     if !args.detach {
-        return Ok(supervisor::exec_supervise(&ctx.root, &args.id, &exec_id));
+        return Ok(Exec::Foreground(supervisor::exec_supervise(&ctx.root, &args.id, &exec_id)));
     }
     let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
     let mut cmd = ctx.self_command(&log)?;
     cmd.arg("exec-supervise").arg(&args.id).arg(&exec_id);
+    if let Some(s) = &args.streams {
+        s.apply(&mut cmd)?;
+    }
     let mut child = spawn_session(cmd, terminal, None)?;
     let pid = child.id();
     // The exec supervisor recording its process, or ending, wakes the wait.
@@ -731,23 +812,13 @@ pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
         }
         waiter.wait(None);
     }
-    if let Some(p) = &args.pid_file {
-        write_pid_file(p, pid)?;
-    }
-    Ok(0)
+    Ok(Exec::Detached(pid))
 }
 
 /// `ps`: the container's host processes (its supervisor and the exec
 /// supervisors), as a JSON array of pids or a table.
 pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
-    let (dir, st) = ctx.root.find(id)?;
-    let mut pids = Vec::new();
-    if st.effective_status() != Status::Exited {
-        // The container's pid first (its holder), then its supervisor.
-        pids.push(state::pid(&st));
-        pids.extend(st.owner.map(|s| s.pid).filter(|p| !pids.contains(p)));
-    }
-    pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
+    let pids = pids(ctx, id)?;
     match format {
         "json" => print_line(&serde_json::to_string(&pids).map_err(|e| Error::State(e.to_string()))?)?,
         "table" => {
@@ -762,6 +833,20 @@ pub fn ps(ctx: &Ctx, id: &str, format: &str) -> Result<i32> {
         other => return Err(Error::Usage(format!("invalid format {other:?} (table or json)"))),
     }
     Ok(0)
+}
+
+/// The container's host processes: its pid (its holder's), its
+/// supervisor, its exec supervisors.
+pub fn pids(ctx: &Ctx, id: &str) -> Result<Vec<u32>> {
+    let (dir, st) = ctx.root.find(id)?;
+    let mut pids = Vec::new();
+    if st.effective_status() != Status::Exited {
+        // The container's pid first (its holder), then its supervisor.
+        pids.push(state::pid(&st));
+        pids.extend(st.owner.map(|s| s.pid).filter(|p| !pids.contains(p)));
+    }
+    pids.extend(Root::execs(&dir).iter().filter(|e| e.alive()).filter_map(|e| e.supervisor.map(|s| s.pid)));
+    Ok(pids)
 }
 
 /// What `features` prints: runc's features document.
@@ -822,16 +907,7 @@ mod tests {
         let mut args = ExecArgs {
             id: "c".into(),
             process: Some(file.clone()),
-            detach: false,
-            pid_file: None,
-            console_socket: None,
-            tty: false,
-            cwd: None,
-            env: Vec::new(),
-            user: None,
-            no_new_privs: false,
-            caps: Vec::new(),
-            command: Vec::new(),
+            ..Default::default()
         };
         let p = exec_process(d.path(), &args).unwrap();
         assert_eq!((p.capabilities.bounding.as_slice(), p.no_new_privileges), (["CAP_KILL".to_string()].as_slice(), false));
