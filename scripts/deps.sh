@@ -8,8 +8,8 @@ set -euo pipefail
 # docker-registry: the loopback registry of the pull tests; iproute2: the
 # network namespaces of the virtio-net test and --network tap; nftables: the
 # NAT network's rules (nft); debootstrap:
-# the Debian test image; containerd: the OCI runtime's containerd test (ctr
-# and containerd-shim-runc-v2, which containerd-shim-vmrun-v2 drives);
+# the Debian test image; containerd: the containerd and CRI tests of
+# containerd-shim-vmrun-v2 (containerd with its CRI plugin, and ctr);
 # apache2-utils and openssl: the htpasswd file and the CA of the TLS
 # registry of the login tests; containernetworking-plugins and curl: the
 # pod network test (CNI's bridge and host-local plugins, requests to the

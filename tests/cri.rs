@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, ImageStatusRequest, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
+    ImageSpec, ImageStatusRequest, LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
 };
 use support::containerd::{which, Containerd};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -43,10 +43,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-vmrun-v2");
 const OCI: &str = env!("CARGO_BIN_EXE_vmrun-oci");
 
-/// CRI's namespace in containerd, and where containerd's runc shim keeps
-/// the runtime's (`vmrun-oci --root`) states for it.
+/// CRI's namespace in containerd.
 const K8S_NS: &str = "k8s.io";
-const RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
 const PAUSE_IMAGE: &str = "docker.io/library/pause:vmrun-test";
 const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:latest";
 
@@ -179,8 +177,9 @@ impl Drop for HostGuard {
     fn drop(&mut self) {
         // The pod's containers before its sandbox, whose VM they may be in.
         for id in self.ids.iter().rev() {
-            if Path::new(RUNC_ROOT).join(id).exists() {
-                let _ = Command::new(OCI).args(["--root", RUNC_ROOT, "delete", "--force", id]).output();
+            let root = vmrun_oci::shim::root_of(K8S_NS);
+            if root.join(id).exists() {
+                let _ = Command::new(OCI).arg("--root").arg(&root).args(["delete", "--force", id]).output();
             }
         }
         for pid in processes_mentioning(&[&self.sock.to_string_lossy()]) {
@@ -207,8 +206,8 @@ impl Drop for HostGuard {
     }
 }
 
-/// What `vmrun-oci` logged for container `id`: containerd's runc shim has
-/// it log in JSON into the container's bundle.
+/// What `vmrun-oci` logged for container `id`: the shim has it log in
+/// JSON into the container's bundle.
 fn runtime_log(containerd_dir: &Path, id: &str) -> String {
     std::fs::read_to_string(containerd_dir.join("state/io.containerd.runtime.v2.task").join(K8S_NS).join(id).join("log.json"))
         .unwrap_or_default()
@@ -273,7 +272,7 @@ fn cgroup_dirs_under(parent: &str) -> Vec<PathBuf> {
 /// VM of its own (a pod's sandbox has; a pod's other containers, made in
 /// the sandbox's VM, have none).
 fn runtime_pids(id: &str) -> (u64, Option<u64>) {
-    let path = Path::new(RUNC_ROOT).join(id).join("state.json");
+    let path = vmrun_oci::shim::root_of(K8S_NS).join(id).join("state.json");
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let supervisor = s["owner"]["pid"].as_u64().unwrap_or_else(|| panic!("no supervisor in {}: {s}", path.display()));
@@ -627,8 +626,10 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
     let client_pid = verbose_info(&client_status.info)["pid"].as_u64().unwrap_or_else(|| panic!("no pid in the client's info"));
     let (client_supervisor, client_vmm) = runtime_pids(&client);
     assert_eq!(client_vmm, None, "the pod's client {client} has a VM of its own, not the sandbox's");
+    // One shim serves the pod: the containers' shims found their
+    // sandbox's running and handed containerd its address.
     let shims = processes_mentioning(&[&containerd.sock.to_string_lossy()]);
-    assert!(!shims.is_empty(), "no shim of this containerd runs");
+    assert_eq!(shims.len(), 1, "one shim for the pod: {:?}", shims.iter().map(|p| cmdline(*p)).collect::<Vec<_>>());
     // What the pod takes of the host's memory: its VMM (the jail's
     // process and the VMM in it; guest memory the guest touched
     // included), the shims, and vmrun-oci's supervisors and holders (the
@@ -671,6 +672,31 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
     // the pod's VM the agent shares the sandbox's namespace with it.
     assert_eq!(cri.sh(&container, "hostname"), "web-pod\n", "the container's uname nodename");
     assert_eq!(cri.sh(&client, "hostname"), "web-pod\n", "the client's uname nodename");
+
+    // ContainerStats: the container's cgroup in the guest, through the
+    // shim's Stats.
+    let stats = cri.call("ContainerStats", CALL, cri.rs().container_stats(ContainerStatsRequest { container_id: container.clone() }));
+    let stats = stats.stats.unwrap();
+    let working_set = stats.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+    let cpu = stats.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
+    assert!(working_set > 0 && cpu > 0, "the server's stats: {stats:?}");
+    eprintln!("cri test: the server's working set {} KiB, CPU {} ms", working_set / 1024, cpu / 1_000_000);
+    // UpdateContainerResources: a memory limit in the guest cgroup (a
+    // process that touches 16 MiB under 8 MiB is killed by the guest's
+    // OOM killer, and not once the limit is raised); one above the pod's
+    // VM memory is refused.
+    let update = |bytes: i64| {
+        let linux = LinuxContainerResources { memory_limit_in_bytes: bytes, ..Default::default() };
+        cri.try_call(CALL, cri.rs().update_container_resources(UpdateContainerResourcesRequest { container_id: client.clone(), linux: Some(linux), ..Default::default() }))
+    };
+    update(8 << 20).unwrap();
+    let r = cri.exec(&client, &["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"]);
+    assert_eq!(r.exit_code, 137, "dd under an 8 MiB limit: {}", text(&r.stderr));
+    let refused = update(4 << 30).unwrap_err();
+    assert!(refused.contains("above the container's VM memory"), "{refused}");
+    update(256 << 20).unwrap();
+    let r = cri.exec(&client, &["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"]);
+    assert_eq!(r.exit_code, 0, "dd under a 256 MiB limit: {}", text(&r.stderr));
 
     // The container's log: CRI's format, `TIMESTAMP STREAM TAG LINE`.
     let log_path = PathBuf::from(&cstatus.log_path);
@@ -776,7 +802,8 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
     let jails: Vec<PathBuf> = sandbox_jail.iter().filter(|p| p.exists()).cloned().collect();
     assert!(jails.is_empty(), "the VMMs' jails left {jails:?}");
     for id in [&sandbox, &container, &client] {
-        assert!(!Path::new(RUNC_ROOT).join(id).exists(), "{id}'s runtime state is left in {RUNC_ROOT}");
+        let root = vmrun_oci::shim::root_of(K8S_NS);
+        assert!(!root.join(id).exists(), "{id}'s runtime state is left in {}", root.display());
     }
     assert!(!netns.exists(), "the pod's network namespace {} is left", netns.display());
     let mounts: Vec<PathBuf> = mounts_under(&dir).into_iter().chain(mounts_under(&netns)).collect();

@@ -960,8 +960,8 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
         .filter(|e| std::fs::read_to_string(e.path()).unwrap().contains("io.containerd.snapshotter.v1.overlayfs"))
         .collect();
     assert_eq!(of_containerd.len(), 1, "{of_containerd:?}");
-    // Pause and resume through containerd's task API (its runc shim runs
-    // the runtime's `pause` and `resume`).
+    // The task API on a running container: pause and resume (the
+    // container's cgroup in the guest frozen), exec, stats, ps.
     let id3 = format!("t3-{}", std::process::id());
     let o = ctr_cmd(&["run", "-d", "--runtime", "io.containerd.vmrun.v2", image, &id3, "sleep", "1000"]).output().unwrap();
     assert!(o.status.success(), "ctr run -d: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
@@ -974,6 +974,21 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
     assert_eq!(task_status(), "PAUSED");
     assert_ok(&ctr_cmd(&["task", "resume", &id3]).output().unwrap());
     assert_eq!(task_status(), "RUNNING");
+    // Exec: its output and exit code, through the shim's own FIFO handling.
+    let o = ctr_cmd(&["task", "exec", "--exec-id", "e1", &id3, "sh", "-c", "echo from-exec; echo err >&2; exit 4"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "ctr task exec: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
+    assert_eq!(text(&o.stdout).trim_end(), "from-exec");
+    assert!(text(&o.stderr).contains("err"), "{}", text(&o.stderr));
+    // Stats come from the container's cgroup in the guest (ctr has no
+    // update; the CRI test updates a container's limits).
+    let o = ctr_cmd(&["task", "metrics", "--format", "json", &id3]).output().unwrap();
+    assert_ok(&o);
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)));
+    assert!(m["memory"]["usage"]["usage"].as_u64().unwrap_or(0) > 0, "{m}");
+    assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{m}");
+    let o = ctr_cmd(&["task", "ps", &id3]).output().unwrap();
+    assert_ok(&o);
+    assert!(text(&o.stdout).lines().count() >= 2, "ctr task ps: {}", text(&o.stdout));
     assert_ok(&ctr_cmd(&["task", "kill", "-s", "SIGKILL", &id3]).output().unwrap());
     let t = Instant::now();
     while task_status() != "STOPPED" {
@@ -982,11 +997,11 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
     }
     assert_ok(&ctr_cmd(&["task", "delete", &id3]).output().unwrap());
     assert_ok(&ctr_cmd(&["container", "delete", &id3]).output().unwrap());
-    // containerd's shim keeps the runtime's state under its runc root; the
-    // deletes removed it.
-    let runc_root = Path::new("/run/containerd/runc").join(ns);
+    // The shim keeps the runtime's states under its root, a directory per
+    // containerd namespace; the deletes removed them.
+    let shim_root = vmrun_oci::shim::root_of(ns);
     for i in [&id, &id2, &id3] {
-        assert!(!runc_root.join(i).exists(), "state of {i} left in {}", runc_root.display());
+        assert!(!shim_root.join(i).exists(), "state of {i} left in {}", shim_root.display());
     }
     drop(daemon);
 }

@@ -1,6 +1,6 @@
-//! `containerd-shim-vmrun-v2`: containerd's runc shim, driving `vmrun-oci`
-//! as its `runc` (see `vmrun_oci::shim`).
+//! `containerd-shim-vmrun-v2`: vmrun's containerd shim (see
+//! `vmrun_oci::shim`).
 
-fn main() -> std::process::ExitCode {
-    vmrun_oci::shim::main()
+fn main() {
+    vmrun_oci::shim::main();
 }
