@@ -979,6 +979,17 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
     assert_eq!(o.status.code(), Some(4), "ctr task exec: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
     assert_eq!(text(&o.stdout).trim_end(), "from-exec");
     assert!(text(&o.stderr).contains("err"), "{}", text(&o.stderr));
+    // An exec with a terminal (ctr's own on a pty of `script`'s): the
+    // shim takes the master from the console socket and copies it to
+    // ctr's FIFOs.
+    let line = format!(
+        "{} --address {} --namespace {ns} task exec -t --exec-id e2 {id3} sh -c 'tty; echo tty-done'",
+        ctr.display(),
+        daemon.sock.display()
+    );
+    let o = Command::new("script").args(["-qec", &line, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let out = text(&o.stdout);
+    assert!(o.status.success() && out.contains("/dev/pts/") && out.contains("tty-done"), "ctr task exec -t: {out}\n{}", text(&o.stderr));
     // Stats come from the container's cgroup in the guest (ctr has no
     // update; the CRI test updates a container's limits).
     let o = ctr_cmd(&["task", "metrics", "--format", "json", &id3]).output().unwrap();
