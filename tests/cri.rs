@@ -692,6 +692,13 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
     update(8 << 20).unwrap();
     let r = cri.exec(&client, &["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"]);
     assert_eq!(r.exit_code, 137, "dd under an 8 MiB limit: {}", text(&r.stderr));
+    // The shim reported the guest's OOM kill (TaskOOM): the CRI marks the
+    // container.
+    let reason = poll(Duration::from_secs(30), || {
+        let s = cri.try_call(CALL, cri.rs().container_status(ContainerStatusRequest { container_id: client.clone(), verbose: false }));
+        s.ok().and_then(|s| s.status).map(|s| s.reason).filter(|r| r == "OOMKilled")
+    });
+    assert!(reason.is_some(), "the client's status does not say OOMKilled");
     let refused = update(4 << 30).unwrap_err();
     assert!(refused.contains("above the container's VM memory"), "{refused}");
     update(256 << 20).unwrap();

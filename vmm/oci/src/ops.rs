@@ -298,6 +298,7 @@ fn create_in(ctx: &Ctx, args: &CreateArgs, dir: &Path, bundle: &Path, plan: bund
             holder: ProcessRef::of(holder_pid),
             network: None,
             pod_sandbox,
+            oom_kills: 0,
         }),
         ..State::new(&args.id, &args.id, "", "")
     };

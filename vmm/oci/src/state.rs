@@ -217,6 +217,7 @@ mod tests {
                 holder: None,
                 network: None,
                 pod_sandbox: None,
+                oom_kills: 0,
                 oci_version: "1.0.2".into(),
                 bundle: "/b".into(),
                 rootfs: "/b/rootfs".into(),

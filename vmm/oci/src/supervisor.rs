@@ -482,6 +482,14 @@ fn run_process(
         Ok(c) => {
             log::debug!("process exited with {c}");
             drop(watcher);
+            // Killed: by the guest's OOM killer? (Read while the
+            // container's cgroup is there.)
+            if c == 128 + libc::SIGKILL {
+                match guest.client.stats(&state.guest_id) {
+                    Ok(s) => state.oci.iter_mut().for_each(|o| o.oom_kills = s.memory.events.oom_kill),
+                    Err(e) => log::warn!("reading the container's OOM kills: {e}"),
+                }
+            }
             write_back(guest.client, &state.guest_id, plan, writable);
             c
         }

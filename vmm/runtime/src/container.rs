@@ -195,6 +195,14 @@ pub struct OciBundle {
     /// sandbox's, and not this container's to remove.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_sandbox: Option<String>,
+    /// How many of the container's processes the guest's OOM killer had
+    /// killed when its process ended killed (a shim reports an OOM).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub oom_kills: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Seconds since the epoch.

@@ -20,7 +20,7 @@ use shim::api;
 use shim::api::Empty;
 use shim::monitor::{ExitEvent, Subject, Topic};
 use shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -144,6 +144,8 @@ struct Container {
     execs: HashMap<String, ExecTask>,
     /// Whether `Create` mounted its root.
     mounted: bool,
+    /// The guest OOM killer's kills in it already reported.
+    oom_seen: u64,
 }
 
 /// What the service's threads share.
@@ -178,6 +180,34 @@ impl Inner {
     }
 }
 
+/// Whether a process of container `id` that ended killed was the guest
+/// OOM killer's: the container's count of OOM kills, from its cgroup in
+/// the guest (an exec's, while the container runs) or as its supervisor
+/// recorded it when its process ended, is above what was reported.
+fn oom_killed(namespace: &str, inner: &(Mutex<Inner>, Condvar), id: &str, exec: bool) -> bool {
+    let kills = if exec {
+        let bundle = inner.0.lock().ok().and_then(|g| g.containers.get(id).map(|c| c.bundle.clone()));
+        super::ctx(namespace, bundle.map(|b| b.join("log.json"))).and_then(|ctx| crate::cgroups::stats(&ctx, id)).map(|s| s.memory.events.oom_kill)
+    } else {
+        super::ctx(namespace, None).and_then(|ctx| ctx.root.find(id)).map(|(_, st)| st.oci.map_or(0, |o| o.oom_kills))
+    };
+    let kills = match kills {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!("container {id}: cannot tell whether the OOM killer struck: {e}");
+            return false;
+        }
+    };
+    let Ok(mut g) = inner.0.lock() else { return false };
+    match g.containers.get_mut(id) {
+        Some(c) if kills > c.oom_seen => {
+            c.oom_seen = kills;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// An event for containerd: its topic and message.
 type Event = (&'static str, Box<dyn MessageDyn>);
 
@@ -207,6 +237,7 @@ impl Tasks {
         match shim::monitor::monitor_subscribe(Topic::Pid) {
             Ok(sub) => {
                 let inner = inner.clone();
+                let ns_oom = namespace.to_string();
                 let tx = tx.clone();
                 std::thread::spawn(move || {
                     while let Ok(ExitEvent {
@@ -220,6 +251,10 @@ impl Tasks {
                         cv.notify_all();
                         drop(g);
                         if let Some((container_id, id, pid, exit_status, at)) = done {
+                            if exit_status == 128 + libc::SIGKILL as u32 && oom_killed(&ns_oom, &inner, &container_id, id != container_id) {
+                                let e = TaskOOM { container_id: container_id.clone(), ..Default::default() };
+                                let _ = tx.send((topics::TASK_OOM_EVENT_TOPIC, Box::new(e)));
+                            }
                             let e = TaskExit {
                                 container_id,
                                 id,
@@ -376,6 +411,7 @@ impl Tasks {
                 init,
                 execs: HashMap::new(),
                 mounted,
+                oom_seen: 0,
             },
         );
         Ok(pid)
@@ -887,6 +923,7 @@ mod tests {
                 init,
                 execs: HashMap::new(),
                 mounted: false,
+                oom_seen: 0,
             },
         );
         let (id, exec, pid, code, _) = inner.exited(10, 137).unwrap();
