@@ -33,7 +33,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, ImageStatusRequest, LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
+    ImageSpec, ImageStatusRequest, LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
     RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
 };
@@ -332,6 +332,20 @@ fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// The pod's namespaces: its network, IPC and PID namespaces (a pod with
+/// `shareProcessNamespace`).
+fn pod_namespaces() -> NamespaceOption {
+    NamespaceOption { network: NamespaceMode::Pod as i32, pid: NamespaceMode::Pod as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }
+}
+
+/// A container's configuration in the pod's namespaces, as kubelet gives it.
+fn in_pod_namespaces() -> LinuxContainerConfig {
+    LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext { namespace_options: Some(pod_namespaces()), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn cri_runs_a_pod_in_vmrun_microvms() {
     // SAFETY: geteuid has no preconditions.
@@ -485,15 +499,10 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
         log_directory: logs.to_string_lossy().into_owned(),
         linux: Some(LinuxPodSandboxConfig {
             cgroup_parent: cgroup_parent.clone(),
-            // kubelet's defaults: the pod's network and IPC, a PID
-            // namespace per container.
+            // The pod's network and IPC, and (shareProcessNamespace) its
+            // PID namespace, as kubelet asks for them.
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -545,8 +554,7 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
 
     // CreateContainer, StartContainer: busybox's httpd serving a file, in
     // the sandbox's VM. It says it serves (the log) and exits 0 on SIGTERM
-    // (its first process is PID 1 of its namespace: without a trap it
-    // would ignore the signal).
+    // (its trap).
     let container_config = ContainerConfig {
         metadata: Some(ContainerMetadata { name: "server".into(), attempt: 0 }),
         image: Some(ImageSpec { image: BUSYBOX_IMAGE.into(), ..Default::default() }),
@@ -569,6 +577,7 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
             },
         ],
         log_path: "server/0.log".into(),
+        linux: Some(in_pod_namespaces()),
         ..Default::default()
     };
     let req = CreateContainerRequest {
@@ -589,6 +598,7 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
         command: vec!["sh".into(), "-c".into()],
         args: vec!["trap 'exit 0' TERM; sleep 3600 & wait".into()],
         log_path: "client/0.log".into(),
+        linux: Some(in_pod_namespaces()),
         ..Default::default()
     };
     let req = CreateContainerRequest {
@@ -672,6 +682,10 @@ fn cri_runs_a_pod_in_vmrun_microvms() {
     // the pod's VM the agent shares the sandbox's namespace with it.
     assert_eq!(cri.sh(&container, "hostname"), "web-pod\n", "the container's uname nodename");
     assert_eq!(cri.sh(&client, "hostname"), "web-pod\n", "the client's uname nodename");
+    // One PID namespace for the pod: its first process is the sandbox's
+    // pause, and the client sees the server's httpd.
+    let ps = cri.sh(&client, "cat /proc/1/cmdline; echo; ps -o comm");
+    assert!(ps.starts_with("/pause") && ps.lines().any(|l| l.trim() == "httpd"), "the client's view of the pod's processes: {ps}");
 
     // ContainerStats: the container's cgroup in the guest, through the
     // shim's Stats.

@@ -483,6 +483,11 @@ impl Cgroup {
         }
     }
 
+    /// Kills every process in the cgroup (`cgroup.kill`).
+    pub fn kill(&self) -> io::Result<()> {
+        write_file(&self.path.join("cgroup.kill"), "1")
+    }
+
     /// Removes the cgroup. While processes of it remain (dying), they are
     /// killed (`cgroup.kill`) and the error says so: try again once they
     /// are reaped.

@@ -246,6 +246,9 @@ pub struct Join {
     pub own_ipc: RawFd,
     /// The agent's own UTS namespace.
     pub own_uts: RawFd,
+    /// The other container's first process's pidfd and the agent's own,
+    /// when the PID namespace is shared too.
+    pub pid: Option<(RawFd, RawFd)>,
 }
 
 impl Join {
@@ -465,7 +468,20 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
                 }
                 return Err(e);
             }
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
+            // A shared PID namespace: the child is made in the other's.
+            if let Some((other, _)) = j.pid {
+                // SAFETY: setns on a pidfd the caller holds; it changes
+                // only which PID namespace this thread's next child is
+                // created in.
+                if let Err(e) = sys::cvt(unsafe { libc::setns(other, libc::CLONE_NEWPID) }) {
+                    if let Err(back) = Join::enter(j.own_ipc, j.own_uts) {
+                        crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {back}"));
+                    }
+                    return Err(e);
+                }
+            }
+            let new_pid = if j.pid.is_some() { 0 } else { libc::CLONE_NEWPID };
+            libc::CLONE_NEWNS | new_pid | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
         }
         Enter::New { join: None, .. } => {
             libc::CLONE_NEWNS
@@ -509,6 +525,10 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
     if let Enter::New { join: Some(j), .. } = plan.enter {
         if let Err(e) = Join::enter(j.own_ipc, j.own_uts) {
             crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {e}"));
+        }
+        // SAFETY: back to this process's own PID namespace for children.
+        if j.pid.is_some_and(|(_, own)| unsafe { libc::setns(own, libc::CLONE_NEWPID) } != 0) {
+            crate::log::error(format_args!("cannot return to the agent's PID namespace: {}", sys::errno()));
         }
     }
     if let Enter::Existing { own_pidfd, .. } = plan.enter {

@@ -1062,12 +1062,7 @@ impl Server {
                     return Err(err(ErrorKind::AlreadyExists, format!("exec {} already exists in {id}", e.exec_id)));
                 }
                 if self.own_pidfd.is_none() {
-                    // SAFETY: pidfd_open of our own pid; the result is checked.
-                    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-                    if fd < 0 {
-                        return Err(err(ErrorKind::Internal, format!("pidfd_open: {}", sys::errno())));
-                    }
-                    self.own_pidfd = Some(owned(fd as libc::c_int));
+                    self.own_pidfd = Some(own_pidfd().map_err(|e| err(ErrorKind::Internal, format!("pidfd_open: {e}")))?);
                 }
                 let own = self.own_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
                 (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
@@ -1087,7 +1082,20 @@ impl Server {
                 for kind in ["ipc", "uts"] {
                     join_fds.push(open_ns("self", kind).map_err(|e| err(ErrorKind::Internal, format!("the agent's {kind} namespace: {e}")))?);
                 }
-                Some(process::Join { ipc: ipc.as_raw_fd(), uts: uts.as_raw_fd(), own_ipc: join_fds[0].as_raw_fd(), own_uts: join_fds[1].as_raw_fd() })
+                let pid = if ct.config.share_pid {
+                    let Some(other_pid) = o.init_pidfd.as_ref() else { return Err(gone()) };
+                    join_fds.push(own_pidfd().map_err(|e| err(ErrorKind::Internal, format!("the agent's pidfd: {e}")))?);
+                    Some((other_pid.as_raw_fd(), join_fds[2].as_raw_fd()))
+                } else {
+                    None
+                };
+                Some(process::Join {
+                    ipc: ipc.as_raw_fd(),
+                    uts: uts.as_raw_fd(),
+                    own_ipc: join_fds[0].as_raw_fd(),
+                    own_uts: join_fds[1].as_raw_fd(),
+                    pid,
+                })
             }
             _ => None,
         };
@@ -1436,6 +1444,14 @@ impl Server {
                 if let Some(ct) = self.containers.get_mut(&container) {
                     ct.stopped = true;
                     ct.init_pidfd = None;
+                    // In a shared PID namespace the kernel ends nothing
+                    // with the container's first process: its other
+                    // processes end with it here (as runc's shim does).
+                    if ct.config.share_pid {
+                        if let Some(Err(e)) = self.cgroups.get(&container).map(Cgroup::kill) {
+                            crate::log::error(format_args!("container {container}: killing its processes: {e}"));
+                        }
+                    }
                 }
             }
             if !self.containers.contains_key(&container) {
@@ -1505,6 +1521,17 @@ impl Server {
 
 /// Opens `/proc/PROC/ns/KIND` (`PROC` a pid or `self`): a namespace held,
 /// or entered with `setns`.
+/// A pidfd of the agent itself (its PID namespace, to return to).
+fn own_pidfd() -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open of our own pid; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
 fn open_ns(proc: &str, kind: &str) -> io::Result<OwnedFd> {
     sys::open(&sys::cstring(format!("/proc/{proc}/ns/{kind}").as_str())?, libc::O_RDONLY | libc::O_CLOEXEC, 0)
 }

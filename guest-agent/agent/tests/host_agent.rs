@@ -1031,8 +1031,33 @@ fn a_pods_container_shares_its_sandboxs_ipc_and_uts_namespaces() {
     let own = |k: &str| std::fs::read_link(format!("/proc/{}/ns/{k}", agent.child.id())).unwrap().to_string_lossy().into_owned();
     assert_ne!(own("ipc"), s[0]);
     assert_ne!(own("uts"), s[1]);
+    let sandbox_pid_ns = s_pid(&c);
+    assert_ne!(own("pid"), sandbox_pid_ns, "the agent's PID namespace is not the sandbox's");
+    // Sharing the PID namespace too (shareProcessNamespace): the member
+    // sees the sandbox's first process as PID 1 and is not PID 1 itself;
+    // the agent returns to its own PID namespace.
+    let show_pid = "readlink /proc/self/ns/pid; echo $$; tr '\\0' ' ' < /proc/1/cmdline";
+    let config = ImageConfig { share_ipc_uts_with: Some("sandbox".into()), share_pid: true, ..cmd(&["sh", "-c", show_pid]) };
+    create(&c, &agent, "pid-member", config);
+    let out = c.start("pid-member", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], sandbox_pid_ns, "the sandbox's PID namespace");
+    assert_ne!(lines[1], "1", "not PID 1 in a shared namespace");
+    assert!(lines[2].starts_with("sleep 1000"), "PID 1 is the sandbox's: {text}");
+    assert_ne!(own("pid"), lines[0], "the agent is back in its own PID namespace");
+    c.remove_container("pid-member", false).unwrap();
     c.remove_container("member", false).unwrap();
     c.remove_container("sandbox", true).unwrap();
+}
+
+/// The PID namespace of container `sandbox`'s processes, as an exec there
+/// reads it.
+fn s_pid(c: &Client) -> String {
+    let out = c.exec("sandbox", "pid-ns", &exec_args(&["sh", "-c", "readlink /proc/self/ns/pid"]), StdioMode::Piped { stdin: false });
+    String::from_utf8_lossy(&out.unwrap().output(LIMIT).unwrap().stdout).trim().to_string()
 }
 
 #[test]

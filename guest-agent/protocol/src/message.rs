@@ -432,6 +432,11 @@ pub struct ImageConfig {
     /// first process when this one's starts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share_ipc_uts_with: Option<String>,
+    /// With `share_ipc_uts_with`: that container's PID namespace too
+    /// (Kubernetes' `shareProcessNamespace`): this one's processes are
+    /// not PID 1 and see the other's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub share_pid: bool,
     /// Mounts made in the container's root.
     pub mounts: Vec<Mount>,
     /// Resource limits of the container's processes.

@@ -413,6 +413,11 @@ fn run_process(
         user: plan.process.user.clone(),
         hostname: plan.hostname.clone(),
         share_ipc_uts_with: guest.pod_sandbox.clone(),
+        // A pod member whose spec joins a PID namespace by path (the
+        // sandbox's: Kubernetes' shareProcessNamespace) shares the
+        // sandbox's in the guest.
+        share_pid: guest.pod_sandbox.is_some()
+            && plan.host_namespaces.iter().any(|n| n.kind == crate::holder::NsKind::Pid && n.path.is_some()),
         mounts: plan.mounts.clone(),
         rlimits: plan.process.rlimits.clone(),
         capabilities: Some(plan.process.capabilities.clone()),

@@ -186,10 +186,18 @@ impl Inner {
 /// recorded it when its process ended, is above what was reported.
 fn oom_killed(namespace: &str, inner: &(Mutex<Inner>, Condvar), id: &str, exec: bool) -> bool {
     let kills = if exec {
-        let bundle = inner.0.lock().ok().and_then(|g| g.containers.get(id).map(|c| c.bundle.clone()));
-        super::ctx(namespace, bundle.map(|b| b.join("log.json"))).and_then(|ctx| crate::cgroups::stats(&ctx, id)).map(|s| s.memory.events.oom_kill)
+        let bundle = inner
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.containers.get(id).map(|c| c.bundle.clone()));
+        super::ctx(namespace, bundle.map(|b| b.join("log.json")))
+            .and_then(|ctx| crate::cgroups::stats(&ctx, id))
+            .map(|s| s.memory.events.oom_kill)
     } else {
-        super::ctx(namespace, None).and_then(|ctx| ctx.root.find(id)).map(|(_, st)| st.oci.map_or(0, |o| o.oom_kills))
+        super::ctx(namespace, None)
+            .and_then(|ctx| ctx.root.find(id))
+            .map(|(_, st)| st.oci.map_or(0, |o| o.oom_kills))
     };
     let kills = match kills {
         Ok(k) => k,
@@ -198,7 +206,9 @@ fn oom_killed(namespace: &str, inner: &(Mutex<Inner>, Condvar), id: &str, exec: 
             return false;
         }
     };
-    let Ok(mut g) = inner.0.lock() else { return false };
+    let Ok(mut g) = inner.0.lock() else {
+        return false;
+    };
     match g.containers.get_mut(id) {
         Some(c) if kills > c.oom_seen => {
             c.oom_seen = kills;
@@ -251,8 +261,13 @@ impl Tasks {
                         cv.notify_all();
                         drop(g);
                         if let Some((container_id, id, pid, exit_status, at)) = done {
-                            if exit_status == 128 + libc::SIGKILL as u32 && oom_killed(&ns_oom, &inner, &container_id, id != container_id) {
-                                let e = TaskOOM { container_id: container_id.clone(), ..Default::default() };
+                            if exit_status == 128 + libc::SIGKILL as u32
+                                && oom_killed(&ns_oom, &inner, &container_id, id != container_id)
+                            {
+                                let e = TaskOOM {
+                                    container_id: container_id.clone(),
+                                    ..Default::default()
+                                };
                                 let _ = tx.send((topics::TASK_OOM_EVENT_TOPIC, Box::new(e)));
                             }
                             let e = TaskExit {
@@ -291,10 +306,54 @@ impl Tasks {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The operations' context for container `id`, logging into its
-    /// bundle.
+    /// The operations' context, logging into `bundle`.
     fn ctx(&self, bundle: Option<&Path>) -> TtrpcResult<ops::Ctx> {
         super::ctx(&self.namespace, bundle.map(|b| b.join("log.json"))).map_err(status)
+    }
+
+    /// The operations' context for container `id`, logging into its
+    /// bundle.
+    fn ctx_of(&self, id: &str) -> TtrpcResult<ops::Ctx> {
+        self.ctx(Some(&self.bundle(id)?))
+    }
+
+    /// Freezes or thaws container `id` in the guest; publishes the event.
+    fn freeze(&self, id: &str, frozen: bool) -> TtrpcResult<Empty> {
+        ops::pause(&self.ctx_of(id)?, id, frozen).map_err(status)?;
+        let container_id = id.to_string();
+        if frozen {
+            self.publish(
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(TaskPaused {
+                    container_id,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.publish(
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed {
+                    container_id,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(Empty::new())
+    }
+
+    /// Runs `f` on container `id`'s process `exec_id`, under the lock.
+    fn with_proc<R>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&Container, &Proc) -> TtrpcResult<R>,
+    ) -> TtrpcResult<R> {
+        let g = self.lock();
+        let c = g
+            .containers
+            .get(id)
+            .ok_or_else(|| not_found(format!("container {id}")))?;
+        f(c, proc_of(c, id, exec_id)?)
     }
 
     fn bundle(&self, id: &str) -> TtrpcResult<PathBuf> {
@@ -526,8 +585,7 @@ impl shim::Task for Tasks {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         if req.exec_id.is_empty() {
-            let bundle = self.bundle(&req.id)?;
-            ops::start(&self.ctx(Some(&bundle))?, &req.id).map_err(status)?;
+            ops::start(&self.ctx_of(&req.id)?, &req.id).map_err(status)?;
             let pid = self
                 .lock()
                 .containers
@@ -612,37 +670,33 @@ impl shim::Task for Tasks {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let g = self.lock();
-        let c = g
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-        let p = proc_of(c, &req.id, &req.exec_id)?;
-        let paused = req.exec_id.is_empty()
-            && p.phase == Phase::Running
-            && super::root_of(&self.namespace)
-                .join(&req.id)
-                .join(crate::state::PAUSED_FILE)
-                .exists();
-        let st = match p.phase {
-            _ if paused => api::Status::PAUSED,
-            Phase::Created => api::Status::CREATED,
-            Phase::Running => api::Status::RUNNING,
-            Phase::Stopped => api::Status::STOPPED,
-        };
-        Ok(api::StateResponse {
-            id: req.id.clone(),
-            bundle: c.bundle.display().to_string(),
-            pid: p.pid,
-            status: st.into(),
-            stdin: p.paths.stdin.clone(),
-            stdout: p.paths.stdout.clone(),
-            stderr: p.paths.stderr.clone(),
-            terminal: p.paths.terminal,
-            exit_status: p.exit.as_ref().map_or(0, |e| e.0),
-            exited_at: p.exit.as_ref().map(|e| e.1.clone()).into(),
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
+        self.with_proc(&req.id, &req.exec_id, |c, p| {
+            let paused = req.exec_id.is_empty()
+                && p.phase == Phase::Running
+                && super::root_of(&self.namespace)
+                    .join(&req.id)
+                    .join(crate::state::PAUSED_FILE)
+                    .exists();
+            let st = match p.phase {
+                _ if paused => api::Status::PAUSED,
+                Phase::Created => api::Status::CREATED,
+                Phase::Running => api::Status::RUNNING,
+                Phase::Stopped => api::Status::STOPPED,
+            };
+            Ok(api::StateResponse {
+                id: req.id.clone(),
+                bundle: c.bundle.display().to_string(),
+                pid: p.pid,
+                status: st.into(),
+                stdin: p.paths.stdin.clone(),
+                stdout: p.paths.stdout.clone(),
+                stderr: p.paths.stderr.clone(),
+                terminal: p.paths.terminal,
+                exit_status: p.exit.as_ref().map_or(0, |e| e.0),
+                exited_at: p.exit.as_ref().map(|e| e.1.clone()).into(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            })
         })
     }
 
@@ -650,8 +704,7 @@ impl shim::Task for Tasks {
         let signal = i32::try_from(req.signal)
             .map_err(|_| status(Error::Usage(format!("signal {}", req.signal))))?;
         if req.exec_id.is_empty() {
-            let bundle = self.bundle(&req.id)?;
-            let ctx = self.ctx(Some(&bundle))?;
+            let ctx = self.ctx_of(&req.id)?;
             ops::kill(&ctx, &req.id, Some(&signal.to_string()), req.all).map_err(status)?;
             return Ok(Empty::new());
         }
@@ -778,8 +831,7 @@ impl shim::Task for Tasks {
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let bundle = self.bundle(&req.id)?;
-        let pids = ops::pids(&self.ctx(Some(&bundle))?, &req.id).map_err(status)?;
+        let pids = ops::pids(&self.ctx_of(&req.id)?, &req.id).map_err(status)?;
         let processes = pids
             .into_iter()
             .map(|pid| shim::protos::api::ProcessInfo {
@@ -794,39 +846,17 @@ impl shim::Task for Tasks {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<Empty> {
-        let bundle = self.bundle(&req.id)?;
-        ops::pause(&self.ctx(Some(&bundle))?, &req.id, true).map_err(status)?;
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused {
-                container_id: req.id.clone(),
-                ..Default::default()
-            }),
-        );
-        Ok(Empty::new())
+        self.freeze(&req.id, true)
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
-        let bundle = self.bundle(&req.id)?;
-        ops::pause(&self.ctx(Some(&bundle))?, &req.id, false).map_err(status)?;
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed {
-                container_id: req.id.clone(),
-                ..Default::default()
-            }),
-        );
-        Ok(Empty::new())
+        self.freeze(&req.id, false)
     }
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
-        let g = self.lock();
-        let c = g
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-        let p = proc_of(c, &req.id, &req.exec_id)?;
-        let master = p.live.master.lock().ok().and_then(|m| m.clone());
+        let master = self.with_proc(&req.id, &req.exec_id, |_, p| {
+            Ok(p.live.master.lock().ok().and_then(|m| m.clone()))
+        })?;
         let master =
             master.ok_or_else(|| status(Error::State(format!("{} has no terminal", req.id))))?;
         let (rows, cols) = (
@@ -840,28 +870,24 @@ impl shim::Task for Tasks {
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
-        let g = self.lock();
-        let c = g
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-        let p = proc_of(c, &req.id, &req.exec_id)?;
-        if req.stdin {
-            p.live
-                .stdin_closed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(Empty::new())
+        self.with_proc(&req.id, &req.exec_id, |_, p| {
+            if req.stdin {
+                p.live
+                    .stdin_closed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(Empty::new())
+        })
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let bundle = self.bundle(&req.id)?;
+        let ctx = self.ctx_of(&req.id)?;
         let any = req
             .resources
             .as_ref()
             .ok_or_else(|| status(Error::Usage("update: no resources".into())))?;
         let r = super::metrics::resources(any).map_err(status)?;
-        crate::cgroups::update_limits(&self.ctx(Some(&bundle))?, &req.id, &r).map_err(status)?;
+        crate::cgroups::update_limits(&ctx, &req.id, &r).map_err(status)?;
         Ok(Empty::new())
     }
 
@@ -870,8 +896,7 @@ impl shim::Task for Tasks {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let bundle = self.bundle(&req.id)?;
-        let s = crate::cgroups::stats(&self.ctx(Some(&bundle))?, &req.id).map_err(status)?;
+        let s = crate::cgroups::stats(&self.ctx_of(&req.id)?, &req.id).map_err(status)?;
         Ok(api::StatsResponse {
             stats: MessageField::some(super::metrics::metrics_any(&s).map_err(status)?),
             ..Default::default()
