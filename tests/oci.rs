@@ -1008,10 +1008,39 @@ fn containerd_runs_containers_through_the_vmrun_shim() {
     }
     assert_ok(&ctr_cmd(&["task", "delete", &id3]).output().unwrap());
     assert_ok(&ctr_cmd(&["container", "delete", &id3]).output().unwrap());
+    // A shim killed with SIGKILL: containerd runs the shim's `delete`,
+    // which removes the container (its VMM too) and unmounts its root.
+    let id4 = format!("t4-{}", std::process::id());
+    let o = ctr_cmd(&["run", "-d", "--runtime", "io.containerd.vmrun.v2", image, &id4, "sleep", "1000"]).output().unwrap();
+    assert!(o.status.success(), "ctr run -d: {}\n{}\ncontainerd:\n{}", text(&o.stdout), text(&o.stderr), clog());
+    let shim_root = vmrun_oci::shim::root_of(ns);
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(shim_root.join(&id4).join("state.json")).unwrap()).unwrap();
+    let vmm = st["vmm"]["pid"].as_u64().unwrap_or_else(|| panic!("no VMM in {st}")) as i32;
+    let shim = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("containerd-shim-vmrun-v2") && cmd.contains(&id4) && cmd.contains(&daemon.sock.to_string_lossy().into_owned())
+        })
+        .expect("the container's shim");
+    // SAFETY: kill of the shim this test's containerd started.
+    assert_eq!(unsafe { libc::kill(shim, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while shim_root.join(&id4).exists() || unsafe { libc::kill(vmm, 0) } == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "{id4} left after its shim died: {:?}", std::fs::read_dir(&shim_root).map(|d| d.count()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = ctr_cmd(&["task", "delete", &id4]).output().unwrap();
+    assert_ok(&ctr_cmd(&["container", "delete", &id4]).output().unwrap());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&id4), "{id4}'s root is still mounted");
     // The shim keeps the runtime's states under its root, a directory per
     // containerd namespace; the deletes removed them.
-    let shim_root = vmrun_oci::shim::root_of(ns);
-    for i in [&id, &id2, &id3] {
+    for i in [&id, &id2, &id3, &id4] {
         assert!(!shim_root.join(i).exists(), "state of {i} left in {}", shim_root.display());
     }
     drop(daemon);
