@@ -155,7 +155,7 @@ impl shim::Shim for Service {
         task::unmount_rootfs(&bundle);
         Ok(api::DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: protobuf::MessageField::some(task::now()),
+            exited_at: shim::protos::protobuf::MessageField::some(task::now()),
             ..Default::default()
         })
     }
@@ -173,8 +173,6 @@ impl shim::Shim for Service {
 pub fn main() {
     shim::run::<Service>(RUNTIME, None);
 }
-
-use shim::protos::protobuf;
 
 #[cfg(test)]
 mod tests {
