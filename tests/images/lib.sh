@@ -1,5 +1,6 @@
-# Shared by make-busybox-image.sh and make-debian-image.sh: packs a root
-# file system as a one-layer OCI image, three ways. Sourced, not run.
+# Shared by the make-*-image.sh scripts: the cache of built images, and
+# packing a root file system as a one-layer OCI image, three ways.
+# Sourced, not run.
 #
 # The packing is plain GNU tar + gzip -n + sha256sum + hand-written JSON (no
 # umoci or skopeo needed), with sorted names, fixed owners and times where
@@ -9,6 +10,23 @@ log() { echo "$(basename "$0"): $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 cache_root() { echo "${VMRUN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmrun}/test-images"; }
+
+# use_cache NAME KEY: sets $out to the cache's NAME-KEY; when that image is
+# there, prints its path and ends the script; else sets $tmp to a scratch
+# directory beside it, removed when the script ends.
+use_cache() {
+    local cache
+    cache=$(cache_root)
+    out=$cache/$1-$2
+    if [ -f "$out/digests.env" ]; then
+        log "cached: $out"
+        echo "$out"
+        exit 0
+    fi
+    mkdir -p "$cache"
+    tmp=$(mktemp -d "$cache/.$1.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+}
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 size() { stat -c %s "$1"; }

@@ -25,16 +25,7 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 if ldd "$bin" >/dev/null 2>&1; then die "$bin is dynamically linked; install busybox-static"; fi
 
 key=$(cat "$here/lib.sh" "$0" "$bin" | sha256sum | cut -c1-16)
-cache=$(cache_root)
-out=$cache/busybox-$key
-if [ -f "$out/digests.env" ]; then
-    log "cached: $out"
-    echo "$out"
-    exit 0
-fi
-mkdir -p "$cache"
-tmp=$(mktemp -d "$cache/.busybox.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+use_cache "busybox" "$key"
 
 # The package's file time: fixed for a given busybox-static version.
 epoch=$(stat -c %Y "$bin")

@@ -40,16 +40,7 @@ mirror=${DEBIAN_MIRROR:-$(find_mirror | head -1 || true)}
 [ -n "$mirror" ] || die "no $suite source in /etc/apt; set DEBIAN_MIRROR"
 
 key=$( (cat "$here/lib.sh" "$0"; echo "$suite $mirror") | sha256sum | cut -c1-16)
-cache=$(cache_root)
-out=$cache/debian-$suite-$key
-if [ -f "$out/digests.env" ]; then
-    log "cached: $out"
-    echo "$out"
-    exit 0
-fi
-mkdir -p "$cache"
-tmp=$(mktemp -d "$cache/.debian.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+use_cache "debian-$suite" "$key"
 
 r=$tmp/rootfs
 log "debootstrap --variant=minbase $suite from $mirror (a few minutes)"

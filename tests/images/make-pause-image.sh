@@ -21,16 +21,7 @@ src=$here/pause.c
 command -v cc >/dev/null || die "no C compiler (apt-get install build-essential, or scripts/deps.sh)"
 
 key=$( { cat "$here/lib.sh" "$0" "$src"; cc --version; } | sha256sum | cut -c1-16)
-cache=$(cache_root)
-out=$cache/pause-$key
-if [ -f "$out/digests.env" ]; then
-    log "cached: $out"
-    echo "$out"
-    exit 0
-fi
-mkdir -p "$cache"
-tmp=$(mktemp -d "$cache/.pause.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+use_cache "pause" "$key"
 
 # A fixed time: the image depends on the source and the compiler only.
 epoch=1700000000
