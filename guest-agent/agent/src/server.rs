@@ -1061,10 +1061,7 @@ impl Server {
                 if self.procs.values().any(|p| p.container == id && p.exec_id.as_deref() == Some(&e.exec_id)) {
                     return Err(err(ErrorKind::AlreadyExists, format!("exec {} already exists in {id}", e.exec_id)));
                 }
-                if self.own_pidfd.is_none() {
-                    self.own_pidfd = Some(own_pidfd().map_err(|e| err(ErrorKind::Internal, format!("pidfd_open: {e}")))?);
-                }
-                let own = self.own_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                let own = own_pidfd(&mut self.own_pidfd)?;
                 (ct.exec_spec(&e.process, tty)?, Some((pidfd.as_raw_fd(), own)), Some(e.exec_id.clone()), Vec::new())
             }
         };
@@ -1084,8 +1081,7 @@ impl Server {
                 }
                 let pid = if ct.config.share_pid {
                     let Some(other_pid) = o.init_pidfd.as_ref() else { return Err(gone()) };
-                    join_fds.push(own_pidfd().map_err(|e| err(ErrorKind::Internal, format!("the agent's pidfd: {e}")))?);
-                    Some((other_pid.as_raw_fd(), join_fds[2].as_raw_fd()))
+                    Some((other_pid.as_raw_fd(), own_pidfd(&mut self.own_pidfd)?))
                 } else {
                     None
                 };
@@ -1519,19 +1515,22 @@ impl Server {
     }
 }
 
-/// Opens `/proc/PROC/ns/KIND` (`PROC` a pid or `self`): a namespace held,
-/// or entered with `setns`.
-/// A pidfd of the agent itself (its PID namespace, to return to).
-fn own_pidfd() -> io::Result<OwnedFd> {
+/// A pidfd of the agent itself (its PID namespace, to return to), opened
+/// into `slot` the first time.
+fn own_pidfd(slot: &mut Option<OwnedFd>) -> Result<RawFd, AgentError> {
+    if let Some(fd) = slot {
+        return Ok(fd.as_raw_fd());
+    }
     // SAFETY: pidfd_open of our own pid; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(err(ErrorKind::Internal, format!("pidfd_open: {}", sys::errno())));
     }
-    // SAFETY: pidfd_open returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    Ok(slot.insert(owned(fd as libc::c_int)).as_raw_fd())
 }
 
+/// Opens `/proc/PROC/ns/KIND` (`PROC` a pid or `self`): a namespace held,
+/// or entered with `setns`.
 fn open_ns(proc: &str, kind: &str) -> io::Result<OwnedFd> {
     sys::open(&sys::cstring(format!("/proc/{proc}/ns/{kind}").as_str())?, libc::O_RDONLY | libc::O_CLOEXEC, 0)
 }
