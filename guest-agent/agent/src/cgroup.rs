@@ -463,23 +463,38 @@ impl Cgroup {
     }
 
     /// Freezes or thaws its processes (`cgroup.freeze`) and waits up to
-    /// `limit` for `cgroup.events` to say they are.
+    /// `limit` for `cgroup.events` to say they are (the kernel wakes a
+    /// `poll` of that file when it changes).
     pub fn freeze(&self, frozen: bool, limit: std::time::Duration) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // Opened first: a change after this wakes the poll below.
+        let events = std::fs::File::open(self.path.join("cgroup.events"))?;
         write_file(&self.path.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
         let want = if frozen { 1 } else { 0 };
-        let start = std::time::Instant::now();
+        let deadline = std::time::Instant::now() + limit;
+        let mut buf = [0u8; 256];
         loop {
-            let events = self.read("cgroup.events").map(|t| flat_keyed(&t)).unwrap_or_default();
-            if events.get("frozen") == Some(&want) {
+            let n = events.read_at(&mut buf, 0)?;
+            if flat_keyed(&String::from_utf8_lossy(&buf[..n])).get("frozen") == Some(&want) {
                 return Ok(());
             }
-            if start.elapsed() > limit {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut p = libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLPRI, revents: 0 };
+            // SAFETY: poll of one pollfd on a descriptor we hold, for at
+            // most the time left.
+            let r = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as libc::c_int) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if r == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("its processes were not {} within {limit:?}", if frozen { "frozen" } else { "thawed" }),
                 ));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
 
