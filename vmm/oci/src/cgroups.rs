@@ -130,22 +130,21 @@ pub fn update(ctx: &Ctx, args: &UpdateArgs) -> Result<i32> {
 /// cgroup's share); limits the VM's fixed memory cannot hold are refused.
 pub fn update_limits(ctx: &Ctx, id: &str, r: &Resources) -> Result<()> {
     let (dir, st) = running(ctx, id)?;
-    let r = r.clone();
     let sp: SupervisorPlan = serde_json::from_slice(&std::fs::read(dir.join(state::PLAN_FILE)).map_err(io("reading plan.json"))?)
         .map_err(|e| Error::Bundle(format!("plan.json: {e}")))?;
-    check_memory(&r, sp.plan.mem_mib)?;
+    check_memory(r, sp.plan.mem_mib)?;
     // The VM's host cgroup, when it has one (`linux.cgroupsPath`), takes
     // its share first (CPU time and CPUs for the whole VM), as at create.
     let host = match crate::host_cgroup::of_plan(&sp.plan)? {
         Some((v2, dirs)) if !st.host_cgroups.is_empty() => {
             let vm = crate::host_cgroup::VmNeeds::for_vm(sp.plan.mem_mib, sp.plan.cpus);
-            crate::host_cgroup::update(std::path::Path::new(crate::host_cgroup::CGROUP_ROOT), &dirs, v2, &r, vm)?;
+            crate::host_cgroup::update(std::path::Path::new(crate::host_cgroup::CGROUP_ROOT), &dirs, v2, r, vm)?;
             true
         }
         _ => false,
     };
     let client = ops::connect(&st, &dir)?;
-    let result = client.update(&st.guest_id, &crate::host_cgroup::guest_share(&r, host)).map_err(ops::not_running);
+    let result = client.update(&st.guest_id, &crate::host_cgroup::guest_share(r, host)).map_err(ops::not_running);
     client.close();
     result
 }

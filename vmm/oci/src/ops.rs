@@ -727,35 +727,21 @@ fn exec_process_of(dir: &Path, args: &ExecArgs) -> Result<ProcessPlan> {
 /// (returns its exit code) or with `--detach` (an exec supervisor whose pid
 /// goes to `--pid-file` and whose exit status is the process's).
 pub fn exec(ctx: &Ctx, args: &ExecArgs) -> Result<i32> {
-    match exec_process_in(ctx, args)? {
-        Exec::Foreground(code) => Ok(code),
-        Exec::Detached(pid) => {
-            if let Some(p) = &args.pid_file {
-                write_pid_file(p, pid)?;
-            }
-            Ok(0)
-        }
+    if !args.detach {
+        let (_, exec_id, _) = prepare_exec(ctx, args, false)?;
+        return Ok(supervisor::exec_supervise(&ctx.root, &args.id, &exec_id));
     }
-}
-
-/// An exec'd process, as [`exec_process_in`] leaves it.
-enum Exec {
-    /// It ran in the foreground and exited with this code.
-    Foreground(i32),
-    /// It runs under the exec supervisor of this pid.
-    Detached(u32),
-}
-
-/// [`exec`] with `detach`: the pid of the exec supervisor, whose exit
-/// status is the process's.
-pub fn exec_detached(ctx: &Ctx, args: &ExecArgs) -> Result<u32> {
-    match exec_process_in(ctx, &ExecArgs { detach: true, ..args.clone() })? {
-        Exec::Detached(pid) => Ok(pid),
-        Exec::Foreground(_) => Err(Error::State("the exec ran in the foreground".into())),
+    let pid = exec_detached(ctx, args)?;
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p, pid)?;
     }
+    Ok(0)
 }
 
-fn exec_process_in(ctx: &Ctx, args: &ExecArgs) -> Result<Exec> {
+/// Checks an exec (`detach`ed or not) and records its plan and its
+/// `starting` record: the container's directory, the exec's id, whether
+/// the process has a terminal.
+fn prepare_exec(ctx: &Ctx, args: &ExecArgs, detach: bool) -> Result<(PathBuf, String, bool)> {
     let (dir, st) = ctx.root.find(&args.id)?;
     if st.effective_status() != Status::Running {
         return Err(Error::State(format!("cannot exec in container {}: it is not running", args.id)));
@@ -764,7 +750,7 @@ fn exec_process_in(ctx: &Ctx, args: &ExecArgs) -> Result<Exec> {
         return Err(Error::State(format!("cannot exec in container {}: it is paused (resume it first)", args.id)));
     }
     let process = exec_process(&dir, args)?;
-    if process.terminal && args.detach && args.console_socket.is_none() {
+    if process.terminal && detach && args.console_socket.is_none() {
         return Err(Error::Usage("a terminal for a detached process needs a --console-socket".into()));
     }
     if !process.terminal && args.console_socket.is_some() {
@@ -779,9 +765,13 @@ fn exec_process_in(ctx: &Ctx, args: &ExecArgs) -> Result<Exec> {
         .map_err(io("writing the exec plan"))?;
     let rec = ExecRecord { exec_id: exec_id.clone(), supervisor: None, status: ExecStatus::Starting, exit_code: None, error: None };
     supervisor::save_exec(&dir, &rec).map_err(io("writing the exec record"))?;
-    if !args.detach {
-        return Ok(Exec::Foreground(supervisor::exec_supervise(&ctx.root, &args.id, &exec_id)));
-    }
+    Ok((dir, exec_id, terminal))
+}
+
+/// [`exec`] with `--detach`: starts the exec supervisor, whose exit
+/// status is the process's, and returns its pid once the process runs.
+pub fn exec_detached(ctx: &Ctx, args: &ExecArgs) -> Result<u32> {
+    let (dir, exec_id, terminal) = prepare_exec(ctx, args, true)?;
     let log = ctx.log.clone().unwrap_or_else(|| dir.join(state::LOG_FILE));
     let mut cmd = ctx.self_command(&log)?;
     cmd.arg("exec-supervise").arg(&args.id).arg(&exec_id);
@@ -813,7 +803,7 @@ fn exec_process_in(ctx: &Ctx, args: &ExecArgs) -> Result<Exec> {
         }
         waiter.wait(None);
     }
-    Ok(Exec::Detached(pid))
+    Ok(pid)
 }
 
 /// `ps`: the container's host processes (its supervisor and the exec
