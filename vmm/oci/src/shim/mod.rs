@@ -63,11 +63,12 @@ pub fn vmrun_oci() -> crate::Result<PathBuf> {
 }
 
 /// The operations' context for containerd namespace `namespace`, logging
-/// in JSON to `log` (a bundle's `log.json`).
-pub(crate) fn ctx(namespace: &str, log: Option<PathBuf>) -> crate::Result<Ctx> {
+/// in JSON to the bundle's `log.json` (where containerd's runc shim has
+/// runc log), or to the container's state directory without a bundle.
+pub(crate) fn ctx(namespace: &str, bundle: Option<&Path>) -> crate::Result<Ctx> {
     Ok(Ctx {
         root: Root::new(&root_of(namespace))?,
-        log,
+        log: bundle.map(|b| b.join("log.json")),
         log_format: crate::logger::Format::Json,
         debug: false,
         exe: Some(vmrun_oci()?),
@@ -147,8 +148,8 @@ impl shim::Shim for Service {
         // deleted (its processes killed) and its root unmounted.
         let bundle = std::env::current_dir()
             .map_err(|e| shim::Error::Other(format!("the bundle directory: {e}")))?;
-        let ctx = ctx(&self.namespace, Some(bundle.join("log.json")))
-            .map_err(|e| shim::Error::Other(e.to_string()))?;
+        let ctx =
+            ctx(&self.namespace, Some(&bundle)).map_err(|e| shim::Error::Other(e.to_string()))?;
         if let Err(e) = crate::ops::delete(&ctx, &self.id, true) {
             log::warn!("deleting container {}: {e}", self.id);
         }

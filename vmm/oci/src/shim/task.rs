@@ -191,7 +191,7 @@ fn oom_killed(namespace: &str, inner: &(Mutex<Inner>, Condvar), id: &str, exec: 
             .lock()
             .ok()
             .and_then(|g| g.containers.get(id).map(|c| c.bundle.clone()));
-        super::ctx(namespace, bundle.map(|b| b.join("log.json")))
+        super::ctx(namespace, bundle.as_deref())
             .and_then(|ctx| crate::cgroups::stats(&ctx, id))
             .map(|s| s.memory.events.oom_kill)
     } else {
@@ -306,15 +306,10 @@ impl Tasks {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The operations' context, logging into `bundle`.
-    fn ctx(&self, bundle: Option<&Path>) -> TtrpcResult<ops::Ctx> {
-        super::ctx(&self.namespace, bundle.map(|b| b.join("log.json"))).map_err(status)
-    }
-
     /// The operations' context for container `id`, logging into its
     /// bundle.
     fn ctx_of(&self, id: &str) -> TtrpcResult<ops::Ctx> {
-        self.ctx(Some(&self.bundle(id)?))
+        super::ctx(&self.namespace, Some(&self.bundle(id)?)).map_err(status)
     }
 
     /// Freezes or thaws container `id` in the guest; publishes the event.
@@ -438,7 +433,7 @@ impl Tasks {
             terminal: req.terminal,
         };
         let init = Proc::new(paths.clone());
-        let ctx = super::ctx(&self.namespace, Some(bundle.join("log.json")))?;
+        let ctx = super::ctx(&self.namespace, Some(&bundle))?;
         let result = process_io(&paths, &init.live).and_then(|(streams, console_socket)| {
             ops::create_container(
                 &ctx,
@@ -511,7 +506,7 @@ impl Tasks {
                 x.proc.live.clone(),
             )
         };
-        let ctx = super::ctx(&self.namespace, Some(bundle.join("log.json")))?;
+        let ctx = super::ctx(&self.namespace, Some(&bundle))?;
         let (streams, console_socket) = process_io(&paths, &live)?;
         let args = ExecArgs {
             id: id.into(),
@@ -709,21 +704,15 @@ impl shim::Task for Tasks {
             return Ok(Empty::new());
         }
         // The exec supervisor hands the signals it gets to its process.
-        let pid = {
-            let g = self.lock();
-            let x = g
-                .containers
-                .get(&req.id)
-                .and_then(|c| c.execs.get(&req.exec_id));
-            let x = x.ok_or_else(|| not_found(format!("exec {} of {}", req.exec_id, req.id)))?;
-            if x.proc.phase != Phase::Running {
+        let pid = self.with_proc(&req.id, &req.exec_id, |_, p| {
+            if p.phase != Phase::Running {
                 return Err(status(Error::State(format!(
                     "exec {} is not running",
                     req.exec_id
                 ))));
             }
-            x.proc.pid
-        };
+            Ok(p.pid)
+        })?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::try_from(signal)
@@ -771,20 +760,14 @@ impl shim::Task for Tasks {
                 ..Default::default()
             });
         }
-        let bundle = self.bundle(&req.id)?;
-        {
-            let g = self.lock();
-            if g.containers
-                .get(&req.id)
-                .is_some_and(|c| c.init.phase == Phase::Running)
-            {
-                return Err(status(Error::State(format!(
-                    "cannot delete container {}: it is running",
-                    req.id
-                ))));
-            }
-        }
-        let ctx = self.ctx(Some(&bundle))?;
+        self.with_proc(&req.id, "", |_, p| match p.phase {
+            Phase::Running => Err(status(Error::State(format!(
+                "cannot delete container {}: it is running",
+                req.id
+            )))),
+            _ => Ok(()),
+        })?;
+        let ctx = self.ctx_of(&req.id)?;
         // A created container that never ran is stopped here.
         match ops::delete(&ctx, &req.id, true) {
             Ok(_) | Err(Error::NotFound(_)) => {}
