@@ -58,6 +58,8 @@ use crate::caps::CapSets;
 use crate::seccomp;
 use crate::sys::{self, cstring};
 
+mod shared;
+
 /// `clone3`'s flag to start the child in the cgroup `clone_args.cgroup`
 /// names (libc's constant has the wrong type).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -173,8 +175,8 @@ pub enum Op {
         attrs: libc::c_uint,
         /// Directories to create (top down) if the target is missing.
         mkdirs: Vec<CString>,
-        /// The detached mount, once the child made it (in the child's
-        /// copy of the plan).
+        /// The detached mount, once the child made it (a descriptor of
+        /// the child's, not the agent's).
         fd: std::sync::atomic::AtomicI32,
     },
 }
@@ -423,49 +425,69 @@ struct Gate {
     groups: Vec<libc::gid_t>,
 }
 
-/// Clones the child of `plan` and returns at once in the parent.
-pub fn spawn(plan: &Plan) -> io::Result<Started> {
-    let (err_r, err_w) = sys::pipe(0)?;
-    // Pointer arrays for execve, built before clone.
-    let argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let candidates: Vec<*const libc::c_char> = plan.candidates.iter().map(|c| c.as_ptr()).collect();
-    let cwd_mkdirs: Vec<*const libc::c_char> = plan.cwd_mkdirs.iter().map(|c| c.as_ptr()).collect();
-    let tail = Tail {
-        argv: &argv,
-        envp: &envp,
-        candidates: &candidates,
-        cwd: plan.cwd.as_ptr(),
-        cwd_mkdirs: &cwd_mkdirs,
-        uid: plan.uid,
-        gid: plan.gid,
-        groups: &plan.groups,
-        caps: plan.caps,
-        no_new_privs: plan.no_new_privs,
-    };
-    // Where a held child reads what it is released with (it may not
-    // allocate): only for a held child.
-    let mut gate = plan.gate.map(|(read, write)| Gate {
-        read,
-        write,
-        buf: vec![0u8; crate::release::MAX_BYTES],
-        ptrs: vec![std::ptr::null(); crate::release::MAX_STRINGS],
-        groups: vec![0; crate::release::MAX_GROUPS],
-    });
-    let mut pidfd: libc::c_int = -1;
-    // A new user namespace's child waits for its maps on this pipe.
-    let user_ns_sync = match (&plan.enter, &plan.user_ns) {
-        (Enter::New { .. }, Some(_)) => Some(sys::pipe(0)?),
-        _ => None,
-    };
-    let flags = match plan.enter {
+/// Pointer arrays for `execve` and the directories of the working
+/// directory, built before `clone` from a plan.
+struct Pointers {
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    candidates: Vec<*const libc::c_char>,
+    cwd_mkdirs: Vec<*const libc::c_char>,
+}
+
+impl Pointers {
+    fn new(plan: &Plan) -> Self {
+        let nul_ended = |v: &[CString]| v.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        Pointers {
+            argv: nul_ended(&plan.argv),
+            envp: nul_ended(&plan.envp),
+            candidates: plan.candidates.iter().map(|c| c.as_ptr()).collect(),
+            cwd_mkdirs: plan.cwd_mkdirs.iter().map(|c| c.as_ptr()).collect(),
+        }
+    }
+
+    fn tail<'a>(&'a self, plan: &'a Plan) -> Tail<'a> {
+        Tail {
+            argv: &self.argv,
+            envp: &self.envp,
+            candidates: &self.candidates,
+            cwd: plan.cwd.as_ptr(),
+            cwd_mkdirs: &self.cwd_mkdirs,
+            uid: plan.uid,
+            gid: plan.gid,
+            groups: &plan.groups,
+            caps: plan.caps,
+            no_new_privs: plan.no_new_privs,
+        }
+    }
+}
+
+impl Gate {
+    /// Where a held child reads what it is released with (it may not
+    /// allocate).
+    fn new((read, write): (RawFd, RawFd)) -> Self {
+        Gate {
+            read,
+            write,
+            buf: vec![0u8; crate::release::MAX_BYTES],
+            ptrs: vec![std::ptr::null(); crate::release::MAX_STRINGS],
+            groups: vec![0; crate::release::MAX_GROUPS],
+        }
+    }
+}
+
+/// Enters, for this thread's next child, the namespaces `plan` joins (a
+/// pod's IPC and UTS, perhaps its PID namespace, or an existing
+/// container's PID namespace), and returns the `clone` flags of the
+/// namespaces the child gets new. On an error this thread is back in its
+/// own.
+fn enter_for_clone(plan: &Plan, new_user_ns: bool) -> io::Result<libc::c_int> {
+    let user = if new_user_ns { libc::CLONE_NEWUSER } else { 0 };
+    match plan.enter {
         Enter::New { join: Some(j), .. } => {
             // Its child is created in the other container's IPC and UTS
-            // namespaces; the agent goes back to its own right after.
+            // namespaces.
             if let Err(e) = Join::enter(j.ipc, j.uts) {
-                if let Err(back) = Join::enter(j.own_ipc, j.own_uts) {
-                    crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {back}"));
-                }
+                leave_after_clone(plan);
                 return Err(e);
             }
             // A shared PID namespace: the child is made in the other's.
@@ -474,38 +496,63 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
                 // only which PID namespace this thread's next child is
                 // created in.
                 if let Err(e) = sys::cvt(unsafe { libc::setns(other, libc::CLONE_NEWPID) }) {
-                    if let Err(back) = Join::enter(j.own_ipc, j.own_uts) {
-                        crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {back}"));
-                    }
+                    leave_after_clone(plan);
                     return Err(e);
                 }
             }
             let new_pid = if j.pid.is_some() { 0 } else { libc::CLONE_NEWPID };
-            libc::CLONE_NEWNS | new_pid | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
+            Ok(libc::CLONE_NEWNS | new_pid | user)
         }
-        Enter::New { join: None, .. } => {
-            libc::CLONE_NEWNS
-                | libc::CLONE_NEWPID
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWIPC
-                | if user_ns_sync.is_some() { libc::CLONE_NEWUSER } else { 0 }
-        }
+        Enter::New { join: None, .. } => Ok(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | user),
         Enter::Existing { pidfd, .. } => {
             // SAFETY: setns on a pidfd we hold; it changes only which PID
             // namespace this thread's next child is created in.
             sys::cvt(unsafe { libc::setns(pidfd, libc::CLONE_NEWPID) })?;
-            0
+            Ok(0)
         }
-    };
-    if gate.is_some() {
-        // A held child keeps a copy of this address space until its run
-        // execs the program, and tearing that copy down is part of every
-        // run that restores it: give the memory this process has freed
-        // (an image's unpacking leaves megabytes) back first, so that the
-        // copy holds only what is in use.
-        // SAFETY: malloc_trim only returns free heap memory to the kernel.
-        unsafe { libc::malloc_trim(0) };
     }
+}
+
+/// Returns this thread to the agent's own namespaces after
+/// [`enter_for_clone`].
+fn leave_after_clone(plan: &Plan) {
+    let own_pid = match plan.enter {
+        Enter::New { join: Some(j), .. } => {
+            if let Err(e) = Join::enter(j.own_ipc, j.own_uts) {
+                crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {e}"));
+            }
+            j.pid.map(|(_, own)| own)
+        }
+        Enter::Existing { own_pidfd, .. } => Some(own_pidfd),
+        Enter::New { join: None, .. } => None,
+    };
+    // SAFETY: back to this process's own PID namespace for children.
+    if own_pid.is_some_and(|own| unsafe { libc::setns(own, libc::CLONE_NEWPID) } != 0) {
+        crate::log::error(format_args!("cannot return to the agent's PID namespace: {}", sys::errno()));
+    }
+}
+
+/// Clones the child of `plan` and returns in the parent as soon as the
+/// child exists (its pid and pidfd known).
+///
+/// A held first process with a PID namespace of its own shares the
+/// agent's memory until it execs (see `shared`); every other child gets
+/// a copy of it, as with `fork`.
+pub fn spawn(plan: Plan) -> io::Result<Started> {
+    if shared::applies(&plan) {
+        return shared::spawn(plan);
+    }
+    let (err_r, err_w) = sys::pipe(0)?;
+    let pointers = Pointers::new(&plan);
+    let tail = pointers.tail(&plan);
+    let mut gate = plan.gate.map(Gate::new);
+    let mut pidfd: libc::c_int = -1;
+    // A new user namespace's child waits for its maps on this pipe.
+    let user_ns_sync = match (&plan.enter, &plan.user_ns) {
+        (Enter::New { .. }, Some(_)) => Some(sys::pipe(0)?),
+        _ => None,
+    };
+    let flags = enter_for_clone(&plan, user_ns_sync.is_some())?;
     // SAFETY: clone_args is plain integers; all-zero is valid.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
     args.flags = (flags | libc::CLONE_PIDFD) as u64 | plan.cgroup.map_or(0, |_| CLONE_INTO_CGROUP);
@@ -519,38 +566,31 @@ pub fn spawn(plan: &Plan) -> io::Result<Started> {
     // pidfd; `args` outlives the call.
     let pid = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut libc::clone_args, std::mem::size_of::<libc::clone_args>()) };
     if pid == 0 {
-        child(plan, err_w.as_raw_fd(), &tail, gate.as_mut(), user_ns_sync.as_ref().map(|(r, _)| r.as_raw_fd()));
+        child(&plan, err_w.as_raw_fd(), &tail, gate.as_mut(), user_ns_sync.as_ref().map(|(r, _)| r.as_raw_fd()));
     }
     let clone_err = sys::errno();
-    if let Enter::New { join: Some(j), .. } = plan.enter {
-        if let Err(e) = Join::enter(j.own_ipc, j.own_uts) {
-            crate::log::error(format_args!("cannot return to the agent's IPC and UTS namespaces: {e}"));
-        }
-        // SAFETY: back to this process's own PID namespace for children.
-        if j.pid.is_some_and(|(_, own)| unsafe { libc::setns(own, libc::CLONE_NEWPID) } != 0) {
-            crate::log::error(format_args!("cannot return to the agent's PID namespace: {}", sys::errno()));
-        }
-    }
-    if let Enter::Existing { own_pidfd, .. } = plan.enter {
-        // SAFETY: back to this process's own PID namespace for children.
-        if unsafe { libc::setns(own_pidfd, libc::CLONE_NEWPID) } != 0 {
-            crate::log::error(format_args!("cannot return to the agent's PID namespace: {}", sys::errno()));
-        }
-    }
+    leave_after_clone(&plan);
     if pid < 0 {
         return Err(clone_err);
     }
     drop(err_w);
     // SAFETY: CLONE_PIDFD stored a new descriptor that we now own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    if let (Some((_, go)), Some(maps)) = (&user_ns_sync, &plan.user_ns) {
-        if let Err(e) = set_up_user_ns(pid as i32, maps, plan, go.as_fd()) {
-            // It waits for its maps: it never ran anything of its own.
-            let _ = sys::kill(pid as i32, libc::SIGKILL);
+    finish_user_ns(pid as i32, &plan, user_ns_sync.as_ref().map(|(_, go)| go.as_fd()))?;
+    Ok(Started { pid: pid as i32, pidfd, errors: err_r })
+}
+
+/// For a child in a new user namespace (`go`, the write end of the pipe
+/// it waits on): its maps and limits ([`set_up_user_ns`]); on an error the
+/// child, which never ran anything of its own, is killed.
+fn finish_user_ns(pid: i32, plan: &Plan, go: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    if let (Some(go), Some(maps)) = (go, &plan.user_ns) {
+        if let Err(e) = set_up_user_ns(pid, maps, plan, go) {
+            let _ = sys::kill(pid, libc::SIGKILL);
             return Err(e);
         }
     }
-    Ok(Started { pid: pid as i32, pidfd, errors: err_r })
+    Ok(())
 }
 
 /// From the agent, for a child in a new user namespace: its maps, then

@@ -1106,8 +1106,7 @@ impl Server {
             process::Enter::New { ops, .. } => ops.iter().map(|o| o.describe()).collect(),
             process::Enter::Existing { .. } => Vec::new(),
         };
-        let started = process::spawn(&plan).map_err(|e| err(ErrorKind::Internal, format!("clone: {e}")))?;
-        drop(plan);
+        let started = process::spawn(plan).map_err(|e| err(ErrorKind::Internal, format!("clone: {e}")))?;
         drop(join_fds);
         drop(binds);
         let gate = gate.map(|(_, w)| w);

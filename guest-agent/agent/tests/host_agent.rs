@@ -1019,7 +1019,14 @@ fn a_pods_container_shares_its_sandboxs_ipc_and_uts_namespaces() {
     let _sandbox = c.start("sandbox", StdioMode::Null).unwrap();
     let out = c.exec("sandbox", "s1", &exec_args(&["sh", "-c", show]), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
     let sandbox_ns = String::from_utf8_lossy(&out.stdout).into_owned();
-    let out = c.start("member", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    // Held first (OCI create), as a pod's containers are: it waits in the
+    // agent's address space, cloned by a thread that entered the
+    // sandbox's namespaces for it.
+    let agent_pid = agent.child.id() as i32;
+    let held = c.prepare("member", StdioMode::Piped { stdin: false }).unwrap();
+    assert!(same_memory(agent_pid, held.pid as i32), "a copy of the agent's memory");
+    assert_eq!(c.release("member").unwrap(), held.pid);
+    let out = held.output(LIMIT).unwrap();
     assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     let member_ns = String::from_utf8_lossy(&out.stdout).into_owned();
     let (s, m): (Vec<&str>, Vec<&str>) = (sandbox_ns.lines().collect(), member_ns.lines().collect());
@@ -1039,7 +1046,12 @@ fn a_pods_container_shares_its_sandboxs_ipc_and_uts_namespaces() {
     let show_pid = "readlink /proc/self/ns/pid; echo $$; tr '\\0' ' ' < /proc/1/cmdline";
     let config = ImageConfig { share_ipc_uts_with: Some("sandbox".into()), share_pid: true, ..cmd(&["sh", "-c", show_pid]) };
     create(&c, &agent, "pid-member", config);
-    let out = c.start("pid-member", StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    // Held, it would be seen by the sandbox's processes: it waits in a
+    // copy of the agent's memory, not in the agent's own.
+    let held = c.prepare("pid-member", StdioMode::Piped { stdin: false }).unwrap();
+    assert!(!same_memory(agent_pid, held.pid as i32), "the agent's own memory");
+    assert_eq!(c.release("pid-member").unwrap(), held.pid);
+    let out = held.output(LIMIT).unwrap();
     assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = text.lines().collect();
@@ -1058,6 +1070,27 @@ fn a_pods_container_shares_its_sandboxs_ipc_and_uts_namespaces() {
 fn s_pid(c: &Client) -> String {
     let out = c.exec("sandbox", "pid-ns", &exec_args(&["sh", "-c", "readlink /proc/self/ns/pid"]), StdioMode::Piped { stdin: false });
     String::from_utf8_lossy(&out.unwrap().output(LIMIT).unwrap().stdout).trim().to_string()
+}
+
+/// Whether processes `a` and `b` share one address space (`kcmp`).
+fn same_memory(a: i32, b: i32) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp compares two processes' kernel objects; no memory is
+    // passed.
+    match unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_VM, 0, 0) } {
+        0 => true,
+        r if r > 0 => false,
+        _ => panic!("kcmp({a}, {b}): {}", std::io::Error::last_os_error()),
+    }
+}
+
+/// The agent's threads that wait for a held process's exec.
+fn waiting_threads(agent: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{agent}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "held-clone")
+        .count()
 }
 
 #[test]
@@ -1088,11 +1121,21 @@ fn a_held_process_runs_its_program_only_once_released() {
     // its standard streams, its error pipe and its gate.
     let fds = std::fs::read_dir(format!("/proc/{}/fd", p.pid)).unwrap().count();
     assert_eq!(fds, 5, "the held process's descriptors");
+    // It waits in the agent's own address space (its exec then tears
+    // down no copy of it), and a thread of the agent waits for the exec.
+    let agent_pid = agent.child.id() as i32;
+    assert!(same_memory(agent_pid, p.pid as i32), "the held process has a copy of the agent's memory");
+    assert_eq!(waiting_threads(agent_pid), 1);
     // Released: it runs, and its output is the program's alone.
     assert_eq!(c.release("held").unwrap(), p.pid);
     let out = p.output(LIMIT).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\nfrom the image\n");
     assert_eq!(out.exit_code, 4);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting_threads(agent_pid) != 0 {
+        assert!(Instant::now() < deadline, "the thread that waited for the exec did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Once only; and never for a container that was not held.
     let again = c.release("held").unwrap_err();
     assert!(matches!(&again, Error::Agent(e) if e.kind == ErrorKind::InvalidState), "{again}");
