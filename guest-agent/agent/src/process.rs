@@ -38,6 +38,8 @@
 //! gate; one byte from the agent (OCI `start`) lets it go on from the
 //! rlimits, and the gate's end makes it exit. The steps that depend on who
 //! runs the program (user, capabilities, seccomp) come after the gate.
+//! A held child with a PID namespace of its own waits in the agent's own
+//! address space rather than a copy of it (`shared`).
 //!
 //! An exec'd process: the agent thread enters the container's PID
 //! namespace for its children (`setns(pidfd, CLONE_NEWPID)`), clones, and
