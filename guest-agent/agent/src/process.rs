@@ -1110,6 +1110,19 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
             }
             check(libc::chdir(tail.cwd) as libc::c_long, errfd, STEP_CWD);
         }
+        // The PATH search skips, with one lookup each, the candidates that
+        // do not exist: an execve of a missing file fails only after it
+        // has built the new program's address space and copied its
+        // arguments and environment there. Looked up before the user and
+        // the seccomp filter change (as runc looks the path up); the last
+        // candidate is always left to execve, whose error is the answer.
+        let mut candidates = tail.candidates;
+        while let [c, rest @ ..] = candidates {
+            if rest.is_empty() || libc::access(*c, libc::F_OK) == 0 || !matches!(last_errno(), libc::ENOENT | libc::ENOTDIR) {
+                break;
+            }
+            candidates = rest;
+        }
         // Without no_new_privs, installing a filter takes CAP_SYS_ADMIN:
         // before the capabilities change (runc's order).
         if let (Some(filter), false) = (&plan.seccomp, tail.no_new_privs) {
@@ -1137,7 +1150,7 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
         // remember a permission error.
         let mut denied = 0;
         let mut last = libc::ENOENT;
-        for c in tail.candidates {
+        for c in candidates {
             libc::execve(*c, tail.argv.as_ptr(), tail.envp.as_ptr());
             let e = last_errno();
             match e {
