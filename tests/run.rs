@@ -921,6 +921,19 @@ fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomne
             assert!(standard.contains(name), "user {user}: /dev/{name} in the container: {dev:?}");
         }
     }
+
+    // The clock: restored from the busybox template made at the start of
+    // this test (tens of seconds ago, all of which the guest's kernel
+    // catches up with at its first tick), the guest tells the host's time,
+    // to within what its boot read from the emulated CMOS clock (whole
+    // seconds: guests lag by about 1.5 s).
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let before = unix_now();
+    let o = v.run(&["run", "--rm", "busybox", "date", "+%s"]);
+    let after = unix_now();
+    assert_code(&o, 0);
+    let guest: u64 = text(&o.stdout).trim().parse().unwrap();
+    assert!(guest + 3 >= before && guest <= after + 1, "the guest's clock says {guest}, the host's was {before} to {after}");
 }
 
 /// A restored VM answers the host's very first connection to its agent:
