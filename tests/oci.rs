@@ -1370,18 +1370,23 @@ fn podman_runs_containers_with_vmrun_oci() {
     let e = shared();
     let _turn = vm_turn();
     let store = support::scratch("podman-store");
+    // Podman gives its runtime an environment of its own making (conmon's),
+    // not its caller's: the runtime it runs is a script that names this
+    // test's data directory, kernel and agent (a user's vmrun-oci finds
+    // them in its default data directory).
+    std::fs::create_dir_all(&store).unwrap();
+    let runtime = store.join("vmrun-oci");
+    let script = format!(
+        "#!/bin/sh\nexec env VMRUN_HOME='{}' VMRUN_KERNEL='{}' VMRUN_AGENT_INITRD='{}' '{OCI}' \"$@\"\n",
+        e.home.display(),
+        e.kernel.display(),
+        e.initrd.display()
+    );
+    std::fs::write(&runtime, script).unwrap();
+    std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let podman = |args: &[&str]| {
         let mut c = Command::new("podman");
-        c.arg("--root")
-            .arg(store.join("root"))
-            .arg("--runroot")
-            .arg(store.join("run"))
-            .args(["--runtime", OCI])
-            .args(args)
-            .env("VMRUN_HOME", &e.home)
-            .env("VMRUN_KERNEL", &e.kernel)
-            .env("VMRUN_AGENT_INITRD", &e.initrd)
-            .stdin(Stdio::null());
+        c.arg("--root").arg(store.join("root")).arg("--runroot").arg(store.join("run")).arg("--runtime").arg(&runtime).args(args).stdin(Stdio::null());
         c.output().unwrap()
     };
     let archive = support::busybox_image().join("busybox-docker.tar");
