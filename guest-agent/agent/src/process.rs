@@ -549,11 +549,7 @@ pub fn spawn(plan: Plan) -> io::Result<Started> {
     let tail = pointers.tail(&plan);
     let mut gate = plan.gate.map(Gate::new);
     let mut pidfd: libc::c_int = -1;
-    // A new user namespace's child waits for its maps on this pipe.
-    let user_ns_sync = match (&plan.enter, &plan.user_ns) {
-        (Enter::New { .. }, Some(_)) => Some(sys::pipe(0)?),
-        _ => None,
-    };
+    let user_ns_sync = user_ns_sync(&plan)?;
     let flags = enter_for_clone(&plan, user_ns_sync.is_some())?;
     // SAFETY: clone_args is plain integers; all-zero is valid.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
@@ -580,6 +576,15 @@ pub fn spawn(plan: Plan) -> io::Result<Started> {
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     finish_user_ns(pid as i32, &plan, user_ns_sync.as_ref().map(|(_, go)| go.as_fd()))?;
     Ok(Started { pid: pid as i32, pidfd, errors: err_r })
+}
+
+/// The pipe a child in a new user namespace waits on for its maps (read
+/// end, write end); `None` for any other child.
+fn user_ns_sync(plan: &Plan) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+    match (&plan.enter, &plan.user_ns) {
+        (Enter::New { .. }, Some(_)) => sys::pipe(0).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// For a child in a new user namespace (`go`, the write end of the pipe

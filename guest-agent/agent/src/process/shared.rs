@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use super::{
-    child, enter_for_clone, finish_user_ns, Enter, Gate, Plan, Pointers, Started, Tail,
-    CLONE_INTO_CGROUP,
+    child, enter_for_clone, finish_user_ns, user_ns_sync, Enter, Gate, Plan, Pointers, Started,
+    Tail, CLONE_INTO_CGROUP,
 };
 use crate::sys;
 
@@ -60,11 +60,7 @@ pub(super) fn spawn(plan: Plan) -> io::Result<Started> {
     // The child writes one byte here first: the pid and pidfd are then
     // stored. The end of the pipe without it: the clone failed.
     let (started_r, started_w) = sys::pipe(0)?;
-    let user_ns_sync = if plan.user_ns.is_some() {
-        Some(sys::pipe(0)?)
-    } else {
-        None
-    };
+    let user_ns_sync = user_ns_sync(&plan)?;
     let stack = Stack::new(STACK_BYTES)?;
     let plan = Arc::new(plan);
     // The kernel stores the pid (CLONE_PARENT_SETTID) and the pidfd
