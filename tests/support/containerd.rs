@@ -14,8 +14,10 @@ pub fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// A running containerd; killed (SIGKILL) when dropped. The shims it
-/// started are processes of their own and outlive it.
+/// A running containerd; killed (SIGKILL) when dropped, with the shims it
+/// started and still running (a test that failed half-way leaves tasks
+/// behind: their VMMs die with their shims, so the next test starts on a
+/// host without them).
 pub struct Containerd {
     /// Its directory: `config.toml`, `containerd.log`, `root/`, `state/`,
     /// `opt/`.
@@ -102,5 +104,13 @@ disabled_plugins = [{disabled}]
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.daemon.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims are started with `-address SOCK`: this daemon's.
+        let address = format!("-address {}", self.sock.display());
+        let _ = Command::new("pkill").args(["-KILL", "-f", "--", &address]).status();
     }
 }

@@ -3,16 +3,16 @@
 //! supervisor sends to a console socket.
 //!
 //! Without a terminal the supervisor gets stdout and stderr themselves
-//! (the FIFO containerd reads, opened for writing) and, for stdin, a pipe
-//! that a thread fills from the stdin FIFO: containerd may open its end
-//! later, and `CloseIO` must be able to end the process's input. With a
-//! terminal, threads copy the stdin FIFO to the master and the master to
-//! the stdout FIFO.
+//! (the FIFOs containerd reads, opened read-write: see [`open_output`])
+//! and, for stdin, a pipe that a thread fills from the stdin FIFO:
+//! containerd may open its end later, and `CloseIO` must be able to end
+//! the process's input. With a terminal, threads copy the stdin FIFO to
+//! the master and the master to the stdout FIFO.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,9 +60,14 @@ fn path_of(s: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(s))
 }
 
-/// Opens an output stream for writing: a FIFO whose reader containerd
-/// holds open (never blocking on an absent reader: that is an error), a
-/// file appended to, or `/dev/null`.
+/// Opens an output stream for writing: a FIFO, a file appended to, or
+/// `/dev/null`.
+///
+/// A FIFO is opened read-write, as containerd's own shims hold a reader
+/// beside their writer: containerd's clients (`ctr`, the CRI plugin) open
+/// their reading end in the background and may not have it open yet when
+/// the process starts, and a client that goes away (containerd restarted)
+/// can open it again; the process never takes `SIGPIPE` meanwhile.
 fn open_output(s: &str) -> Result<File> {
     if s.is_empty() {
         return File::options()
@@ -71,7 +76,9 @@ fn open_output(s: &str) -> Result<File> {
             .map_err(io("opening /dev/null"));
     }
     let path = path_of(s)?;
+    let fifo = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_fifo());
     let f = OpenOptions::new()
+        .read(fifo)
         .append(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path)
@@ -215,24 +222,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_fifos_need_a_reader_and_uris_other_than_files_are_refused() {
+    fn output_fifos_keep_what_is_written_before_the_reader_comes() {
         let d = tempfile::tempdir().unwrap();
         let fifo = d.path().join("out");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        assert!(
-            open_output(fifo.to_str().unwrap()).is_err(),
-            "no reader: an error, not a hang"
-        );
+        // No reader yet (ctr opens its end in the background): no error,
+        // no hang, and nothing lost.
+        let mut w = open_output(&format!("fifo://{}", fifo.display())).unwrap();
+        w.write_all(b"hi").unwrap();
         let reader = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)
             .unwrap();
-        let mut w = open_output(&format!("fifo://{}", fifo.display())).unwrap();
-        w.write_all(b"hi").unwrap();
-        let mut got = [0u8; 2];
+        w.write_all(b"!").unwrap();
+        drop(w);
+        let mut got = [0u8; 3];
         (&reader).read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hi");
+        assert_eq!(&got, b"hi!");
+        // The only writer gone: the reader sees the end.
+        assert_eq!((&reader).read(&mut got).unwrap(), 0);
+        // Files are appended to; other URIs are refused.
+        let file = d.path().join("log");
+        std::fs::write(&file, "a").unwrap();
+        open_output(&format!("file://{}", file.display())).unwrap().write_all(b"b").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "ab");
+        assert!(open_output(d.path().join("missing").to_str().unwrap()).is_err());
         assert!(open_output("binary:///usr/bin/logger").is_err());
         open_output("").unwrap().write_all(b"x").unwrap();
     }
