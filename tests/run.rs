@@ -924,16 +924,19 @@ fn a_container_reaches_neither_the_agent_nor_image_devices_nor_template_randomne
 
     // The clock: restored from the busybox template made at the start of
     // this test (tens of seconds ago, all of which the guest's kernel
-    // catches up with at its first tick), the guest tells the host's time,
-    // to within what its boot read from the emulated CMOS clock (whole
-    // seconds: guests lag by about 1.5 s).
-    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // catches up with at its first tick), the guest tells the host's time:
+    // its boot read the emulated CMOS clock in whole seconds (guests
+    // lagged by about 1.5 s), and the agent set it to the host's from the
+    // template's first connection. `adjtimex` prints microseconds.
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let before = unix_now();
-    let o = v.run(&["run", "--rm", "busybox", "date", "+%s"]);
+    let o = v.run(&["run", "--rm", "busybox", "adjtimex"]);
     let after = unix_now();
     assert_code(&o, 0);
-    let guest: u64 = text(&o.stdout).trim().parse().unwrap();
-    assert!(guest + 3 >= before && guest <= after + 1, "the guest's clock says {guest}, the host's was {before} to {after}");
+    let out = text(&o.stdout);
+    let field = |name: &str| -> f64 { out.lines().find_map(|l| l.trim().strip_prefix(name)).unwrap_or_else(|| panic!("no {name} in {out}")).trim().parse().unwrap() };
+    let guest = field("time.tv_sec:") + field("time.tv_usec:") / 1e6;
+    assert!(guest >= before - 0.25 && guest <= after + 0.25, "the guest's clock says {guest:.3}, the host's was {before:.3} to {after:.3}");
 }
 
 /// A restored VM answers the host's very first connection to its agent:

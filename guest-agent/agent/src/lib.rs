@@ -14,6 +14,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod changes;
+pub mod clock;
 pub mod container;
 pub mod devcg;
 pub mod copy;

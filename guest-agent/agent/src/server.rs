@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use vmrun_agent_protocol::frame::{self, Decoder, Kind};
 use vmrun_agent_protocol::{
-    check_hello, AgentError, CreateContainer, Entropy, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW,
+    check_hello, AgentError, CreateContainer, Entropy, ErrorKind, Exec, Hello, Reply, Request, Response, Stdio, WallClock, STREAM_WINDOW,
 };
 
 use crate::cgroup::{self, Cgroup, Hierarchy};
@@ -528,6 +528,9 @@ impl Server {
                         c.dead = true;
                     }
                     return;
+                }
+                if let Some(host) = theirs.time {
+                    follow_the_hosts_clock(host);
                 }
             }
             self.send(conn, Kind::Hello, 0, &payload);
@@ -1516,6 +1519,24 @@ impl Server {
 
 /// A pidfd of the agent itself (its PID namespace, to return to), opened
 /// into `slot` the first time.
+/// Sets the guest's clock to the host's when it lags (`crate::clock`).
+fn follow_the_hosts_clock(host: WallClock) {
+    let Some(host) = host.since_epoch() else {
+        return crate::log::error(format_args!("the host's hello gave an invalid time ({host:?}): clock left as it is"));
+    };
+    match crate::clock::follow(host) {
+        Ok(Some(was)) => crate::log::debug(format_args!(
+            "clock set to the host's {}.{:09}; it said {}.{:09}",
+            host.as_secs(),
+            host.subsec_nanos(),
+            was.as_secs(),
+            was.subsec_nanos()
+        )),
+        Ok(None) => {}
+        Err(e) => crate::log::error(format_args!("setting the clock to the host's: {e}")),
+    }
+}
+
 fn own_pidfd(slot: &mut Option<OwnedFd>) -> Result<RawFd, AgentError> {
     if let Some(fd) = slot {
         return Ok(fd.as_raw_fd());

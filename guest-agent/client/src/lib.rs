@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmrun_agent_protocol::frame::{self, Kind, MAX_PAYLOAD};
-use vmrun_agent_protocol::{check_hello, Entropy, Exec, Hello, Reply, Request, Response, Stdio, STREAM_WINDOW};
+use vmrun_agent_protocol::{check_hello, Entropy, Exec, Hello, Reply, Request, Response, Stdio, WallClock, STREAM_WINDOW};
 
 pub use vmrun_agent_protocol::{
     AgentError, CgroupStats, CpuResources, CreateContainer, Digest, ErrorKind, ExecProcess, HandshakeError, ImageConfig, LayerSource,
@@ -373,9 +373,10 @@ impl Client {
             close: Box::new(close),
         });
         // Fresh entropy on every connection: a guest restored from a
-        // snapshot reseeds from it before it answers.
+        // snapshot reseeds from it before it answers; and the host's
+        // clock, which the guest's is set to if it lags.
         let entropy = Entropy::new(host_entropy()?).map_err(|e| Error::Protocol(e.to_string()))?;
-        let ours = Hello::ours(SOFTWARE).with_entropy(entropy);
+        let ours = Hello::ours(SOFTWARE).with_entropy(entropy).with_time(WallClock::now());
         let payload = serde_json::to_vec(&ours).map_err(|e| Error::Protocol(e.to_string()))?;
         shared.send(Kind::Hello, 0, &payload)?;
         let (tx, rx) = mpsc::sync_channel(1);
@@ -933,6 +934,7 @@ mod tests {
             assert_eq!(hello.kind, Kind::Hello);
             let host: Hello = serde_json::from_slice(&hello.payload).unwrap();
             assert_eq!(host.entropy.map(|e| e.bytes().len()), Some(Entropy::LEN), "the host's hello carries entropy");
+            assert!(host.time.and_then(WallClock::since_epoch).is_some(), "the host's hello carries its clock");
             let h = Hello { version, ..Hello::ours("fake-agent") };
             (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
             script(b);

@@ -142,6 +142,21 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_clock_travels_in_its_hello() {
+        let time = WallClock { secs: 1_765_000_000, nanos: 123_456_789 };
+        let host = Hello::ours("vmrun 0.1.0").with_time(time);
+        let json = serde_json::to_string(&host).unwrap();
+        assert!(json.contains("\"time\":{\"secs\":1765000000,\"nanos\":123456789}"), "{json}");
+        assert_eq!(serde_json::from_str::<Hello>(&json).unwrap().time, Some(time));
+        assert_eq!(time.since_epoch(), Some(std::time::Duration::new(1_765_000_000, 123_456_789)));
+        assert_eq!(WallClock { nanos: 1_000_000_000, ..time }.since_epoch(), None);
+        let agent = Hello::ours("vmrun-agent 0.1.0");
+        assert!(!serde_json::to_string(&agent).unwrap().contains("time"));
+        let now = WallClock::now().since_epoch().unwrap();
+        assert!(now > std::time::Duration::from_secs(1_700_000_000), "{now:?}");
+    }
+
+    #[test]
     fn bad_entropy_is_refused() {
         let hello = |e: &str| serde_json::from_str::<Hello>(&format!("{{\"magic\":\"vmrun-agent\",\"version\":2,\"software\":\"x\",\"entropy\":{e}}}"));
         assert!(hello(&format!("\"{}\"", "ab".repeat(Entropy::MIN))).is_ok());

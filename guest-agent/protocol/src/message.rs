@@ -20,17 +20,53 @@ pub struct Hello {
     /// agent's hello.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    /// Host to agent: the host's wall clock when it sent this hello. An
+    /// agent that is a guest's init sets the guest's clock to it when the
+    /// guest's is behind (a boot reads the emulated CMOS clock in whole
+    /// seconds; a VM restored from a snapshot on hardware KVM resumes the
+    /// snapshot's clock) or far ahead. `None` in the agent's hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<WallClock>,
 }
 
 impl Hello {
     /// This side's hello (without entropy).
     pub fn ours(software: &str) -> Self {
-        Self { magic: crate::MAGIC.into(), version: crate::VERSION, software: software.into(), entropy: None }
+        Self { magic: crate::MAGIC.into(), version: crate::VERSION, software: software.into(), entropy: None, time: None }
     }
 
     /// This hello, carrying `entropy`.
     pub fn with_entropy(self, entropy: Entropy) -> Self {
         Self { entropy: Some(entropy), ..self }
+    }
+
+    /// This hello, carrying the wall clock's `time`.
+    pub fn with_time(self, time: WallClock) -> Self {
+        Self { time: Some(time), ..self }
+    }
+}
+
+/// A moment of a wall clock (`CLOCK_REALTIME`): time since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WallClock {
+    /// Whole seconds.
+    pub secs: u64,
+    /// Nanoseconds past them (below 10^9 in a valid moment).
+    pub nanos: u32,
+}
+
+impl WallClock {
+    /// This machine's wall clock now (the epoch itself if the clock is set
+    /// before it).
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self { secs: d.as_secs(), nanos: d.subsec_nanos() }
+    }
+
+    /// The time since the epoch; `None` for nanoseconds of a second or
+    /// more.
+    pub fn since_epoch(self) -> Option<std::time::Duration> {
+        (self.nanos < 1_000_000_000).then(|| std::time::Duration::new(self.secs, self.nanos))
     }
 }
 
