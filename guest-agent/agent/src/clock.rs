@@ -69,8 +69,8 @@ mod tests {
         assert_eq!(correction(host, host), None);
         assert_eq!(correction(host - ms(5), host), None);
         assert_eq!(correction(host + ms(800), host), None);
-        assert_eq!(correction(host + ms(1_500), host), Some(host));
         // Far ahead (the host's clock was set back).
+        assert_eq!(correction(host + ms(1_500), host), Some(host));
         assert_eq!(correction(host + Duration::from_secs(60), host), Some(host));
     }
 }

@@ -1517,8 +1517,6 @@ impl Server {
     }
 }
 
-/// A pidfd of the agent itself (its PID namespace, to return to), opened
-/// into `slot` the first time.
 /// Sets the guest's clock to the host's when it lags (`crate::clock`).
 fn follow_the_hosts_clock(host: WallClock) {
     let Some(host) = host.since_epoch() else {
@@ -1537,6 +1535,8 @@ fn follow_the_hosts_clock(host: WallClock) {
     }
 }
 
+/// A pidfd of the agent itself (its PID namespace, to return to), opened
+/// into `slot` the first time.
 fn own_pidfd(slot: &mut Option<OwnedFd>) -> Result<RawFd, AgentError> {
     if let Some(fd) = slot {
         return Ok(fd.as_raw_fd());
