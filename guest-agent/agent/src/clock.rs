@@ -29,19 +29,6 @@ pub fn now() -> Duration {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Sets `CLOCK_REALTIME` (needs `CAP_SYS_TIME`).
-pub fn set(to: Duration) -> io::Result<()> {
-    let t = libc::timespec {
-        tv_sec: libc::time_t::try_from(to.as_secs()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        tv_nsec: libc::c_long::from(to.subsec_nanos()),
-    };
-    // SAFETY: clock_settime reads the timespec this function owns.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &t) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Sets the guest's clock from the host's (`host` as its hello gave it)
 /// when [`correction`] says so; returns what the guest's clock said
 /// before, or `None` when it was left alone.
@@ -50,7 +37,7 @@ pub fn follow(host: Duration) -> io::Result<Option<Duration>> {
     let Some(to) = correction(guest, host) else {
         return Ok(None);
     };
-    set(to)?;
+    crate::sys::set_realtime(to)?;
     Ok(Some(guest))
 }
 

@@ -59,6 +59,16 @@ pub fn lutimensat(dir: BorrowedFd<'_>, name: &CStr, sec: i64) -> io::Result<()> 
     cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
+/// Sets `CLOCK_REALTIME` to `to` since the epoch (needs `CAP_SYS_TIME`).
+pub fn set_realtime(to: std::time::Duration) -> io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: libc::time_t::try_from(to.as_secs()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        tv_nsec: libc::c_long::from(to.subsec_nanos()),
+    };
+    // SAFETY: clock_settime reads the timespec this function owns.
+    cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &t) }).map(drop)
+}
+
 /// `fstatat(2)` without following a final symlink.
 pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
     // SAFETY: all-zero is a valid `stat`; the kernel fills it in.
