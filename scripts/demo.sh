@@ -25,6 +25,7 @@ if [ -z "$home" ]; then
 fi
 mkdir -p "$home/boot"
 install -m 0644 "$kernel" "$home/boot/vmlinux"
+install -m 0644 "$kernel-up" "$home/boot/vmlinux-up"
 install -m 0644 "$initrd" "$home/boot/agent.cpio"
 echo "demo: installed the guest kernel and agent into $home/boot" >&2
 

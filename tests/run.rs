@@ -165,10 +165,18 @@ fn run_containers_from_a_registry_and_an_archive() {
     assert!(counted("guest to agent ready") && counted("process run"), "{log}");
     assert!(!counted("store lookup"), "no VM runs while the store is read: {log}");
 
-    // The cold path (a boot, no template) behaves the same.
-    let o = v.run(&["run", "--cold", "-e", "WHERE=cold", &reference, "sh", "-c", "echo $WHERE; exit 5"]);
+    // The cold path (a boot, no template) behaves the same; with two
+    // vCPUs, the guest runs the SMP kernel, where one vCPU gets its
+    // uniprocessor build.
+    let o = v.run(&["run", "--cold", "--cpus", "2", "-e", "WHERE=cold", &reference, "sh", "-c", "echo $WHERE $(nproc); uname -v; exit 5"]);
     assert_code(&o, 5);
-    assert_eq!(text(&o.stdout), "cold\n");
+    let out = text(&o.stdout);
+    assert!(out.starts_with("cold 2\n") && out.lines().nth(1).is_some_and(|l| l.contains(" SMP ")), "{out}");
+    assert!(vmrun_runtime::artifacts::up_kernel_beside(&v.kernel).is_some(), "kernel-config/build.sh builds vmlinux-up beside vmlinux");
+    let o = v.run(&["run", "--rm", &reference, "sh", "-c", "echo $(nproc); uname -v"]);
+    assert_code(&o, 0);
+    let out = text(&o.stdout);
+    assert!(out.starts_with("1\n") && out.lines().nth(1).is_some_and(|l| !l.contains("SMP")), "{out}");
 
     // The same image from an archive, by its short name.
     let o = v.run(&["load", "-i", images.join("busybox-docker.tar").to_str().unwrap()]);
@@ -959,7 +967,7 @@ fn each_restore_answers_the_first_agent_connection() {
     let layer_disk = dir.join("empty.disk");
     std::fs::write(&layer_disk, vec![0u8; 4096]).unwrap();
     let spec = |i: usize| VmSpec {
-        artifacts: Artifacts { kernel: v.kernel.clone(), agent_initrd: v.initrd.clone() },
+        artifacts: Artifacts::new(v.kernel.clone(), v.initrd.clone()),
         // What `vmrun run` uses by default: its template is the one the
         // other tests share.
         mem_mib: 512,

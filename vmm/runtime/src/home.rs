@@ -4,6 +4,7 @@
 //! ```text
 //! images/            the image store (OCI image layout)
 //! boot/vmlinux       the guest kernel (kernel-config/build.sh)
+//! boot/vmlinux-up    its uniprocessor build, for VMs of one vCPU
 //! boot/agent.cpio    the agent initramfs (rootfs/build.sh)
 //! layer-disks/       one read-only layer disk per image, built once
 //! templates/<key>/   snapshots of booted guests for warm starts

@@ -109,9 +109,9 @@ pub struct Inputs {
     pub artifacts: String,
 }
 
-/// A hash of the kernel, the agent initramfs (their contents) and vmrun's
-/// version and boot revision: what every template key depends on, whatever
-/// the VM's size.
+/// A hash of the kernel (and its uniprocessor build), the agent initramfs
+/// (their contents) and vmrun's version and boot revision: what every
+/// template key depends on, whatever the VM's size.
 pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts, hashes: &FileHashes) -> std::io::Result<String> {
     Ok(format!("{:016x}", artifacts_fnv(artifacts, hashes)?))
 }
@@ -120,6 +120,9 @@ pub fn artifacts_hash(artifacts: &crate::artifacts::Artifacts, hashes: &FileHash
 fn artifacts_fnv(artifacts: &crate::artifacts::Artifacts, hashes: &FileHashes) -> std::io::Result<u64> {
     let mut h = FNV_OFFSET;
     h = hashes.continue_with(h, &artifacts.kernel)?;
+    if let Some(up) = &artifacts.kernel_up {
+        h = hashes.continue_with(h, up)?;
+    }
     h = hashes.continue_with(h, &artifacts.agent_initrd)?;
     Ok(fnv1a_continue(h, format!("{} boot-revision={BOOT_REVISION}", env!("CARGO_PKG_VERSION")).as_bytes()))
 }
@@ -376,7 +379,7 @@ mod tests {
             .unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let spec = VmSpec {
-            artifacts: crate::artifacts::Artifacts { kernel: d.join("vmlinux"), agent_initrd: d.join("agent.cpio") },
+            artifacts: crate::artifacts::Artifacts::new(d.join("vmlinux"), d.join("agent.cpio")),
             mem_mib: 256,
             cpus: 1,
             layer_disk: d.join("layers.disk"),

@@ -246,7 +246,7 @@ impl VmSpec {
                 disks.push(DiskConfig { id: Some(format!("vol{i}")), read_only, ..DiskConfig::new(v) });
             }
             VmmConfig::boot(VmConfig {
-                kernel: self.artifacts.kernel.clone(),
+                kernel: self.artifacts.kernel_for(self.cpus).to_path_buf(),
                 initrd: Some(self.artifacts.agent_initrd.clone()),
                 cmdline: self.cmdline(),
                 mem_mib: self.mem_mib,

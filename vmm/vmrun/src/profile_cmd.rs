@@ -15,7 +15,8 @@ pub struct ProfileArgs {
     /// The profile (JSON) the VMM wrote.
     profile: PathBuf,
     /// The guest kernel's symbols (`nm vmlinux`; the kernel build leaves
-    /// `System.map` beside its `vmlinux`).
+    /// `System.map` beside its `vmlinux`, `System.map-up` beside the
+    /// `vmlinux-up` that VMs of one vCPU boot).
     #[arg(long)]
     system_map: PathBuf,
     /// Functions listed in each table.
