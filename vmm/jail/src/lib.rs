@@ -11,7 +11,8 @@
 //!    has a TAP device, which lives in the host's);
 //! 3. a fork: the process in the new pid namespace runs the VMM, the
 //!    outer one only waits for it, forwards signals and ends with its
-//!    status (and removes the cgroup);
+//!    status (and removes the cgroup); [`kill_signal`] sent to it kills
+//!    the VMM, so that the outer process ends once all is removed;
 //! 4. a private root (a tmpfs) holding only what the VMM needs, bind-mounted
 //!    at the paths the VMM was given: the kernel, initramfs, disks and
 //!    snapshot read-only, the VM's own directory (sockets, console,
@@ -428,12 +429,22 @@ fn drop_privileges(id: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// The signal that, sent to a jail's outer process (the VMM's pid as its
+/// starter knows it), kills the jailed VMM with SIGKILL: the outer process
+/// waits for it, removes its cgroups and root, and ends (with status 137).
+/// Whoever waits for the outer process then finds the jail gone, where
+/// SIGKILL to the outer process leaves the VMM dying on its own and its
+/// cgroups for [`clean_up`] to remove once it has.
+pub fn kill_signal() -> i32 {
+    libc::SIGRTMIN() + 4
+}
+
 fn forwarded_signals() -> libc::sigset_t {
     // SAFETY: builds a set and blocks it for this (single-threaded) process.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD] {
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD, kill_signal()] {
             libc::sigaddset(&mut set, s);
         }
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -441,8 +452,9 @@ fn forwarded_signals() -> libc::sigset_t {
     }
 }
 
-/// The outer process: forwards signals to `child` until it ends; returns
-/// the exit code to end with (128+N when signal N killed it).
+/// The outer process: forwards signals to `child` until it ends
+/// ([`kill_signal`] as SIGKILL); returns the exit code to end with (128+N
+/// when signal N killed it).
 fn wait_forwarding(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
     loop {
         let mut status = 0;
@@ -461,6 +473,7 @@ fn wait_forwarding(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
         let mut sig = 0;
         // SAFETY: sigwait with the set blocked above.
         if unsafe { libc::sigwait(set, &mut sig) } == 0 && sig != libc::SIGCHLD {
+            let sig = if sig == kill_signal() { libc::SIGKILL } else { sig };
             // SAFETY: kill of our own child.
             unsafe { libc::kill(child, sig) };
         }
@@ -928,6 +941,35 @@ mod tests {
         // SAFETY: waitpid on our own child.
         unsafe { libc::waitpid(child, &mut status, 0) };
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "descriptor 9 survived or 7 (kept) did not: status {status}");
+    }
+
+    #[test]
+    fn the_kill_signal_reaches_the_jailed_process_as_sigkill() {
+        // The outer process's part, in a child process: its own child (the
+        // "VMM") keeps every forwarded signal blocked, so that only a
+        // SIGKILL ends it (and SIGALRM, if nothing does within seconds).
+        // SAFETY: the children only make system calls and exit.
+        let outer = unsafe { libc::fork() };
+        if outer == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let set = forwarded_signals();
+                let inner = libc::fork();
+                if inner == 0 {
+                    libc::alarm(20);
+                    loop {
+                        libc::pause();
+                    }
+                }
+                libc::kill(libc::getpid(), kill_signal());
+                let code = wait_forwarding(inner, &set);
+                libc::_exit(if code == 128 + libc::SIGKILL { 0 } else { code });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(outer, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the jailed process ended otherwise: status {status}");
     }
 
     #[test]

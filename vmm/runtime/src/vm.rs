@@ -174,10 +174,17 @@ pub struct VmProcess {
     /// Its configuration names a guest profile ([`guest_profile`]), which
     /// the VMM writes when it ends: it is asked to stop rather than killed.
     profiled: bool,
+    /// It runs in a jail, whose outer process is `child`: killed through
+    /// it ([`VmProcess::kill_and_wait`]).
+    jailed: bool,
     /// The host CPU spent when the VMM said it was ready, its vCPUs about
     /// to run (measured only with debug logging, for `vmrun run`'s phases).
     ready_cpu: Option<crate::cpu::HostCpu>,
 }
+
+/// How long a jailed VMM's outer process may take to kill it and remove
+/// its jail ([`VmProcess::kill_and_wait`]) before it is killed itself.
+const JAIL_KILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The VMM's configuration, in the directory of the VM (beside its log).
 pub const CONFIG_FILE: &str = "vmm.json";
@@ -368,6 +375,7 @@ impl VmProcess {
             ready: Some(File::from(ready_r)),
             connect_attempts: 0,
             profiled: config.options().profile.is_some(),
+            jailed: config.options().jail,
             ready_cpu: None,
             layout,
             in_use: Vec::new(),
@@ -487,11 +495,29 @@ impl VmProcess {
     /// Waits for the VMM to end, up to `timeout`; kills it after that.
     pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         if !self.wait_exit(Instant::now() + timeout)? {
-            let _ = self.child.kill();
+            self.kill_and_wait();
         }
         let s = self.child.wait()?;
         vmrun_jail::clean_up(self.child.id());
         Ok(s)
+    }
+
+    /// Kills the VMM and waits for it. A jailed one is killed by its
+    /// jail's outer process ([`vmrun_jail::kill_signal`]), which ends once
+    /// the VMM has and its cgroups are removed: waited for by the pidfd,
+    /// not polled. With SIGKILL when it is not jailed, or when the outer
+    /// process has not ended within [`JAIL_KILL_TIMEOUT`].
+    fn kill_and_wait(&mut self) {
+        if self.jailed {
+            // SAFETY: kill of our own child, not yet reaped (its pid is
+            // not anyone else's).
+            unsafe { libc::kill(self.child.id() as libc::pid_t, vmrun_jail::kill_signal()) };
+            if matches!(self.wait_exit(Instant::now() + JAIL_KILL_TIMEOUT), Ok(true)) {
+                return;
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Why the VMM ended, for an error message that outlives its files (a
@@ -539,8 +565,7 @@ impl Drop for VmProcess {
             }
         }
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill_and_wait();
         }
         vmrun_jail::clean_up(self.child.id());
     }
