@@ -11,6 +11,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -32,12 +33,18 @@ struct Run {
     compat: bool,
 }
 
+/// The kernel `vmrun run` boots for `cpus` vCPUs (the uniprocessor build
+/// for one); the SMP one when `cpus` is no number (`vmrun boot` refuses it).
+fn kernel(cpus: &str) -> PathBuf {
+    cpus.parse().map_or_else(|_| support::kernel().to_path_buf(), support::kernel_for)
+}
+
 fn boot_once(i: usize, cpus: &str, memory: &str) -> Run {
     let report = support::scratch(&format!("bench-report-{i}.json"));
     let console = support::scratch(&format!("bench-console-{i}.log"));
     let status = Command::new(support::with_vmm(VMRUN))
         .args(["boot", "--kernel"])
-        .arg(support::kernel())
+        .arg(kernel(cpus))
         .arg("--initrd")
         .arg(support::demo_initramfs())
         .args(["--cpus", cpus, "--memory", memory, "--console"])
@@ -83,7 +90,7 @@ fn main() {
         "hardware KVM"
     };
     println!("vmrun boot benchmark: {runs} run(s), {cpus} vCPU(s), {memory} MiB, {kvm_kind}");
-    println!("kernel  {}", support::kernel().display());
+    println!("kernel  {}", kernel(&cpus).display());
     println!();
     println!(
         "{:>3}  {:>12} {:>12} {:>12} {:>12} {:>14} {:>14} {:>10}",

@@ -146,7 +146,7 @@ fn main() {
         let mut c = Command::new(support::with_vmm(VMRUN));
         c.args(["boot", "--memory", "512", "--cmdline", "console=ttyS0 reboot=k panic=1 quiet vmrun.port=1024"])
             .arg("--kernel")
-            .arg(&kernel)
+            .arg(support::kernel_for(1))
             .arg("--initrd")
             .arg(&initrd)
             .arg("--disk")

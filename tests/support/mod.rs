@@ -30,6 +30,12 @@ pub fn kernel() -> &'static Path {
     })
 }
 
+/// The kernel vmrun boots for a VM of `cpus` vCPUs, as `vmrun run` picks
+/// it: for one, the uniprocessor build beside [`kernel`] (`vmlinux-up`).
+pub fn kernel_for(cpus: u8) -> PathBuf {
+    vmrun_runtime::artifacts::Artifacts::new(kernel().to_path_buf(), PathBuf::new()).kernel_for(cpus).to_path_buf()
+}
+
 /// Runs `script` (relative to the repository) and returns the path it
 /// prints as its last line of standard output, as the build scripts do.
 pub fn script_path(script: &str) -> PathBuf {
