@@ -6,7 +6,7 @@
 #
 #   vmrun run busybox echo Hello from a vmrun microVM
 #
-# The first run builds the guest kernel (about 7 minutes on 2 cores, cached
+# The first run builds the guest kernels (about 8 minutes on 2 cores, cached
 # afterwards) and, on its first `vmrun run`, a warm-start template (a boot:
 # about a minute on hosts that emulate guest kernel mode).
 set -euo pipefail
