@@ -220,18 +220,7 @@ fn send(path: &Path, req: &Request, fd: Option<BorrowedFd<'_>>, timeout: Duratio
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(&Envelope::new(req.clone())).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
-    match fd {
-        None => s.write_all(&line).map_err(io)?,
-        Some(fd) => {
-            // The descriptor rides on the first bytes; the rest of the
-            // line (if the kernel took only part of it) follows plainly.
-            let fds = [fd.as_raw_fd()];
-            let cmsg = [ControlMessage::ScmRights(&fds)];
-            let n = sendmsg::<()>(s.as_raw_fd(), &[IoSlice::new(&line)], &cmsg, MsgFlags::empty(), None)
-                .map_err(|e| io(std::io::Error::from(e)))?;
-            s.write_all(&line[n..]).map_err(io)?;
-        }
-    }
+    write_line_with_fds(&mut s, &line, fd.as_slice()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(s.take(MAX_MESSAGE)).read_line(&mut answer).map_err(io)?;
     let response: Response =
@@ -240,6 +229,21 @@ fn send(path: &Path, req: &Request, fd: Option<BorrowedFd<'_>>, timeout: Duratio
         Ok(response)
     } else {
         Err(ControlError::Refused(response.error.unwrap_or_else(|| "the VM refused the request".into())))
+    }
+}
+
+/// Writes `line` to `stream`, with the descriptors `fds` if any
+/// (`SCM_RIGHTS`): they ride on the first bytes, and the rest of the line
+/// (if the kernel took only part of it) follows plainly.
+pub fn write_line_with_fds(stream: &mut UnixStream, line: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    match fds {
+        [] => stream.write_all(line),
+        fds => {
+            let fds: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let n = sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(line)], &cmsg, MsgFlags::empty(), None).map_err(std::io::Error::from)?;
+            stream.write_all(&line[n..])
+        }
     }
 }
 
