@@ -187,6 +187,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn new<W, C>(writer: W, close: C) -> Arc<Self>
+    where
+        W: Write + Send + 'static,
+        C: Fn() + Send + Sync + 'static,
+    {
+        Arc::new(Shared {
+            writer: Mutex::new(Box::new(writer)),
+            state: Mutex::new(State { next_req: 1, next_stream: 1, ..Default::default() }),
+            cond: Condvar::new(),
+            close: Box::new(close),
+        })
+    }
+
     fn send(&self, kind: Kind, id: u32, payload: &[u8]) -> io::Result<()> {
         let bytes = frame::encode(kind, id, payload);
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -285,6 +298,23 @@ fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), Violation> {
     Ok(())
 }
 
+/// The hello this side sends, and its payload. Fresh entropy on every
+/// connection: a guest restored from a snapshot reseeds from it before it
+/// answers; and the host's clock, which the guest's is set to if it lags.
+fn our_hello() -> Result<(Hello, Vec<u8>), Error> {
+    let entropy = Entropy::new(host_entropy()?).map_err(|e| Error::Protocol(e.to_string()))?;
+    let ours = Hello::ours(SOFTWARE).with_entropy(entropy).with_time(WallClock::now());
+    let payload = serde_json::to_vec(&ours).map_err(|e| Error::Protocol(e.to_string()))?;
+    Ok((ours, payload))
+}
+
+/// Checks the agent's hello (`payload`) against ours.
+fn check_answer(ours: &Hello, payload: &[u8]) -> Result<(), Error> {
+    let theirs: Hello = serde_json::from_slice(payload).map_err(|e| Error::Protocol(format!("malformed hello: {e}")))?;
+    check_hello(ours, &theirs)?;
+    Ok(())
+}
+
 /// Connects to the agent through Firecracker-style hybrid vsock: the VMM's
 /// Unix socket, `CONNECT <port>\n`, `OK <n>\n`.
 pub fn hybrid_vsock_connect(uds: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
@@ -366,18 +396,8 @@ impl Client {
         W: Write + Send + 'static,
         C: Fn() + Send + Sync + 'static,
     {
-        let shared = Arc::new(Shared {
-            writer: Mutex::new(Box::new(writer)),
-            state: Mutex::new(State { next_req: 1, next_stream: 1, ..Default::default() }),
-            cond: Condvar::new(),
-            close: Box::new(close),
-        });
-        // Fresh entropy on every connection: a guest restored from a
-        // snapshot reseeds from it before it answers; and the host's
-        // clock, which the guest's is set to if it lags.
-        let entropy = Entropy::new(host_entropy()?).map_err(|e| Error::Protocol(e.to_string()))?;
-        let ours = Hello::ours(SOFTWARE).with_entropy(entropy).with_time(WallClock::now());
-        let payload = serde_json::to_vec(&ours).map_err(|e| Error::Protocol(e.to_string()))?;
+        let shared = Shared::new(writer, close);
+        let (ours, payload) = our_hello()?;
         shared.send(Kind::Hello, 0, &payload)?;
         let (tx, rx) = mpsc::sync_channel(1);
         let sh = Arc::clone(&shared);
@@ -409,17 +429,44 @@ impl Client {
                 return Err(Error::Protocol(e.to_string()));
             }
         };
-        let theirs: Hello = match serde_json::from_slice(&f.payload) {
-            Ok(h) => h,
-            Err(e) => {
-                shared.fail(format!("malformed hello: {e}"));
-                return Err(Error::Protocol(format!("malformed hello: {e}")));
-            }
-        };
-        if let Err(e) = check_hello(&ours, &theirs) {
+        if let Err(e) = check_answer(&ours, &f.payload) {
             shared.fail(e.to_string());
-            return Err(e.into());
+            return Err(e);
         }
+        Ok(Self { shared, opts })
+    }
+
+    /// Says hello to the agent over `s` and reads its answer (not a byte
+    /// more), up to `timeout`: the connection is then ready for
+    /// [`Client::established`], in this process or another one it is
+    /// handed to (a pool's VM is greeted, and so reseeded, while it waits).
+    pub fn hello(s: &mut UnixStream, timeout: Duration) -> Result<(), Error> {
+        let (ours, payload) = our_hello()?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(&frame::encode(Kind::Hello, 0, &payload))?;
+        s.set_read_timeout(Some(timeout))?;
+        let answer = frame::read_frame(s);
+        s.set_read_timeout(None)?;
+        s.set_write_timeout(None)?;
+        match answer {
+            Ok(Some(f)) if f.kind == Kind::Hello => check_answer(&ours, &f.payload),
+            Ok(Some(f)) => Err(Error::Protocol(format!("expected a hello, got {:?}", f.kind))),
+            Ok(None) => Err(Error::Closed("the agent closed the connection during the handshake".into())),
+            Err(e) => Err(Error::Protocol(e.to_string())),
+        }
+    }
+
+    /// A client on a connection whose hello [`Client::hello`] exchanged.
+    pub fn established(s: UnixStream, opts: Options) -> Result<Self, Error> {
+        let reader = s.try_clone()?;
+        let closer = s.try_clone()?;
+        let shared = Shared::new(s, move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        });
+        let sh = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("vmrun-agent-client".into())
+            .spawn(move || reader_loop(BufReader::with_capacity(256 * 1024, reader), sh))?;
         Ok(Self { shared, opts })
     }
 
@@ -963,6 +1010,40 @@ mod tests {
         assert_eq!(one.bytes().len(), Entropy::LEN);
         assert_ne!(one, two, "two connections sent the same entropy");
         assert!(one.bytes().iter().any(|b| *b != 0));
+    }
+
+    /// A connection greeted in one place ([`Client::hello`]) serves
+    /// requests from another ([`Client::established`]), with no second
+    /// hello; a hello the agent refuses is an error.
+    #[test]
+    fn a_greeted_connection_is_used_without_another_hello() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let hello = frame::read_frame(&mut r).unwrap().unwrap();
+            assert_eq!(hello.kind, Kind::Hello);
+            let h = Hello::ours("fake-agent");
+            (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
+            let req = frame::read_frame(&mut r).unwrap().unwrap();
+            assert_eq!(req.kind, Kind::Request, "a second hello came");
+            let resp: Response = Ok(Reply::Pong { software: "fake-agent".into() });
+            (&b).write_all(&frame::encode(Kind::Response, req.id, &serde_json::to_vec(&resp).unwrap())).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        Client::hello(&mut a, Duration::from_secs(5)).unwrap();
+        let c = Client::established(a, Options::default()).unwrap();
+        assert_eq!(c.ping().unwrap(), "fake-agent");
+        agent.join().unwrap();
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            frame::read_frame(&mut r).unwrap().unwrap();
+            let h = Hello { version: vmrun_agent_protocol::VERSION + 1, ..Hello::ours("fake-agent") };
+            (&b).write_all(&frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap())).unwrap();
+        });
+        let e = Client::hello(&mut a, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, Error::Handshake(HandshakeError::VersionMismatch { .. })), "{e}");
     }
 
     #[test]
