@@ -9,6 +9,7 @@
 //! layer-disks/       one read-only layer disk per image, built once
 //! templates/<key>/   snapshots of booted guests for warm starts
 //! containers/<id>/   a container's VM: console, sockets, state
+//! pools/<template>/   a pool's socket and its restored VMs (`vmrun pool`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -56,6 +57,11 @@ impl Home {
     /// Warm-start templates (snapshots of booted guests).
     pub fn templates(&self) -> PathBuf {
         self.root.join("templates")
+    }
+
+    /// Pools of restored VMs, one per prepared template.
+    pub fn pools(&self) -> PathBuf {
+        self.root.join("pools")
     }
 
     /// Per-container directories.

@@ -11,6 +11,7 @@
 //!   signals of the process that owns it;
 //! - [`template`]: warm starts from snapshots, taken through the VMM's
 //!   control socket (the typed client of `vmrun-vmm-api`);
+//! - [`pool`]: VMs restored ahead of the runs that take them;
 //! - [`prune`]: what the data directory no longer needs (`rmi`, `system df`,
 //!   `system prune`);
 //! - [`watch`]: waiting on events (a process ending, a state file
@@ -23,6 +24,7 @@ pub mod home;
 pub mod layer_disk;
 pub mod lock;
 pub mod net;
+pub mod pool;
 pub mod prune;
 pub mod sandbox;
 pub mod signal;
@@ -57,6 +59,8 @@ pub enum Error {
     Volume(String),
     #[error("{0}")]
     Network(String),
+    #[error("{0}")]
+    Pool(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

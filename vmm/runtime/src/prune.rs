@@ -195,6 +195,7 @@ pub const COLLECTORS: &[(&str, Collector)] = &[
     ("prepared templates", unused_prepared_templates),
     ("base templates", stale_base_templates),
     ("temporary files", stale_temporaries),
+    ("abandoned pools", abandoned_pools),
 ];
 
 /// Collectors of what dead processes left outside any data directory, on
@@ -368,6 +369,28 @@ pub fn stale_temporaries(cx: &Context<'_>) -> Result<Vec<Candidate>, Error> {
                 removal: Removal::Path,
             });
         }
+    }
+    Ok(out)
+}
+
+/// Pools no keeper serves any more (a `vmrun pool` killed with SIGKILL
+/// leaves its directory; its VMs died with it), and the template
+/// preparations of keepers that are gone.
+pub fn abandoned_pools(cx: &Context<'_>) -> Result<Vec<Candidate>, Error> {
+    let mut out = Vec::new();
+    for (name, path) in read_dir(&cx.home.pools())? {
+        let (reason, lock) = match owner_pid(&name) {
+            Some(pid) if container::ProcessRef::of(pid).is_some() => continue,
+            Some(pid) => (format!("left by process {pid}, which is gone"), None),
+            None => {
+                let lock = crate::pool::lock_path(&path);
+                if !matches!(Lock::try_take(&lock), Ok(Some(_))) {
+                    continue;
+                }
+                ("no vmrun pool serves it".to_string(), Some(lock))
+            }
+        };
+        out.push(Candidate { kind: Kind::Temporary, bytes: disk_usage(&path), reason, lock, path, removal: Removal::Path });
     }
     Ok(out)
 }
@@ -610,11 +633,13 @@ pub fn df(home: &Home) -> Result<Vec<DfRow>, Error> {
         Kind::Template,
         templates.iter().filter(|(n, p)| template_name(n).is_some() && p.is_dir()).map(|(_, p)| p.clone()).collect(),
     ));
+    let pools = home.pools();
     let temporaries: Vec<PathBuf> = templates
         .iter()
         .chain(&disks)
         .filter(|(n, _)| owner_pid(n).is_some())
         .map(|(_, p)| p.clone())
+        .chain(planned.removed.iter().filter(|(c, _)| c.path.starts_with(&pools)).map(|(c, _)| c.path.clone()))
         .collect();
     rows.push(count(Kind::Temporary, temporaries));
     Ok(rows)
@@ -638,5 +663,31 @@ mod tests {
         assert_eq!(owner_pid(".sha256-ab.1234.tmp"), Some(1234));
         assert_eq!(owner_pid(".empty.99.tmp"), Some(99));
         assert_eq!(owner_pid(".sha256-ab.disk.lock"), None);
+    }
+
+    /// A pool goes once no keeper holds its lock; a preparation once its
+    /// process is gone.
+    #[test]
+    fn abandoned_pools_are_those_no_keeper_serves() {
+        let root = std::env::temp_dir().join(format!("vmrun-prune-pools-{}", std::process::id()));
+        let home = Home::at(&root);
+        let pools = home.pools();
+        for name in ["served", "abandoned", "k.build-999999999"] {
+            std::fs::create_dir_all(pools.join(name).join("vm-0")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let own = format!("k.build-{}", std::process::id());
+        std::fs::create_dir_all(pools.join(&own)).unwrap_or_else(|e| panic!("{own}: {e}"));
+        let held = Lock::try_take(&crate::pool::lock_path(&pools.join("served"))).unwrap_or_else(|e| panic!("lock: {e}"));
+        assert!(held.is_some());
+        let usage = Usage::default();
+        let found = abandoned_pools(&Context { home: &home, usage: &usage }).unwrap_or_else(|e| panic!("{e}"));
+        let names: BTreeSet<String> = found.iter().map(|c| c.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["abandoned", "k.build-999999999"].into_iter().map(String::from).collect());
+        for c in &found {
+            assert!(matches!(remove(c), Outcome::Removed(_)), "{}", c.path.display());
+        }
+        assert!(pools.join("served/vm-0").is_dir() && pools.join(&own).is_dir() && !pools.join("abandoned").exists());
+        drop(held);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -70,15 +70,39 @@ impl Launched {
     /// agent's hello (events, not polls; see `VmProcess::connect_agent`).
     pub fn connect(mut self, wait: AgentWait) -> Result<Sandbox> {
         let client = self.vm.connect_agent(wait.timeout, wait.options)?;
-        Ok(Sandbox { vm: self.vm, client })
+        Ok(Sandbox { vm: Vm::Own(self.vm), client })
     }
 }
 
 /// A running VM with its agent connected. Dropping it kills the VMM.
 #[derive(Debug)]
 pub struct Sandbox {
-    vm: VmProcess,
+    vm: Vm,
     client: Client,
+}
+
+/// A sandbox's VMM: started by this process, or claimed from a pool
+/// (another process's child, handed over with a pidfd).
+#[derive(Debug)]
+enum Vm {
+    Own(VmProcess),
+    Pooled(crate::pool::Claimed),
+}
+
+impl Vm {
+    fn pid(&self) -> u32 {
+        match self {
+            Vm::Own(vm) => vm.pid(),
+            Vm::Pooled(c) => c.pid(),
+        }
+    }
+
+    fn layout(&self) -> &crate::vm::Layout {
+        match self {
+            Vm::Own(vm) => vm.layout(),
+            Vm::Pooled(c) => c.layout(),
+        }
+    }
 }
 
 impl Sandbox {
@@ -106,6 +130,29 @@ impl Sandbox {
         Ok(Launched { vm })
     }
 
+    /// A VM of the pool in `pool` (see [`crate::pool`]), on the agent
+    /// connection its keeper greeted; `None` when no pool serves there or
+    /// it has no VM ready (or the connection fails: then the VM is ended):
+    /// the caller restores one instead. A cancel from now on kills the
+    /// VMM.
+    pub fn claim(pool: &Path, options: Options, cancel: &Cancel) -> Option<Sandbox> {
+        let (claimed, agent) = crate::pool::claim(pool)?;
+        cancel.set_vmm(Some(claimed.pid()));
+        match Client::established(agent, options) {
+            Ok(client) => Some(Sandbox { vm: Vm::Pooled(claimed), client }),
+            Err(e) => {
+                log::warn!("the connection to a pooled VM's agent failed ({e}): restoring one instead");
+                cancel.set_vmm(None);
+                None
+            }
+        }
+    }
+
+    /// Whether its VM came from a pool.
+    pub fn pooled(&self) -> bool {
+        matches!(self.vm, Vm::Pooled(_))
+    }
+
     /// The connection to the agent (for signals, resizes, waits).
     pub fn client(&self) -> &Client {
         &self.client
@@ -125,7 +172,10 @@ impl Sandbox {
     /// The host CPU spent until its VMM was ready to run the guest: this
     /// process's and the VMM's (measured with debug logging only).
     pub fn ready_cpu(&self) -> Option<crate::cpu::HostCpu> {
-        self.vm.ready_cpu()
+        match &self.vm {
+            Vm::Own(vm) => vm.ready_cpu(),
+            Vm::Pooled(_) => None,
+        }
     }
 
     /// What the VMM counts of its VM: guest instructions KVM emulated and
@@ -176,16 +226,23 @@ impl Sandbox {
     /// Snapshots the guest into the prepared template `dir` and lets it run
     /// on (best effort: see [`template::save_prepared`]).
     pub fn save_prepared(&self, dir: &Path) {
-        template::save_prepared(&self.vm, dir);
+        match &self.vm {
+            Vm::Own(vm) => template::save_prepared(vm, dir),
+            Vm::Pooled(_) => log::debug!("a pooled VM is not saved as a template"),
+        }
     }
 
     /// Waits up to `timeout` for the VMM to end (after the guest lost its
     /// agent, or was shut down), killing it after that.
     pub fn wait_vmm(&mut self, timeout: Duration) {
-        match self.vm.wait(timeout) {
-            Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
-            Ok(_) => {}
-            Err(e) => log::warn!("waiting for the VMM: {e}"),
+        match &mut self.vm {
+            Vm::Own(vm) => match vm.wait(timeout) {
+                Ok(status) if !status.success() => log::warn!("the VMM ended with {status}"),
+                Ok(_) => {}
+                Err(e) => log::warn!("waiting for the VMM: {e}"),
+            },
+            // Its keeper reaps it.
+            Vm::Pooled(c) => c.wait(timeout),
         }
     }
 
@@ -307,7 +364,8 @@ impl Cancel {
 
 fn kill_vmm(pid: u32) {
     // SAFETY: kill of our own child, the VMM (not yet reaped: its owner
-    // reaps it only after clearing it or once the start failed).
+    // reaps it only after clearing it or once the start failed), or of a
+    // pooled VM's, which its keeper reaps only once our lease on it ended.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 

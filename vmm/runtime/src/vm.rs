@@ -184,7 +184,7 @@ pub struct VmProcess {
 
 /// How long a jailed VMM's outer process may take to kill it and remove
 /// its jail ([`VmProcess::kill_and_wait`]) before it is killed itself.
-const JAIL_KILL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const JAIL_KILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The VMM's configuration, in the directory of the VM (beside its log).
 pub const CONFIG_FILE: &str = "vmm.json";
@@ -469,6 +469,30 @@ impl VmProcess {
                 None => std::thread::sleep(left.min(Duration::from_millis(20))),
             }
         }
+    }
+
+    /// Waits up to `timeout` for the VMM to say it is ready (its sockets
+    /// listen, the guest about to run) without reaching the agent: whether
+    /// it did. The VMM ending first is an error.
+    pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<bool> {
+        self.wait_ready(Instant::now() + timeout)
+    }
+
+    /// Whether the VMM has ended (reaped if it has).
+    pub fn has_ended(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// A descriptor readable once the VMM has ended (`None` without
+    /// pidfds).
+    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// Whether it runs in a jail (whose outer process is the child): see
+    /// [`VmProcess::kill_and_wait`].
+    pub fn jailed(&self) -> bool {
+        self.jailed
     }
 
     /// Holds `lock` until the agent answers.
