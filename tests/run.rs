@@ -775,21 +775,6 @@ fn two_images_restored_at_once_from_one_template() {
 /// (`docker.io/library/devnodes:latest`). `disk` is the guest's layer disk
 /// device number (major, minor).
 fn devnodes_image(dir: &Path, disk: (u32, u32)) -> PathBuf {
-    // The busybox archive's config and layer.
-    let mut base = tar::Archive::new(std::fs::File::open(support::busybox_image().join("busybox-docker.tar")).unwrap());
-    let mut files = std::collections::BTreeMap::new();
-    for e in base.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        files.insert(path, data);
-    }
-    let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
-    let config_name = manifest[0]["Config"].as_str().unwrap();
-    let layer_name = manifest[0]["Layers"][0].as_str().unwrap();
-    let mut config: serde_json::Value = serde_json::from_slice(&files[config_name]).unwrap();
-
     // The extra layer: block and char nodes outside /dev, and an image
     // /dev that tries to bring its own null and disk.
     let mut layer = tar::Builder::new(Vec::new());
@@ -814,14 +799,34 @@ fn devnodes_image(dir: &Path, disk: (u32, u32)) -> PathBuf {
     node("nodes/mem", tar::EntryType::Char, (1, 1));
     node("dev/null", tar::EntryType::Block, disk);
     node("dev/vda", tar::EntryType::Block, disk);
-    let layer = layer.into_inner().unwrap();
-    let diff_id = vmrun_layerdisk::Digest::of(&layer).to_string();
+    busybox_plus(dir, "devnodes", &layer.into_inner().unwrap())
+}
+
+/// The busybox test image with the layer `layer` (a tar) on top, as a
+/// `docker save` archive in `dir` (`docker.io/library/NAME:latest`).
+fn busybox_plus(dir: &Path, name: &str, layer: &[u8]) -> PathBuf {
+    // The busybox archive's config and layer.
+    let mut base = tar::Archive::new(std::fs::File::open(support::busybox_image().join("busybox-docker.tar")).unwrap());
+    let mut files = std::collections::BTreeMap::new();
+    for e in base.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.insert(path, data);
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    let config_name = manifest[0]["Config"].as_str().unwrap();
+    let layer_name = manifest[0]["Layers"][0].as_str().unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&files[config_name]).unwrap();
+    let diff_id = vmrun_layerdisk::Digest::of(layer).to_string();
     config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(serde_json::Value::String(diff_id));
     let config = serde_json::to_vec(&config).unwrap();
     let config_file = format!("{}.json", &vmrun_layerdisk::Digest::of(&config).to_string()["sha256:".len()..]);
-    let manifest = serde_json::json!([{ "Config": config_file, "RepoTags": ["devnodes:latest"], "Layers": [layer_name, "devnodes/layer.tar"] }]);
+    let top = format!("{name}/layer.tar");
+    let manifest = serde_json::json!([{ "Config": config_file, "RepoTags": [format!("{name}:latest")], "Layers": [layer_name, top] }]);
 
-    let path = dir.join("devnodes-docker.tar");
+    let path = dir.join(format!("{name}-docker.tar"));
     let mut out = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut add = |name: &str, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
@@ -834,7 +839,7 @@ fn devnodes_image(dir: &Path, disk: (u32, u32)) -> PathBuf {
     add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
     add(&config_file, &config);
     add(layer_name, &files[layer_name]);
-    add("devnodes/layer.tar", &layer);
+    add(&top, layer);
     out.into_inner().unwrap();
     path
 }
@@ -1030,4 +1035,129 @@ fn each_restore_answers_the_first_agent_connection() {
     }
     let _ = std::fs::remove_dir_all(&busy);
     eprintln!("{} restores, each answered at the first connection, in {:?}", RESTORES + RESTORES / 2, start.elapsed());
+}
+
+/// The lines a child writes to standard error, as they come.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `needle`, up to `timeout`: the line.
+fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(l) => eprintln!("pool: {l}"),
+            Err(e) => panic!("no line with {needle:?} within {timeout:?}: {e}"),
+        }
+    }
+}
+
+/// The pooled VMs' directories.
+fn pooled_vms(pool: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(pool).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vm-")).collect()
+}
+
+/// `vmrun pool`: runs take its VMs (already restored) when their process
+/// can be the held one, and each VM ends with its run, whether the run
+/// ends or is killed (`kill -9`), and is replaced; runs that need input
+/// restore their own; once the pool ends, its VMs are gone and runs
+/// restore again.
+#[test]
+fn a_pool_hands_its_vms_to_runs_and_replaces_each_after_its_run() {
+    let v = shared();
+    // An image of its own, so that no other test's run takes a pooled VM.
+    let image_dir = support::scratch("pooled-image");
+    std::fs::create_dir_all(&image_dir).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(7);
+    h.set_cksum();
+    layer.append_data(&mut h, "pooled", &b"pooled\n"[..]).unwrap();
+    assert_code(&v.run(&["load", "-i", busybox_plus(&image_dir, "pooled", &layer.into_inner().unwrap()).to_str().unwrap()]), 0);
+
+    let mut keeper = support::Reaped(v.cmd(&["pool", "--size", "2", "pooled"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let lines = stderr_lines(&mut keeper.0);
+    let at = line_with(&lines, "vmrun: pool of 2 VMs of pooled at ", Duration::from_secs(900));
+    let pool = PathBuf::from(at.rsplit_once(" at ").unwrap().1);
+    line_with(&lines, "2 of 2 VMs ready", Duration::from_secs(300));
+    let first = pooled_vms(&pool);
+    assert_eq!(first.len(), 2, "{first:?}");
+    let o = v.run(&["pool", "--status", "pooled"]);
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout), "2 of 2 VMs ready\n");
+
+    // A run takes a pooled VM: its output and exit code as from any VM.
+    let o = v.cmd(&["run", "--rm", "--network", "none", "pooled", "sh", "-c", "cat /pooled; exit 7"]).env("VMRUN_LOG", "debug").output().unwrap();
+    assert_code(&o, 7);
+    assert_eq!(text(&o.stdout), "pooled\n");
+    assert!(text(&o.stderr).contains("VM claimed from the pool"), "{}", text(&o.stderr));
+    // Its VM ended with it, and another took its place.
+    line_with(&lines, "2 of 2 VMs ready", Duration::from_secs(300));
+    let second = pooled_vms(&pool);
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert_eq!(first.intersection(&second).count(), 1, "the run's VM was not replaced: {first:?}, then {second:?}");
+
+    // A run that needs input is not given one: it restores its own.
+    let o = v.cmd(&["run", "--rm", "-i", "--network", "none", "pooled", "cat"]).env("VMRUN_LOG", "debug").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut o = o;
+    o.stdin.take().unwrap().write_all(b"typed\n").unwrap();
+    let o = o.wait_with_output().unwrap();
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout), "typed\n");
+    assert!(!text(&o.stderr).contains("claimed from the pool"), "{}", text(&o.stderr));
+    assert_eq!(pooled_vms(&pool), second);
+
+    // A run killed with SIGKILL: the keeper ends its VM and replaces it.
+    let mut run = support::Reaped(v.cmd(&["run", "--rm", "--network", "none", "pooled", "sleep", "600"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    line_with(&lines, "2 of 2 VMs ready", Duration::from_secs(300));
+    let third = pooled_vms(&pool);
+    assert_eq!(third.len(), 3, "the claimed VM and two ready ones: {third:?}");
+    let pooled_run = || {
+        std::fs::read_dir(v.home.join("containers"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join("state.json").is_file())
+            .map(|e| state(v, &e.file_name().to_string_lossy()))
+            .find(|s| s["status"] == "running" && s["vm_dir"].as_str().is_some_and(|d| d.starts_with(pool.to_str().unwrap())))
+    };
+    eventually("the run's state names a pooled VM", Duration::from_secs(60), || pooled_run().is_some());
+    let vmm = pooled_run().unwrap();
+    let claimed = Path::new(vmm["vm_dir"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned();
+    assert!(second.contains(&claimed), "{claimed} was not a ready VM: {second:?}");
+    let pid = vmm["vmm"]["pid"].as_i64().unwrap();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    run.0.kill().unwrap();
+    run.0.wait().unwrap();
+    eventually("the killed run's VM ended", Duration::from_secs(60), || !Path::new(&format!("/proc/{pid}")).exists());
+    eventually("the killed run's VM directory removed", Duration::from_secs(60), || pooled_vms(&pool).len() == 2);
+    assert!(!pooled_vms(&pool).contains(&claimed), "{claimed} is still there");
+    let id = vmm["id"].as_str().unwrap().to_string();
+    assert_code(&v.run(&["rm", "-f", &id]), 0);
+
+    // The pool ends with SIGTERM: its VMs with it; runs restore again.
+    // SAFETY: kill of our own child, not yet reaped.
+    unsafe { libc::kill(keeper.0.id() as i32, libc::SIGTERM) };
+    let status = keeper.0.wait().unwrap();
+    assert!(status.success(), "vmrun pool ended with {status}");
+    assert!(pooled_vms(&pool).is_empty(), "{:?}", pooled_vms(&pool));
+    assert!(!pool.join("pool.sock").exists());
+    let o = v.cmd(&["run", "--rm", "--network", "none", "pooled", "cat", "/pooled"]).env("VMRUN_LOG", "debug").output().unwrap();
+    assert_code(&o, 0);
+    assert_eq!(text(&o.stdout), "pooled\n");
+    assert!(!text(&o.stderr).contains("claimed from the pool"), "{}", text(&o.stderr));
 }

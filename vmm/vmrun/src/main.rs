@@ -5,6 +5,7 @@ mod containers_cmd;
 mod device_args;
 mod images_cmd;
 mod login_cmd;
+mod pool_cmd;
 mod profile_cmd;
 mod run_cmd;
 mod system_cmd;
@@ -49,6 +50,11 @@ enum Command {
     Profile(profile_cmd::ProfileArgs),
     /// Run a command in a new container, in its own microVM.
     Run(run_cmd::RunArgs),
+    /// Keep VMs of an image restored ahead of its runs, in the foreground:
+    /// a `vmrun run --network none IMAGE ...` whose process needs no
+    /// input, terminal or volume takes one instead of restoring its
+    /// template (`--status`: how many are ready).
+    Pool(pool_cmd::PoolArgs),
     /// Pull an image from a registry into the local store.
     Pull {
         /// Image reference, e.g. `busybox`, `localhost:5000/busybox:latest`.
@@ -474,6 +480,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot(args),
         Command::Restore(args) => restore(args),
         Command::Run(args) => return run_exit(run_cmd::run(args)),
+        Command::Pool(args) => pool_cmd::run(args),
         Command::Ps { all, quiet } => containers_cmd::ps(all, quiet),
         Command::Logs { follow, container } => containers_cmd::logs(&container, follow),
         Command::Exec(args) => return run_exit(containers_cmd::exec(args)),

@@ -197,7 +197,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// Finds the image, pulling it if the store does not have it.
-fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
+pub(crate) fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
     let dir = home.images();
     match images_cmd::resolve_verified(&dir, name) {
         Ok(i) => Ok(i),
@@ -218,19 +218,19 @@ fn image(home: &Home, name: &str) -> Result<vmrun_images::Image> {
 /// guest's work that does not depend on the machine's speed); printed with
 /// `VMRUN_LOG=debug` as
 /// `phase NAME: MS ms; N guest instructions emulated, M exits`.
-struct Phases {
+pub(crate) struct Phases {
     at: std::time::Instant,
     /// The VM's counters at the last mark (they start at zero with it).
     guest: (u64, u64),
 }
 
 impl Phases {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self { at: std::time::Instant::now(), guest: (0, 0) }
     }
 
     /// Ends a phase in which no VM of the run ran.
-    fn mark(&mut self, phase: &str) {
+    pub(crate) fn mark(&mut self, phase: &str) {
         log::debug!("phase {phase}: {:.1} ms", self.elapsed_ms());
         self.at = std::time::Instant::now();
     }
@@ -240,7 +240,7 @@ impl Phases {
     /// VMM was ready to run the guest, this process's (since it started)
     /// and the VMM's (its process tree, the jail's included), as
     /// `...; host CPU until the guest ran N ms (vmrun A ms, VMM B ms)`.
-    fn mark_ready(&mut self, phase: &str, sandbox: &Sandbox) {
+    pub(crate) fn mark_ready(&mut self, phase: &str, sandbox: &Sandbox) {
         let cpu_ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         let host = sandbox.ready_cpu().map(|c| {
             format!(
@@ -605,29 +605,17 @@ fn run_container_inner(
         vmm_exe: vmrun_runtime::vm::find_vmm()?,
     };
 
-    let c = &image.config;
-    let mut config = ImageConfig {
-        entrypoint: c.entrypoint.clone(),
-        cmd: c.cmd.clone(),
-        env: c.env.clone(),
-        working_dir: c.working_dir.clone().unwrap_or_default(),
-        user: c.user.clone().unwrap_or_default(),
-        hostname: args.name.clone().unwrap_or_else(|| "vmrun".into()),
-        ..Default::default()
-    };
+    let mut config = image_config(&image, args.name.as_deref());
     let image_defaults = config.clone();
     let overrides = process_overrides(args, &config, &checked.volumes)?;
     apply_overrides(&mut config, &overrides);
     if config.entrypoint.is_empty() && config.cmd.is_empty() {
         bail!("no command given and the image has none");
     }
-    let create = |id: &str, config: ImageConfig| CreateContainer {
-        id: id.to_string(),
-        layers: LayerSource { disk: "/dev/vda".into(), layers: digests.clone() },
-        rootfs: RootfsSpec::default(),
-        config,
-        limits: UnpackLimits::default(),
-    };
+    let create = |id: &str, config: ImageConfig| create_from_layers(id, config, &digests);
+    let terminal = matches!(sink, Sink::Terminal);
+    let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
+    let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
 
     // Cold: boot. Warm: restore the image's prepared template if there is
     // one (the image already unpacked), else the base template, and
@@ -654,18 +642,27 @@ fn run_container_inner(
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             record_template(dir, state, &prepared_dir)?;
-            let sandbox = start(Origin::Template(&prepared_dir), "guest to agent ready (image unpacked in the template)", &mut phases)?;
+            // A pool's VM fits a run that would restore this template as
+            // it is and release its held process.
+            let poolable = network.is_none() && spec.volumes.is_empty() && mode == HELD_STDIO;
+            let pool = vmrun_runtime::pool::dir_for(&home.pools(), &prepared_dir);
+            let pooled = if poolable { Sandbox::claim(&pool, agent_options(), cancel) } else { None };
+            let sandbox = match pooled {
+                Some(sandbox) => {
+                    state.vm_dir = Some(sandbox.layout().dir().to_path_buf());
+                    state.save(dir)?;
+                    drop(hold.take());
+                    phases.mark_vm("VM claimed from the pool (guest counts since the pooled VM's restore)", &sandbox);
+                    sandbox
+                }
+                None => start(Origin::Template(&prepared_dir), "guest to agent ready (image unpacked in the template)", &mut phases)?,
+            };
             (sandbox, PREPARED_ID.to_string(), true)
         } else {
             record_template(dir, state, &base)?;
             let sandbox = start(Origin::Template(&base), "guest to agent ready", &mut phases)?;
             if preparable {
-                unpacked(home, &image, sandbox.create(&create(PREPARED_ID, image_defaults)))?;
-                phases.mark_vm("unpack", &sandbox);
-                hold_ready(&sandbox);
-                phases.mark_vm("container set up and held", &sandbox);
-                sandbox.save_prepared(&prepared_dir);
-                phases.mark_vm("prepared template saved", &sandbox);
+                prepare(home, &image, &sandbox, create(PREPARED_ID, image_defaults), &prepared_dir, &mut phases)?;
                 (sandbox, PREPARED_ID.to_string(), true)
             } else {
                 unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
@@ -680,9 +677,6 @@ fn run_container_inner(
         phases.mark_vm("network", &sandbox);
     }
 
-    let terminal = matches!(sink, Sink::Terminal);
-    let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
-    let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
     let started = if prepared { release_held(&sandbox, &guest_id, &overrides, mode) } else { None };
     let started = started.unwrap_or_else(|| sandbox.start_process(&guest_id, mode, prepared.then_some(&overrides)));
     let mut process = match started {
@@ -721,6 +715,55 @@ fn run_container_inner(
     sandbox.kill();
     phases.mark("teardown");
     Ok(code)
+}
+
+/// The image's process as the guest gets it before a run's overrides:
+/// its entrypoint, command, environment, directory and user, and the host
+/// name (`name`, else `vmrun`).
+pub(crate) fn image_config(image: &vmrun_images::Image, name: Option<&str>) -> ImageConfig {
+    let c = &image.config;
+    ImageConfig {
+        entrypoint: c.entrypoint.clone(),
+        cmd: c.cmd.clone(),
+        env: c.env.clone(),
+        working_dir: c.working_dir.clone().unwrap_or_default(),
+        user: c.user.clone().unwrap_or_default(),
+        hostname: name.unwrap_or("vmrun").to_string(),
+        ..Default::default()
+    }
+}
+
+/// Container `id` of `config`, its root unpacked from the layers
+/// `digests` of the layer disk (the guest's `/dev/vda`).
+pub(crate) fn create_from_layers(id: &str, config: ImageConfig, digests: &[vmrun_agent_client::Digest]) -> CreateContainer {
+    CreateContainer {
+        id: id.to_string(),
+        layers: LayerSource { disk: "/dev/vda".into(), layers: digests.to_vec() },
+        rootfs: RootfsSpec::default(),
+        config,
+        limits: UnpackLimits::default(),
+    }
+}
+
+/// Makes the image's prepared template from `sandbox`, restored from the
+/// base template: the image unpacked (`create`, the container
+/// [`PREPARED_ID`] with the image's own configuration), its process set
+/// up and held, and the guest saved into `prepared_dir`.
+pub(crate) fn prepare(
+    home: &Home,
+    image: &vmrun_images::Image,
+    sandbox: &Sandbox,
+    create: CreateContainer,
+    prepared_dir: &Path,
+    phases: &mut Phases,
+) -> Result<()> {
+    unpacked(home, image, sandbox.create(&create))?;
+    phases.mark_vm("unpack", sandbox);
+    hold_ready(sandbox);
+    phases.mark_vm("container set up and held", sandbox);
+    sandbox.save_prepared(prepared_dir);
+    phases.mark_vm("prepared template saved", sandbox);
+    Ok(())
 }
 
 /// The output a prepared template's held process has: pipes for stdout
