@@ -2,9 +2,14 @@
 //! busybox image and (where it can be built: root and debootstrap) the
 //! Debian one: cold (a boot), the first warm run (restores the base
 //! template, unpacks the image and saves the image's prepared template),
-//! and warm runs (restore the prepared template: the image is unpacked
-//! already). The "guest to agent ready" phase of a warm run is the restore
-//! alone: VMM start to the agent answering.
+//! warm runs (restore the prepared template: the image is unpacked
+//! already), and pooled runs (`vmrun pool --size 1` serving the image: a
+//! run takes a VM restored ahead of it, each once the pool is full again).
+//! The "guest to agent ready" phase of a warm run is the restore alone:
+//! VMM start to the agent answering; a pooled run's "VM claimed" phase
+//! counts the guest's instructions since that VM's restore (its wait in
+//! the pool included). It also prints what a pooled VM costs while it
+//! waits: resident memory and emulated instructions per second.
 //!
 //! Beside each phase's time it prints the guest instructions KVM emulated
 //! in it (the VMM's stats, read by `vmrun run` at each phase's end: on a
@@ -33,11 +38,12 @@ use std::time::Instant;
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
 /// The phases `vmrun run` reports with `VMRUN_LOG=debug`, in order.
-const PHASES: [&str; 10] = [
+const PHASES: [&str; 11] = [
     "store lookup",
     "layer disk",
     "VM start",
     "guest to agent ready",
+    "VM claimed from the pool",
     "unpack",
     "container set up and held",
     "prepared template saved",
@@ -84,17 +90,20 @@ fn parse_phase(line: &str) -> Option<(&str, f64, Option<u64>)> {
     Some((name, ms, insns))
 }
 
-fn run(home: &Path, args: &[&str]) -> Timing {
-    let t = Instant::now();
-    let o = Command::new(VMRUN)
-        .args(args)
+/// `vmrun ARGS` on the benchmark's data directory, kernel and agent.
+fn vmrun(home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(VMRUN);
+    c.args(args)
         .env("VMRUN_HOME", home)
         .env("VMRUN_KERNEL", support::kernel())
         .env("VMRUN_AGENT_INITRD", support::agent_initrd())
-        .env("VMRUN_LOG", "debug")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(home: &Path, args: &[&str]) -> Timing {
+    let t = Instant::now();
+    let o = vmrun(home, args).env("VMRUN_LOG", "debug").output().unwrap();
     let total = t.elapsed().as_secs_f64() * 1000.0;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "vmrun {args:?}: {err}");
@@ -160,30 +169,84 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
             run(home, &["run", "--network", "none", reference, "true"])
         })
         .collect();
-    println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm runs, median)\n");
-    println!("{:<26}{:>18}{:>18}{:>18}", "phase", "cold", "first warm", "warm");
+    let (pooled, idle) = pooled_runs(home, label, reference, warm_runs);
+    println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm and pooled runs, median)\n");
+    println!("{:<40}{:>18}{:>18}{:>18}{:>18}", "phase", "cold", "first warm", "warm", "pooled");
     let warm_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&warm, i)).collect();
+    let pooled_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&pooled, i)).collect();
     for (i, p) in PHASES.iter().enumerate() {
-        println!("{p:<26}{:>18}{:>18}{:>18}", cell(cold.phases[i]), cell(first.phases[i]), cell(warm_median[i]));
+        println!(
+            "{p:<40}{:>18}{:>18}{:>18}{:>18}",
+            cell(cold.phases[i]),
+            cell(first.phases[i]),
+            cell(warm_median[i]),
+            cell(pooled_median[i])
+        );
     }
     let cpu = |ms: Option<f64>| ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
     let warm_cpu = median(warm.iter().filter_map(|r| r.host_cpu_ms).collect());
     println!(
-        "{:<26}{:>18}{:>18}{:>18}",
+        "{:<40}{:>18}{:>18}{:>18}{:>18}",
         "host CPU to the guest",
         cpu(cold.host_cpu_ms),
         cpu(first.host_cpu_ms),
-        cpu(warm_cpu)
+        cpu(warm_cpu),
+        "-"
     );
+    println!("\n{idle}");
     let last = PHASES.len() - 1;
     if let (Some(c), Some(w)) = (cold.phases[last].ms, warm_median[last].ms) {
-        println!("\nwarm is {:.1} times faster than cold end to end", c / w);
+        println!("warm is {:.1} times faster than cold end to end", c / w);
+    }
+    if let (Some(c), Some(p)) = (cold.phases[last].ms, pooled_median[last].ms) {
+        println!("pooled is {:.1} times faster than cold end to end", c / p);
     }
     if label == "busybox" {
-        if let (Some(r), Some(w)) = (runc_true(warm_runs.max(3)), warm_median[last].ms) {
-            println!("runc run of busybox true: {r:.0} ms (median); warm vmrun is {:.1} times runc", w / r);
+        if let (Some(r), Some(w), Some(p)) = (runc_true(warm_runs.max(3)), warm_median[last].ms, pooled_median[last].ms) {
+            println!("runc run of busybox true: {r:.0} ms (median); warm vmrun is {:.1} times runc, pooled {:.1} times", w / r, p / r);
         }
     }
+}
+
+/// `runs` runs of `reference` with `vmrun pool --size 1` serving it, each
+/// once the pool is full again, and a line on what a pooled VM costs while
+/// it waits: the VMM's resident memory and the guest's emulated
+/// instructions per second, over 5 s of waiting.
+fn pooled_runs(home: &Path, label: &str, reference: &str, runs: usize) -> (Vec<Timing>, String) {
+    use std::io::BufRead;
+    let mut keeper = support::Reaped(vmrun(home, &["pool", "--size", "1", reference]).stderr(Stdio::piped()).spawn().unwrap());
+    let mut lines = std::io::BufReader::new(keeper.0.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let pool = lines.find_map(|l| l.split_once(" VMs of ").and_then(|(_, r)| r.split_once(" at ")).map(|(_, d)| std::path::PathBuf::from(d))).unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let wait_full = || {
+        let o = vmrun(home, &["pool", "--status", "--wait", reference]).output().unwrap();
+        assert!(o.status.success(), "vmrun pool --status: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    wait_full();
+    let vm = std::fs::read_dir(&pool).unwrap().flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vm-"))).unwrap();
+    let stats = || vmrun_vmm_api::request(&vmrun_runtime::vm::Layout::of(&vm).control(), &vmrun_vmm_api::Request::Stats, std::time::Duration::from_secs(10)).unwrap().stats.unwrap();
+    let (before, t) = (stats(), Instant::now());
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let after = stats();
+    let per_s = (after.insn_emulation().unwrap_or(0) - before.insn_emulation().unwrap_or(0)) as f64 / t.elapsed().as_secs_f64();
+    let idle = format!(
+        "a pooled VM while it waits: VMM resident {:.0} MiB ({:.0} MiB of it guest memory), {per_s:.0} guest instructions emulated per second",
+        after.rss_kib.unwrap_or(0) as f64 / 1024.0,
+        after.guest_rss_kib.unwrap_or(0) as f64 / 1024.0
+    );
+    let timings = (0..runs)
+        .map(|i| {
+            wait_full();
+            eprintln!("{label}: pooled run {}...", i + 1);
+            let t = run(home, &["run", "--network", "none", reference, "true"]);
+            assert!(t.phases[4].ms.is_some(), "pooled run {}: no VM came from the pool", i + 1);
+            t
+        })
+        .collect();
+    // SAFETY: kill of our own child, not yet reaped.
+    unsafe { libc::kill(keeper.0.id() as i32, libc::SIGTERM) };
+    keeper.0.wait().unwrap();
+    (timings, idle)
 }
 
 /// `runc run` of a busybox `true` (the host's static busybox in a bundle
