@@ -214,12 +214,12 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
 /// instructions per second, over 5 s of waiting.
 fn pooled_runs(home: &Path, label: &str, reference: &str, runs: usize) -> (Vec<Timing>, String) {
     use std::io::BufRead;
-    let mut keeper = support::Reaped(vmrun(home, &["pool", "--size", "1", reference]).stderr(Stdio::piped()).spawn().unwrap());
+    let mut keeper = support::Reaped(vmrun(home, &["pool", "--size", "1", "--network", "none", reference]).stderr(Stdio::piped()).spawn().unwrap());
     let mut lines = std::io::BufReader::new(keeper.0.stderr.take().unwrap()).lines().map_while(Result::ok);
     let pool = lines.find_map(|l| l.split_once(" VMs of ").and_then(|(_, r)| r.split_once(" at ")).map(|(_, d)| std::path::PathBuf::from(d))).unwrap();
     std::thread::spawn(move || lines.for_each(drop));
     let wait_full = || {
-        let o = vmrun(home, &["pool", "--status", "--wait", reference]).output().unwrap();
+        let o = vmrun(home, &["pool", "--status", "--wait", "--network", "none", reference]).output().unwrap();
         assert!(o.status.success(), "vmrun pool --status: {}", String::from_utf8_lossy(&o.stderr));
     };
     wait_full();

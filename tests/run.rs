@@ -1070,11 +1070,18 @@ fn pooled_vms(pool: &Path) -> std::collections::BTreeSet<String> {
     std::fs::read_dir(pool).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vm-")).collect()
 }
 
-/// `vmrun pool`: runs take its VMs (already restored) when their process
-/// can be the held one, and each VM ends with its run, whether the run
-/// ends or is killed (`kill -9`), and is replaced; runs that need input
-/// restore their own; once the pool ends, its VMs are gone and runs
-/// restore again.
+/// Host interfaces of pooled VMs (`vmrun-p...`: container links are
+/// named after hex ids).
+fn pool_links() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/sys/class/net").unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vmrun-p")).collect()
+}
+
+/// `vmrun pool`: runs take its VMs (already restored, on the default
+/// network: NAT as root, with a link of their own) when their process can
+/// be the held one, and each VM ends with its run, whether the run ends
+/// or is killed (`kill -9`), and is replaced; runs that need input, or on
+/// another network, restore their own; once the pool ends, its VMs and
+/// links are gone and runs restore again.
 #[test]
 fn a_pool_hands_its_vms_to_runs_and_replaces_each_after_its_run() {
     let v = shared();
@@ -1101,19 +1108,36 @@ fn a_pool_hands_its_vms_to_runs_and_replaces_each_after_its_run() {
     assert_code(&o, 0);
     assert_eq!(text(&o.stdout), "2 of 2 VMs ready\n");
 
-    // A run takes a pooled VM: its output and exit code as from any VM.
-    let o = v.cmd(&["run", "--rm", "--network", "none", "pooled", "sh", "-c", "cat /pooled; exit 7"]).env("VMRUN_LOG", "debug").output().unwrap();
+    let links = pool_links();
+    assert_eq!(links.len(), if is_root() { 2 } else { 0 }, "{links:?}");
+
+    // A run takes a pooled VM: its output and exit code as from any VM,
+    // and as root its address on the NAT network, given at the claim.
+    let script = "cat /pooled; ip -4 -o addr show dev eth0 2>/dev/null | grep -c ' 10[.]213[.]'; exit 7";
+    let o = v.cmd(&["run", "--rm", "pooled", "sh", "-c", script]).env("VMRUN_LOG", "debug").output().unwrap();
     assert_code(&o, 7);
-    assert_eq!(text(&o.stdout), "pooled\n");
+    assert_eq!(text(&o.stdout), if is_root() { "pooled\n1\n" } else { "pooled\n0\n" });
     assert!(text(&o.stderr).contains("VM claimed from the pool"), "{}", text(&o.stderr));
-    // Its VM ended with it, and another took its place.
+    // Its VM ended with it (the keeper removes it once the run's lease
+    // ends), and another took its place.
     line_with(&lines, "2 of 2 VMs ready", Duration::from_secs(300));
+    eventually("the run's VM removed", Duration::from_secs(60), || pooled_vms(&pool).len() == 2 && pool_links().len() == links.len());
     let second = pooled_vms(&pool);
     assert_eq!(second.len(), 2, "{second:?}");
     assert_eq!(first.intersection(&second).count(), 1, "the run's VM was not replaced: {first:?}, then {second:?}");
+    if is_root() {
+        let now = pool_links();
+        assert_eq!((now.len(), links.intersection(&now).count()), (2, 1), "the run's link was not replaced: {links:?}, then {now:?}");
+    }
+    // A run on another network restores its own.
+    let o = v.cmd(&["run", "--rm", "--network", "tap", "pooled", "true"]).env("VMRUN_LOG", "debug").output().unwrap();
+    if is_root() {
+        assert_code(&o, 0);
+        assert!(!text(&o.stderr).contains("claimed from the pool"), "{}", text(&o.stderr));
+    }
 
     // A run that needs input is not given one: it restores its own.
-    let o = v.cmd(&["run", "--rm", "-i", "--network", "none", "pooled", "cat"]).env("VMRUN_LOG", "debug").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let o = v.cmd(&["run", "--rm", "-i", "pooled", "cat"]).env("VMRUN_LOG", "debug").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut o = o;
     o.stdin.take().unwrap().write_all(b"typed\n").unwrap();
     let o = o.wait_with_output().unwrap();
@@ -1123,7 +1147,7 @@ fn a_pool_hands_its_vms_to_runs_and_replaces_each_after_its_run() {
     assert_eq!(pooled_vms(&pool), second);
 
     // A run killed with SIGKILL: the keeper ends its VM and replaces it.
-    let mut run = support::Reaped(v.cmd(&["run", "--rm", "--network", "none", "pooled", "sleep", "600"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let mut run = support::Reaped(v.cmd(&["run", "--rm", "pooled", "sleep", "600"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     line_with(&lines, "2 of 2 VMs ready", Duration::from_secs(300));
     let third = pooled_vms(&pool);
     assert_eq!(third.len(), 3, "the claimed VM and two ready ones: {third:?}");
@@ -1156,7 +1180,8 @@ fn a_pool_hands_its_vms_to_runs_and_replaces_each_after_its_run() {
     assert!(status.success(), "vmrun pool ended with {status}");
     assert!(pooled_vms(&pool).is_empty(), "{:?}", pooled_vms(&pool));
     assert!(!pool.join("pool.sock").exists());
-    let o = v.cmd(&["run", "--rm", "--network", "none", "pooled", "cat", "/pooled"]).env("VMRUN_LOG", "debug").output().unwrap();
+    assert!(pool_links().is_empty(), "{:?}", pool_links());
+    let o = v.cmd(&["run", "--rm", "pooled", "cat", "/pooled"]).env("VMRUN_LOG", "debug").output().unwrap();
     assert_code(&o, 0);
     assert_eq!(text(&o.stdout), "pooled\n");
     assert!(!text(&o.stderr).contains("claimed from the pool"), "{}", text(&o.stderr));

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::lock::Lock;
+use crate::net::{Link, Mode};
 use crate::vm::{Layout, VmProcess};
 use crate::{Error, Result};
 
@@ -45,6 +46,11 @@ const LOCK: &str = "pool.lock";
 
 /// The prefix of a pooled VM's directory.
 const ENTRY_PREFIX: &str = "vm-";
+
+/// The record of a pooled VM's link, in its directory: written before the
+/// link is made, so that whoever finds the directory of a keeper that was
+/// killed removes the link too ([`clean_up`]).
+const LINK_RECORD: &str = "link.json";
 
 /// How long either side waits for the other's line.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -94,6 +100,11 @@ pub struct PooledVm {
     pub pid: u32,
     /// Whether it is jailed (ended through [`vmrun_jail::kill_signal`]).
     pub jailed: bool,
+    /// Its network link (TAP device and addresses), which the keeper
+    /// made and removes once the VM has ended; the run gives the guest
+    /// its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<Link>,
 }
 
 /// The lock a keeper holds on the pool in `dir` for its whole life.
@@ -101,10 +112,29 @@ pub fn lock_path(dir: &Path) -> PathBuf {
     dir.join(LOCK)
 }
 
-/// The directory of the pool of the prepared template `template`, under
-/// `pools`.
-pub fn dir_for(pools: &Path, template: &Path) -> PathBuf {
-    pools.join(template.file_name().unwrap_or_default())
+/// The directory of the pool of VMs restored from the prepared template
+/// `template` on network `network`, under `pools` (the template says
+/// whether a VM has a network slot; the pool also what its link does):
+/// named by a hash of both, short enough for the VMs' socket paths below
+/// it.
+pub fn dir_for(pools: &Path, template: &Path, network: Mode) -> PathBuf {
+    let mode = match network {
+        Mode::None => "none",
+        Mode::Tap => "tap",
+        Mode::Nat => "nat",
+    };
+    let name = format!("{} {mode}", template.file_name().unwrap_or_default().to_string_lossy());
+    pools.join(format!("{:016x}", vmrun_vmm_api::hash::fnv1a_continue(vmrun_vmm_api::hash::FNV_OFFSET, name.as_bytes())))
+}
+
+/// A host-wide name for a pooled VM's link (`vmrun-` and 9 more
+/// characters: `p` and 8 random hex digits).
+fn link_id() -> String {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let r = if n == 4 { u32::from_ne_bytes(b) } else { std::process::id() ^ (Instant::now().elapsed().subsec_nanos()) };
+    format!("p{r:08x}")
 }
 
 /// A VM from a pool, claimed: the run owns it until this is dropped, which
@@ -137,8 +167,8 @@ pub fn claim(dir: &Path) -> Option<(Claimed, UnixStream)> {
         Ok((answer, fds)) => {
             let vm = answer.vm?;
             // A keeper's VM lives in a directory of its pool's.
-            if vm.dir.parent() != Some(dir) {
-                log::warn!("the pool at {} named a VM outside it ({}): not used", dir.display(), vm.dir.display());
+            if vm.dir.parent() != Some(dir) || vm.link.as_ref().is_some_and(|l| !l.tap.starts_with(crate::net::TAP_PREFIX)) {
+                log::warn!("the pool at {} named a VM outside it ({}, {:?}): not used", dir.display(), vm.dir.display(), vm.link);
                 return None;
             }
             let [pidfd, agent]: [OwnedFd; 2] = fds.try_into().ok()?;
@@ -189,6 +219,11 @@ fn pidfd_signal(fd: BorrowedFd<'_>, sig: i32) {
 }
 
 impl Claimed {
+    /// Its network link, if it has one (the keeper's to remove).
+    pub fn link(&self) -> Option<&Link> {
+        self.vm.link.as_ref()
+    }
+
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.vm.pid
@@ -239,7 +274,18 @@ struct Pooled {
     vm: VmProcess,
     /// A connection to its agent, the hello exchanged: handed to the run.
     agent: UnixStream,
+    /// Its link, removed once the VMM has ended.
+    link: Option<PooledLink>,
     dir: EntryDir,
+}
+
+/// A pooled VM's link, removed when dropped.
+struct PooledLink(Link);
+
+impl Drop for PooledLink {
+    fn drop(&mut self) {
+        self.0.delete();
+    }
 }
 
 /// A pooled VM's directory, removed when dropped.
@@ -257,10 +303,50 @@ struct Leased {
     lease: UnixStream,
 }
 
+/// Removes what the keeper of the pool in `dir` left when it was killed
+/// (its VMs died with it): each VM's directory, and the link it records.
+/// The caller holds the pool's lock, or it is free.
+pub fn clean_up(dir: &Path) -> std::io::Result<()> {
+    release_recorded_link(dir);
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(ENTRY_PREFIX) {
+            release_recorded_link(&entry.path());
+            crate::vm::remove_dir(&entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Removes the link recorded in `dir` ([`recorded_link`]), if any.
+fn release_recorded_link(dir: &Path) {
+    let record = std::fs::read(dir.join(LINK_RECORD)).ok();
+    if let Some(link) = record.and_then(|r| serde_json::from_slice::<Link>(&r).ok()).filter(|l| l.tap.starts_with(crate::net::TAP_PREFIX)) {
+        link.delete();
+        let _ = std::fs::remove_file(dir.join(LINK_RECORD));
+    }
+}
+
+/// A new link for a VM of a pool (or a template a pool makes) whose
+/// directory is `dir`, recorded there before it is made, so that
+/// [`clean_up`] finds it if the process that made it is killed.
+pub fn recorded_link(dir: &Path, setup: &crate::net::Setup) -> Result<Link> {
+    std::fs::create_dir_all(dir)?;
+    let id = link_id();
+    let record = |link: &Link| -> Result<()> { Ok(std::fs::write(dir.join(LINK_RECORD), serde_json::to_vec(link).map_err(std::io::Error::other)?)?) };
+    // The name identifies it; the addresses come with the allocation,
+    // and the record is written again with them.
+    record(&Link::new(&id, 0))?;
+    let link = crate::net::allocate(&id, &[], setup)?;
+    record(&link)?;
+    Ok(link)
+}
+
 /// Keeps a pool of VMs and serves claims (see the module's documentation).
 pub struct Keeper<F> {
     dir: PathBuf,
     size: usize,
+    /// What each VM's link is for (`None`: no network).
+    network: Option<crate::net::Setup>,
     start: F,
     listener: UnixListener,
     ready: Vec<Pooled>,
@@ -279,12 +365,13 @@ impl<F> std::fmt::Debug for Keeper<F> {
     }
 }
 
-impl<F: FnMut(&Path) -> Result<VmProcess>> Keeper<F> {
+impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
     /// A keeper of `size` VMs in `dir`, each started by `start` in the
-    /// directory it is given; `template` is the template they are restored
+    /// directory it is given, on the link given (made for it with `network`,
+    /// removed after it); `template` is the template they are restored
     /// from, held (shared) for the keeper's life. Fails if another keeper
     /// serves `dir`.
-    pub fn new(dir: &Path, template: &Path, size: usize, start: F) -> Result<Self> {
+    pub fn new(dir: &Path, template: &Path, size: usize, network: Option<crate::net::Setup>, start: F) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let lock = Lock::try_take(&lock_path(dir))?.ok_or_else(|| Error::Pool(format!("another vmrun pool serves {} already", dir.display())))?;
@@ -293,11 +380,7 @@ impl<F: FnMut(&Path) -> Result<VmProcess>> Keeper<F> {
             return Err(Error::Pool(format!("the template {} was removed; start the pool again", template.display())));
         }
         // What a killed keeper left: its VMs died with it.
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(ENTRY_PREFIX) {
-                crate::vm::remove_dir(&entry.path());
-            }
-        }
+        clean_up(dir)?;
         let socket = dir.join(SOCKET);
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -309,6 +392,7 @@ impl<F: FnMut(&Path) -> Result<VmProcess>> Keeper<F> {
         Ok(Self {
             dir: dir.to_path_buf(),
             size,
+            network,
             start,
             listener,
             ready: Vec::new(),
@@ -387,26 +471,35 @@ impl<F: FnMut(&Path) -> Result<VmProcess>> Keeper<F> {
     fn start_one(&mut self) {
         let dir = self.dir.join(format!("{ENTRY_PREFIX}{}", self.next));
         self.next += 1;
-        let started = (self.start)(&dir).and_then(|mut vm| match vm.wait_until_ready(READY_TIMEOUT) {
-            Ok(true) => {
-                // Greeted now, so that a run finds its agent connected:
-                // the hello's fresh entropy reseeds this guest's random
-                // generator, and its clock is set, while it waits.
-                let mut agent = vmrun_agent_client::hybrid_vsock_connect(&vm.layout().vsock(), crate::vm::AGENT_PORT, READY_TIMEOUT)?;
-                vmrun_agent_client::Client::hello(&mut agent, READY_TIMEOUT)?;
-                Ok((vm, agent))
+        let started = self.link_for(&dir).and_then(|link| {
+            let mut vm = (self.start)(&dir, link.as_ref().map(|l| &l.0))?;
+            match vm.wait_until_ready(READY_TIMEOUT) {
+                Ok(true) => {
+                    // Greeted now, so that a run finds its agent connected:
+                    // the hello's fresh entropy reseeds this guest's random
+                    // generator, and its clock is set, while it waits.
+                    let mut agent = vmrun_agent_client::hybrid_vsock_connect(&vm.layout().vsock(), crate::vm::AGENT_PORT, READY_TIMEOUT)?;
+                    vmrun_agent_client::Client::hello(&mut agent, READY_TIMEOUT)?;
+                    Ok((vm, agent, link))
+                }
+                Ok(false) => Err(Error::Pool(format!("the VMM did not say it was ready within {} s", READY_TIMEOUT.as_secs()))),
+                Err(e) => Err(e),
             }
-            Ok(false) => Err(Error::Pool(format!("the VMM did not say it was ready within {} s", READY_TIMEOUT.as_secs()))),
-            Err(e) => Err(e),
         });
         match started {
-            Ok((vm, agent)) => self.ready.push(Pooled { vm, agent, dir: EntryDir(dir) }),
+            Ok((vm, agent, link)) => self.ready.push(Pooled { vm, agent, link, dir: EntryDir(dir) }),
             Err(e) => {
                 log::warn!("cannot restore a VM for the pool ({e}); trying again in {} s", RETRY_PAUSE.as_secs());
                 crate::vm::remove_dir(&dir);
                 self.retry_at = Some(Instant::now() + RETRY_PAUSE);
             }
         }
+    }
+
+    /// A new link for the VM of `dir` (recorded there first), if the pool
+    /// has a network.
+    fn link_for(&self, dir: &Path) -> Result<Option<PooledLink>> {
+        self.network.as_ref().map(|setup| recorded_link(dir, setup).map(PooledLink)).transpose()
     }
 
     /// Serves the connections waiting on the socket.
@@ -453,7 +546,7 @@ impl<F: FnMut(&Path) -> Result<VmProcess>> Keeper<F> {
                 self.ready.insert(0, pooled);
                 break;
             };
-            let vm = PooledVm { dir: pooled.dir.0.clone(), pid: pooled.vm.pid(), jailed: pooled.vm.jailed() };
+            let vm = PooledVm { dir: pooled.dir.0.clone(), pid: pooled.vm.pid(), jailed: pooled.vm.jailed(), link: pooled.link.as_ref().map(|l| l.0.clone()) };
             let s = self.answer(s, Some(vm), &[pidfd.as_fd(), pooled.agent.as_fd()])?;
             log::debug!("handed over {}", pooled.dir.0.display());
             self.leased.push(Leased { pooled, lease: s });
@@ -495,7 +588,8 @@ mod tests {
         assert_eq!(serde_json::to_string(&Request::Claim {}).unwrap(), r#"{"op":"claim"}"#);
         assert_eq!(serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(), Request::Status { full: false });
         assert!(serde_json::from_str::<Request>(r#"{"op":"claim","dir":"/"}"#).is_err());
-        let a = Answer { size: 2, ready: 1, vm: Some(PooledVm { dir: "/p/vm-0".into(), pid: 7, jailed: true }) };
+        let link = Some(Link::new(&link_id(), 3));
+        let a = Answer { size: 2, ready: 1, vm: Some(PooledVm { dir: "/p/vm-0".into(), pid: 7, jailed: true, link }) };
         assert_eq!(serde_json::from_str::<Answer>(&serde_json::to_string(&a).unwrap()).unwrap(), a);
         assert_eq!(serde_json::to_string(&Answer { size: 2, ready: 0, vm: None }).unwrap(), r#"{"size":2,"ready":0}"#);
     }
@@ -512,7 +606,7 @@ mod tests {
             BufReader::new(&s).read_line(&mut line).unwrap();
             assert_eq!(line.trim(), r#"{"op":"claim"}"#);
             let me = std::fs::File::open("/proc/self/stat").unwrap();
-            let a = Answer { size: 1, ready: 0, vm: Some(PooledVm { dir: "/elsewhere/vm-0".into(), pid: 1, jailed: false }) };
+            let a = Answer { size: 1, ready: 0, vm: Some(PooledVm { dir: "/elsewhere/vm-0".into(), pid: 1, jailed: false, link: None }) };
             vmrun_vmm_api::control::write_line_with_fds(&mut s, &line_of(&a).unwrap(), &[me.as_fd(), me.as_fd()]).unwrap();
         });
         assert!(claim(dir.path()).is_none());

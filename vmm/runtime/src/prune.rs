@@ -151,6 +151,9 @@ pub enum Removal {
         /// Its TAP device.
         tap: Option<String>,
     },
+    /// A pool's directory (or a template preparation's) whose keeper was
+    /// killed, after the links recorded there ([`crate::pool::clean_up`]).
+    Pool,
     /// What the jail of a VMM killed with SIGKILL left (its cgroups, root
     /// directory and record; `vmrun_jail::collect_record`): the jail's
     /// outer pid.
@@ -379,18 +382,18 @@ pub fn stale_temporaries(cx: &Context<'_>) -> Result<Vec<Candidate>, Error> {
 pub fn abandoned_pools(cx: &Context<'_>) -> Result<Vec<Candidate>, Error> {
     let mut out = Vec::new();
     for (name, path) in read_dir(&cx.home.pools())? {
-        let (reason, lock) = match owner_pid(&name) {
+        let (reason, lock, removal) = match owner_pid(&name) {
             Some(pid) if container::ProcessRef::of(pid).is_some() => continue,
-            Some(pid) => (format!("left by process {pid}, which is gone"), None),
+            Some(pid) => (format!("left by process {pid}, which is gone"), None, Removal::Pool),
             None => {
                 let lock = crate::pool::lock_path(&path);
                 if !matches!(Lock::try_take(&lock), Ok(Some(_))) {
                     continue;
                 }
-                ("no vmrun pool serves it".to_string(), Some(lock))
+                ("no vmrun pool serves it".to_string(), Some(lock), Removal::Pool)
             }
         };
-        out.push(Candidate { kind: Kind::Temporary, bytes: disk_usage(&path), reason, lock, path, removal: Removal::Path });
+        out.push(Candidate { kind: Kind::Temporary, bytes: disk_usage(&path), reason, lock, path, removal });
     }
     Ok(out)
 }
@@ -456,6 +459,7 @@ pub fn remove(c: &Candidate) -> Outcome {
         },
         Removal::Rmdir => std::fs::remove_dir(&c.path),
         Removal::Jail(pid) => vmrun_jail::collect_record(*pid).map(|_| ()),
+        Removal::Pool => crate::pool::clean_up(&c.path).and_then(|()| std::fs::remove_dir_all(&c.path)),
         Removal::Container { tap } => {
             if let Some(tap) = tap {
                 crate::net::release(tap);

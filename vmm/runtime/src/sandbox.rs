@@ -153,6 +153,14 @@ impl Sandbox {
         matches!(self.vm, Vm::Pooled(_))
     }
 
+    /// The network link of a VM from a pool (its keeper's to remove).
+    pub fn pooled_link(&self) -> Option<&crate::net::Link> {
+        match &self.vm {
+            Vm::Pooled(c) => c.link(),
+            Vm::Own(_) => None,
+        }
+    }
+
     /// The connection to the agent (for signals, resizes, waits).
     pub fn client(&self) -> &Client {
         &self.client

@@ -147,7 +147,7 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
     let hashes = FileHashes::of_templates(dir);
     let key = TemplateKey::of(spec, &hashes)?;
     let path = dir.join(&key.hash);
-    if path.join("vmstate.json").is_file() {
+    if is_ready(&path) {
         return Ok(path);
     }
     std::fs::create_dir_all(dir)?;
@@ -177,6 +177,12 @@ pub fn ensure(dir: &Path, spec: &VmSpec, progress: &dyn Fn(&str), vmm: &dyn Fn(O
             Err(e)
         }
     }
+}
+
+/// Where the template for `spec` under `dir` is (or would be built by
+/// [`ensure`]); nothing is built.
+pub fn base_dir(dir: &Path, spec: &VmSpec) -> Result<PathBuf> {
+    Ok(dir.join(TemplateKey::of(spec, &FileHashes::of_templates(dir))?.hash))
 }
 
 /// Removes the work directories (`<key>.build-<pid>`) of builds of the

@@ -51,9 +51,9 @@ enum Command {
     /// Run a command in a new container, in its own microVM.
     Run(run_cmd::RunArgs),
     /// Keep VMs of an image restored ahead of its runs, in the foreground:
-    /// a `vmrun run --network none IMAGE ...` whose process needs no
-    /// input, terminal or volume takes one instead of restoring its
-    /// template (`--status`: how many are ready).
+    /// a `vmrun run IMAGE ...` on the pool's network whose process needs
+    /// no input, terminal, volume or published port takes one instead of
+    /// restoring its template (`--status`: how many are ready).
     Pool(pool_cmd::PoolArgs),
     /// Pull an image from a registry into the local store.
     Pull {

@@ -3,11 +3,11 @@
 //! SIGHUP; `vmrun pool --status IMAGE` asks a running one how many are
 //! ready.
 //!
-//! The pool's VMs are those `vmrun run --network none IMAGE ...` would
-//! restore (same memory, vCPUs, kernel and agent): the image's prepared
+//! The pool's VMs are those `vmrun run IMAGE ...` would restore (same
+//! memory, vCPUs, kernel, agent and network): the image's prepared
 //! template, made here first if it is missing. A run takes one when its
 //! process can be the template's held one (output on pipes, no input, no
-//! terminal, no volume, no `--name`).
+//! terminal, no volume, no published port, no `--name`).
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use vmrun_runtime::artifacts::Artifacts;
 use vmrun_runtime::home::Home;
+use vmrun_runtime::net::{Link, Mode, Setup};
 use vmrun_runtime::sandbox::{AgentWait, Cancel, Origin, Sandbox};
 use vmrun_runtime::template::PREPARED_ID;
 use vmrun_runtime::vm::VmSpec;
@@ -38,6 +39,12 @@ pub struct PoolArgs {
     /// vCPUs of each microVM, as for `vmrun run`.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
+    /// The network of each microVM, as for `vmrun run` (`nat` by default
+    /// as root, else `none`): runs on that network take the pool's VMs.
+    /// Each VM's link (TAP device, addresses, rules) is made with the VM
+    /// and removed after it.
+    #[arg(long, value_parser = ["nat", "bridge", "tap", "none"])]
+    pub network: Option<String>,
     /// Print how many VMs the running pool of IMAGE has ready, and exit.
     #[arg(long)]
     pub status: bool,
@@ -57,7 +64,13 @@ pub fn run(args: PoolArgs) -> Result<i32> {
     let artifacts = Artifacts::find(&home, None, None)?;
     let (layer_disk, digests, _disk_lock) = vmrun_runtime::layer_disk::use_for_image(&home.layer_disks(), &image)?;
     let vmm_exe = vmrun_runtime::vm::find_vmm()?;
-    let spec_in = |dir: &Path| VmSpec {
+    let network = match &args.network {
+        Some(n) => n.parse::<Mode>()?,
+        None => Mode::default_here(),
+    };
+    // Each VM's link, made and removed by the keeper with the VM.
+    let setup = (network != Mode::None).then(|| Setup { nat: network == Mode::Nat, ports: Vec::new() });
+    let spec_in = |dir: &Path, link: Option<&Link>| VmSpec {
         artifacts: artifacts.clone(),
         mem_mib,
         cpus,
@@ -65,7 +78,7 @@ pub fn run(args: PoolArgs) -> Result<i32> {
         volumes: Vec::new(),
         volume_slots: vmrun_runtime::volume::SLOTS,
         read_only_volumes: Vec::new(),
-        tap: None,
+        tap: link.map(|l| l.tap.clone()),
         netns: None,
         dir: dir.to_path_buf(),
         vmm_exe: vmm_exe.clone(),
@@ -73,9 +86,10 @@ pub fn run(args: PoolArgs) -> Result<i32> {
     // The template a run's VM would be restored from names the pool.
     let cancel = Cancel::default();
     let pools = home.pools();
-    let base = Sandbox::base_template(&home.templates(), &spec_in(&pools), &|m| eprintln!("vmrun: {m}"), &cancel)?;
+    let shape = VmSpec { tap: (network != Mode::None).then(String::new), ..spec_in(&pools, None) };
+    let base = vmrun_runtime::template::base_dir(&home.templates(), &shape)?;
     let prepared = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
-    let dir = vmrun_runtime::pool::dir_for(&pools, &prepared);
+    let dir = vmrun_runtime::pool::dir_for(&pools, &prepared, network);
     if args.status {
         let timeout = Duration::from_secs(if args.wait { 600 } else { 5 });
         let a = vmrun_runtime::pool::status(&dir, args.wait, timeout)?;
@@ -83,13 +97,24 @@ pub fn run(args: PoolArgs) -> Result<i32> {
         return Ok(0);
     }
     if !vmrun_runtime::template::is_ready(&prepared) {
-        eprintln!("vmrun: preparing the template of {} (once per image)", args.image);
-        // Named so that `system prune` removes it if this process dies.
+        // The templates are made as a run makes them: with a link of
+        // their own if the VMs have one.
+        // Named so that `system prune` removes it (and the link recorded
+        // there) if this process dies.
         let name = dir.file_name().unwrap_or_default().to_string_lossy();
         let work = pools.join(format!("{name}.build-{}", std::process::id()));
-        let made = make_prepared(&home, &image, &spec_in(&work), &base, &prepared, &digests, &cancel);
+        let link = setup.as_ref().map(|setup| vmrun_runtime::pool::recorded_link(&work, setup)).transpose()?;
+        let result = (|| -> Result<()> {
+            let spec = spec_in(&work, link.as_ref());
+            let base = Sandbox::base_template(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), &cancel)?;
+            eprintln!("vmrun: preparing the template of {} (once per image)", args.image);
+            make_prepared(&home, &image, &spec, &base, &prepared, &digests, &cancel)
+        })();
+        if let Some(l) = link {
+            l.delete();
+        }
         vmrun_runtime::vm::remove_dir(&work);
-        made?;
+        result?;
     }
     // SIGINT, SIGTERM and SIGHUP end the pool: read from a signalfd by its
     // loop (the VMMs it starts get the default mask back).
@@ -101,7 +126,8 @@ pub fn run(args: PoolArgs) -> Result<i32> {
     let stop = nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
         .context("cannot make a signalfd")?;
     let size = usize::from(args.size);
-    let mut keeper = vmrun_runtime::pool::Keeper::new(&dir, &prepared, size, |d: &Path| vmrun_runtime::template::restore(&prepared, &spec_in(d)))?;
+    let start = |d: &Path, link: Option<&Link>| vmrun_runtime::template::restore(&prepared, &spec_in(d, link));
+    let mut keeper = vmrun_runtime::pool::Keeper::new(&dir, &prepared, size, setup, start)?;
     eprintln!("vmrun: pool of {size} VMs of {} at {}", args.image, dir.display());
     keeper.serve(stop.as_fd(), &|n| eprintln!("vmrun: pool: {n} of {n} VMs ready"))?;
     eprintln!("vmrun: pool: ending its VMs");

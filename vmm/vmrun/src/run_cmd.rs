@@ -515,15 +515,18 @@ fn finish(dir: &Path, state: &mut State, result: &Result<i32>) {
 struct StartFailed(i32, String);
 
 /// Resources of a container that are given back when it ends: its link
-/// and the host's rules for it.
+/// and the host's rules for it (unless a pool owns them).
 struct Network {
     link: Link,
     nat: bool,
+    owned: bool,
 }
 
 impl Drop for Network {
     fn drop(&mut self) {
-        self.link.delete();
+        if self.owned {
+            self.link.delete();
+        }
     }
 }
 
@@ -585,13 +588,7 @@ fn run_container_inner(
     if !volume_disks.is_empty() {
         phases.mark("volume disks");
     }
-    let mut network = None;
-    if checked.network != Mode::None {
-        let nat = checked.network == Mode::Nat;
-        let link = set_up_network(home, dir, state, &Setup { nat, ports: checked.ports.clone() })?;
-        network = Some(Network { link, nat });
-    }
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         artifacts,
         mem_mib: checked.mem_mib,
         cpus: checked.cpus,
@@ -599,7 +596,7 @@ fn run_container_inner(
         volumes: volume_disks,
         volume_slots: vmrun_runtime::volume::SLOTS,
         read_only_volumes: Vec::new(),
-        tap: network.as_ref().map(|n| n.link.tap.clone()),
+        tap: None,
         netns: None,
         dir: dir.to_path_buf(),
         vmm_exe: vmrun_runtime::vm::find_vmm()?,
@@ -616,12 +613,44 @@ fn run_container_inner(
     let terminal = matches!(sink, Sink::Terminal);
     let tty = args.process.tty && (!terminal || attach::is_tty(libc::STDIN_FILENO));
     let mode = if terminal { attach::stdio_mode(tty, args.process.interactive) } else { stdio_detached(tty) };
+    let cancel = signals.cancel();
+
+    // A VM of a pool (`vmrun pool`) when the run can take one: the VM its
+    // image's prepared template would give it, a process that can be the
+    // held one (output on pipes, no input, no volume), no published port
+    // and no name. Its link, if any, is the pool's.
+    let poolable = !args.cold && args.name.is_none() && checked.ports.is_empty() && spec.volumes.is_empty() && mode == HELD_STDIO;
+    let mut pooled = None;
+    if poolable {
+        let shape = VmSpec { tap: (checked.network != Mode::None).then(String::new), ..spec.clone() };
+        let prepared = vmrun_runtime::template::prepared_dir(
+            &vmrun_runtime::template::base_dir(&home.templates(), &shape)?,
+            &image.manifest_digest.to_string(),
+        );
+        if vmrun_runtime::template::is_ready(&prepared) {
+            let pool = vmrun_runtime::pool::dir_for(&home.pools(), &prepared, checked.network);
+            pooled = Sandbox::claim(&pool, agent_options(), cancel).map(|s| (s, prepared));
+        }
+    }
+    let mut network = None;
+    let nat = checked.network == Mode::Nat;
+    match pooled.as_ref().map(|(s, _)| s.pooled_link()) {
+        Some(link) => {
+            state.ip = link.map(|l| l.guest.to_string());
+            network = link.map(|l| Network { link: l.clone(), nat, owned: false });
+        }
+        None if checked.network != Mode::None => {
+            let link = set_up_network(home, dir, state, &Setup { nat, ports: checked.ports.clone() })?;
+            network = Some(Network { link, nat, owned: true });
+        }
+        None => {}
+    }
+    spec.tap = network.as_ref().map(|n| n.link.tap.clone());
 
     // Cold: boot. Warm: restore the image's prepared template if there is
     // one (the image already unpacked), else the base template, and
     // prepare the image for next time. A --name (host name) is baked in at
     // creation, so named containers are never prepared.
-    let cancel = signals.cancel();
     let mut hold = Some(disk_lock);
     // The VM from `origin`, its agent connected; `ready` names the phase.
     let mut start = |origin: Origin<'_>, ready: &str, phases: &mut Phases| -> Result<Sandbox> {
@@ -631,7 +660,14 @@ fn run_container_inner(
         phases.mark_ready(ready, &sandbox);
         Ok(sandbox)
     };
-    let (sandbox, guest_id, prepared) = if args.cold {
+    let (sandbox, guest_id, prepared) = if let Some((sandbox, template)) = pooled {
+        record_template(dir, state, &template)?;
+        state.vm_dir = Some(sandbox.layout().dir().to_path_buf());
+        state.save(dir)?;
+        drop(hold.take());
+        phases.mark_vm("VM claimed from the pool (guest counts since the pooled VM's restore)", &sandbox);
+        (sandbox, PREPARED_ID.to_string(), true)
+    } else if args.cold {
         let sandbox = start(Origin::Boot, "guest to agent ready", &mut phases)?;
         unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
         phases.mark_vm("unpack", &sandbox);
@@ -642,21 +678,7 @@ fn run_container_inner(
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             record_template(dir, state, &prepared_dir)?;
-            // A pool's VM fits a run that would restore this template as
-            // it is and release its held process.
-            let poolable = network.is_none() && spec.volumes.is_empty() && mode == HELD_STDIO;
-            let pool = vmrun_runtime::pool::dir_for(&home.pools(), &prepared_dir);
-            let pooled = if poolable { Sandbox::claim(&pool, agent_options(), cancel) } else { None };
-            let sandbox = match pooled {
-                Some(sandbox) => {
-                    state.vm_dir = Some(sandbox.layout().dir().to_path_buf());
-                    state.save(dir)?;
-                    drop(hold.take());
-                    phases.mark_vm("VM claimed from the pool (guest counts since the pooled VM's restore)", &sandbox);
-                    sandbox
-                }
-                None => start(Origin::Template(&prepared_dir), "guest to agent ready (image unpacked in the template)", &mut phases)?,
-            };
+            let sandbox = start(Origin::Template(&prepared_dir), "guest to agent ready (image unpacked in the template)", &mut phases)?;
             (sandbox, PREPARED_ID.to_string(), true)
         } else {
             record_template(dir, state, &base)?;

@@ -82,7 +82,7 @@ impl std::str::FromStr for Mode {
 }
 
 /// A container's link.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
     /// The host's TAP device.
     pub tap: String,
