@@ -9,7 +9,9 @@
 //! VMM start to the agent answering; a pooled run's "VM claimed" phase
 //! counts the guest's instructions since that VM's restore (its wait in
 //! the pool included). It also prints what a pooled VM costs while it
-//! waits: resident memory and emulated instructions per second.
+//! waits: resident memory and emulated instructions per second. A
+//! pooled run's host CPU is vmrun's own until it has claimed the VM (the
+//! VM's was spent before the run).
 //!
 //! Beside each phase's time it prints the guest instructions KVM emulated
 //! in it (the VMM's stats, read by `vmrun run` at each phase's end: on a
@@ -71,9 +73,11 @@ struct Timing {
     host_cpu_ms: Option<f64>,
 }
 
-/// Reads the `host CPU until the guest ran N ms` of a phase line.
+/// Reads the `host CPU until the guest ran N ms` of a phase line (a
+/// pooled run's: `host CPU until the VM was claimed N ms`).
 fn parse_host_cpu(line: &str) -> Option<f64> {
-    line.split("; host CPU until the guest ran ").nth(1)?.split(' ').next()?.parse().ok()
+    let rest = line.split("; host CPU until the guest ran ").nth(1).or_else(|| line.split("; host CPU until the VM was claimed ").nth(1))?;
+    rest.split(' ').next()?.parse().ok()
 }
 
 /// Reads `phase NAME: MS ms[; N guest instructions emulated, M exits]`.
@@ -185,13 +189,14 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
     }
     let cpu = |ms: Option<f64>| ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"));
     let warm_cpu = median(warm.iter().filter_map(|r| r.host_cpu_ms).collect());
+    let pooled_cpu = median(pooled.iter().filter_map(|r| r.host_cpu_ms).collect());
     println!(
         "{:<40}{:>18}{:>18}{:>18}{:>18}",
-        "host CPU to the guest",
+        "host CPU to the guest (pooled: claim)",
         cpu(cold.host_cpu_ms),
         cpu(first.host_cpu_ms),
         cpu(warm_cpu),
-        "-"
+        cpu(pooled_cpu)
     );
     println!("\n{idle}");
     let last = PHASES.len() - 1;
