@@ -15,7 +15,10 @@
 //! ends one it started: through the jail's outer process, waited for on
 //! the pidfd. When the lease closes (the run is over, or its process died,
 //! `kill -9` included), the keeper kills the VM if it still runs, reaps
-//! it, removes its directory, and restores another.
+//! it, removes its directory, and restores another. The replacement of a
+//! claimed VM is restored once its run has ended, or a second after the
+//! claim if the run goes on, so that it does not compete with the run's
+//! start.
 //!
 //! The keeper owns the VMMs (its children, which die with it:
 //! `PR_SET_PDEATHSIG`); a keeper that was killed leaves only directories,
@@ -60,6 +63,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// After a restore failed, the keeper tries again this much later.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// How long after a claim the VM that replaces the claimed one may wait
+/// for the run to end: restored meanwhile, it would take CPU from the
+/// run's start (on a host with few cores, a tenth of a short run's time),
+/// and a run that goes on longer must not leave the pool short.
+const REFILL_DELAY: Duration = Duration::from_secs(1);
 
 /// Longest request or answer line.
 const MAX_LINE: u64 = 4096;
@@ -301,6 +310,7 @@ impl Drop for EntryDir {
 struct Leased {
     pooled: Pooled,
     lease: UnixStream,
+    claimed_at: Instant,
 }
 
 /// Removes what the keeper of the pool in `dir` left when it was killed
@@ -409,8 +419,13 @@ impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
     /// `full` is called each time the pool becomes full.
     pub fn serve(&mut self, stop: BorrowedFd<'_>, full: &dyn Fn(usize)) -> Result<()> {
         loop {
-            let missing = self.ready.len() < self.size;
-            let may_start = self.retry_at.is_none_or(|t| Instant::now() >= t);
+            // A claimed VM's replacement waits for its run to end, or for
+            // REFILL_DELAY after the claim at the latest.
+            let now = Instant::now();
+            let deferred_until = self.leased.iter().map(|l| l.claimed_at + REFILL_DELAY).filter(|t| *t > now).min();
+            let deferred = self.leased.iter().filter(|l| l.claimed_at + REFILL_DELAY > now).count();
+            let missing = self.ready.len() + deferred < self.size;
+            let may_start = self.retry_at.is_none_or(|t| now >= t);
             if missing && may_start {
                 self.retry_at = None;
                 self.start_one();
@@ -425,10 +440,14 @@ impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
             let ready_pidfds: Vec<i32> = self.ready.iter().filter_map(|p| p.vm.pidfd().map(|f| f.as_raw_fd())).collect();
             fds.extend(&ready_pidfds);
             let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-            let timeout_ms = if missing {
-                self.retry_at.map_or(0, |t| t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32)
-            } else {
-                -1
+            let wake = match (missing, self.retry_at) {
+                (true, None) => Some(Instant::now()),
+                (true, Some(t)) => Some(t),
+                (false, _) => None,
+            };
+            let timeout_ms = match wake.into_iter().chain(deferred_until).min() {
+                Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+                None => -1,
             };
             // SAFETY: `p` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
@@ -549,7 +568,7 @@ impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
             let vm = PooledVm { dir: pooled.dir.0.clone(), pid: pooled.vm.pid(), jailed: pooled.vm.jailed(), link: pooled.link.as_ref().map(|l| l.0.clone()) };
             let s = self.answer(s, Some(vm), &[pidfd.as_fd(), pooled.agent.as_fd()])?;
             log::debug!("handed over {}", pooled.dir.0.display());
-            self.leased.push(Leased { pooled, lease: s });
+            self.leased.push(Leased { pooled, lease: s, claimed_at: Instant::now() });
             return Ok(());
         }
         self.answer(s, None, &[]).map(drop)
