@@ -95,7 +95,9 @@ fn kernel_return_addresses(fd: &VcpuFd, mem: &GuestMemoryMmap, rsp: u64) -> Vec<
         if t.valid == 0 {
             break;
         }
-        let page_end = ((va | 0xfff) + 1).min(top);
+        // The guest chooses rsp: its last page ends at the top of the
+        // address space, where the next page's address would overflow.
+        let page_end = (va | 0xfff).saturating_add(1).min(top);
         let mut buf = vec![0u8; (page_end - va) as usize];
         if mem.read_slice(&mut buf, GuestAddress(t.physical_address)).is_err() {
             break;
