@@ -3,8 +3,9 @@
 //!
 //! A keeper (`vmrun pool IMAGE`, [`Keeper`]) keeps `size` VMs restored
 //! from one prepared template, each in a directory of its own under the
-//! pool's (`pools/<template>/vm-N/`), and serves a Unix socket there
-//! (`pool.sock`, root's alone). A run whose VM that template would make
+//! pool's (`pools/<hash>/vm-N/`, the hash naming the template and the
+//! network), and serves a Unix socket there (`pool.sock`, its owner's
+//! alone). A run whose VM that template would make
 //! asks it for one ([`claim`]): the answer names the VM's directory and
 //! the VMM's pid, and carries a pidfd of it and a connection to its agent
 //! (`SCM_RIGHTS`). The keeper made that connection once the VM was
@@ -21,9 +22,10 @@
 //! start.
 //!
 //! The keeper owns the VMMs (its children, which die with it:
-//! `PR_SET_PDEATHSIG`); a keeper that was killed leaves only directories,
-//! which the next one for the same template removes (under the pool's
-//! lock, which also keeps two keepers from serving one pool). While it
+//! `PR_SET_PDEATHSIG`); a keeper that was killed leaves only directories
+//! and the links recorded in them, which the next one for the same pool
+//! or `vmrun system prune` removes (under the pool's lock, which also
+//! keeps two keepers from serving one pool). While it
 //! runs it holds its template's lock shared, so `rmi` and `system prune`
 //! leave the template alone.
 
