@@ -546,6 +546,7 @@ impl Machine {
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::Io(std::io::Error::from_raw_os_error(e.errno())))?;
         catch_sigbus()?;
+        keep_heaps();
         // Everything that can fail is done before the vCPU threads start.
         let signal_fd = signals.fd()?;
         let reset_evt = self.legacy.reset_evt.try_clone()?;
@@ -685,6 +686,20 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// directory) or was truncated. The VMM ends with that said, instead of
 /// Rust's default handler resetting the signal (a call seccomp forbids:
 /// the VMM would die by SIGSYS without a word).
+/// The C library's allocator keeps freed memory at the top of its heaps
+/// instead of returning it (`M_TRIM_THRESHOLD` at its maximum). The first
+/// time glibc shrinks a thread's heap, it reads
+/// `/proc/sys/vm/overcommit_memory`; on a vCPU thread (whose profile
+/// samples grow and free a table) that open was forbidden by the thread's
+/// seccomp filter and killed the VMM. Large blocks are still mapped apart
+/// and unmapped when freed.
+fn keep_heaps() {
+    // SAFETY: mallopt only changes the allocator's parameters.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+        log::debug!("mallopt(M_TRIM_THRESHOLD) failed: freed heap memory may be trimmed");
+    }
+}
+
 fn catch_sigbus() -> Result<()> {
     // SAFETY: a zeroed sigaction with a handler that only calls
     // async-signal-safe functions.
