@@ -298,6 +298,23 @@ fn dispatch(shared: &Shared, f: frame::Frame) -> Result<(), Violation> {
     Ok(())
 }
 
+/// A reader of `s` and what closes it (shuts the socket down, so that a
+/// blocked read returns).
+fn split(s: &UnixStream) -> io::Result<(UnixStream, impl Fn() + Send + Sync + 'static)> {
+    let reader = s.try_clone()?;
+    let closer = s.try_clone()?;
+    Ok((reader, move || {
+        let _ = closer.shutdown(std::net::Shutdown::Both);
+    }))
+}
+
+/// Starts the connection's reader thread: `body` reads from `reader`,
+/// buffered.
+fn spawn_reader<R: Read + Send + 'static>(reader: R, body: impl FnOnce(BufReader<R>) + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new().name("vmrun-agent-client".into()).spawn(move || body(BufReader::with_capacity(256 * 1024, reader)))?;
+    Ok(())
+}
+
 /// The hello this side sends, and its payload. Fresh entropy on every
 /// connection: a guest restored from a snapshot reseeds from it before it
 /// answers; and the host's clock, which the guest's is set to if it lags.
@@ -379,11 +396,8 @@ impl Client {
     }
 
     fn from_unix(s: UnixStream, opts: Options) -> Result<Self, Error> {
-        let r = s.try_clone()?;
-        let closer = s.try_clone()?;
-        Self::handshake(r, s, move || {
-            let _ = closer.shutdown(std::net::Shutdown::Both);
-        }, opts)
+        let (reader, close) = split(&s)?;
+        Self::handshake(reader, s, close, opts)
     }
 
     /// Handshakes over any stream, split in a reader and a writer. `close`
@@ -401,8 +415,7 @@ impl Client {
         shared.send(Kind::Hello, 0, &payload)?;
         let (tx, rx) = mpsc::sync_channel(1);
         let sh = Arc::clone(&shared);
-        std::thread::Builder::new().name("vmrun-agent-client".into()).spawn(move || {
-            let mut r = BufReader::with_capacity(256 * 1024, reader);
+        spawn_reader(reader, move |mut r| {
             let first = frame::read_frame(&mut r);
             let ok = matches!(first, Ok(Some(ref f)) if f.kind == Kind::Hello);
             let _ = tx.send(first);
@@ -458,15 +471,10 @@ impl Client {
 
     /// A client on a connection whose hello [`Client::hello`] exchanged.
     pub fn established(s: UnixStream, opts: Options) -> Result<Self, Error> {
-        let reader = s.try_clone()?;
-        let closer = s.try_clone()?;
-        let shared = Shared::new(s, move || {
-            let _ = closer.shutdown(std::net::Shutdown::Both);
-        });
+        let (reader, close) = split(&s)?;
+        let shared = Shared::new(s, close);
         let sh = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("vmrun-agent-client".into())
-            .spawn(move || reader_loop(BufReader::with_capacity(256 * 1024, reader), sh))?;
+        spawn_reader(reader, move |r| reader_loop(r, sh))?;
         Ok(Self { shared, opts })
     }
 
