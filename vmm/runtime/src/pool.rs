@@ -138,6 +138,29 @@ pub fn dir_for(pools: &Path, template: &Path, network: Mode) -> PathBuf {
     pools.join(format!("{:016x}", vmrun_vmm_api::hash::fnv1a_continue(vmrun_vmm_api::hash::FNV_OFFSET, name.as_bytes())))
 }
 
+/// Where a warm VM shaped as `spec` comes from, on network `network`
+/// (whatever `spec`'s TAP device): see [`locate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origins {
+    /// The base template's directory (built or not).
+    pub base: PathBuf,
+    /// The prepared template of the image (made or not).
+    pub prepared: PathBuf,
+    /// The pool of that prepared template on that network (served or not).
+    pub pool: PathBuf,
+}
+
+/// The templates and the pool a warm VM shaped as `spec` of the image
+/// `manifest_digest` comes from on network `network`; nothing is built.
+pub fn locate(home: &crate::home::Home, spec: &crate::vm::VmSpec, network: Mode, manifest_digest: &str) -> Result<Origins> {
+    // The template key says whether there is a network slot, not which TAP.
+    let shape = crate::vm::VmSpec { tap: (network != Mode::None).then(String::new), ..spec.clone() };
+    let base = crate::template::base_dir(&home.templates(), &shape)?;
+    let prepared = crate::template::prepared_dir(&base, manifest_digest);
+    let pool = dir_for(&home.pools(), &prepared, network);
+    Ok(Origins { base, prepared, pool })
+}
+
 /// A host-wide name for a pooled VM's link (`vmrun-` and 9 more
 /// characters: `p` and 8 random hex digits).
 fn link_id() -> String {
@@ -424,9 +447,8 @@ impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
             // A claimed VM's replacement waits for its run to end, or for
             // REFILL_DELAY after the claim at the latest.
             let now = Instant::now();
-            let deferred_until = self.leased.iter().map(|l| l.claimed_at + REFILL_DELAY).filter(|t| *t > now).min();
-            let deferred = self.leased.iter().filter(|l| l.claimed_at + REFILL_DELAY > now).count();
-            let missing = self.ready.len() + deferred < self.size;
+            let deferrals: Vec<Instant> = self.leased.iter().map(|l| l.claimed_at + REFILL_DELAY).filter(|t| *t > now).collect();
+            let missing = self.ready.len() + deferrals.len() < self.size;
             let may_start = self.retry_at.is_none_or(|t| now >= t);
             if missing && may_start {
                 self.retry_at = None;
@@ -447,7 +469,7 @@ impl<F: FnMut(&Path, Option<&Link>) -> Result<VmProcess>> Keeper<F> {
                 (true, Some(t)) => Some(t),
                 (false, _) => None,
             };
-            let timeout_ms = match wake.into_iter().chain(deferred_until).min() {
+            let timeout_ms = match wake.into_iter().chain(deferrals).min() {
                 Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
                 None => -1,
             };

@@ -148,11 +148,6 @@ impl Sandbox {
         }
     }
 
-    /// Whether its VM came from a pool.
-    pub fn pooled(&self) -> bool {
-        matches!(self.vm, Vm::Pooled(_))
-    }
-
     /// The network link of a VM from a pool (its keeper's to remove).
     pub fn pooled_link(&self) -> Option<&crate::net::Link> {
         match &self.vm {

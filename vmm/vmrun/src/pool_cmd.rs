@@ -86,10 +86,8 @@ pub fn run(args: PoolArgs) -> Result<i32> {
     // The template a run's VM would be restored from names the pool.
     let cancel = Cancel::default();
     let pools = home.pools();
-    let shape = VmSpec { tap: (network != Mode::None).then(String::new), ..spec_in(&pools, None) };
-    let base = vmrun_runtime::template::base_dir(&home.templates(), &shape)?;
-    let prepared = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
-    let dir = vmrun_runtime::pool::dir_for(&pools, &prepared, network);
+    let origins = vmrun_runtime::pool::locate(&home, &spec_in(&pools, None), network, &image.manifest_digest.to_string())?;
+    let (prepared, dir) = (origins.prepared, origins.pool);
     if args.status {
         let timeout = Duration::from_secs(if args.wait { 600 } else { 5 });
         let a = vmrun_runtime::pool::status(&dir, args.wait, timeout)?;

@@ -620,17 +620,10 @@ fn run_container_inner(
     // held one (output on pipes, no input, no volume), no published port
     // and no name. Its link, if any, is the pool's.
     let poolable = !args.cold && args.name.is_none() && checked.ports.is_empty() && spec.volumes.is_empty() && mode == HELD_STDIO;
+    let origins = (!args.cold).then(|| vmrun_runtime::pool::locate(home, &spec, checked.network, &image.manifest_digest.to_string())).transpose()?;
     let mut pooled = None;
-    if poolable {
-        let shape = VmSpec { tap: (checked.network != Mode::None).then(String::new), ..spec.clone() };
-        let prepared = vmrun_runtime::template::prepared_dir(
-            &vmrun_runtime::template::base_dir(&home.templates(), &shape)?,
-            &image.manifest_digest.to_string(),
-        );
-        if vmrun_runtime::template::is_ready(&prepared) {
-            let pool = vmrun_runtime::pool::dir_for(&home.pools(), &prepared, checked.network);
-            pooled = Sandbox::claim(&pool, agent_options(), cancel).map(|s| (s, prepared));
-        }
+    if let Some(o) = origins.as_ref().filter(|o| poolable && vmrun_runtime::template::is_ready(&o.prepared)) {
+        pooled = Sandbox::claim(&o.pool, agent_options(), cancel).map(|s| (s, o.prepared.clone()));
     }
     let mut network = None;
     let nat = checked.network == Mode::Nat;
@@ -668,14 +661,12 @@ fn run_container_inner(
         let cpu = log::log_enabled!(log::Level::Debug).then(|| format!("; host CPU until the VM was claimed {:.1} ms (vmrun)", vmrun_runtime::cpu::own().as_secs_f64() * 1000.0));
         phases.mark_vm_with("VM claimed from the pool (guest counts since the pooled VM's restore)", &sandbox, &cpu.unwrap_or_default());
         (sandbox, PREPARED_ID.to_string(), true)
-    } else if args.cold {
-        let sandbox = start(Origin::Boot, "guest to agent ready", &mut phases)?;
-        unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
-        phases.mark_vm("unpack", &sandbox);
-        (sandbox, state.id.clone(), false)
-    } else {
-        let base = Sandbox::base_template(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), cancel)?;
-        let prepared_dir = vmrun_runtime::template::prepared_dir(&base, &image.manifest_digest.to_string());
+    } else if let Some(vmrun_runtime::pool::Origins { base, prepared: prepared_dir, .. }) = origins {
+        // Warm: located above (the key's files hashed once); built if missing.
+        let base = match vmrun_runtime::template::is_ready(&base) {
+            true => base,
+            false => Sandbox::base_template(&home.templates(), &spec, &|m| eprintln!("vmrun: {m}"), cancel)?,
+        };
         let preparable = args.name.is_none();
         if preparable && vmrun_runtime::template::is_ready(&prepared_dir) {
             record_template(dir, state, &prepared_dir)?;
@@ -693,6 +684,12 @@ fn run_container_inner(
                 (sandbox, state.id.clone(), false)
             }
         }
+    } else {
+        // Cold (`origins` is located for every warm run).
+        let sandbox = start(Origin::Boot, "guest to agent ready", &mut phases)?;
+        unpacked(home, &image, sandbox.create(&create(&state.id, config)))?;
+        phases.mark_vm("unpack", &sandbox);
+        (sandbox, state.id.clone(), false)
     };
     if let Some(n) = &network {
         let nameservers = if n.nat { vmrun_runtime::net::nat::host_nameservers() } else { Vec::new() };
