@@ -770,6 +770,32 @@ fn two_images_restored_at_once_from_one_template() {
     assert!(text(&bb.stdout).starts_with("BusyBox v1."), "{}", text(&bb.stdout));
 }
 
+/// `MemTotal` of a guest's `/proc/meminfo` line, in KiB.
+fn mem_total_kib(line: &str) -> u64 {
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a MemTotal line: {line:?}"))
+}
+
+#[test]
+fn a_guest_initialises_its_memory_as_it_needs_it() {
+    // The guest kernel builds the `struct page`s of its memory beyond the
+    // first 128 MiB section only as allocations need them
+    // (kernel-config/patches/0005): a 512 MiB VM starts with less, and a
+    // container that needs more gets it, without running out.
+    let v = shared();
+    assert_code(&v.run(&["load", "-i", support::busybox_image().join("busybox-oci.tar").to_str().unwrap()]), 0);
+    let script = "grep MemTotal /proc/meminfo; dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null; echo written $(wc -c < /big); grep MemTotal /proc/meminfo";
+    let o = v.run(&["run", "--rm", "--network", "none", "-m", "512m", "busybox", "sh", "-c", script]);
+    assert_code(&o, 0);
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let (before, after) = (mem_total_kib(lines[0]), mem_total_kib(lines[2]));
+    assert!(before < 256 << 10, "a 512 MiB guest starts with at most two sections' memory: {out}");
+    assert_eq!(lines[1], format!("written {}", 200u64 << 20), "{out}");
+    assert!(after >= before + (128 << 10), "200 MiB written into memory made the kernel initialise more: {out}");
+    assert!(after <= 512 << 10, "{out}");
+}
+
 /// The busybox test image with one more layer (device nodes an image
 /// should not be able to use), as a `docker save` archive
 /// (`docker.io/library/devnodes:latest`). `disk` is the guest's layer disk
