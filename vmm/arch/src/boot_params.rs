@@ -50,6 +50,28 @@ pub struct BootParamsConfig {
     pub initrd: Option<InitrdLocation>,
     /// The setup header of a bzImage; `None` for an ELF vmlinux.
     pub setup_header: Option<setup_header>,
+    /// Guest address of the first `setup_data` entry, if any
+    /// ([`rng_seed_setup_data`]).
+    pub setup_data: Option<u64>,
+}
+
+/// `setup_data` type of a seed for the guest's random generator.
+pub const SETUP_RNG_SEED: u32 = 9;
+
+/// A `setup_data` entry (`next`, `type`, `len`, then the data) that hands
+/// the guest kernel `seed` for its random generator, the last of its list.
+/// Linux mixes it into its entropy pool early in `setup_arch` and wipes it;
+/// it credits it (the generator is ready at once, instead of extracting
+/// from a pool with nothing credited at every request until interrupts
+/// and devices have added enough) where it trusts its boot loader
+/// (`RANDOM_TRUST_BOOTLOADER`, or `random.trust_bootloader=on`).
+pub fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(16 + seed.len());
+    entry.extend_from_slice(&0u64.to_le_bytes());
+    entry.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    entry.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+    entry.extend_from_slice(seed);
+    entry
 }
 
 /// Smallest guest that can boot: the kernel is loaded at 16 MiB.
@@ -90,6 +112,9 @@ pub fn build(config: &BootParamsConfig) -> Result<boot_params, Error> {
         params.hdr.ramdisk_image = initrd.addr as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
+    if let Some(addr) = config.setup_data {
+        params.hdr.setup_data = addr;
+    }
 
     // Low memory up to the EBDA (the MP table lives there), then everything
     // above 1 MiB. The legacy hole in between is not RAM for the guest.
@@ -118,7 +143,7 @@ pub fn initrd_address(mem_size: u64, kernel_end: u64, size: u64, initrd_addr_max
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{MMIO_END, MMIO_START};
+    use crate::layout::{MMIO_END, MMIO_START, SETUP_DATA_START};
 
     fn entries(p: &boot_params) -> Vec<(u64, u64, u32)> {
         p.e820_table[..p.e820_entries as usize]
@@ -128,7 +153,7 @@ mod tests {
     }
 
     fn config(mem_size: u64) -> BootParamsConfig {
-        BootParamsConfig { mem_size, cmdline_len: 10, initrd: None, setup_header: None }
+        BootParamsConfig { mem_size, cmdline_len: 10, initrd: None, setup_header: None, setup_data: None }
     }
 
     #[test]
@@ -168,6 +193,20 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 42);
         assert_eq!({ hdr.ramdisk_image }, 0x0800_0000);
         assert_eq!({ hdr.ramdisk_size }, 12345);
+        assert_eq!({ hdr.setup_data }, 0, "no setup_data unless asked");
+        c.setup_data = Some(SETUP_DATA_START);
+        assert_eq!({ build(&c).unwrap().hdr.setup_data }, SETUP_DATA_START);
+    }
+
+    #[test]
+    fn rng_seed_entry_is_linux_setup_data() {
+        let seed: Vec<u8> = (1..=32).collect();
+        let e = rng_seed_setup_data(&seed);
+        assert_eq!(e.len(), 16 + 32);
+        assert_eq!(u64::from_le_bytes(e[0..8].try_into().unwrap()), 0, "the last entry of the list");
+        assert_eq!(u32::from_le_bytes(e[8..12].try_into().unwrap()), 9, "SETUP_RNG_SEED");
+        assert_eq!(u32::from_le_bytes(e[12..16].try_into().unwrap()), 32);
+        assert_eq!(&e[16..], &seed[..]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! 0x0000_8ff0  boot stack pointer
 //! 0x0000_9000  boot page tables (PML4, PDPT, PD: identity map of 1 GiB)
 //! 0x0002_0000  kernel command line
+//! 0x0002_1000  setup_data: the random seed of a boot
 //! 0x0009_fc00  MP table (first place Linux scans after the first KiB)
 //! 0x000a_0000  legacy hole, not RAM for the guest (page-table pages for
 //!              the syscall trap of the host compatibility layer)
@@ -33,6 +34,10 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Longest command line, terminating NUL included (x86's COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// The zero page's `setup_data` list: one entry, a seed for the guest's
+/// random generator (`SETUP_RNG_SEED`), in the first MiB, which Linux
+/// keeps reserved.
+pub const SETUP_DATA_START: u64 = 0x21000;
 /// Start of the extended BIOS data area; the MP table is written here.
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of the legacy VGA/ROM hole: guest memory, but not in the e820 map.

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
 use vmrun_arch::boot_params::{self, BootParamsConfig, InitrdLocation};
-use vmrun_arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START, ZERO_PAGE_START};
+use vmrun_arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START, SETUP_DATA_START, ZERO_PAGE_START};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -100,6 +100,42 @@ pub fn load_command_line(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> 
     Ok(cmdline.len())
 }
 
+/// Bytes of the random seed each boot hands its guest.
+const RNG_SEED_LEN: usize = 32;
+
+/// Writes a fresh seed for the guest's random generator, from the host's
+/// (`getrandom`), as a `setup_data` entry at [`SETUP_DATA_START`], and
+/// returns its address for the zero page. Each boot gets its own; a VM
+/// restored from a snapshot is reseeded by its agent instead.
+pub fn load_rng_seed(mem: &GuestMemoryMmap) -> Result<u64> {
+    let mut seed = [0u8; RNG_SEED_LEN];
+    getrandom_fill(&mut seed).map_err(|e| Error::BootSetup(format!("a random seed for the guest: {e}")))?;
+    let entry = boot_params::rng_seed_setup_data(&seed);
+    mem.write_slice(&entry, GuestAddress(SETUP_DATA_START))
+        .map_err(|e| Error::BootSetup(format!("the random seed's setup_data: {e}")))?;
+    Ok(SETUP_DATA_START)
+}
+
+/// Fills `buf` from the kernel's random generator.
+fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // slice; getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
 /// Writes the zero page.
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
@@ -107,12 +143,14 @@ pub fn write_boot_params(
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<InitrdLocation>,
+    setup_data: Option<u64>,
 ) -> Result<()> {
     let params = boot_params::build(&BootParamsConfig {
         mem_size: u64::from(mem_mib) << 20,
         cmdline_len,
         initrd,
         setup_header: kernel.setup_header,
+        setup_data,
     })
     .map_err(|e| Error::Config(e.to_string()))?;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)

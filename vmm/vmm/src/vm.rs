@@ -343,7 +343,8 @@ pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>
     let tsc_khz = vcpus.first().and_then(Vcpu::tsc_khz);
     let cmdline = full_cmdline(config, &compat, tsc_khz, &virtio.cmdline());
     let cmdline_len = loader::load_command_line(&mem, &cmdline)?;
-    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd)?;
+    let rng_seed = loader::load_rng_seed(&mem)?;
+    loader::write_boot_params(&mem, config.mem_mib, &kernel, cmdline_len, initrd, Some(rng_seed))?;
     mptable::write(&mem, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
 
     let timeline = Timeline::new(start);
