@@ -94,8 +94,10 @@ impl FileHashes {
 /// How the VMM boots a template's guest, beyond its spec: bumped when that
 /// changes, so that templates booted the older way are not restored
 /// (2: the guest's TSC frequency on the command line of emulating hosts;
-/// 3: there, no SMP alternatives patched and no `rep movsb` string copies).
-const BOOT_REVISION: u32 = 3;
+/// 3: there, no SMP alternatives patched and no `rep movsb` string copies;
+/// 4: a random seed for the guest kernel, and vsock queues of 64
+/// descriptors, which a snapshot's device state records).
+const BOOT_REVISION: u32 = 4;
 
 /// The file in a base template that records what it was made from
 /// ([`Inputs`]), for `vmrun system prune` to tell a stale template.

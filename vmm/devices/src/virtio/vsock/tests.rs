@@ -78,8 +78,8 @@ struct TestQueue {
 }
 
 impl TestQueue {
-    fn new(base: u64) -> Self {
-        Self { base, size: QUEUE_SIZE, next_desc: 0, avail_idx: 0, used_seen: 0 }
+    fn new(base: u64, size: u16) -> Self {
+        Self { base, size, next_desc: 0, avail_idx: 0, used_seen: 0 }
     }
 
     fn queue(&self) -> Queue {
@@ -141,9 +141,9 @@ impl Guest {
     fn new() -> Self {
         Self {
             mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-            rx: TestQueue::new(0x10000),
-            tx: TestQueue::new(0x14000),
-            ev: TestQueue::new(0x18000),
+            rx: TestQueue::new(0x10000, RX_QUEUE_SIZE),
+            tx: TestQueue::new(0x14000, QUEUE_SIZE),
+            ev: TestQueue::new(0x18000, QUEUE_SIZE),
             next_buf: BUF_BASE,
             rx_bufs: HashMap::new(),
         }
@@ -397,7 +397,7 @@ fn device_identity_and_config_space() {
     let h = H::new();
     assert_eq!(h.dev.device_type(), TYPE_VSOCK);
     assert_eq!(h.dev.features(), 0, "VERSION_1 only, added by the transport");
-    assert_eq!(h.dev.queue_max_sizes(), &[QUEUE_SIZE; 3]);
+    assert_eq!(h.dev.queue_max_sizes(), &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
     let mut c = [0xffu8; 8];
     h.dev.read_config(0, &mut c);
     assert_eq!(u64::from_le_bytes(c), CID);
@@ -933,11 +933,17 @@ fn owed_rsts_are_bounded_and_hold_back_tx() {
     h.kick(TX);
     let used = h.g.tx.used(&h.g.mem).len();
     assert_eq!(used, MAX_STRAY_RSTS, "tx waits once the owed RSTs are at the bound");
-    h.give_rx(200);
+    // A full receive queue of buffers (they all take an RST): tx resumes.
+    h.give_rx(usize::from(RX_QUEUE_SIZE));
     let mut answered = h.take_rx().len();
+    assert_eq!(answered, usize::from(RX_QUEUE_SIZE));
     assert_eq!(h.g.tx.used(&h.g.mem).len(), 10, "tx resumed");
-    h.give_rx(n - 200);
-    answered += h.take_rx().len();
+    while answered < n {
+        h.give_rx(usize::from(RX_QUEUE_SIZE).min(n - answered));
+        let got = h.take_rx().len();
+        assert!(got > 0, "owed RSTs left unanswered: {answered} of {n}");
+        answered += got;
+    }
     assert_eq!(answered, n, "every packet answered");
 }
 
