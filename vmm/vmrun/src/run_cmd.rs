@@ -594,7 +594,11 @@ fn run_container_inner(
         cpus: checked.cpus,
         layer_disk,
         volumes: volume_disks,
-        volume_slots: vmrun_runtime::volume::SLOTS,
+        // Empty slots are for the volumes of the runs a template is
+        // restored for; a cold boot has only its own (each disk costs its
+        // boot a probe: about 245k emulated instructions where guest
+        // kernel mode is emulated).
+        volume_slots: if args.cold { 0 } else { vmrun_runtime::volume::SLOTS },
         read_only_volumes: Vec::new(),
         tap: None,
         netns: None,
