@@ -109,31 +109,11 @@ const RNG_SEED_LEN: usize = 32;
 /// restored from a snapshot is reseeded by its agent instead.
 pub fn load_rng_seed(mem: &GuestMemoryMmap) -> Result<u64> {
     let mut seed = [0u8; RNG_SEED_LEN];
-    getrandom_fill(&mut seed).map_err(|e| Error::BootSetup(format!("a random seed for the guest: {e}")))?;
+    vmrun_devices::virtio::rng::host_random(&mut seed).map_err(|e| Error::BootSetup(format!("a random seed for the guest: {e}")))?;
     let entry = boot_params::rng_seed_setup_data(&seed);
     mem.write_slice(&entry, GuestAddress(SETUP_DATA_START))
         .map_err(|e| Error::BootSetup(format!("the random seed's setup_data: {e}")))?;
     Ok(SETUP_DATA_START)
-}
-
-/// Fills `buf` from the kernel's random generator.
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe `rest`, a live, writable
-        // slice; getrandom writes at most that many bytes into it.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 /// Writes the zero page.
@@ -172,6 +152,25 @@ mod tests {
         let p = std::env::temp_dir().join(format!("vmrun-loader-{}-{name}", std::process::id()));
         File::create(&p).unwrap().write_all(bytes).unwrap();
         p
+    }
+
+    #[test]
+    fn each_boot_gets_its_own_rng_seed_as_setup_data() {
+        let m = mem();
+        let read = |m: &GuestMemoryMmap| {
+            let mut e = [0u8; 16 + RNG_SEED_LEN];
+            m.read_slice(&mut e, GuestAddress(SETUP_DATA_START)).unwrap();
+            e
+        };
+        assert_eq!(load_rng_seed(&m).unwrap(), SETUP_DATA_START);
+        let first = read(&m);
+        assert_eq!(u64::from_le_bytes(first[..8].try_into().unwrap()), 0, "the only entry");
+        assert_eq!(u32::from_le_bytes(first[8..12].try_into().unwrap()), boot_params::SETUP_RNG_SEED);
+        assert_eq!(u32::from_le_bytes(first[12..16].try_into().unwrap()) as usize, RNG_SEED_LEN);
+        load_rng_seed(&m).unwrap();
+        let second = read(&m);
+        assert_ne!(first[16..], second[16..], "a fresh seed each time");
+        assert_ne!(second[16..], [0u8; RNG_SEED_LEN]);
     }
 
     #[test]
