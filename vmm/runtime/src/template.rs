@@ -95,7 +95,7 @@ impl FileHashes {
 /// changes, so that templates booted the older way are not restored
 /// (2: the guest's TSC frequency on the command line of emulating hosts;
 /// 3: there, no SMP alternatives patched and no `rep movsb` string copies;
-/// 4: a random seed for the guest kernel, and vsock queues of 64
+/// 4: a random seed for the guest kernel, and a vsock receive queue of 64
 /// descriptors, which a snapshot's device state records).
 const BOOT_REVISION: u32 = 4;
 
