@@ -170,11 +170,11 @@ fn run_containers_from_a_registry_and_an_archive() {
     // uniprocessor build. Its only disk is the layer disk (no empty
     // volume slots), and its kernel's random generator was ready before
     // the kernel had parsed its command line: the VMM's seed, credited.
-    let o = v.run(&["run", "--cold", "--cpus", "2", "-e", "WHERE=cold", &reference, "sh", "-c", "echo $WHERE $(nproc); uname -v; ls /sys/block; dmesg; exit 5"]);
+    let o = v.run(&["run", "--cold", "--cpus", "2", "-e", "WHERE=cold", &reference, "sh", "-c", "echo $WHERE $(nproc); uname -v; echo $(ls /sys/block); dmesg; exit 5"]);
     assert_code(&o, 5);
     let out = text(&o.stdout);
     assert!(out.starts_with("cold 2\n") && out.lines().nth(1).is_some_and(|l| l.contains(" SMP ")), "{out}");
-    assert_eq!(out.lines().nth(2), Some("vda"), "{out}");
+    assert_eq!(out.lines().nth(2), Some("vda"), "the disks: {out}");
     let at = |needle: &str| out.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in the kernel's log: {out}"));
     assert!(at("random: crng init done") < at("Kernel command line:"), "{out}");
     assert!(vmrun_runtime::artifacts::up_kernel_beside(&v.kernel).is_some(), "kernel-config/build.sh builds vmlinux-up beside vmlinux");
