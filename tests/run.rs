@@ -177,6 +177,11 @@ fn run_containers_from_a_registry_and_an_archive() {
     assert_eq!(out.lines().nth(2), Some("vda"), "the disks: {out}");
     let at = |needle: &str| out.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in the kernel's log: {out}"));
     assert!(at("random: crng init done") < at("Kernel command line:"), "{out}");
+    // A cold boot initialises only the first COLD_BOOT_MEMORY_MIB of its
+    // memory (a template's boot, 128 MiB): Linux's "Memory: FREEK/TOTALK
+    // available" counts what was initialised at boot.
+    let available: u64 = out.lines().nth(at("Memory: ")).and_then(|l| l.split("Memory: ").nth(1)).and_then(|r| r.split('K').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no Memory: line: {out}"));
+    assert!(available < u64::from(vmrun_runtime::vm::COLD_BOOT_MEMORY_MIB) * 1024, "{available} KiB available at boot: {out}");
     assert!(vmrun_runtime::artifacts::up_kernel_beside(&v.kernel).is_some(), "kernel-config/build.sh builds vmlinux-up beside vmlinux");
     let o = v.run(&["run", "--rm", &reference, "sh", "-c", "echo $(nproc); uname -v"]);
     assert_code(&o, 0);
@@ -1016,6 +1021,7 @@ fn each_restore_answers_the_first_agent_connection() {
         netns: None,
         dir: dir.join(format!("vm-{i}")),
         vmm_exe: support::build_vmm(VMRUN),
+        boot_memory_mib: None,
     };
     let templates = vmrun_runtime::home::Home::at(&v.home).templates();
     let template = vmrun_runtime::template::ensure(&templates, &spec(0), &|m| eprintln!("{m}"), &|_| {}).unwrap();

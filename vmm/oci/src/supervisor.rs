@@ -288,6 +288,7 @@ fn run_own_vm(dir: &Path, state: &mut State, relay: &Relay, sp: &SupervisorPlan,
         netns: network.as_ref().map(|n| n.netns.clone()),
         dir: layout.dir().to_path_buf(),
         vmm_exe: sp.vmm_exe.clone(),
+        boot_memory_mib: None,
     };
     let cancel = relay.cancel();
     let base = Sandbox::base_template(&home.templates(), &spec, &|m| log::info!("{m}"), cancel)?;

@@ -398,6 +398,7 @@ mod tests {
             netns: None,
             dir: d.join("container"),
             vmm_exe: fake.clone(),
+            boot_memory_mib: None,
         };
         let err = ensure(&d.join("templates"), &spec, &|_| {}, &|_| {}).unwrap_err();
         assert!(matches!(err, Error::VmEnded { .. }), "{err}");

@@ -57,7 +57,19 @@ pub struct VmSpec {
     pub dir: PathBuf,
     /// The `vmrun-vmm` executable that runs the VMM ([`find_vmm`]).
     pub vmm_exe: PathBuf,
+    /// The memory the guest kernel initialises at boot, in MiB
+    /// (`deferred_init_boot_mb=`): the rest is initialised when its
+    /// allocations need it. `None`: the kernel's own, 128 MiB (templates:
+    /// each restored run would otherwise grow its memory again).
+    pub boot_memory_mib: Option<u32>,
 }
+
+/// What a cold boot initialises of its memory ([`VmSpec::boot_memory_mib`]):
+/// the guest grows it when the run needs more, at the same cost as at boot
+/// (it grows to the next 128 MiB boundary and by at least 128 MiB), so a
+/// run that needs little saves the rest (where guest kernel mode is
+/// emulated, 32 MiB instead of 128 MiB is about 1.7M instructions fewer).
+pub const COLD_BOOT_MEMORY_MIB: u32 = 32;
 
 /// The VMM's executable.
 pub const VMM_NAME: &str = "vmrun-vmm";
@@ -232,11 +244,13 @@ impl VmSpec {
     }
 
     /// The guest's kernel command line: quiet, without stall warnings
-    /// ([`NO_STALL_WARNINGS`]), and the agent's port. (The guest kernel
+    /// ([`NO_STALL_WARNINGS`]), the agent's port, and the memory to
+    /// initialise at boot if the spec says. (The guest kernel
     /// makes neither `/sys/kernel/slab` nor `/sys/module`:
     /// `kernel-config/vmrun.config`.)
     pub fn cmdline(&self) -> String {
-        format!("{} quiet {NO_STALL_WARNINGS} vmrun.port={AGENT_PORT}", vmrun_vmm_api::DEFAULT_CMDLINE)
+        let boot_memory = self.boot_memory_mib.map(|m| format!(" deferred_init_boot_mb={m}")).unwrap_or_default();
+        format!("{} quiet {NO_STALL_WARNINGS} vmrun.port={AGENT_PORT}{boot_memory}", vmrun_vmm_api::DEFAULT_CMDLINE)
     }
 
     /// Starts the VMM: a cold boot.

@@ -82,6 +82,7 @@ pub fn run(args: PoolArgs) -> Result<i32> {
         netns: None,
         dir: dir.to_path_buf(),
         vmm_exe: vmm_exe.clone(),
+        boot_memory_mib: None,
     };
     // The template a run's VM would be restored from names the pool.
     let cancel = Cancel::default();

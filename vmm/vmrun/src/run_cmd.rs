@@ -604,6 +604,10 @@ fn run_container_inner(
         netns: None,
         dir: dir.to_path_buf(),
         vmm_exe: vmrun_runtime::vm::find_vmm()?,
+        // A cold boot initialises less of its memory at boot: a template
+        // keeps the kernel's 128 MiB, or each run restored from it would
+        // grow its memory again.
+        boot_memory_mib: args.cold.then_some(vmrun_runtime::vm::COLD_BOOT_MEMORY_MIB),
     };
 
     let mut config = image_config(&image, args.name.as_deref());
