@@ -63,8 +63,10 @@ pub const SETUP_RNG_SEED: u32 = 9;
 /// Linux mixes it into its entropy pool early in `setup_arch` and wipes it;
 /// it credits it (the generator is ready at once, instead of extracting
 /// from a pool with nothing credited at every request until interrupts
-/// and devices have added enough) where it trusts its boot loader
-/// (`RANDOM_TRUST_BOOTLOADER`, or `random.trust_bootloader=on`).
+/// and devices have added enough) where it trusts its boot loader:
+/// `RANDOM_TRUST_BOOTLOADER` in its configuration. (The command line's
+/// `random.trust_bootloader=on` comes too late: Linux parses it after
+/// `setup_data`.)
 pub fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
     let mut entry = Vec::with_capacity(16 + seed.len());
     entry.extend_from_slice(&0u64.to_le_bytes());
