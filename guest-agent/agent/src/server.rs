@@ -88,6 +88,9 @@ struct Conn {
     outs: HashMap<u32, u64>,
     ins: HashMap<u32, u64>,
     dead: bool,
+    /// Frames sent while handling one batch of events, written together
+    /// (one system call, one vsock packet) before the loop waits again.
+    pending: Vec<u8>,
 }
 
 /// A process the agent started.
@@ -398,6 +401,7 @@ impl Server {
                     _ => {}
                 }
             }
+            self.flush_conns();
             self.close_dead_conns();
             let procs = &self.procs;
             self.held.retry(|pid| procs.get(&pid).is_some_and(|p| p.exit.is_none()));
@@ -436,18 +440,32 @@ impl Server {
             return;
         }
         crate::log::debug(format_args!("connection {id}"));
-        self.conns.insert(id, Conn { fd, decoder: Decoder::new(), hello_done: false, outs: HashMap::new(), ins: HashMap::new(), dead: false });
+        self.conns.insert(id, Conn { fd, decoder: Decoder::new(), hello_done: false, outs: HashMap::new(), ins: HashMap::new(), dead: false, pending: Vec::new() });
     }
 
+    /// Queues a frame for `conn`; [`Self::flush_conns`] writes it.
     fn send(&mut self, conn: u64, kind: Kind, id: u32, payload: &[u8]) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.dead {
             return;
         }
-        let bytes = frame::encode(kind, id, payload);
-        if let Err(e) = sys::write_all(c.fd.as_fd(), &bytes) {
-            crate::log::debug(format_args!("connection {conn}: write: {e}"));
-            c.dead = true;
+        frame::encode_into(&mut c.pending, kind, id, payload);
+    }
+
+    /// Writes each connection's queued frames: a process's end (its
+    /// streams' ends and its exit) goes to the host in one write, not
+    /// one per frame. A connection found dead after queueing (a refused
+    /// hello) still gets what was queued before.
+    fn flush_conns(&mut self) {
+        for (id, c) in &mut self.conns {
+            if c.pending.is_empty() {
+                continue;
+            }
+            let bytes = std::mem::take(&mut c.pending);
+            if let Err(e) = sys::write_all(c.fd.as_fd(), &bytes) {
+                crate::log::debug(format_args!("connection {id}: write: {e}"));
+                c.dead = true;
+            }
         }
     }
 
