@@ -934,15 +934,17 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Drops every capability not in `caps.bounding` from the bounding set
-/// (before the uid changes: it needs `CAP_SETPCAP`).
-fn drop_bounding(caps: &CapSets, errfd: RawFd) {
+/// Drops every capability of `held` (what the bounding set may still
+/// hold) not in `caps.bounding` from the bounding set (before the uid
+/// changes: it needs `CAP_SETPCAP`); returns what it may hold then.
+fn drop_bounding(caps: &CapSets, held: u64, errfd: RawFd) -> u64 {
     for cap in 0..=caps.last_cap.min(63) {
-        if caps.bounding & 1 << cap == 0 {
+        if held & !caps.bounding & 1 << cap != 0 {
             // SAFETY: prctl with integer arguments.
             check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } as libc::c_long, errfd, STEP_CAPS);
         }
     }
+    held & caps.bounding
 }
 
 /// Sets the effective, permitted and inheritable sets, then raises the
@@ -1004,6 +1006,8 @@ fn set_limits(plan: &Plan, errfd: RawFd) {
 
 fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, user_ns_sync: Option<RawFd>) -> ! {
     let mut released = None;
+    // The capabilities the bounding set may still hold.
+    let mut bounding = u64::MAX;
     // SAFETY: the whole child makes raw system calls on descriptors and
     // strings prepared by the parent before clone; this single-threaded
     // child never returns (it execs or exits).
@@ -1067,6 +1071,10 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
                     check(libc::sethostname(h.as_ptr().cast(), h.len()) as libc::c_long, errfd, STEP_HOSTNAME);
                 }
                 if let Some(gate) = gate {
+                    // The planned bounding set is dropped before the hold
+                    // (a template's snapshot keeps that done): a release
+                    // may narrow it, never widen it (the agent refuses).
+                    bounding = drop_bounding(&tail.caps, bounding, errfd);
                     released = hold(errfd, gate);
                 }
             }
@@ -1136,7 +1144,7 @@ fn child(plan: &Plan, errfd: RawFd, tail: &Tail<'_>, gate: Option<&mut Gate>, us
         // Raw system calls: glibc's wrappers would try to change the
         // credentials of the agent's other threads, which this child does
         // not have.
-        drop_bounding(&tail.caps, errfd);
+        drop_bounding(&tail.caps, bounding, errfd);
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long, errfd, STEP_CAPS);
         check(libc::syscall(libc::SYS_setgroups, tail.groups.len(), tail.groups.as_ptr()), errfd, STEP_USER);
         check(libc::syscall(libc::SYS_setresgid, tail.gid, tail.gid, tail.gid), errfd, STEP_USER);

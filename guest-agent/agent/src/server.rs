@@ -105,6 +105,9 @@ struct Proc {
     start: Option<(u64, u32)>,
     /// A held first process's gate (the write end): one byte releases it.
     gate: Option<OwnedFd>,
+    /// The bounding set a held process dropped to before its hold: its
+    /// release may not ask for more.
+    bounding: u64,
     /// Keys of its output streams (stdout, then stderr), for a held
     /// process whose release moves them to another connection.
     outs: Vec<u64>,
@@ -1157,6 +1160,7 @@ impl Server {
                 tty: resize,
                 start: Some((conn, req)),
                 gate,
+                bounding: spec.caps.bounding,
                 outs,
                 arg0: spec.args[0].clone(),
                 ops,
@@ -1262,6 +1266,10 @@ impl Server {
                 }
                 let ct = self.containers.get(id).ok_or_else(|| err(ErrorKind::NotFound, format!("no container {id}")))?;
                 let spec = ct.init_spec(false, Some(o))?;
+                let held = self.procs.get(&pid).map_or(0, |p| p.bounding);
+                if spec.caps.bounding & !held != 0 {
+                    return Err(err(ErrorKind::BadRequest, "the held process's bounding set is already dropped: it cannot get capabilities outside it at release"));
+                }
                 let parts = ct.exec_parts(&spec)?;
                 let blob = crate::release::encode(&crate::release::Exec {
                     argv: &parts.argv,

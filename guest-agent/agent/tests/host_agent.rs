@@ -1213,6 +1213,32 @@ fn a_held_process_is_released_with_overrides_on_another_connection_or_discarded(
         assert!(Instant::now() < deadline, "the discarded held process lives on");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The held process drops its bounding set to the planned one (docker's
+    // default) before it waits, not at its release: a release may narrow
+    // it, and one that would widen it is refused, the process still held.
+    create(&c, &agent, "bounded", cmd(&["cat", "/proc/self/status"]));
+    let h = c.prepare("bounded", StdioMode::Piped { stdin: false }).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).unwrap();
+    assert_eq!(status.lines().find_map(|l| l.strip_prefix("CapBnd:")).map(str::trim), Some("00000000a80425fb"), "{status}");
+    let wider = ExecProcess {
+        capabilities: Some(Capabilities { bounding: names(&["CAP_SYS_ADMIN"]), ..Default::default() }),
+        ..Default::default()
+    };
+    let e = c.release_with("bounded", Some(&wider), StdioMode::Piped { stdin: false }).unwrap_err();
+    assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest && a.message.contains("bounding set")), "{e}");
+    let narrower = ExecProcess {
+        user: Some("root".into()),
+        capabilities: Some(Capabilities {
+            bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
+            effective: names(&["CAP_KILL"]),
+            permitted: names(&["CAP_KILL"]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let out = c.release_with("bounded", Some(&narrower), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
+    assert_eq!(privileges(&out), "0000000000000000 0000000000000020 0000000000000020 0000000000000021 0000000000000000 1");
+
     // A bad release blob never reaches a child: the agent refuses what it
     // cannot encode.
     create(&c, &agent, "big", cmd(&["true"]));
