@@ -169,6 +169,10 @@ struct State {
     closed: Option<String>,
 }
 
+/// A request sent and not answered yet: its id, and where its answer
+/// arrives.
+type PendingReply = (u32, mpsc::Receiver<Response>);
+
 struct Shared {
     writer: Mutex<Box<dyn Write + Send>>,
     state: Mutex<State>,
@@ -201,9 +205,13 @@ impl Shared {
     }
 
     fn send(&self, kind: Kind, id: u32, payload: &[u8]) -> io::Result<()> {
-        let bytes = frame::encode(kind, id, payload);
+        self.send_bytes(&frame::encode(kind, id, payload))
+    }
+
+    /// Writes frames already encoded, in one write.
+    fn send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.write_all(&bytes)?;
+        w.write_all(bytes)?;
         w.flush()
     }
 
@@ -484,25 +492,49 @@ impl Client {
     }
 
     fn call(&self, req: &Request, timeout: Option<Duration>, what: &'static str) -> Result<Reply, Error> {
+        let mut bytes = Vec::new();
+        let (id, rx) = self.queue_request(&mut bytes, req, what)?;
+        self.send_requests(&bytes, &[id])?;
+        self.await_reply(id, rx, timeout, what)
+    }
+
+    /// Registers `req` as pending and appends its frame to `bytes`.
+    fn queue_request(&self, bytes: &mut Vec<u8>, req: &Request, what: &'static str) -> Result<PendingReply, Error> {
         let payload = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::Protocol(format!("{what} request too large ({} bytes)", payload.len())));
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        let id = {
-            let mut st = self.shared.lock();
-            if let Some(c) = &st.closed {
-                return Err(Error::Closed(c.clone()));
-            }
-            let id = st.next_req;
-            st.next_req = st.next_req.wrapping_add(1).max(1);
-            st.pending.insert(id, tx);
-            id
-        };
-        if let Err(e) = self.shared.send(Kind::Request, id, &payload) {
-            self.shared.lock().pending.remove(&id);
-            return Err(e.into());
+        let mut st = self.shared.lock();
+        if let Some(c) = &st.closed {
+            return Err(Error::Closed(c.clone()));
         }
+        let id = st.next_req;
+        st.next_req = st.next_req.wrapping_add(1).max(1);
+        st.pending.insert(id, tx);
+        frame::encode_into(bytes, Kind::Request, id, &payload);
+        Ok((id, rx))
+    }
+
+    /// Writes the frames of the pending requests `ids` (forgotten if the
+    /// write fails).
+    fn send_requests(&self, bytes: &[u8], ids: &[u32]) -> Result<(), Error> {
+        self.shared.send_bytes(bytes).map_err(|e| {
+            self.forget(ids);
+            Error::from(e)
+        })
+    }
+
+    /// Forgets pending requests: their answers, if any come, are dropped.
+    fn forget(&self, ids: &[u32]) {
+        let mut st = self.shared.lock();
+        for id in ids {
+            st.pending.remove(id);
+        }
+    }
+
+    /// Waits for the answer to pending request `id`.
+    fn await_reply(&self, id: u32, rx: mpsc::Receiver<Response>, timeout: Option<Duration>, what: &'static str) -> Result<Reply, Error> {
         let r = match timeout {
             Some(t) => match rx.recv_timeout(t) {
                 Ok(r) => r,
@@ -564,6 +596,21 @@ impl Client {
     }
 
     fn process(&self, container: &str, exec_id: Option<&str>, req: Request, streams: Vec<(u32, bool, bool)>, mode: StdioMode) -> Result<Process, Error> {
+        self.process_then(container, exec_id, req, None, streams, mode)
+    }
+
+    /// [`Client::process`], with `wait` (the process's `Wait`) sent in
+    /// the same write as `req` when given: the process's [`Process::wait`]
+    /// takes its answer.
+    fn process_then(
+        &self,
+        container: &str,
+        exec_id: Option<&str>,
+        req: Request,
+        wait: Option<Request>,
+        streams: Vec<(u32, bool, bool)>,
+        mode: StdioMode,
+    ) -> Result<Process, Error> {
         // Setting a held process up is part of a create (namespaces,
         // mounts): it gets create's time, for a guest whose VM may be held
         // to a small CPU quota.
@@ -571,10 +618,27 @@ impl Client {
             Request::StartContainer { hold: true, .. } => self.opts.create_timeout,
             _ => self.opts.request_timeout,
         };
-        let r = self.call(&req, Some(timeout), "start");
-        let pid = match r {
-            Ok(Reply::Started { pid } | Reply::Prepared { pid }) => pid,
-            Ok(other) => return Err(self.unexpected("start", other)),
+        let mut bytes = Vec::new();
+        let sent = self.queue_request(&mut bytes, &req, "start").and_then(|start| {
+            let exit = wait.map(|w| self.queue_request(&mut bytes, &w, "wait")).transpose().inspect_err(|_| self.forget(&[start.0]))?;
+            let ids: Vec<u32> = std::iter::once(start.0).chain(exit.as_ref().map(|e| e.0)).collect();
+            self.send_requests(&bytes, &ids)?;
+            Ok((start, exit))
+        });
+        let r = sent.and_then(|((id, rx), exit)| {
+            let r = self.await_reply(id, rx, Some(timeout), "start");
+            if r.is_err() {
+                // Not started: the answer to its Wait, if one comes (the
+                // held process killed by a start afresh), is dropped.
+                if let Some((wait_id, _)) = &exit {
+                    self.forget(&[*wait_id]);
+                }
+            }
+            r.map(|reply| (reply, exit))
+        });
+        let (pid, exit) = match r {
+            Ok((Reply::Started { pid } | Reply::Prepared { pid }, exit)) => (pid, exit),
+            Ok((other, _)) => return Err(self.unexpected("start", other)),
             Err(e) => {
                 // The agent may still end the output streams: let them
                 // drain, and forget the input ones.
@@ -588,7 +652,16 @@ impl Client {
                 return Err(e);
             }
         };
-        let mut p = Process { client: self.clone(), container: container.into(), exec_id: exec_id.map(Into::into), pid, stdin: None, stdout: None, stderr: None };
+        let mut p = Process {
+            client: self.clone(),
+            container: container.into(),
+            exec_id: exec_id.map(Into::into),
+            pid,
+            exit: Mutex::new(exit),
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        };
         let mk_out = |id| OutputStream { shared: Arc::clone(&self.shared), id };
         let mk_in = |id| InputStream { shared: Arc::clone(&self.shared), id, closed: false };
         match mode {
@@ -649,10 +722,15 @@ impl Client {
     /// without input, as the held process's were; an error of kind
     /// `InvalidState` (nothing held) or `BadRequest` (what cannot change
     /// at release) leaves the held process as it was.
+    ///
+    /// The process's exit is asked for in the same write as its release
+    /// (one message for the guest to take in, not two): [`Process::wait`]
+    /// collects that answer.
     pub fn release_with(&self, container: &str, overrides: Option<&ExecProcess>, mode: StdioMode) -> Result<Process, Error> {
         let (stdio, streams) = self.open_streams(mode);
         let req = Request::Release { container: container.into(), process: overrides.cloned(), stdio: Some(stdio) };
-        self.process(container, None, req, streams, mode)
+        let wait = Request::Wait { container: container.into(), exec_id: None };
+        self.process_then(container, None, req, Some(wait), streams, mode)
     }
 
     /// Runs another process in a running container.
@@ -676,7 +754,13 @@ impl Client {
     /// when killed). `None` waits as long as it takes.
     pub fn wait(&self, container: &str, exec_id: Option<&str>, timeout: Option<Duration>) -> Result<i32, Error> {
         let req = Request::Wait { container: container.into(), exec_id: exec_id.map(Into::into) };
-        match self.call(&req, timeout, "wait")? {
+        let r = self.call(&req, timeout, "wait")?;
+        self.exit_code(r)
+    }
+
+    /// The exit code a `Wait` was answered with.
+    fn exit_code(&self, r: Reply) -> Result<i32, Error> {
+        match r {
             Reply::Exited { exit_code } if (0..=255).contains(&exit_code) => Ok(exit_code),
             r => Err(self.unexpected("wait", r)),
         }
@@ -773,6 +857,8 @@ pub struct Process {
     exec_id: Option<String>,
     /// Its pid in the guest.
     pub pid: u32,
+    /// A `Wait` sent with its start, not answered yet.
+    exit: Mutex<Option<PendingReply>>,
     /// Its stdin (or the terminal's input).
     pub stdin: Option<InputStream>,
     /// Its stdout (or the terminal's output).
@@ -808,7 +894,14 @@ fn read_bounded(mut r: impl Read, limit: usize) -> io::Result<Vec<u8>> {
 impl Process {
     /// Waits for the process to end; returns its exit code.
     pub fn wait(&self) -> Result<i32, Error> {
-        self.client.wait(&self.container, self.exec_id.as_deref(), None)
+        let sent = self.exit.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match sent {
+            Some((id, rx)) => {
+                let r = self.client.await_reply(id, rx, None, "wait")?;
+                self.client.exit_code(r)
+            }
+            None => self.client.wait(&self.container, self.exec_id.as_deref(), None),
+        }
     }
 
     /// Sends it a signal.
@@ -1052,6 +1145,43 @@ mod tests {
         });
         let e = Client::hello(&mut a, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, Error::Handshake(HandshakeError::VersionMismatch { .. })), "{e}");
+    }
+
+    /// A release asks for the process's exit in the same write: the agent
+    /// has both requests before it answers the first. A refused release
+    /// forgets its `Wait`, whose answer, if one comes, is dropped.
+    #[test]
+    fn a_release_sends_its_wait_with_it() {
+        let c = fake_agent(vmrun_agent_protocol::VERSION, |s| {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let answer = |id: u32, resp: Response| (&s).write_all(&frame::encode(Kind::Response, id, &serde_json::to_vec(&resp).unwrap())).unwrap();
+            let kinds = |req: &frame::Frame| serde_json::from_slice::<Request>(&req.payload).unwrap();
+            // The first release is refused; its Wait is answered anyway.
+            let release = frame::read_frame(&mut r).unwrap().unwrap();
+            assert!(matches!(kinds(&release), Request::Release { .. }));
+            assert!(!r.buffer().is_empty(), "the Wait did not come with the release");
+            let wait = frame::read_frame(&mut r).unwrap().unwrap();
+            assert!(matches!(kinds(&wait), Request::Wait { .. }));
+            answer(release.id, Err(AgentError::new(ErrorKind::BadRequest, "refused")));
+            answer(wait.id, Ok(Reply::Exited { exit_code: 137 }));
+            // The second is started; its Wait answered once it exits.
+            let release = frame::read_frame(&mut r).unwrap().unwrap();
+            assert!(!r.buffer().is_empty(), "the Wait did not come with the release");
+            let wait = frame::read_frame(&mut r).unwrap().unwrap();
+            assert!(matches!(kinds(&wait), Request::Wait { container, exec_id: None } if container == "held"));
+            answer(release.id, Ok(Reply::Started { pid: 9 }));
+            std::thread::sleep(Duration::from_millis(100));
+            answer(wait.id, Ok(Reply::Exited { exit_code: 3 }));
+            // Nothing else is asked: the process's wait took that answer.
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            assert!(frame::read_frame(&mut r).is_err(), "another request came");
+        })
+        .unwrap();
+        let e = c.release_with("held", None, StdioMode::Piped { stdin: false }).unwrap_err();
+        assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest), "{e}");
+        let p = c.release_with("held", None, StdioMode::Piped { stdin: false }).unwrap();
+        assert_eq!(p.pid, 9);
+        assert_eq!(p.wait().unwrap(), 3);
     }
 
     #[test]
