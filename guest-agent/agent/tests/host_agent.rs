@@ -164,6 +164,21 @@ fn privileges(out: &vmrun_agent_client::Output) -> String {
     ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:"].map(field).join(" ")
 }
 
+/// `p` as root with CHOWN and KILL bound and only KILL permitted and
+/// effective.
+fn kill_only(p: ExecProcess) -> ExecProcess {
+    let caps = Capabilities {
+        bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
+        effective: names(&["CAP_KILL"]),
+        permitted: names(&["CAP_KILL"]),
+        ..Default::default()
+    };
+    ExecProcess { user: Some("root".into()), capabilities: Some(caps), ..p }
+}
+
+/// What [`privileges`] shows of a [`kill_only`] process with no_new_privs.
+const KILL_ONLY: &str = "0000000000000000 0000000000000020 0000000000000020 0000000000000021 0000000000000000 1";
+
 #[test]
 fn capabilities_no_new_privs_and_mqueue() {
     if !require_root() {
@@ -222,19 +237,9 @@ fn capabilities_no_new_privs_and_mqueue() {
     let status = exec_args(&["cat", "/proc/self/status"]);
     let out = c.exec("caps", "same", &status, piped).unwrap().output(LIMIT).unwrap();
     assert_eq!(privileges(&out), want);
-    let own = ExecProcess {
-        user: Some("root".into()),
-        capabilities: Some(Capabilities {
-            bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
-            effective: names(&["CAP_KILL"]),
-            permitted: names(&["CAP_KILL"]),
-            ..Default::default()
-        }),
-        no_new_privileges: Some(true),
-        ..status.clone()
-    };
+    let own = kill_only(ExecProcess { no_new_privileges: Some(true), ..status.clone() });
     let out = c.exec("caps", "own", &own, piped).unwrap().output(LIMIT).unwrap();
-    assert_eq!(privileges(&out), "0000000000000000 0000000000000020 0000000000000020 0000000000000021 0000000000000000 1");
+    assert_eq!(privileges(&out), KILL_ONLY);
     // Unknown names and sets the kernel would refuse are refused.
     for (i, (caps, what)) in [
         (Capabilities { bounding: names(&["CAP_NO_SUCH_THING"]), ..Default::default() }, "CAP_NO_SUCH_THING"),
@@ -1226,18 +1231,9 @@ fn a_held_process_is_released_with_overrides_on_another_connection_or_discarded(
     };
     let e = c.release_with("bounded", Some(&wider), StdioMode::Piped { stdin: false }).unwrap_err();
     assert!(matches!(&e, Error::Agent(a) if a.kind == ErrorKind::BadRequest && a.message.contains("bounding set")), "{e}");
-    let narrower = ExecProcess {
-        user: Some("root".into()),
-        capabilities: Some(Capabilities {
-            bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
-            effective: names(&["CAP_KILL"]),
-            permitted: names(&["CAP_KILL"]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let narrower = kill_only(ExecProcess::default());
     let out = c.release_with("bounded", Some(&narrower), StdioMode::Piped { stdin: false }).unwrap().output(LIMIT).unwrap();
-    assert_eq!(privileges(&out), "0000000000000000 0000000000000020 0000000000000020 0000000000000021 0000000000000000 1");
+    assert_eq!(privileges(&out), KILL_ONLY);
 
     // A bad release blob never reaches a child: the agent refuses what it
     // cannot encode.
