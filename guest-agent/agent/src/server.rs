@@ -41,6 +41,9 @@ pub const SOFTWARE: &str = concat!("vmrun-agent ", env!("CARGO_PKG_VERSION"));
 const MAX_CONNS: usize = 16;
 const MAX_STREAMS_PER_CONN: usize = 4096;
 const READ_BUF: usize = 1 << 20;
+/// A connection's queued frames are written at once from this size on:
+/// what a batch of events queues stays small whatever output it reads.
+const FLUSH_AT: usize = 64 << 10;
 
 const T_LISTEN: u64 = 1;
 const T_SIGNAL: u64 = 2;
@@ -49,6 +52,15 @@ const T_CONN: u64 = 4;
 const T_OUT: u64 = 5;
 const T_IN: u64 = 6;
 const T_START: u64 = 7;
+
+/// Writes connection `id`'s queued frames; a failed write marks it dead.
+fn write_pending(id: u64, c: &mut Conn) {
+    let bytes = std::mem::take(&mut c.pending);
+    if let Err(e) = sys::write_all(c.fd.as_fd(), &bytes) {
+        crate::log::debug(format_args!("connection {id}: write: {e}"));
+        c.dead = true;
+    }
+}
 
 fn token(kind: u64, id: u64) -> u64 {
     (kind << 56) | (id & ((1 << 56) - 1))
@@ -446,13 +458,17 @@ impl Server {
         self.conns.insert(id, Conn { fd, decoder: Decoder::new(), hello_done: false, outs: HashMap::new(), ins: HashMap::new(), dead: false, pending: Vec::new() });
     }
 
-    /// Queues a frame for `conn`; [`Self::flush_conns`] writes it.
+    /// Queues a frame for `conn`; [`Self::flush_conns`] writes it, or
+    /// this once [`FLUSH_AT`] bytes are queued.
     fn send(&mut self, conn: u64, kind: Kind, id: u32, payload: &[u8]) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.dead {
             return;
         }
         frame::encode_into(&mut c.pending, kind, id, payload);
+        if c.pending.len() >= FLUSH_AT {
+            write_pending(conn, c);
+        }
     }
 
     /// Writes each connection's queued frames: a process's end (its
@@ -461,13 +477,8 @@ impl Server {
     /// hello) still gets what was queued before.
     fn flush_conns(&mut self) {
         for (id, c) in &mut self.conns {
-            if c.pending.is_empty() {
-                continue;
-            }
-            let bytes = std::mem::take(&mut c.pending);
-            if let Err(e) = sys::write_all(c.fd.as_fd(), &bytes) {
-                crate::log::debug(format_args!("connection {id}: write: {e}"));
-                c.dead = true;
+            if !c.pending.is_empty() {
+                write_pending(*id, c);
             }
         }
     }
