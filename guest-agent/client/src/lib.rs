@@ -498,6 +498,33 @@ impl Client {
         self.await_reply(id, rx, timeout, what)
     }
 
+    /// Sends the start `req` and, when given, `wait` in one write; returns
+    /// the start's answer and the `Wait` still pending. A start that fails
+    /// forgets its `Wait`: the answer to it, if one comes (the held process
+    /// killed by a start afresh), is dropped.
+    fn start_then_wait(&self, req: &Request, wait: Option<&Request>, timeout: Duration) -> Result<(Reply, Option<PendingReply>), Error> {
+        let mut bytes = Vec::new();
+        let (id, rx) = self.queue_request(&mut bytes, req, "start")?;
+        let exit = match wait.map(|w| self.queue_request(&mut bytes, w, "wait")).transpose() {
+            Ok(exit) => exit,
+            Err(e) => {
+                self.forget(&[id]);
+                return Err(e);
+            }
+        };
+        let ids: Vec<u32> = std::iter::once(id).chain(exit.as_ref().map(|e| e.0)).collect();
+        self.send_requests(&bytes, &ids)?;
+        match self.await_reply(id, rx, Some(timeout), "start") {
+            Ok(reply) => Ok((reply, exit)),
+            Err(e) => {
+                if let Some((wait_id, _)) = exit {
+                    self.forget(&[wait_id]);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Registers `req` as pending and appends its frame to `bytes`.
     fn queue_request(&self, bytes: &mut Vec<u8>, req: &Request, what: &'static str) -> Result<PendingReply, Error> {
         let payload = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
@@ -539,7 +566,7 @@ impl Client {
             Some(t) => match rx.recv_timeout(t) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.shared.lock().pending.remove(&id);
+                    self.forget(&[id]);
                     return Err(Error::Timeout(t, what));
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(self.shared.closed_error()),
@@ -618,25 +645,7 @@ impl Client {
             Request::StartContainer { hold: true, .. } => self.opts.create_timeout,
             _ => self.opts.request_timeout,
         };
-        let mut bytes = Vec::new();
-        let sent = self.queue_request(&mut bytes, &req, "start").and_then(|start| {
-            let exit = wait.map(|w| self.queue_request(&mut bytes, &w, "wait")).transpose().inspect_err(|_| self.forget(&[start.0]))?;
-            let ids: Vec<u32> = std::iter::once(start.0).chain(exit.as_ref().map(|e| e.0)).collect();
-            self.send_requests(&bytes, &ids)?;
-            Ok((start, exit))
-        });
-        let r = sent.and_then(|((id, rx), exit)| {
-            let r = self.await_reply(id, rx, Some(timeout), "start");
-            if r.is_err() {
-                // Not started: the answer to its Wait, if one comes (the
-                // held process killed by a start afresh), is dropped.
-                if let Some((wait_id, _)) = &exit {
-                    self.forget(&[*wait_id]);
-                }
-            }
-            r.map(|reply| (reply, exit))
-        });
-        let (pid, exit) = match r {
+        let (pid, exit) = match self.start_then_wait(&req, wait.as_ref(), timeout) {
             Ok((Reply::Started { pid } | Reply::Prepared { pid }, exit)) => (pid, exit),
             Ok((other, _)) => return Err(self.unexpected("start", other)),
             Err(e) => {
