@@ -437,8 +437,34 @@ fn no_file_of_the_caller_and_the_callers_cgroup(v: &Vmrun) {
     assert_code(&v.run(&["rm", "-f", &id]), 0);
     if let Some(c) = &caller {
         let dir = v1_memory.join(c.trim_start_matches('/'));
-        eventually("the caller's cgroup empties", Duration::from_secs(60), || std::fs::remove_dir(&dir).is_ok());
+        let start = Instant::now();
+        while std::fs::remove_dir(&dir).is_err() {
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!("not within 60 s: the caller's cgroup empties; it holds: {}", cgroup_tree(&dir));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
+}
+
+/// What a cgroup directory and those under it hold: each one's processes,
+/// with their state and name, for a failure's message.
+fn cgroup_tree(dir: &Path) -> String {
+    let mut out = String::new();
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    out += &format!("{}: [", dir.display());
+    for pid in procs.split_whitespace() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().trim().to_string();
+        out += &format!("{pid} {} {}; ", field("Name:"), field("State:"));
+    }
+    out += "] ";
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out += &cgroup_tree(&e.path());
+        }
+    }
+    out
 }
 
 /// Runs `vmrun args`, sends it SIGINT once its process printed "ready",

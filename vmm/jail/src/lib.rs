@@ -434,7 +434,8 @@ fn drop_privileges(id: u32) -> Result<(), Error> {
 /// waits for it, removes its cgroups and root, and ends (with status 137).
 /// Whoever waits for the outer process then finds the jail gone, where
 /// SIGKILL to the outer process leaves the VMM dying on its own and its
-/// cgroups for [`clean_up`] to remove once it has.
+/// cgroups for [`collect_record`] to remove once it has
+/// ([`jailed_processes`] are the ones to wait for).
 pub fn kill_signal() -> i32 {
     libc::SIGRTMIN() + 4
 }
@@ -543,19 +544,6 @@ impl Cgroup {
     }
 }
 
-/// Removes what the jail of the VMM whose outer process was `pid` left,
-/// once that process is gone: its empty root directory and its cgroups
-/// (the outer process does it itself, unless it was killed with SIGKILL).
-pub fn clean_up(pid: u32) {
-    // The jailed process may take a moment to die after the outer one.
-    for _ in 0..50 {
-        match collect(pid) {
-            Collected::Busy => std::thread::sleep(std::time::Duration::from_millis(20)),
-            _ => return,
-        }
-    }
-}
-
 /// What collecting one record found.
 #[derive(Debug, PartialEq, Eq)]
 enum Collected {
@@ -576,9 +564,7 @@ fn collect(pid: u32) -> Collected {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Collected::Nothing; // its jail is alive
     }
-    let mut bytes = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&file, 64 << 10), &mut bytes);
-    let record: Record = serde_json::from_slice(&bytes).unwrap_or_default();
+    let record = Record::read(&file);
     let mut removed = Vec::new();
     for d in record.cgroups.iter().filter(|d| d.is_dir()) {
         match std::fs::remove_dir(d) {
@@ -596,6 +582,21 @@ fn collect(pid: u32) -> Collected {
         removed.push(path);
     }
     Collected::Removed(removed)
+}
+
+/// The processes (host pids) still in the cgroups of the jail of outer
+/// process `pid`: its jailed VMM, still dying after the outer process was
+/// killed, while [`collect_record`] says `WouldBlock`.
+pub fn jailed_processes(pid: u32) -> Vec<u32> {
+    let Ok(file) = File::open(Record::path(pid)) else { return Vec::new() };
+    let mut pids: Vec<u32> = Record::read(&file)
+        .cgroups
+        .iter()
+        .flat_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<u32>>())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// The outer pids of jails whose records nobody holds: their processes
@@ -699,6 +700,14 @@ impl Record {
         let json = serde_json::to_vec(self).map_err(|e| Error::Sys { what: "jail record".into(), source: std::io::Error::other(e) })?;
         std::io::Write::write_all(&mut &file, &json).map_err(sys(format!("write {}", path.display())))?;
         Ok(file)
+    }
+
+    /// The record in `file` (empty if it cannot be read: nothing is then
+    /// removed but the root and the record).
+    fn read(file: &File) -> Self {
+        let mut bytes = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(file, 64 << 10), &mut bytes);
+        serde_json::from_slice(&bytes).unwrap_or_default()
     }
 
     fn remove(pid: u32) {
@@ -917,6 +926,32 @@ mod tests {
         assert!(removed.contains(&dir) && removed.contains(&Record::path(pid)), "{removed:?}");
         assert!(!dir.exists() && !Record::path(pid).exists());
         assert!(!PathBuf::from(JAIL_BASE).join(pid.to_string()).exists());
+    }
+
+    #[test]
+    fn a_record_whose_cgroup_still_has_a_process_waits_for_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: cgroups and {JAIL_BASE} need root");
+            return;
+        }
+        let pid = 4_194_304 + 18;
+        let hierarchy = if is_v2() { PathBuf::from(CGROUP_ROOT) } else { Path::new(CGROUP_ROOT).join("pids") };
+        let dir = hierarchy.join(format!("vmrun-collect-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        // The "jailed VMM" outliving its killed outer process: a child in
+        // the cgroup (moved there before it is told to go on).
+        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        drop(Record { root: PathBuf::from(JAIL_BASE).join(pid.to_string()), cgroups: vec![dir.clone()] }.write(pid).unwrap());
+        assert_eq!(collect(pid), Collected::Busy);
+        assert_eq!(jailed_processes(pid), vec![child.id()]);
+        assert!(dir.is_dir() && Record::path(pid).exists());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(jailed_processes(pid).is_empty());
+        assert_eq!(collect(pid), Collected::Removed(vec![dir.clone(), Record::path(pid)]));
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -582,26 +582,7 @@ fn kill_processes(dir: &Path, st: &State) {
     let all: Vec<ProcessRef> = execs.into_iter().chain(st.vmm).chain(st.owner).chain(holder).collect();
     wait_gone(&all, 10);
     if let Some(vmm) = st.vmm {
-        collect_jail(vmm.pid);
-    }
-}
-
-/// Collects what the jail of the VMM `pid` left (its record, root and
-/// cgroups), once its processes are gone: up to 10 s while the jailed
-/// process, killed with its parent, is still dying in its cgroup.
-fn collect_jail(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match vmrun_jail::collect_record(pid) {
-            Ok(_) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                log::warn!("what the jail of VMM {pid} made is left: {e}");
-                return;
-            }
-        }
+        vmrun_runtime::vm::collect_jail(vmm.pid);
     }
 }
 

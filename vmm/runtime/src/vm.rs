@@ -21,6 +21,7 @@ use vmrun_vmm_api::config::{
 };
 
 use crate::artifacts::Artifacts;
+use crate::container::ProcessRef;
 use crate::watch::{pidfd_open, poll_readable};
 use crate::{Error, Result};
 
@@ -197,6 +198,44 @@ pub struct VmProcess {
 /// How long a jailed VMM's outer process may take to kill it and remove
 /// its jail ([`VmProcess::kill_and_wait`]) before it is killed itself.
 pub(crate) const JAIL_KILL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long [`collect_jail`] waits for a killed jail's VMM to finish dying
+/// (freeing its memory) and leave its cgroups.
+pub const JAIL_COLLECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Removes what the jail of the VMM whose outer process was `pid` left
+/// (cgroups, root directory, record) once that process is gone; the outer
+/// process does it itself, unless it was killed with SIGKILL. Then the
+/// jailed VMM may still be dying in its cgroups: this waits for it on
+/// pidfds, up to [`JAIL_COLLECT_TIMEOUT`]. Nothing to do if the jail's
+/// outer process lives, or left nothing.
+pub fn collect_jail(pid: u32) {
+    let start = Instant::now();
+    let deadline = start + JAIL_COLLECT_TIMEOUT;
+    loop {
+        match vmrun_jail::collect_record(pid) {
+            Ok(removed) => {
+                if !removed.is_empty() {
+                    log::debug!("the jail of VMM {pid} collected after {} ms", start.elapsed().as_millis());
+                }
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                let dying: Vec<ProcessRef> = vmrun_jail::jailed_processes(pid).into_iter().filter_map(ProcessRef::of).collect();
+                if dying.is_empty() {
+                    // Gone from the list, not yet from the cgroup.
+                    std::thread::sleep(Duration::from_millis(10));
+                } else {
+                    crate::watch::wait_gone(&dying, deadline);
+                }
+            }
+            Err(e) => {
+                log::warn!("what the jail of VMM {pid} made is left ({e}): `vmrun system prune` removes it once its processes are gone");
+                return;
+            }
+        }
+    }
+}
 
 /// The VMM's configuration, in the directory of the VM (beside its log).
 pub const CONFIG_FILE: &str = "vmm.json";
@@ -536,7 +575,7 @@ impl VmProcess {
             self.kill_and_wait();
         }
         let s = self.child.wait()?;
-        vmrun_jail::clean_up(self.child.id());
+        collect_jail(self.child.id());
         Ok(s)
     }
 
@@ -605,7 +644,7 @@ impl Drop for VmProcess {
         if let Ok(None) = self.child.try_wait() {
             self.kill_and_wait();
         }
-        vmrun_jail::clean_up(self.child.id());
+        collect_jail(self.child.id());
     }
 }
 

@@ -259,7 +259,7 @@ fn kill_processes(state: &State) {
     let procs: Vec<ProcessRef> = [state.vmm, state.owner].into_iter().flatten().collect();
     watch::wait_gone(&procs, Instant::now() + Duration::from_secs(10));
     if let Some(vmm) = state.vmm {
-        vmrun_jail::clean_up(vmm.pid);
+        vmrun_runtime::vm::collect_jail(vmm.pid);
     }
 }
 
