@@ -6,7 +6,9 @@
 //! already), and pooled runs (`vmrun pool --size 1` serving the image: a
 //! run takes a VM restored ahead of it, each once the pool is full again).
 //! The "guest to agent ready" phase of a warm run is the restore alone:
-//! VMM start to the agent answering; a pooled run's "VM claimed" phase
+//! VMM start to the agent's connection accepted (its hello, sent then,
+//! is answered with the first request, in the next phase); a pooled
+//! run's "VM claimed" phase
 //! counts the guest's instructions since that VM's restore (its wait in
 //! the pool included). It also prints what a pooled VM costs while it
 //! waits: resident memory and emulated instructions per second. A

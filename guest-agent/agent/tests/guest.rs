@@ -94,7 +94,7 @@ fn runs_a_container_in_a_guest_over_vsock() {
     let log = || std::fs::read_to_string(&console).unwrap_or_default();
 
     // Connect once the agent listens.
-    let opts = Options { handshake_timeout: Duration::from_secs(60), request_timeout: Duration::from_secs(120), create_timeout: Duration::from_secs(600) };
+    let opts = Options { handshake_timeout: Duration::from_secs(60), request_timeout: Duration::from_secs(120), create_timeout: Duration::from_secs(600), defer_hello: false };
     let deadline = Instant::now() + Duration::from_secs(600);
     let client = loop {
         if let Some(s) = vm.0.try_wait().unwrap() {

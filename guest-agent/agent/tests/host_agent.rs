@@ -552,8 +552,19 @@ fn the_agent_refuses_another_protocol_version() {
     (&s).write_all(&frame::encode(Kind::Request, 1, b"{\"op\":\"ping\"}")).unwrap();
     let mut b = [0u8; 1];
     assert_eq!((&s).read(&mut b).unwrap(), 0);
-    // And the agent still serves others.
+    // A request in the same write as a refused hello is not served.
+    let s = UnixStream::connect(&agent.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut both = frame::encode(Kind::Hello, 0, &serde_json::to_vec(&h).unwrap());
+    frame::encode_into(&mut both, Kind::Request, 1, b"{\"op\":\"ping\"}");
+    (&s).write_all(&both).unwrap();
+    let mut r = BufReader::new(&s);
+    assert_eq!(frame::read_frame(&mut r).unwrap().unwrap().kind, Kind::Hello);
+    assert!(frame::read_frame(&mut r).unwrap().is_none(), "a request behind a refused hello was answered");
+    // And the agent still serves others, one whose request follows its
+    // hello before the answer too.
     agent.client().ping().unwrap();
+    assert!(agent.client_with(true).ping().unwrap().starts_with("vmrun-agent "));
 }
 
 #[test]

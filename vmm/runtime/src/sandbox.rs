@@ -58,6 +58,8 @@ pub struct AgentWait {
 #[derive(Debug)]
 pub struct Launched {
     vm: VmProcess,
+    /// Restored from a template: its agent listens already.
+    restored: bool,
 }
 
 impl Launched {
@@ -68,8 +70,12 @@ impl Launched {
 
     /// Waits until the agent answers: the VMM's readiness, then the
     /// agent's hello (events, not polls; see `VmProcess::connect_agent`).
+    /// A restored VM's agent listens already: once its connection is
+    /// accepted, the first request goes out behind the hello without
+    /// waiting for the answer (`Options::defer_hello`), a round trip fewer.
     pub fn connect(mut self, wait: AgentWait) -> Result<Sandbox> {
-        let client = self.vm.connect_agent(wait.timeout, wait.options)?;
+        let options = Options { defer_hello: wait.options.defer_hello || self.restored, ..wait.options };
+        let client = self.vm.connect_agent(wait.timeout, options)?;
         Ok(Sandbox { vm: Vm::Own(self.vm), client })
     }
 }
@@ -119,6 +125,7 @@ impl Sandbox {
     /// now on kills the VMM, and the wait for the agent returns its end as
     /// an error.
     pub fn launch(spec: &VmSpec, origin: Origin<'_>, hold: Option<Lock>, cancel: &Cancel) -> Result<Launched> {
+        let restored = matches!(origin, Origin::Template(_));
         let mut vm = match origin {
             Origin::Boot => spec.boot()?,
             Origin::Template(dir) => template::restore(dir, spec)?,
@@ -127,7 +134,7 @@ impl Sandbox {
             vm.hold_until_ready(lock);
         }
         cancel.set_vmm(Some(vm.pid()));
-        Ok(Launched { vm })
+        Ok(Launched { vm, restored })
     }
 
     /// A VM of the pool in `pool` (see [`crate::pool`]), on the agent

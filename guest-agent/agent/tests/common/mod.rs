@@ -233,10 +233,17 @@ impl Agent {
     }
 
     pub fn client(&self) -> vmrun_agent_client::Client {
+        self.client_with(false)
+    }
+
+    /// A client whose requests may follow its hello before the answer
+    /// (`defer_hello`, as for a restored VM's agent).
+    pub fn client_with(&self, defer_hello: bool) -> vmrun_agent_client::Client {
         let opts = vmrun_agent_client::Options {
             handshake_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
             create_timeout: Duration::from_secs(120),
+            defer_hello,
         };
         vmrun_agent_client::Client::connect_unix(&self.socket, opts).unwrap()
     }
