@@ -10,7 +10,8 @@
 //!
 //! `CLONE_VFORK` suspends the cloning thread until the child execs or
 //! exits, so the clone is made by a thread of its own, which waits there
-//! and then frees what the child used (its stack, the plan). The child
+//! and then frees what the child used (the plan; its stack is kept for
+//! the next held child). The child
 //! shares that thread's thread-local storage (glibc's `errno`), which is
 //! safe only because that thread is suspended meanwhile; it makes only
 //! raw system calls on memory nothing else writes, as every child does
@@ -33,7 +34,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{
     child, enter_for_clone, finish_user_ns, user_ns_sync, Enter, Gate, Plan, Pointers, Started,
@@ -61,7 +62,7 @@ pub(super) fn spawn(plan: Plan) -> io::Result<Started> {
     // stored. The end of the pipe without it: the clone failed.
     let (started_r, started_w) = sys::pipe(0)?;
     let user_ns_sync = user_ns_sync(&plan)?;
-    let stack = Stack::new(STACK_BYTES)?;
+    let stack = Stack::take(STACK_BYTES)?;
     let plan = Arc::new(plan);
     // The kernel stores the pid (CLONE_PARENT_SETTID) and the pidfd
     // (CLONE_PIDFD) before the child first runs.
@@ -78,7 +79,9 @@ pub(super) fn spawn(plan: Plan) -> io::Result<Started> {
         .spawn(move || {
             // This thread's copy of the write end closes when it ends.
             let _started_w = started_w;
-            clone_and_wait(&p, &i, &stack, fds)
+            let done = clone_and_wait(&p, &i, &stack, fds);
+            stack.put_back();
+            done
         })?;
     let mut byte = [0u8; 1];
     let n = loop {
@@ -247,7 +250,31 @@ struct Stack {
     len: usize,
 }
 
+/// A stack whose child has exec'd or exited, kept for the next held
+/// child: unmapping it (two mappings, the pages the child touched) was
+/// work on the path of every release. The next child shares the agent's
+/// memory anyway; what the last one left on it is the agent's.
+static SPARE: Mutex<Option<Stack>> = Mutex::new(None);
+
 impl Stack {
+    /// The spare stack if there is one of `bytes`, else a new one.
+    fn take(bytes: usize) -> io::Result<Self> {
+        let spare = SPARE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match spare {
+            Some(s) if s.len == bytes => Ok(s),
+            _ => Self::new(bytes),
+        }
+    }
+
+    /// Keeps this stack (its child has exec'd or exited) as the spare, or
+    /// unmaps it if there is one already.
+    fn put_back(self) {
+        let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.is_none() {
+            *spare = Some(self);
+        }
+    }
+
     fn new(bytes: usize) -> io::Result<Self> {
         let page = 4096;
         // SAFETY: a new private anonymous mapping; nothing else refers to it.
