@@ -10,9 +10,13 @@
 //! 2. new mount, pid, IPC and UTS namespaces (and network, unless the VM
 //!    has a TAP device, which lives in the host's);
 //! 3. a fork: the process in the new pid namespace runs the VMM, the
-//!    outer one only waits for it, forwards signals and ends with its
-//!    status (and removes the cgroup); [`kill_signal`] sent to it kills
-//!    the VMM, so that the outer process ends once all is removed;
+//!    outer one moves it into the cgroup, then only waits for it, forwards
+//!    signals and ends with its status (and removes the cgroup);
+//!    [`kill_signal`] sent to it kills the VMM, so that the outer process
+//!    ends once all is removed. Moving a process between cgroups waits
+//!    for an RCU grace period on a cgroup v1 host (tens of milliseconds):
+//!    the VMM sets its VM up meanwhile and waits for the move
+//!    ([`Confined::wait`]) only before the guest runs;
 //! 4. a private root (a tmpfs) holding only what the VMM needs, bind-mounted
 //!    at the paths the VMM was given: the kernel, initramfs, disks and
 //!    snapshot read-only, the VM's own directory (sockets, console,
@@ -36,7 +40,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -82,6 +86,8 @@ pub enum Error {
     Sys { what: String, source: std::io::Error },
     #[error("jail: {0} does not exist")]
     Missing(PathBuf),
+    #[error("jail: the outer process could not move the VMM into its cgroup (its log says why)")]
+    NotConfined,
     #[error(
         "jail: cannot enable the memory, cpu and pids controllers for the children of cgroup {dir} ({source}); \
          a cgroup v2 that holds processes cannot delegate them: set {CGROUP_PARENT_ENV} to a cgroup that holds none"
@@ -194,8 +200,10 @@ impl Jail {
     }
 
     /// Enters the jail; returns in the jailed process (the outer one never
-    /// returns: it exits with the jailed one's status).
-    pub fn enter(&self) -> Result<(), Error> {
+    /// returns: it exits with the jailed one's status), which must call
+    /// [`Confined::wait`] before it runs anything of the guest's: its move
+    /// into the cgroup may still be under way.
+    pub fn enter(&self) -> Result<Confined, Error> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(Error::NotRoot);
@@ -246,6 +254,13 @@ impl Jail {
         let mut alive = [0 as libc::c_int; 2];
         // SAFETY: pipe2 fills the two descriptors.
         check(unsafe { libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) }, "pipe")?;
+        // The outer process writes a byte here once the jailed one is in
+        // its cgroup (end of file without it: the move failed).
+        let mut moved = [-1 as libc::c_int; 2];
+        if cgroup.is_some() {
+            // SAFETY: pipe2 fills the two descriptors.
+            check(unsafe { libc::pipe2(moved.as_mut_ptr(), libc::O_CLOEXEC) }, "pipe")?;
+        }
         // SAFETY: fork in a single-threaded process (checked above); the
         // child only continues this function's work.
         let child = unsafe { libc::fork() };
@@ -262,6 +277,28 @@ impl Jail {
                     libc::close(fd);
                 }
             }
+            if let Some(c) = &cgroup {
+                // SAFETY: our copy of the read end.
+                unsafe { libc::close(moved[0]) };
+                match c.attach(child) {
+                    // SAFETY: a one-byte write to our pipe, then its close
+                    // (a jailed process already gone makes it fail with
+                    // EPIPE: Rust programs ignore SIGPIPE).
+                    Ok(()) => unsafe {
+                        libc::write(moved[1], [1u8].as_ptr().cast(), 1);
+                        libc::close(moved[1]);
+                    },
+                    Err(e) => {
+                        log::error!("{e}: the VMM is killed");
+                        // SAFETY: kill of our own child; the close makes
+                        // its wait end if it is not dead yet.
+                        unsafe {
+                            libc::kill(child, libc::SIGKILL);
+                            libc::close(moved[1]);
+                        }
+                    }
+                }
+            }
             let status = wait_forwarding(child, &set);
             let _ = std::fs::remove_dir(&root);
             if let Some(c) = cgroup {
@@ -273,9 +310,16 @@ impl Jail {
         }
         // Only the outer process holds the record's lock.
         drop(record);
-        if let Some(c) = &cgroup {
-            c.join()?;
-        }
+        let confined = match cgroup {
+            Some(_) => {
+                // SAFETY: our copy of the write end; the read end is ours
+                // alone from now on.
+                unsafe { libc::close(moved[1]) };
+                // SAFETY: a descriptor pipe2 made, owned by nothing else.
+                Confined { moved: Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(moved[0]) }) }
+            }
+            None => Confined { moved: None },
+        };
         // The jailed process: dies with the outer one.
         // SAFETY: prctl and sigprocmask on this process.
         unsafe {
@@ -312,7 +356,7 @@ impl Jail {
                 libc::_exit(125);
             }
         }
-        Ok(())
+        Ok(confined)
     }
 
     fn build_root(&self, root: &Path, id: u32) -> Result<(), Error> {
@@ -481,6 +525,40 @@ fn wait_forwarding(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// What the jailed process holds of its jail: [`Confined::wait`] returns
+/// once it is in its cgroup.
+#[derive(Debug)]
+pub struct Confined {
+    /// Readable once the outer process has moved this one into the
+    /// cgroup (a byte) or failed to (end of file); `None` without a
+    /// cgroup.
+    moved: Option<std::os::fd::OwnedFd>,
+}
+
+impl Confined {
+    /// Waits until the outer process has moved this process into its
+    /// cgroup, so that the cgroup's limits hold what runs next (at once
+    /// once it has). An error if the move failed (the outer process kills
+    /// this one then).
+    pub fn wait(&mut self) -> Result<(), Error> {
+        let Some(fd) = &self.moved else { return Ok(()) };
+        let mut b = [0u8; 1];
+        loop {
+            // SAFETY: a read into a one-byte buffer from our descriptor.
+            let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            match n {
+                1 => {
+                    self.moved = None;
+                    return Ok(());
+                }
+                0 => return Err(Error::NotConfined),
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(Error::Sys { what: "wait for the cgroup".into(), source: std::io::Error::last_os_error() }),
+            }
+        }
+    }
+}
+
 /// The VMM's cgroup, in each hierarchy it was made in.
 #[derive(Debug)]
 struct Cgroup {
@@ -524,12 +602,11 @@ impl Cgroup {
         Ok(made)
     }
 
-    /// Moves the calling process into the cgroup (the jailed process: the
-    /// outer one stays where it was started).
-    fn join(&self) -> Result<(), Error> {
+    /// Moves process `pid` (the jailed one, with its threads) into the
+    /// cgroup; the outer process stays where it was started.
+    fn attach(&self, pid: libc::pid_t) -> Result<(), Error> {
         for d in &self.dirs {
-            // "0": the process that writes.
-            std::fs::write(d.join("cgroup.procs"), "0").map_err(sys(format!("cgroup {}/cgroup.procs", d.display())))?;
+            std::fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(sys(format!("cgroup {}/cgroup.procs", d.display())))?;
         }
         Ok(())
     }
@@ -952,6 +1029,31 @@ mod tests {
         assert!(jailed_processes(pid).is_empty());
         assert_eq!(collect(pid), Collected::Removed(vec![dir.clone(), Record::path(pid)]));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn confined_once_the_outer_process_says_so() {
+        let pipe = || {
+            let mut fds = [0 as libc::c_int; 2];
+            // SAFETY: pipe2 fills the two descriptors, which we then own.
+            unsafe {
+                assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+                (std::os::fd::OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+            }
+        };
+        // Moved: the byte, then the outer process's end closed.
+        let (r, mut w) = pipe();
+        let mut c = Confined { moved: Some(r) };
+        std::io::Write::write_all(&mut w, &[1]).unwrap();
+        drop(w);
+        c.wait().unwrap();
+        c.wait().unwrap();
+        // The move failed: end of file without the byte.
+        let (r, w) = pipe();
+        drop(w);
+        assert!(matches!(Confined { moved: Some(r) }.wait(), Err(Error::NotConfined)));
+        // No cgroup: nothing to wait for.
+        Confined { moved: None }.wait().unwrap();
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Error {
     InitrdRead { path: PathBuf, source: std::io::Error },
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    #[error("the VMM is not in its jail's cgroup: {0}")]
+    Confine(#[source] vmrun_jail::Error),
     #[error("cannot write the {0} into guest memory")]
     BootSetup(String),
     #[error("cannot set up the console: {0}")]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmrun_jail::{Jail, Needs};
+use vmrun_jail::{Confined, Jail, Needs};
 
 use crate::config::{ConsoleOutput, HostCompatMode, ProcessOptions, RestoreConfig, Start, VmConfig, VmmConfig};
 use crate::vm::ExitReason;
@@ -75,12 +75,11 @@ fn process_outputs(o: &ProcessOptions) -> impl Iterator<Item = PathBuf> {
     [console, o.report.clone(), o.control.clone(), o.profile.clone()].into_iter().flatten()
 }
 
-fn enter_jail(mut needs: Needs, ready: Option<&File>) -> Result<(), LaunchError> {
+fn enter_jail(mut needs: Needs, ready: Option<&File>) -> Result<Confined, LaunchError> {
     needs.keep_fds.extend(ready.map(AsRawFd::as_raw_fd));
     let jail = Jail::for_needs(&needs).map_err(LaunchError::JailPaths)?;
     log::debug!("jail: {jail:?}");
-    jail.enter()?;
-    Ok(())
+    Ok(jail.enter()?)
 }
 
 /// Runs the VM `config` describes until it ends. `start` is when the VMM
@@ -91,19 +90,25 @@ pub fn launch(config: VmmConfig, start: Instant, ready: Option<File>) -> Result<
         Start::Boot(mut c) => {
             crate::check_resources(u64::from(c.vcpus), u64::from(c.mem_mib))?;
             c.options.host_compat = resolve_host_compat(c.options.host_compat);
+            // A boot writes the kernel into guest memory before it runs
+            // it: in the cgroup from the start.
             if c.options.jail {
-                enter_jail(boot_needs(&c), ready.as_ref())?;
+                enter_jail(boot_needs(&c), ready.as_ref())?.wait()?;
             }
-            Ok(crate::vm::run_signalling(&c, start, ready.map(Arc::new))?)
+            Ok(crate::vm::run_signalling(&c, start, ready.map(Arc::new), None)?)
         }
         Start::Restore(mut c) => {
             c.options.host_compat = resolve_host_compat(c.options.host_compat);
+            let mut confined = None;
             if c.options.jail {
                 let state = crate::snapshot::load_state(&c.snapshot)
                     .map_err(|source| LaunchError::Snapshot { path: c.snapshot.clone(), source })?;
-                enter_jail(restore_needs(&c, state.mem_mib, state.vcpus.len()), ready.as_ref())?;
+                // A restore only maps guest memory before the guest runs:
+                // it is set up while the jail's outer process moves it into
+                // its cgroup.
+                confined = Some(enter_jail(restore_needs(&c, state.mem_mib, state.vcpus.len()), ready.as_ref())?);
             }
-            Ok(crate::vm::restore_signalling(&c, start, ready.map(Arc::new))?)
+            Ok(crate::vm::restore_signalling(&c, start, ready.map(Arc::new), confined)?)
         }
     }
 }

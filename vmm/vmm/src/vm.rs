@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -210,6 +211,11 @@ struct Machine {
     legacy: LegacyDevices,
     virtio: VirtioDevices,
     probe: BootProbe,
+    /// A jailed VMM's wait for its move into its cgroup, made before the
+    /// guest runs (the VM is set up meanwhile).
+    confined: Option<vmrun_jail::Confined>,
+    /// The VM-wide setup still under way ([`open_kvm`]).
+    setup: VmSetup,
 }
 
 fn stats_of(stats: &OnceLock<Vec<Stats>>) -> (Option<u64>, Option<u64>) {
@@ -295,28 +301,60 @@ fn legacy_devices(
     Ok(LegacyDevices { serial, cmos, reset_evt })
 }
 
-fn open_kvm(mode: crate::config::HostCompatMode) -> Result<(Kvm, VmFd, HostCompat)> {
+/// The host compatibility layer's VM-wide setup, under way on a thread of
+/// its own: its MSR filter waits for an SRCU grace period when installed
+/// (12 to 16 ms on the nested host), while the VM is built. Joined before
+/// the guest runs.
+type VmSetup = Option<std::thread::JoinHandle<Result<()>>>;
+
+fn open_kvm(mode: crate::config::HostCompatMode) -> Result<(Kvm, VmFd, HostCompat, VmSetup)> {
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     let vm = create_vm(&kvm)?;
     let compat = HostCompat::detect(mode);
-    compat.setup_vm(&vm)?;
-    if compat.enabled() {
-        log::info!("host compatibility layer on (guest kernel mode is emulated on this host)");
+    if !compat.enabled() {
+        return Ok((kvm, vm, compat, None));
     }
-    Ok((kvm, vm, compat))
+    log::info!("host compatibility layer on (guest kernel mode is emulated on this host)");
+    // SAFETY: dup of our VM's descriptor; the copy is owned at once.
+    let copy = unsafe { libc::dup(vm.as_raw_fd()) };
+    if copy < 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor of this VM that nothing else owns.
+    let copy = unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) };
+    // SAFETY: the descriptor is this VM's, and handed over whole.
+    let copy = unsafe { kvm.create_vmfd_from_rawfd(copy.into_raw_fd()) }.map_err(Error::Kvm)?;
+    let setup = std::thread::Builder::new().name("vm-setup".into()).spawn(move || compat.setup_vm(&copy)).map_err(Error::Io)?;
+    Ok((kvm, vm, compat, Some(setup)))
+}
+
+/// Waits for the VM-wide setup [`open_kvm`] started.
+fn finish_setup(setup: &mut VmSetup) -> Result<()> {
+    match setup.take().map(std::thread::JoinHandle::join) {
+        None => Ok(()),
+        Some(Ok(r)) => r,
+        Some(Err(_)) => Err(Error::Config("the VM's setup thread panicked".into())),
+    }
 }
 
 /// Boots the VM described by `config` and runs it until it ends. `start` is
 /// when the VMM started (the zero of the boot report's times).
 pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
-    run_signalling(config, start, None)
+    run_signalling(config, start, None, None)
 }
 
 /// [`run`], writing one byte to `ready` once the control and vsock sockets
 /// listen (see [`RunOptions::ready`]).
-pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
+/// A jailed VMM passes its [`vmrun_jail::Confined`]: the guest runs once
+/// the VMM is in its cgroup.
+pub fn run_signalling(
+    config: &VmConfig,
+    start: Instant,
+    ready: Option<Arc<File>>,
+    confined: Option<vmrun_jail::Confined>,
+) -> Result<(ExitReason, BootReport)> {
     validate(config)?;
-    let (kvm, vm, compat) = open_kvm(config.options.host_compat)?;
+    let (kvm, vm, compat, setup) = open_kvm(config.options.host_compat)?;
     let mem = memory::allocate(config.mem_mib)?;
     memory::register(&vm, &mem)?;
 
@@ -357,7 +395,7 @@ pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>
     let mut pio = Bus::new();
     let console = console_output(&config.options.console, config.options.console_limit)?;
     let legacy = legacy_devices(&vm, console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
-    let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
+    let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe, confined, setup };
     machine.run(&RunOptions {
         console_input: config.options.console_input,
         report: config.options.report.clone(),
@@ -406,14 +444,21 @@ fn net_limiter(tap: &str, limit: &RateLimit) -> Result<RateLimiter> {
 
 /// Restores the VM saved in `config.snapshot` and runs it until it ends.
 pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
-    restore_signalling(config, start, None)
+    restore_signalling(config, start, None, None)
 }
 
 /// [`restore`], writing one byte to `ready` once the control and vsock
 /// sockets listen (see [`RunOptions::ready`]).
-pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
+/// A jailed VMM passes its [`vmrun_jail::Confined`], as to
+/// [`run_signalling`].
+pub fn restore_signalling(
+    config: &RestoreConfig,
+    start: Instant,
+    ready: Option<Arc<File>>,
+    confined: Option<vmrun_jail::Confined>,
+) -> Result<(ExitReason, BootReport)> {
     let state = snapshot::load_state(&config.snapshot).map_err(Error::SnapshotLoad)?;
-    let (_kvm, vm, compat) = open_kvm(config.options.host_compat)?;
+    let (_kvm, vm, compat, setup) = open_kvm(config.options.host_compat)?;
     if compat.enabled() != state.host_compat {
         return Err(Error::Snapshot(format!(
             "the snapshot was taken with the host compatibility layer {}, and it is {} here",
@@ -510,7 +555,7 @@ pub fn restore_signalling(config: &RestoreConfig, start: Instant, ready: Option<
     // devices may raise interrupts: vsock's transport reset, and disks that
     // have other sizes than when the snapshot was taken.
     virtio.after_restore(&resized);
-    let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe };
+    let machine = Machine { vm, mem, compat, mem_mib: state.mem_mib, vcpus, pio, mmio, legacy, virtio, probe, confined, setup };
     machine.run(&RunOptions {
         console_input: config.options.console_input,
         report: config.options.report.clone(),
@@ -619,6 +664,8 @@ impl Machine {
         // The VMM thread's filter goes on once the event loop is set up;
         // then the vCPUs may run the guest.
         let start = shared.start.clone();
+        let mut confined = self.confined.take();
+        let mut setup = self.setup.take();
         let loop_result = event_loop(controller.clone(), self.virtio.take_handlers(), &source, || {
             if let Some(ready) = &opts.ready {
                 // Before the filter: the descriptor is no device's.
@@ -626,6 +673,12 @@ impl Machine {
                     log::warn!("cannot signal readiness: {e}");
                 }
             }
+            // The guest runs within the jail's cgroup only, and with the
+            // VM set up whole.
+            if let Some(c) = confined.as_mut() {
+                c.wait().map_err(Error::Confine)?;
+            }
+            finish_setup(&mut setup)?;
             if let Some(filter) = &filters.vmm {
                 filter.install()?;
             }
