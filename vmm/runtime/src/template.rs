@@ -96,8 +96,9 @@ impl FileHashes {
 /// (2: the guest's TSC frequency on the command line of emulating hosts;
 /// 3: there, no SMP alternatives patched and no `rep movsb` string copies;
 /// 4: a random seed for the guest kernel, and a vsock receive queue of 64
-/// descriptors, which a snapshot's device state records).
-const BOOT_REVISION: u32 = 4;
+/// descriptors, which a snapshot's device state records; 5: no hwrng
+/// feeding thread in the guest).
+const BOOT_REVISION: u32 = 5;
 
 /// The file in a base template that records what it was made from
 /// ([`Inputs`]), for `vmrun system prune` to tell a stale template.

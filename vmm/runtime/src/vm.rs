@@ -269,6 +269,14 @@ fn guest_profile(dir: &Path, start: &str) -> Option<PathBuf> {
 /// on each warm run where guest kernel mode is emulated).
 const NO_STALL_WARNINGS: &str = "rcupdate.rcu_cpu_stall_suppress=1";
 
+/// No kernel thread feeding virtio-rng's bytes into the random pool: it
+/// woke every minute (and at most restores, the template's age having
+/// put its timer in the past) for a request to the VMM and a hash. The
+/// generator is seeded at boot from the VMM's `setup_data` seed and
+/// reseeded from the host's entropy at every agent connection; the
+/// device stays for whoever reads `/dev/hwrng`.
+const NO_HWRNG_FEED: &str = "rng_core.default_quality=0";
+
 impl VmSpec {
     /// The layout of the VM's directory ([`Layout::vm_dir`] is all a jailed
     /// VMM sees writable; the container's state stays out of its reach, one
@@ -283,13 +291,14 @@ impl VmSpec {
     }
 
     /// The guest's kernel command line: quiet, without stall warnings
-    /// ([`NO_STALL_WARNINGS`]), the agent's port, and the memory to
+    /// ([`NO_STALL_WARNINGS`]) nor the hardware generator's feeding
+    /// thread ([`NO_HWRNG_FEED`]), the agent's port, and the memory to
     /// initialise at boot if the spec says. (The guest kernel
     /// makes neither `/sys/kernel/slab` nor `/sys/module`:
     /// `kernel-config/vmrun.config`.)
     pub fn cmdline(&self) -> String {
         let boot_memory = self.boot_memory_mib.map(|m| format!(" deferred_init_boot_mb={m}")).unwrap_or_default();
-        format!("{} quiet {NO_STALL_WARNINGS} vmrun.port={AGENT_PORT}{boot_memory}", vmrun_vmm_api::DEFAULT_CMDLINE)
+        format!("{} quiet {NO_STALL_WARNINGS} {NO_HWRNG_FEED} vmrun.port={AGENT_PORT}{boot_memory}", vmrun_vmm_api::DEFAULT_CMDLINE)
     }
 
     /// Starts the VMM: a cold boot.
