@@ -108,8 +108,11 @@ fn vmrun(home: &Path, args: &[&str]) -> Command {
 }
 
 fn run(home: &Path, args: &[&str]) -> Timing {
+    // The command (the kernel's and agent's paths found) before the clock.
+    let mut cmd = vmrun(home, args);
+    cmd.env("VMRUN_LOG", "debug");
     let t = Instant::now();
-    let o = vmrun(home, args).env("VMRUN_LOG", "debug").output().unwrap();
+    let o = cmd.output().unwrap();
     let total = t.elapsed().as_secs_f64() * 1000.0;
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "vmrun {args:?}: {err}");

@@ -49,9 +49,13 @@ pub fn script_path(script: &str) -> PathBuf {
 }
 
 /// The agent initramfs: `VMRUN_AGENT_INITRD`, else built by
-/// `rootfs/build.sh`.
+/// `rootfs/build.sh` (once per process: benchmarks time the runs that
+/// use it).
 pub fn agent_initrd() -> PathBuf {
-    std::env::var_os("VMRUN_AGENT_INITRD").map(PathBuf::from).unwrap_or_else(|| script_path("rootfs/build.sh"))
+    static INITRD: OnceLock<PathBuf> = OnceLock::new();
+    INITRD
+        .get_or_init(|| std::env::var_os("VMRUN_AGENT_INITRD").map(PathBuf::from).unwrap_or_else(|| script_path("rootfs/build.sh")))
+        .clone()
 }
 
 /// The busybox test image's directory (OCI layout and archives).
