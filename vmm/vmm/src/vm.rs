@@ -345,6 +345,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)
 
 /// [`run`], writing one byte to `ready` once the control and vsock sockets
 /// listen (see [`RunOptions::ready`]).
+///
 /// A jailed VMM passes its [`vmrun_jail::Confined`]: the guest runs once
 /// the VMM is in its cgroup.
 pub fn run_signalling(
@@ -449,6 +450,7 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 
 /// [`restore`], writing one byte to `ready` once the control and vsock
 /// sockets listen (see [`RunOptions::ready`]).
+///
 /// A jailed VMM passes its [`vmrun_jail::Confined`], as to
 /// [`run_signalling`].
 pub fn restore_signalling(
