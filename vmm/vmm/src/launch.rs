@@ -95,7 +95,7 @@ pub fn launch(config: VmmConfig, start: Instant, ready: Option<File>) -> Result<
             if c.options.jail {
                 enter_jail(boot_needs(&c), ready.as_ref())?.wait()?;
             }
-            Ok(crate::vm::run_signalling(&c, start, ready.map(Arc::new), None)?)
+            Ok(crate::vm::run_signalling(&c, start, ready.map(Arc::new))?)
         }
         Start::Restore(mut c) => {
             c.options.host_compat = resolve_host_compat(c.options.host_compat);

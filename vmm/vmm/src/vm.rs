@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
+use std::os::fd::{AsRawFd as _, IntoRawFd as _};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -315,14 +315,10 @@ fn open_kvm(mode: crate::config::HostCompatMode) -> Result<(Kvm, VmFd, HostCompa
         return Ok((kvm, vm, compat, None));
     }
     log::info!("host compatibility layer on (guest kernel mode is emulated on this host)");
-    // SAFETY: dup of our VM's descriptor; the copy is owned at once.
-    let copy = unsafe { libc::dup(vm.as_raw_fd()) };
-    if copy < 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor of this VM that nothing else owns.
-    let copy = unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) };
-    // SAFETY: the descriptor is this VM's, and handed over whole.
+    // SAFETY: the VM's descriptor, open as long as `vm` (all of this call).
+    let copy = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) }.try_clone_to_owned().map_err(Error::Io)?;
+    // SAFETY: a copy of this VM's descriptor that nothing else owns,
+    // handed over whole.
     let copy = unsafe { kvm.create_vmfd_from_rawfd(copy.into_raw_fd()) }.map_err(Error::Kvm)?;
     let setup = std::thread::Builder::new().name("vm-setup".into()).spawn(move || compat.setup_vm(&copy)).map_err(Error::Io)?;
     Ok((kvm, vm, compat, Some(setup)))
@@ -340,20 +336,13 @@ fn finish_setup(setup: &mut VmSetup) -> Result<()> {
 /// Boots the VM described by `config` and runs it until it ends. `start` is
 /// when the VMM started (the zero of the boot report's times).
 pub fn run(config: &VmConfig, start: Instant) -> Result<(ExitReason, BootReport)> {
-    run_signalling(config, start, None, None)
+    run_signalling(config, start, None)
 }
 
 /// [`run`], writing one byte to `ready` once the control and vsock sockets
-/// listen (see [`RunOptions::ready`]).
-///
-/// A jailed VMM passes its [`vmrun_jail::Confined`]: the guest runs once
-/// the VMM is in its cgroup.
-pub fn run_signalling(
-    config: &VmConfig,
-    start: Instant,
-    ready: Option<Arc<File>>,
-    confined: Option<vmrun_jail::Confined>,
-) -> Result<(ExitReason, BootReport)> {
+/// listen (see [`RunOptions::ready`]). A jailed VMM is in its cgroup
+/// already: it writes the kernel into guest memory before the guest runs.
+pub fn run_signalling(config: &VmConfig, start: Instant, ready: Option<Arc<File>>) -> Result<(ExitReason, BootReport)> {
     validate(config)?;
     let (kvm, vm, compat, setup) = open_kvm(config.options.host_compat)?;
     let mem = memory::allocate(config.mem_mib)?;
@@ -396,7 +385,7 @@ pub fn run_signalling(
     let mut pio = Bus::new();
     let console = console_output(&config.options.console, config.options.console_limit)?;
     let legacy = legacy_devices(&vm, console, None, &probe, memory::host_ranges(&mem), &mut pio, &mut mmio)?;
-    let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe, confined, setup };
+    let machine = Machine { vm, mem, compat, mem_mib: config.mem_mib, vcpus, pio, mmio, legacy, virtio, probe, confined: None, setup };
     machine.run(&RunOptions {
         console_input: config.options.console_input,
         report: config.options.report.clone(),
@@ -451,8 +440,9 @@ pub fn restore(config: &RestoreConfig, start: Instant) -> Result<(ExitReason, Bo
 /// [`restore`], writing one byte to `ready` once the control and vsock
 /// sockets listen (see [`RunOptions::ready`]).
 ///
-/// A jailed VMM passes its [`vmrun_jail::Confined`], as to
-/// [`run_signalling`].
+/// A jailed VMM passes its [`vmrun_jail::Confined`]: the VM is built while
+/// the jail's outer process moves the VMM into its cgroup, and the guest
+/// runs once it is there.
 pub fn restore_signalling(
     config: &RestoreConfig,
     start: Instant,
