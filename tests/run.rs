@@ -258,12 +258,20 @@ fn state(v: &Vmrun, id: &str) -> serde_json::Value {
 }
 
 /// Polls `f` until it returns true, up to `timeout`.
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+fn eventually(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(within(timeout, f), "not within {timeout:?}: {what}");
+}
+
+/// Polls `f` until it returns true, up to `timeout`: whether it did.
+fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "not within {timeout:?}: {what}");
+        if start.elapsed() >= timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
+    true
 }
 
 fn is_root() -> bool {
@@ -437,13 +445,8 @@ fn no_file_of_the_caller_and_the_callers_cgroup(v: &Vmrun) {
     assert_code(&v.run(&["rm", "-f", &id]), 0);
     if let Some(c) = &caller {
         let dir = v1_memory.join(c.trim_start_matches('/'));
-        let start = Instant::now();
-        while std::fs::remove_dir(&dir).is_err() {
-            if start.elapsed() > Duration::from_secs(60) {
-                panic!("not within 60 s: the caller's cgroup empties; it holds: {}", cgroup_tree(&dir));
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        let emptied = within(Duration::from_secs(60), || std::fs::remove_dir(&dir).is_ok());
+        assert!(emptied, "not within 60 s: the caller's cgroup empties; it holds: {}", cgroup_tree(&dir));
     }
 }
 

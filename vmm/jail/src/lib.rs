@@ -1016,8 +1016,8 @@ mod tests {
         let hierarchy = if is_v2() { PathBuf::from(CGROUP_ROOT) } else { Path::new(CGROUP_ROOT).join("pids") };
         let dir = hierarchy.join(format!("vmrun-collect-test-{}", std::process::id()));
         std::fs::create_dir(&dir).unwrap();
-        // The "jailed VMM" outliving its killed outer process: a child in
-        // the cgroup (moved there before it is told to go on).
+        // The "jailed VMM" outliving its killed outer process: a child
+        // moved into the cgroup.
         let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
         std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
         drop(Record { root: PathBuf::from(JAIL_BASE).join(pid.to_string()), cgroups: vec![dir.clone()] }.write(pid).unwrap());
