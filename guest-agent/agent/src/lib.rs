@@ -18,6 +18,7 @@ pub mod clock;
 pub mod container;
 pub mod devcg;
 pub mod copy;
+pub mod exits;
 pub mod held;
 pub mod init;
 pub mod log;
