@@ -107,6 +107,19 @@ fn run_containers_from_a_registry_and_an_archive() {
     assert_code(&o, 3);
     assert_eq!(text(&o.stderr).lines().filter(|l| *l == "to-stderr").count(), 1, "{}", text(&o.stderr));
 
+    // The agent reports a first process's exit as it begins, before the
+    // kernel tears the process down: what it and its children wrote
+    // before still arrives whole, and the status is the one its reaping
+    // gives, a signal's too.
+    let o = v.run(&["run", "--rm", &reference, "sh", "-c", "echo out; echo err >&2; kill -9 $$"]);
+    assert_code(&o, 137);
+    assert_eq!(text(&o.stdout), "out\n");
+    assert_eq!(text(&o.stderr).lines().filter(|l| *l == "err").count(), 1, "{}", text(&o.stderr));
+    let o = v.run(&["run", "--rm", &reference, "sh", "-c", "(echo from-a-child) & wait; head -c 300000 /dev/zero; exit 6"]);
+    assert_code(&o, 6);
+    assert_eq!(o.stdout.len(), "from-a-child\n".len() + 300_000);
+    assert!(o.stdout.starts_with(b"from-a-child\n"), "{:?}", &o.stdout[..20.min(o.stdout.len())]);
+
     let o = v.run_with_stdin(&["run", "-i", &reference, "cat"], b"piped through cat\n");
     assert_code(&o, 0);
     assert_eq!(text(&o.stdout), "piped through cat\n");

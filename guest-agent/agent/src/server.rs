@@ -11,7 +11,10 @@
 //! - each new process's error pipe, which says whether it reached `execve`
 //!   (so a start never blocks the loop);
 //! - an `eventfd` through which worker threads (one per `CreateContainer`,
-//!   which unpacks for a while) hand back their results.
+//!   which unpacks for a while) hand back their results;
+//! - the kernel's exit records (`crate::exits`; in a guest, and on a host
+//!   where the agent may read them): a container's first process's exit
+//!   is answered as it begins, before its teardown.
 //!
 //! Containers' cgroups (`cgroup.rs`, in a guest) are made at create and
 //! removed at remove, or, while processes of a removed container are still
@@ -52,6 +55,7 @@ const T_CONN: u64 = 4;
 const T_OUT: u64 = 5;
 const T_IN: u64 = 6;
 const T_START: u64 = 7;
+const T_EXITS: u64 = 8;
 
 /// Writes connection `id`'s queued frames; a failed write marks it dead.
 fn write_pending(id: u64, c: &mut Conn) {
@@ -125,6 +129,11 @@ struct Proc {
     outs: Vec<u64>,
     arg0: String,
     ops: Vec<String>,
+    /// The exit status the kernel gave as the process began to exit
+    /// (`crate::exits`), until it is reported.
+    ending: Option<i32>,
+    /// Its exit was reported as it began; the reap only confirms it.
+    early: bool,
 }
 
 /// Results handed back by worker threads.
@@ -168,6 +177,8 @@ pub struct Server {
     stale_cgroups: Vec<Cgroup>,
     /// Signals for inits that cannot take them yet.
     held: crate::held::HeldSignals,
+    /// Exits as they begin, where the kernel lets the agent listen.
+    exits: Option<crate::exits::ExitWatch>,
 }
 
 fn owned(fd: libc::c_int) -> OwnedFd {
@@ -364,8 +375,19 @@ impl Server {
             cgroups: HashMap::new(),
             stale_cgroups: Vec::new(),
             held: crate::held::HeldSignals::default(),
+            exits: None,
         };
         s.hierarchy = hierarchy;
+        // On a host (as root, where the kernel has taskstats) as well:
+        // the record of every exit there comes too, and is mostly not ours.
+        match crate::exits::ExitWatch::open(&crate::exits::possible_cpus()) {
+            Ok(w) => {
+                s.watch(w.as_raw_fd(), token(T_EXITS, 0), libc::EPOLLIN as u32)?;
+                s.exits = Some(w);
+            }
+            Err(e) if s.settings.guest => crate::log::error(format_args!("{e}; exits are reported once reaped")),
+            Err(e) => crate::log::debug(format_args!("{e}; exits are reported once reaped")),
+        }
         s.watch(s.listener.as_raw_fd(), token(T_LISTEN, 0), libc::EPOLLIN as u32)?;
         s.watch(s.sigfd.as_raw_fd(), token(T_SIGNAL, 0), libc::EPOLLIN as u32)?;
         s.watch(s.wake.as_raw_fd(), token(T_WAKE, 0), libc::EPOLLIN as u32)?;
@@ -410,9 +432,12 @@ impl Server {
                     T_SIGNAL => self.reap(),
                     T_WAKE => self.completions(),
                     T_CONN => self.conn_readable(id),
-                    T_OUT => self.out_readable(id),
+                    T_OUT => {
+                        self.out_readable(id);
+                    }
                     T_IN => self.in_writable(id, bits),
                     T_START => self.start_verdict(id),
+                    T_EXITS => self.exits_readable(),
                     _ => {}
                 }
             }
@@ -649,8 +674,10 @@ impl Server {
 
     // ---- Streams ----
 
-    fn out_readable(&mut self, key: u64) {
-        let Some(o) = self.outs.get_mut(&key) else { return };
+    /// Reads what stream `key`'s pipe holds, as far as the host's credit
+    /// allows: true when it read some (there may be more).
+    fn out_readable(&mut self, key: u64) -> bool {
+        let Some(o) = self.outs.get_mut(&key) else { return false };
         let want = (o.credit.min(READ_BUF as u64) as usize).min(frame::MAX_PAYLOAD);
         let r = sys::read(o.fd.as_fd(), &mut self.buf[..want.max(1)]);
         let (conn, stream) = (o.conn, o.stream);
@@ -667,19 +694,40 @@ impl Server {
                     let data = self.buf[..n].to_vec();
                     self.send(c, Kind::Data, stream, &data);
                 }
+                true
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => false,
             // End of file, or EIO from a terminal whose last user is gone.
             _ => {
-                if let Some(o) = self.outs.remove(&key) {
-                    self.unwatch(o.fd.as_raw_fd());
-                }
-                if let Some(c) = conn {
-                    self.send(c, Kind::Eof, stream, &[]);
-                    if let Some(cc) = self.conns.get_mut(&c) {
-                        cc.outs.remove(&stream);
-                    }
-                }
+                self.end_out(key);
+                false
+            }
+        }
+    }
+
+    /// Ends stream `key`: its pipe closed, the host told it ended.
+    fn end_out(&mut self, key: u64) {
+        let Some(o) = self.outs.remove(&key) else { return };
+        self.unwatch(o.fd.as_raw_fd());
+        if let Some(c) = o.conn {
+            self.send(c, Kind::Eof, o.stream, &[]);
+            if let Some(cc) = self.conns.get_mut(&c) {
+                cc.outs.remove(&o.stream);
+            }
+        }
+    }
+
+    /// Reads stream `key` until its pipe is empty (or ends): false when
+    /// the host's credit ran out first.
+    fn drain_out(&mut self, key: u64) -> bool {
+        loop {
+            match self.outs.get(&key) {
+                None => return true,
+                Some(o) if o.credit == 0 => return false,
+                Some(_) => {}
+            }
+            if !self.out_readable(key) {
+                return true;
             }
         }
     }
@@ -1115,7 +1163,7 @@ impl Server {
                     join_fds.push(open_ns("self", kind).map_err(|e| err(ErrorKind::Internal, format!("the agent's {kind} namespace: {e}")))?);
                 }
                 let pid = if ct.config.share_pid {
-                    let Some(other_pid) = o.init_pidfd.as_ref() else { return Err(gone()) };
+                    let (Some(other_pid), false) = (o.init_pidfd.as_ref(), o.stopped) else { return Err(gone()) };
                     Some((other_pid.as_raw_fd(), own_pidfd(&mut self.own_pidfd)?))
                 } else {
                     None
@@ -1175,6 +1223,8 @@ impl Server {
                 outs,
                 arg0: spec.args[0].clone(),
                 ops,
+                ending: None,
+                early: false,
             },
         );
         let key = self.new_id();
@@ -1213,6 +1263,8 @@ impl Server {
             Err(f) => Err(AgentError { kind: ErrorKind::CannotRun, message: f.message, exit_code: Some(f.exit_code) }),
         };
         self.respond(conn, req, r);
+        // A program that ended before its start was answered.
+        self.report_ending(pid);
     }
 
     /// The pid of container `id`'s first process when it is held (set up,
@@ -1413,17 +1465,19 @@ impl Server {
                 // Killing the namespace's init kills everything in it.
                 let _ = sys::kill(pid, libc::SIGKILL);
             }
-            // Its end releases its namespaces, and with them its mounts:
-            // wait for it, so that its disks are let go of when the
-            // answer says it is removed (the host may give the disk slots
-            // to another container then).
-            if let Some(pidfd) = &ct.init_pidfd {
-                let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: poll of one pollfd we own, for at most the limit.
-                let n = unsafe { libc::poll(&mut p, 1, REMOVE_LIMIT.as_millis() as libc::c_int) };
-                if n <= 0 {
-                    return Err(err(ErrorKind::Internal, format!("container {id}: its processes did not end within {REMOVE_LIMIT:?}")));
-                }
+        }
+        // A first process not reaped yet (killed just now, or one whose
+        // exit was reported as it began: `report_ending`): its end
+        // releases its namespaces, and with them its mounts. Wait for it,
+        // so that its disks are let go of when the answer says it is
+        // removed (the host may give the disk slots to another container
+        // then).
+        if let Some(pidfd) = &ct.init_pidfd {
+            let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll of one pollfd we own, for at most the limit.
+            let n = unsafe { libc::poll(&mut p, 1, REMOVE_LIMIT.as_millis() as libc::c_int) };
+            if n <= 0 {
+                return Err(err(ErrorKind::Internal, format!("container {id}: its processes did not end within {REMOVE_LIMIT:?}")));
             }
         }
         if let Some(ct) = self.containers.remove(id) {
@@ -1470,6 +1524,9 @@ impl Server {
             }
             let code = sys::exit_code(status);
             let Some(p) = self.procs.get_mut(&pid) else { continue };
+            if p.early && p.exit != Some(code) {
+                crate::log::error(format_args!("pid {pid}: its exit was reported as {:?} as it began, but it ended with {code}", p.exit));
+            }
             p.exit = Some(code);
             p.tty = None;
             let waiters = std::mem::take(&mut p.waiters);
@@ -1497,6 +1554,67 @@ impl Server {
             }
         }
         self.stale_cgroups.retain(|cg| cg.remove().is_err());
+    }
+
+    /// The kernel's records of tasks that began to exit: a container's
+    /// first process among them is reported at once (`report_ending`).
+    fn exits_readable(&mut self) {
+        let ended = match &self.exits {
+            Some(w) => w.read(&mut self.buf),
+            None => return,
+        };
+        for e in ended {
+            if !e.whole_process {
+                continue;
+            }
+            let Some(p) = self.procs.get_mut(&e.pid) else { continue };
+            if p.exit.is_none() {
+                p.ending = Some(sys::exit_code(e.status));
+                self.report_ending(e.pid);
+            }
+        }
+    }
+
+    /// Reports the exit of a container's first process as it begins, when
+    /// nothing after it concerns the host: the kernel kills everything
+    /// else in the container's PID namespace with it, so its output is
+    /// read to the end now, its streams end and its waiters get its exit
+    /// status. Left to the reap: a process whose start is not answered
+    /// yet (retried once it is), one with a terminal (whose output may
+    /// still be on its way to the master), an exec'd process (whose
+    /// children outlive it), one in a shared PID namespace, and output
+    /// beyond the host's credit.
+    fn report_ending(&mut self, pid: i32) {
+        let Some(p) = self.procs.get(&pid) else { return };
+        let Some(code) = p.ending else { return };
+        if p.exit.is_some() || p.start.is_some() || p.gate.is_some() || p.tty.is_some() || p.exec_id.is_some() {
+            return;
+        }
+        let Some(ct) = self.containers.get(&p.container) else { return };
+        if ct.init_pid != Some(pid) || ct.config.share_pid {
+            return;
+        }
+        let outs = p.outs.clone();
+        for key in &outs {
+            if !self.drain_out(*key) {
+                return;
+            }
+        }
+        for key in outs {
+            self.end_out(key);
+        }
+        let Some(p) = self.procs.get_mut(&pid) else { return };
+        p.exit = Some(code);
+        p.early = true;
+        let waiters = std::mem::take(&mut p.waiters);
+        let container = p.container.clone();
+        if let Some(ct) = self.containers.get_mut(&container) {
+            ct.stopped = true;
+        }
+        crate::log::debug(format_args!("pid {pid} ({container}) is exiting: {code}"));
+        for (conn, req) in waiters {
+            self.respond(conn, req, Ok(Reply::Exited { exit_code: code }));
+        }
     }
 
     // ---- Cgroups ----
