@@ -237,13 +237,19 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Waits for the template VM's agent, then snapshots the VM and stops it,
 /// both through its control socket.
+///
+/// The agent's connection stays open through the snapshot: a restore's
+/// transport reset ends it in the guest without a packet. Closed before,
+/// the guest's side of the close could be under way in the snapshot (its
+/// SHUTDOWN sent, the host's answer not yet taken), and every restore
+/// would send a RST at its first tick, ahead of the run's connection.
 fn snapshot_booted(vm: &mut VmProcess) -> Result<PathBuf> {
     let client = vm.connect_agent(Duration::from_secs(900), Options::default())?;
     client.ping()?;
-    client.close();
     let snap = vm.layout().vm_dir().join("snapshot");
-    control::request(&vm.layout().control(), &Request::Snapshot { dir: snap.clone(), resume: false }, SNAPSHOT_TIMEOUT)
-        .map_err(|e| Error::Io(std::io::Error::other(format!("snapshot of the template VM failed: {e}"))))?;
+    let snapshot = control::request(&vm.layout().control(), &Request::Snapshot { dir: snap.clone(), resume: false }, SNAPSHOT_TIMEOUT);
+    client.close();
+    snapshot.map_err(|e| Error::Io(std::io::Error::other(format!("snapshot of the template VM failed: {e}"))))?;
     if let Err(e) = control::request(&vm.layout().control(), &Request::Stop, Duration::from_secs(10)) {
         log::debug!("stopping the template VM: {e}");
     }
