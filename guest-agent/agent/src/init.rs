@@ -122,30 +122,6 @@ pub fn tune_malloc() {
     }
 }
 
-/// The agent's nice value in a guest: below its containers' (0), so that
-/// it runs as soon as it is woken, by a host's request or a process's
-/// output or exit (a first process's exit is reported before the kernel
-/// tears the process down only if the agent runs then).
-const GUEST_NICE: libc::c_int = -10;
-
-/// In a guest: the agent runs at [`GUEST_NICE`], and every process and
-/// thread it makes starts at nice 0 (`SCHED_RESET_ON_FORK`), containers'
-/// processes as ever.
-pub fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain system calls on this process, with a valid parameter.
-    let r = unsafe {
-        if libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param) != 0 {
-            -1
-        } else {
-            libc::setpriority(libc::PRIO_PROCESS, 0, GUEST_NICE)
-        }
-    };
-    if r != 0 {
-        crate::log::error(format_args!("raising the agent's priority: {}", sys::errno()));
-    }
-}
-
 /// The process-wide settings both modes need: files are created with
 /// exactly the modes asked for (umask 0; container processes get 022), and
 /// a write to a closed pipe or socket is an error, not a signal.

@@ -52,7 +52,6 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
     // SAFETY: getpid cannot fail.
     let guest = unsafe { libc::getpid() } == 1;
     let settings = if guest {
-        init::raise_priority();
         init::tune_malloc();
         init::leave_initramfs();
         init::mount_basics();
