@@ -15,7 +15,10 @@
 //! process and the process never had another task that exited before it
 //! (the kernel adds a whole-process aggregate to the record once a process
 //! had several): [`Ended::whole_process`]. For a process of one task the
-//! status is then exactly what `waitpid` will say.
+//! status is then exactly what `waitpid` will say. (The kernel marks an
+//! earlier exit of another task by allocating the process's statistics;
+//! should that allocation fail, a process of several tasks could pass for
+//! one, and the reap finds the difference.)
 
 use std::os::fd::{AsRawFd, RawFd};
 
