@@ -174,26 +174,45 @@ fn u32_at(v: &[u8], at: usize) -> Option<u32> {
 
 /// The exits of one datagram from the socket (a datagram holds whole
 /// messages); what is not an exit record, or does not parse, is skipped.
-pub fn parse_datagram(mut data: &[u8], family: u16) -> Vec<Ended> {
+pub fn parse_datagram(data: &[u8], family: u16) -> Vec<Ended> {
     let mut out = Vec::new();
-    while data.len() >= 16 {
-        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let kind = u16::from_ne_bytes([data[4], data[5]]);
-        if len < 16 || len > data.len() {
-            break;
+    for m in messages(data) {
+        let Ok(m) = m else { break };
+        if u16::from_ne_bytes([m[4], m[5]]) != family {
+            continue;
         }
-        if kind == family {
-            if let Ok(m) = NetlinkMessage::<GenlMessage<Taskstats>>::deserialize(&data[..len]) {
-                if let NetlinkPayload::InnerMessage(g) = m.payload {
-                    if let Taskstats::New(Some(e)) = g.payload {
-                        out.push(e);
-                    }
+        if let Ok(m) = NetlinkMessage::<GenlMessage<Taskstats>>::deserialize(m) {
+            if let NetlinkPayload::InnerMessage(g) = m.payload {
+                if let Taskstats::New(Some(e)) = g.payload {
+                    out.push(e);
                 }
             }
         }
-        data = &data[len.next_multiple_of(4).min(data.len())..];
     }
     out
+}
+
+/// The size of a netlink message header (`struct nlmsghdr`).
+const NLMSG_HEADER: usize = 16;
+
+/// The netlink messages of one datagram, each whole (as long as its
+/// header says, at least a header), the next at a 4-byte boundary; a
+/// length that does not fit ends the walk with an error.
+fn messages(mut data: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+    std::iter::from_fn(move || {
+        if data.len() < NLMSG_HEADER {
+            return None;
+        }
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        if len < NLMSG_HEADER || len > data.len() {
+            let left = data.len();
+            data = &[];
+            return Some(Err(format!("a message of {len} bytes where {left} are left")));
+        }
+        let m = &data[..len];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some(Ok(m))
+    })
 }
 
 /// A socket the kernel sends every exit on the guest's CPUs to.
@@ -272,11 +291,9 @@ where
     // The answer, then the acknowledgement (or only an error).
     loop {
         let n = socket.recv(&mut &mut buf[..], 0).map_err(|e| format!("receive: {e}"))?;
-        let mut data = &buf[..n.min(buf.len())];
-        while data.len() >= 16 {
-            let len = (u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize).clamp(16, data.len());
-            let m = NetlinkMessage::<GenlMessage<F>>::deserialize(&data[..len]).map_err(|e| format!("the kernel's answer: {e}"))?;
-            match m.payload {
+        for m in messages(&buf[..n.min(buf.len())]) {
+            let m = m.and_then(|m| NetlinkMessage::<GenlMessage<F>>::deserialize(m).map_err(|e| e.to_string()));
+            match m.map_err(|e| format!("the kernel's answer: {e}"))?.payload {
                 NetlinkPayload::InnerMessage(g) => answer = Some(g),
                 NetlinkPayload::Error(e) => {
                     return match e.code {
@@ -286,7 +303,6 @@ where
                 }
                 _ => {}
             }
-            data = &data[len.next_multiple_of(4).min(data.len())..];
         }
     }
 }

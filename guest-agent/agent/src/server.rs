@@ -132,8 +132,6 @@ struct Proc {
     /// The exit status the kernel gave as the process began to exit
     /// (`crate::exits`), until it is reported.
     ending: Option<i32>,
-    /// Its exit was reported as it began; the reap only confirms it.
-    early: bool,
 }
 
 /// Results handed back by worker threads.
@@ -1224,7 +1222,6 @@ impl Server {
                 arg0: spec.args[0].clone(),
                 ops,
                 ending: None,
-                early: false,
             },
         );
         let key = self.new_id();
@@ -1524,8 +1521,10 @@ impl Server {
             }
             let code = sys::exit_code(status);
             let Some(p) = self.procs.get_mut(&pid) else { continue };
-            if p.early && p.exit != Some(code) {
-                crate::log::error(format_args!("pid {pid}: its exit was reported as {:?} as it began, but it ended with {code}", p.exit));
+            // Known before the reap only when it was reported as it began
+            // (`report_ending`): the reap confirms it.
+            if let Some(reported) = p.exit.filter(|r| *r != code) {
+                crate::log::error(format_args!("pid {pid}: its exit was reported as {reported} as it began, but it ended with {code}"));
             }
             p.exit = Some(code);
             p.tty = None;
@@ -1605,7 +1604,6 @@ impl Server {
         }
         let Some(p) = self.procs.get_mut(&pid) else { return };
         p.exit = Some(code);
-        p.early = true;
         let waiters = std::mem::take(&mut p.waiters);
         let container = p.container.clone();
         if let Some(ct) = self.containers.get_mut(&container) {
