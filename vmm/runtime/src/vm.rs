@@ -274,7 +274,9 @@ const NO_STALL_WARNINGS: &str = "rcupdate.rcu_cpu_stall_suppress=1";
 /// put its timer in the past) for a request to the VMM and a hash. The
 /// generator is seeded at boot from the VMM's `setup_data` seed and
 /// reseeded from the host's entropy at every agent connection; the
-/// device stays for whoever reads `/dev/hwrng`.
+/// device stays for whoever reads `/dev/hwrng`. (Linux 6.1 applied the
+/// parameter only to drivers without a quality of their own, which
+/// virtio-rng is not; `kernel-config/patches/0012` makes it a maximum.)
 const NO_HWRNG_FEED: &str = "rng_core.default_quality=0";
 
 impl VmSpec {
