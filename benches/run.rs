@@ -28,7 +28,12 @@
 //! `cargo bench -p vmrun --bench run`. Uses `VMRUN_TEST_KERNEL` /
 //! `VMRUN_AGENT_INITRD` like the tests (built when unset) and a scratch
 //! `VMRUN_HOME`; `RUN_BENCH_WARM` warm runs per image (default 3);
-//! `RUN_BENCH_IMAGES` (default `busybox,debian`).
+//! `RUN_BENCH_IMAGES` (default `busybox,debian`); `RUN_BENCH_TEMPLATE_AGE`
+//! seconds to wait after the first warm run (default 0), so that the warm
+//! and pooled runs restore templates of that age, as a host that keeps
+//! its templates does (a restored guest's clock jumps by its template's
+//! age where the host cannot offset its TSC, and the periodic timers due
+//! meanwhile fire at the restore).
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure aborts it
 
@@ -37,7 +42,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const VMRUN: &str = env!("CARGO_BIN_EXE_vmrun");
 
@@ -163,7 +168,7 @@ fn cell(p: Phase) -> String {
     format!("{time} / {insns}")
 }
 
-fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_runs: usize) {
+fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_runs: usize, template_age: Duration) {
     let o = Command::new(VMRUN).args(["load", "-i"]).arg(archive).env("VMRUN_HOME", home).output().unwrap();
     assert!(o.status.success(), "load: {}", String::from_utf8_lossy(&o.stderr));
     // No network, as `runc run` of the baseline has none: the default NAT
@@ -172,6 +177,10 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
     let cold = run(home, &["run", "--network", "none", "--cold", reference, "true"]);
     eprintln!("{label}: first warm run (template, unpack, prepared template)...");
     let first = run(home, &["run", "--network", "none", reference, "true"]);
+    if !template_age.is_zero() {
+        eprintln!("{label}: waiting {} s for the templates to age...", template_age.as_secs());
+        std::thread::sleep(template_age);
+    }
     let warm: Vec<Timing> = (0..warm_runs)
         .map(|i| {
             eprintln!("{label}: warm run {}...", i + 1);
@@ -179,7 +188,8 @@ fn bench_image(home: &Path, label: &str, archive: &Path, reference: &str, warm_r
         })
         .collect();
     let (pooled, idle) = pooled_runs(home, label, reference, warm_runs);
-    println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm and pooled runs, median)\n");
+    let aged = if template_age.is_zero() { String::new() } else { format!(", templates {} s old", template_age.as_secs()) };
+    println!("\nvmrun run {label} true, by phase: time / guest instructions emulated ({warm_runs} warm and pooled runs, median{aged})\n");
     println!("{:<40}{:>18}{:>18}{:>18}{:>18}", "phase", "cold", "first warm", "warm", "pooled");
     let warm_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&warm, i)).collect();
     let pooled_median: Vec<Phase> = (0..PHASES.len()).map(|i| median_phase(&pooled, i)).collect();
@@ -234,9 +244,9 @@ fn pooled_runs(home: &Path, label: &str, reference: &str, runs: usize) -> (Vec<T
     };
     wait_full();
     let vm = std::fs::read_dir(&pool).unwrap().flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vm-"))).unwrap();
-    let stats = || vmrun_vmm_api::request(&vmrun_runtime::vm::Layout::of(&vm).control(), &vmrun_vmm_api::Request::Stats, std::time::Duration::from_secs(10)).unwrap().stats.unwrap();
+    let stats = || vmrun_vmm_api::request(&vmrun_runtime::vm::Layout::of(&vm).control(), &vmrun_vmm_api::Request::Stats, Duration::from_secs(10)).unwrap().stats.unwrap();
     let (before, t) = (stats(), Instant::now());
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(5));
     let after = stats();
     let per_s = (after.insn_emulation().unwrap_or(0) - before.insn_emulation().unwrap_or(0)) as f64 / t.elapsed().as_secs_f64();
     let idle = format!(
@@ -302,13 +312,14 @@ fn main() {
     support::build_vmm(VMRUN);
     let warm_runs: usize = std::env::var("RUN_BENCH_WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let images = std::env::var("RUN_BENCH_IMAGES").unwrap_or_else(|_| "busybox,debian".into());
+    let template_age = Duration::from_secs(std::env::var("RUN_BENCH_TEMPLATE_AGE").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
     let home = support::scratch("run-bench-home");
     for image in images.split(',') {
         match image {
-            "busybox" => bench_image(&home, "busybox", &support::busybox_image().join("busybox-oci.tar"), "busybox:latest", warm_runs),
+            "busybox" => bench_image(&home, "busybox", &support::busybox_image().join("busybox-oci.tar"), "busybox:latest", warm_runs, template_age),
             // SAFETY: geteuid has no preconditions.
             "debian" if unsafe { libc::geteuid() } != 0 => eprintln!("debian: skipped (debootstrap needs root)"),
-            "debian" => bench_image(&home, "debian", &support::debian_image().join("debian-oci.tar"), "debian:bookworm", warm_runs),
+            "debian" => bench_image(&home, "debian", &support::debian_image().join("debian-oci.tar"), "debian:bookworm", warm_runs, template_age),
             other => panic!("unknown image {other:?} in RUN_BENCH_IMAGES (busybox, debian)"),
         }
     }
