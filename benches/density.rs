@@ -97,7 +97,7 @@ fn group(name: &str, n: usize, dir: &Path, spawn: &dyn Fn(&Path) -> Command) -> 
 
 fn main() {
     support::build_vmm(VMRUN);
-    let n: usize = std::env::var("DENSITY_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let n: usize = support::env_or("DENSITY_VMS", 10);
     let home = support::scratch("density-home");
     let kernel = support::kernel().to_path_buf();
     let initrd = support::agent_initrd();

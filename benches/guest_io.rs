@@ -46,7 +46,7 @@ fn wait_for(console: &Path, needle: &str, timeout: Duration) -> Instant {
 }
 
 fn main() {
-    let mib: usize = std::env::var("GUEST_IO_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let mib: usize = support::env_or("GUEST_IO_MIB", 16);
     let dir = support::scratch("guest-io");
     std::fs::create_dir_all(&dir).unwrap();
     let init = format!(

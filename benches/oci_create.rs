@@ -112,7 +112,7 @@ fn main() {
         return;
     }
     support::build_vmm(OCI);
-    let runs: usize = std::env::var("OCI_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let runs: usize = support::env_or("OCI_BENCH_RUNS", 3usize).max(1);
     let images = std::env::var("OCI_BENCH_IMAGES").unwrap_or_else(|_| "busybox,debian".into());
     let b = Bench {
         home: support::scratch("bench-oci-home"),

@@ -310,9 +310,9 @@ fn runc_true(runs: usize) -> Option<f64> {
 
 fn main() {
     support::build_vmm(VMRUN);
-    let warm_runs: usize = std::env::var("RUN_BENCH_WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let warm_runs: usize = support::env_or("RUN_BENCH_WARM", 3);
     let images = std::env::var("RUN_BENCH_IMAGES").unwrap_or_else(|_| "busybox,debian".into());
-    let template_age = Duration::from_secs(std::env::var("RUN_BENCH_TEMPLATE_AGE").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    let template_age = Duration::from_secs(support::env_or("RUN_BENCH_TEMPLATE_AGE", 0));
     let home = support::scratch("run-bench-home");
     for image in images.split(',') {
         match image {

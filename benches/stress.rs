@@ -26,8 +26,7 @@ fn rss_kib(pid: i32) -> u64 {
 }
 
 fn main() {
-    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let (in_a_row, at_once) = (env("STRESS_IN_A_ROW", 100), env("STRESS_AT_ONCE", 20));
+    let (in_a_row, at_once): (usize, usize) = (support::env_or("STRESS_IN_A_ROW", 100), support::env_or("STRESS_AT_ONCE", 20));
     let s = Sandboxes::new(env!("CARGO_BIN_EXE_vmrun"), "stress-home");
     eprintln!("warming up (templates)...");
     s.warm_up();
