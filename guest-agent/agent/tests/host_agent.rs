@@ -1152,6 +1152,25 @@ fn a_held_process_runs_its_program_only_once_released() {
         assert!(Instant::now() < deadline, "the thread that waited for the exec did not end");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // That thread ends with the process, not at its exec (its end would
+    // be work on the release's path).
+    create(&c, &agent, "long", cmd(&["sleep", "1000"]));
+    let l = c.prepare("long", StdioMode::Null).unwrap();
+    assert_eq!(waiting_threads(agent_pid), 1);
+    assert_eq!(c.release("long").unwrap(), l.pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while same_memory(agent_pid, l.pid as i32) {
+        assert!(Instant::now() < deadline, "the released process never exec'd");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(waiting_threads(agent_pid), 1, "the thread ended while the process runs");
+    c.remove_container("long", true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting_threads(agent_pid) != 0 {
+        assert!(Instant::now() < deadline, "the thread did not end with the process");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Once only; and never for a container that was not held.
     let again = c.release("held").unwrap_err();
     assert!(matches!(&again, Error::Agent(e) if e.kind == ErrorKind::InvalidState), "{again}");
