@@ -15,8 +15,8 @@
 //! (it waits on a copy of the pidfd): a thread's end (its exit, the
 //! exit record the agent's taskstats listener reads, glibc's teardown of
 //! the thread) right after the release was work on the path of every
-//! warm run: about 25k of the 410k guest instructions that a warm
-//! `vmrun run --rm busybox true` emulated where the guest's kernel mode
+//! warm run: about 10k of the 390k guest instructions that a warm
+//! `vmrun run --rm busybox true` emulates where the guest's kernel mode
 //! is emulated. The child
 //! shares that thread's thread-local storage (glibc's `errno`), which is
 //! safe only because that thread is suspended meanwhile; it makes only
