@@ -1470,10 +1470,7 @@ impl Server {
         // removed (the host may give the disk slots to another container
         // then).
         if let Some(pidfd) = &ct.init_pidfd {
-            let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: poll of one pollfd we own, for at most the limit.
-            let n = unsafe { libc::poll(&mut p, 1, REMOVE_LIMIT.as_millis() as libc::c_int) };
-            if n <= 0 {
+            if !matches!(sys::wait_ended(pidfd.as_fd(), Some(REMOVE_LIMIT)), Ok(true)) {
                 return Err(err(ErrorKind::Internal, format!("container {id}: its processes did not end within {REMOVE_LIMIT:?}")));
             }
         }

@@ -157,6 +157,35 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     cvt(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
+/// Waits until the process of `pidfd` has ended (the pidfd reads as
+/// ready), for at most `limit` (`None`: however long it takes). `false`
+/// when the limit passed first; an interrupted wait goes on within it.
+pub fn wait_ended(pidfd: BorrowedFd<'_>, limit: Option<std::time::Duration>) -> io::Result<bool> {
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
+    loop {
+        let timeout = deadline.map_or(-1, |d| {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            left.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
+        });
+        let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll of one pollfd on this stack, for a descriptor the
+        // caller holds.
+        match unsafe { libc::poll(&mut p, 1, timeout) } {
+            0 if deadline.is_none_or(|d| std::time::Instant::now() >= d) => return Ok(false),
+            // Timed out before the deadline (poll's clock is coarser): the
+            // wait goes on.
+            0 => {}
+            n if n > 0 => return Ok(true),
+            _ => {
+                let e = errno();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 /// Sets a terminal's window size.
 pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
     let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
@@ -342,6 +371,23 @@ pub fn exit_code(status: libc::c_int) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_wait_for_a_process_ends_with_it_or_at_its_limit() {
+        let mut child = std::process::Command::new("sleep").arg("1000").spawn().unwrap_or_else(|e| panic!("sleep: {e}"));
+        // SAFETY: pidfd_open of our own child; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: a new descriptor, which we now own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let start = std::time::Instant::now();
+        assert!(!wait_ended(pidfd.as_fd(), Some(std::time::Duration::from_millis(100))).unwrap(), "it is still running");
+        assert!(start.elapsed() >= std::time::Duration::from_millis(100), "the limit was not waited out");
+        child.kill().unwrap();
+        assert!(wait_ended(pidfd.as_fd(), None).unwrap(), "it ended");
+        child.wait().unwrap();
+    }
 
     #[test]
     fn exit_codes_follow_docker() {

@@ -38,7 +38,7 @@
 //! agent's memory cgroup, not the container's.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -93,7 +93,8 @@ pub(super) fn spawn(plan: Plan) -> io::Result<Started> {
             drop((p, i, started_w));
             if done.is_ok() {
                 if let Ok(pidfd) = pidfd_rx.recv() {
-                    wait_until_ended(pidfd.as_fd());
+                    // An error (none is expected) ends the thread early.
+                    let _ = sys::wait_ended(pidfd.as_fd(), None);
                 }
             }
             done
@@ -127,18 +128,6 @@ pub(super) fn spawn(plan: Plan) -> io::Result<Started> {
         pidfd,
         errors: err_r,
     })
-}
-
-/// Blocks until the process of `pidfd` has ended (the pidfd reads as
-/// ready then), or `poll` fails.
-fn wait_until_ended(pidfd: BorrowedFd<'_>) {
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd on this stack, for a descriptor this thread holds.
-    while unsafe { libc::poll(&mut p, 1, -1) } < 0 && sys::errno().kind() == io::ErrorKind::Interrupted {}
 }
 
 /// The descriptors the child uses by number (its copies of the agent's).
